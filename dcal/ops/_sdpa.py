@@ -1,0 +1,155 @@
+"""The ``"sdpa"`` backend of multi_kv_attention: one PyTorch fused SDPA call per key/value segment
+(the kernels that return a logsumexp), merged exactly through the logsumexps.
+
+Forward: ``(o_s, lse_s)`` per segment; ``lse = logsumexp_s lse_s``; ``o = sum_s o_s exp(lse_s - lse)``.
+Backward: each segment's SDPA backward, run with the *merged* output and logsumexp, yields exactly
+that segment's dK, dV and its share of dQ (its probabilities are ``exp(s - lse)`` with the merged
+lse, and ``delta = rowsum(dO * O)`` with the merged O); the dQ shares are summed. A gradient
+arriving on the returned lse adds ``P * dlse`` to the score gradient; SDPA backward has no input
+for it, so it is folded into delta by padding the head dim with a column that is 0 in q, k, v, 1
+in O and ``-dlse`` in dO (scores and dP unchanged, ``delta -> delta - dlse``).
+
+This file is also the pattern for every dcal custom op: ``torch.library.custom_op`` in the
+``dcal::`` namespace, an exact fake (meta) implementation, autograd registered with
+``register_autograd`` whose backward is itself a custom op, and only inputs, output and the
+logsumexp saved for backward.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segments(k1, v1, k2, v2):
+    return [(k1, v1)] if k2 is None else [(k1, v1), (k2, v2)]
+
+
+def _seg_fwd(q, k, v, scale) -> Tuple[Tensor, Tensor]:
+    """One fused SDPA call: (out [B, H, Nq, D], lse [B, H, Nq])."""
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+    return out, lse[..., : q.shape[2]]  # the CUDA kernel pads lse's token axis
+
+
+def _seg_bwd(dout, q, k, v, out, lse, scale) -> Tuple[Tensor, Tensor, Tensor]:
+    if q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, False, scale=scale)
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, torch.empty(0, device=q.device, dtype=q.dtype), out, lse.contiguous(), seed, seed, 0.0,
+        [True, True, True, False], False, scale=scale)
+    return dq, dk, dv
+
+
+_PAD = 8  # head-dim padding of the lse-gradient path (CUDA SDPA wants multiples of 8)
+
+
+def _pad_col(t: Tensor, first: Optional[Tensor] = None) -> Tensor:
+    """t with _PAD more head-dim columns: zeros, except column 0 set to ``first`` when given."""
+    extra = t.new_zeros(*t.shape[:-1], _PAD)
+    if first is not None:
+        extra[..., 0] = first.to(t.dtype)
+    return torch.cat([t, extra], dim=-1)
+
+
+@torch.library.custom_op("dcal::mkv_sdpa_fwd", mutates_args=())
+def mkv_sdpa_fwd(
+    q: Tensor, k1: Tensor, v1: Tensor, k2: Optional[Tensor], v2: Optional[Tensor], scale: float
+) -> Tuple[Tensor, Tensor]:
+    q = q.contiguous()
+    parts = [_seg_fwd(q, k.contiguous(), v.contiguous(), scale) for k, v in _segments(k1, v1, k2, v2)]
+    if len(parts) == 1:
+        out, lse = parts[0]
+        return out.contiguous(), lse.to(_stat_dtype(q.dtype)).contiguous()
+    sd = _stat_dtype(q.dtype)
+    (o1, l1), (o2, l2) = parts
+    l1, l2 = l1.to(sd), l2.to(sd)
+    lse = torch.logaddexp(l1, l2)  # [B, H, Nq]
+    w1 = torch.exp(l1 - lse).unsqueeze(-1)  # [B, H, Nq, 1]
+    w2 = torch.exp(l2 - lse).unsqueeze(-1)
+    if o1.dtype == sd:
+        out = o1.mul_(w1).addcmul_(o2, w2)  # in place: no extra [B, H, Nq, D] buffers
+    else:
+        out = (o1.to(sd) * w1 + o2.to(sd) * w2).to(q.dtype)
+    return out.contiguous(), lse.contiguous()
+
+
+@mkv_sdpa_fwd.register_fake
+def _(q, k1, v1, k2, v2, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("dcal::mkv_sdpa_bwd", mutates_args=())
+def mkv_sdpa_bwd(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k1: Tensor,
+    v1: Tensor,
+    k2: Optional[Tensor],
+    v2: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+) -> List[Tensor]:
+    segs = _segments(k1, v1, k2, v2)
+    q, out, dout = q.contiguous(), out.contiguous(), dout.contiguous()
+    if dlse is not None and bool(dlse.ne(0).any()):
+        # Fold the lse gradient into delta through one padded head-dim column (module docstring).
+        q_, out_, dout_ = _pad_col(q), _pad_col(out, torch.ones_like(lse)), _pad_col(dout, -dlse)
+        segs_ = [(_pad_col(k), _pad_col(v)) for k, v in segs]
+        grads = [_seg_bwd(dout_, q_, k, v, out_, lse, scale) for k, v in segs_]
+        grads = [tuple(g[..., :-_PAD] for g in gs) for gs in grads]
+    else:
+        grads = [_seg_bwd(dout, q, k.contiguous(), v.contiguous(), out, lse, scale) for k, v in segs]
+    dq = grads[0][0] if len(grads) == 1 else grads[0][0] + grads[1][0]
+    res = [dq.contiguous()]
+    for _, dk, dv in grads:
+        res += [dk.contiguous(), dv.contiguous()]
+    return res
+
+
+@mkv_sdpa_bwd.register_fake
+def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
+    res = [torch.empty_like(q, memory_format=torch.contiguous_format)]
+    for k, v in _segments(k1, v1, k2, v2):
+        res += [torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)]
+    return res
+
+
+def _setup_context(ctx, inputs, output):
+    q, k1, v1, k2, v2, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.two = k2 is not None
+    if any(ctx.needs_input_grad[:5]):  # save nothing when no input needs a gradient
+        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = mkv_sdpa_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, ctx.scale)
+    if ctx.two:
+        return grads[0], grads[1], grads[2], grads[3], grads[4], None
+    return grads[0], grads[1], grads[2], None, None, None
+
+
+mkv_sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mkv_sdpa(q, k1, v1, k2, v2, scale):
+    """Backend entry point (contract of :mod:`dcal.ops._dispatch`)."""
+    return mkv_sdpa_fwd(q, k1, v1, k2, v2, float(scale))
