@@ -19,6 +19,7 @@ from torch import Tensor
 from dcal import _ext
 from dcal.ops import _validate as V
 from dcal.ops import reference  # noqa: F401  (public: dcal.ops.reference)
+from dcal.ops import _dispatch
 from dcal.ops._dispatch import BACKENDS, Call, choose, explain_call
 
 HAS_EXTENSION = _ext.HAS_EXTENSION
@@ -275,3 +276,6 @@ def chosen_backend(op: str, *tensors: Tensor, backend: Optional[str] = None) -> 
     return choose(Call(name, t.device, t.dtype, t.shape[-1]), backend)[0]
 
 
+
+
+_dispatch.preload()

@@ -44,12 +44,18 @@ class Impl:
     target: str  # "module:function", imported on first use
     check: Callable[[Call], Optional[str]]
 
+    _loaded: Optional[Tuple[Optional[Callable], Optional[str]]] = None
+
     def load(self) -> Tuple[Optional[Callable], Optional[str]]:
-        mod_name, fn_name = self.target.split(":")
-        try:
-            return getattr(importlib.import_module(mod_name), fn_name), None
-        except (ImportError, AttributeError) as e:
-            return None, f"implementation {self.target} unavailable ({type(e).__name__}: {e})"
+        # Imported once and cached: torch.compile cannot trace an import, so preload() runs
+        # at `import dcal.ops` and traced calls only read the cache.
+        if self._loaded is None:
+            mod_name, fn_name = self.target.split(":")
+            try:
+                self._loaded = getattr(importlib.import_module(mod_name), fn_name), None
+            except (ImportError, AttributeError) as e:
+                self._loaded = None, f"implementation {self.target} unavailable ({type(e).__name__}: {e})"
+        return self._loaded
 
 
 # ----------------------------------------------------------------------------- checks
@@ -57,6 +63,14 @@ class Impl:
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _device_type(call: Call) -> str:
+    """The device a call runs on; a meta-device call (shape/memory prediction through the fake
+    implementations) is routed as the run it predicts: CUDA when present, else CPU."""
+    if call.device.type == "meta":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return call.device.type
 
 
 def triton_interpreter_on() -> bool:
@@ -71,11 +85,12 @@ def _fused_head_dim(call: Call) -> Optional[str]:
 
 
 def check_triton(call: Call) -> Optional[str]:
-    if call.device.type == "cuda":
+    dev = _device_type(call)
+    if dev == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available"
-    elif call.device.type == "cpu":
-        if not triton_interpreter_on():
+    elif dev == "cpu":
+        if call.device.type == "cpu" and not triton_interpreter_on():
             return "Triton needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1)"
         if not call.explicit:
             return "CPU tensors run Triton (interpreter) only when backend='triton' is asked for"
@@ -93,11 +108,12 @@ def check_triton(call: Call) -> Optional[str]:
 def check_cpp(call: Call) -> Optional[str]:
     if not _ext.HAS_EXTENSION:
         return "extension dcal._C is not built (pip install --no-build-isolation -e .)"
-    if call.device.type == "cpu":
+    dev = _device_type(call)
+    if dev == "cpu":
         if call.dtype not in _CPU_DTYPES:
             return f"dtype {call.dtype} not supported on CPU (float32, float64, bfloat16)"
         return None
-    if call.device.type == "cuda":
+    if dev == "cuda":
         if call.op != "neighborhood_attention2d":
             return "the C++ backend runs this op on CPU only"
         if not _ext.built_with_cuda():
@@ -109,11 +125,12 @@ def check_cpp(call: Call) -> Optional[str]:
 
 
 def check_sdpa(call: Call) -> Optional[str]:
-    if call.device.type == "cpu":
+    dev = _device_type(call)
+    if dev == "cpu":
         if call.dtype not in _CPU_DTYPES:
             return f"dtype {call.dtype} not supported on CPU (float32, float64, bfloat16)"
         return None
-    if call.device.type == "cuda":
+    if dev == "cuda":
         if call.dtype not in _CUDA_DTYPES:
             return f"dtype {call.dtype} not supported on CUDA (float16, bfloat16, float32)"
         return None
@@ -149,6 +166,12 @@ ORDER: Dict[str, List[str]] = {
     "neighborhood_attention2d": ["triton", "cpp", "reference"],
     "attention_rollout": ["triton", "cpp", "reference"],
 }
+
+
+def preload() -> None:
+    """Import every registered implementation now (see Impl.load)."""
+    for impl in _IMPLS.values():
+        impl.load()
 
 
 def _chain(op: str) -> List[str]:

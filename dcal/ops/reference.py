@@ -127,7 +127,7 @@ def neighborhood_attention2d(
     vp = torch.nn.functional.pad(v, (0, 0, 0, 1, 0, 1))
     kw = kp[:, :, ri[:, None, :, None], ci[None, :, None, :], :]  # [B, H, X, Y, ks, ks, D]
     vw = vp[:, :, ri[:, None, :, None], ci[None, :, None, :], :]
-    logits = torch.einsum("bhxyd,bhxyabd->bhxyab", q, kw) * scale  # [B, H, X, Y, ks, ks]
+    logits = torch.einsum("bhxyd,bhxyuwd->bhxyuw", q, kw) * scale  # [B, H, X, Y, ks, ks]
     if rpb is not None:
         di = rows - torch.arange(X, device=q.device)[:, None] + ks - 1  # [X, ks]
         dj = cols - torch.arange(Y, device=q.device)[:, None] + ks - 1  # [Y, ks]
@@ -138,7 +138,7 @@ def neighborhood_attention2d(
         logits = logits.masked_fill(~valid, float("-inf"))
     flat = logits.flatten(-2)  # [B, H, X, Y, ks*ks]
     p = torch.softmax(flat, dim=-1).view_as(logits)
-    out = torch.einsum("bhxyab,bhxyabd->bhxyd", p, vw)
+    out = torch.einsum("bhxyuw,bhxyuwd->bhxyd", p, vw)
     if return_lse:
         return out, torch.logsumexp(flat.to(_stat_dtype(q.dtype)), dim=-1)
     return out

@@ -1,0 +1,41 @@
+# Two commands on a fresh machine (see README):
+#   make bench   set up (venv, torch, dcal built with its C++/CUDA extension) and run the main job:
+#                the speed/memory comparison of bench/
+#   make test    the same set-up, then the test suite
+# Both only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.14.1
+# nvcc on the PATH may be a wrapper script, which misleads torch's guess of the toolkit root:
+# ask nvcc itself (the TOP of --dryrun) unless CUDA_HOME is given.
+CUDA_HOME ?= $(shell nvcc --dryrun --version 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -1 | xargs -r realpath 2>/dev/null)
+export CUDA_HOME
+BENCH_ARGS ?=
+TEST_ARGS  ?=
+
+.PHONY: setup bench test kernel-report clean
+
+setup: $(VENV)/.dcal-installed
+
+$(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
+	@echo "CUDA_HOME=$(CUDA_HOME)"
+	$(PY) -m pip install --no-build-isolation -v -e ".[dev,bench]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
+	@grep -E "^ *dcal: building" $(VENV)/build.log || true
+	$(PY) -c "import dcal, dcal._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('dcal._C loaded; CUDA kernels compiled in:', e.built_with_cuda())"
+	touch $@
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(TEST_ARGS) tests
+
+kernel-report: setup
+	$(PY) -m bench.kernel_report
+
+clean:
+	rm -rf build *.egg-info dcal/_C*.so
