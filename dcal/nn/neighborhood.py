@@ -1,0 +1,274 @@
+"""Neighborhood-attention modules: NATTEN's ``NeighborhoodAttention2D`` and the BEV block.
+
+Both call :func:`dcal.ops.neighborhood_attention2d` (fused, exact, memory linear in pixels) and
+differ only in layout and surroundings:
+
+* :class:`NeighborhoodAttention2D`: channels-last ``[B, X, Y, C]`` in and out, Linear projections
+  (NATTEN's module).
+* :class:`LocalGraphAttention`: channels-first ``[B, C, X, Y]`` (BEV feature maps), 1x1 conv
+  projections, its own residual and norm: ``x + proj(attn(qkv(norm(x))))`` (pre-norm).
+
+Weight mapping
+==============
+
+Head split (both modules, and both sources below): the projection's 3C output channels are
+``(q | k | v) x heads x head_dim``, i.e. channel ``s*C + h*D + d`` is component ``s`` of head ``h``,
+dimension ``d``.
+
+From NATTEN (``natten.NeighborhoodAttention2D``) -- names and shapes are NATTEN's, so
+``load_state_dict(natten_module.state_dict())`` works unchanged::
+
+    NATTEN name    shape                  dcal name      notes
+    qkv.weight     [3C, C]                qkv.weight
+    qkv.bias       [3C]                   qkv.bias       absent with qkv_bias=False (both)
+    rpb            [H, 2k-1, 2k-1]        rpb            NATTEN <= 0.17 with bias / rel_pos_bias=True;
+                                                         NATTEN >= 0.18 has none: use rel_pos_bias=False
+    proj.weight    [C, C]                 proj.weight
+    proj.bias      [C]                    proj.bias
+
+  To compute what NATTEN computes, use ``border="clamp"`` (NATTEN shifts the window inside the map;
+  the rpb index convention is the same, so one table serves every border mode). Not carried over:
+  dilation, stride and causal masks, attention dropout (the fused kernels never hold the
+  probabilities), and NATTEN's zero-padding of maps smaller than the window (``"clamp"`` refuses
+  such maps; ``"zero"`` and ``"mask"`` take them).
+
+From the unfold BEV block (1x1 convs for q, k and v, ``F.unfold`` of k and v with padding k//2,
+softmax over the k*k window, 1x1 out conv, residual): :class:`LocalGraphAttention` with
+``border="zero", rel_pos_bias=False, norm=None`` reproduces it exactly (fp64 to rounding)::
+
+    unfold name                    shape          dcal name               rows
+    q_conv.weight / .bias          [C, C, 1, 1]   qkv.weight / .bias      [0, C)
+    k_conv.weight / .bias          [C, C, 1, 1]   qkv.weight / .bias      [C, 2C)
+    v_conv.weight / .bias          [C, C, 1, 1]   qkv.weight / .bias      [2C, 3C)
+    out_conv.weight / .bias        [C, C, 1, 1]   proj.weight / .bias
+    (one qkv conv, q|k|v order)    [3C, C, 1, 1]  qkv.weight / .bias      as is
+
+  :func:`convert_unfold_state_dict` does this renaming (other source names can be passed), and
+  :meth:`LocalGraphAttention.from_unfold_state_dict` builds the module from such a state dict.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dcal.ops import BACKENDS, BORDERS, neighborhood_attention2d
+from dcal.ops import _validate as V
+
+__all__ = ["NeighborhoodAttention2D", "LocalGraphAttention", "LayerNorm2d", "make_norm2d", "convert_unfold_state_dict"]
+
+NORMS = ("layer", "group", "batch", None)
+
+
+def _check_common(dim_name: str, dim: int, num_heads: int, kernel_size, border, backend) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{dim_name} must be a positive int, got {dim!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if dim % num_heads:
+        raise ValueError(f"{dim_name}={dim} is not divisible by num_heads={num_heads}")
+    V.kernel_size(kernel_size)
+    V.border(border, BORDERS)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+
+
+def _make_rpb(num_heads: int, kernel_size: int) -> nn.Parameter:
+    rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+    nn.init.trunc_normal_(rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)  # NATTEN's init
+    return rpb
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int, border: str,
+            scale: Optional[float], backend: Optional[str]) -> Tensor:
+    # Under autocast q is fp16/bf16 while the table stays fp32; the op wants one dtype.
+    rpb = None if rpb is None else rpb.to(q.dtype)
+    return neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
+                                    backend=backend)
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """2-D neighborhood attention with NATTEN's parameters, on channels-last maps [B, X, Y, C].
+
+    Args:
+        dim: channels C (= num_heads * head_dim).
+        num_heads: heads H.
+        kernel_size: odd window size k >= 3.
+        border: "zero" (unfold semantics), "mask" or "clamp" (NATTEN's); see
+            :func:`dcal.ops.neighborhood_attention2d`.
+        rel_pos_bias: learn a relative position bias ``rpb`` [H, 2k-1, 2k-1].
+        qkv_bias: bias of the qkv projection.
+        qk_scale: logit scale, default ``head_dim ** -0.5``.
+        proj_drop: dropout after the output projection.
+        backend: None (automatic) or a backend name of :mod:`dcal.ops`.
+
+    A NATTEN state dict loads as is; see the module docstring for the mapping and border modes.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, border: str = "zero",
+                 rel_pos_bias: bool = True, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 proj_drop: float = 0.0, backend: Optional[str] = None):
+        super().__init__()
+        _check_common("dim", dim, num_heads, kernel_size, border, backend)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.kernel_size, self.border, self.backend = kernel_size, border, backend
+        self.scale = V.scale(qk_scale)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.rpb = _make_rpb(num_heads, kernel_size) if rel_pos_bias else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, X, Y, C] with C={self.dim} (channels last), got {shape}")
+        B, X, Y, C = x.shape
+        # One copy into [3, B, H, X, Y, D] so every backend gets contiguous head-major maps.
+        qkv = self.qkv(x).reshape(B, X, Y, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5).contiguous()
+        out = _attend(qkv[0], qkv[1], qkv[2], self.rpb, self.kernel_size, self.border, self.scale, self.backend)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, X, Y, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"border={self.border!r}, rel_pos_bias={self.rpb is not None}, backend={self.backend!r}")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a [B, C, X, Y] map (timm's ``LayerNorm2d``)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def make_norm2d(norm: Optional[str], channels: int) -> nn.Module:
+    """The norm of a [B, C, X, Y] block: "layer" (per-pixel LayerNorm over C, eps 1e-6),
+    "group" (GroupNorm with gcd(32, C) groups), "batch" (BatchNorm2d) or None (identity)."""
+    if norm == "layer":
+        return LayerNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm is None:
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+class LocalGraphAttention(nn.Module):
+    """The BEV "local graph" attention block on channels-first maps [B, C, X, Y]:
+    ``x + proj(neighborhood_attention(qkv(norm(x))))`` with 1x1 conv ``qkv`` and ``proj``.
+
+    Args:
+        channels: C (= num_heads * head_dim).
+        num_heads: heads H.
+        kernel_size: odd window size k >= 3 (the seeds' BEV module uses 7).
+        border: "zero" (default: exactly the F.pad + F.unfold block), "mask" or "clamp".
+        rel_pos_bias: learn ``rpb`` [H, 2k-1, 2k-1] (NATTEN's init).
+        norm: "layer" (default), "group", "batch" or None. Pre-norm: the residual path stays
+            un-normalised, as in Swin/NAT blocks, which is what stacks trained from scratch want.
+            LayerNorm over the channels of each pixel does not depend on batch size or map size
+            (BEV batches are small); "batch" updates its running statistics twice per step under
+            gradient checkpointing. ``None`` gives the seeds' unfold block exactly.
+        qkv_bias: bias of the qkv conv.
+        backend: None (automatic) or a backend name of :mod:`dcal.ops`.
+
+    Memory is linear in pixels: no unfold of k and v (the seeds' block holds 2 * k*k copies of the
+    map, plus the [.., k*k, X*Y] attention matrix for backward).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 4, kernel_size: int = 7, border: str = "zero",
+                 rel_pos_bias: bool = True, norm: Optional[str] = "layer", qkv_bias: bool = True,
+                 backend: Optional[str] = None):
+        super().__init__()
+        _check_common("channels", channels, num_heads, kernel_size, border, backend)
+        self.channels, self.num_heads, self.head_dim = channels, num_heads, channels // num_heads
+        self.kernel_size, self.border, self.backend = kernel_size, border, backend
+        self.norm = make_norm2d(norm, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=qkv_bias)
+        self.rpb = _make_rpb(num_heads, kernel_size) if rel_pos_bias else None
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, C, X, Y] with C={self.channels} (channels first), got {shape}")
+        B, C, X, Y = x.shape
+        # One copy into [3, B, H, X, Y, D]: head dim innermost, as the fused kernels read it.
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, self.head_dim, X, Y)
+        qkv = qkv.permute(1, 0, 2, 4, 5, 3).contiguous()
+        out = _attend(qkv[0], qkv[1], qkv[2], self.rpb, self.kernel_size, self.border, None, self.backend)
+        out = out.permute(0, 1, 4, 2, 3).reshape(B, C, X, Y)
+        return x + self.proj(out)
+
+    @classmethod
+    def from_unfold_state_dict(cls, state_dict: Mapping[str, Tensor], num_heads: int, kernel_size: int = 7,
+                               *, names: Optional[Dict[str, str]] = None, backend: Optional[str] = None,
+                               **kwargs) -> "LocalGraphAttention":
+        """The block that computes exactly what the unfold block with these weights computes
+        (``border="zero", rel_pos_bias=False, norm=None``). ``names`` overrides the source module
+        names (keys "q", "k", "v", "out", "qkv"); see :func:`convert_unfold_state_dict`."""
+        sd = convert_unfold_state_dict(state_dict, **(names or {}))
+        channels = sd["proj.weight"].shape[0]
+        kwargs.setdefault("border", "zero")
+        mod = cls(channels, num_heads, kernel_size, rel_pos_bias=False, norm=None,
+                  qkv_bias="qkv.bias" in sd, backend=backend, **kwargs)
+        mod.to(sd["proj.weight"].dtype).load_state_dict(sd)  # cast first: loading copies into the params' dtype
+        return mod
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"border={self.border!r}, rel_pos_bias={self.rpb is not None}, backend={self.backend!r}")
+
+
+def _conv1x1(w: Tensor, name: str) -> Tensor:
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    if w.dim() != 4 or w.shape[2:] != (1, 1):
+        raise ValueError(f"{name} must be a 1x1 conv weight [out, in, 1, 1] (or [out, in]), got {tuple(w.shape)}")
+    return w
+
+
+def convert_unfold_state_dict(state_dict: Mapping[str, Tensor], *, q: str = "q_conv", k: str = "k_conv",
+                              v: str = "v_conv", out: str = "out_conv", qkv: str = "qkv") -> Dict[str, Tensor]:
+    """Rename an unfold BEV block's state dict to :class:`LocalGraphAttention`'s names.
+
+    The source holds either three 1x1 convs ``{q}``, ``{k}``, ``{v}`` or one ``{qkv}`` conv with
+    q|k|v output order, and the output conv ``{out}``; keys are ``<name>.weight`` / ``<name>.bias``
+    (strip any parent prefix first). Returns ``qkv.weight`` [3C, C, 1, 1], ``qkv.bias`` (when the
+    source has biases) and ``proj.weight`` / ``proj.bias``.
+    """
+    sd = dict(state_dict)
+    res: Dict[str, Tensor] = {}
+    if f"{qkv}.weight" in sd:
+        res["qkv.weight"] = _conv1x1(sd[f"{qkv}.weight"], f"{qkv}.weight")
+        if f"{qkv}.bias" in sd:
+            res["qkv.bias"] = sd[f"{qkv}.bias"]
+    else:
+        missing = [f"{n}.weight" for n in (q, k, v) if f"{n}.weight" not in sd]
+        if missing:
+            raise KeyError(f"state_dict has neither {qkv}.weight nor {missing}; pass the source names "
+                           f"(q=, k=, v=, out= or qkv=)")
+        res["qkv.weight"] = torch.cat([_conv1x1(sd[f"{n}.weight"], f"{n}.weight") for n in (q, k, v)], 0)
+        biases = [sd.get(f"{n}.bias") for n in (q, k, v)]
+        if any(b is not None for b in biases):
+            if any(b is None for b in biases):
+                raise KeyError(f"state_dict has biases for only some of {q}, {k}, {v}")
+            res["qkv.bias"] = torch.cat(biases, 0)
+    if f"{out}.weight" not in sd:
+        raise KeyError(f"state_dict has no {out}.weight (the output 1x1 conv); pass out=<name>")
+    res["proj.weight"] = _conv1x1(sd[f"{out}.weight"], f"{out}.weight")
+    c = res["proj.weight"].shape[0]
+    res["proj.bias"] = sd.get(f"{out}.bias", res["proj.weight"].new_zeros(c))
+    if tuple(res["qkv.weight"].shape[:2]) != (3 * c, c):
+        raise ValueError(f"q/k/v weights give a qkv weight of shape {tuple(res['qkv.weight'].shape)}; "
+                         f"expected [{3 * c}, {c}, 1, 1] for {c} channels")
+    return res
