@@ -1,0 +1,32 @@
+"""Training loop of dcal (DESIGN section 7).
+
+Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train ...``)::
+
+    python -m dcal.train --config configs/demo.yaml --out runs/demo
+    python -m dcal.train --config configs/cub_vitb16_448.yaml --set data.root=/data/CUB_200_2011 \
+        --max-memory 16GB --out runs/cub
+    python -m dcal.train --config configs/demo.yaml --out runs/demo --resume     # latest checkpoint
+
+``DIR/metrics.jsonl``: one JSON object per evaluation (``epoch``, ``step``, ``train_loss``,
+``val_acc``, ``peak_mem_mb``, ``effective_batch``, ``micro_batch``, ``lr``, ``skipped_steps``, ...);
+``DIR/steps.jsonl``: one per optimiser step; ``DIR/checkpoints/``: ``step-<N>.pt`` (last
+``keep_last``) and ``best.pt``; ``DIR/config.yaml``: the resolved config.
+
+Configs have three sections (see :mod:`dcal.train.config`): ``model`` (``name``: ``dcal_vit``,
+``bev``, ``mlp``; other keys go to the model), ``data`` (``name``: ``synthetic``, ``cub``,
+``imagefolder``, ``bev_synthetic``) and ``train`` (:class:`TrainConfig`). Unknown keys and bad
+values stop the run with a message naming the key.
+
+In Python, :class:`Trainer` takes any model, loss and datasets::
+
+    Trainer(model, loss_fn, train_set, val_set, TrainConfig(effective_batch=64, micro_batch=16,
+            amp="bf16"), out_dir="runs/x").fit()
+
+``python -m dcal.train.autobatch --config C --micro-batch N --measure`` prints the predicted peak
+memory of a training step (fake tensors) and the measured one (CPU).
+"""
+from dcal.train.config import Config, TrainConfig, load as load_config, parse_bytes
+from dcal.train.trainer import CosineWarmup, Trainer, accuracy, param_groups, setup_distributed
+
+__all__ = ["Config", "TrainConfig", "load_config", "parse_bytes", "Trainer", "CosineWarmup", "accuracy",
+           "param_groups", "setup_distributed"]

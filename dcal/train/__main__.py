@@ -1,0 +1,77 @@
+"""``python -m dcal.train --config configs/<name>.yaml [--set section.key=value ...] --out DIR``
+
+Trains the config's model on its data; ``DIR/metrics.jsonl`` gets one JSON object per
+evaluation, ``DIR/checkpoints/`` the checkpoints, ``DIR/config.yaml`` the resolved config.
+Runs unchanged under ``torchrun --nproc_per_node N -m dcal.train ...`` (DDP).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dcal.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML file with model, data and train sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint path, or from the latest one in --out when no path is given")
+    p.add_argument("--max-memory", default=None, help="memory budget for the automatic micro-batch, e.g. 16GB "
+                   "(same as --set train.max_memory=...)")
+    p.add_argument("--micro-batch", default=None, help="micro-batch size or 'auto' (same as --set train.micro_batch=...)")
+    args = p.parse_args(argv)
+
+    from dcal.train import config as C
+
+    overrides = list(args.set)
+    if args.max_memory is not None:
+        overrides.append(f"train.max_memory={args.max_memory}")
+    if args.micro_batch is not None:
+        overrides.append(f"train.micro_batch={args.micro_batch}")
+    try:
+        cfg = C.load(args.config, overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from dcal.train.build import build_task
+    from dcal.train.checkpoint import CheckpointDir
+    from dcal.train.trainer import Trainer, setup_distributed
+
+    rank, _, _ = setup_distributed()
+    try:
+        torch.manual_seed(cfg.train.seed)
+        task = build_task(cfg, seed=cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        model = task.model_factory()
+        loss = task.loss if task.loss is not None else model.loss
+        trainer = Trainer(model, loss, task.train_set, task.val_set, cfg.train, out_dir=args.out,
+                          model_factory=task.model_factory, run_config=cfg.to_dict())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    resume = args.resume
+    if resume == "auto":
+        resume = CheckpointDir(args.out).latest()
+        if resume is None:
+            print(f"error: --resume: no checkpoint in {args.out}/checkpoints", file=sys.stderr)
+            return 2
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    trainer.fit(resume=resume)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Datasets of the training loop: CUB-200-2011 in its own folder format, ImageFolder, a synthetic
+fine-grained image set made on the fly (the default: no download), and a synthetic BEV task.
+
+Randomness of augmentation is a function of ``(seed, epoch, index)`` only (:func:`sample_rng`),
+not of a global generator or of the DataLoader worker that loads the sample: the same sample gets
+the same crop whatever ``num_workers`` is and whether or not the run was resumed, which is what
+makes ``--resume`` and DDP runs reproduce a single-process run exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator private to one sample of one epoch."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1))
+    return g
+
+
+class EpochDataset(Dataset):
+    """A dataset whose augmentation depends on the epoch (set before each epoch's loader is made)."""
+
+    epoch: int = 0
+    seed: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+class ImageTransform:
+    """The DCAL augmentation: resize to ``resize`` x ``resize``, then a random ``crop`` x ``crop``
+    crop and a horizontal flip for training, the centre crop for evaluation; normalised with the
+    ImageNet statistics. ``resize=550, crop=448`` is the paper's recipe.
+
+    Works on a PIL image or a float [3, H, W] tensor in [0, 1]; returns a float [3, crop, crop].
+    """
+
+    def __init__(self, train: bool, resize: int = 550, crop: int = 448, flip: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if crop > resize:
+            raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
+        self.train, self.resize, self.crop, self.flip = train, int(resize), int(crop), flip
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img, g: torch.Generator) -> Tensor:
+        if not isinstance(img, Tensor):
+            from PIL import Image
+
+            img = img.convert("RGB").resize((self.resize, self.resize), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        else:
+            x = img.float()
+            if x.shape[-2:] != (self.resize, self.resize):
+                x = torch.nn.functional.interpolate(x[None], size=(self.resize, self.resize), mode="bilinear",
+                                                    align_corners=False, antialias=True)[0]
+        slack = self.resize - self.crop
+        if self.train:
+            top = int(torch.randint(0, slack + 1, (1,), generator=g))
+            left = int(torch.randint(0, slack + 1, (1,), generator=g))
+        else:
+            top = left = slack // 2
+        x = x[:, top : top + self.crop, left : left + self.crop]
+        if self.train and self.flip and bool(torch.rand((), generator=g) < 0.5):
+            x = x.flip(-1)
+        return ((x - self.mean) / self.std).contiguous()
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+class ImageList(EpochDataset):
+    """Images on disk given as ``(path, label)`` pairs, loaded with PIL."""
+
+    def __init__(self, samples: List[Tuple[str, int]], classes: List[str], transform: ImageTransform, seed: int = 0):
+        if not samples:
+            raise ValueError("the dataset holds no images")
+        self.samples, self.classes, self.transform, self.seed = samples, classes, transform, seed
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            x = self.transform(img, sample_rng(self.seed, self.epoch, index))
+        return x, label
+
+
+def _read_table(path: str) -> List[List[str]]:
+    if not os.path.isfile(path):
+        raise ValueError(f"expected the CUB-200-2011 file {path}")
+    with open(path) as f:
+        return [line.split() for line in f if line.strip()]
+
+
+def cub200(root: str, split: str, transform: ImageTransform, seed: int = 0) -> ImageList:
+    """CUB-200-2011 from its own format: ``root`` holds ``images.txt`` (id, relative path),
+    ``image_class_labels.txt`` (id, class 1..200), ``train_test_split.txt`` (id, 1 = train) and
+    the ``images/`` folder; ``classes.txt`` names the classes when present."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not os.path.isdir(root):
+        raise ValueError(f"data.root {root!r} is not a directory (expected the CUB_200_2011 folder)")
+    paths = {r[0]: r[1] for r in _read_table(os.path.join(root, "images.txt"))}
+    labels = {r[0]: int(r[1]) - 1 for r in _read_table(os.path.join(root, "image_class_labels.txt"))}
+    is_train = {r[0]: r[1] == "1" for r in _read_table(os.path.join(root, "train_test_split.txt"))}
+    names_file = os.path.join(root, "classes.txt")
+    n_cls = max(labels.values()) + 1
+    classes = ([r[1] for r in _read_table(names_file)] if os.path.isfile(names_file)
+               else [str(i) for i in range(n_cls)])
+    want = split == "train"
+    ids = sorted((i for i in paths if is_train.get(i) == want), key=int)
+    samples = [(os.path.join(root, "images", paths[i]), labels[i]) for i in ids]
+    return ImageList(samples, classes, transform, seed)
+
+
+def image_folder(root: str, transform: ImageTransform, seed: int = 0) -> ImageList:
+    """torchvision's ImageFolder layout: ``root/<class>/<image>``, classes in sorted order."""
+    if not os.path.isdir(root):
+        raise ValueError(f"image folder {root!r} is not a directory")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    samples = []
+    for label, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
+            for fn in sorted(files):
+                if fn.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, fn), label))
+    return ImageList(samples, classes, transform, seed)
+
+
+# ----------------------------------------------------------------------------- synthetic images
+
+
+class SyntheticFineGrained(EpochDataset):
+    """Images whose classes differ only in a small local detail, generated on the fly.
+
+    Every image, whatever its class, has the same kind of content: a smooth, weakly coloured random
+    background, a large "body" (an ellipse of random grey-ish colour, size and place) and noise.
+    The class is told only by a small "detail" drawn at a random place on the body: a ``detail`` x
+    ``detail`` pixel glyph (about 1/25 of the image at the defaults) of a saturated colour and a
+    3x3 pattern, both of its class. Global statistics carry almost no class information, so a model
+    has to find the detail, the situation DCAL's GLCA (local queries chosen by attention rollout)
+    is made for.
+
+    Samples are a function of ``(seed, index)`` (the split offsets the index, so train and
+    validation images differ); training adds a random flip per epoch.
+    """
+
+    def __init__(self, size: int, img_size: int = 32, num_classes: int = 10, detail: Optional[int] = None,
+                 seed: int = 0, split: str = "train", noise: float = 0.05):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if img_size < 16:
+            raise ValueError(f"img_size must be >= 16, got {img_size}")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.size, self.img_size, self.num_classes = int(size), int(img_size), int(num_classes)
+        self.detail = int(detail) if detail is not None else max(5, img_size // 5)
+        self.seed, self.split, self.noise = seed, split, noise
+        self.offset = 0 if split == "train" else 10_000_000
+        g = torch.Generator().manual_seed(12345)  # the class definitions never depend on the run's seed
+        patterns, used = [], set()
+        while len(patterns) < num_classes:
+            p = torch.rand(3, 3, generator=g) < 0.5
+            key = tuple(p.flatten().tolist())
+            # distinct, not trivially blank or full, and not a mirror image of another class
+            # (training flips images)
+            mirror = tuple(p.flip(-1).flatten().tolist())
+            if 3 <= int(p.sum()) <= 6 and key not in used and mirror not in used:
+                used.update({key, mirror})
+                patterns.append(p.float())
+        self.patterns = torch.stack(patterns)  # [C, 3, 3]
+        # saturated colours evenly spread around the hue circle
+        hue = torch.arange(num_classes, dtype=torch.float32) / num_classes
+        k = (torch.tensor([5.0, 3.0, 1.0]) + hue[:, None] * 6) % 6
+        self.colors = 1 - (torch.minimum(k, 4 - k).clamp(0, 1))  # [C, RGB]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def render(self, index: int) -> Tuple[Tensor, int]:
+        """The image [3, S, S] in [0, 1] and its label, before augmentation."""
+        S, d = self.img_size, self.detail
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        label = int(torch.randint(0, self.num_classes, (1,), generator=g))
+        grey = lambda *shape: (torch.rand(1, *shape[1:], generator=g) * 0.6 + 0.2  # noqa: E731
+                               + (torch.rand(*shape, generator=g) - 0.5) * 0.2)
+        img = torch.nn.functional.interpolate(grey(3, 4, 4)[None], size=(S, S), mode="bilinear",
+                                              align_corners=False)[0]
+        yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
+                                indexing="ij")
+        cy, cx = (torch.rand(2, generator=g) * 0.4 + 0.3) * S
+        ry, rx = (torch.rand(2, generator=g) * 0.15 + 0.25) * S
+        body = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        img = torch.where(body, grey(3, 1, 1), img)
+        # the detail sits inside the body, anywhere (not aligned to a patch grid)
+        oy = int((cy + (torch.rand((), generator=g) - 0.5) * ry).clamp(0, S - d))
+        ox = int((cx + (torch.rand((), generator=g) - 0.5) * rx).clamp(0, S - d))
+        pat = torch.nn.functional.interpolate(self.patterns[label][None, None], size=(d, d), mode="nearest")[0]
+        img[:, oy : oy + d, ox : ox + d] = pat * self.colors[label][:, None, None]
+        img = img + self.noise * torch.randn(3, S, S, generator=g)
+        return img.clamp(0, 1), label
+
+    def __getitem__(self, index: int):
+        img, label = self.render(index)
+        if self.split == "train" and bool(torch.rand((), generator=sample_rng(self.seed, self.epoch, index)) < 0.5):
+            img = img.flip(-1)
+        return (img - 0.5) / 0.25, label
+
+
+# ----------------------------------------------------------------------------- synthetic BEV
+
+
+class SyntheticBEV(EpochDataset):
+    """A bird's-eye-view map task that needs local context: channel 0 of the input holds sparse
+    points (each cell occupied with probability ``density``), the other channels noise; the
+    target of each cell is the number of points in its ``window`` x ``window`` neighbourhood,
+    capped at 2 (classes 0, 1, 2; about equally frequent at the defaults). A per-cell model sees
+    no neighbours and cannot solve it; a 7x7 neighbourhood attention can.
+
+    Returns ``(x [in_channels, X, Y], y [X, Y] int64)``.
+    """
+
+    num_classes = 3
+
+    def __init__(self, size: int, map_size: Sequence[int] = (32, 32), in_channels: int = 4, window: int = 5,
+                 density: float = 0.05, seed: int = 0, split: str = "train"):
+        if window % 2 != 1 or window < 1:
+            raise ValueError(f"window must be a positive odd number, got {window}")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.size, self.map_size, self.in_channels = int(size), tuple(int(s) for s in map_size), int(in_channels)
+        self.window, self.density, self.seed = window, density, seed
+        self.offset = 0 if split == "train" else 10_000_000
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        X, Y = self.map_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        points = (torch.rand(1, X, Y, generator=g) < self.density).float()
+        x = torch.cat([points, torch.randn(self.in_channels - 1, X, Y, generator=g)], 0)
+        w = self.window
+        counts = torch.nn.functional.conv2d(points[None], torch.ones(1, 1, w, w), padding=w // 2)[0, 0]
+        return x, counts.clamp(max=2).long()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def collate(batch):
+    xs, ys = zip(*batch)
+    return torch.stack(xs), torch.as_tensor(ys) if not isinstance(ys[0], Tensor) else torch.stack(ys)
+
+
+def set_epoch(dataset, epoch: int) -> None:
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)

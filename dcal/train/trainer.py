@@ -1,0 +1,585 @@
+"""The training loop (DESIGN section 7): model-agnostic, a model, a loss, data and a metric.
+
+One optimiser step consumes a *group* of ``effective_batch`` samples (summed over processes),
+fed as micro-batches of ``micro_batch`` samples with gradients accumulated in between. Each
+micro-batch loss (a mean over its samples) is weighted by ``n_micro * world / n_group`` where
+``n_group`` is the true number of samples in the whole group, over all processes: the step's
+gradient is then exactly that of the mean loss over the group, also for the short last group of
+an epoch (DDP averages over processes, hence the ``world`` factor).
+
+Per step: AMP (fp16 with ``GradScaler``, bf16 without), unscale before clipping, steps with
+non-finite gradients skipped, counted and logged, lr from a cosine schedule with warmup set
+before the step, peak memory measured (``torch.cuda.max_memory_allocated`` on GPU, the process's
+peak resident set on CPU). Under ``torchrun`` the model is wrapped in DDP, gradients are synced
+only on the last micro-batch of a group (``no_sync`` before), data comes from a
+``DistributedSampler``, and only rank 0 logs and writes checkpoints.
+
+A CUDA out-of-memory error inside a step halves the micro-batch and redoes the same group (same
+samples, same effective batch): no step is lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dcal.train import checkpoint as ckpt
+from dcal.train.config import TrainConfig, parse_bytes
+from dcal.train.data import collate, set_epoch
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def accuracy(outputs: Any, target: Tensor) -> Tuple[float, int]:
+    """(number correct, number of predictions): argmax over dim 1, for [B, C] class scores or
+    [B, C, ...] dense predictions. A dict of outputs is judged on its first entry."""
+    if isinstance(outputs, dict):
+        outputs = next(iter(outputs.values()))
+    pred = outputs.argmax(1)
+    return float((pred == target).sum()), target.numel()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters (biases, norms, learnable loss weights), on the
+    names listed by ``model.no_weight_decay()`` (timm convention: position/CLS embeddings) and on
+    anything named ``loss_weights``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if p.ndim <= 1 or prefixes & skip or "loss_weights" in parts:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class CosineWarmup:
+    """lr(step): linear warmup over ``warmup`` steps to ``peak``, then cosine down to ``floor``
+    at ``total`` steps. Its state is the step counter (advanced also on skipped steps, so the
+    schedule's length does not depend on how many fp16 steps overflow)."""
+
+    def __init__(self, peak: float, floor: float, warmup: int, total: int):
+        self.peak, self.floor, self.warmup, self.total = peak, min(floor, peak), warmup, max(total, 1)
+        self.step_count = 0
+
+    def lr(self, step: Optional[int] = None) -> float:
+        s = self.step_count if step is None else step
+        if s < self.warmup:
+            return self.peak * (s + 1) / self.warmup
+        t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + 0.5 * (self.peak - self.floor) * (1 + math.cos(math.pi * t))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"step_count": self.step_count, "peak": self.peak, "floor": self.floor, "warmup": self.warmup,
+                "total": self.total}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+
+
+def _proc_status(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_cpu_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_rss() -> Optional[int]:
+    """Peak resident set of this process since the last :func:`reset_cpu_peak`, in bytes."""
+    peak = _proc_status("VmHWM")
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
+
+
+def cpu_rss() -> Optional[int]:
+    return _proc_status("VmRSS")
+
+
+def setup_distributed() -> Tuple[int, int, int]:
+    """Initialise the process group when run by ``torchrun`` (gloo on CPU, nccl on GPU).
+    Returns (rank, world size, local rank); (0, 1, 0) for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _split(x: Any, start: int, stop: int) -> Any:
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    if isinstance(x, (list, tuple)):
+        return type(x)(_split(v, start, stop) for v in x)
+    if isinstance(x, dict):
+        return {k: _split(v, start, stop) for k, v in x.items()}
+    return x
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _as_loss(value: Any) -> Tuple[Tensor, Dict[str, Any]]:
+    if isinstance(value, tuple):
+        return value[0], (value[1] if len(value) > 1 and isinstance(value[1], dict) else {})
+    return value, {}
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set`` with ``loss_fn(outputs, target) -> loss`` (or
+    ``(loss, parts)``), a mean over the micro-batch, and evaluates ``metric_fn(outputs, target)
+    -> (sum, count)`` (default: accuracy) on ``val_set`` after each epoch.
+
+    ``micro_batch="auto"`` predicts the step's memory on fake tensors (:mod:`dcal.train.autobatch`)
+    and takes the largest micro-batch within ``max_memory`` (on CUDA default: the device's memory,
+    and the first steps confirm it, halving on OOM).
+
+    Datasets yield ``(input, target)``; a dataset with ``set_epoch`` gets the epoch before each
+    epoch's loader is made (epoch-dependent augmentation). ``model_factory`` (optional) builds a
+    fresh model like ``model`` for the memory prediction (default: a copy of ``model``). ``out_dir`` receives ``metrics.jsonl`` and ``checkpoints/``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        train_set,
+        val_set=None,
+        config: Optional[TrainConfig] = None,
+        out_dir: Optional[str] = None,
+        metric_fn: Callable = accuracy,
+        model_factory: Optional[Callable[[], nn.Module]] = None,
+        collate_fn: Callable = collate,
+        run_config: Optional[Dict[str, Any]] = None,
+    ):
+        self.cfg = (config or TrainConfig()).validate()
+        self.loss_fn, self.metric_fn, self.collate_fn = loss_fn, metric_fn, collate_fn
+        self.train_set, self.val_set = train_set, val_set
+        self.out_dir, self.model_factory, self.run_config = out_dir, model_factory, run_config or {}
+        self.rank, self.world, self.local_rank = setup_distributed()
+        self.is_main = self.rank == 0
+        cfg = self.cfg
+        if cfg.effective_batch % self.world:
+            raise ValueError(f"train.effective_batch ({cfg.effective_batch}) must be a multiple of the number "
+                             f"of processes ({self.world})")
+        self.local_batch = cfg.effective_batch // self.world
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device is 'cuda' but CUDA is not available")
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        if cfg.amp == "fp16" and self.device.type == "cpu":
+            pass  # CPU autocast supports float16 since torch 2.3; GradScaler("cpu") as well
+        self.amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model = model.to(self.device)
+        if cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"train.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.local_rank] if use_cuda else None,
+                find_unused_parameters=cfg.find_unused_parameters)
+        self.forward_model = self.ddp if self.ddp is not None else self.model
+        # the same initial weights everywhere (DDP also broadcasts them), but each process its own
+        # stream for dropout and pairing
+        torch.manual_seed(cfg.seed + self.rank)
+
+        self.peak_lr = cfg.base_lr * cfg.effective_batch / 512
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=self.peak_lr,
+                                           betas=tuple(cfg.betas))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=False)
+        self.groups_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
+        self.schedule = CosineWarmup(self.peak_lr, cfg.min_lr, round(cfg.warmup_epochs * self.groups_per_epoch),
+                                     cfg.epochs * self.groups_per_epoch)
+        self.ckpts = ckpt.CheckpointDir(out_dir, cfg.keep_last) if out_dir else None
+
+        # progress, restored on resume
+        self.epoch, self.group_in_epoch, self.step = 0, 0, 0
+        self.skipped_steps, self.best_metric = 0, None
+        self.epoch_loss_sum, self.epoch_samples, self.epoch_peak = 0.0, 0, 0
+        self.micro_batch: Optional[int] = None if cfg.micro_batch == "auto" else min(cfg.micro_batch, self.local_batch)
+        self.predicted_peak: Optional[int] = None
+        self.memory_report: Optional[Dict[str, Any]] = None
+        self.oom_events: List[Dict[str, int]] = []
+        self.history: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(msg, file=sys.stderr)
+            except ImportError:  # pragma: no cover
+                print(msg, file=sys.stderr)
+
+    def _write_metrics(self, row: Dict[str, Any]) -> None:
+        self.history.append(row)
+        if self.is_main and self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _write_step(self, r: Dict[str, Any]) -> None:
+        """One line per optimiser step in ``steps.jsonl`` (rank 0): this process's loss, lr,
+        gradient norm, peak memory, micro-batch and the effective batch."""
+        if not (self.is_main and self.out_dir):
+            return
+        row = {"step": self.step, "epoch": self.epoch, "loss": r["loss"], "lr": r["lr"],
+               "grad_norm": r["grad_norm"], "skipped": r["skipped"], "peak_mem_mb": round(r["peak"] / 2**20, 1),
+               "micro_batch": self.micro_batch, "effective_batch": self.cfg.effective_batch}
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "steps.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ memory
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_cpu_peak()
+
+    def _read_peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return cpu_peak_rss() or 0
+
+    def _choose_micro_batch(self) -> None:
+        from dcal.train import autobatch
+
+        cfg = self.cfg
+        budget = parse_bytes(cfg.max_memory, "train.max_memory") if cfg.max_memory else None
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if budget is not None:
+                # makes the budget real: allocations beyond it raise OutOfMemoryError, which the
+                # step turns into a smaller micro-batch
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
+            budget = budget or total
+        elif budget is None:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // max(1, self.world)
+        if self.model_factory is None:
+            # a copy of the model being trained, made fake in the prediction
+            src = self.model
+            self.model_factory = lambda: copy.deepcopy(src).cpu()
+        sample = self.train_set[0]
+        choice = autobatch.choose_micro_batch(
+            self.model_factory, self.loss_fn, sample, self.local_batch, budget, device=self.device,
+            amp_dtype=self.amp_dtype, weight_decay=cfg.weight_decay, grad_checkpointing=cfg.grad_checkpointing,
+            collate_fn=self.collate_fn)
+        self.micro_batch, self.predicted_peak = choice.micro_batch, choice.predicted_peak
+        self.log(f"micro-batch {self.micro_batch} of {self.local_batch} per process chosen for a budget of "
+                 f"{budget / 2**20:.0f} MiB: predicted step peak {self.predicted_peak / 2**20:.1f} MiB")
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_steps(self, batch, n: int, n_group: int) -> float:
+        """Forward/backward of one group as micro-batches; returns the summed loss * samples."""
+        b = self.micro_batch
+        starts = list(range(0, n, b))
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, s in enumerate(starts):
+            x, y = _split(batch, s, min(s + b, n))
+            m = y.shape[0] if isinstance(y, Tensor) else min(s + b, n) - s
+            x, y = _to(x, self.device), _to(y, self.device)
+            last = i == len(starts) - 1
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out = self.forward_model(x)
+                    loss, _ = _as_loss(self.loss_fn(out, y))
+                # mean over the group across processes, whatever the micro-batch sizes are
+                if loss.dtype in (torch.float16, torch.bfloat16):
+                    loss = loss.float()
+                weighted = loss * (m * self.world / n_group)
+                self.scaler.scale(weighted).backward()
+            loss_sum += loss.detach().double().cpu() * m
+            del out, loss, weighted
+        return float(loss_sum)
+
+    def train_step(self, batch, n_group: int) -> Dict[str, Any]:
+        """One optimiser step on ``batch`` (this process's share of a group of ``n_group``
+        samples in all). OOM halves the micro-batch and redoes the group."""
+        n = batch[1].shape[0] if isinstance(batch[1], Tensor) else len(batch[1])
+        self._reset_peak()
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                loss_sum = self._micro_steps(batch, n, n_group)
+                break
+            except torch.OutOfMemoryError:
+                if self.micro_batch <= 1:
+                    raise
+                old = self.micro_batch
+                self.micro_batch = max(1, old // 2)
+                self.oom_events.append({"step": self.step, "from": old, "to": self.micro_batch})
+                self.log(f"step {self.step}: out of memory with micro-batch {old}; retrying the same "
+                         f"{self.cfg.effective_batch}-sample group with micro-batch {self.micro_batch}")
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # return the failed attempt's blocks before retrying
+
+        lr = self.schedule.lr()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = bool(torch.isfinite(norm))
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale or not finite
+        else:
+            skipped = not finite
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            self.skipped_steps += 1
+            self.log(f"step {self.step}: skipped, non-finite gradient norm ({float(norm)}); "
+                     f"{self.skipped_steps} skipped so far")
+        self.schedule.step_count += 1
+        self.step += 1
+        peak = self._read_peak()
+        if self.memory_report is None and self.predicted_peak is not None:
+            self.memory_report = {"micro_batch": self.micro_batch, "predicted_mb": self.predicted_peak / 2**20,
+                                  "measured_mb": peak / 2**20,
+                                  "measured": "max_memory_allocated" if self.device.type == "cuda" else "peak RSS"}
+            self.log(f"memory: predicted step peak {self.memory_report['predicted_mb']:.1f} MiB (tensors), "
+                     f"measured {self.memory_report['measured_mb']:.1f} MiB "
+                     f"({self.memory_report['measured']}{', whole process' if self.device.type == 'cpu' else ''})")
+        return {"loss": loss_sum / n, "loss_sum": loss_sum, "n": n, "lr": lr, "grad_norm": float(norm),
+                "skipped": skipped, "peak": peak}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.val_set is None:
+            return None
+        self.model.eval()
+        # every process takes every world-th sample, without the padding of DistributedSampler,
+        # so the metric is over the validation set exactly once
+        idx = list(range(self.rank, len(self.val_set), self.world))
+        bs = self.micro_batch or self.local_batch
+        loader = DataLoader(self.val_set, batch_sampler=[idx[i : i + bs] for i in range(0, len(idx), bs)],
+                            collate_fn=self.collate_fn, num_workers=self.cfg.num_workers,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
+        total = torch.zeros(2, dtype=torch.float64)
+        for x, y in loader:
+            x, y = _to(x, self.device), _to(y, self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.model(x)
+            s, c = self.metric_fn(out, y)
+            total += torch.tensor([float(s), float(c)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The full training state. Under DDP every process must call it (the RNG states of all
+        processes are gathered, so a resumed run continues each process's random stream)."""
+        rng = ckpt.rng_state()
+        rngs = [rng]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": rng,
+            "rng_per_rank": rngs,
+            "epoch": self.epoch,
+            "group_in_epoch": self.group_in_epoch,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "best_metric": self.best_metric,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_samples": self.epoch_samples,
+            "epoch_peak": self.epoch_peak,
+            "micro_batch": self.micro_batch,
+            "world": self.world,
+            "effective_batch": self.cfg.effective_batch,
+            "config": self.run_config,
+        }
+
+    def save(self, is_best: bool = False) -> Optional[str]:
+        if self.ckpts is None:
+            return None
+        state = self.state_dict()
+        return self.ckpts.save(state, self.step, is_best) if self.is_main else None
+
+    def load(self, path: str) -> None:
+        """Restore everything :meth:`state_dict` holds; training continues exactly where it was."""
+        state = ckpt.load(path, map_location="cpu")
+        if state["effective_batch"] != self.cfg.effective_batch:
+            raise ValueError(f"checkpoint {path} was trained with effective_batch {state['effective_batch']}, "
+                             f"the config asks for {self.cfg.effective_batch}; resume needs the same")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        ckpt.set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
+        self.epoch, self.group_in_epoch, self.step = state["epoch"], state["group_in_epoch"], state["step"]
+        self.skipped_steps, self.best_metric = state["skipped_steps"], state["best_metric"]
+        self.epoch_loss_sum, self.epoch_samples = state["epoch_loss_sum"], state["epoch_samples"]
+        self.epoch_peak = state["epoch_peak"]
+        if state["micro_batch"] is not None and state["world"] == self.world:
+            self.micro_batch = min(state["micro_batch"], self.local_batch)
+        self.log(f"resumed from {path}: epoch {self.epoch}, group {self.group_in_epoch}, step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+
+    def _loader(self, epoch: int, start_group: int) -> Tuple[DataLoader, int]:
+        self.sampler.set_epoch(epoch)
+        set_epoch(self.train_set, epoch)
+        indices = list(self.sampler)
+        groups = [indices[i : i + self.local_batch] for i in range(0, len(indices), self.local_batch)]
+        # its own generator: making a loader must not draw from the global RNG, or a run resumed
+        # mid-epoch would see a different random stream than the run it continues
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        loader = DataLoader(self.train_set, batch_sampler=groups[start_group:], collate_fn=self.collate_fn,
+                            num_workers=self.cfg.num_workers, generator=gen,
+                            pin_memory=self.device.type == "cuda")
+        return loader, len(groups)
+
+    def fit(self, resume: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (from ``resume``, a checkpoint path, if given).
+        Returns the rows written to ``metrics.jsonl``."""
+        cfg = self.cfg
+        if resume:
+            self.load(resume)
+        if self.micro_batch is None:
+            self._choose_micro_batch()
+        self.model.train()
+        self.log(f"training on {self.device} x{self.world}: effective batch {cfg.effective_batch} "
+                 f"({self.local_batch} per process, micro-batch {self.micro_batch}), peak lr {self.peak_lr:.3g}, "
+                 f"{self.groups_per_epoch} steps/epoch, amp {cfg.amp}")
+        stop = False
+        while self.epoch < cfg.epochs and not stop:
+            loader, n_groups = self._loader(self.epoch, self.group_in_epoch)
+            bar = None
+            if self.is_main and cfg.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=n_groups, initial=self.group_in_epoch, desc=f"epoch {self.epoch}",
+                           dynamic_ncols=True, leave=False, file=sys.stderr)
+            t0 = time.time()
+            for batch in loader:
+                n_local = batch[1].shape[0] if isinstance(batch[1], Tensor) else len(batch[1])
+                # DistributedSampler pads so every process holds the same number of samples
+                r = self.train_step(batch, n_local * self.world)
+                self.group_in_epoch += 1
+                self.epoch_loss_sum += r["loss_sum"]
+                self.epoch_samples += r["n"]
+                self.epoch_peak = max(self.epoch_peak, r["peak"])
+                self._write_step(r)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", mem=f"{r['peak'] / 2**20:.0f}M",
+                                    mb=self.micro_batch)
+                    bar.update(1)
+                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                    self.save()
+                if cfg.max_steps and self.step >= cfg.max_steps:
+                    stop = True
+                    break
+            if bar is not None:
+                bar.close()
+            epoch_done = self.group_in_epoch >= n_groups
+            self._end_of_epoch(time.time() - t0, final=stop or self.epoch + 1 == cfg.epochs, epoch_done=epoch_done)
+        return self.history
+
+    def _end_of_epoch(self, seconds: float, final: bool, epoch_done: bool) -> None:
+        cfg = self.cfg
+        sums = torch.tensor([self.epoch_loss_sum, float(self.epoch_samples)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        train_loss = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+        val = None
+        if final or (self.epoch + 1) % cfg.eval_every == 0:
+            val = self.evaluate()
+            row = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "val_acc": val,
+                   "peak_mem_mb": round(self.epoch_peak / 2**20, 1), "effective_batch": cfg.effective_batch,
+                   "micro_batch": self.micro_batch, "world_size": self.world, "lr": self.schedule.lr(),
+                   "skipped_steps": self.skipped_steps, "epoch_seconds": round(seconds, 2),
+                   "memory_measure": "max_memory_allocated" if self.device.type == "cuda" else "peak_rss"}
+            if self.memory_report is not None:
+                row["predicted_peak_mb"] = round(self.memory_report["predicted_mb"], 1)
+                row["measured_first_step_peak_mb"] = round(self.memory_report["measured_mb"], 1)
+            if self.oom_events:
+                row["oom_events"] = list(self.oom_events)
+            self._write_metrics(row)
+            self.log(f"epoch {self.epoch}: train loss {train_loss:.4f}, val acc {val}, "
+                     f"peak mem {self.epoch_peak / 2**20:.0f} MiB, {seconds:.1f}s, skipped steps {self.skipped_steps}")
+        is_best = val is not None and (self.best_metric is None or val > self.best_metric)
+        if is_best:
+            self.best_metric = val
+        if epoch_done:
+            self.epoch += 1
+            self.group_in_epoch = 0
+            self.epoch_loss_sum, self.epoch_samples, self.epoch_peak = 0.0, 0, 0
+        self.save(is_best=is_best)
