@@ -55,6 +55,23 @@ def _seg_bwd(dout, q, k, v, out, lse, scale) -> Tuple[Tensor, Tensor, Tensor]:
 _PAD = 8  # head-dim padding of the lse-gradient path (CUDA SDPA wants multiples of 8)
 
 
+def _grad_like(t: Tensor) -> Tensor:
+    """An empty gradient for ``t`` [B, H, N, D] in the layout the backward returns: on CPU the
+    fused kernel's own [B, N, H, D] storage (copying each gradient to [B, H, N, D] would cost
+    four extra [B, H, N, D] buffers and lose to SDPA over torch.cat), contiguous on CUDA."""
+    if t.device.type == "cpu":
+        B, H, N, D = t.shape
+        return t.new_empty((B, N, H, D)).transpose(1, 2)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _as_grad(t: Tensor) -> Tensor:
+    """``t`` in the layout of :func:`_grad_like` (a no-op for what the fused kernels return)."""
+    if t.device.type == "cpu":
+        return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
+
+
 def _pad_col(t: Tensor, first: Optional[Tensor] = None) -> Tensor:
     """t with _PAD more head-dim columns: zeros, except column 0 set to ``first`` when given."""
     extra = t.new_zeros(*t.shape[:-1], _PAD)
@@ -76,11 +93,13 @@ def mkv_sdpa_fwd(
     (o1, l1), (o2, l2) = parts
     l1, l2 = l1.to(sd), l2.to(sd)
     lse = torch.logaddexp(l1, l2)  # [B, H, Nq]
-    w1 = torch.exp(l1 - lse).unsqueeze(-1)  # [B, H, Nq, 1]
-    w2 = torch.exp(l2 - lse).unsqueeze(-1)
+    w2 = torch.exp(l2 - lse).unsqueeze(-1)  # [B, H, Nq, 1]: the second segment's share of the mass
     if o1.dtype == sd:
-        out = o1.mul_(w1).addcmul_(o2, w2)  # in place: no extra [B, H, Nq, D] buffers
+        # o1 + w2 (o2 - o1) = w1 o1 + w2 o2 as w1 + w2 = 1: one in-place pass over [B, H, Nq, D]
+        # (each extra pass is a parallel region, which costs on a busy CPU)
+        out = o1.lerp_(o2, w2)
     else:
+        w1 = torch.exp(l1 - lse).unsqueeze(-1)
         out = (o1.to(sd) * w1 + o2.to(sd) * w2).to(q.dtype)
     return out.contiguous(), lse.contiguous()
 
@@ -113,18 +132,20 @@ def mkv_sdpa_bwd(
         grads = [tuple(g[..., :-_PAD] for g in gs) for gs in grads]
     else:
         grads = [_seg_bwd(dout, q, k.contiguous(), v.contiguous(), out, lse, scale) for k, v in segs]
-    dq = grads[0][0] if len(grads) == 1 else grads[0][0] + grads[1][0]
-    res = [dq.contiguous()]
+    dq = _as_grad(grads[0][0])
+    if len(grads) == 2:
+        dq = dq.add_(grads[1][0])  # in place: one [B, H, Nq, D] buffer fewer at the peak
+    res = [dq]
     for _, dk, dv in grads:
-        res += [dk.contiguous(), dv.contiguous()]
+        res += [_as_grad(dk), _as_grad(dv)]
     return res
 
 
 @mkv_sdpa_bwd.register_fake
 def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
-    res = [torch.empty_like(q, memory_format=torch.contiguous_format)]
+    res = [_grad_like(q)]
     for k, v in _segments(k1, v1, k2, v2):
-        res += [torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)]
+        res += [_grad_like(k), _grad_like(v)]
     return res
 
 
