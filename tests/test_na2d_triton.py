@@ -1,0 +1,228 @@
+"""Triton 2-D neighborhood attention (kernels/na2d.py) against the reference.
+
+Runs under TRITON_INTERPRET=1 on CPU tensors (set by conftest when there is no GPU) or on CUDA.
+Each case runs the kernels once (forward + backward, cached) and is then checked output by
+output: forward, lse, dq, dk, dv, drpb each get their own test id. fp32 is judged tightly
+against an fp64 reference; fp16/bf16 against the reference's own error at that precision.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+from dcal.ops import reference
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+
+# (dtype, atol, rtol) for fp32 against fp64; low precision uses the FA criterion below.
+TOL_FP32 = (torch.float32, 2e-5, 1e-4)
+# Kernel error may be at most FWD_X (forward) / GRAD_X (gradients) times the error of the
+# reference run in the same low precision, plus an absolute floor.
+FWD_X, GRAD_X = 2.0, 3.0
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+OUTPUTS = ("out", "lse", "dq", "dk", "dv", "drpb")
+
+
+def _case_id(c):
+    dtype, border, X, Y, ks, D, rpb = c
+    return f"{str(dtype)[6:]}-{border}-{X}x{Y}-k{ks}-d{D}-{'rpb' if rpb else 'norpb'}"
+
+
+def _cases():
+    cases = []
+    for border in ("zero", "mask", "clamp"):
+        for rpb in (False, True):
+            cases.append((torch.float32, border, 5, 9, 3, 16, rpb))
+        cases.append((torch.float32, border, 13, 29, 7, 24, True))
+        cases.append((torch.float32, border, 7, 10, 5, 40, True))
+        if border != "clamp":  # a map smaller than the window (clamp needs X, Y >= k)
+            cases.append((torch.float32, border, 4, 6, 7, 16, True))
+            cases.append((torch.float32, border, 3, 2, 5, 24, False))
+        cases.append((torch.float16, border, 9, 11, 7, 40, True))
+        cases.append((torch.float16, border, 5, 9, 3, 16, False))
+    # clamp's inverse neighbourhood is the asymmetric one: also without rpb on the larger map
+    cases.append((torch.float32, "clamp", 13, 29, 7, 24, False))
+    # The interpreter multiplies the raw bits of bf16 dot operands (triton issue #11584, not
+    # supported upstream), so bf16 runs on CUDA only; the AOT test compiles its kernels.
+    cases.append(pytest.param((torch.bfloat16, "zero", 9, 11, 7, 40, True), marks=pytest.mark.skipif(
+        DEVICE == "cpu", reason="the Triton interpreter does not support bf16 tl.dot (triton issue #11584)")))
+    return cases
+
+
+CASES = _cases()
+_RESULTS = {}
+
+
+def _inputs(case):
+    dtype, border, X, Y, ks, D, use_rpb = case
+    g = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))
+    B, H = 1, 2
+    q, k, v = (torch.randn(B, H, X, Y, D, generator=g, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(H, 2 * ks - 1, 2 * ks - 1, generator=g, dtype=torch.float64) if use_rpb else None
+    dout = torch.randn(B, H, X, Y, D, generator=g, dtype=torch.float64)
+    return q, k, v, rpb, dout
+
+
+def _reference(q, k, v, rpb, dout, ks, border, scale, dtype):
+    """Reference outputs and gradients computed in ``dtype`` (inputs rounded to it first)."""
+    ts = [t.to(dtype).requires_grad_() if t is not None else None for t in (q, k, v, rpb)]
+    out, lse = reference.neighborhood_attention2d(ts[0], ts[1], ts[2], kernel_size=ks, border=border, rpb=ts[3],
+                                                  scale=scale, return_lse=True)
+    leaves = [t for t in ts if t is not None]
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    res = {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    if rpb is not None:
+        res["drpb"] = grads[3]
+    return {n: t.double() for n, t in res.items()}
+
+
+def _kernel(q, k, v, rpb, dout, ks, border, scale, dtype):
+    from dcal.ops._triton_na2d import na2d_fwd_triton
+    from dcal.kernels.na2d import launch_config, pack_config
+
+    ts = [t.to(DEVICE, dtype).requires_grad_() if t is not None else None for t in (q, k, v, rpb)]
+    config = pack_config(launch_config(q.shape[-1], dtype))
+    out, lse = na2d_fwd_triton(ts[0], ts[1], ts[2], ts[3], ks, border, scale, config)
+    leaves = [t for t in ts if t is not None]
+    grads = torch.autograd.grad(out, leaves, dout.to(DEVICE, dtype))
+    res = {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    if rpb is not None:
+        res["drpb"] = grads[3]
+    return {n: t.double().cpu() for n, t in res.items()}
+
+
+def _results(case):
+    if case not in _RESULTS:
+        dtype, border, X, Y, ks, D, use_rpb = case
+        q, k, v, rpb, dout = _inputs(case)
+        scale = D ** -0.5
+        r = {"ref": _reference(q, k, v, rpb, dout, ks, border, scale, torch.float64),
+             "ker": _kernel(q, k, v, rpb, dout, ks, border, scale, dtype)}
+        if dtype != torch.float32:
+            # the reference's own error at this precision, vs the fp64 truth
+            r["low"] = _reference(q, k, v, rpb, dout, ks, border, scale, dtype)
+        _RESULTS[case] = r
+    return _RESULTS[case]
+
+
+@pytest.mark.parametrize("what", OUTPUTS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_na2d_triton_vs_reference(case, what, nan_empty):
+    dtype = case[0]
+    use_rpb = case[-1]
+    if what == "drpb" and not use_rpb:
+        pytest.skip("no rpb in this case")
+    r = _results(case)
+    ref, ker = r["ref"][what], r["ker"][what]
+    assert ker.shape == ref.shape
+    assert torch.isfinite(ker).all(), f"{what}: non-finite values (a skipped write?)"
+    err = (ker - ref).abs().max().item()
+    if dtype == torch.float32:
+        _, atol, rtol = TOL_FP32
+        torch.testing.assert_close(ker, ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    else:
+        own = (r["low"][what] - ref).abs().max().item()
+        mult = FWD_X if what in ("out", "lse") else GRAD_X
+        bound = mult * own + FLOOR[dtype]
+        assert err <= bound, (f"{what}: max error {err:.3e} > {mult} x reference {dtype} error {own:.3e}"
+                              f" + {FLOOR[dtype]}")
+
+
+def test_na2d_public_op_backend_triton(nan_empty):
+    """The public op routes backend='triton' to this kernel (CPU tensors under the interpreter)."""
+    import dcal.ops
+
+    q, k, v, rpb, _ = _inputs((torch.float32, "mask", 6, 7, 5, 24, True))
+    q, k, v, rpb = (t.float().to(DEVICE) for t in (q, k, v, rpb))
+    out = dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=5, border="mask", rpb=rpb, backend="triton")
+    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=5, border="mask",
+                                             rpb=rpb.double())
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-5, rtol=1e-4)
+
+
+def test_na2d_triton_lse_gradient():
+    """A gradient arriving on the returned lse is folded into the backward exactly."""
+    from dcal.ops._triton_na2d import na2d_fwd_triton
+    from dcal.kernels.na2d import launch_config, pack_config
+
+    q, k, v, rpb, _ = _inputs((torch.float32, "clamp", 5, 6, 3, 16, True))
+    ts = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v, rpb)]
+    out, lse = na2d_fwd_triton(*ts, 3, "clamp", 0.25, pack_config(launch_config(16, torch.float32)))
+    got = torch.autograd.grad((out.sum() + (lse * 0.7).sum()), ts)
+    rs = [t.detach().double().requires_grad_() for t in ts]
+    rout, rlse = reference.neighborhood_attention2d(*rs[:3], kernel_size=3, border="clamp", rpb=rs[3], scale=0.25,
+                                                    return_lse=True)
+    want = torch.autograd.grad((rout.sum() + (rlse * 0.7).sum()), rs)
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
+        torch.testing.assert_close(a.double().cpu(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_na2d_triton_no_grad_saves_nothing():
+    from dcal.ops._triton_na2d import na2d_triton
+
+    q, k, v, _, _ = _inputs((torch.float32, "zero", 3, 4, 3, 16, False))
+    q, k, v = (t.float().to(DEVICE) for t in (q, k, v))
+    out = na2d_triton(q, k, v, None, 3, "zero", 0.25)
+    assert out.grad_fn is None
+    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=3, border="zero",
+                                             scale=0.25)
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-5, rtol=1e-4)
+
+
+def test_na2d_triton_opcheck():
+    from dcal.ops._triton_na2d import na2d_fwd_triton
+    from dcal.kernels.na2d import launch_config, pack_config
+
+    q, k, v, rpb, _ = _inputs((torch.float32, "zero", 3, 5, 3, 16, True))
+    ts = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v, rpb)]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE == "cpu":
+        # Tracing a triton_op decomposes it into its kernel launches; the interpreter's kernels
+        # cannot take the traced (fake) tensors, so this part runs only on CUDA.
+        tests = tests[:3]
+    torch.library.opcheck(na2d_fwd_triton, (*ts, 3, "zero", 0.25, pack_config(launch_config(16, torch.float32))),
+                          test_utils=tests)
+
+
+def test_na2d_aot_specs_cover_launch_choices():
+    """Every configuration the launchers pick for kernel size 7 is among the AOT specs."""
+    from dcal.kernels import na2d
+
+    specs = na2d.aot_specs()
+    seen = {(s.name, s.label.get("dtype"), s.constexprs.get("BLOCK_D"), s.constexprs.get("HAS_RPB"),
+             s.constexprs.get("TILE_X"), s.constexprs.get("TILE_Y"), s.constexprs.get("BLOCK_N"), s.num_warps)
+            for s in specs}
+    for dtype, tt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for d in range(16, 129, 8):
+            c = na2d.launch_config(d, dtype)
+            for has_rpb in (False, True):
+                for name, part in (("na2d_fwd", "fwd"), ("na2d_bwd_dq", "bwd"), ("na2d_bwd_dkdv", "bwd")):
+                    p = c[part]
+                    key = (name, tt, c["BLOCK_D"], has_rpb, p["TILE_X"], p["TILE_Y"], p["BLOCK_N"], p["num_warps"])
+                    assert key in seen, f"launch choice {key} (head dim {d}) has no AOTSpec"
+
+
+def test_na2d_aot_compile_no_spills():
+    """Compile every AOTSpec to sm_80 and sm_90 cubins (no GPU needed) and require no spills."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    aot = pytest.importorskip("dcal.testing.aot")
+    from dcal.kernels import na2d
+
+    # one subprocess per architecture, side by side (the compiler is single-threaded)
+    with ThreadPoolExecutor(2) as pool:
+        parts = pool.map(lambda cc: aot.compile_in_subprocess(modules=("dcal.kernels.na2d",), archs=(cc,)), (80, 90))
+        rows = [r for part in parts for r in part]
+    assert len(rows) == 2 * len(na2d.aot_specs())
+    spills = [f"{r['name']} {r['arch']} {r['label']} warps={r['num_warps']}: {r['regs']} regs, "
+              f"{r['spill_bytes']} B spilled" for r in rows if r["spill_bytes"] > 0]
+    assert not spills, "configurations that spill:\n" + "\n".join(spills)
+    for r in rows:
+        assert r["cubin_bytes"] > 0 and r["regs"] <= 255, r
+        assert r["shared"] <= 99 * 1024, r  # fits every sm_80+ part, not only the largest
