@@ -30,6 +30,14 @@ class AOTSpec:
     num_warps: int = 4
     num_stages: int = 2
     label: Dict[str, object] = field(default_factory=dict)
+    # Arguments specialised as divisible by 16, as the runtime launcher does for 16-byte-aligned
+    # pointers (torch allocations; launchers copy unaligned views). None: every pointer argument.
+    aligned: Optional[List[str]] = None
+
+    def attrs(self) -> Dict[tuple, list]:
+        names = list(self.signature)
+        aligned = self.aligned if self.aligned is not None else [n for n, t in self.signature.items() if t.startswith("*")]
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
 def ptxas_path() -> str:
@@ -90,7 +98,8 @@ def compile_spec(spec: AOTSpec, cc: int) -> Dict[str, object]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
+                    attrs=spec.attrs())
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     stats = ptxas_stats(k.asm["ptx"])
