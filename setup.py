@@ -59,8 +59,8 @@ def _extensions():
         and cpp_extension.CUDA_HOME is not None
         and bool(cu_sources)
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    nvcc = ["-O3", "-std=c++17", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-lineinfo"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    nvcc = ["-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
     if with_cuda:
         print(f"dcal: building CPU + CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "
