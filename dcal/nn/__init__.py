@@ -1,0 +1,2 @@
+from dcal.nn.neighborhood import LocalGraphAttention, NeighborhoodAttention2D, convert_unfold_state_dict  # noqa: F401
+from dcal.nn.pwca import PWCAAttention  # noqa: F401
