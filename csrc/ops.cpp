@@ -5,6 +5,9 @@
 #include <torch/library.h>
 
 #include "dcal.h"
+#include "mkv.h"
+#include "na2d.h"
+#include "rollout.h"
 
 namespace dcal {
 
@@ -18,15 +21,27 @@ bool built_with_cuda() {
 
 TORCH_LIBRARY(dcal, m) {
   // --- registration: schemas ---
+  m.def("mkv_fwd(Tensor q, Tensor k1, Tensor v1, Tensor? k2, Tensor? v2, float scale) -> (Tensor out, Tensor lse)");
+  m.def("mkv_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k1, Tensor v1, Tensor? k2, Tensor? v2, Tensor out, Tensor lse, float scale) -> Tensor[]");
+  m.def("na2d_fwd(Tensor q, Tensor k, Tensor v, Tensor? rpb, int kernel_size, int border, float scale) -> (Tensor out, Tensor lse)");
+  m.def("na2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, int kernel_size, int border, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drpb)");
+  m.def("rollout(Tensor[] qs, Tensor[] ks, Tensor[] lses, float scale, float residual) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dcal, CPU, m) {
   // --- registration: CPU ---
+  m.impl("mkv_fwd", &mkv_fwd_cpu);
+  m.impl("mkv_bwd", &mkv_bwd_cpu);
+  m.impl("na2d_fwd", &na2d_fwd_cpu);
+  m.impl("na2d_bwd", &na2d_bwd_cpu);
+  m.impl("rollout", &rollout_cpu);
 }
 
 #ifdef DCAL_WITH_CUDA
 TORCH_LIBRARY_IMPL(dcal, CUDA, m) {
   // --- registration: CUDA ---
+  m.impl("na2d_fwd", &na2d_fwd_cuda);
+  m.impl("na2d_bwd", &na2d_bwd_cuda);
 }
 #endif
 

@@ -1,0 +1,145 @@
+// 2-D neighborhood attention (DESIGN 3.4): the per-element math shared by the C++ CPU kernels
+// (na2d_cpu.cpp) and the CUDA kernels (na2d_kernels.cuh), so the CPU tests exercise the same
+// window, inverse-window, bias-index and softmax code that the GPU runs.
+//
+// The first part is plain C++ (no torch): nvcc compiles it standalone for the static kernel
+// report. The second part declares the torch entry points for ops.cpp; it is left out when
+// DCAL_NA2D_MATH_ONLY is defined (na2d_kernels.cuh does).
+#ifndef DCAL_NA2D_MATH_H_
+#define DCAL_NA2D_MATH_H_
+
+#include <math.h>
+
+#ifndef DCAL_HD
+#ifdef __CUDACC__
+#define DCAL_HD __host__ __device__
+#else
+#define DCAL_HD
+#endif
+#endif
+
+namespace dcal {
+namespace na2d {
+
+// Border modes, the ints of dcal::BorderMode (dcal.h) that the Python side passes.
+constexpr int kZero = 0;   // centred window, off-map keys are zeros that stay in the softmax
+constexpr int kMask = 1;   // centred window, off-map keys are left out
+constexpr int kClamp = 2;  // window shifted inside the map (NATTEN)
+
+// First key position (along one axis of length n) of the window of query i. In zero/mask mode
+// it may be negative and the window may run past n: those positions are off the map.
+DCAL_HD inline int window_start(int i, int n, int ks, int border) {
+  int s = i - ks / 2;
+  if (border == kClamp) {
+    s = s < 0 ? 0 : s;
+    s = s > n - ks ? n - ks : s;
+  }
+  return s;
+}
+
+DCAL_HD inline bool in_window(int key, int query, int n, int ks, int border) {
+  const int s = window_start(query, n, ks, border);
+  return key >= s && key < s + ks;
+}
+
+// Queries lo..hi (inclusive) along one axis whose window holds the on-map key position p: the
+// key's inverse neighbourhood, which the backward gathers dK and dV over. Every window holds
+// its own query, so candidates lie within ks - 1 of p; window_start is non-decreasing in the
+// query, so the set is one interval, and it holds p itself. Testing each candidate with the
+// forward's own window function keeps clamp mode (shifted windows) exact.
+DCAL_HD inline void inverse_range(int p, int n, int ks, int border, int* lo, int* hi) {
+  int a = p - (ks - 1), b = p + (ks - 1);
+  a = a < 0 ? 0 : a;
+  b = b > n - 1 ? n - 1 : b;
+  while (a < p && !in_window(p, a, n, ks, border)) ++a;
+  while (b > p && !in_window(p, b, n, ks, border)) --b;
+  *lo = a;
+  *hi = b;
+}
+
+// Flat index into one head's [2*ks-1, 2*ks-1] bias table of key (ki, kj) for query (i, j).
+DCAL_HD inline int rpb_index(int ki, int kj, int i, int j, int ks) {
+  return (ki - i + ks - 1) * (2 * ks - 1) + (kj - j + ks - 1);
+}
+
+DCAL_HD inline float na_exp(float x) { return expf(x); }
+DCAL_HD inline double na_exp(double x) { return exp(x); }
+DCAL_HD inline float na_log(float x) { return logf(x); }
+DCAL_HD inline double na_log(double x) { return log(x); }
+
+// Online softmax over the keys of one query: running max m and sum l of exp(s - m). Returns
+// true when the max moved, in which case the caller rescales its accumulator by *alpha (at most
+// a few times per query, so the common path is one exp and one axpy). *p is exp(s - m).
+template <typename T>
+DCAL_HD inline bool softmax_update(T& m, T& l, T s, T* alpha, T* p) {
+  if (s > m) {
+    *alpha = na_exp(m - s);  // m == -inf on the first key: alpha 0, l restarts
+    l = l * *alpha + T(1);
+    m = s;
+    *p = T(1);
+    return true;
+  }
+  *p = na_exp(s - m);
+  l += *p;
+  return false;
+}
+
+// logsumexp of the logits from the final (m, l).
+template <typename T>
+DCAL_HD inline T softmax_lse(T m, T l) {
+  return m + na_log(l);
+}
+
+// Probability of a logit recomputed in the backward from the forward's logsumexp.
+template <typename T>
+DCAL_HD inline T softmax_prob(T s, T lse) {
+  return na_exp(s - lse);
+}
+
+// Gradient of one logit: dS = P * (dP - delta), with dP = dO . v and delta = rowsum(dO * O).
+template <typename T>
+DCAL_HD inline T logit_grad(T p, T dp, T delta) {
+  return p * (dp - delta);
+}
+
+}  // namespace na2d
+}  // namespace dcal
+
+#endif  // DCAL_NA2D_MATH_H_
+
+#if !defined(DCAL_NA2D_MATH_ONLY) && !defined(DCAL_NA2D_OPS_H_)
+#define DCAL_NA2D_OPS_H_
+#include <torch/types.h>
+
+#include <tuple>
+
+namespace dcal {
+
+// Argument checks shared by the CPU and CUDA host code (TORCH_CHECK, messages name the argument).
+void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border);
+void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse);
+
+// q, k, v [B, H, X, Y, D]; rpb [H, 2*ks-1, 2*ks-1] or undefined; border a dcal::BorderMode.
+// Returns (out [B, H, X, Y, D], lse [B, H, X, Y] fp32, fp64 for fp64 inputs).
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                int64_t border, double scale);
+// Returns (dq, dk, dv, drpb); drpb is [0] when rpb is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
+    int64_t border, double scale);
+
+#ifdef DCAL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                 int64_t border, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
+    int64_t border, double scale);
+#endif
+
+}  // namespace dcal
+#endif  // DCAL_NA2D_OPS_H_

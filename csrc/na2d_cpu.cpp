@@ -1,0 +1,359 @@
+// 2-D neighborhood attention (DESIGN 3.4) on CPU: forward and backward.
+//
+// Parallel over (batch, head, map row) with at::parallel_for; the head dim is the inner loop of
+// every dot and axpy (omp simd, so g++ -O3 vectorises the reductions too). bf16 is computed in
+// fp32, fp64 in fp64. Each query is one online-softmax pass over its window, so nothing with a
+// kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and the logsumexp.
+//
+// Backward: pass 1 computes delta = rowsum(dO * O), dQ and the bias gradient per query; pass 2
+// GATHERS dK and dV of each key over its inverse neighbourhood (the queries whose window holds
+// it, computed with the forward's own window function, so clamp mode is exact). No two threads
+// write one element and no atomics are used: results are deterministic, bit for bit.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "dcal.h"
+#include "na2d.h"
+
+namespace dcal {
+namespace {
+
+using na2d::inverse_range;
+using na2d::kClamp;
+using na2d::kMask;
+using na2d::rpb_index;
+using na2d::window_start;
+
+// Bias-gradient partial sums live in this many fixed blocks of rows, reduced in block order, so
+// drpb does not depend on the number of threads.
+constexpr int64_t kBiasBlocks = 128;
+
+struct Geometry {
+  int64_t B, H, X, Y, D;
+  int ks, border;
+};
+
+// Rows per parallel task: enough work per task that a small call runs on one thread instead of
+// paying for a parallel region (a row costs about Y * ks^2 * D multiply-adds per pass).
+int64_t row_grain(const Geometry& g) {
+  const int64_t work = std::max<int64_t>(1, g.Y * g.ks * g.ks * g.D);
+  return std::max<int64_t>(1, (int64_t{1} << 16) / work);
+}
+
+// [D] . [D] -> scalar
+template <typename A, typename T>
+inline A dot(const A* __restrict a, const T* __restrict b, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d]);
+  return s;
+}
+
+// y[D] += alpha * x[D]
+template <typename A, typename T>
+inline void axpy(A* __restrict y, A alpha, const T* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d]);
+}
+
+template <typename A, typename T>
+inline void load(A* __restrict dst, const T* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d]);
+}
+
+template <typename T, typename A>
+inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+}
+
+template <typename scalar_t>
+void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* rpb,
+                scalar_t* out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
+  using A = at::opmath_type<scalar_t>;
+  const int64_t D = g.D, X = g.X, Y = g.Y;
+  const int ks = g.ks, R = 2 * g.ks - 1;
+  at::parallel_for(0, g.B * g.H * X, row_grain(g), [&](int64_t begin, int64_t end) {
+    std::vector<A> qbuf(D), acc(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / X;
+      const int i = static_cast<int>(row % X);
+      const int64_t map = bh * X * Y;  // first token of this (batch, head)
+      const scalar_t* kb = k + map * D;
+      const scalar_t* vb = v + map * D;
+      const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
+      const int si = window_start(i, static_cast<int>(X), ks, g.border);
+      for (int j = 0; j < Y; ++j) {
+        const int64_t tok = map + i * Y + j;
+        load(qbuf.data(), q + tok * D, D);  // [D]
+        std::fill(acc.begin(), acc.end(), A(0));
+        A m = -std::numeric_limits<A>::infinity(), l = 0;
+        const int sj = window_start(j, static_cast<int>(Y), ks, g.border);
+        for (int ki = si; ki < si + ks; ++ki) {
+          const bool row_on = ki >= 0 && ki < X;
+          if (!row_on && g.border == kMask) continue;
+          for (int kj = sj; kj < sj + ks; ++kj) {
+            const bool on = row_on && kj >= 0 && kj < Y;
+            if (!on && g.border == kMask) continue;
+            const int64_t key = static_cast<int64_t>(ki) * Y + kj;
+            // [D] . [D]; an off-map key of zero mode is a zero vector: its logit is the bias alone
+            A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
+            if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks)]);
+            A alpha, p;
+            if (na2d::softmax_update(m, l, s, &alpha, &p)) {
+              for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+            }
+            if (on) axpy(acc.data(), p, vb + key * D, D);  // [D] += p * [D]
+          }
+        }
+        store(out + tok * D, acc.data(), A(1) / l, D);
+        lse[tok] = na2d::softmax_lse(m, l);
+      }
+    }
+  });
+}
+
+// Pass 1 of the backward: delta, dQ, and the bias gradient summed per block of rows.
+template <typename scalar_t>
+void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                   const scalar_t* rpb, const scalar_t* out, const at::opmath_type<scalar_t>* lse,
+                   at::opmath_type<scalar_t>* delta, scalar_t* dq, at::opmath_type<scalar_t>* bias_part,
+                   int64_t blocks, at::opmath_type<scalar_t> scale) {
+  using A = at::opmath_type<scalar_t>;
+  const int64_t D = g.D, X = g.X, Y = g.Y, rows = g.B * g.H * X;
+  const int ks = g.ks, R = 2 * g.ks - 1;
+  const int64_t grain = std::max<int64_t>(1, row_grain(g) * blocks / std::max<int64_t>(rows, 1));  // in blocks
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<A> qbuf(D), dobuf(D), dqbuf(D);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      for (int64_t row = blk * rows / blocks; row < (blk + 1) * rows / blocks; ++row) {
+        const int64_t bh = row / X;
+        const int i = static_cast<int>(row % X);
+        const int64_t map = bh * X * Y;
+        const scalar_t* kb = k + map * D;
+        const scalar_t* vb = v + map * D;
+        const int64_t h = bh % g.H;
+        const scalar_t* bias = rpb ? rpb + h * R * R : nullptr;
+        A* dbias = rpb ? bias_part + (blk * g.H + h) * R * R : nullptr;
+        const int si = window_start(i, static_cast<int>(X), ks, g.border);
+        for (int j = 0; j < Y; ++j) {
+          const int64_t tok = map + i * Y + j;
+          load(qbuf.data(), q + tok * D, D);     // [D]
+          load(dobuf.data(), dout + tok * D, D);  // [D]
+          const A dl = dot(dobuf.data(), out + tok * D, D);
+          delta[tok] = dl;
+          const A L = lse[tok];
+          std::fill(dqbuf.begin(), dqbuf.end(), A(0));
+          const int sj = window_start(j, static_cast<int>(Y), ks, g.border);
+          for (int ki = si; ki < si + ks; ++ki) {
+            const bool row_on = ki >= 0 && ki < X;
+            if (!row_on && g.border == kMask) continue;
+            for (int kj = sj; kj < sj + ks; ++kj) {
+              const bool on = row_on && kj >= 0 && kj < Y;
+              if (!on && g.border == kMask) continue;
+              const int64_t key = static_cast<int64_t>(ki) * Y + kj;
+              const int bi = rpb_index(ki, kj, i, j, ks);
+              A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
+              if (bias) s += static_cast<A>(bias[bi]);
+              const A p = na2d::softmax_prob(s, L);
+              // an off-map key of zero mode has v = 0, so dP = 0, but its logit still has a gradient
+              const A dp = on ? dot(dobuf.data(), vb + key * D, D) : A(0);
+              const A ds = na2d::logit_grad(p, dp, delta[tok]);
+              if (on) axpy(dqbuf.data(), ds, kb + key * D, D);  // [D] += dS * [D]
+              if (dbias) dbias[bi] += ds;
+            }
+          }
+          store(dq + tok * D, dqbuf.data(), scale, D);
+        }
+      }
+    }
+  });
+}
+
+// Pass 2 of the backward: dK and dV of each key, gathered over its inverse neighbourhood.
+template <typename scalar_t>
+void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                     const scalar_t* rpb, const at::opmath_type<scalar_t>* lse, const at::opmath_type<scalar_t>* delta,
+                     scalar_t* dk, scalar_t* dv, at::opmath_type<scalar_t> scale) {
+  using A = at::opmath_type<scalar_t>;
+  const int64_t D = g.D, X = g.X, Y = g.Y;
+  const int ks = g.ks, R = 2 * g.ks - 1;
+  at::parallel_for(0, g.B * g.H * X, row_grain(g), [&](int64_t begin, int64_t end) {
+    std::vector<A> kbuf(D), vbuf(D), dkbuf(D), dvbuf(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / X;
+      const int ki = static_cast<int>(row % X);
+      const int64_t map = bh * X * Y;
+      const scalar_t* qb = q + map * D;
+      const scalar_t* dob = dout + map * D;
+      const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
+      int ilo, ihi;
+      inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi);
+      for (int kj = 0; kj < Y; ++kj) {
+        const int64_t key = map + ki * Y + kj;
+        load(kbuf.data(), k + key * D, D);  // [D]
+        load(vbuf.data(), v + key * D, D);  // [D]
+        std::fill(dkbuf.begin(), dkbuf.end(), A(0));
+        std::fill(dvbuf.begin(), dvbuf.end(), A(0));
+        int jlo, jhi;
+        inverse_range(kj, static_cast<int>(Y), ks, g.border, &jlo, &jhi);
+        for (int i = ilo; i <= ihi; ++i) {
+          for (int j = jlo; j <= jhi; ++j) {
+            const int64_t qt = static_cast<int64_t>(i) * Y + j;
+            A s = dot(kbuf.data(), qb + qt * D, D) * scale;
+            if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks)]);
+            const A p = na2d::softmax_prob(s, lse[map + qt]);
+            axpy(dvbuf.data(), p, dob + qt * D, D);  // [D] += P * dO[D]
+            const A dp = dot(vbuf.data(), dob + qt * D, D);
+            const A ds = na2d::logit_grad(p, dp, delta[map + qt]);
+            axpy(dkbuf.data(), ds, qb + qt * D, D);  // [D] += dS * q[D]
+          }
+        }
+        store(dk + key * D, dkbuf.data(), scale, D);
+        store(dv + key * D, dvbuf.data(), A(1), D);
+      }
+    }
+  });
+}
+
+at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border) {
+  return Geometry{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4), static_cast<int>(kernel_size),
+                  static_cast<int>(border)};
+}
+
+void check_cpu(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device());
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, op, ": q has dtype ", t,
+              "; the CPU kernels take float32, float64 or bfloat16");
+}
+
+}  // namespace
+
+void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border) {
+  TORCH_CHECK(q.dim() == 5, "na2d: q must have 5 dimensions [B, H, X, Y, D], got shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "na2d: k has shape ", k.sizes(), "; expected the shape of q ", q.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "na2d: v has shape ", v.sizes(), "; expected the shape of q ", q.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "na2d: k (", k.scalar_type(),
+              ") and v (", v.scalar_type(), ") must have the dtype of q (", q.scalar_type(), ")");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "na2d: k (", k.device(), ") and v (", v.device(),
+              ") must be on the device of q (", q.device(), ")");
+  TORCH_CHECK(kernel_size >= 3 && kernel_size % 2 == 1 && kernel_size < (1 << 15),
+              "na2d: kernel_size must be an odd int >= 3, got ", kernel_size);
+  TORCH_CHECK(border == kBorderZero || border == kBorderMask || border == kBorderClamp,
+              "na2d: border must be 0 (zero), 1 (mask) or 2 (clamp), got ", border);
+  const int64_t X = q.size(2), Y = q.size(3);
+  TORCH_CHECK(X >= 1 && Y >= 1 && q.size(4) >= 1, "na2d: q must have a non-empty map and head dim, got shape ",
+              q.sizes());
+  TORCH_CHECK(X < (1 << 30) && Y < (1 << 30), "na2d: q's map ", X, "x", Y, " is too large");
+  TORCH_CHECK(border != kBorderClamp || (X >= kernel_size && Y >= kernel_size),
+              "na2d: border clamp needs a map of at least kernel_size x kernel_size (", kernel_size, "x", kernel_size,
+              "), got ", X, "x", Y);
+  if (rpb.has_value() && rpb->defined()) {
+    const int64_t R = 2 * kernel_size - 1;
+    TORCH_CHECK(rpb->dim() == 3 && rpb->size(0) == q.size(1) && rpb->size(1) == R && rpb->size(2) == R,
+                "na2d: rpb must have shape [H, 2*kernel_size-1, 2*kernel_size-1] = [", q.size(1), ", ", R, ", ", R,
+                "], got ", rpb->sizes());
+    TORCH_CHECK(rpb->scalar_type() == q.scalar_type(), "na2d: rpb has dtype ", rpb->scalar_type(),
+                "; expected the dtype of q (", q.scalar_type(), ")");
+    TORCH_CHECK(rpb->device() == q.device(), "na2d: rpb is on ", rpb->device(), "; expected the device of q (",
+                q.device(), ")");
+  }
+}
+
+void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(dout.sizes() == q.sizes(), "na2d_bwd: dout has shape ", dout.sizes(), "; expected the shape of q ",
+              q.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "na2d_bwd: out has shape ", out.sizes(), "; expected the shape of q ",
+              q.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), "na2d_bwd: dout (",
+              dout.scalar_type(), ") and out (", out.scalar_type(), ") must have the dtype of q (", q.scalar_type(), ")");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4), "na2d_bwd: lse has shape ", lse.sizes(),
+              "; expected [B, H, X, Y] = ", q.sizes().slice(0, 4));
+  TORCH_CHECK(lse.scalar_type() == stat_type(q.scalar_type()), "na2d_bwd: lse has dtype ", lse.scalar_type(),
+              "; expected ", stat_type(q.scalar_type()), " (the forward's logsumexp)");
+  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+              "na2d_bwd: dout, out and lse must be on the device of q (", q.device(), ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                int64_t border, double scale) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border);
+  check_cpu(q, "na2d_fwd");
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const bool has_rpb = rpb.has_value() && rpb->defined();
+  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
+  auto out = at::empty(qc.sizes(), qc.options());
+  auto lse = at::empty(qc.sizes().slice(0, 4), qc.options().dtype(stat_type(q.scalar_type())));
+  const Geometry g = geometry(qc, kernel_size, border);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    fwd_kernel<scalar_t>(g, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
+                         static_cast<A>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
+    int64_t border, double scale) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border);
+  na2d_check_bwd_args(dout, q, out, lse);
+  check_cpu(q, "na2d_bwd");
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const auto doc = dout.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
+  const bool has_rpb = rpb.has_value() && rpb->defined();
+  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
+  auto dq = at::empty(qc.sizes(), qc.options());
+  auto dk = at::empty(qc.sizes(), qc.options());
+  auto dv = at::empty(qc.sizes(), qc.options());
+  const auto stat = qc.options().dtype(stat_type(q.scalar_type()));
+  auto delta = at::empty(qc.sizes().slice(0, 4), stat);
+  const Geometry g = geometry(qc, kernel_size, border);
+  const int64_t rows = g.B * g.H * g.X, R = 2 * kernel_size - 1;
+  const int64_t blocks = has_rpb ? std::min<int64_t>(rows, kBiasBlocks) : rows;
+  // Per-block bias sums: [blocks, H, R, R], independent of the number of tokens.
+  auto bias_part = has_rpb ? at::zeros({blocks, g.H, R, R}, stat) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* rp = has_rpb ? rc.data_ptr<scalar_t>() : nullptr;
+    bwd_dq_kernel<scalar_t>(g, doc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                            vc.data_ptr<scalar_t>(), rp, oc.data_ptr<scalar_t>(), lc.data_ptr<A>(), delta.data_ptr<A>(),
+                            dq.data_ptr<scalar_t>(), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
+                            static_cast<A>(scale));
+    bwd_dkdv_kernel<scalar_t>(g, doc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                              vc.data_ptr<scalar_t>(), rp, lc.data_ptr<A>(), delta.data_ptr<A>(),
+                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), static_cast<A>(scale));
+  });
+  at::Tensor drpb;
+  if (has_rpb) {
+    // Reduced over blocks in block order (a plain sum over dim 0 may reorder by vector width).
+    auto acc = at::zeros({g.H * R * R}, stat);
+    AT_DISPATCH_FLOATING_TYPES(stat.dtype().toScalarType(), "na2d_bwd_cpu_bias", [&] {
+      const scalar_t* part = bias_part.data_ptr<scalar_t>();
+      scalar_t* a = acc.data_ptr<scalar_t>();
+      const int64_t n = g.H * R * R;
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t e = 0; e < n; ++e) a[e] += part[b * n + e];
+    });
+    drpb = acc.view({g.H, R, R}).to(q.scalar_type());
+  } else {
+    drpb = at::empty({0}, qc.options());
+  }
+  return {dq, dk, dv, drpb};
+}
+
+}  // namespace dcal

@@ -1,0 +1,62 @@
+"""The ``"cpp"`` backend of neighborhood_attention2d: Python side of the C++/CUDA ops
+``dcal::na2d_fwd`` and ``dcal::na2d_bwd`` (schemas and kernels in ``csrc/``).
+
+Here: exact fake (meta) implementations, so the ops trace under ``torch.compile(fullgraph=True)``
+and run on the meta device; autograd for ``na2d_fwd`` whose backward is the ``na2d_bwd`` op
+(gradients of q, k, v and rpb); and the backend entry point :func:`na2d_cpp`. Only q, k, v, rpb,
+the output and the logsumexp are saved for backward, and nothing when no input needs a gradient.
+The logsumexp output is a statistic, not differentiable.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dcal import _ext
+
+_ext.require()  # an ImportError with build instructions; the dispatcher reports it as the reason
+
+BORDER_IDS = {"zero": 0, "mask": 1, "clamp": 2}  # dcal::BorderMode (csrc/dcal.h)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("dcal::na2d_fwd")
+def _na2d_fwd_fake(q, k, v, rpb, kernel_size, border, scale):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:4], dtype=_stat_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("dcal::na2d_bwd")
+def _na2d_bwd_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale):
+    drpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), drpb
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, kernel_size, border, scale = inputs
+    out, lse = output
+    ctx.kernel_size, ctx.border, ctx.scale = kernel_size, border, scale
+    ctx.has_rpb = rpb is not None
+    ctx.mark_non_differentiable(lse)
+    if any(ctx.needs_input_grad[:4]):  # save nothing when no input needs a gradient
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, rpb, out, lse = ctx.saved_tensors
+    dq, dk, dv, drpb = torch.ops.dcal.na2d_bwd(
+        dout, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.border, ctx.scale)
+    return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None
+
+
+torch.library.register_autograd("dcal::na2d_fwd", _backward, setup_context=_setup_context)
+
+
+def na2d_cpp(q: Tensor, k: Tensor, v: Tensor, rpb, kernel_size: int, border: str, scale: float) -> Tensor:
+    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, H, X, Y, D] out."""
+    out, _ = torch.ops.dcal.na2d_fwd(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale))
+    return out
