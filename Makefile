@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make bench   set up (venv, torch, dcal built with its C++/CUDA extension) and run the main job:
 #                the speed/memory comparison of bench/
-#   make test    the same set-up, then the test suite
+#   make test    the same set-up, then the test suite (2 pytest workers)
 # Both only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
 
 VENV    ?= .venv
@@ -24,6 +24,7 @@ $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
 	@echo "CUDA_HOME=$(CUDA_HOME)"
 	$(PY) -m pip install --no-build-isolation -v -e ".[dev,bench]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
+	$(PY) -m pip install -q --no-build-isolation --no-deps "natten==0.21.7"
 	@grep -E "^ *dcal: building" $(VENV)/build.log || true
 	$(PY) -c "import dcal, dcal._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('dcal._C loaded; CUDA kernels compiled in:', e.built_with_cuda())"
 	touch $@
@@ -32,7 +33,7 @@ bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(TEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 $(TEST_ARGS) tests
 
 kernel-report: setup
 	$(PY) -m bench.kernel_report

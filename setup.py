@@ -60,7 +60,8 @@ def _extensions():
         and bool(cu_sources)
     )
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    nvcc = ["-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-lineinfo"]
+    # --threads 2: the two architectures compile in parallel
+    nvcc = ["-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "2"]
     define_macros = []
     if with_cuda:
         print(f"dcal: building CPU + CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "
