@@ -9,7 +9,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1
 # nvcc on the PATH may be a wrapper script, which misleads torch's guess of the toolkit root:
 # ask nvcc itself (the TOP of --dryrun) unless CUDA_HOME is given.
-CUDA_HOME ?= $(shell nvcc --dryrun --version 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -1 | xargs -r realpath 2>/dev/null)
+CUDA_HOME ?= $(shell nvcc --dryrun -c dcal_probe.cu -o /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -1 | xargs -r realpath 2>/dev/null)
 export CUDA_HOME
 BENCH_ARGS ?=
 TEST_ARGS  ?=

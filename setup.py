@@ -30,7 +30,7 @@ def _cuda_home_from_nvcc():
     if nvcc is None:
         return None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-c", "dcal_probe.cu", "-o", os.devnull], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
