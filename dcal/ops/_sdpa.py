@@ -21,6 +21,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from dcal.ops._autograd import register_mkv_autograd
+
 aten = torch.ops.aten
 
 
@@ -149,26 +151,7 @@ def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
     return res
 
 
-def _setup_context(ctx, inputs, output):
-    q, k1, v1, k2, v2, scale = inputs
-    out, lse = output
-    ctx.scale = scale
-    ctx.two = k2 is not None
-    if any(ctx.needs_input_grad[:5]):  # save nothing when no input needs a gradient
-        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
-
-
-def _backward(ctx, dout, dlse):
-    q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    grads = mkv_sdpa_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, ctx.scale)
-    if ctx.two:
-        return grads[0], grads[1], grads[2], grads[3], grads[4], None
-    return grads[0], grads[1], grads[2], None, None, None
-
-
-mkv_sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_mkv_autograd(mkv_sdpa_fwd, mkv_sdpa_bwd)
 
 
 def mkv_sdpa(q, k1, v1, k2, v2, scale):

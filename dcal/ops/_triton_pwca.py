@@ -17,6 +17,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from dcal.ops._autograd import register_mkv_autograd
+
 from dcal.kernels.pwca import pwca_bwd, pwca_fwd
 from dcal.ops._dispatch import triton_interpreter_on
 
@@ -68,28 +70,7 @@ if _INTERPRET:
         return res
 
 
-def _setup_context(ctx, inputs, output):
-    q, k1, v1, k2, v2, scale = inputs
-    out, lse = output
-    ctx.scale = scale
-    ctx.two = k2 is not None
-    # an unused output (out or lse) then arrives as None instead of a tensor of zeros
-    ctx.set_materialize_grads(False)
-    if any(ctx.needs_input_grad[:5]):  # save nothing when no input needs a gradient
-        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
-
-
-def _backward(ctx, dout, dlse):
-    q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    grads = pwca_bwd_triton(dout, dlse, q, k1, v1, k2, v2, out, lse, ctx.scale)
-    if ctx.two:
-        return grads[0], grads[1], grads[2], grads[3], grads[4], None
-    return grads[0], grads[1], grads[2], None, None, None
-
-
-pwca_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+register_mkv_autograd(pwca_fwd_triton, pwca_bwd_triton)
 
 
 def mkv_triton(q, k1, v1, k2, v2, scale):
