@@ -124,6 +124,18 @@ def check_cpp(call: Call) -> Optional[str]:
     return f"device {call.device.type} not supported"
 
 
+def check_cpp_mkv(call: Call) -> Optional[str]:
+    """The C++ multi_kv_attention kernel: CPU only, float32/float64 (bfloat16 falls to "sdpa")."""
+    why = check_cpp(call)
+    if why is not None:
+        return why
+    if _device_type(call) != "cpu":
+        return "the C++ backend runs this op on CPU only"
+    if call.dtype not in (torch.float32, torch.float64):
+        return f"dtype {call.dtype} not supported (float32, float64 on CPU)"
+    return None
+
+
 def check_sdpa(call: Call) -> Optional[str]:
     dev = _device_type(call)
     if dev == "cpu":
@@ -151,6 +163,7 @@ def register(op: str, backend: str, target: str, check: Callable[[Call], Optiona
 
 
 register("multi_kv_attention", "triton", "dcal.ops._triton_pwca:mkv_triton", check_triton)
+register("multi_kv_attention", "cpp", "dcal.ops._cpp_mkv:mkv_cpp", check_cpp_mkv)
 register("multi_kv_attention", "sdpa", "dcal.ops._sdpa:mkv_sdpa", check_sdpa)
 register("multi_kv_attention", "reference", "dcal.ops._reference_impls:mkv_reference", check_reference)
 register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton)

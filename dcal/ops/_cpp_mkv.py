@@ -1,0 +1,60 @@
+"""The ``"cpp"`` backend of multi_kv_attention on CPU: ``dcal::mkv_fwd`` / ``dcal::mkv_bwd`` from
+``csrc/mkv_cpu.cpp``, a FlashAttention-2 kernel over one or two key/value segments in one call.
+
+The ops' schemas and CPU kernels are registered by the extension (``csrc/ops.cpp``); this module
+adds the exact fake (meta) implementations and autograd, following :mod:`dcal.ops._sdpa`: the
+backward is the ``dcal::mkv_bwd`` op, and only inputs, output and logsumexp are saved (nothing
+when no input needs a gradient). The lse gradient is folded into the kernel's delta.
+"""
+from __future__ import annotations
+
+import torch
+
+from dcal import _ext
+
+_ext.require()  # an ImportError with build instructions; the dispatch chain reports it as the skip reason
+
+
+def _segments(k1, v1, k2, v2):
+    return [(k1, v1)] if k2 is None else [(k1, v1), (k2, v2)]
+
+
+@torch.library.register_fake("dcal::mkv_fwd")
+def _(q, k1, v1, k2, v2, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3])
+
+
+@torch.library.register_fake("dcal::mkv_bwd")
+def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
+    res = [torch.empty_like(q, memory_format=torch.contiguous_format)]
+    for k, v in _segments(k1, v1, k2, v2):
+        res += [torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format)]
+    return res
+
+
+def _setup_context(ctx, inputs, output):
+    q, k1, v1, k2, v2, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.two = k2 is not None
+    if any(ctx.needs_input_grad[:5]):  # save nothing when no input needs a gradient
+        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = torch.ops.dcal.mkv_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, ctx.scale)
+    if ctx.two:
+        return grads[0], grads[1], grads[2], grads[3], grads[4], None
+    return grads[0], grads[1], grads[2], None, None, None
+
+
+torch.library.register_autograd("dcal::mkv_fwd", _backward, setup_context=_setup_context)
+
+
+def mkv_cpp(q, k1, v1, k2, v2, scale):
+    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): (out, lse)."""
+    return torch.ops.dcal.mkv_fwd(q, k1, v1, k2, v2, float(scale))
