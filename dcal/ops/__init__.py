@@ -5,7 +5,7 @@ of the op's chain that can run the call; see :func:`explain`) and ``scale=None``
 Outputs have the dtype of ``q``; logsumexps are fp32 (fp64 for fp64 inputs), natural log.
 
 Backends: ``"triton"`` (CUDA; CPU tensors only under ``TRITON_INTERPRET=1`` and when asked for),
-``"cpp"`` (C++ on CPU, CUDA C++ for neighborhood attention), ``"sdpa"`` (PyTorch fused SDPA per
+``"cpp"`` (C++ on CPU (multi_kv: fp32/fp64), CUDA C++ for neighborhood attention), ``"sdpa"`` (PyTorch fused SDPA per
 key/value segment, merged exactly through the logsumexps) and ``"reference"`` (pure PyTorch,
 materialising; runs anywhere). ``DCAL_BACKEND`` moves a backend to the front of every chain.
 """
@@ -252,10 +252,10 @@ def explain(op: str, *tensors: Tensor, backend: Optional[str] = None, **attrs) -
     one was skipped. ``op`` is a public op name (``"pwca_attention"`` counts as
     ``"multi_kv_attention"``); pass the op's tensors (the first one sets device, dtype, head dim).
 
-    >>> print(dcal.ops.explain("pwca_attention", q))   # doctest: +SKIP
-    multi_kv_attention on cpu torch.float32, head dim 64:
+    >>> print(dcal.ops.explain("pwca_attention", q.bfloat16()))   # doctest: +SKIP
+    multi_kv_attention on cpu torch.bfloat16, head dim 64:
       triton     skipped: Triton needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1)
-      cpp        skipped: backend 'cpp' does not implement multi_kv_attention
+      cpp        skipped: dtype torch.bfloat16 not supported (float32, float64 on CPU)
       sdpa       chosen
       reference  not reached
     """
