@@ -106,7 +106,7 @@ def test_runner_measures_and_reports_every_outcome(toy_module, tmp_path, capsys)
     assert rows[0]["time_vs_base"] == "1.0000"
     # The baseline ('sleep') allocates nothing: its peak may measure exactly 0 bytes, and a ratio
     # to 0 is left empty rather than reported as infinity.
-    assert rows[0]["mem_vs_base"] == ("1.0000" if float(rows[0]["peak_mib"]) > 0 else "")
+    assert rows[0]["mem_vs_base"] == ("1.0000" if by["sleep"].peak_bytes else "")
     assert rows[2]["status"] == "OOM" and rows[2]["median_ms"] == ""
     assert (out / "toy-quick.png").stat().st_size > 1000
 
