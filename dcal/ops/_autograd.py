@@ -29,4 +29,5 @@ def register_mkv_autograd(fwd_op, bwd_op) -> None:
             return grads[0], grads[1], grads[2], grads[3], grads[4], None
         return grads[0], grads[1], grads[2], None, None, None
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    # accepts a Python custom op or a C++ op (by name or OpOverload) alike
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)

@@ -2,15 +2,15 @@
 ``csrc/mkv_cpu.cpp``, a FlashAttention-2 kernel over one or two key/value segments in one call.
 
 The ops' schemas and CPU kernels are registered by the extension (``csrc/ops.cpp``); this module
-adds the exact fake (meta) implementations and autograd, following :mod:`dcal.ops._sdpa`: the
-backward is the ``dcal::mkv_bwd`` op, and only inputs, output and logsumexp are saved (nothing
-when no input needs a gradient). The lse gradient is folded into the kernel's delta.
+adds the exact fake (meta) implementations and the autograd every multi_kv backend shares
+(:func:`dcal.ops._autograd.register_mkv_autograd`): the backward is the ``dcal::mkv_bwd`` op. The lse gradient is folded into the kernel's delta.
 """
 from __future__ import annotations
 
 import torch
 
 from dcal import _ext
+from dcal.ops._autograd import register_mkv_autograd
 
 _ext.require()  # an ImportError with build instructions; the dispatch chain reports it as the skip reason
 
@@ -33,26 +33,7 @@ def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
     return res
 
 
-def _setup_context(ctx, inputs, output):
-    q, k1, v1, k2, v2, scale = inputs
-    out, lse = output
-    ctx.scale = scale
-    ctx.two = k2 is not None
-    if any(ctx.needs_input_grad[:5]):  # save nothing when no input needs a gradient
-        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
-
-
-def _backward(ctx, dout, dlse):
-    q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    grads = torch.ops.dcal.mkv_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, ctx.scale)
-    if ctx.two:
-        return grads[0], grads[1], grads[2], grads[3], grads[4], None
-    return grads[0], grads[1], grads[2], None, None, None
-
-
-torch.library.register_autograd("dcal::mkv_fwd", _backward, setup_context=_setup_context)
+register_mkv_autograd("dcal::mkv_fwd", torch.ops.dcal.mkv_bwd)
 
 
 def mkv_cpp(q, k1, v1, k2, v2, scale):
