@@ -7,6 +7,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1
+# the libraries dcal drops into (timm, torchvision, open_clip), tested against the real packages
+COMPAT  ?= torchvision==0.29.1 timm==1.0.31 safetensors open_clip_torch==3.3.0
 # nvcc on the PATH may be a wrapper script, which misleads torch's guess of the toolkit root:
 # ask nvcc itself (the TOP of --dryrun) unless CUDA_HOME is given.
 CUDA_HOME ?= $(shell nvcc --dryrun -c dcal_probe.cu -o /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -1 | xargs -r realpath 2>/dev/null)
@@ -22,6 +24,7 @@ $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
+	$(PY) -m pip install -q $(COMPAT)
 	@echo "CUDA_HOME=$(CUDA_HOME)"
 	$(PY) -m pip install --no-build-isolation -v -e ".[dev,bench]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
 	$(PY) -m pip install -q --no-build-isolation --no-deps "natten==0.21.7"

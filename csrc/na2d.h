@@ -26,40 +26,52 @@ constexpr int kZero = 0;   // centred window, off-map keys are zeros that stay i
 constexpr int kMask = 1;   // centred window, off-map keys are left out
 constexpr int kClamp = 2;  // window shifted inside the map (NATTEN)
 
+// Dilation (DESIGN 10): a window is kernel_size positions `start + dil * u`, u in [0, ks).
+// zero/mask: centred on the query like a dilated F.unfold (padding dil * (ks / 2)).
+// clamp: NATTEN's rule: the axis splits into `dil` interleaved sub-grids (positions of one
+// residue mod dil); a query's window is the ordinary clamp window of its own sub-grid, so every
+// query sees ks real positions; needs n >= ks * dil (the shortest sub-grid holds ks positions).
+// With dil == 1 every rule is the undilated one.
+
+// Number of positions of the sub-grid of residue g (0 <= g < dil) on an axis of length n.
+DCAL_HD inline int subgrid_len(int g, int n, int dil) { return (n - g + dil - 1) / dil; }
+
 // First key position (along one axis of length n) of the window of query i. In zero/mask mode
 // it may be negative and the window may run past n: those positions are off the map.
-DCAL_HD inline int window_start(int i, int n, int ks, int border) {
-  int s = i - ks / 2;
-  if (border == kClamp) {
-    s = s < 0 ? 0 : s;
-    s = s > n - ks ? n - ks : s;
-  }
-  return s;
+DCAL_HD inline int window_start(int i, int n, int ks, int border, int dil = 1) {
+  if (border != kClamp) return i - dil * (ks / 2);
+  const int g = i % dil, ig = i / dil, ng = subgrid_len(g, n, dil);
+  int s = ig - ks / 2;
+  s = s < 0 ? 0 : s;
+  s = s > ng - ks ? ng - ks : s;
+  return g + dil * s;
 }
 
-DCAL_HD inline bool in_window(int key, int query, int n, int ks, int border) {
-  const int s = window_start(query, n, ks, border);
-  return key >= s && key < s + ks;
+DCAL_HD inline bool in_window(int key, int query, int n, int ks, int border, int dil = 1) {
+  const int off = key - window_start(query, n, ks, border, dil);
+  return off >= 0 && off % dil == 0 && off / dil < ks;
 }
 
-// Queries lo..hi (inclusive) along one axis whose window holds the on-map key position p: the
-// key's inverse neighbourhood, which the backward gathers dK and dV over. Every window holds
-// its own query, so candidates lie within ks - 1 of p; window_start is non-decreasing in the
-// query, so the set is one interval, and it holds p itself. Testing each candidate with the
-// forward's own window function keeps clamp mode (shifted windows) exact.
-DCAL_HD inline void inverse_range(int p, int n, int ks, int border, int* lo, int* hi) {
-  int a = p - (ks - 1), b = p + (ks - 1);
-  a = a < 0 ? 0 : a;
-  b = b > n - 1 ? n - 1 : b;
-  while (a < p && !in_window(p, a, n, ks, border)) ++a;
-  while (b > p && !in_window(p, b, n, ks, border)) --b;
+// Queries lo, lo + dil, ..., hi along one axis whose window holds the on-map key position p: the
+// key's inverse neighbourhood, which the backward gathers dK and dV over. A window holds only
+// positions of its query's residue mod dil and holds its own query, so candidates lie within
+// dil * (ks - 1) of p in steps of dil; window_start is non-decreasing along a sub-grid, so the
+// set is one interval of it, and it holds p itself. Testing each candidate with the forward's
+// own window function keeps clamp mode (shifted windows) exact.
+DCAL_HD inline void inverse_range(int p, int n, int ks, int border, int* lo, int* hi, int dil = 1) {
+  const int below = p / dil, above = (n - 1 - p) / dil;
+  int a = p - dil * (below < ks - 1 ? below : ks - 1);
+  int b = p + dil * (above < ks - 1 ? above : ks - 1);
+  while (a < p && !in_window(p, a, n, ks, border, dil)) a += dil;
+  while (b > p && !in_window(p, b, n, ks, border, dil)) b -= dil;
   *lo = a;
   *hi = b;
 }
 
-// Flat index into one head's [2*ks-1, 2*ks-1] bias table of key (ki, kj) for query (i, j).
-DCAL_HD inline int rpb_index(int ki, int kj, int i, int j, int ks) {
-  return (ki - i + ks - 1) * (2 * ks - 1) + (kj - j + ks - 1);
+// Flat index into one head's [2*ks-1, 2*ks-1] bias table of key (ki, kj) for query (i, j): the
+// offset counted in window steps, (key - query) / dil (exact: both share a residue mod dil).
+DCAL_HD inline int rpb_index(int ki, int kj, int i, int j, int ks, int dil = 1) {
+  return ((ki - i) / dil + ks - 1) * (2 * ks - 1) + ((kj - j) / dil + ks - 1);
 }
 
 DCAL_HD inline float na_exp(float x) { return expf(x); }
@@ -117,28 +129,29 @@ namespace dcal {
 
 // Argument checks shared by the CPU and CUDA host code (TORCH_CHECK, messages name the argument).
 void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border);
+                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation);
 void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse);
 
-// q, k, v [B, H, X, Y, D]; rpb [H, 2*ks-1, 2*ks-1] or undefined; border a dcal::BorderMode.
+// q, k, v [B, H, X, Y, D]; rpb [H, 2*ks-1, 2*ks-1] or undefined; border a dcal::BorderMode;
+// dilation >= 1 (DESIGN 10).
 // Returns (out [B, H, X, Y, D], lse [B, H, X, Y] fp32, fp64 for fp64 inputs).
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
-                                                int64_t border, double scale);
+                                                int64_t border, double scale, int64_t dilation);
 // Returns (dq, dk, dv, drpb); drpb is [0] when rpb is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale);
+    int64_t border, double scale, int64_t dilation);
 
 #ifdef DCAL_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
-                                                 int64_t border, double scale);
+                                                 int64_t border, double scale, int64_t dilation);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale);
+    int64_t border, double scale, int64_t dilation);
 #endif
 
 }  // namespace dcal

@@ -36,7 +36,7 @@ constexpr int64_t kBiasBlocks = 128;
 
 struct Geometry {
   int64_t B, H, X, Y, D;
-  int ks, border;
+  int ks, border, dil;
 };
 
 // Rows per parallel task: enough work per task that a small call runs on one thread instead of
@@ -89,23 +89,23 @@ void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const sc
       const scalar_t* kb = k + map * D;
       const scalar_t* vb = v + map * D;
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
-      const int si = window_start(i, static_cast<int>(X), ks, g.border);
+      const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
       for (int j = 0; j < Y; ++j) {
         const int64_t tok = map + i * Y + j;
         load(qbuf.data(), q + tok * D, D);  // [D]
         std::fill(acc.begin(), acc.end(), A(0));
         A m = -std::numeric_limits<A>::infinity(), l = 0;
-        const int sj = window_start(j, static_cast<int>(Y), ks, g.border);
-        for (int ki = si; ki < si + ks; ++ki) {
+        const int sj = window_start(j, static_cast<int>(Y), ks, g.border, g.dil);
+        for (int ki = si; ki < si + ks * g.dil; ki += g.dil) {
           const bool row_on = ki >= 0 && ki < X;
           if (!row_on && g.border == kMask) continue;
-          for (int kj = sj; kj < sj + ks; ++kj) {
+          for (int kj = sj; kj < sj + ks * g.dil; kj += g.dil) {
             const bool on = row_on && kj >= 0 && kj < Y;
             if (!on && g.border == kMask) continue;
             const int64_t key = static_cast<int64_t>(ki) * Y + kj;
             // [D] . [D]; an off-map key of zero mode is a zero vector: its logit is the bias alone
             A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
-            if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks)]);
+            if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks, g.dil)]);
             A alpha, p;
             if (na2d::softmax_update(m, l, s, &alpha, &p)) {
               for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
@@ -142,7 +142,7 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
         const int64_t h = bh % g.H;
         const scalar_t* bias = rpb ? rpb + h * R * R : nullptr;
         A* dbias = rpb ? bias_part + (blk * g.H + h) * R * R : nullptr;
-        const int si = window_start(i, static_cast<int>(X), ks, g.border);
+        const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
         for (int j = 0; j < Y; ++j) {
           const int64_t tok = map + i * Y + j;
           load(qbuf.data(), q + tok * D, D);     // [D]
@@ -151,15 +151,15 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
           delta[tok] = dl;
           const A L = lse[tok];
           std::fill(dqbuf.begin(), dqbuf.end(), A(0));
-          const int sj = window_start(j, static_cast<int>(Y), ks, g.border);
-          for (int ki = si; ki < si + ks; ++ki) {
+          const int sj = window_start(j, static_cast<int>(Y), ks, g.border, g.dil);
+          for (int ki = si; ki < si + ks * g.dil; ki += g.dil) {
             const bool row_on = ki >= 0 && ki < X;
             if (!row_on && g.border == kMask) continue;
-            for (int kj = sj; kj < sj + ks; ++kj) {
+            for (int kj = sj; kj < sj + ks * g.dil; kj += g.dil) {
               const bool on = row_on && kj >= 0 && kj < Y;
               if (!on && g.border == kMask) continue;
               const int64_t key = static_cast<int64_t>(ki) * Y + kj;
-              const int bi = rpb_index(ki, kj, i, j, ks);
+              const int bi = rpb_index(ki, kj, i, j, ks, g.dil);
               A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
               if (bias) s += static_cast<A>(bias[bi]);
               const A p = na2d::softmax_prob(s, L);
@@ -195,7 +195,7 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
       const scalar_t* dob = dout + map * D;
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
       int ilo, ihi;
-      inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi);
+      inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi, g.dil);
       for (int kj = 0; kj < Y; ++kj) {
         const int64_t key = map + ki * Y + kj;
         load(kbuf.data(), k + key * D, D);  // [D]
@@ -203,12 +203,12 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
         std::fill(dkbuf.begin(), dkbuf.end(), A(0));
         std::fill(dvbuf.begin(), dvbuf.end(), A(0));
         int jlo, jhi;
-        inverse_range(kj, static_cast<int>(Y), ks, g.border, &jlo, &jhi);
-        for (int i = ilo; i <= ihi; ++i) {
-          for (int j = jlo; j <= jhi; ++j) {
+        inverse_range(kj, static_cast<int>(Y), ks, g.border, &jlo, &jhi, g.dil);
+        for (int i = ilo; i <= ihi; i += g.dil) {
+          for (int j = jlo; j <= jhi; j += g.dil) {
             const int64_t qt = static_cast<int64_t>(i) * Y + j;
             A s = dot(kbuf.data(), qb + qt * D, D) * scale;
-            if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks)]);
+            if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks, g.dil)]);
             const A p = na2d::softmax_prob(s, lse[map + qt]);
             axpy(dvbuf.data(), p, dob + qt * D, D);  // [D] += P * dO[D]
             const A dp = dot(vbuf.data(), dob + qt * D, D);
@@ -225,9 +225,9 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
 
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border) {
+Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border, int64_t dilation) {
   return Geometry{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4), static_cast<int>(kernel_size),
-                  static_cast<int>(border)};
+                  static_cast<int>(border), static_cast<int>(dilation)};
 }
 
 void check_cpu(const at::Tensor& q, const char* op) {
@@ -240,7 +240,7 @@ void check_cpu(const at::Tensor& q, const char* op) {
 }  // namespace
 
 void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border) {
+                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation) {
   TORCH_CHECK(q.dim() == 5, "na2d: q must have 5 dimensions [B, H, X, Y, D], got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), "na2d: k has shape ", k.sizes(), "; expected the shape of q ", q.sizes());
   TORCH_CHECK(v.sizes() == q.sizes(), "na2d: v has shape ", v.sizes(), "; expected the shape of q ", q.sizes());
@@ -256,9 +256,10 @@ void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(X >= 1 && Y >= 1 && q.size(4) >= 1, "na2d: q must have a non-empty map and head dim, got shape ",
               q.sizes());
   TORCH_CHECK(X < (1 << 30) && Y < (1 << 30), "na2d: q's map ", X, "x", Y, " is too large");
-  TORCH_CHECK(border != kBorderClamp || (X >= kernel_size && Y >= kernel_size),
-              "na2d: border clamp needs a map of at least kernel_size x kernel_size (", kernel_size, "x", kernel_size,
-              "), got ", X, "x", Y);
+  TORCH_CHECK(dilation >= 1 && dilation < (1 << 15), "na2d: dilation must be an int >= 1, got ", dilation);
+  TORCH_CHECK(border != kBorderClamp || (X >= kernel_size * dilation && Y >= kernel_size * dilation),
+              "na2d: border clamp needs a map of at least kernel_size*dilation x kernel_size*dilation (",
+              kernel_size * dilation, "x", kernel_size * dilation, "), got ", X, "x", Y);
   if (rpb.has_value() && rpb->defined()) {
     const int64_t R = 2 * kernel_size - 1;
     TORCH_CHECK(rpb->dim() == 3 && rpb->size(0) == q.size(1) && rpb->size(1) == R && rpb->size(2) == R,
@@ -288,15 +289,15 @@ void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
-                                                int64_t border, double scale) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border);
+                                                int64_t border, double scale, int64_t dilation) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   check_cpu(q, "na2d_fwd");
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
   auto out = at::empty(qc.sizes(), qc.options());
   auto lse = at::empty(qc.sizes().slice(0, 4), qc.options().dtype(stat_type(q.scalar_type())));
-  const Geometry g = geometry(qc, kernel_size, border);
+  const Geometry g = geometry(qc, kernel_size, border, dilation);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t>(g, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
@@ -309,8 +310,8 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border);
+    int64_t border, double scale, int64_t dilation) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   check_cpu(q, "na2d_bwd");
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -322,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   auto dv = at::empty(qc.sizes(), qc.options());
   const auto stat = qc.options().dtype(stat_type(q.scalar_type()));
   auto delta = at::empty(qc.sizes().slice(0, 4), stat);
-  const Geometry g = geometry(qc, kernel_size, border);
+  const Geometry g = geometry(qc, kernel_size, border, dilation);
   const int64_t rows = g.B * g.H * g.X, R = 2 * kernel_size - 1;
   const int64_t blocks = has_rpb ? std::min<int64_t>(rows, kBiasBlocks) : rows;
   // Per-block bias sums: [blocks, H, R, R], independent of the number of tokens.

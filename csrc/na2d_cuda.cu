@@ -118,8 +118,9 @@ dim3 token_grid(const at::Tensor& q) {
 
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
-                                                 int64_t border, double scale) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border);
+                                                 int64_t border, double scale, int64_t dilation) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
+  TORCH_CHECK(dilation == 1, "na2d_fwd: dilation ", dilation, " is not implemented by the CUDA kernels; use dilation=1 or the triton backend");
   check_cuda(q, "na2d_fwd");
   const c10::cuda::CUDAGuard device_guard(q.device());
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -151,8 +152,9 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border);
+    int64_t border, double scale, int64_t dilation) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
+  TORCH_CHECK(dilation == 1, "na2d_bwd: dilation ", dilation, " is not implemented by the CUDA kernels; use dilation=1 or the triton backend");
   na2d_check_bwd_args(dout, q, out, lse);
   check_cuda(q, "na2d_bwd");
   const c10::cuda::CUDAGuard device_guard(q.device());

@@ -170,7 +170,7 @@ def attention_rollout(
 # ----------------------------------------------------------------------------- neighborhood
 
 
-def _na2d_call(q, k, v, kernel_size, border, rpb, scale):
+def _na2d_call(q, k, v, kernel_size, border, rpb, scale, dilation):
     V.tensor("q", q, 5, "[B, H, X, Y, D]")
     V.tensor("k", k, 5, "[B, H, X, Y, D]")
     V.tensor("v", v, 5, "[B, H, X, Y, D]")
@@ -182,12 +182,14 @@ def _na2d_call(q, k, v, kernel_size, border, rpb, scale):
         raise ValueError(f"v has shape {tuple(v.shape)}; expected the shape of q {tuple(q.shape)} [B, H, X, Y, D]")
     ks = V.kernel_size(kernel_size)
     border = V.border(border, BORDERS)
+    dil = V.dilation(dilation)
     B, H, X, Y, D = q.shape
     if min(X, Y) < 1:
         raise ValueError(f"q has an empty map (shape {tuple(q.shape)}); X and Y must be >= 1")
-    if border == "clamp" and (X < ks or Y < ks):
+    if border == "clamp" and (X < ks * dil or Y < ks * dil):
         raise ValueError(
-            f"border='clamp' needs a map at least kernel_size x kernel_size ({ks}x{ks}), got {X}x{Y}; "
+            f"border='clamp' needs a map of at least kernel_size*dilation x kernel_size*dilation "
+            f"({ks * dil}x{ks * dil}: kernel_size {ks}, dilation {dil}), got {X}x{Y}; "
             "use border='zero' or 'mask' for smaller maps")
     if rpb is not None:
         if not isinstance(rpb, Tensor):
@@ -197,7 +199,7 @@ def _na2d_call(q, k, v, kernel_size, border, rpb, scale):
             raise ValueError(f"rpb must have shape {want} ([H, 2*kernel_size-1, 2*kernel_size-1]), got {tuple(rpb.shape)}")
         V.same_kind("q", q, "rpb", rpb)
     scale = V.scale(scale)
-    return ks, border, (D ** -0.5 if scale is None else scale)
+    return ks, border, (D ** -0.5 if scale is None else scale), dil
 
 
 def neighborhood_attention2d(
@@ -209,6 +211,7 @@ def neighborhood_attention2d(
     border: str = "zero",
     rpb: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dilation: int = 1,
     backend: Optional[str] = None,
 ) -> Tensor:
     """2-D neighborhood attention: every pixel attends to the kernel_size x kernel_size window
@@ -235,13 +238,19 @@ def neighborhood_attention2d(
         rpb: optional relative position bias [H, 2*kernel_size-1, 2*kernel_size-1]; the logit of
             key (i+di, j+dj) for query (i, j) gets ``rpb[h, di + kernel_size - 1, dj + kernel_size - 1]``.
         scale: default ``D ** -0.5``.
+        dilation: window step (DiNAT / NATTEN): the window holds positions ``start + dilation * u``,
+            u in [0, kernel_size). zero/mask: centred like ``F.unfold(dilation=d, padding=d * (k // 2))``;
+            clamp: NATTEN's rule (the map splits into ``dilation`` interleaved sub-grids per axis,
+            each with its ordinary clamp window; needs X, Y >= kernel_size * dilation). rpb is
+            indexed by the offset in window steps, ``(key - query) / dilation``.
 
     Returns [B, H, X, Y, D] in the dtype of q.
     """
-    ks, border, scale = _na2d_call(q, k, v, kernel_size, border, rpb, scale)
-    call = Call("neighborhood_attention2d", q.device, q.dtype, q.shape[-1], attrs={"kernel_size": ks, "border": border})
+    ks, border, scale, dil = _na2d_call(q, k, v, kernel_size, border, rpb, scale, dilation)
+    call = Call("neighborhood_attention2d", q.device, q.dtype, q.shape[-1],
+                attrs={"kernel_size": ks, "border": border, "dilation": dil})
     _, fn = choose(call, backend)
-    return fn(q, k, v, rpb, ks, border, scale)
+    return fn(q, k, v, rpb, ks, border, scale, dil)
 
 
 # ----------------------------------------------------------------------------- explain

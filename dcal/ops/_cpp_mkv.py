@@ -33,7 +33,7 @@ def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
     return res
 
 
-register_mkv_autograd("dcal::mkv_fwd", torch.ops.dcal.mkv_bwd)
+register_mkv_autograd("dcal::mkv_fwd", torch.ops.dcal.mkv_bwd, "cpp")
 
 
 def mkv_cpp(q, k1, v1, k2, v2, scale):

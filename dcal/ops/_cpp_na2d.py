@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dcal import _ext
+from dcal.ops._autograd import once_differentiable
 
 _ext.require()  # an ImportError with build instructions; the dispatcher reports it as the reason
 
@@ -24,39 +25,41 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("dcal::na2d_fwd")
-def _na2d_fwd_fake(q, k, v, rpb, kernel_size, border, scale):
+def _na2d_fwd_fake(q, k, v, rpb, kernel_size, border, scale, dilation=1):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:4], dtype=_stat_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("dcal::na2d_bwd")
-def _na2d_bwd_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale):
+def _na2d_bwd_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dilation=1):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), drpb
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, kernel_size, border, scale = inputs
+    q, k, v, rpb, kernel_size, border, scale, dilation = inputs
     out, lse = output
-    ctx.kernel_size, ctx.border, ctx.scale = kernel_size, border, scale
+    ctx.kernel_size, ctx.border, ctx.scale, ctx.dilation = kernel_size, border, scale, dilation
     ctx.has_rpb = rpb is not None
     ctx.mark_non_differentiable(lse)
     if any(ctx.needs_input_grad[:4]):  # save nothing when no input needs a gradient
         ctx.save_for_backward(q, k, v, rpb, out, lse)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, rpb, out, lse = ctx.saved_tensors
+@once_differentiable("neighborhood_attention2d", "cpp")
+def _backward(ctx, saved, dout, dlse):
+    q, k, v, rpb, out, lse = saved
     dq, dk, dv, drpb = torch.ops.dcal.na2d_bwd(
-        dout, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.border, ctx.scale)
-    return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None
+        dout, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.border, ctx.scale, ctx.dilation)
+    return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None, None
 
 
 torch.library.register_autograd("dcal::na2d_fwd", _backward, setup_context=_setup_context)
 
 
-def na2d_cpp(q: Tensor, k: Tensor, v: Tensor, rpb, kernel_size: int, border: str, scale: float) -> Tensor:
+def na2d_cpp(q: Tensor, k: Tensor, v: Tensor, rpb, kernel_size: int, border: str, scale: float,
+             dilation: int = 1) -> Tensor:
     """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, H, X, Y, D] out."""
-    out, _ = torch.ops.dcal.na2d_fwd(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale))
+    out, _ = torch.ops.dcal.na2d_fwd(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale), int(dilation))
     return out

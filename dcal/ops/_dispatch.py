@@ -7,7 +7,7 @@ an explicit ``backend=`` that cannot run raises a ValueError with the reason.
 
 Implementation contracts (all differentiable unless noted):
   multi_kv_attention:        fn(q, k1, v1, k2, v2, scale) -> (out, lse); k2, v2 may be None
-  neighborhood_attention2d:  fn(q, k, v, rpb, kernel_size, border, scale) -> out; rpb may be None
+  neighborhood_attention2d:  fn(q, k, v, rpb, kernel_size, border, scale, dilation) -> out; rpb may be None
   attention_rollout:         fn(qs, ks, lses, scale, residual) -> [B, N] fp32 (no grad); lses may be None
 """
 from __future__ import annotations
@@ -136,6 +136,25 @@ def check_cpp_mkv(call: Call) -> Optional[str]:
     return None
 
 
+# Neighborhood-attention backends whose kernels do not take dilation > 1 yet.
+_NA2D_NO_DILATION = {"triton", ("cpp", "cuda")}
+
+
+def _na2d_dilation(call: Call, backend: str) -> Optional[str]:
+    dil = call.attrs.get("dilation", 1)
+    if dil != 1 and (backend in _NA2D_NO_DILATION or (backend, _device_type(call)) in _NA2D_NO_DILATION):
+        return f"dilation {dil} is not implemented by the {backend} kernels on {_device_type(call)}"
+    return None
+
+
+def check_triton_na2d(call: Call) -> Optional[str]:
+    return check_triton(call) or _na2d_dilation(call, "triton")
+
+
+def check_cpp_na2d(call: Call) -> Optional[str]:
+    return check_cpp(call) or _na2d_dilation(call, "cpp")
+
+
 def check_sdpa(call: Call) -> Optional[str]:
     dev = _device_type(call)
     if dev == "cpu":
@@ -166,8 +185,8 @@ register("multi_kv_attention", "triton", "dcal.ops._triton_pwca:mkv_triton", che
 register("multi_kv_attention", "cpp", "dcal.ops._cpp_mkv:mkv_cpp", check_cpp_mkv)
 register("multi_kv_attention", "sdpa", "dcal.ops._sdpa:mkv_sdpa", check_sdpa)
 register("multi_kv_attention", "reference", "dcal.ops._reference_impls:mkv_reference", check_reference)
-register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton)
-register("neighborhood_attention2d", "cpp", "dcal.ops._cpp_na2d:na2d_cpp", check_cpp)
+register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton_na2d)
+register("neighborhood_attention2d", "cpp", "dcal.ops._cpp_na2d:na2d_cpp", check_cpp_na2d)
 register("neighborhood_attention2d", "reference", "dcal.ops._reference_impls:na2d_reference", check_reference)
 register("attention_rollout", "triton", "dcal.ops._triton_rollout:rollout_triton", check_triton)
 register("attention_rollout", "cpp", "dcal.ops._cpp_rollout:rollout_cpp", check_cpp)

@@ -7,8 +7,9 @@ def mkv_reference(q, k1, v1, k2, v2, scale):
     return reference.multi_kv_attention(q, kv, scale=scale, return_lse=True)
 
 
-def na2d_reference(q, k, v, rpb, kernel_size, border, scale):
-    return reference.neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale)
+def na2d_reference(q, k, v, rpb, kernel_size, border, scale, dilation=1):
+    return reference.neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
+                                              dilation=dilation)
 
 
 def rollout_reference(qs, ks, lses, scale, residual):

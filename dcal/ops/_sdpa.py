@@ -151,7 +151,7 @@ def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
     return res
 
 
-register_mkv_autograd(mkv_sdpa_fwd, mkv_sdpa_bwd)
+register_mkv_autograd(mkv_sdpa_fwd, mkv_sdpa_bwd, "sdpa")
 
 
 def mkv_sdpa(q, k1, v1, k2, v2, scale):

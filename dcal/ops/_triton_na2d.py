@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from dcal.kernels import na2d as K
+from dcal.ops._autograd import once_differentiable
 
 
 @triton_op("dcal::na2d_fwd_triton", mutates_args=())
@@ -58,8 +59,9 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(q, k, v, rpb, out, lse)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, rpb, out, lse = ctx.saved_tensors
+@once_differentiable("neighborhood_attention2d", "triton")
+def _backward(ctx, saved, dout, dlse):
+    q, k, v, rpb, out, lse = saved
     if dout is None:
         dout = torch.zeros_like(out)
     need_drpb = ctx.has_rpb and ctx.needs_input_grad[3]
@@ -71,8 +73,10 @@ def _backward(ctx, dout, dlse):
 na2d_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
-def na2d_triton(q, k, v, rpb, kernel_size, border, scale):
+def na2d_triton(q, k, v, rpb, kernel_size, border, scale, dilation=1):
     """Backend entry point (contract of :mod:`dcal.ops._dispatch`)."""
+    if dilation != 1:  # the dispatch chain does not route dilation here; a direct call must not get a wrong value
+        raise ValueError(f"dilation {dilation} is not implemented by the triton neighborhood kernels")
     config = K.pack_config(K.launch_config(q.shape[-1], q.dtype))
     out, _ = na2d_fwd_triton(q, k, v, rpb, int(kernel_size), border, float(scale), config)
     return out

@@ -70,7 +70,7 @@ if _INTERPRET:
         return res
 
 
-register_mkv_autograd(pwca_fwd_triton, pwca_bwd_triton)
+register_mkv_autograd(pwca_fwd_triton, pwca_bwd_triton, "triton")
 
 
 def mkv_triton(q, k1, v1, k2, v2, scale):

@@ -77,3 +77,11 @@ def border(value, borders) -> str:
     if value not in borders:
         raise ValueError(f"border must be one of {borders}, got {value!r}")
     return value
+
+
+def dilation(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"dilation must be an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {value}")
+    return value

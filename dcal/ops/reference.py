@@ -86,16 +86,23 @@ def attention_rollout(
 # ----------------------------------------------------------------------------- neighborhood
 
 
-def _window_index(n: int, kernel_size: int, border: str, device) -> Tuple[Tensor, Tensor]:
+def _window_index(n: int, kernel_size: int, border: str, device, dilation: int = 1) -> Tuple[Tensor, Tensor]:
     """For each of n query positions, the kernel_size key positions of its window and whether
-    each lies on the map. Positions are real coordinates; off-map ones are outside [0, n)."""
+    each lies on the map. Positions are real coordinates; off-map ones are outside [0, n).
+
+    Windows are ``start + dilation * u``, u in [0, kernel_size). zero/mask: centred on the query
+    (a dilated F.unfold with padding ``dilation * (kernel_size // 2)``). clamp: NATTEN's rule, the
+    ordinary clamp window of the query's own sub-grid (positions of one residue mod dilation)."""
     r = kernel_size // 2
     i = torch.arange(n, device=device)
     if border == "clamp":
-        start = (i - r).clamp(min=0, max=max(n - kernel_size, 0))
+        g = i % dilation  # the query's sub-grid
+        ng = torch.div(n - g + dilation - 1, dilation, rounding_mode="floor")  # its length
+        s = torch.minimum((torch.div(i, dilation, rounding_mode="floor") - r).clamp(min=0), ng - kernel_size)
+        start = g + dilation * s
     else:
-        start = i - r
-    pos = start[:, None] + torch.arange(kernel_size, device=device)[None, :]  # [n, ks]
+        start = i - dilation * r
+    pos = start[:, None] + dilation * torch.arange(kernel_size, device=device)[None, :]  # [n, ks]
     valid = (pos >= 0) & (pos < n)
     return pos, valid
 
@@ -110,6 +117,7 @@ def neighborhood_attention2d(
     rpb: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    dilation: int = 1,
 ):
     """2-D neighborhood attention on [B, H, X, Y, D] (see :func:`dcal.ops.neighborhood_attention2d`).
 
@@ -118,8 +126,8 @@ def neighborhood_attention2d(
     B, H, X, Y, D = q.shape
     scale = _scale(scale, D)
     ks = kernel_size
-    rows, rvalid = _window_index(X, ks, border, q.device)  # [X, ks]
-    cols, cvalid = _window_index(Y, ks, border, q.device)  # [Y, ks]
+    rows, rvalid = _window_index(X, ks, border, q.device, dilation)  # [X, ks]
+    cols, cvalid = _window_index(Y, ks, border, q.device, dilation)  # [Y, ks]
     # Off-map positions index a zero row/column appended at the end (index X or Y).
     ri = torch.where(rvalid, rows, torch.full_like(rows, X))
     ci = torch.where(cvalid, cols, torch.full_like(cols, Y))
@@ -129,8 +137,9 @@ def neighborhood_attention2d(
     vw = vp[:, :, ri[:, None, :, None], ci[None, :, None, :], :]
     logits = torch.einsum("bhxyd,bhxyuwd->bhxyuw", q, kw) * scale  # [B, H, X, Y, ks, ks]
     if rpb is not None:
-        di = rows - torch.arange(X, device=q.device)[:, None] + ks - 1  # [X, ks]
-        dj = cols - torch.arange(Y, device=q.device)[:, None] + ks - 1  # [Y, ks]
+        # offsets in window steps: (key - query) / dilation, exact (same residue mod dilation)
+        di = torch.div(rows - torch.arange(X, device=q.device)[:, None], dilation, rounding_mode="floor") + ks - 1
+        dj = torch.div(cols - torch.arange(Y, device=q.device)[:, None], dilation, rounding_mode="floor") + ks - 1
         bias = rpb[:, di[:, None, :, None], dj[None, :, None, :]]  # [H, X, Y, ks, ks]
         logits = logits + bias[None].to(logits.dtype)
     if border == "mask":
