@@ -86,9 +86,9 @@ template <typename T>
 DCAL_HD inline bool softmax_update(T& m, T& l, T s, T* alpha, T* p) {
   if (s > m) {
     *alpha = na_exp(m - s);  // m == -inf on the first key: alpha 0, l restarts
-    l = l * *alpha + T(1);
+    *p = na_exp(s - s);      // 1; NaN for a +inf logit, as PyTorch's softmax gives
+    l = l * *alpha + *p;
     m = s;
-    *p = T(1);
     return true;
   }
   *p = na_exp(s - m);
