@@ -1,0 +1,111 @@
+"""``python -m dcal.check`` catches a broken backend: one patched to return a wrong value, one to
+raise, one to kill its process. The patches reach the worker subprocesses through ``--inject``
+(a file every worker runs before its cases). One run of the command on a tiny subset (a few
+cases, fp32/fp64, no Triton, no benchmarks) is shared by the tests below.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+INJECT = textwrap.dedent('''
+    import os
+    import torch
+    from dcal.ops import _dispatch
+
+    def patch(op, backend, make):
+        impl = _dispatch._IMPLS[(op, backend)]
+        fn, why = impl.load()
+        impl._loaded = (make(fn), why)
+
+    def cpp(fn):
+        def f(q, *rest):
+            if q.dtype == torch.float64:
+                os._exit(3)  # a crash of the whole worker process
+            out, lse = fn(q, *rest)
+            return out + 1e-3, lse  # a wrong forward value (a constant shift: the gradients stay right)
+        return f
+
+    def raising(fn):
+        def f(*a):
+            raise RuntimeError("injected failure")
+        return f
+
+    patch("multi_kv_attention", "cpp", cpp)
+    patch("multi_kv_attention", "sdpa", raising)
+''')
+
+
+@pytest.fixture(scope="module")
+def broken_run(tmp_path_factory):
+    """One PWCA case on the cpp and sdpa backends in fp32 and fp64, compile checks with
+    AOTAutograd only (DCAL_CHECK_COMPILE_BACKEND; Inductor's C++ build would add seconds)."""
+    d = tmp_path_factory.mktemp("check")
+    inject = d / "inject.py"
+    inject.write_text(INJECT)
+    out = d / "report"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DCAL_CHECK_COMPILE_BACKEND="aot_eager")
+    cmd = [sys.executable, "-m", "dcal.check", "--quick", "--device", "cpu", "--no-bench", "--out", str(out),
+           "--ops", "attention", "--only", "Nq37", "--backends", "cpp", "sdpa", "--dtypes", "float32", "float64",
+           "--inject", str(inject)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(d))
+    report = json.loads((out / "report.json").read_text())
+    return res, report, (out / "report.md").read_text()
+
+
+def _key(r):
+    return (r["op"], r["backend"], r["dtype"], r["check"])
+
+
+def test_exit_status_nonzero(broken_run):
+    res, _, _ = broken_run
+    assert res.returncode == 1, res.stdout + res.stderr
+
+
+def test_exactly_the_broken_cases_fail_or_error(broken_run):
+    _, report, _ = broken_run
+    cases = report["cases"]
+    fails = {_key(r) for r in cases if r["status"] == "fail"}
+    errors = {_key(r) for r in cases if r["status"] == "error"}
+    # the shifted forward fails, eager and compiled; its gradients pass
+    assert fails == {("pwca_attention", "cpp", "float32", "out"), ("pwca_attention", "cpp", "float32", "compile")}, fails
+    assert errors == {
+        ("pwca_attention", "cpp", "float64", "run"),  # the process died
+        ("pwca_attention", "sdpa", "float32", "run"),
+        ("pwca_attention", "sdpa", "float64", "run"),
+        ("pwca_attention", "sdpa", "float32", "compile"),
+    }, errors
+    by = {_key(r): r for r in cases}
+    assert "injected failure" in by[("pwca_attention", "sdpa", "float32", "run")]["detail"]
+    assert "exit status 3" in by[("pwca_attention", "cpp", "float64", "run")]["detail"]
+    wrong = by[("pwca_attention", "cpp", "float32", "out")]
+    assert wrong["max_err"] > wrong["tol"] and wrong["max_err"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_everything_else_ran_and_passed(broken_run):
+    """The run went on past each failure: the gradients of the shifted forward pass, and the
+    runs after the crash ran in a new worker."""
+    _, report, _ = broken_run
+    passed = {_key(r) for r in report["cases"] if r["status"] == "pass"}
+    expected = {("pwca_attention", "cpp", "float32", c) for c in ("lse", "dq", "dk1", "dv1", "dk2", "dv2", "determinism")}
+    assert passed == expected, passed ^ expected
+    rows = [(r["id"], r["check"]) for r in report["cases"]]
+    assert len(rows) == len(set(rows)), "a run was recorded twice (the restarted worker re-ran it)"
+    assert len({r["id"] for r in report["cases"]}) == 6  # 2 backends x 2 dtypes + 2 compile checks
+    for r in report["cases"]:
+        assert r["status"] in ("pass", "fail", "error", "skip")
+        for field in ("op", "backend", "device", "dtype", "shape", "check", "status", "max_err", "tol", "seconds"):
+            assert field in r
+
+
+def test_report_says_a_hook_was_active(broken_run):
+    _, report, md = broken_run
+    assert report["env"]["injected"].endswith("inject.py")
+    assert "test hook was active" in md and "FAILED" in md.splitlines()[0]
+    assert report["bench"] == []
