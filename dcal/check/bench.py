@@ -107,6 +107,9 @@ def compare(case: str, flops: float, dtype: str, providers: Dict[str, Callable[[
                 continue
             try:
                 times[name].append(time_once(fns[name], device))
+            except torch.cuda.OutOfMemoryError as e:
+                rows[name].update(status="oom", detail=str(e).splitlines()[0][:200])
+                torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001
                 rows[name].update(status="error", detail=f"{type(e).__name__}: {e}"[:300])
     for name, ts in times.items():

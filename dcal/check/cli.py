@@ -104,6 +104,8 @@ def run_family(family: str, a, env, workdir: str, deadline: float, prefix=None, 
             cmd += [flag, *val]
     if getattr(a, "tier", None) is not None:
         cmd += ["--tier", str(a.tier)]
+    if getattr(a, "no_compile", False):
+        cmd.append("--no-compile")
     if a.inject:
         cmd += ["--inject", os.path.abspath(a.inject)]
     crashed_rows: List[dict] = []
@@ -174,24 +176,22 @@ def sanitize(a, env, workdir, deadline) -> List[dict]:
     if not tool_path:
         return skip("compute-sanitizer not found (on the PATH, $CUDA_HOME/bin or /usr/local/cuda/bin); it ships with the CUDA toolkit")
     rows = []
-    sub = argparse.Namespace(**{**vars(a), "quick": True, "backends": ["triton", "cpp"], "dtypes": ["float16"],
-                                "only": a.only})
+    sub = argparse.Namespace(**{**vars(a), "quick": False, "backends": ["triton", "cpp"], "dtypes": ["float16"],
+                                "tier": G.TINY, "no_compile": True})
     for tool in ("memcheck", "racecheck"):
         prefix = [tool_path, "--tool", tool, "--error-exitcode", "86", "--print-limit", "20"]
         for family in G.FAMILIES:
             if a.ops and family not in a.ops and not any(G.FAMILY.get(o) == family for o in a.ops):
                 continue
             t0 = time.perf_counter()
-            res = run_family(family, _tiny(sub), env, workdir, deadline, prefix, tag=f".{tool}")
+            res = run_family(family, sub, env, workdir, deadline, prefix, tag=f".{tool}")
             log = os.path.join(workdir, f"{family}.{tool}.log")
             text = open(log, errors="replace").read() if os.path.exists(log) else ""
-            summary = [l for l in text.splitlines() if "ERROR SUMMARY" in l or "RACECHECK SUMMARY" in l]
-            hazards = [l for l in text.splitlines() if l.startswith("========= ") and ("Invalid" in l or "hazard" in l.lower()
-                                                                                     or "Error" in l)]
+            summary, hazards = sanitizer_findings(text)
             bad = [r for r in res if r["status"] in ("fail", "error")]
             ran = [r for r in res if r["status"] != "skip"]
-            status = "fail" if (hazards or bad) else ("pass" if ran else "skip")
-            detail = "; ".join(summary[-2:]) or "no summary printed"
+            status = "fail" if (hazards or bad) else ("pass" if ran and summary else "error" if ran else "skip")
+            detail = "; ".join(summary[-2:]) or "the tool printed no summary"
             if hazards:
                 detail += "; " + " | ".join(hazards[:5])
             if bad:
@@ -202,11 +202,23 @@ def sanitize(a, env, workdir, deadline) -> List[dict]:
     return rows
 
 
-def _tiny(ns):
-    """The sanitizer runs the TINY tier only (a GPU --quick run also has FULL cases)."""
-    ns = argparse.Namespace(**vars(ns))
-    ns.tier = G.TINY
-    return ns
+def sanitizer_findings(text: str):
+    """(summary lines, findings) of a compute-sanitizer log: a finding is a non-zero error count
+    (``ERROR SUMMARY: N errors``, racecheck's ``(E errors, W warnings)``: errors only; the
+    warnings stay in the summary line) or a reported invalid access / race."""
+    import re
+
+    summary, found = [], []
+    for line in text.splitlines():
+        if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line:
+            summary.append(line.strip("= ").strip())
+            m = re.search(r"ERROR SUMMARY: (\d+) error", line)
+            r = re.search(r"\((\d+) errors?, (\d+) warnings?\)", line)
+            if (m and int(m.group(1)) > 0) or (r and int(r.group(1)) > 0):
+                found.append(line.strip("= ").strip())
+        elif line.startswith("========= ") and re.search(r"Invalid|Race reported|hazard detected|out of bounds", line):
+            found.append(line[10:].strip())
+    return summary, found
 
 
 # ----------------------------------------------------------------------------- bench

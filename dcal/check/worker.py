@@ -154,7 +154,7 @@ def _reference_bytes(c: G.Case) -> int:
         return int(6 * s["H"] * s["Nq"] * sum(s["Nk"]) * 8)
     if c.family == "neighborhood":
         ks = c.kw.get("kernel_size", 7)
-        return int(8 * s["X"] * s["Y"] * ks * ks * s["D"] * 8)
+        return int(5 * s["X"] * s["Y"] * ks * ks * s["D"] * 8)  # one head: k and v windows and their grads
     return int(4 * s["H"] * s["N"] * s["N"] * 8)
 
 
@@ -162,9 +162,31 @@ def _reference_bytes(c: G.Case) -> int:
 
 
 @contextmanager
-def nan_poison():
-    """Every fresh allocation (Python or C++ ``at::empty``) is NaN-filled while the kernel runs."""
+def nan_poison(backend: str):
+    """Fresh allocations are NaN-filled while the kernel runs, so an unwritten output shows.
+
+    For our kernels (triton, cpp) through ``torch.utils.deterministic.fill_uninitialized_memory``,
+    which also reaches C++ ``at::empty`` (it needs deterministic mode on; warn-only, and our
+    kernels do not look at it). For ``sdpa`` by patching ``torch.empty``/``empty_like``/
+    ``new_empty`` only: deterministic mode could change which SDPA kernel PyTorch picks.
+    """
     import torch
+
+    if backend == "sdpa":
+        real = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+        def poison(t):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                t.fill_(float("nan"))
+            return t
+        torch.empty = lambda *a, **k: poison(real[0](*a, **k))
+        torch.empty_like = lambda *a, **k: poison(real[1](*a, **k))
+        torch.Tensor.new_empty = lambda self, *a, **k: poison(real[2](self, *a, **k))
+        try:
+            yield
+        finally:
+            torch.empty, torch.empty_like, torch.Tensor.new_empty = real
+        return
     import torch.utils.deterministic as det
 
     prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -285,7 +307,7 @@ def run_attention(run, fn=None) -> Dict[str, "object"]:
     c, device = run["case"], run["device"]
     dtype = getattr(torch, run["dtype"])
     q, kv, dout, dlse, scale = _attn_inputs(c, dtype, device)
-    with nan_poison():
+    with nan_poison(run["backend"]):
         mine = _attn_run(c.op, q, kv, dout, dlse, scale, run["backend"], c.grads, fn)
         _sync(device)
     return dict(inputs=(q, kv, dout, dlse, scale), mine=mine)
@@ -367,7 +389,7 @@ def run_neighborhood(run, fn=None):
     c, device = run["case"], run["device"]
     dtype = getattr(torch, run["dtype"])
     q, k, v, rpb, dout, opkw, scale = _na_inputs(c, dtype, device)
-    with nan_poison():
+    with nan_poison(run["backend"]):
         mine = _na_run(q, k, v, rpb, dout, opkw, scale, run["backend"], c.grads, fn)
         _sync(device)
     return dict(inputs=(q, k, v, rpb, dout, opkw, scale), mine=mine)
@@ -445,7 +467,7 @@ def run_rollout(run, fn=None):
     dtype = getattr(torch, run["dtype"])
     qs, ks, lses, scale = _ro_inputs(c, dtype, device)
     call = fn or (lambda a, b, l_: dcal.ops.attention_rollout(a, b, lses=l_, scale=scale, backend=run["backend"]))
-    with nan_poison():
+    with nan_poison(run["backend"]):
         out = call(qs, ks, lses)
         _sync(device)
     return dict(inputs=(qs, ks, lses, scale), mine={"out": out})
@@ -519,7 +541,7 @@ def execute(run) -> List[dict]:
 
     c = run["case"]
     if run["why"]:
-        return [row(run, "all", "skip", detail=run["why"])]
+        return [row(run, "compile" if run["kind"] == "compile" else "all", "skip", detail=run["why"])]
     runner, judge = FAMILY_FNS[c.family]
     t0 = time.perf_counter()
     if run["kind"] == "compile":
@@ -568,6 +590,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--skip", default=None, help="file with run ids to leave out (one per line)")
     p.add_argument("--inject", default=None)
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile checks")
     p.add_argument("--env-out", default=None, help="also write the environment block (dcal.check.env) here")
     p.add_argument("--ops", nargs="*", default=None)
     p.add_argument("--only", nargs="*", default=None)
@@ -584,6 +607,8 @@ def main(argv=None) -> int:
         with open(a.env_out, "w") as f:
             json.dump(collect(a.device), f, indent=1, default=str)
     runs = plan(a.family, a.device, a.quick, a.ops, a.only, a.backends, a.dtypes, a.tier)
+    if a.no_compile:
+        runs = [r for r in runs if r["kind"] != "compile"]
     skip = set()
     if a.skip and os.path.exists(a.skip):
         skip = set(open(a.skip).read().splitlines())
