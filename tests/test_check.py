@@ -109,3 +109,61 @@ def test_report_says_a_hook_was_active(broken_run):
     assert report["env"]["injected"].endswith("inject.py")
     assert "test hook was active" in md and "FAILED" in md.splitlines()[0]
     assert report["bench"] == []
+
+
+# ----------------------------------------------------------------------------- the grid table
+
+
+def test_grid_lines_are_valid_and_unique():
+    from dcal.check import grid as G
+
+    seen = set()
+    for c in G.GRID:
+        key = (c.op, c.shape_str())
+        assert key not in seen, key
+        seen.add(key)
+        assert c.op in G.FAMILY and c.tier in G.TIER_NAMES
+        assert 16 <= c.s["D"] <= 128 and c.s["D"] % 8 == 0, c  # what the fused backends take
+        assert c.dtypes is None or set(c.dtypes) <= set(G.DTYPES["cuda"]) | set(G.DTYPES["cpu"])
+        if c.sample is not None:  # the sampled cases are the > 2**31-element ones
+            assert c.numel() > 2**31 and not c.grads and all(0 <= b < c.s["B"] for b in c.sample), c
+    assert {c.op for c in G.GRID if c.tier == G.TINY} == set(G.FAMILY)  # every op in every run
+    for fam in G.FAMILIES:  # head dims 16/40/64/128 (their tile classes) on CPU --quick
+        dims = {G.head_class(c.s["D"]) for c in G.select("cpu", True) if c.family == fam}
+        assert dims >= {16, 64, 128}, (fam, dims)
+
+
+def test_dilation_cases_wait_for_the_argument():
+    import inspect
+
+    import dcal.ops
+    from dcal.check import grid as G
+
+    dil = [c for c in G.GRID if "dilation" in c.kw]
+    assert dil
+    has = "dilation" in inspect.signature(dcal.ops.neighborhood_attention2d).parameters
+    for c in dil:
+        assert (G.unsupported_kwargs(c) is None) == has
+
+
+def test_gpu_duration_estimate_within_targets():
+    """The grid stays inside its GPU budget (3 min --quick, 10 min full, with a 10% margin on the
+    quick target for the estimate's granularity): adding a line that breaks it fails here."""
+    from dcal.check import grid as G
+
+    quick, qc = G.estimate_gpu_seconds(True)
+    full, fc = G.estimate_gpu_seconds(False)
+    assert quick <= 1.1 * 180 and full <= 600, (quick, qc, full, fc)
+    assert fc["runs"] > qc["runs"] > 0
+
+
+def test_sanitizer_log_parsing():
+    from dcal.check.cli import sanitizer_findings
+
+    clean = "========= ERROR SUMMARY: 0 errors\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 3 warnings)\n"
+    assert sanitizer_findings(clean)[1] == []
+    bad = ("========= Invalid __global__ read of size 2 bytes\n=========     at _pwca_fwd_kernel+0x1a0\n"
+           "========= ERROR SUMMARY: 1 error\n")
+    assert len(sanitizer_findings(bad)[1]) == 2
+    race = "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n"
+    assert sanitizer_findings(race)[1]

@@ -32,14 +32,17 @@ events), peak memory, TFLOP/s and its share of a matmul peak measured in the sam
 On CPU the C++ and sdpa backends run the TINY (``--quick``) or SMALL cases, and Triton runs in
 the interpreter (``TRITON_INTERPRET=1`` is set for the workers) on TINY cases in fp32 (Triton
 3.8's interpreter computes bf16 ``tl.dot`` wrongly, so bf16 Triton is a skip with that reason).
-``--quick --device cpu`` takes about 2-3 minutes on a loaded 2-core machine.
+``--quick --device cpu`` takes about 2 minutes on a loaded 2-core machine (50 s of CPU time).
 
 Expected GPU duration, computed by :func:`dcal.check.grid.estimate_gpu_seconds` from the case
-count with stated per-item costs (no GPU has run it yet): ``--quick`` 29 cases, 150 runs, about
-3 minutes; the full run 37 cases, 195 runs, about 7 minutes (targets: 3 and 10 minutes on one
-H100-class GPU); the report prints the same estimate.
+count with the per-item costs stated there (no GPU has run it yet): ``--quick`` 23 cases, 41
+runs (bf16), 14 Triton specialisations, 3 compile checks, benchmarks: about 3.2 minutes; the
+full run 31 cases, 154 runs (fp32/fp16/bf16), 49 specialisations, 5 compile checks: about 9.5
+minutes (targets: 3 and 10 minutes on one H100-class GPU). The report prints the estimate next
+to the measured wall time; ``tests/test_check.py`` keeps the grid inside the targets.
 
 Testing the checker: ``--inject FILE`` runs a Python file in every worker before its cases (for
 example to patch a backend so that it returns a wrong value or raises); the report states that a
-hook was active. ``tests/test_check.py`` uses it.
+hook was active. ``DCAL_CHECK_COMPILE_BACKEND`` (default ``inductor``) sets the torch.compile
+backend of the compile checks. ``tests/test_check.py`` uses both.
 """

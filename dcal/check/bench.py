@@ -275,7 +275,9 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
                 raise Unavailable("FlexAttention has no CPU backward")
             def window(b, h, qi, ki):  # border "mask": the centred window, off-map keys left out
                 return ((qi // Y - ki // Y).abs() <= r) & ((qi % Y - ki % Y).abs() <= r)
-            mask = create_block_mask(window, B=None, H=None, Q_LEN=X * Y, KV_LEN=X * Y, device=device)
+            # _compile: evaluate the mask block by block instead of materialising [X*Y, X*Y]
+            mask = create_block_mask(window, B=None, H=None, Q_LEN=X * Y, KV_LEN=X * Y, device=device,
+                                     _compile=device == "cuda")
             flex = torch.compile(flex_attention, dynamic=False)
             ts = [_rand((B, H, X * Y, D), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, H, X * Y, D), tdt, device, 9) if grad else None

@@ -143,9 +143,9 @@ GRID: List[Case] = [
     C(NA,  SMALL, M(1, 4, 64, 64, 64),  NB(7, "zero"), det=True),
     C(NA,  SMALL, M(1, 2, 30, 31, 16),  NB(5, "mask", dilation=3)),
     C(NA,  FULL,  M(2, 4, 256, 256, 64), NB(7, "zero")),             # the seeds' BEV map, 256 channels
-    C(NA,  LARGE, M(2, 4, 256, 256, 64), NB(7, "clamp"), dtypes=LOW),
-    C(NA,  LARGE, M(2, 4, 256, 256, 64), NB(7, "mask", dilation=2), dtypes=LOW),
-    C(NA,  LARGE, M(16, 16, 725, 725, 16), NB(7, "zero", rpb=False), grads=False, sample=(15,), dtypes=FP16),  # > 2**31
+    C(NA,  LARGE, M(2, 4, 128, 128, 64), NB(7, "clamp"), dtypes=LOW),            # the other borders
+    C(NA,  LARGE, M(2, 4, 128, 128, 64), NB(7, "mask", dilation=2), dtypes=LOW),
+    C(NA,  LARGE, M(64, 4, 725, 725, 16), NB(7, "zero", rpb=False), grads=False, sample=(63,), dtypes=FP16),  # > 2**31
     # ---- rollout: recomputed and given logsumexps
     C(RO,  TINY,  R(1, 2, 33, 16, 3), det=True),
     C(RO,  TINY,  R(2, 3, 65, 40, 2), dict(with_lse=True)),
@@ -259,13 +259,16 @@ def select(device: str, quick: bool, ops=None, only=None, tier=None) -> List[Cas
 # a worker subprocess starts (import torch, triton, dcal) in ~8 s; each Triton specialisation
 # (op x dtype x head-dim class x flags: the forward and backward kernels) JIT-compiles in ~3 s the
 # first time (cold cache); a TINY/SMALL run (kernel + fp64 and low-precision references) takes
-# ~0.2 s, a FULL one ~2 s (fp64 reference sliced per batch), a LARGE one ~5 s; a torch.compile
+# ~0.2 s; FULL and LARGE runs are dominated by the two references: ~1 s (attention, rollout) and
+# ~8 s for the 256x256 neighborhood maps (k and v windows gathered per head: 8 slices of 1.6 GB
+# in fp64, memory-bound), LARGE ~4 / 3 (128x128 maps) / 1 s; a torch.compile
 # check ~10 s; the benchmark process: start-up, ~20 s per FlexAttention compile (PWCA and the
 # neighborhood block mask, once per mode), ~15 s of measured rounds in --quick (ViT-B/16 step
 # at B 8 bf16) and ~60 s in the full run (B 8 and 16, bf16 and fp16, both modes). The report prints the estimate next to the measured wall
 # time, so the constants can be corrected after the first GPU run.
 START_S, JIT_S, COMPILE_S = 8.0, 3.0, 10.0
-CASE_S = {TINY: 0.2, SMALL: 0.2, FULL: 2.0, LARGE: 5.0}
+CASE_S = {TINY: {"*": 0.2}, SMALL: {"*": 0.3}, FULL: {"attention": 1.0, "neighborhood": 8.0, "rollout": 1.0},
+          LARGE: {"attention": 4.0, "neighborhood": 3.0, "rollout": 1.0}}
 FLEX_S, BENCH_RUN_S = 20.0, {True: 15.0, False: 60.0}
 FLEX_COMPILES = {True: 2, False: 4}
 # Backends that claim CUDA for each op (for the estimate only; the run asks dcal.ops itself).
@@ -288,7 +291,8 @@ def estimate_gpu_seconds(quick: bool, bench: bool = True) -> Tuple[float, Dict[s
         for b in CUDA_BACKENDS[DISPATCH_OP[c.op]]:
             for dt in case_dtypes(c, "cuda", quick):
                 runs += 1
-                secs += CASE_S[c.tier] * (2 if c.det and determinism_promise(c.op, b, "cuda") else 1)
+                per = CASE_S[c.tier].get(c.family, CASE_S[c.tier].get("*"))
+                secs += per * (2 if c.det and determinism_promise(c.op, b, "cuda") else 1)
                 if b == "triton":
                     flags = (len(c.s.get("Nk", ())) > 1, c.kw.get("border"), bool(c.kw.get("rpb")), c.kw.get("with_lse"))
                     jit.add((DISPATCH_OP[c.op], dt, head_class(c.s["D"]), flags))

@@ -582,6 +582,22 @@ def _error_detail(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0][:300] if msg else ''}{where}"
 
 
+def cuda_context_ok() -> bool:
+    """False after a sticky device fault (illegal address, device-side assert): every later CUDA
+    call in this process would fail, so the worker must end and the parent start a new one."""
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        (torch.ones(1, device="cuda") + 1).item()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+STICKY_FAULT_EXIT = 17
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcal.check.worker")
     p.add_argument("--family", required=True, choices=G.FAMILIES)
@@ -601,6 +617,12 @@ def main(argv=None) -> int:
     if a.inject:
         runpy.run_path(a.inject, run_name="dcal_check_inject")
     write = Writer(a.out)
+    if a.device == "cuda":
+        import torch
+
+        # the judging rule assumes IEEE fp32 matmuls in the references (PyTorch's default)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if a.env_out:
         from dcal.check.env import collect
 
@@ -627,6 +649,11 @@ def main(argv=None) -> int:
             write(event="row", **x)
         write(event="end", id=r["id"])
         if a.device == "cuda":
+            if not cuda_context_ok():
+                # the fault is recorded on the run that caused it (its synchronize raised);
+                # the parent restarts a fresh process on the runs that remain
+                write(event="fault", id=r["id"])
+                os._exit(STICKY_FAULT_EXIT)
             import torch
 
             torch.cuda.empty_cache()
