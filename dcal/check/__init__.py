@@ -35,9 +35,9 @@ the interpreter (``TRITON_INTERPRET=1`` is set for the workers) on TINY cases in
 ``--quick --device cpu`` takes about 2 minutes on a loaded 2-core machine (50 s of CPU time).
 
 Expected GPU duration, computed by :func:`dcal.check.grid.estimate_gpu_seconds` from the case
-count with the per-item costs stated there (no GPU has run it yet): ``--quick`` 23 cases, 41
-runs (bf16), 14 Triton specialisations, 3 compile checks, benchmarks: about 3.2 minutes; the
-full run 31 cases, 154 runs (fp32/fp16/bf16), 49 specialisations, 5 compile checks: about 9.5
+count with the per-item costs stated there (no GPU has run it yet): ``--quick`` 26 cases, 46
+runs (bf16), 15 Triton specialisations, 3 compile checks, benchmarks: about 3.2 minutes; the
+full run 34 cases, 169 runs (fp32/fp16/bf16), 52 specialisations, 5 compile checks: about 9.7
 minutes (targets: 3 and 10 minutes on one H100-class GPU). The report prints the estimate next
 to the measured wall time; ``tests/test_check.py`` keeps the grid inside the targets.
 

@@ -110,7 +110,7 @@ def run_family(family: str, a, env, workdir: str, deadline: float, prefix=None, 
         cmd += ["--inject", os.path.abspath(a.inject)]
     crashed_rows: List[dict] = []
     plan: Optional[List[str]] = None
-    first = True
+    first, n_started = True, 0
     while True:
         extra = ["--env-out", env_out] if env_out and first else []
         first = False
@@ -134,10 +134,12 @@ def run_family(family: str, a, env, workdir: str, deadline: float, prefix=None, 
             for rid in remaining:
                 crashed_rows.append(_row_from_id(rid, "error", "not run: the time budget of the run was used up"))
             break
-        if rc == 0 and not dead:  # finished without running everything: should not happen
+        if (rc == 0 and not dead) or len(started) == n_started:  # ended early, or died before any run
             for rid in remaining:
-                crashed_rows.append(_row_from_id(rid, "error", "not run: the worker ended early"))
+                crashed_rows.append(_row_from_id(rid, "error", f"not run: the worker {_describe_rc(rc)} before "
+                                                               f"reaching it: {_tail(log)}"))
             break
+        n_started = len(started)
         with open(skipf, "w") as f:
             f.write("\n".join(sorted(done)))
     rows = [{k: v for k, v in e.items() if k != "event"} for e in _events(out) if e["event"] == "row"]

@@ -61,7 +61,8 @@ def collect(device: str) -> dict:
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    gpu_count=torch.cuda.device_count(), sm_count=p.multi_processor_count)
-        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[:1] or "unknown"
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
+        env["driver"] = smi[0].strip() if smi else "unknown (nvidia-smi not found)"
         try:
             env["cudnn"] = torch.backends.cudnn.version()
         except Exception:  # noqa: BLE001

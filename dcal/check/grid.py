@@ -51,6 +51,8 @@ class Case:
     det: also check bit-determinism (two runs) where the backend promises it.
     dtypes: restrict the case to these dtypes (None: the run's dtypes), e.g. the > 2**31 cases,
     whose point (64-bit offsets) does not depend on the dtype.
+    packed: the inputs are strided views of a packed projection (``[B, N, 3, H, D]`` permuted,
+    channels-last qkv for neighborhood attention), not contiguous tensors.
     """
 
     op: str
@@ -61,6 +63,7 @@ class Case:
     sample: Optional[Tuple[int, ...]] = None
     det: bool = False
     dtypes: Optional[Tuple[str, ...]] = None
+    packed: bool = False
 
     @property
     def s(self) -> Dict[str, object]:
@@ -75,7 +78,7 @@ class Case:
         return FAMILY[self.op]
 
     def shape_str(self) -> str:
-        parts = []
+        parts = ["packed"] if self.packed else []
         for k, v in self.shape:
             parts.append(f"{k}{'+'.join(map(str, v)) if isinstance(v, tuple) else v}")
         for k, v in self.kwargs:
@@ -124,6 +127,7 @@ GRID: List[Case] = [
     C(PW,  TINY,  A(1, 2, 1, (5, 130), 16)),
     C(MKV, TINY,  A(1, 2, 130, (5,), 64)),
     C(MKV, TINY,  A(1, 1, 17, (7, 66, 3), 128)),
+    C(PW,  TINY,  A(2, 2, 23, (23, 29), 64), packed=True),
     C(PW,  SMALL, A(2, 3, 197, (197, 197), 64)),
     C(MKV, SMALL, A(1, 2, 300, (513,), 40)),
     C(PW,  FULL,  A(8, 12, 785, (785, 785), 64), det=True),           # DCAL PWCA at 448 px
@@ -137,6 +141,7 @@ GRID: List[Case] = [
     C(NA,  TINY,  M(1, 2, 7, 10, 40),   NB(5, "mask"), det=True),
     C(NA,  TINY,  M(1, 2, 9, 11, 64),   NB(7, "clamp")),
     C(NA,  TINY,  M(1, 1, 4, 6, 128),   NB(7, "zero", rpb=False)),
+    C(NA,  TINY,  M(2, 2, 6, 7, 32),    NB(3, "clamp"), packed=True),
     C(NA,  TINY,  M(1, 2, 13, 15, 16),  NB(3, "zero", dilation=2)),
     C(NA,  TINY,  M(1, 2, 13, 15, 24),  NB(3, "clamp", dilation=2)),
     C(NA,  SMALL, M(2, 4, 32, 29, 32),  NB(7, "clamp")),
@@ -150,6 +155,7 @@ GRID: List[Case] = [
     C(RO,  TINY,  R(1, 2, 33, 16, 3), det=True),
     C(RO,  TINY,  R(2, 3, 65, 40, 2), dict(with_lse=True)),
     C(RO,  TINY,  R(1, 2, 17, 128, 2)),
+    C(RO,  TINY,  R(2, 2, 19, 32, 2), packed=True),
     C(RO,  SMALL, R(2, 12, 197, 64, 12), dict(with_lse=True)),
     C(RO,  FULL,  R(8, 12, 785, 64, 12), dict(with_lse=True)),        # GLCA's selection at 448 px
     C(RO,  LARGE, R(8, 12, 785, 64, 12)),

@@ -263,8 +263,12 @@ def _attn_inputs(c: G.Case, dtype, device):
     g = torch.Generator(device=device).manual_seed(c.seed())
     B, H, Nq, D = s["B"], s["H"], s["Nq"], s["D"]
     rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
-    q = rnd(B, H, Nq, D)
-    kv = [(rnd(B, H, n, D), rnd(B, H, n, D)) for n in s["Nk"]]
+    if c.packed:  # views of projections laid out [B, N, (2,) H, D], as models produce them
+        q = rnd(B, Nq, H, D).transpose(1, 2)
+        kv = [tuple(rnd(B, n, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)) for n in s["Nk"]]
+    else:
+        q = rnd(B, H, Nq, D)
+        kv = [(rnd(B, H, n, D), rnd(B, H, n, D)) for n in s["Nk"]]
     dout = rnd(B, H, Nq, D)
     dlse = torch.randn(B, H, Nq, generator=g, device=device, dtype=torch.float32)
     return q, kv, dout, dlse, D ** -0.5 * 1.3  # not the default scale, so a dropped scale shows
@@ -349,7 +353,10 @@ def _na_inputs(c: G.Case, dtype, device):
     g = torch.Generator(device=device).manual_seed(c.seed())
     B, H, X, Y, D = s["B"], s["H"], s["X"], s["Y"], s["D"]
     rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
-    q, k, v = rnd(B, H, X, Y, D), rnd(B, H, X, Y, D), rnd(B, H, X, Y, D)
+    if c.packed:  # views of a channels-last qkv projection [B, X, Y, 3, H, D]
+        q, k, v = rnd(B, X, Y, 3, H, D).permute(3, 0, 4, 1, 2, 5).unbind(0)
+    else:
+        q, k, v = rnd(B, H, X, Y, D), rnd(B, H, X, Y, D), rnd(B, H, X, Y, D)
     kw = c.kw
     ks = kw.get("kernel_size", 7)
     rpb = rnd(H, 2 * ks - 1, 2 * ks - 1) if kw.get("rpb") else None
@@ -449,6 +456,9 @@ def _ro_inputs(c: G.Case, dtype, device):
     # spread 2 sharpens the softmax so blocks and heads differ
     qs = [(torch.randn(B, H, N, D, generator=g, device=device, dtype=torch.float32) * 2).to(dtype) for _ in range(L)]
     ks = [torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype) for _ in range(L)]
+    if c.packed:  # the same values as views of [B, N, 2, H, D] projections
+        packed = [torch.stack([q, k], 2).permute(0, 3, 2, 1, 4).contiguous().permute(2, 0, 3, 1, 4) for q, k in zip(qs, ks)]
+        qs, ks = [p_[0] for p_ in packed], [p_[1] for p_ in packed]
     lses = None
     if c.kw.get("with_lse"):
         stat = torch.float64 if dtype == torch.float64 else torch.float32
@@ -626,8 +636,12 @@ def main(argv=None) -> int:
     if a.env_out:
         from dcal.check.env import collect
 
+        try:
+            env = collect(a.device)
+        except Exception as e:  # noqa: BLE001  (the grid still runs)
+            env = {"error": _error_detail(e)}
         with open(a.env_out, "w") as f:
-            json.dump(collect(a.device), f, indent=1, default=str)
+            json.dump(env, f, indent=1, default=str)
     runs = plan(a.family, a.device, a.quick, a.ops, a.only, a.backends, a.dtypes, a.tier)
     if a.no_compile:
         runs = [r for r in runs if r["kind"] != "compile"]
