@@ -167,3 +167,42 @@ def test_sanitizer_log_parsing():
     assert len(sanitizer_findings(bad)[1]) == 2
     race = "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n"
     assert sanitizer_findings(race)[1]
+
+
+FAKE_SANITIZER = textwrap.dedent('''
+    import subprocess, sys
+    # stand-in for compute-sanitizer: [--tool T --error-exitcode N --print-limit M] command...
+    tool, cmd = sys.argv[2], sys.argv[7:]
+    rc = subprocess.call(cmd)
+    if tool == "racecheck":
+        print("========= Race reported between Write access at _kernel+0x10 and Read access at _kernel+0x20")
+        print("========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")
+    else:
+        print("========= ERROR SUMMARY: 0 errors")
+    sys.exit(rc)
+''')
+
+
+def test_sanitize_wraps_each_family_and_reads_the_tool(tmp_path):
+    """--sanitize's mechanics with a stand-in tool (there is no GPU here): every family's worker
+    runs under the tool, and the tool's summary decides the row."""
+    import argparse
+    import time
+
+    from dcal.check import cli
+
+    tool = tmp_path / "fake-sanitizer"
+    tool.write_text(f"#!{sys.executable}\n" + FAKE_SANITIZER)
+    tool.chmod(0o755)
+    a = argparse.Namespace(device="cpu", quick=True, ops=["rollout"], only=["N33"], backends=["cpp"], dtypes=None,
+                           inject=None, tier=None, no_compile=False)
+    env = cli.child_env("cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env["PYTHONPATH"]
+    rows = cli.sanitize(a, env, str(tmp_path), time.time() + 300, tool_path=str(tool))
+    by = {r["check"]: r for r in rows}
+    assert set(by) == {"sanitize:memcheck", "sanitize:racecheck"} and all(r["op"] == "rollout" for r in rows)
+    assert by["sanitize:memcheck"]["status"] == "pass", by
+    assert by["sanitize:racecheck"]["status"] == "fail" and "1 error" in by["sanitize:racecheck"]["detail"], by
+    # the workers really ran (cpp on the TINY case, fp32 here) under the tool
+    log = (tmp_path / "rollout.memcheck.jsonl").read_text()
+    assert '"status": "pass"' in log and '"backend": "cpp"' in log

@@ -115,7 +115,7 @@ def compare(case: str, flops: float, dtype: str, providers: Dict[str, Callable[[
     for name, ts in times.items():
         if ts and rows[name]["status"] == "ok":
             ms = statistics.median(ts)
-            rows[name].update(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 4) if flops else None,
+            rows[name].update(ms=round(ms, 4), tflops=float(f"{flops / (ms * 1e-3) / 1e12:.4g}") if flops else None,
                               spread=[round(min(ts), 4), round(max(ts), 4)], rounds=len(ts))
     fns.clear()
     return list(rows.values())

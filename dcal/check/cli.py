@@ -163,22 +163,37 @@ def _events(path: str) -> List[dict]:
 # ----------------------------------------------------------------------------- sanitize
 
 
-def sanitize(a, env, workdir, deadline) -> List[dict]:
-    """The TINY cases of the GPU backends, fp16, under compute-sanitizer memcheck and racecheck."""
+def find_sanitizer() -> Optional[str]:
+    path = shutil.which("compute-sanitizer")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if not path and root and os.path.exists(os.path.join(root, "bin", "compute-sanitizer")):
+            path = os.path.join(root, "bin", "compute-sanitizer")
+    return path
+
+
+def sanitize(a, env, workdir, deadline, tool_path: Optional[str] = None) -> List[dict]:
+    """The TINY cases of the GPU backends (fp16, no compile checks) under compute-sanitizer's
+    memcheck and racecheck, one worker per family and tool. ``tool_path`` is for testing this
+    function with a stand-in tool on CPU (fp32 there)."""
+    dtype = "float16" if a.device == "cuda" else "float32"
+
     def skip(why):
-        return [dict(op="(all)", backend="triton+cpp", device=a.device, dtype="float16", shape="tiny subset",
+        return [dict(op="(all)", backend="triton+cpp", device=a.device, dtype=dtype, shape="tiny subset",
                      check=f"sanitize:{tool}", status="skip", max_err=None, tol=None, seconds=None, detail=why,
                      id=f"sanitize|{tool}") for tool in ("memcheck", "racecheck")]
-    if a.device != "cuda":
-        return skip("compute-sanitizer checks CUDA kernels; this run is on CPU")
-    tool_path = shutil.which("compute-sanitizer")
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if not tool_path and root and os.path.exists(os.path.join(root, "bin", "compute-sanitizer")):
-            tool_path = os.path.join(root, "bin", "compute-sanitizer")
-    if not tool_path:
-        return skip("compute-sanitizer not found (on the PATH, $CUDA_HOME/bin or /usr/local/cuda/bin); it ships with the CUDA toolkit")
+    if tool_path is None:
+        if a.device != "cuda":
+            return skip("compute-sanitizer checks CUDA kernels; this run is on CPU")
+        tool_path = find_sanitizer()
+        if not tool_path:
+            return skip("compute-sanitizer not found (on the PATH, $CUDA_HOME/bin or /usr/local/cuda/bin); "
+                        "it ships with the CUDA toolkit")
     rows = []
-    sub = argparse.Namespace(**{**vars(a), "quick": False, "backends": ["triton", "cpp"], "dtypes": ["float16"],
+    # without the caching allocator every tensor is its own allocation, so an access past a
+    # tensor's end is outside any allocation and memcheck sees it
+    env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    backends = [b for b in ("triton", "cpp") if not a.backends or b in a.backends]
+    sub = argparse.Namespace(**{**vars(a), "quick": False, "backends": backends, "dtypes": [dtype],
                                 "tier": G.TINY, "no_compile": True})
     for tool in ("memcheck", "racecheck"):
         prefix = [tool_path, "--tool", tool, "--error-exitcode", "86", "--print-limit", "20"]
@@ -198,7 +213,7 @@ def sanitize(a, env, workdir, deadline) -> List[dict]:
                 detail += "; " + " | ".join(hazards[:5])
             if bad:
                 detail += f"; {len(bad)} runs failed/errored under the tool (see {os.path.basename(log)})"
-            rows.append(dict(op=family, backend="triton+cpp", device="cuda", dtype="float16", shape="tiny subset",
+            rows.append(dict(op=family, backend="triton+cpp", device=a.device, dtype=dtype, shape="tiny subset",
                              check=f"sanitize:{tool}", status=status, max_err=None, tol=None,
                              seconds=round(time.perf_counter() - t0, 2), detail=detail[:800], id=f"{family}|sanitize|{tool}"))
     return rows
@@ -258,7 +273,7 @@ def run_bench(a, env, workdir, deadline) -> List[dict]:
     for r in rows:
         p = peaks.get(r.get("dtype"))
         if r.get("tflops") and p:
-            r["share"] = round(r["tflops"] / p, 4)
+            r["share"] = float(f"{r['tflops'] / p:.4g}")
     return rows
 
 
