@@ -246,8 +246,10 @@ def run_bench(a, env, workdir, deadline) -> List[dict]:
     out, log = os.path.join(workdir, "bench.jsonl"), os.path.join(workdir, "bench.log")
     if os.path.exists(out):
         os.remove(out)
+    family_of = {"pwca": "attention", "neighborhood": "neighborhood", "rollout": "rollout"}
     groups = [g for g in ("peak", "pwca", "neighborhood", "rollout", "train")
-              if not a.ops or g in ("peak", "train") or any(g == o or G.FAMILY.get(o) == g for o in a.ops)]
+              if not a.ops or g in ("peak", "train")
+              or any(o in (g, family_of[g]) or G.FAMILY.get(o) == family_of[g] for o in a.ops)]
     failed: List[dict] = []
     while groups:
         cmd = [sys.executable, "-m", "dcal.check.bench", "--device", a.device, "--out", out, "--group", *groups]
