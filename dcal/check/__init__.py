@@ -32,7 +32,7 @@ events), peak memory, TFLOP/s and its share of a matmul peak measured in the sam
 On CPU the C++ and sdpa backends run the TINY (``--quick``) or SMALL cases, and Triton runs in
 the interpreter (``TRITON_INTERPRET=1`` is set for the workers) on TINY cases in fp32 (Triton
 3.8's interpreter computes bf16 ``tl.dot`` wrongly, so bf16 Triton is a skip with that reason).
-``--quick --device cpu`` takes about 2 minutes on a loaded 2-core machine (50 s of CPU time).
+``--quick --device cpu`` needs about 70 s of CPU time (2-5 minutes wall on a shared 2-core machine).
 
 Expected GPU duration, computed by :func:`dcal.check.grid.estimate_gpu_seconds` from the case
 count with the per-item costs stated there (no GPU has run it yet): ``--quick`` 26 cases, 46

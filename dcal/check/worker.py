@@ -244,7 +244,7 @@ def _judge(run, name, m: Meter, seconds, extra=""):
     if m.nonfinite:
         return row(run, name, "fail", m.err, tol, seconds, "non-finite values (an unwritten output?)" + extra)
     status = "pass" if m.err <= tol else "fail"
-    detail = f"reference {dtype} error {m.ref_err:.3g}, max|truth| {m.tmax:.3g}" + extra
+    detail = f"reference {dtype} error {m.ref_err:.3g}, max abs(truth) {m.tmax:.3g}" + extra
     return row(run, name, status, m.err, tol, seconds, detail)
 
 
