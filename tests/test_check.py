@@ -1,5 +1,5 @@
-"""``python -m dcal.check`` catches a broken backend: one patched to return a wrong value, one to
-raise, one to kill its process. The patches reach the worker subprocesses through ``--inject``
+"""``python -m dcal.check`` catches a broken backend: patched to return a wrong value, to leave its
+output unwritten, to raise, and to kill its process. The patches reach the worker subprocesses through ``--inject``
 (a file every worker runs before its cases). One run of the command on a tiny subset (a few
 cases, fp32/fp64, no Triton, no benchmarks) is shared by the tests below.
 """
@@ -31,13 +31,18 @@ INJECT = textwrap.dedent('''
             return out + 1e-3, lse  # a wrong forward value (a constant shift: the gradients stay right)
         return f
 
-    def raising(fn):
-        def f(*a):
-            raise RuntimeError("injected failure")
+    def sdpa(fn):
+        def f(q, *rest):
+            if q.dtype == torch.float32:
+                raise RuntimeError("injected failure")
+            out, lse = fn(q, *rest)
+            # an output the kernel "forgot" to write: whatever a fresh allocation holds (times 0,
+            # so the gradients stay right); the checker NaN-fills fresh allocations
+            return out + torch.empty_like(out) * 0, lse
         return f
 
     patch("multi_kv_attention", "cpp", cpp)
-    patch("multi_kv_attention", "sdpa", raising)
+    patch("multi_kv_attention", "sdpa", sdpa)
 ''')
 
 
@@ -73,16 +78,18 @@ def test_exactly_the_broken_cases_fail_or_error(broken_run):
     cases = report["cases"]
     fails = {_key(r) for r in cases if r["status"] == "fail"}
     errors = {_key(r) for r in cases if r["status"] == "error"}
-    # the shifted forward fails, eager and compiled; its gradients pass
-    assert fails == {("pwca_attention", "cpp", "float32", "out"), ("pwca_attention", "cpp", "float32", "compile")}, fails
+    # the shifted forward fails, eager and compiled, and so does the unwritten one; their
+    # gradients pass
+    assert fails == {("pwca_attention", "cpp", "float32", "out"), ("pwca_attention", "cpp", "float32", "compile"),
+                     ("pwca_attention", "sdpa", "float64", "out")}, fails
     assert errors == {
         ("pwca_attention", "cpp", "float64", "run"),  # the process died
         ("pwca_attention", "sdpa", "float32", "run"),
-        ("pwca_attention", "sdpa", "float64", "run"),
         ("pwca_attention", "sdpa", "float32", "compile"),
     }, errors
     by = {_key(r): r for r in cases}
     assert "injected failure" in by[("pwca_attention", "sdpa", "float32", "run")]["detail"]
+    assert "non-finite" in by[("pwca_attention", "sdpa", "float64", "out")]["detail"]
     assert "exit status 3" in by[("pwca_attention", "cpp", "float64", "run")]["detail"]
     wrong = by[("pwca_attention", "cpp", "float32", "out")]
     assert wrong["max_err"] > wrong["tol"] and wrong["max_err"] == pytest.approx(1e-3, rel=1e-3)
@@ -94,6 +101,7 @@ def test_everything_else_ran_and_passed(broken_run):
     _, report, _ = broken_run
     passed = {_key(r) for r in report["cases"] if r["status"] == "pass"}
     expected = {("pwca_attention", "cpp", "float32", c) for c in ("lse", "dq", "dk1", "dv1", "dk2", "dv2", "determinism")}
+    expected |= {("pwca_attention", "sdpa", "float64", c) for c in ("lse", "dq", "dk1", "dv1", "dk2", "dv2")}
     assert passed == expected, passed ^ expected
     rows = [(r["id"], r["check"]) for r in report["cases"]]
     assert len(rows) == len(set(rows)), "a run was recorded twice (the restarted worker re-ran it)"
