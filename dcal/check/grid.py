@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 TINY, SMALL, FULL, LARGE = 0, 1, 2, 3

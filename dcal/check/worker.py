@@ -52,8 +52,6 @@ def row(run, check, status, max_err=None, tol=None, seconds=None, detail=""):
 
 def plan(family: str, device: str, quick: bool, ops=None, only=None, backends=None, dtypes=None, tier=None) -> List[dict]:
     """Every (case, backend, dtype) run of this family, plus one torch.compile run per backend."""
-    import torch
-    import dcal.ops
     from dcal.ops import _dispatch
 
     runs = []
