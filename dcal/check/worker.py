@@ -111,10 +111,9 @@ def _skip_reason(c: G.Case, backend: str, dtype: str, device: str) -> Optional[s
         return why
     probe = torch.empty((1,) * (3 if c.family != "neighborhood" else 4) + (c.s["D"],), dtype=getattr(torch, dtype),
                         device=device)
-    try:
-        dcal.ops.chosen_backend(c.op, probe, backend=backend)
-    except ValueError as e:
-        return str(e)
+    why = _claim(c, backend, probe)
+    if why:
+        return why
     if device == "cpu" and backend == "triton":
         if dtype == "bfloat16":
             return G.INTERPRETER_BF16
@@ -126,6 +125,25 @@ def _skip_reason(c: G.Case, backend: str, dtype: str, device: str) -> Optional[s
         if need > 0.85 * free:
             return f"needs ~{need / 2**30:.1f} GiB, device has {free / 2**30:.1f} GiB free"
     return None
+
+
+def _claim(c: G.Case, backend: str, probe) -> Optional[str]:
+    """Why ``backend`` does not claim this case (None: it does), asked of the op's own chain with
+    the case's attributes (kernel size, border, dilation, segments), as a call would ask it."""
+    import dcal.ops
+
+    if c.family == "neighborhood":
+        attrs = {k: v for k, v in c.kw.items() if k in ("kernel_size", "border", "dilation")}
+    elif c.family == "attention":
+        attrs = {"segments": len(c.s["Nk"])}
+    else:
+        attrs = {"blocks": c.s["L"]}
+    text = dcal.ops.explain(c.op, probe, backend=backend, **attrs)
+    line = next((l.strip() for l in text.splitlines()[1:] if l.strip().startswith(backend)), "")
+    if line.endswith("chosen"):
+        return None
+    reason = line.split("skipped:", 1)[1].strip() if "skipped:" in line else line or text
+    return f"backend={backend!r} cannot run {c.op} here: {reason}"
 
 
 def _esize(dtype: str) -> int:
