@@ -2,7 +2,8 @@
 #   make bench   set up (venv, torch, dcal built with its C++/CUDA extension) and run the main job:
 #                the speed/memory comparison of bench/
 #   make test    the same set-up, then the test suite (2 pytest workers)
-# Both only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
+#   make check   the same set-up, then python -m dcal.check (run it first on a GPU; README)
+# All only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -15,8 +16,10 @@ CUDA_HOME ?= $(shell nvcc --dryrun -c dcal_probe.cu -o /dev/null 2>&1 | sed -n '
 export CUDA_HOME
 BENCH_ARGS ?=
 TEST_ARGS  ?=
+CHECK_ARGS ?= --quick
+CHECK_OUT  ?= dcal-check
 
-.PHONY: setup bench test kernel-report clean
+.PHONY: setup bench test check kernel-report clean
 
 setup: $(VENV)/.dcal-installed
 
@@ -37,6 +40,11 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 $(TEST_ARGS) tests
+
+# Every backend on this machine's device vs the fp64 reference, plus benchmarks: $(CHECK_OUT)/report.md.
+# CHECK_ARGS= (empty) for the full run; add --sanitize for compute-sanitizer, --no-bench for correctness only.
+check: setup
+	$(PY) -m dcal.check $(CHECK_ARGS) --out $(CHECK_OUT)
 
 kernel-report: setup
 	$(PY) -m bench.kernel_report

@@ -1,0 +1,5 @@
+import sys
+
+from dcal.check.cli import main
+
+sys.exit(main())
