@@ -33,9 +33,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dcal.train import autobatch
 from dcal.train import checkpoint as ckpt
 from dcal.train.config import TrainConfig, parse_bytes
 from dcal.train.data import collate, set_epoch
+from dcal.train.memory import cpu_peak_rss, reset_cpu_peak
+from dcal.train.optim import CosineWarmup, param_groups
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -47,83 +50,6 @@ def accuracy(outputs: Any, target: Tensor) -> Tuple[float, int]:
         outputs = next(iter(outputs.values()))
     pred = outputs.argmax(1)
     return float((pred == target).sum()), target.numel()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: no decay on 1-D parameters (biases, norms, learnable loss weights), on the
-    names listed by ``model.no_weight_decay()`` (timm convention: position/CLS embeddings) and on
-    anything named ``loss_weights``."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        parts = name.split(".")
-        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        if p.ndim <= 1 or prefixes & skip or "loss_weights" in parts:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class CosineWarmup:
-    """lr(step): linear warmup over ``warmup`` steps to ``peak``, then cosine down to ``floor``
-    at ``total`` steps. Its state is the step counter (advanced also on skipped steps, so the
-    schedule's length does not depend on how many fp16 steps overflow)."""
-
-    def __init__(self, peak: float, floor: float, warmup: int, total: int):
-        self.peak, self.floor, self.warmup, self.total = peak, min(floor, peak), warmup, max(total, 1)
-        self.step_count = 0
-
-    def lr(self, step: Optional[int] = None) -> float:
-        s = self.step_count if step is None else step
-        if s < self.warmup:
-            return self.peak * (s + 1) / self.warmup
-        t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + 0.5 * (self.peak - self.floor) * (1 + math.cos(math.pi * t))
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"step_count": self.step_count, "peak": self.peak, "floor": self.floor, "warmup": self.warmup,
-                "total": self.total}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-
-
-def _proc_status(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_cpu_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_peak_rss() -> Optional[int]:
-    """Peak resident set of this process since the last :func:`reset_cpu_peak`, in bytes."""
-    peak = _proc_status("VmHWM")
-    if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak
-
-
-def cpu_rss() -> Optional[int]:
-    return _proc_status("VmRSS")
 
 
 def setup_distributed() -> Tuple[int, int, int]:
@@ -300,8 +226,6 @@ class Trainer:
         return cpu_peak_rss() or 0
 
     def _choose_micro_batch(self) -> None:
-        from dcal.train import autobatch
-
         cfg = self.cfg
         budget = parse_bytes(cfg.max_memory, "train.max_memory") if cfg.max_memory else None
         if self.device.type == "cuda":
