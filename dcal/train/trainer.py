@@ -396,9 +396,11 @@ class Trainer:
         state = self.state_dict()
         return self.ckpts.save(state, self.step, is_best) if self.is_main else None
 
-    def load(self, path: str) -> None:
-        """Restore everything :meth:`state_dict` holds; training continues exactly where it was."""
-        state = ckpt.load(path, map_location="cpu")
+    def load(self, path: str, state: Optional[Dict[str, Any]] = None) -> None:
+        """Restore everything :meth:`state_dict` holds; training continues exactly where it was.
+        ``state``: the checkpoint already read from ``path`` (it is not read again)."""
+        if state is None:
+            state = ckpt.load(path, map_location="cpu")
         if state["effective_batch"] != self.cfg.effective_batch:
             raise ValueError(f"checkpoint {path} was trained with effective_batch {state['effective_batch']}, "
                              f"the config asks for {self.cfg.effective_batch}; resume needs the same")
@@ -431,12 +433,13 @@ class Trainer:
                             pin_memory=self.device.type == "cuda")
         return loader, len(groups)
 
-    def fit(self, resume: Optional[str] = None) -> List[Dict[str, Any]]:
-        """Train for ``config.epochs`` epochs (from ``resume``, a checkpoint path, if given).
-        Returns the rows written to ``metrics.jsonl``."""
+    def fit(self, resume: Optional[str] = None, resume_state: Optional[Dict[str, Any]] = None
+            ) -> List[Dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (from ``resume``, a checkpoint path, if given;
+        ``resume_state``: its content when already read). Returns the rows written to ``metrics.jsonl``."""
         cfg = self.cfg
         if resume:
-            self.load(resume)
+            self.load(resume, resume_state)
         if self.micro_batch is None:
             self._choose_micro_batch()
         self.model.train()
