@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         model = task.model_factory()
         loss = task.loss if task.loss is not None else model.loss
         trainer = Trainer(model, loss, task.train_set, task.val_set, cfg.train, out_dir=args.out,
-                          model_factory=task.model_factory, run_config=cfg.to_dict())
+                          model_factory=task.model_factory, run_config=cfg.to_dict(), eval_fn=task.eval_fn)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
