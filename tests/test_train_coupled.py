@@ -291,32 +291,49 @@ def _free_port():
         return s.getsockname()[1]
 
 
+class EpisodeSet(torch.utils.data.Dataset):
+    def __init__(self, E):
+        self.x, self.y = episodes(E)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _trainer_grads(trainer, batch, n_group):
+    """The gradient the trainer hands to the optimiser (after DDP's reduction) for one step."""
+    seen = {}
+    real_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.update(grads(trainer.model)), real_step(*a, **k))[1]
+    r = trainer.train_step(batch, n_group)
+    return r["loss"], seen
+
+
 def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {}
         # contrastive: the global batch of 8 pairs, 4 per process as DistributedSampler deals them
-        model = tiny_clip()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        (img, tok), y = pairs(8)
+        data = PairSet(8)
+        t = Trainer(tiny_clip(), ClipLoss(), data, None, tcfg(effective_batch=8, micro_batch=3))
+        assert t.world == 2 and t.ddp is not None
         mine = slice(rank, None, world)
-        model.zero_grad(set_to_none=True)
-        v = cached_backward(model, ClipLoss(), (img[mine], tok[mine]), y[mine], 3, forward_model=ddp, ddp=ddp)
-        results["clip"] = (v, grads(model))
+        results["clip"] = _trainer_grads(t, ((data.img[mine], data.tok[mine]), data.y[mine]), 8)
         # episodic: 2 episodes, one per process; DDP's mean over processes is the mean over episodes
-        model = tiny_proto()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x, ey = episodes(2)
-        model.zero_grad(set_to_none=True)
-        v = cached_backward(model, PrototypicalLoss(3, 2, 4, vic_weight=0.5), x[rank : rank + 1], ey[rank : rank + 1],
-                            4, forward_model=ddp, ddp=ddp)
-        results["episodes"] = (v, grads(model))
+        eps = EpisodeSet(2)
+        t = Trainer(tiny_proto(), PrototypicalLoss(3, 2, 4, vic_weight=0.5), eps, None,
+                    tcfg(effective_batch=2, micro_batch=4))
+        results["episodes"] = _trainer_grads(t, (eps.x[rank : rank + 1], eps.y[rank : rank + 1]), 2)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
@@ -329,5 +346,60 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     for r in (r0, r1):
         assert max_diff(r["clip"][1], clip_ref) <= TOL
         assert max_diff(r["episodes"][1], ep_ref) <= TOL
-    ref_value = clip_loss(*tiny_clip()(*pairs(8)[0]))
-    assert abs(float(r0["clip"][0] - ref_value.detach())) <= TOL and float(r0["clip"][0]) == float(r1["clip"][0])
+    ref_value = float(clip_loss(*tiny_clip()(*pairs(8)[0])))
+    # a gathering loss is the global batch's on every process
+    assert abs(r0["clip"][0] - ref_value) <= TOL and r0["clip"][0] == r1["clip"][0]
+
+
+# ----------------------------------------------------------------------------- the demos, tiny
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP_SMOKE = ["--set", "data.train_size=66", "--set", "data.val_size=24", "--set", "train.effective_batch=16",
+              "--set", "train.micro_batch=6", "--set", "model.vision_depth=1", "--set", "model.text_depth=1",
+              "--set", "train.epochs=1", "--set", "train.progress=false"]
+FEWSHOT_SMOKE = ["--set", "data.episodes_per_epoch=4", "--set", "data.val_episodes=2", "--set", "model.hidden=16",
+                 "--set", "train.epochs=1", "--set", "train.progress=false"]
+
+
+def _rows(out):
+    import json
+
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("config, args", [("clip_demo.yaml", CLIP_SMOKE), ("fewshot_demo.yaml", FEWSHOT_SMOKE)],
+                         ids=["clip", "fewshot"])
+def test_demo_config_smoke(tmp_path, config, args):
+    from dcal.train.__main__ import main
+
+    n = torch.get_num_threads()
+    try:
+        assert main(["--config", os.path.join(ROOT, "configs", config), "--out", str(tmp_path), *args]) == 0
+    finally:
+        torch.set_num_threads(n)
+    (row,) = _rows(str(tmp_path))
+    assert 0.0 <= row["val_acc"] <= 1.0 and row["step"] >= 2 and row["train_loss"] > 0
+    assert os.listdir(tmp_path / "checkpoints")
+
+
+def test_open_clip_config_smoke(tmp_path):
+    pytest.importorskip("open_clip")
+    import yaml
+
+    from dcal.train.__main__ import main
+
+    cfg = {"model": {"name": "open_clip", "arch": "ViT-B-32", "embed_dim": 16,
+                     "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+                     "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+           "data": {"name": "synthetic_captions", "img_size": 16, "train_size": 34, "val_size": 12},
+           "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 3, "progress": False, "threads": 1}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    n = torch.get_num_threads()
+    try:
+        assert main(["--config", str(path), "--out", str(tmp_path / "o")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    (row,) = _rows(str(tmp_path / "o"))
+    assert row["step"] == 5 and 0.0 <= row["val_acc"] <= 1.0
