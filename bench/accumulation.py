@@ -62,8 +62,9 @@ def problem(case: str, dtype: torch.dtype, size: str):
         batch = {"check": 16, "quick": 64, "full": 256}[size]
         img_size = {"check": 16, "quick": 32, "full": 32}[size]
         width = {"check": 32, "quick": 64, "full": 128}[size]
-        c = CLIPConfig(embed_dim=32, img_size=img_size, patch_size=4, vision_width=width, vision_depth=2,
-                       vision_heads=width // 32, vocab_size=32, context_length=12, text_width=width, text_depth=2,
+        depth = 1 if size == "check" else 2
+        c = CLIPConfig(embed_dim=32, img_size=img_size, patch_size=4, vision_width=width, vision_depth=depth,
+                       vision_heads=width // 32, vocab_size=32, context_length=12, text_width=width, text_depth=depth,
                        text_heads=width // 32)
         model = CLIP(c).to(dtype)
         img = torch.randn(batch, 3, img_size, img_size, generator=g).to(dtype)
@@ -72,7 +73,7 @@ def problem(case: str, dtype: torch.dtype, size: str):
         return model, ClipLoss(), (img, tok), torch.arange(batch), batch // 4, naive_contrastive
     if case == "episodic":
         img_size = {"check": 16, "quick": 20, "full": 40}[size]
-        model = ProtoNet(in_chans=3, hidden={"check": 16, "quick": 64, "full": 64}[size], depth=4).to(dtype)
+        model = ProtoNet(in_chans=3, hidden={"check": 8, "quick": 64, "full": 64}[size], depth=4).to(dtype)
         loss = PrototypicalLoss(5, 5, 15, vic_weight=0.1)
         y = torch.cat([torch.arange(5).repeat_interleave(5), torch.arange(5).repeat_interleave(15)])
         means = torch.randn(5, 3, 1, 1, generator=g)

@@ -403,3 +403,32 @@ def test_open_clip_config_smoke(tmp_path):
         torch.set_num_threads(n)
     (row,) = _rows(str(tmp_path / "o"))
     assert row["step"] == 5 and 0.0 <= row["val_acc"] <= 1.0
+
+
+def test_coupled_resume_is_exact(tmp_path):
+    from dcal.train.__main__ import main
+
+    cfg = os.path.join(ROOT, "configs", "fewshot_demo.yaml")
+    args = [*FEWSHOT_SMOKE, "--set", "train.epochs=2", "--set", "data.per_class=20", "--set", "model.depth=2"]
+    n = torch.get_num_threads()
+    try:
+        assert main(["--config", cfg, "--out", str(tmp_path / "a"), *args]) == 0
+        assert main(["--config", cfg, "--out", str(tmp_path / "b"), *args, "--set", "train.max_steps=3"]) == 0
+        assert main(["--config", cfg, "--out", str(tmp_path / "b"), *args, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    a, b = (torch.load(sorted((tmp_path / d / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+            for d in ("a", "b"))
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _rows(str(tmp_path / "a"))[-1]["val_acc"] == _rows(str(tmp_path / "b"))[-1]["val_acc"]
+
+
+def test_bench_accumulation_differences():
+    from bench.accumulation import differences
+
+    for case in ("contrastive", "episodic"):
+        d = differences(case)
+        assert d["exact"]["loss_diff"] <= TOL and d["exact"]["grad_diff"] <= TOL, (case, d)
+        assert d["naive"]["grad_rel"] > 1e-2 and d["naive"]["loss_diff"] > 1e-3, (case, d)

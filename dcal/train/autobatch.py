@@ -270,6 +270,12 @@ def _main(argv=None) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = build_task(cfg, seed=cfg.train.seed)
+    from dcal.train.coupled import CoupledLoss
+
+    if isinstance(task.loss, CoupledLoss):
+        print(f"error: the memory prediction covers per-sample losses; {type(task.loss).__name__} couples the batch "
+              "(set train.micro_batch to a number)", file=__import__("sys").stderr)
+        return 2
     sample = task.train_set[0]
 
     def loss_of(m):

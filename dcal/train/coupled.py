@@ -391,8 +391,12 @@ def cached_backward(
     first = tree_flatten(rows)[0][0]
     n = first.shape[0]
     spans = loss.chunks(n, micro_batch)
-    if [x for sp in spans for x in sp][1:-1:2] != [x for sp in spans for x in sp][2::2] or spans[0][0] != 0 \
-            or spans[-1][1] != n:
+    pos = 0
+    for s, e in spans:  # the slices of the gradient below assume consecutive, non-empty ranges
+        if s != pos or e <= s:
+            raise ValueError(f"{type(loss).__name__}.chunks must cover rows 0..{n} in consecutive ranges, got {spans}")
+        pos = e
+    if pos != n:
         raise ValueError(f"{type(loss).__name__}.chunks must cover rows 0..{n} in consecutive ranges, got {spans}")
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
 
