@@ -386,7 +386,7 @@ def test_config_overrides_and_sizes():
         C.from_dict({"model": {"name": "mlp"}, "data": {"name": "synthetic"}}, ["epochs=3"])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cub_vitb16_448.yaml", "bev_demo.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "cub_vitb16_448.yaml", "bev_demo.yaml", "clip_demo.yaml", "fewshot_demo.yaml"])
 def test_shipped_configs_parse(name):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
     c = C.load(path)

@@ -148,3 +148,60 @@ def test_meta_prediction_matches_measured_cpu_peak_of_demo_model():
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["measured_mb"] > 10
     assert abs(row["predicted_mb"] - row["measured_mb"]) <= 0.25 * row["measured_mb"], row
+
+
+def truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def test_cli_resume_skips_truncated_newest_checkpoint(tmp_path, capsys):
+    from dcal.train.__main__ import main
+
+    cfg = write_config(tmp_path, TINY)
+    out, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+    two = ["--set", "train.epochs=2", "--set", "train.save_every_steps=1", "--set", "train.keep_last=3"]
+    assert main(["--config", cfg, "--out", out, *two, "--set", "train.max_steps=4"]) == 0
+    ckdir = os.path.join(out, "checkpoints")
+    newest = os.path.join(ckdir, "step-00000004.pt")
+    assert sorted(os.listdir(ckdir))[-1] == "step-00000004.pt"
+    truncate(newest)  # a copy cut short, a full disk
+    capsys.readouterr()
+    assert main(["--config", cfg, "--out", out, *two, "--resume"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step-00000004.pt" in warnings[0] and "cannot be read" in warnings[0], err
+    assert "resumed from" in err and "step-00000003.pt" in err and "step 3" in err
+    assert "Traceback" not in err
+    assert main(["--config", cfg, "--out", straight, *two]) == 0
+    a, b = final_state(out), final_state(straight)
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bit-identical to the uninterrupted run
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert rows(straight)[-1]["train_loss"] == rows(out)[-1]["train_loss"]
+
+
+def test_cli_resume_with_no_readable_checkpoint_says_so_in_one_line(tmp_path, capsys):
+    from dcal.train.__main__ import main
+
+    cfg = write_config(tmp_path, TINY)
+    out = str(tmp_path / "run")
+    assert main(["--config", cfg, "--out", out, "--set", "train.save_every_steps=1", "--set", "train.max_steps=2"]) == 0
+    ckdir = os.path.join(out, "checkpoints")
+    for name in os.listdir(ckdir):
+        if name.startswith("step-"):
+            truncate(os.path.join(ckdir, name), 0.3)
+    capsys.readouterr()
+    assert main(["--config", cfg, "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "can be read" in errors[0] and "without --resume" in errors[0], err
+    assert "Traceback" not in err and err.count("warning: skipping") == 2
+    # an explicit unreadable path: one line too
+    bad = os.path.join(ckdir, "step-00000002.pt")
+    assert main(["--config", cfg, "--out", out, "--resume", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume:") and "step-00000002.pt" in err and err.count("\n") == 1

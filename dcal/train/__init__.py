@@ -22,11 +22,22 @@ In Python, :class:`Trainer` takes any model, loss and datasets::
     Trainer(model, loss_fn, train_set, val_set, TrainConfig(effective_batch=64, micro_batch=16,
             amp="bf16"), out_dir="runs/x").fit()
 
+Losses that couple the samples of a batch declare it by subclassing
+:class:`dcal.train.coupled.CoupledLoss` (:class:`ClipLoss`: contrastive, negatives from the whole
+batch and every process; :class:`PrototypicalLoss`: episodes with a VIC regulariser); the trainer
+then accumulates them exactly with an embedding cache (:mod:`dcal.train.coupled`)::
+
+    python -m dcal.train --config configs/clip_demo.yaml --out runs/clip          # CLIP, zero-shot val_acc
+    python -m dcal.train --config configs/fewshot_demo.yaml --out runs/fewshot    # 5-way 5-shot episodes
+
 ``python -m dcal.train.autobatch --config C --micro-batch N --measure`` prints the predicted peak
 memory of a training step (fake tensors) and the measured one (CPU).
 """
 from dcal.train.config import Config, TrainConfig, load as load_config, parse_bytes
+from dcal.train.coupled import ClipLoss, CoupledLoss, PrototypicalLoss, cached_backward
+from dcal.train.episodes import Episodes
 from dcal.train.trainer import CosineWarmup, Trainer, accuracy, param_groups, setup_distributed
 
 __all__ = ["Config", "TrainConfig", "load_config", "parse_bytes", "Trainer", "CosineWarmup", "accuracy",
-           "param_groups", "setup_distributed"]
+           "param_groups", "setup_distributed", "CoupledLoss", "ClipLoss", "PrototypicalLoss", "cached_backward",
+           "Episodes"]

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
 
     from dcal.train.build import build_task
     from dcal.train.checkpoint import CheckpointDir
+    from dcal.train.checkpoint import load as load_checkpoint
     from dcal.train.trainer import Trainer, setup_distributed
 
     rank, _, _ = setup_distributed()
@@ -53,21 +54,32 @@ def main(argv=None) -> int:
         model = task.model_factory()
         loss = task.loss if task.loss is not None else model.loss
         trainer = Trainer(model, loss, task.train_set, task.val_set, cfg.train, out_dir=args.out,
-                          model_factory=task.model_factory, run_config=cfg.to_dict())
+                          model_factory=task.model_factory, run_config=cfg.to_dict(), eval_fn=task.eval_fn)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    resume = args.resume
+    resume, state = args.resume, None
     if resume == "auto":
-        resume = CheckpointDir(args.out).latest()
+        # the newest checkpoint that reads; a truncated one (full disk, copy cut short) is skipped
+        ckdir = CheckpointDir(args.out)
+        found = ckdir.list()
+        resume, state = ckdir.latest_readable(warn=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
         if resume is None:
-            print(f"error: --resume: no checkpoint in {args.out}/checkpoints", file=sys.stderr)
+            what = f"none of the {len(found)} checkpoints" if found else "no checkpoint"
+            print(f"error: --resume: {what} in {ckdir.dir} can be read; to start fresh, run again without "
+                  f"--resume (or with a new --out)", file=sys.stderr)
+            return 2
+    elif resume is not None:
+        try:
+            state = load_checkpoint(resume)
+        except ValueError as e:
+            print(f"error: --resume: {e}", file=sys.stderr)
             return 2
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    trainer.fit(resume=resume)
+    trainer.fit(resume=resume, resume_state=state)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -27,6 +27,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from dcal.train.memory import cpu_peak_rss, cpu_rss, release_free_heap, reset_cpu_peak
+from dcal.train.optim import param_groups
+
 
 class StorageTracker(TorchDispatchMode):
     """Counts the bytes of live tensor storages created under it, and their peak.
@@ -204,16 +207,6 @@ def choose_micro_batch(
 # ----------------------------------------------------------------------------- measurement
 
 
-def _release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so RSS counts memory in use."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
-
-
 def measure_cpu_step_peak(model_factory, loss_fn_of, sample, micro_batch: int, accumulate: int = 2,
                           steps: int = 2, collate_fn=None) -> int:
     """Measured peak of real CPU training steps, comparable to :func:`predict_step_peak`: the
@@ -228,7 +221,6 @@ def measure_cpu_step_peak(model_factory, loss_fn_of, sample, micro_batch: int, a
     import gc
 
     from dcal.train.data import collate
-    from dcal.train.trainer import cpu_peak_rss, cpu_rss, param_groups, reset_cpu_peak
 
     collate_fn = collate_fn or collate
     x, y = collate_fn([sample] * micro_batch)
@@ -249,7 +241,7 @@ def measure_cpu_step_peak(model_factory, loss_fn_of, sample, micro_batch: int, a
     run(warm, warm_opt, 1)
     del warm, warm_opt
     gc.collect()
-    _release_free_heap()
+    release_free_heap()
     base = cpu_rss()
     if not reset_cpu_peak():
         raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs)")
@@ -278,6 +270,12 @@ def _main(argv=None) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = build_task(cfg, seed=cfg.train.seed)
+    from dcal.train.coupled import CoupledLoss
+
+    if isinstance(task.loss, CoupledLoss):
+        print(f"error: the memory prediction covers per-sample losses; {type(task.loss).__name__} couples the batch "
+              "(set train.micro_batch to a number)", file=__import__("sys").stderr)
+        return 2
     sample = task.train_set[0]
 
     def loss_of(m):

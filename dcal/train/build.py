@@ -4,15 +4,24 @@ Models: ``dcal_vit`` (:class:`dcal.models.DCALViT`, keys = :class:`dcal.models.D
 fields), ``bev`` (:class:`dcal.models.BEVGraphModule` between a 1x1 input projection and a 1x1
 per-cell classifier), ``mlp`` (a two-layer perceptron on the flattened input: a baseline and the
 small model of the tests). ``num_classes``, ``img_size`` and ``in_channels`` default to the data's.
+Models trained with a loss that couples the batch (exact accumulation, :mod:`dcal.train.coupled`):
+``clip`` (:class:`dcal.models.CLIP`, keys = :class:`dcal.models.CLIPConfig` fields; contrastive),
+``open_clip`` (``open_clip.create_model(arch, pretrained=None, **other keys)``: random weights,
+nothing downloaded; contrastive), ``protonet`` (:class:`dcal.models.ProtoNet`: ``hidden``,
+``depth``, ``backbone``; episodic, with the VIC weights ``vic_weight``, ``variance``,
+``invariance``, ``covariance``).
 
 Data: ``synthetic`` (the embedded fine-grained set), ``cub`` (CUB-200-2011 folder), ``imagefolder``
-(``root/train/<class>/...`` and ``root/val/<class>/...``), ``bev_synthetic``.
+(``root/train/<class>/...`` and ``root/val/<class>/...``), ``bev_synthetic``,
+``synthetic_captions`` (coloured shapes with captions; zero-shot accuracy), ``synthetic_fewshot``
+(N-way K-shot Q-query episodes of synthetic classes, validation on novel classes), ``episodes``
+(episodes over an ``imagefolder``: ``root/train`` and ``root/val`` hold disjoint classes).
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +37,65 @@ class Task:
     loss: Callable  # None: the model's own ``loss`` method
     train_set: Any
     val_set: Any
+    eval_fn: Optional[Callable] = None  # Trainer's eval_fn(model, x, y) -> (sum, count)
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def build_data(spec: Dict[str, Any], seed: int) -> Tuple[Any, Any, Dict[str, Any]]:
-    """(train set, val set, facts the model builder may default from)."""
+EPISODE_KEYS = {"n_way": 5, "k_shot": 5, "q_query": 15, "episodes_per_epoch": 100, "val_episodes": 50}
+
+
+def _episodes(train, val, a, seed, facts):
+    from dcal.train.episodes import Episodes
+
+    ep = {k: a[k] for k in ("n_way", "k_shot", "q_query")}
+    try:
+        tr = Episodes(train, episodes=a["episodes_per_epoch"], seed=seed, **ep)
+        # validation: the same episodes every epoch (novel classes)
+        va = Episodes(val, episodes=a["val_episodes"], seed=seed + 1, fixed=True, **ep)
+    except ValueError as e:
+        raise ValueError(f"data.{e}") from None
+    return tr, va, {**facts, **ep}
+
+
+def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, Any, Dict[str, Any]]:
+    """(train set, val set, facts the model builder may default from). ``tokenizer``: the
+    model's, for caption data (None: the data's own word tokenizer)."""
     kw = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
+    if name == "synthetic_captions":
+        allowed = {"img_size": 32, "num_colours": 4, "num_shapes": 3, "train_size": 4000, "val_size": 600,
+                   "noise": 0.05, "context_length": 12}
+        check_kwargs("data", kw, allowed)
+        a = {**allowed, **kw}
+        common = dict(img_size=a["img_size"], num_colours=a["num_colours"], num_shapes=a["num_shapes"], seed=seed,
+                      noise=a["noise"], context_length=a["context_length"], tokenizer=tokenizer)
+        train = D.SyntheticCaptions(a["train_size"], split="train", **common)
+        val = D.SyntheticCaptions(a["val_size"], split="val", **common)
+        return train, val, {"num_classes": train.num_classes, "img_size": a["img_size"],
+                            "vocab_size": getattr(train.tokenizer, "vocab_size", None),
+                            "context_length": a["context_length"], "class_tokens": val.class_tokens()}
+    if name == "synthetic_fewshot":
+        allowed = {"img_size": 20, "cell": 3, "train_classes": 64, "val_classes": 16, "per_class": 30,
+                   "noise": 0.08, **EPISODE_KEYS}
+        check_kwargs("data", kw, allowed)
+        a = {**allowed, **kw}
+        common = dict(img_size=a["img_size"], cell=a["cell"], per_class=a["per_class"], noise=a["noise"], seed=seed)
+        train = D.SyntheticFewShot(a["train_classes"], first_class=0, **common)
+        val = D.SyntheticFewShot(a["val_classes"], first_class=a["train_classes"], **common)
+        return _episodes(train, val, a, seed, {"img_size": a["img_size"], "in_chans": 3})
+    if name == "episodes":
+        allowed = {"root": None, "resize": 92, "crop": 84, **EPISODE_KEYS}
+        check_kwargs("data", kw, allowed)
+        a = {**allowed, **kw}
+        if not isinstance(a["root"], str):
+            raise ValueError("data.root is required for data.name='episodes' (root/train, root/val class folders)")
+        import os
+
+        train = D.image_folder(os.path.join(a["root"], "train"), D.ImageTransform(True, a["resize"], a["crop"]), seed)
+        val = D.image_folder(os.path.join(a["root"], "val"), D.ImageTransform(False, a["resize"], a["crop"]), seed)
+        return _episodes(train, val, a, seed, {"img_size": a["crop"], "in_chans": 3})
     if name == "synthetic":
         allowed = {"img_size": 64, "num_classes": 10, "train_size": 2000, "val_size": 500, "detail": None,
                    "noise": 0.08}
@@ -118,11 +177,69 @@ def cross_entropy(outputs, target):
     return F.cross_entropy(outputs.float(), target)
 
 
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise ValueError("model.name 'open_clip' needs the open_clip_torch package (pip install open_clip_torch)") from None
+    return open_clip
+
+
 def build_task(cfg, seed: int = 0) -> Task:
     """Model factory, loss and datasets of a :class:`dcal.train.config.Config`."""
-    train_set, val_set, facts = build_data(cfg.data, seed)
     kw = {k: v for k, v in cfg.model.items() if k != "name"}
     name = cfg.model["name"]
+    tokenizer = None
+    if name == "open_clip":
+        ctx = (kw.get("text_cfg") or {}).get("context_length") if isinstance(kw.get("text_cfg"), dict) else None
+        tokenizer = _open_clip().get_tokenizer(kw.get("arch", "ViT-B-32"), context_length=ctx)
+    train_set, val_set, facts = build_data(cfg.data, seed, tokenizer=tokenizer)
+    kind = "captions" if "class_tokens" in facts else "episodes" if "n_way" in facts else "samples"
+    want = {"clip": "captions", "open_clip": "captions", "protonet": "episodes"}.get(name, "samples")
+    if kind != want:
+        raise ValueError(f"model.name {name!r} does not train on data.name {cfg.data['name']!r}: contrastive models "
+                         "(clip, open_clip) take synthetic_captions, protonet takes episodes (synthetic_fewshot, "
+                         "episodes), the others samples")
+    if name == "clip":
+        from dcal.models import CLIP, CLIPConfig
+        from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
+
+        allowed = {f.name for f in dataclasses.fields(CLIPConfig)}
+        check_kwargs("model", kw, allowed)
+        for key in ("img_size", "vocab_size", "context_length"):
+            if facts.get(key) is not None:
+                kw.setdefault(key, facts[key])
+        try:
+            CLIPConfig(**kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model: {e}") from None
+        return Task(lambda: CLIP(CLIPConfig(**kw)), ClipLoss(), train_set, val_set,
+                    ZeroShotAccuracy(facts["class_tokens"]))
+    if name == "open_clip":
+        from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
+
+        open_clip = _open_clip()
+        arch = kw.pop("arch", "ViT-B-32")
+        if arch not in open_clip.list_models():
+            raise ValueError(f"model.arch {arch!r} is not an open_clip architecture")
+
+        def make():
+            return open_clip.create_model(arch, pretrained=None, **kw)
+
+        return Task(make, ClipLoss(), train_set, val_set, ZeroShotAccuracy(facts["class_tokens"]))
+    if name == "protonet":
+        from dcal.models import ProtoNet
+        from dcal.train.coupled import EpisodeAccuracy, PrototypicalLoss
+
+        loss_keys = {"vic_weight": 0.1, "variance": 1.0, "invariance": 1.0, "covariance": 0.04}
+        check_kwargs("model", kw, {"hidden", "depth", "backbone", *loss_keys})
+        lk = {k: kw.pop(k, v) for k, v in loss_keys.items()}
+        loss = PrototypicalLoss(facts["n_way"], facts["k_shot"], facts["q_query"], **lk)
+        try:
+            ProtoNet(in_chans=facts["in_chans"], **kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model: {e}") from None
+        return Task(lambda: ProtoNet(in_chans=facts["in_chans"], **kw), loss, train_set, val_set, EpisodeAccuracy(loss))
     if name == "dcal_vit":
         from dcal.models import DCALConfig, DCALViT
 

@@ -11,7 +11,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,10 +50,26 @@ def atomic_save(obj: Any, path: str) -> None:
     _fsync_dir(directory)
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
 def load(path: str, map_location="cpu") -> Dict[str, Any]:
+    """The state saved at ``path``. A missing file raises ValueError, one that cannot be read
+    (truncated by a full disk or a copy cut short) :class:`UnreadableCheckpoint` naming it."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # zip reader, unpickler, short read
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpoint(f"checkpoint {path!r} cannot be read ({reason})") from None
+    except Exception as e:  # the restricted unpickler's own errors (weights_only)
+        raise UnreadableCheckpoint(f"checkpoint {path!r} cannot be read ({type(e).__name__}: "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UnreadableCheckpoint(f"checkpoint {path!r} is not a training checkpoint of dcal.train")
+    return state
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -110,6 +126,16 @@ class CheckpointDir:
     def latest(self) -> Optional[str]:
         found = self.list()
         return found[-1] if found else None
+
+    def latest_readable(self, warn: Callable[[str], None] = print) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """(path, state) of the newest checkpoint that loads, newest first; every unreadable one
+        on the way is reported through ``warn`` and skipped. (None, None) when none loads."""
+        for path in reversed(self.list()):
+            try:
+                return path, load(path)
+            except UnreadableCheckpoint as e:
+                warn(f"warning: skipping {e}")
+        return None, None
 
     def save(self, state: Dict[str, Any], step: int, is_best: bool = False) -> str:
         path = self.path(step)

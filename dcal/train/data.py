@@ -271,11 +271,191 @@ class SyntheticBEV(EpochDataset):
 # ----------------------------------------------------------------------------- helpers
 
 
+def _stack(items):
+    if isinstance(items[0], Tensor):
+        return torch.stack(items)
+    if isinstance(items[0], (tuple, list)):
+        return type(items[0])(_stack([it[i] for it in items]) for i in range(len(items[0])))
+    return torch.as_tensor(items)
+
+
 def collate(batch):
+    """``(input, target)`` samples -> batched ``(input, target)``; an input that is a tuple of
+    tensors (an image and its caption) becomes a tuple of batched tensors."""
     xs, ys = zip(*batch)
-    return torch.stack(xs), torch.as_tensor(ys) if not isinstance(ys[0], Tensor) else torch.stack(ys)
+    return _stack(list(xs)), _stack(list(ys))
 
 
 def set_epoch(dataset, epoch: int) -> None:
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+
+
+# ----------------------------------------------------------------------------- synthetic captions
+
+
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
+COLOUR_RGB = ((0.9, 0.1, 0.1), (0.1, 0.8, 0.1), (0.15, 0.25, 0.95), (0.9, 0.85, 0.1), (0.85, 0.1, 0.85),
+              (0.1, 0.85, 0.85))
+SHAPE_NAMES = ("square", "circle", "triangle", "cross")
+CAPTION_TEMPLATES = ("a photo of a {c} {s}", "a {c} {s}", "a picture of a {c} {s}", "the {c} {s}",
+                     "a {s} that is {c}", "a small {c} {s}", "a big {c} {s}")
+
+
+class WordTokenizer:
+    """Whitespace word tokenizer over a fixed vocabulary: id 0 pads, the largest id
+    (``vocab_size - 1``) ends the text (CLIP's convention: pooling at ``argmax``)."""
+
+    def __init__(self, words: Sequence[str], context_length: int = 12):
+        self.words = sorted(set(words))
+        self.ids = {w: i + 1 for i, w in enumerate(self.words)}
+        self.vocab_size = len(self.words) + 2
+        self.eot = self.vocab_size - 1
+        self.context_length = context_length
+
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [self.ids[w] for w in t.split()][: self.context_length - 1] + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+class SyntheticCaptions(EpochDataset):
+    """Images of a coloured shape with a caption naming it: ``num_colours`` x ``num_shapes``
+    classes (at most 6 x 4; chance 1 / classes), for contrastive image-text training.
+
+    An image is a smooth grey background with noise and one filled shape (square, circle,
+    triangle, cross) of its class's colour (brightness jittered), of random size and place. Its
+    caption fills one of several templates ("a photo of a red circle", "a circle that is red", ...)
+    drawn per sample and epoch in training; validation uses "a photo of a {colour} {shape}", which
+    is also what :meth:`class_texts` returns for zero-shot classification.
+
+    Items: ``((image [3, S, S], tokens [L]), label)``; ``tokenizer`` maps a list of strings to
+    ``[n, L]`` ids (default: a :class:`WordTokenizer` of the captions' words, ``self.tokenizer``).
+    """
+
+    def __init__(self, size: int, img_size: int = 32, num_colours: int = 4, num_shapes: int = 3, seed: int = 0,
+                 split: str = "train", noise: float = 0.05, tokenizer=None, context_length: int = 12):
+        if not 1 <= num_colours <= len(COLOUR_NAMES) or not 1 <= num_shapes <= len(SHAPE_NAMES):
+            raise ValueError(f"num_colours must be in 1..{len(COLOUR_NAMES)} and num_shapes in 1..{len(SHAPE_NAMES)}, "
+                             f"got {num_colours} and {num_shapes}")
+        if num_colours * num_shapes < 2:
+            raise ValueError("SyntheticCaptions needs at least 2 classes")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if img_size < 16:
+            raise ValueError(f"img_size must be >= 16, got {img_size}")
+        self.size, self.img_size, self.seed, self.split, self.noise = int(size), int(img_size), seed, split, noise
+        self.colours, self.shapes = COLOUR_NAMES[:num_colours], SHAPE_NAMES[:num_shapes]
+        self.num_classes = num_colours * num_shapes
+        self.offset = 0 if split == "train" else 10_000_000
+        words = {w for t in CAPTION_TEMPLATES for w in t.split() if "{" not in w}
+        self.tokenizer = tokenizer or WordTokenizer(sorted(words | set(self.colours) | set(self.shapes)),
+                                                    context_length)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def class_name(self, label: int):
+        return self.colours[label // len(self.shapes)], self.shapes[label % len(self.shapes)]
+
+    def class_texts(self) -> List[str]:
+        return [CAPTION_TEMPLATES[0].format(c=c, s=s) for c, s in map(self.class_name, range(self.num_classes))]
+
+    def class_tokens(self) -> Tensor:
+        """[classes, L]: the validation caption of every class (zero-shot classifier)."""
+        return self.tokenizer(self.class_texts())
+
+    def render(self, index: int) -> Tuple[Tensor, int]:
+        S = self.img_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index + 17)
+        label = int(torch.randint(0, self.num_classes, (1,), generator=g))
+        ci = label // len(self.shapes)
+        shape = self.shapes[label % len(self.shapes)]
+        bg = torch.rand(1, 1, 4, 4, generator=g) * 0.5 + 0.25
+        img = torch.nn.functional.interpolate(bg, size=(S, S), mode="bilinear", align_corners=False)[0].expand(3, S, S)
+        yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
+                                indexing="ij")
+        r = float(torch.rand((), generator=g) * 0.15 + 0.15) * S
+        cy, cx = (torch.rand(2, generator=g) * (S - 2 * r) + r).tolist()
+        dy, dx = (yy - cy) / r, (xx - cx) / r
+        if shape == "square":
+            mask = (dy.abs() <= 0.8) & (dx.abs() <= 0.8)
+        elif shape == "circle":
+            mask = dy**2 + dx**2 <= 1.0
+        elif shape == "triangle":
+            mask = (dy <= 0.8) & (dy >= -1.0 + 2 * dx.abs())
+        else:
+            mask = ((dy.abs() <= 0.3) & (dx.abs() <= 1.0)) | ((dx.abs() <= 0.3) & (dy.abs() <= 1.0))
+        colour = torch.tensor(COLOUR_RGB[ci]) * (0.8 + 0.2 * torch.rand((), generator=g))
+        img = torch.where(mask, colour[:, None, None], img)
+        img = img + self.noise * torch.randn(3, S, S, generator=g)
+        return img.clamp(0, 1), label
+
+    def __getitem__(self, index: int):
+        img, label = self.render(index)
+        if self.split == "train":
+            g = sample_rng(self.seed, self.epoch, index)
+            if bool(torch.rand((), generator=g) < 0.5):
+                img = img.flip(-1)
+            template = CAPTION_TEMPLATES[int(torch.randint(0, len(CAPTION_TEMPLATES), (1,), generator=g))]
+        else:
+            template = CAPTION_TEMPLATES[0]
+        c, s = self.class_name(label)
+        tokens = self.tokenizer([template.format(c=c, s=s)])[0]
+        return ((img - 0.5) / 0.25, tokens), label
+
+
+# ----------------------------------------------------------------------------- synthetic few-shot classes
+
+
+FEWSHOT_PALETTE = ((0.9, 0.2, 0.2), (0.2, 0.8, 0.2), (0.2, 0.3, 0.9), (0.9, 0.9, 0.3))
+
+
+class SyntheticFewShot(EpochDataset):
+    """Many small classes for few-shot learning: class ``c`` (global id ``first_class + c``) is a
+    4x4 binary glyph in two colours of a 4-colour palette, drawn from a generator seeded by the global id, so
+    training and validation sets with disjoint ``first_class`` ranges hold disjoint (novel)
+    classes. A sample puts its class's glyph (cells of ``cell`` px) at a random place on a random
+    grey background, with brightness jitter and noise. ``per_class`` samples per class; sample
+    ``i`` has label ``i % num_classes`` (``self.labels``)."""
+
+    def __init__(self, num_classes: int, per_class: int, img_size: int = 20, cell: int = 3, first_class: int = 0,
+                 seed: int = 0, noise: float = 0.08):
+        if num_classes < 2 or per_class < 1:
+            raise ValueError(f"num_classes must be >= 2 and per_class >= 1, got {num_classes} and {per_class}")
+        if img_size < 4 * cell:
+            raise ValueError(f"img_size ({img_size}) must hold the 4x4 glyph of cell {cell} px ({4 * cell} px)")
+        self.num_classes, self.per_class, self.img_size, self.cell = int(num_classes), int(per_class), img_size, cell
+        self.first_class, self.seed, self.noise = first_class, seed, noise
+        glyphs, colours = [], []
+        for c in range(num_classes):
+            g = torch.Generator().manual_seed(987_654 + first_class + c)
+            while True:
+                p = torch.rand(4, 4, generator=g) < 0.5
+                if 5 <= int(p.sum()) <= 11:
+                    break
+            glyphs.append(p)
+            # two different colours of a small palette: many classes share colours, so the
+            # glyph's pattern is what tells them apart
+            pair = torch.randperm(len(FEWSHOT_PALETTE), generator=g)[:2]
+            colours.append(torch.tensor(FEWSHOT_PALETTE)[pair])
+        self.glyphs, self.glyph_colours = torch.stack(glyphs), torch.stack(colours)  # [C, 4, 4], [C, 2, 3]
+        self.labels = [i % self.num_classes for i in range(len(self))]
+
+    def __len__(self) -> int:
+        return self.num_classes * self.per_class
+
+    def __getitem__(self, index: int):
+        S, d = self.img_size, 4 * self.cell
+        label = index % self.num_classes
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.first_class * 100_003 + index) * 7 + 3)
+        img = (torch.rand(1, 1, 1, generator=g) * 0.6 + 0.2).expand(3, S, S).clone()
+        on = self.glyphs[label].repeat_interleave(self.cell, 0).repeat_interleave(self.cell, 1)  # [d, d]
+        cols = self.glyph_colours[label] * (0.7 + 0.5 * torch.rand(2, 1, generator=g))
+        glyph = torch.where(on[None], cols[0][:, None, None], cols[1][:, None, None])
+        oy, ox = (int(v) for v in torch.randint(0, S - d + 1, (2,), generator=g))
+        img[:, oy : oy + d, ox : ox + d] = glyph
+        img = (img + self.noise * torch.randn(3, S, S, generator=g)).clamp(0, 1)
+        return (img - 0.5) / 0.25, label

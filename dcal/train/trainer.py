@@ -16,6 +16,12 @@ only on the last micro-batch of a group (``no_sync`` before), data comes from a
 
 A CUDA out-of-memory error inside a step halves the micro-batch and redoes the same group (same
 samples, same effective batch): no step is lost.
+
+Losses that couple the samples of a batch (contrastive, episodic) say so by being instances of
+:class:`dcal.train.coupled.CoupledLoss`; their group is accumulated exactly with the embedding
+cache (:func:`dcal.train.coupled.cached_backward`): the loss is that of the whole group (under DDP,
+of the global group for a loss that gathers across processes), not a mean of micro-batch losses.
+``micro_batch`` then counts the rows of one forward (images of an episode, image-text pairs).
 """
 from __future__ import annotations
 
@@ -33,9 +39,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dcal.train import autobatch
 from dcal.train import checkpoint as ckpt
 from dcal.train.config import TrainConfig, parse_bytes
+from dcal.train.coupled import CoupledLoss, cached_backward, check_model
 from dcal.train.data import collate, set_epoch
+from dcal.train.memory import cpu_peak_rss, reset_cpu_peak
+from dcal.train.optim import CosineWarmup, param_groups
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -47,83 +57,6 @@ def accuracy(outputs: Any, target: Tensor) -> Tuple[float, int]:
         outputs = next(iter(outputs.values()))
     pred = outputs.argmax(1)
     return float((pred == target).sum()), target.numel()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: no decay on 1-D parameters (biases, norms, learnable loss weights), on the
-    names listed by ``model.no_weight_decay()`` (timm convention: position/CLS embeddings) and on
-    anything named ``loss_weights``."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        parts = name.split(".")
-        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        if p.ndim <= 1 or prefixes & skip or "loss_weights" in parts:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class CosineWarmup:
-    """lr(step): linear warmup over ``warmup`` steps to ``peak``, then cosine down to ``floor``
-    at ``total`` steps. Its state is the step counter (advanced also on skipped steps, so the
-    schedule's length does not depend on how many fp16 steps overflow)."""
-
-    def __init__(self, peak: float, floor: float, warmup: int, total: int):
-        self.peak, self.floor, self.warmup, self.total = peak, min(floor, peak), warmup, max(total, 1)
-        self.step_count = 0
-
-    def lr(self, step: Optional[int] = None) -> float:
-        s = self.step_count if step is None else step
-        if s < self.warmup:
-            return self.peak * (s + 1) / self.warmup
-        t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + 0.5 * (self.peak - self.floor) * (1 + math.cos(math.pi * t))
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"step_count": self.step_count, "peak": self.peak, "floor": self.floor, "warmup": self.warmup,
-                "total": self.total}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-
-
-def _proc_status(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_cpu_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_peak_rss() -> Optional[int]:
-    """Peak resident set of this process since the last :func:`reset_cpu_peak`, in bytes."""
-    peak = _proc_status("VmHWM")
-    if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak
-
-
-def cpu_rss() -> Optional[int]:
-    return _proc_status("VmRSS")
 
 
 def setup_distributed() -> Tuple[int, int, int]:
@@ -180,6 +113,11 @@ class Trainer:
     and takes the largest micro-batch within ``max_memory`` (on CUDA default: the device's memory,
     and the first steps confirm it, halving on OOM).
 
+    A ``loss_fn`` that is a :class:`dcal.train.coupled.CoupledLoss` is accumulated exactly over
+    the whole group (embedding cache); any other callable is a per-sample mean. ``eval_fn(model,
+    input, target) -> (sum, count)`` (optional) replaces ``metric_fn(model(input), target)`` in
+    evaluation (zero-shot classification of a CLIP model, query accuracy of episodes).
+
     Datasets yield ``(input, target)``; a dataset with ``set_epoch`` gets the epoch before each
     epoch's loader is made (epoch-dependent augmentation). ``model_factory`` (optional) builds a
     fresh model like ``model`` for the memory prediction (default: a copy of ``model``). ``out_dir`` receives ``metrics.jsonl`` and ``checkpoints/``.
@@ -197,9 +135,11 @@ class Trainer:
         model_factory: Optional[Callable[[], nn.Module]] = None,
         collate_fn: Callable = collate,
         run_config: Optional[Dict[str, Any]] = None,
+        eval_fn: Optional[Callable[[nn.Module, Any, Any], Tuple[float, int]]] = None,
     ):
         self.cfg = (config or TrainConfig()).validate()
-        self.loss_fn, self.metric_fn, self.collate_fn = loss_fn, metric_fn, collate_fn
+        self.loss_fn, self.metric_fn, self.collate_fn, self.eval_fn = loss_fn, metric_fn, collate_fn, eval_fn
+        self.coupled = isinstance(loss_fn, CoupledLoss)
         self.train_set, self.val_set = train_set, val_set
         self.out_dir, self.model_factory, self.run_config = out_dir, model_factory, run_config or {}
         self.rank, self.world, self.local_rank = setup_distributed()
@@ -209,6 +149,17 @@ class Trainer:
             raise ValueError(f"train.effective_batch ({cfg.effective_batch}) must be a multiple of the number "
                              f"of processes ({self.world})")
         self.local_batch = cfg.effective_batch // self.world
+        if self.coupled:
+            # refused before any work: what the coupled loss cannot train on exactly
+            if cfg.micro_batch == "auto":
+                raise ValueError(f"train.micro_batch: 'auto' is not supported with the coupled loss "
+                                 f"{type(loss_fn).__name__}; give the rows per forward as a number")
+            try:
+                loss_fn.check(batch=cfg.effective_batch, micro_batch=cfg.micro_batch, world=self.world,
+                              dataset_size=len(train_set))
+                check_model(model)
+            except ValueError as e:
+                raise ValueError(str(e) if str(e).startswith("model") else f"train.{e}") from None
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("train.device is 'cuda' but CUDA is not available")
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -250,7 +201,8 @@ class Trainer:
         self.epoch, self.group_in_epoch, self.step = 0, 0, 0
         self.skipped_steps, self.best_metric = 0, None
         self.epoch_loss_sum, self.epoch_samples, self.epoch_peak = 0.0, 0, 0
-        self.micro_batch: Optional[int] = None if cfg.micro_batch == "auto" else min(cfg.micro_batch, self.local_batch)
+        self.micro_batch: Optional[int] = (None if cfg.micro_batch == "auto" else cfg.micro_batch if self.coupled
+                                           else min(cfg.micro_batch, self.local_batch))
         self.predicted_peak: Optional[int] = None
         self.memory_report: Optional[Dict[str, Any]] = None
         self.oom_events: List[Dict[str, int]] = []
@@ -300,8 +252,6 @@ class Trainer:
         return cpu_peak_rss() or 0
 
     def _choose_micro_batch(self) -> None:
-        from dcal.train import autobatch
-
         cfg = self.cfg
         budget = parse_bytes(cfg.max_memory, "train.max_memory") if cfg.max_memory else None
         if self.device.type == "cuda":
@@ -352,6 +302,17 @@ class Trainer:
             del out, loss, weighted
         return float(loss_sum)
 
+    def _coupled_step(self, batch, n: int, n_group: int) -> float:
+        """The group's exact coupled loss through the embedding cache; returns loss * samples."""
+        x, y = _to(batch[0], self.device), _to(batch[1], self.device)
+        # a gathering loss is the global group's on every process (DDP's mean keeps it); otherwise
+        # each process's loss is over its share and DDP's mean must weigh the shares
+        weight = 1.0 if self.loss_fn.gather_across_ranks else n * self.world / n_group
+        value = cached_backward(self.model, self.loss_fn, x, y, self.micro_batch, forward_model=self.forward_model,
+                                ddp=self.ddp, amp_dtype=self.amp_dtype, scale=self.scaler.scale, weight=weight,
+                                device=self.device)
+        return float(value) * n
+
     def train_step(self, batch, n_group: int) -> Dict[str, Any]:
         """One optimiser step on ``batch`` (this process's share of a group of ``n_group``
         samples in all). OOM halves the micro-batch and redoes the group."""
@@ -360,12 +321,20 @@ class Trainer:
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss_sum = self._micro_steps(batch, n, n_group)
+                step = self._coupled_step if self.coupled else self._micro_steps
+                loss_sum = step(batch, n, n_group)
                 break
             except torch.OutOfMemoryError:
                 if self.micro_batch <= 1:
                     raise
                 old = self.micro_batch
+                if self.coupled:
+                    try:
+                        self.loss_fn.check(batch=self.cfg.effective_batch, micro_batch=max(1, old // 2),
+                                           world=self.world)
+                    except ValueError:
+                        raise torch.OutOfMemoryError(f"out of memory with micro-batch {old}; half of it does not fit "
+                                                     f"{type(self.loss_fn).__name__}'s batch layout") from None
                 self.micro_batch = max(1, old // 2)
                 self.oom_events.append({"step": self.step, "from": old, "to": self.micro_batch})
                 self.log(f"step {self.step}: out of memory with micro-batch {old}; retrying the same "
@@ -419,7 +388,7 @@ class Trainer:
         # every process takes every world-th sample, without the padding of DistributedSampler,
         # so the metric is over the validation set exactly once
         idx = list(range(self.rank, len(self.val_set), self.world))
-        bs = self.micro_batch or self.local_batch
+        bs = self.local_batch if self.coupled else (self.micro_batch or self.local_batch)
         loader = DataLoader(self.val_set, batch_sampler=[idx[i : i + bs] for i in range(0, len(idx), bs)],
                             collate_fn=self.collate_fn, num_workers=self.cfg.num_workers,
                             generator=torch.Generator().manual_seed(self.cfg.seed))
@@ -427,8 +396,10 @@ class Trainer:
         for x, y in loader:
             x, y = _to(x, self.device), _to(y, self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.model(x)
-            s, c = self.metric_fn(out, y)
+                if self.eval_fn is not None:
+                    s, c = self.eval_fn(self.model, x, y)
+                else:
+                    s, c = self.metric_fn(self.model(x), y)
             total += torch.tensor([float(s), float(c)], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(total)
@@ -472,9 +443,11 @@ class Trainer:
         state = self.state_dict()
         return self.ckpts.save(state, self.step, is_best) if self.is_main else None
 
-    def load(self, path: str) -> None:
-        """Restore everything :meth:`state_dict` holds; training continues exactly where it was."""
-        state = ckpt.load(path, map_location="cpu")
+    def load(self, path: str, state: Optional[Dict[str, Any]] = None) -> None:
+        """Restore everything :meth:`state_dict` holds; training continues exactly where it was.
+        ``state``: the checkpoint already read from ``path`` (it is not read again)."""
+        if state is None:
+            state = ckpt.load(path, map_location="cpu")
         if state["effective_batch"] != self.cfg.effective_batch:
             raise ValueError(f"checkpoint {path} was trained with effective_batch {state['effective_batch']}, "
                              f"the config asks for {self.cfg.effective_batch}; resume needs the same")
@@ -489,7 +462,7 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_samples = state["epoch_loss_sum"], state["epoch_samples"]
         self.epoch_peak = state["epoch_peak"]
         if state["micro_batch"] is not None and state["world"] == self.world:
-            self.micro_batch = min(state["micro_batch"], self.local_batch)
+            self.micro_batch = state["micro_batch"] if self.coupled else min(state["micro_batch"], self.local_batch)
         self.log(f"resumed from {path}: epoch {self.epoch}, group {self.group_in_epoch}, step {self.step}")
 
     # ------------------------------------------------------------------ loop
@@ -507,12 +480,13 @@ class Trainer:
                             pin_memory=self.device.type == "cuda")
         return loader, len(groups)
 
-    def fit(self, resume: Optional[str] = None) -> List[Dict[str, Any]]:
-        """Train for ``config.epochs`` epochs (from ``resume``, a checkpoint path, if given).
-        Returns the rows written to ``metrics.jsonl``."""
+    def fit(self, resume: Optional[str] = None, resume_state: Optional[Dict[str, Any]] = None
+            ) -> List[Dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (from ``resume``, a checkpoint path, if given;
+        ``resume_state``: its content when already read). Returns the rows written to ``metrics.jsonl``."""
         cfg = self.cfg
         if resume:
-            self.load(resume)
+            self.load(resume, resume_state)
         if self.micro_batch is None:
             self._choose_micro_batch()
         self.model.train()
