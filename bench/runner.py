@@ -156,12 +156,17 @@ def _module_name(mod) -> str:
 
 def select_cases(mod, args) -> List[Case]:
     """The bench's cases for these options; ``cases(quick, device, full=...)`` when the bench
-    distinguishes the default run from ``--full``, else ``cases(quick, device)``."""
+    distinguishes the default run from ``--full``, else ``cases(quick, device)``. ``--cases``:
+    names, or parts of names."""
     kw = {}
     if "full" in inspect.signature(mod.cases).parameters:
         kw["full"] = bool(getattr(args, "full", False))
     out = mod.cases(args.quick, args.device, **kw)
-    return [c for c in out if not args.cases or any(s in c.name for s in args.cases)]
+    if not args.cases:
+        return out
+    names = {c.name for c in out}
+    # a pattern that is a case's full name selects that case only ("N785-fwd", not "N785-fwd+bwd")
+    return [c for c in out if any(c.name == s if s in names else s in c.name for s in args.cases)]
 
 
 def plan_timing(call_s: Optional[Sequence[float]], budget: Optional[float], warmup: int, heavy: bool = False,
