@@ -441,3 +441,34 @@ def test_flex_pwca_and_refusals():
     assert fx.unavailable_reason("cpu", "fwd") is None
     with pytest.raises(ValueError, match="border must be one of"):
         fx.na_mask_mod(4, 4, 3, "wrap")
+
+
+# ----------------------------------------------------------------------------- roofline on paper
+
+def test_roofline_counts_and_occupancy():
+    from bench import roofline as rl
+
+    # 168 registers x 128 threads -> 5376 per warp... 4 warps: 65536 // (168*32 rounded to 256 = 5376) = 12 warps
+    occ = rl.occupancy(168, 24 * 1024, 4)
+    assert occ["ctas_per_sm"] == 3 and occ["limit"] == "regs" and occ["occupancy"] == pytest.approx(12 / 64)
+    occ = rl.occupancy(32, 100 * 1024, 4)
+    assert occ["ctas_per_sm"] == 2 and occ["limit"] == "smem"
+    s = rl.DCAL
+    for dtype in (torch.float16, torch.bfloat16):
+        launches = rl.pwca_launches(dtype)
+        fwd = 4.0 * s["B"] * s["H"] * s["NQ"] * (s["NK1"] + s["NK2"]) * s["D"]
+        assert sum(l.useful_flops for l in launches) == pytest.approx(3.5 * fwd, rel=1e-3)
+        assert all(l.exec_flops >= l.useful_flops and l.bytes_tiled >= l.bytes_min > 0 for l in launches)
+        b = rl.BEV
+        launches = rl.na2d_launches(dtype)
+        fwd = 4.0 * b["B"] * b["H"] * b["X"] * b["Y"] * b["KS"] ** 2 * b["D"]
+        assert sum(l.useful_flops for l in launches) == pytest.approx(3.5 * fwd, rel=1e-3)
+    # every chosen launch is a configuration the kernel modules declare for compilation
+    from dcal.testing.aot import all_specs
+
+    specs = all_specs()
+    for launch in rl.pwca_launches(torch.float16) + rl.na2d_launches(torch.bfloat16):
+        assert rl.find_spec(launch, torch.float16 if launch.op == "pwca" else torch.bfloat16, specs) is not None, \
+            launch.kernel
+    lines = rl.table(rl.pwca_launches(torch.float16))
+    assert lines[-1].startswith("total: useful") and "?" in lines[2]  # not compiled here: occupancy unknown
