@@ -417,6 +417,11 @@ def test_flex_block_mask_matches_the_window_rule(border):
         n = int(bm.full_kv_num_blocks[0, 0, i])
         full[i, bm.full_kv_indices[0, 0, i, :n].long()] = True
     assert torch.equal(full, all_b)
+    # the generic builder (any mask_mod, chunked, banded) agrees, with a band of key rows per chunk
+    generic = fx.block_mask(mm, X * Y, nkv, block=block, chunk_rows=3 * block,
+                            kv_span=lambda q0, q1: (0, nkv))
+    assert torch.equal(generic.to_dense(), bm.to_dense())
+    assert torch.equal(generic.full_kv_num_blocks, bm.full_kv_num_blocks)
 
 
 @pytest.mark.parametrize("border", ["zero", "mask", "clamp"])
