@@ -1,6 +1,8 @@
 # Two commands on a fresh machine (see README):
 #   make bench   set up (venv, torch, dcal built with its C++/CUDA extension) and run the main job:
-#                the speed/memory comparison of bench/
+#                the speed/memory comparison of bench/, bounded by a time budget per case (at most
+#                15 minutes on a 2-core machine; BENCH_ARGS=--full for the long run)
+#   make bench-report   the README's results table and bench/results/summary.md from that run
 #   make test    the same set-up, then the test suite (2 pytest workers)
 # Both only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
 
@@ -14,7 +16,7 @@ export CUDA_HOME
 BENCH_ARGS ?=
 TEST_ARGS  ?=
 
-.PHONY: setup bench test kernel-report clean
+.PHONY: setup bench bench-report test kernel-report clean
 
 setup: $(VENV)/.dcal-installed
 
@@ -31,6 +33,9 @@ $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-report:
+	$(PY) -m bench.report
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 $(TEST_ARGS) tests
