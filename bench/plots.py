@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from bench.spec import MIB, Result
 
-LOG_RATIO = 20.0
+LOG_RATIO = 10.0
 
 # Seeds' code greys, PyTorch blues/greens, compiled variants lighter, peers purple/brown, ours red.
 _FIXED = {
@@ -54,9 +54,12 @@ def _bars(ax, rs_by_p: Dict[str, List[Result]], providers, what: str) -> List[fl
                 if r.case.floor_bytes:
                     ax.plot([i - 0.4, i + 0.4], [r.case.floor_bytes / MIB] * 2, color="k", lw=1, ls="--")
             vals.append(v)
-        elif r is not None:
-            ax.text(i, 0, "OOM" if r.status == "OOM" else r.status.split(":")[0], rotation=90, ha="center",
-                    va="bottom", fontsize=7, color=colour)
+        elif r is not None:  # placed in axes height, so it shows on log axes too
+            from matplotlib.transforms import blended_transform_factory
+
+            ax.text(i, 0.03, "OOM" if r.status == "OOM" else r.status.split(":")[0], rotation=90, ha="center",
+                    va="bottom", fontsize=7, color=colour, transform=blended_transform_factory(ax.transData,
+                                                                                              ax.transAxes))
     ax.set_xticks(range(len(providers)))
     ax.set_xticklabels(providers, rotation=30, ha="right", fontsize=7)
     return vals
@@ -117,9 +120,9 @@ def plot(path: str, name: str, results: List[Result], x_label: str = "case.x") -
                 _log_if_spread(ax, list(xs), "x")
             ax.grid(alpha=0.3, which="both")
         case_label = f" ({rs_g[0].case.name})" if single else ""
-        axes[gi][0].set_title(f"{name} {g}{case_label}: time (median, min..max)", fontsize=9)
-        axes[gi][0].set_ylabel("ms")
-        axes[gi][1].set_title(f"{name} {g}: peak memory beyond inputs (dashed: floor)", fontsize=9)
+        axes[gi][0].set_title(f"{name} {g}{case_label}: time", fontsize=8)
+        axes[gi][0].set_ylabel("ms (median, min..max)")
+        axes[gi][1].set_title(f"{name} {g}: peak memory beyond inputs (dashed: floor)", fontsize=8)
         axes[gi][1].set_ylabel("MiB")
         if not single:
             for ax in axes[gi]:
