@@ -156,7 +156,8 @@ def readme_rows(name: str, rows: List[dict], meta: dict) -> List[str]:
 def header(loaded) -> List[str]:
     metas = [m for _, _, m in loaded if m]
     rows0 = loaded[0][1][0] if loaded and loaded[0][1] else {}
-    dates = sorted({m.get("date", "") for m in metas if m.get("date")}) or sorted({r.get("date", "") for _, rs, _ in loaded for r in rs[:1]})
+    dates = (sorted({m.get("date", "") for m in metas if m.get("date")})
+             or sorted({r.get("date", "") for _, rs, _ in loaded for r in rs[:1]}))
     commits = sorted({m.get("commit", "") for m in metas if m.get("commit")}) or [rows0.get("commit", "?")]
     loads = [f"{m['bench']} {m.get('loadavg_start', '?')} -> {m.get('loadavg', '?')}" for m in metas]
     peaks = sorted({f"{m['peak_gflops']:.0f}" for m in metas if m.get("peak_gflops")})
@@ -204,14 +205,16 @@ def summary(loaded) -> str:
             c = rs[0]
             lines += ["", f"### {case} ({c['mode']}, {c['dtype']}, {c['shape']}; floor {_mib(_f(c['floor_mib']))}; "
                           f"baseline {c.get('baseline') or '-'}; `python -m bench.{name} --cases {case}`)", "",
-                      "| provider | median | min..max ms | reps | GFLOP/s | % peak | peak MiB | t/base | m/base | status |",
+                      "| provider | median | min..max ms | reps | GFLOP/s | % peak | peak MiB | t/base | m/base "
+                      "| status |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rs:
                 share = _f(r["share_of_peak"])
                 spread = f"{_f(r['min_ms']):.1f}..{_f(r['max_ms']):.1f}" if r["min_ms"] else "-"
                 lines.append(
                     f"| {r['provider']} | {_ms(_f(r['median_ms']))} | {spread} | {r.get('reps') or '-'} | "
-                    f"{r['gflops'] or '-'} | {'-' if share is None else f'{100 * share:.1f}'} | {r['peak_mib'] or '-'} | "
+                    f"{r['gflops'] or '-'} | {'-' if share is None else f'{100 * share:.1f}'} | "
+                    f"{r['peak_mib'] or '-'} | "
                     f"{r['time_vs_base'] or '-'} | {r['mem_vs_base'] or '-'} | "
                     f"{_status_short(r)}{' (' + r['note'] + ')' if r.get('note') else ''} |")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,8 @@ shared memory by compiling that configuration for sm_90 (:func:`dcal.testing.aot
 
 Per kernel:
 * useful FLOPs: the op's (PWCA: 4*Nq*Nk*D per head forward; neighborhood: 4*k*k*D per query and
-  head; backward 2.5x, split dq kernel 1.5x + dk/dv kernel 1x; the delta pre-passes none); executed FLOPs: what the tiles compute, recomputation and masked-out tile entries included
+  head; backward 2.5x, split dq kernel 1.5x + dk/dv kernel 1x; the delta pre-passes none);
+  executed FLOPs: what the tiles compute, recomputation and masked-out tile entries included
   (the neighborhood kernels compute every (query, key) pair of a tile's halo chunks);
 * bytes: compulsory (every tensor read or written once) and tiled (each program reads its tiles
   from HBM, no L2 reuse): the true traffic lies between;
@@ -129,7 +130,8 @@ def na2d_launches(dtype, s=BEV) -> List[Launch]:
         consts = dict(KS=KS, HAS_RPB=s["rpb"], TILE_X=tx, TILE_Y=ty, BLOCK_N=bn, BLOCK_D=bd)
         for kernel in kernels:
             if kernel == "na2d_fwd":  # S = QK^T, O += PV
-                mult, reads_min, per_tile = 2, 3 * mapbytes + n * 4, tx * ty * D * e * 2 + halo * D * e * 2 + tx * ty * 4
+                mult, reads_min = 2, 3 * mapbytes + n * 4
+                per_tile = tx * ty * D * e * 2 + halo * D * e * 2 + tx * ty * 4
             elif kernel == "na2d_bwd_dq":  # S, dP = dO V^T, dQ += dS K
                 mult, reads_min = 3, 4 * mapbytes + n * 8
                 per_tile = tx * ty * D * e * 3 + halo * D * e * 2 + tx * ty * 8

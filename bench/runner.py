@@ -62,8 +62,12 @@ def _context():
     return _CONTEXT
 
 
-def _spawn(spec: Dict[str, Any], args, cuda: bool):
+HEAVY_TIMEOUT_FACTOR = 4  # a heavy case's process may run this many --timeout (a loaded machine must not leave holes)
+
+
+def _spawn(spec: Dict[str, Any], args, cuda: bool, timeout: Optional[float] = None):
     """Runs one measuring process; returns (records, log, returncode, killed reason or None)."""
+    timeout = args.timeout if timeout is None else timeout
     paths = []
     for suffix in (".jsonl", ".log"):
         fd, path = tempfile.mkstemp(prefix="dcal-bench-", suffix=suffix)
@@ -80,8 +84,8 @@ def _spawn(spec: Dict[str, Any], args, cuda: bool):
             rss = _proc_status(proc.pid).get("VmRSS", 0)
             if rss > args.max_mem + args.rss_slack:
                 killed = "OOM"
-        if time.time() - t0 > args.timeout:
-            killed = f"error: timeout after {args.timeout:.0f} s"
+        if time.time() - t0 > timeout:
+            killed = f"error: timeout after {timeout:.0f} s"
         if killed:
             proc.kill()
             proc.join()
@@ -107,7 +111,8 @@ def _run_child(module: str, case: Case, providers: Sequence[str], what: str, arg
         spec = dict(module=module, case=dataclasses.asdict(case), providers=todo, what=what,
                     warmup=args.warmup, reps=args.reps)
         spec.update(extra)
-        records, log, returncode, killed = _spawn(spec, args, case.device.startswith("cuda"))
+        timeout = args.timeout * (HEAVY_TIMEOUT_FACTOR if case.heavy else 1)
+        records, log, returncode, killed = _spawn(spec, args, case.device.startswith("cuda"), timeout)
         current = None
         for r in records:
             if r["event"] == "start":
