@@ -80,7 +80,7 @@ def _rows(path):
 def test_runner_measures_and_reports_every_outcome(toy_module, tmp_path, capsys):
     out = tmp_path / "results"
     results = common.bench_main(toy_module, ["--quick", "--reps", "3", "--warmup", "1", "--max-mem", "256M",
-                                             "--threads", "1", "--out", str(out)])
+                                             "--threads", "1", "--out", str(out), "--no-peak"])
     by = {r.provider: r for r in results}
     assert [r.provider for r in results] == list(toy_module.PROVIDERS)
 
@@ -175,7 +175,7 @@ def test_pwca_providers_compute_the_same_attention(provider, mode):
 def test_pwca_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "results"
     results = common.bench_main(pwca, ["--quick", "--cases", "N33", "--providers", *FAST_PROVIDERS, "--reps", "2",
-                                       "--warmup", "1", "--threads", "1", "--out", str(out), "--no-plot"])
+                                       "--warmup", "1", "--threads", "1", "--out", str(out), "--no-plot", "--no-peak"])
     assert len(results) == 2 * len(FAST_PROVIDERS)
     for r in results:
         assert r.status == "ok", (r.case.name, r.provider, r.status)
@@ -478,3 +478,30 @@ def test_roofline_counts_and_occupancy():
             launch.kernel
     lines = rl.table(rl.pwca_launches(torch.float16))
     assert lines[-1].startswith("total: useful") and "?" in lines[2]  # not compiled here: occupancy unknown
+
+
+# ----------------------------------------------------------------------------- bench.neighborhood
+
+import bench.neighborhood as nbh  # noqa: E402
+
+
+def test_neighborhood_providers_follow_the_case_border():
+    import dcal.ops
+
+    for case in [c for c in nbh.cases(True, "cpu") if c.mode == "fwd"]:
+        border = case.params["border"]
+        q, k, v, _ = nbh.make_inputs(case)
+        H = case.params["H"]
+        want = dcal.ops.neighborhood_attention2d(
+            *(nbh._heads(t.double(), H) for t in (q, k, v)), kernel_size=case.params["ks"], border=border,
+            backend="reference")
+        want = nbh._channels(want, q.shape)
+        torch.testing.assert_close(nbh.dcal(case, (q, k, v, None))().double(), want, atol=1e-5, rtol=1e-5)
+        if border == "zero":
+            torch.testing.assert_close(nbh.unfold(case, (q, k, v, None))().double(), want, atol=1e-5, rtol=1e-5)
+        else:
+            with pytest.raises(common.Unavailable, match="zero-padding"):
+                nbh.unfold(case, (q, k, v, None))
+            assert case.baseline == "natten"
+    heavy = [c.name for c in nbh.cases(False, "cpu") if c.heavy]
+    assert heavy == ["B2-C256-256x256-fwd+bwd"]
