@@ -16,7 +16,7 @@ Per kernel:
   (the neighborhood kernels compute every (query, key) pair of a tile's halo chunks);
 * bytes: compulsory (every tensor read or written once) and tiled (each program reads its tiles
   from HBM, no L2 reuse): the true traffic lies between;
-* arithmetic intensity = useful FLOPs / bytes, against the ridge point 990e12 / 3.35e12 = 295 FLOP/B;
+* arithmetic intensity = useful FLOPs / bytes, against the ridge point 990e12 / 3.35e12 = 296 FLOP/B;
 * time bounds: executed FLOPs at the dense tensor-core peak, and bytes at the HBM bandwidth;
 * occupancy: CTAs per SM from registers (65536 per SM, allocated per warp in units of 256), shared
   memory (228 KiB per SM, 1 KiB reserved per CTA), threads (2048) and the 32-CTA limit; resident
@@ -215,7 +215,7 @@ def table(launches: List[Launch], gpu=H100) -> List[str]:
     best = tot_u / t_lo / 1e12
     lines.append(f"total: useful {tot_u / 1e9:.1f} GFLOP, executed {tot_e / 1e9:.1f} GFLOP ({tot_e / tot_u:.2f}x); "
                  f"launches bound {t_lo * 1e6:.0f}-{t_hi * 1e6:.0f} us -> at most {best:.0f} useful TFLOP/s "
-                 f"({best / gpu['tflops']:.0%} of peak) at full occupancy; ridge {ridge:.0f} FLOP/B")
+                 f"({best / gpu["tflops"]:.0%} of peak) if every launch ran at the peak rate of its bound; ridge {ridge:.0f} FLOP/B")
     return lines
 
 
