@@ -215,7 +215,8 @@ def table(launches: List[Launch], gpu=H100) -> List[str]:
     best = tot_u / t_lo / 1e12
     lines.append(f"total: useful {tot_u / 1e9:.1f} GFLOP, executed {tot_e / 1e9:.1f} GFLOP ({tot_e / tot_u:.2f}x); "
                  f"launches bound {t_lo * 1e6:.0f}-{t_hi * 1e6:.0f} us -> at most {best:.0f} useful TFLOP/s "
-                 f"({best / gpu["tflops"]:.0%} of peak) if every launch ran at the peak rate of its bound; ridge {ridge:.0f} FLOP/B")
+                 f"({best / gpu['tflops']:.0%} of peak) if every launch ran at the peak rate of its bound; "
+                 f"ridge {ridge:.0f} FLOP/B")
     return lines
 
 
