@@ -160,7 +160,7 @@ def header(loaded) -> List[str]:
              or sorted({r.get("date", "") for _, rs, _ in loaded for r in rs[:1]}))
     commits = sorted({m.get("commit", "") for m in metas if m.get("commit")}) or [rows0.get("commit", "?")]
     loads = [f"{m['bench']} {m.get('loadavg_start', '?')} -> {m.get('loadavg', '?')}" for m in metas]
-    peaks = sorted({f"{m['peak_gflops']:.0f}" for m in metas if m.get("peak_gflops")})
+    peaks = [f"{m['bench']} {m['peak_gflops']:.0f}" for m in metas if m.get("peak_gflops")]
     walls = [m.get("wall_s") for m in metas if m.get("wall_s") is not None]
     budget = sorted({str(m.get("budget")) for m in metas})
     lines = [
@@ -168,7 +168,7 @@ def header(loaded) -> List[str]:
         f"{rows0.get('threads', '?')} threads, torch {rows0.get('torch', '?')}, commit {', '.join(commits)}.",
         f"Load average (1/5/15 min) at the start and end of each bench: {'; '.join(loads) or '?'}.",
         f"Matmul peak measured in the same run (sgemm 2048^3 fp32 on CPU, the dtype's GEMM on GPU): "
-        f"{' / '.join(peaks) or '?'} GFLOP/s; \"% of peak\" is a row's GFLOP/s over it.",
+        f"{', '.join(peaks) or '?'} GFLOP/s; \"% of peak\" is a row's GFLOP/s over its bench's.",
         f"Run: `python -m bench` (`make bench`), per-case budget {', '.join(budget)} s "
         f"(None: fixed rounds), wall time {sum(walls) / 60:.1f} min for these benches; time: median of "
         f"interleaved rounds (or one call where the row says so); peak memory: beyond the inputs, in a fresh "

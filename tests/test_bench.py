@@ -376,7 +376,7 @@ def test_report_regenerates_the_readme_block(tmp_path):
     assert "old typed table" not in text and text.startswith("# x\n\n## Results\n\nintro\n") and "## Next" in text
     block = text[text.index(report.START):text.index(report.END)]
     for want in ("Some CPU (2 cores)", "2026-12-02 10:00 UTC", "abc123", "1.00 1.00 1.00 -> 2.00 1.50 1.20",
-                 "36 GFLOP/s", "dcal 900.0 ms, 29 GFLOP/s (81% of peak)", "floor 27.6 MiB",
+                 "pwca 36 GFLOP/s", "dcal 900.0 ms, 29 GFLOP/s (81% of peak)", "floor 27.6 MiB",
                  "dcal: 0.80x time, 0.53x memory (vs sdpa_cat)",
                  "`python -m bench.pwca --cases N785-fwd+bwd`", "skipped (FlexAttention has no CPU backward)",
                  "4*Nq*Nk*D per head forward"):
