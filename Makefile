@@ -1,6 +1,8 @@
 # Two commands on a fresh machine (see README):
 #   make bench   set up (venv, torch, dcal built with its C++/CUDA extension) and run the main job:
-#                the speed/memory comparison of bench/
+#                the speed/memory comparison of bench/, bounded by a time budget per case (at most
+#                15 minutes on a 2-core machine; BENCH_ARGS=--full for the long run)
+#   make bench-report   the README's results table and bench/results/summary.md from that run
 #   make test    the same set-up, then the test suite (2 pytest workers)
 #   make check   the same set-up, then python -m dcal.check (run it first on a GPU; README)
 # All only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
@@ -19,7 +21,7 @@ TEST_ARGS  ?=
 CHECK_ARGS ?= --quick
 CHECK_OUT  ?= dcal-check
 
-.PHONY: setup bench test check kernel-report clean
+.PHONY: setup bench bench-report test check kernel-report clean
 
 setup: $(VENV)/.dcal-installed
 
@@ -37,6 +39,9 @@ $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-report:
+	$(PY) -m bench.report
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 $(TEST_ARGS) tests

@@ -3,6 +3,7 @@ for sm_80 and sm_90 (no GPU needed) and the CUDA C++ kernels with ``nvcc -Xptxas
 registers, spill bytes and shared memory per configuration. Spills are defects.
 
     python -m bench.kernel_report [--arch 80 90] [--filter pwca] [--csv PATH] [--no-cuda-cpp]
+    python -m bench.kernel_report --roofline [--dtype float16 bfloat16]   (see bench/roofline.py)
 """
 from __future__ import annotations
 
@@ -47,9 +48,19 @@ def main(argv=None):
     p.add_argument("--filter", default=None, help="only kernels whose name contains this")
     p.add_argument("--csv", default=os.path.join("bench", "results", "kernel_report.csv"))
     p.add_argument("--no-cuda-cpp", action="store_true", help="skip the CUDA C++ kernels")
+    p.add_argument("--roofline", action="store_true",
+                   help="instead: FLOPs, bytes, arithmetic intensity and occupancy of the Triton PWCA and "
+                        "neighborhood kernels at the DCAL and BEV sizes on an H100")
+    p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], help="dtypes of --roofline")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         os.environ.pop("TRITON_INTERPRET")  # must be off before triton kernels are imported
+    if a.roofline:
+        from bench import roofline
+
+        text = roofline.report(tuple(a.dtype))
+        print(text)
+        return text
     t0 = time.time()
     rows = triton_rows(a.arch, a.filter)
     if not a.no_cuda_cpp:

@@ -7,17 +7,21 @@ C = heads * D. Providers:
 
 * ``unfold``: the seeds' code: ``F.unfold`` of k and v with padding ks // 2 ([B, heads, D, ks*ks,
   X*Y], ks*ks copies of the map), logits summed over D, softmax over the ks*ks window, weighted
-  sum; zero-padding semantics (``border="zero"``).
+  sum; zero-padding semantics (``border="zero"``; other borders: skipped).
 * ``unfold_compiled``: ``torch.compile`` of ``unfold``.
-* ``natten``: ``natten.na2d`` (NATTEN's own semantics, i.e. ``border="clamp"``), forward only on
-  CPU (NATTEN has no CPU backward); skipped when natten is not installed.
-* ``dcal``: ``dcal.ops.neighborhood_attention2d(border="zero", backend="cpp")`` (CPU C++, or
+* ``natten``: ``natten.na2d`` (NATTEN's own semantics, i.e. ``border="clamp"``; clamp cases only),
+  forward only on CPU (NATTEN has no CPU backward); skipped when natten is not installed.
+* ``flex``: compiled ``flex_attention`` with the block mask of the case's border (see
+  :mod:`bench.flex`; ``zero`` through zero-padded keys/values), forward only on CPU.
+* ``dcal``: ``dcal.ops.neighborhood_attention2d(border=<the case's>, backend="cpp")`` (CPU C++, or
   CUDA C++ on a GPU), including the [B, C, X, Y] <-> [B, H, X, Y, D] layout changes.
 
-Cases: kernel 7, 4 heads, maps 64 / 128 / 256, channels 128 / 256, batch 1, fp32 on CPU (fp16 on
-GPU), forward and forward+backward; plus the batch-2 seeds' shape (256x256, 256 channels).
-``--quick``: 2 heads, 32 channels, maps 16 and 24. The FLOP count is that of exact attention of
-each pixel over its ks*ks keys (logits and weighted sum; backward 2.5x).
+Cases (kernel 7, 4 heads, fp32 on CPU, fp16 on GPU): border ``zero`` at 128x128 with 128 channels
+and at the seeds' B 2, 256 channels, 256x256, forward and forward+backward, and border ``clamp``
+(NATTEN's) forward at 64x64 with 128 channels, where NATTEN's CPU path finishes in seconds.
+``--full`` adds the sweep over maps 64 / 128 / 256 and channels 128 / 256 (batch 1), and clamp and
+mask at 128x128. ``--quick``: 2 heads, 32 channels, maps 16 and 24. Memory floor: the output (+ the
+three gradients for fwd+bwd).
 """
 from __future__ import annotations
 
@@ -26,28 +30,39 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import Case, Unavailable, bench_main, flops_attention
+from bench.common import Case, Unavailable, bench_main, floor_outputs, flops_neighborhood
 
 NAME = "neighborhood"
 BASELINE = "unfold"
 X_LABEL = "map side (X = Y)"
+FLOPS = "4*k*k*D per query and head forward (k = 7), 3.5x that for fwd+bwd"
 KERNEL = 7
+HEAVY_ELEMENTS = 2 * 256 * 256 * 256  # fwd+bwd at the seeds' size: tens of seconds per call here
 
 
-def cases(quick: bool, device: str):
+def _case(B, H, C, M, mode, device, dtype, border="zero"):
+    shape = (B, C, M, M)
+    tag = "" if border == "zero" else f"-{border}"
+    return Case(
+        name=f"B{B}-C{C}-{M}x{M}{tag}-{mode}", params=dict(B=B, H=H, C=C, X=M, Y=M, ks=KERNEL, border=border),
+        dtype=dtype, device=device, mode=mode, flops=flops_neighborhood(B, H, M, M, KERNEL, C // H, mode), x=M,
+        group=f"C{C} B{B} {border} {mode}", floor_bytes=floor_outputs(shape, dtype, mode, [shape] * 3),
+        heavy=(mode != "fwd" and B * C * M * M >= HEAVY_ELEMENTS and not device.startswith("cuda")),
+        baseline="" if border == "zero" else "natten")
+
+
+def cases(quick: bool, device: str, full: bool = False):
     cuda = device.startswith("cuda")
     dtype = "float16" if cuda else "float32"
     if quick:
-        grid = [(1, 2, 32, 16), (1, 2, 32, 24)]
-    else:
+        grid, extra = [(1, 2, 32, 16), (1, 2, 32, 24)], [(1, 2, 32, 16, "clamp")]
+    elif full:
         grid = [(1, 4, c, m) for c in (128, 256) for m in (64, 128, 256)] + [(2, 4, 256, 256)]
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        for B, H, C, M in grid:
-            out.append(Case(
-                name=f"B{B}-C{C}-{M}x{M}-{mode}", params=dict(B=B, H=H, C=C, X=M, Y=M, ks=KERNEL), dtype=dtype,
-                device=device, mode=mode, flops=flops_attention(B, H, M * M, KERNEL * KERNEL, C // H, mode), x=M,
-                group=f"C{C} B{B} {mode}"))
+        extra = [(1, 4, 128, 64, "clamp"), (1, 4, 128, 128, "clamp"), (1, 4, 128, 128, "mask")]
+    else:
+        grid, extra = [(1, 4, 128, 128), (2, 4, 256, 256)], [(1, 4, 128, 64, "clamp")]
+    out = [_case(B, H, C, M, mode, device, dtype) for mode in ("fwd", "fwd+bwd") for B, H, C, M in grid]
+    out += [_case(B, H, C, M, "fwd", device, dtype, border) for B, H, C, M, border in extra]
     return out
 
 
@@ -91,13 +106,22 @@ def _heads(t, heads):
     return t.view(B, heads, C // heads, X, Y).permute(0, 1, 3, 4, 2)
 
 
-def dcal_na(q, k, v, heads: int, ks: int):
+def _channels(out, shape):
+    """[B, H, X, Y, D] -> [B, C, X, Y]."""
+    return out.permute(0, 1, 4, 2, 3).reshape(shape)
+
+
+def dcal_na(q, k, v, heads: int, ks: int, border: str = "zero"):
     import dcal.ops
 
     out = dcal.ops.neighborhood_attention2d(
-        _heads(q, heads), _heads(k, heads), _heads(v, heads), kernel_size=ks, border="zero", backend="cpp")
-    B, C, X, Y = q.shape
-    return out.permute(0, 1, 4, 2, 3).reshape(B, C, X, Y)
+        _heads(q, heads), _heads(k, heads), _heads(v, heads), kernel_size=ks, border=border, backend="cpp")
+    return _channels(out, q.shape)
+
+
+def _zero_only(case):
+    if case.params.get("border", "zero") != "zero":
+        raise Unavailable("the unfold code has zero-padding semantics only")
 
 
 def _step(case: Case, inputs, fn):
@@ -115,10 +139,12 @@ def _step(case: Case, inputs, fn):
 
 
 def unfold(case, inputs):
+    _zero_only(case)
     return _step(case, inputs, unfold_na)
 
 
 def unfold_compiled(case, inputs):
+    _zero_only(case)
     try:
         fn = torch.compile(unfold_na, dynamic=False)
     except Exception as e:
@@ -131,6 +157,8 @@ def natten(case, inputs):
         import natten as nat
     except ImportError:
         raise Unavailable("natten is not installed (pip install --no-build-isolation natten)")
+    if case.params.get("border", "zero") != "clamp":
+        raise Unavailable("NATTEN's window is the clamp border only")
     if case.mode != "fwd" and not case.device.startswith("cuda"):
         raise Unavailable("NATTEN has no CPU backward")
 
@@ -145,11 +173,30 @@ def natten(case, inputs):
     return _step(case, inputs, natten_na)
 
 
+def flex(case, inputs):
+    from bench import flex as fx
+
+    why = fx.unavailable_reason(case.device, case.mode)
+    if why:
+        raise Unavailable(why)
+    p = case.params
+    border = p.get("border", "zero")
+    bmask = fx.na_block_mask(p["X"], p["Y"], p["ks"], border, device=case.device)
+    attend = fx.flex_fn(compiled=True)
+
+    def flex_na(q, k, v, heads, ks):
+        out = fx.flex_neighborhood(_heads(q, heads), _heads(k, heads), _heads(v, heads), ks, border, bmask, attend)
+        return _channels(out, q.shape)
+
+    return _step(case, inputs, flex_na)
+
+
 def dcal(case, inputs):
-    return _step(case, inputs, dcal_na)
+    border = case.params.get("border", "zero")
+    return _step(case, inputs, lambda q, k, v, heads, ks: dcal_na(q, k, v, heads, ks, border))
 
 
-PROVIDERS = {"unfold": unfold, "unfold_compiled": unfold_compiled, "natten": natten, "dcal": dcal}
+PROVIDERS = {"unfold": unfold, "unfold_compiled": unfold_compiled, "natten": natten, "flex": flex, "dcal": dcal}
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ Providers (all exact; inputs are the L blocks' q and k, plus their logsumexps fo
   block); ``cpp_lse``: the same with the blocks' logsumexps given (one pass).
 * ``triton`` / ``triton_lse``: the Triton backend (CUDA only).
 
-FLOPs counted per call: one score matmul per block, ``L * 2 * B * H * N^2 * D`` (the fused
-backends compute it twice without logsumexps; the dense ones add ``2 * B * N^3`` per block for
-the matrix product), so TFLOP/s compares the same useful work.
+FLOPs counted per call (:data:`FLOPS`): ``2 * N^2 * D`` per head and block for the scores, twice
+that when the logsumexps are not given (a pass to compute them first; the dense providers' softmax
+does the same work), so GFLOP/s compares the same useful work; the dense providers' ``2 * B * N^3``
+per block for the matrix product is not counted. Memory floor: the [B, N] fp32 output.
 
-Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 224 px (197 tokens) and 448 px (785
-tokens, the seeds' shape), fp32 on CPU, fp16 on GPU. ``--quick``: 3 blocks, 2 heads, D 32,
-tokens 33 and 65. After the table the script checks the DESIGN goal at the seeds' shape: the
+Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 448 px (785 tokens, the seeds' shape);
+``--full`` adds 224 px (197 tokens); fp32 on CPU, fp16 on GPU. ``--quick``: 3 blocks, 2 heads,
+D 32, tokens 33 and 65. After the table the script checks the DESIGN goal at the seeds' shape: the
 fused rollout's extra memory at most 1/20 of the dense reference's.
 """
 from __future__ import annotations
@@ -28,26 +29,35 @@ import sys
 
 import torch
 
-from bench.common import Case, Unavailable, bench_main
+from bench.common import Case, Unavailable, bench_main, flops_rollout, nbytes
 
 NAME = "rollout"
 BASELINE = "reference"
 X_LABEL = "tokens N"
+FLOPS = "2*N*N*D per head and block, plus the same again for the logsumexp pass when lses are absent"
 
 SWEEP = (197, 785)
+SEEDS = (785,)
 QUICK = (33, 65)
 GOAL_CASE, GOAL_RATIO = "N785", 1 / 20
 
 
-def cases(quick: bool, device: str):
+def cases(quick: bool, device: str, full: bool = False):
     cuda = device.startswith("cuda")
     if quick:
         B, H, D, L, sweep = 1, 2, 32, 3, QUICK
     else:
-        B, H, D, L, sweep = 2, 12, 64, 12, SWEEP
+        B, H, D, L, sweep = 2, 12, 64, 12, (SWEEP if full else SEEDS)
     dtype = "float16" if cuda else "float32"
     return [Case(name=f"N{n}-L{L}", params=dict(B=B, H=H, N=n, D=D, L=L), dtype=dtype, device=device, mode="fwd",
-                 flops=2.0 * L * B * H * n * n * D, x=n, group="fwd") for n in sweep]
+                 flops=flops_rollout(B, H, n, D, L, with_lse=False), x=n, group="fwd",
+                 floor_bytes=nbytes((B, n), "float32")) for n in sweep]
+
+
+def flops_for(case: Case, provider: str) -> float:
+    """Providers given the blocks' logsumexps skip the pass that computes them."""
+    p = case.params
+    return flops_rollout(p["B"], p["H"], p["N"], p["D"], p["L"], with_lse=provider.endswith("_lse"))
 
 
 def describe(device: str) -> str:

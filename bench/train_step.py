@@ -1,16 +1,18 @@
 """Training-step benchmark: one DCAL ViT-B/16 step (DESIGN sections 6, 9).
 
-``python -m bench.train_step [--quick] [--device cpu|cuda] [--reps 3 --warmup 1] [...]``
-(options: :mod:`bench.common`). A ViT-B step at 448 px takes 20 s to 3 min on a 2-core CPU
-(depending on load), and the timing process runs 2 setups + 2 x (warmup + reps) steps, so on a
-CPU use ``--reps 3 --warmup 1 --timeout 3000`` (the default 900 s timeout is too short there).
+``python -m bench.train_step [--quick] [--device cpu|cuda] [...]`` (options: :mod:`bench.common`).
+A ViT-B step at 448 px takes 30 s to 3 min on a 2-core CPU (depending on load), so on a CPU the
+case is ``heavy``: the default run measures one step per provider (time and peak memory of the
+same step, in its own process); ``--full`` (or ``--reps 3 --warmup 1 --timeout 3000``) times
+interleaved rounds after warm-up steps.
 
 One step = forward of every branch of ablation "full" (12 SA blocks, 12 PWCA passes sharing their
 weights, 1 GLCA block on CLS + top 10% patches by attention rollout), the uncertainty-weighted
 loss, backward and an AdamW step; 200 classes, fp32 (on GPU too: the comparison is about the
 attention, not the precision). The model and optimiser state exist before the measured call
-(built and warmed up in the provider's setup), so the peak memory is what the step itself needs:
-activations, gradients, temporaries.
+(built in the provider's setup, where AdamW's state is created by a step on zero gradients), so
+the peak memory is what the step itself needs: activations, gradients, temporaries. Memory floor:
+the parameter gradients. FLOPs (:data:`FLOPS`): the matmuls of the forward of every branch, x3.
 
 Providers (same model, same seed, only the attention backend differs):
 
@@ -25,16 +27,19 @@ model at 64 px, batch 2.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
 import torch
 
-from bench.common import Case, Unavailable, bench_main
+from bench.common import Case, Unavailable, bench_main, nbytes
 
 NAME = "train_step"
 BASELINE = "materialising"
 X_LABEL = "batch"
+FLOPS = ("matmuls of one step: per block 2*N*C*C*12 (qkv, proj, MLP) + 4*N*N*C (SA), the same with 2N keys for "
+         "PWCA, GLCA on 1 + 10% queries, the patch embedding; forward x3 for forward + backward")
 
 VIT_B = dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 QUICK = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
@@ -59,7 +64,22 @@ def cases(quick: bool, device: str):
     batches = (2,) if quick or not cuda else (8, 16)
     n = (p["img_size"] // p["patch_size"]) ** 2 + 1
     return [Case(name=f"B{b}-{p['img_size']}px", params=dict(B=b, **p, tokens=n), dtype="float32", device=device,
-                 mode="fwd+bwd", flops=_flops(b, p), x=b, group="train step") for b in batches]
+                 mode="fwd+bwd", flops=_flops(b, p), x=b, group="train step",
+                 floor_bytes=nbytes((_param_count(p),), "float32"), heavy=not cuda and not quick) for b in batches]
+
+
+@functools.lru_cache(maxsize=None)
+def _param_count_of(img_size, patch_size, embed_dim, depth, num_heads) -> int:
+    from dcal.models import DCALConfig, DCALViT
+
+    cfg = DCALConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                     num_classes=200, ablation="full")
+    return sum(t.numel() for t in DCALViT(cfg).parameters())
+
+
+def _param_count(p: dict) -> int:
+    """Parameters of the DCAL ViT of these sizes (the SA blocks, the GLCA block, heads, embeddings)."""
+    return _param_count_of(*(p[k] for k in VIT_B))
 
 
 def describe(device: str) -> str:
@@ -88,6 +108,12 @@ def _step(case: Case, inputs, backend):
     torch.manual_seed(0)
     model = DCALViT(cfg).to(case.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # AdamW creates its state at the first step: do that here, on zero gradients, so that a
+    # measured step (also the first one, when the run measures a single step) is a steady one.
+    for t in model.parameters():
+        t.grad = torch.zeros_like(t)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     x, y = inputs
 
     def step():
