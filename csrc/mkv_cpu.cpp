@@ -32,8 +32,9 @@ namespace dcal {
 namespace {
 
 // Tile sizes, by measurement at Nq = Nk = 785, D = 64, fp32 forward+backward (2 cores, 1 MiB L2
-// each): keys per block 1024 beat 256 and 512 by 5-10%; forward query blocks of 64 beat 32 and
-// 128; backward query blocks of 128 beat 64 by about 5%. Score tiles are [rows, ld] with ld the
+// each, under heavy load from other jobs, so differences under ~5% are noise): keys per block 1024
+// beat 256 and 512 by 5-10%; forward query blocks of 64 beat 32 and 128; backward query blocks of
+// 128 beat 64 by about 5%. Score tiles are [rows, ld] with ld the
 // key count rounded up to 16 floats (64-byte rows; a power-of-two stride would alias cache sets).
 constexpr int64_t kBM = 64;    // query rows per forward tile
 constexpr int64_t kBMb = 128;  // query rows per backward tile
