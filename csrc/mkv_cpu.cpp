@@ -39,9 +39,14 @@ namespace {
 constexpr int64_t kBM = 64;    // query rows per forward tile
 constexpr int64_t kBMb = 128;  // query rows per backward tile
 constexpr int64_t kBN = 1024;  // keys per tile
-constexpr int64_t kLd = kBN;   // row stride capacity of a tile (kBN is a multiple of 16)
 
 inline int padded(int n) { return (n + 15) / 16 * 16; }
+
+// Row stride capacity of a tile: the longest key block of these segments, padded; the tiles
+// are no larger than the segments need.
+inline int64_t tile_ld(const std::vector<int64_t>& nks) {
+  return padded(static_cast<int>(std::min(kBN, *std::max_element(nks.begin(), nks.end()))));
+}
 
 using cpu::gemm;
 
@@ -134,9 +139,10 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
   T* lse_all = lse.data_ptr<T>();
   const int64_t nqb = (Nq + kBM - 1) / kBM;
   const int64_t tasks = B * H * nqb;
+  const int64_t cap = tile_ld(nks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<T> s(kBM * kLd), m(kBM), l(kBM);
+    std::vector<T> s(kBM * cap), m(kBM), l(kBM);
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kBM, b = bh / H, h = bh % H;
       const int mr = static_cast<int>(std::min(kBM, Nq - i0));
@@ -190,9 +196,10 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
     nks.push_back(s.k.size(2));
   }
   T* dq_all = grads[0].data_ptr<T>();
+  const int64_t cap = tile_ld(nks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<T> p(kBMb * kLd), ds(kBMb * kLd), delta(Nq);
+    std::vector<T> p(kBMb * cap), ds(kBMb * cap), delta(Nq);
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
