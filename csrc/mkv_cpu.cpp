@@ -5,141 +5,50 @@
 // measured ~2x one).
 //
 // Forward: parallel over batch x heads x query blocks; online softmax over the key blocks of
-// segment 1, then segment 2; out and lse (the dtype of the inputs) are saved.
+// segment 1, then segment 2; out and lse (the dtype of the inputs) are saved. A key block spans a
+// whole segment up to kBN keys (DCAL's 785-token segments are one block each), so each GEMM is as
+// large as the tile allows and the rescaling of the output happens once per segment.
 // Backward: parallel over batch x heads; one pass per (b, h) walks query blocks x key blocks and
 // accumulates dq, dk, dv straight into the outputs (each (b, h) slice has one owner), so there are
 // no atomics and the result does not depend on the thread count. The lse gradient folds into
 // delta = rowsum(dO * O) - dlse, as dS = P * (dP - delta).
+// Tasks are taken dynamically from a shared counter (a loaded core does not hold the other
+// back); each task writes only its own outputs, so the schedule does not change the result.
 #include "mkv.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-}
+#include "cpu_math.h"
 
 namespace dcal {
 namespace {
 
-// Tile sizes, by measurement at Nq = Nk = 785, D = 64, fp32 forward+backward: 64 x 256 was the
-// fastest of 64 x 128, 128 x 128 and 64 x 256 (the differences are a few percent).
-constexpr int64_t kBM = 64;   // query rows per tile
-constexpr int64_t kBN = 256;  // keys per tile
+// Tile sizes, by measurement at Nq = Nk = 785, D = 64, fp32 forward+backward (2 cores, 1 MiB L2
+// each, under heavy load from other jobs, so differences under ~5% are noise): keys per block 1024
+// beat 256 and 512 by 5-10%; forward query blocks of 64 beat 32 and 128; backward query blocks of
+// 128 beat 64 by about 5%. Score tiles are [rows, ld] with ld the
+// key count rounded up to 16 floats (64-byte rows; a power-of-two stride would alias cache sets).
+constexpr int64_t kBM = 64;    // query rows per forward tile
+constexpr int64_t kBMb = 128;  // query rows per backward tile
+constexpr int64_t kBN = 1024;  // keys per tile
 
-// Row-major C[M, N] = alpha op(A) op(B) + beta C. BLAS is column-major, where a row-major matrix
-// reads as its transpose: C^T = op(B)^T op(A)^T, so the operands swap and the flags stay.
-inline void gemm(char ta, char tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-                 int ldb, float beta, float* C, int ldc) {
-  sgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
-inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
-                 int ldb, double beta, double* C, int ldc) {
-  dgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+inline int padded(int n) { return (n + 15) / 16 * 16; }
 
-// exp by Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a Taylor polynomial of r (degree
-// 7 for fp32, 13 for fp64: truncation below half an ulp), so the element loops vectorise
-// (std::exp does not without -ffast-math). Arguments are clamped at -87 (fp32) / -708 (fp64), so
-// a weight below e^-87 (e^-708) counts as e^-87 (e^-708): far below the rounding of any sum that
-// includes the row maximum's weight 1, and branch-free. Callers pass x <= 0 (scores minus the
-// row maximum or the logsumexp), so there is no overflow side.
-[[gnu::always_inline]] inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // round to nearest by the 1.5 * 2^23 shifter (no floor call: it blocks vectorisation)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  return p * two_n;
-}
-[[gnu::always_inline]] inline double exp_poly(double x) {
-  x = x < -708.0 ? -708.0 : x;
-  const double n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
-  double r = x - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double two_n = __builtin_bit_cast(double, (static_cast<int64_t>(n) + 1023) << 52);
-  return p * two_n;
+// Row stride capacity of a tile: the longest key block of these segments, padded; the tiles
+// are no larger than the segments need.
+inline int64_t tile_ld(const std::vector<int64_t>& nks) {
+  return padded(static_cast<int>(std::min(kBN, *std::max_element(nks.begin(), nks.end()))));
 }
 
-// The element loops, cloned for x86-64-v4 (AVX-512) / v3 (AVX2) and picked at load time (the
-// extension is built without -march flags; CPU-model clones such as "arch=skylake-avx512"
-// would never match other vendors).
-#define DCAL_MKV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-// The reductions keep kLanes partial results (combined in a fixed order), so they vectorise
-// without reassociation flags and give the same bits on every clone.
-constexpr int64_t kLanes = 16;
-
-template <typename T>
-[[gnu::always_inline]] inline T row_max_impl(const T* s, int64_t n) {
-  T acc[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] = acc[l] < s[j + l] ? s[j + l] : acc[l];
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, acc[l]);
-  for (; j < n; ++j) m = std::max(m, s[j]);
-  return m;
-}
-
-template <typename T>
-[[gnu::always_inline]] inline T sum_impl(const T* s, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += s[j + l];
-  T sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
-  for (; j < n; ++j) sum += s[j];
-  return sum;
-}
-
-template <typename T>
-[[gnu::always_inline]] inline void exp_sub_impl(T* s, int64_t n, T c) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_poly(s[j] - c);
-}
-
-// s <- exp(s - c); returns the row sum
-template <typename T>
-[[gnu::always_inline]] inline T exp_sub_sum_impl(T* s, int64_t n, T c) {
-  exp_sub_impl(s, n, c);
-  return sum_impl(s, n);
-}
+using cpu::gemm;
 
 // ds <- p * (ds - delta)
 template <typename T>
@@ -152,31 +61,18 @@ template <typename T>
   for (int64_t j = 0; j < n; ++j) o[j] *= c;
 }
 
-template <typename T>
-[[gnu::always_inline]] inline T dot_impl(const T* a, const T* b, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
-  T sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
-DCAL_MKV_CLONES float row_max(const float* s, int64_t n) { return row_max_impl(s, n); }
-DCAL_MKV_CLONES double row_max(const double* s, int64_t n) { return row_max_impl(s, n); }
-DCAL_MKV_CLONES float exp_sub_sum(float* s, int64_t n, float c) { return exp_sub_sum_impl(s, n, c); }
-DCAL_MKV_CLONES double exp_sub_sum(double* s, int64_t n, double c) { return exp_sub_sum_impl(s, n, c); }
-DCAL_MKV_CLONES void exp_sub(float* s, int64_t n, float c) { exp_sub_impl(s, n, c); }
-DCAL_MKV_CLONES void exp_sub(double* s, int64_t n, double c) { exp_sub_impl(s, n, c); }
-DCAL_MKV_CLONES void dsoftmax(float* ds, const float* p, int64_t n, float d) { dsoftmax_impl(ds, p, n, d); }
-DCAL_MKV_CLONES void dsoftmax(double* ds, const double* p, int64_t n, double d) { dsoftmax_impl(ds, p, n, d); }
-DCAL_MKV_CLONES void scale_row(float* o, int64_t n, float c) { scale_row_impl(o, n, c); }
-DCAL_MKV_CLONES void scale_row(double* o, int64_t n, double c) { scale_row_impl(o, n, c); }
-DCAL_MKV_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
-DCAL_MKV_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_impl(a, b, n); }
-#undef DCAL_MKV_CLONES
+DCAL_CPU_CLONES float row_max(const float* s, int64_t n) { return cpu::row_max_impl(s, n); }
+DCAL_CPU_CLONES double row_max(const double* s, int64_t n) { return cpu::row_max_impl(s, n); }
+DCAL_CPU_CLONES float exp_sub_sum(float* s, int64_t n, float c) { return cpu::exp_sub_sum_impl(s, n, c); }
+DCAL_CPU_CLONES double exp_sub_sum(double* s, int64_t n, double c) { return cpu::exp_sub_sum_impl(s, n, c); }
+DCAL_CPU_CLONES void exp_sub(float* s, int64_t n, float c) { cpu::exp_sub_impl(s, n, c); }
+DCAL_CPU_CLONES void exp_sub(double* s, int64_t n, double c) { cpu::exp_sub_impl(s, n, c); }
+DCAL_CPU_CLONES void dsoftmax(float* ds, const float* p, int64_t n, float d) { dsoftmax_impl(ds, p, n, d); }
+DCAL_CPU_CLONES void dsoftmax(double* ds, const double* p, int64_t n, double d) { dsoftmax_impl(ds, p, n, d); }
+DCAL_CPU_CLONES void scale_row(float* o, int64_t n, float c) { scale_row_impl(o, n, c); }
+DCAL_CPU_CLONES void scale_row(double* o, int64_t n, double c) { scale_row_impl(o, n, c); }
+DCAL_CPU_CLONES float dot(const float* a, const float* b, int64_t n) { return cpu::dot_impl(a, b, n); }
+DCAL_CPU_CLONES double dot(const double* a, const double* b, int64_t n) { return cpu::dot_impl(a, b, n); }
 
 // One [B, H, N, D] tensor with unit stride along D and a row stride BLAS accepts.
 template <typename T>
@@ -242,9 +138,12 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
   T* o_all = out.data_ptr<T>();
   T* lse_all = lse.data_ptr<T>();
   const int64_t nqb = (Nq + kBM - 1) / kBM;
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(kBM * kBN), m(kBM), l(kBM);
-    for (int64_t task = begin; task < end; ++task) {
+  const int64_t tasks = B * H * nqb;
+  const int64_t cap = tile_ld(nks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<T> s(kBM * cap), m(kBM), l(kBM);
+    for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kBM, b = bh / H, h = bh % H;
       const int mr = static_cast<int>(std::min(kBM, Nq - i0));
       const T* qp = q.at(b, h) + i0 * q.sn;
@@ -256,11 +155,11 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
         const T* kp = ks[g].at(b, h);
         const T* vp = vs[g].at(b, h);
         for (int64_t j0 = 0; j0 < nks[g]; j0 += kBN) {
-          const int n = static_cast<int>(std::min(kBN, nks[g] - j0));
+          const int n = static_cast<int>(std::min(kBN, nks[g] - j0)), ld = padded(n);
           // s [mr, n] = scale * q [mr, D] @ k[j0:j0+n]^T [D, n]
-          gemm('N', 'T', mr, n, D, scale, qp, q.sn, kp + j0 * ks[g].sn, ks[g].sn, T(0), s.data(), n);
+          gemm('N', 'T', mr, n, D, scale, qp, q.sn, kp + j0 * ks[g].sn, ks[g].sn, T(0), s.data(), ld);
           for (int i = 0; i < mr; ++i) {
-            T* si = s.data() + i * n;
+            T* si = s.data() + i * ld;
             const T mnew = std::max(m[i], row_max(si, n));
             const T corr = std::exp(m[i] - mnew);  // 0 on the first block (m = -inf)
             l[i] = l[i] * corr + exp_sub_sum(si, n, mnew);
@@ -268,7 +167,7 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
             m[i] = mnew;
           }
           // out [mr, D] += p [mr, n] @ v[j0:j0+n] [n, D]
-          gemm('N', 'N', mr, D, n, T(1), s.data(), n, vp + j0 * vs[g].sn, vs[g].sn, T(1), op, D);
+          gemm('N', 'N', mr, D, n, T(1), s.data(), ld, vp + j0 * vs[g].sn, vs[g].sn, T(1), op, D);
         }
       }
       T* lp = lse_all + bh * Nq + i0;
@@ -297,16 +196,18 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
     nks.push_back(s.k.size(2));
   }
   T* dq_all = grads[0].data_ptr<T>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(kBM * kBN), ds(kBM * kBN), delta(Nq);
-    for (int64_t bh = begin; bh < end; ++bh) {
+  const int64_t cap = tile_ld(nks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<T> p(kBMb * cap), ds(kBMb * cap), delta(Nq);
+    for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
       const T* lsep = lse_all + bh * Nq;
       for (int64_t i = 0; i < Nq; ++i)
         delta[i] = dot(dop + i * D, o_all + (bh * Nq + i) * D, D) - (dlse_all ? dlse_all[bh * Nq + i] : T(0));
-      for (int64_t i0 = 0; i0 < Nq; i0 += kBM) {
-        const int mr = static_cast<int>(std::min(kBM, Nq - i0));
+      for (int64_t i0 = 0; i0 < Nq; i0 += kBMb) {
+        const int mr = static_cast<int>(std::min(kBMb, Nq - i0));
         const T* qp = q.at(b, h) + i0 * q.sn;
         const T* doi = dop + i0 * D;
         T* dqi = dq_all + (bh * Nq + i0) * D;
@@ -317,21 +218,21 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
           const T* kp = ks[g].at(b, h);
           const T* vp = vs[g].at(b, h);
           for (int64_t j0 = 0; j0 < nk; j0 += kBN) {
-            const int n = static_cast<int>(std::min(kBN, nk - j0));
+            const int n = static_cast<int>(std::min(kBN, nk - j0)), ld = padded(n);
             const T* kj = kp + j0 * ks[g].sn;
             const T* vj = vp + j0 * vs[g].sn;
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
-            gemm('N', 'T', mr, n, D, scale, qp, q.sn, kj, ks[g].sn, T(0), p.data(), n);
-            for (int i = 0; i < mr; ++i) exp_sub(p.data() + i * n, n, lsep[i0 + i]);
+            gemm('N', 'T', mr, n, D, scale, qp, q.sn, kj, ks[g].sn, T(0), p.data(), ld);
+            for (int i = 0; i < mr; ++i) exp_sub(p.data() + i * ld, n, lsep[i0 + i]);
             // dv_j [n, D] += p^T [n, mr] @ dO [mr, D]
-            gemm('T', 'N', n, D, mr, T(1), p.data(), n, doi, D, T(1), dv + j0 * D, D);
+            gemm('T', 'N', n, D, mr, T(1), p.data(), ld, doi, D, T(1), dv + j0 * D, D);
             // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = p * (dp - delta)
-            gemm('N', 'T', mr, n, D, T(1), doi, D, vj, vs[g].sn, T(0), ds.data(), n);
-            for (int i = 0; i < mr; ++i) dsoftmax(ds.data() + i * n, p.data() + i * n, n, delta[i0 + i]);
+            gemm('N', 'T', mr, n, D, T(1), doi, D, vj, vs[g].sn, T(0), ds.data(), ld);
+            for (int i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i]);
             // dq [mr, D] += scale * ds [mr, n] @ k_j [n, D]
-            gemm('N', 'N', mr, D, n, scale, ds.data(), n, kj, ks[g].sn, T(1), dqi, D);
+            gemm('N', 'N', mr, D, n, scale, ds.data(), ld, kj, ks[g].sn, T(1), dqi, D);
             // dk_j [n, D] += scale * ds^T [n, mr] @ q [mr, D]
-            gemm('T', 'N', n, D, mr, scale, ds.data(), n, qp, q.sn, T(1), dk + j0 * D, D);
+            gemm('T', 'N', n, D, mr, scale, ds.data(), ld, qp, q.sn, T(1), dk + j0 * D, D);
           }
         }
       }

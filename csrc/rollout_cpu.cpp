@@ -1,16 +1,23 @@
 // Attention rollout on CPU (DESIGN 3.3), without any [N, N] matrix.
 //
 // The CLS row of S_L @ ... @ S_1 is a row vector pushed through the blocks from the last to the
-// first: r = e_0; for l = L..1: r <- (1 - residual) * (r A_l) + residual * r. The product r A_l
-// is the dV step of flash-attention backward with r in the place of dO and a one-wide V:
-//   (r A_l)_j = 1/H sum_h sum_i r_i exp(s_ij - lse_i),
-// so each query row needs only its logsumexp, never its row of A. Without given logsumexps a
-// first pass computes them (online over key blocks); the second pass walks the query blocks for
-// each key block. Scores are recomputed in [kBM, kBN] tiles, so the memory beyond the inputs is
-// O(B*H*N) (logsumexps and per-head partial sums) plus a few tiles per thread.
+// first: r = e_0; for l = L..1: r <- (1 - residual) * (r A_l) + residual * r, where
+//   (r A_l)_j = 1/H sum_h sum_i r_i exp(s_ij - lse_i),   s = q_l k_l^T * scale.
+// Per (batch, head) the query rows are taken in blocks of kBQ: one BLAS GEMM gives the block's
+// full score rows [kBQ, N] (a per-thread tile), then each row i with weight r_i != 0 is turned
+// into probabilities and added, times r_i, to an [N] accumulator. A whole score row is in the
+// tile, so without given logsumexps the row's max and sum come from the same tile (max pass,
+// exp pass with the sum, weighted add): the scores are computed once either way, and each
+// exponential once.
 //
-// Parallel over batch x heads x (query | key) blocks; the heads are summed afterwards in a fixed
-// order, so results do not depend on the thread count or schedule.
+// On the first step taken (block L) r = e_0: only query row 0 carries weight, and rows or whole
+// blocks of zero weight are skipped, so that step costs one row per head.
+//
+// Memory beyond the inputs: the [B, H, chunks, N] partial sums (chunks >= 1 only for small B*H)
+// plus a [kBQ, N] score tile per thread (and fp32 copies of one head of k for bf16 inputs).
+// Parallel over (batch, head, query chunk) tasks, taken dynamically by the threads; each task
+// writes its own partial row and the partials are summed in a fixed order, so results do not
+// depend on the thread count or schedule.
 #include "rollout.h"
 
 #include <ATen/Dispatch.h>
@@ -18,17 +25,23 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
+#include <atomic>
+#include <type_traits>
 #include <vector>
+
+#include "cpu_math.h"
 
 namespace dcal {
 namespace {
 
-constexpr int64_t kBM = 64;  // query rows per tile (a multiple of kRows)
-constexpr int64_t kBN = 64;  // keys per tile (a multiple of kCols)
-constexpr int64_t kRows = 4; // register block of the score micro-kernel
-constexpr int64_t kCols = 8;
+using cpu::gemm;
+
+// Query rows per GEMM: a [64, 785] fp32 score tile (200 KB) stays in a 1 MiB L2 while its rows
+// are reduced, and 64 rows amortise the GEMM's packing of k.
+constexpr int64_t kBQ = 64;
+// Below this many (batch, head) pairs the query blocks of a head are split into chunks, so both
+// threads have work and a late task is short. A function of the shape only (determinism).
+constexpr int64_t kMinTasks = 32;
 
 template <typename T>
 struct AccOf {
@@ -39,220 +52,151 @@ struct AccOf<double> {
   using type = double;
 };
 
-// One [B, H, N, D] tensor with unit stride along D (other strides arbitrary: q/k are often views
-// of a fused qkv projection).
+// acc <- acc + w * exp(s - c)
+template <typename T>
+[[gnu::always_inline]] inline void exp_axpy_impl(T* acc, const T* s, int64_t n, T c, T w) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += w * cpu::exp_poly(s[j] - c);
+}
+// acc <- acc + w * p
+template <typename T>
+[[gnu::always_inline]] inline void axpy_impl(T* acc, const T* p, int64_t n, T w) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += w * p[j];
+}
+
+DCAL_CPU_CLONES float row_max(const float* s, int64_t n) { return cpu::row_max_impl(s, n); }
+DCAL_CPU_CLONES double row_max(const double* s, int64_t n) { return cpu::row_max_impl(s, n); }
+DCAL_CPU_CLONES float exp_sub_sum(float* s, int64_t n, float c) { return cpu::exp_sub_sum_impl(s, n, c); }
+DCAL_CPU_CLONES double exp_sub_sum(double* s, int64_t n, double c) { return cpu::exp_sub_sum_impl(s, n, c); }
+DCAL_CPU_CLONES void exp_axpy(float* a, const float* s, int64_t n, float c, float w) { exp_axpy_impl(a, s, n, c, w); }
+DCAL_CPU_CLONES void exp_axpy(double* a, const double* s, int64_t n, double c, double w) {
+  exp_axpy_impl(a, s, n, c, w);
+}
+DCAL_CPU_CLONES void axpy(float* a, const float* p, int64_t n, float w) { axpy_impl(a, p, n, w); }
+DCAL_CPU_CLONES void axpy(double* a, const double* p, int64_t n, double w) { axpy_impl(a, p, n, w); }
+
+// One [B, H, N, D] tensor with unit stride along D and a row stride BLAS accepts (>= D).
 template <typename scalar_t>
 struct HeadsView {
   const scalar_t* data;
   int64_t sb, sh, sn;
-  const scalar_t* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
+  const scalar_t* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
-template <typename scalar_t>
-HeadsView<scalar_t> heads_view(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2)};
+// Read in place when BLAS can (unit stride along D, rows at least D apart: views of a fused qkv
+// projection qualify); otherwise one contiguous copy.
+at::Tensor blas_ready(const at::Tensor& t) {
+  const int64_t D = t.size(3);
+  if (t.stride(3) == 1 && (t.stride(2) >= D || t.size(2) == 1)) return t;
+  return t.contiguous();
 }
 
-template <typename acc_t>
-struct Tiles {
-  std::vector<acc_t> q, kt, s, acc;  // [kBM, D], [D, kBN], [kBM, kBN], [kBN]
-  explicit Tiles(int64_t D) : q(kBM * D), kt(D * kBN), s(kBM * kBN), acc(kBN) {}
-};
+template <typename scalar_t>
+HeadsView<scalar_t> view_of(const at::Tensor& t) {
+  // A single-token axis may carry any stride; BLAS wants a leading dimension >= D.
+  const int64_t sn = t.size(2) == 1 ? t.size(3) : t.stride(2);
+  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), sn};
+}
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Query rows [i0, i0 + m) -> tile [m, D]; rows up to the next multiple of kRows are zero so the
-// micro-kernel needs no row tail.
+// rows [n, D] with row stride ld -> contiguous [n, D] in the accumulation type
 template <typename scalar_t, typename acc_t>
-void load_q(const HeadsView<scalar_t>& q, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t D, acc_t* out) {
-  for (int64_t i = 0; i < m; ++i) {
-    const scalar_t* src = q.row(b, h, i0 + i);
-    for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<acc_t>(src[d]);
-  }
-  std::fill(out + m * D, out + round_up(m, kRows) * D, acc_t(0));
+void widen(const scalar_t* src, int64_t ld, int64_t n, int64_t D, acc_t* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<acc_t>(src[i * ld + d]);
 }
 
-// Keys [j0, j0 + n) -> transposed tile [D, kBN], so the micro-kernel's inner loop runs over
-// contiguous keys; columns past n are zero and their scores are never read.
+// part[task] = sum_i r[b, i] softmax_i(q_i k^T * scale) over the query rows of the task.
 template <typename scalar_t, typename acc_t>
-void load_kt(const HeadsView<scalar_t>& k, int64_t b, int64_t h, int64_t j0, int64_t n, int64_t D, acc_t* out) {
-  if (n < kBN) std::fill(out, out + D * kBN, acc_t(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* src = k.row(b, h, j0 + j);
-    for (int64_t d = 0; d < D; ++d) out[d * kBN + j] = static_cast<acc_t>(src[d]);
-  }
-}
-
-// s [m, kBN] = (q [m, D] @ kt [D, kBN]) * scale. A kRows x kCols block of s stays in registers
-// over the whole D loop; each s_ij is summed over d in order, like a plain dot product.
-template <typename acc_t, bool kFma>
-__attribute__((always_inline)) inline void score_tile_impl(const acc_t* q, const acc_t* kt, acc_t* s, int64_t m,
-                                                           int64_t D, acc_t scale) {
-  for (int64_t i = 0; i < m; i += kRows) {
-    for (int64_t j = 0; j < kBN; j += kCols) {
-      acc_t c[kRows][kCols] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t* kd = kt + d * kBN + j;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const acc_t a = q[(i + r) * D + d];
-#pragma omp simd
-          for (int64_t c2 = 0; c2 < kCols; ++c2) {
-            if constexpr (kFma) {
-              c[r][c2] = std::fma(a, kd[c2], c[r][c2]);
-            } else {
-              c[r][c2] += a * kd[c2];
-            }
+void vec_attn_step(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, const acc_t* lse, const acc_t* r,
+                   acc_t* part, int64_t B, int64_t H, int64_t N, int64_t D, int64_t chunks, acc_t scale) {
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t nqb = (N + kBQ - 1) / kBQ;
+  const int64_t per_chunk = (nqb + chunks - 1) / chunks;
+  const int64_t tasks = B * H * chunks;
+  const int64_t ld = round_up(N, 16);  // row stride of the score tile: 64-byte aligned fp32 rows
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<acc_t> s(kBQ * ld);
+    std::vector<acc_t> kbuf(kWiden ? N * D : 0), qbuf(kWiden ? kBQ * D : 0);
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
+      acc_t* acc = part + task * N;
+      std::fill(acc, acc + N, acc_t(0));
+      const acc_t* rb = r + b * N;
+      const acc_t* lse_bh = lse ? lse + bh * N : nullptr;
+      const acc_t* kp = nullptr;
+      int64_t ldk = 0;
+      for (int64_t qb = c * per_chunk; qb < std::min(nqb, (c + 1) * per_chunk); ++qb) {
+        const int64_t i0 = qb * kBQ, m = std::min(kBQ, N - i0);
+        int64_t lo = 0, hi = m;  // rows of zero weight at either end of the block are not computed
+        while (lo < hi && rb[i0 + lo] == acc_t(0)) ++lo;
+        while (hi > lo && rb[i0 + hi - 1] == acc_t(0)) --hi;
+        if (lo == hi) continue;
+        if (kp == nullptr) {
+          if constexpr (kWiden) {
+            widen(k.at(b, h), k.sn, N, D, kbuf.data());
+            kp = kbuf.data(), ldk = D;
+          } else {
+            kp = k.at(b, h), ldk = k.sn;
+          }
+        }
+        const acc_t* qp;
+        int64_t ldq;
+        if constexpr (kWiden) {
+          widen(q.at(b, h) + (i0 + lo) * q.sn, q.sn, hi - lo, D, qbuf.data());
+          qp = qbuf.data(), ldq = D;
+        } else {
+          qp = q.at(b, h) + (i0 + lo) * q.sn, ldq = q.sn;
+        }
+        // s [hi - lo, N] = scale * q [hi - lo, D] @ k^T [D, N]  (D = 0: all zeros; BLAS wants ld >= 1)
+        gemm('N', 'T', static_cast<int>(hi - lo), static_cast<int>(N), static_cast<int>(D), scale, qp,
+             static_cast<int>(std::max<int64_t>(ldq, 1)), kp, static_cast<int>(std::max<int64_t>(ldk, 1)), acc_t(0),
+             s.data(), static_cast<int>(ld));
+        for (int64_t i = lo; i < hi; ++i) {
+          const acc_t w = rb[i0 + i];
+          if (w == acc_t(0)) continue;
+          acc_t* si = s.data() + (i - lo) * ld;
+          if (lse_bh) {
+            exp_axpy(acc, si, N, lse_bh[i0 + i], w);
+          } else {
+            // The row max keeps every exp at most 1; the normaliser comes from the same row.
+            const acc_t mx = row_max(si, N);
+            const acc_t sum = exp_sub_sum(si, N, mx);
+            axpy(acc, si, N, w / sum);
           }
         }
       }
-      for (int64_t r = 0; r < kRows; ++r)
-        for (int64_t c2 = 0; c2 < kCols; ++c2) s[(i + r) * kBN + j + c2] = c[r][c2] * scale;
     }
-  }
-}
-
-template <typename acc_t>
-void score_tile_base(const acc_t* q, const acc_t* kt, acc_t* s, int64_t m, int64_t D, acc_t scale) {
-  score_tile_impl<acc_t, false>(q, kt, s, m, D, scale);
-}
-
-// The extension is built for the baseline x86-64 ISA (SSE2); this copy uses 256-bit AVX with fused
-// multiply-adds (one rounding per step instead of two) where the CPU has them.
-template <typename acc_t>
-__attribute__((target("avx,fma"))) void score_tile_fma(const acc_t* q, const acc_t* kt, acc_t* s, int64_t m,
-                                                      int64_t D, acc_t scale) {
-  score_tile_impl<acc_t, true>(q, kt, s, m, D, scale);
-}
-
-inline bool cpu_has_fma() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
-template <typename acc_t>
-void score_tile(const acc_t* q, const acc_t* kt, acc_t* s, int64_t m, int64_t D, acc_t scale) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (cpu_has_fma()) return score_tile_fma<acc_t>(q, kt, s, m, D, scale);
-#endif
-  score_tile_base<acc_t>(q, kt, s, m, D, scale);
-}
-
-// Pass 1: lse[b, h, i] = logsumexp_j s_ij for the first nq query rows.
-template <typename scalar_t, typename acc_t>
-void lse_pass(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, acc_t* lse, int64_t B, int64_t H,
-              int64_t N, int64_t nq, int64_t D, acc_t scale) {
-  const int64_t nqb = (nq + kBM - 1) / kBM, nkb = (N + kBN - 1) / kBN;
-  const int64_t tasks = B * H * nqb;
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    Tiles<acc_t> t(D);
-    std::vector<acc_t> mx(kBM), sum(kBM);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kBM;
-      const int64_t b = bh / H, h = bh % H, m = std::min(kBM, nq - i0);
-      load_q(q, b, h, i0, m, D, t.q.data());
-      std::fill(mx.begin(), mx.end(), ninf);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const int64_t j0 = kb * kBN, n = std::min(kBN, N - j0);
-        load_kt(k, b, h, j0, n, D, t.kt.data());
-        score_tile(t.q.data(), t.kt.data(), t.s.data(), round_up(m, kRows), D, scale);
-        for (int64_t i = 0; i < m; ++i) {
-          const acc_t* si = t.s.data() + i * kBN;
-          acc_t bmax = ninf;
-          for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, si[j]);
-          const acc_t mnew = std::max(mx[i], bmax);
-          if (mnew == ninf) continue;  // every score so far is -inf: nothing to add
-          // Rescale the running sum to the new maximum so no exp overflows.
-          acc_t acc = sum[i] * std::exp(mx[i] - mnew);
-          for (int64_t j = 0; j < n; ++j) acc += std::exp(si[j] - mnew);
-          sum[i] = acc;
-          mx[i] = mnew;
-        }
-      }
-      acc_t* out = lse + (b * H + h) * N + i0;
-      for (int64_t i = 0; i < m; ++i) out[i] = mx[i] + std::log(sum[i]);
-    }
-  }
-}
-
-// Pass 2: part[b, h, j] = sum_{i < nq} r[b, i] exp(s_ij - lse[b, h, i]) for every key j.
-template <typename scalar_t, typename acc_t>
-void vec_attn_pass(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, const acc_t* lse, const acc_t* r,
-                   acc_t* part, int64_t B, int64_t H, int64_t N, int64_t nq, int64_t D, acc_t scale) {
-  const int64_t nqb = (nq + kBM - 1) / kBM, nkb = (N + kBN - 1) / kBN;
-  const int64_t tasks = B * H * nkb;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    Tiles<acc_t> t(D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t bh = task / nkb, j0 = (task % nkb) * kBN;
-      const int64_t b = bh / H, h = bh % H, n = std::min(kBN, N - j0);
-      const acc_t* lse_bh = lse + (b * H + h) * N;
-      const acc_t* rb = r + b * N;
-      load_kt(k, b, h, j0, n, D, t.kt.data());
-      std::fill(t.acc.begin(), t.acc.end(), acc_t(0));
-      for (int64_t qb = 0; qb < nqb; ++qb) {
-        const int64_t i0 = qb * kBM, m = std::min(kBM, nq - i0);
-        bool any = false;
-        for (int64_t i = 0; i < m && !any; ++i) any = rb[i0 + i] != acc_t(0);
-        if (!any) continue;  // a zero weight row adds nothing (r starts as e_0)
-        load_q(q, b, h, i0, m, D, t.q.data());
-        score_tile(t.q.data(), t.kt.data(), t.s.data(), round_up(m, kRows), D, scale);
-        for (int64_t i = 0; i < m; ++i) {
-          const acc_t w = rb[i0 + i], li = lse_bh[i0 + i];
-          if (w == acc_t(0)) continue;
-          const acc_t* si = t.s.data() + i * kBN;
-          for (int64_t j = 0; j < n; ++j) t.acc[j] += w * std::exp(si[j] - li);
-        }
-      }
-      std::copy(t.acc.begin(), t.acc.begin() + n, part + (b * H + h) * N + j0);
-    }
-  }
+  });
 }
 
 template <typename scalar_t>
-void rollout_kernel(at::TensorList qs, at::TensorList ks, const std::vector<at::Tensor>& lses, at::Tensor& r,
-                    double scale, double residual) {
+void rollout_kernel(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
+                    const std::vector<at::Tensor>& lses, at::Tensor& r, double scale, double residual) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t B = qs[0].size(0), H = qs[0].size(1), N = qs[0].size(2), D = qs[0].size(3);
   const int64_t L = static_cast<int64_t>(qs.size());
-  const bool given = !lses.empty();
-  at::Tensor lse_buf = given ? at::Tensor() : at::empty({B, H, N}, r.options());
-  at::Tensor part = at::empty({B, H, N}, r.options());
+  const int64_t nqb = (N + kBQ - 1) / kBQ;
+  const int64_t chunks = std::min(nqb, std::max<int64_t>(1, (kMinTasks + B * H - 1) / (B * H)));
+  at::Tensor part = at::empty({B, H, chunks, N}, r.options());
   acc_t* rp = r.data_ptr<acc_t>();
+  acc_t* pp = part.data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale), keep = static_cast<acc_t>(residual);
   const acc_t mix = static_cast<acc_t>(1.0 - residual), inv_h = acc_t(1) / static_cast<acc_t>(H);
   r.zero_();
   for (int64_t b = 0; b < B; ++b) rp[b * N] = acc_t(1);
   for (int64_t l = L - 1; l >= 0; --l) {
-    // r = e_0 on the first step taken (block L): only query row 0 carries weight, so only its
-    // logsumexp is needed and the pass over queries stops after one row.
-    const int64_t nq = (l == L - 1) ? 1 : N;
-    const auto q = heads_view<scalar_t>(qs[l]);
-    const auto k = heads_view<scalar_t>(ks[l]);
-    const acc_t* lse;
-    if (given) {
-      lse = lses[l].data_ptr<acc_t>();
-    } else {
-      lse_pass<scalar_t, acc_t>(q, k, lse_buf.data_ptr<acc_t>(), B, H, N, nq, D, sc);
-      lse = lse_buf.data_ptr<acc_t>();
-    }
-    acc_t* pp = part.data_ptr<acc_t>();
-    vec_attn_pass<scalar_t, acc_t>(q, k, lse, rp, pp, B, H, N, nq, D, sc);
-    // Mean over heads in a fixed order, then the residual mix; each r_j depends only on the old r_j.
+    const acc_t* lse = lses.empty() ? nullptr : lses[l].const_data_ptr<acc_t>();
+    vec_attn_step<scalar_t, acc_t>(view_of<scalar_t>(qs[l]), view_of<scalar_t>(ks[l]), lse, rp, pp, B, H, N, D,
+                                   chunks, sc);
+    // Mean over heads (and chunks) in a fixed order, then the residual mix; each r_j depends
+    // only on the old r_j.
     at::parallel_for(0, B * N, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t x = begin; x < end; ++x) {
         const int64_t b = x / N, j = x % N;
         acc_t y = 0;
-        for (int64_t h = 0; h < H; ++h) y += pp[(b * H + h) * N + j];
+        for (int64_t t = 0; t < H * chunks; ++t) y += pp[(b * H * chunks + t) * N + j];
         rp[x] = mix * (y * inv_h) + keep * rp[x];
       }
     });
@@ -283,7 +227,9 @@ at::Tensor rollout_cpu(at::TensorList qs, at::TensorList ks, at::TensorList lses
                         "; expected ", ref.sizes(), " like qs[0]");
     }
   }
-  const int64_t B = ref.size(0), H = ref.size(1), N = ref.size(2);
+  const int64_t B = ref.size(0), H = ref.size(1), N = ref.size(2), D = ref.size(3);
+  TORCH_CHECK_VALUE(N <= (int64_t{1} << 30) && D <= (int64_t{1} << 30),
+                    "rollout: N and D must fit the BLAS integer type, got shape ", ref.sizes());
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   std::vector<at::Tensor> lse_acc;
   for (size_t i = 0; i < lses.size(); ++i) {
@@ -293,11 +239,12 @@ at::Tensor rollout_cpu(at::TensorList qs, at::TensorList ks, at::TensorList lses
     TORCH_CHECK_TYPE(at::isFloatingType(lses[i].scalar_type()), "rollout: lses[", i, "] must be floating");
     lse_acc.push_back(lses[i].to(acc_type).contiguous());  // O(B*H*N)
   }
-  // Unit stride along D is all the kernel needs; other layouts (views of qkv) are read in place.
+  // Unit stride along D and rows >= D apart is all BLAS needs; other layouts (views of qkv) are
+  // read in place.
   std::vector<at::Tensor> q_in, k_in;
   for (size_t i = 0; i < qs.size(); ++i) {
-    q_in.push_back(qs[i].stride(3) == 1 ? qs[i] : qs[i].contiguous());
-    k_in.push_back(ks[i].stride(3) == 1 ? ks[i] : ks[i].contiguous());
+    q_in.push_back(blas_ready(qs[i]));
+    k_in.push_back(blas_ready(ks[i]));
   }
   at::Tensor r = at::empty({B, N}, ref.options().dtype(acc_type));
   if (B == 0 || N == 0) return r;

@@ -12,8 +12,9 @@ pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C not buil
 if _ext.HAS_EXTENSION:
     from dcal.ops import _cpp_mkv
 
-SHAPES = [  # (B, H, Nq, Nk1, Nk2 or None, D): odd sizes, not multiples of the 64 x 256 tiles
+SHAPES = [  # (B, H, Nq, Nk1, Nk2 or None, D): odd sizes, not multiples of the 64/128 x 1024 tiles
     (1, 1, 1, 5, 130, 16),
+    (1, 1, 131, 1100, 3, 16),  # two key blocks in one segment (online rescale), a 3-row query tail
     (2, 3, 37, 5, None, 40),
     (1, 2, 130, 130, 5, 64),
     (1, 2, 130, 300, 257, 16),
@@ -59,6 +60,23 @@ def test_fp64_matches_reference(shape, nan_empty):
     for name, g, rg in zip(NAMES, loss_grads(out, lse, inputs, 1), loss_grads(rout, rlse, inputs, 1)):
         assert g.is_contiguous(), name
         torch.testing.assert_close(g, rg, atol=1e-9, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_fp32_same_bits_for_any_thread_count():
+    """Tasks are taken dynamically, but each writes only its own outputs: 1 and 2 threads agree exactly."""
+    q, kv = make(2, 3, 150, 70, 90, 32, dtype=torch.float32)
+    inputs = [q] + [t for pair in kv for t in pair]
+    before = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, lse = run_cpp(q, kv, 0.2)
+            res.append((out, lse, *loss_grads(out, lse, inputs, 3)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
 
 
 def test_grads_of_out_only_and_of_lse_only():

@@ -20,9 +20,11 @@ TOLS = [
 ]
 FLOOR = 1e-7  # absolute floor of the low-precision comparison
 
-# (B, H, N, D, L): odd token counts first; the CPU kernel takes any head dim.
+# (B, H, N, D, L): odd token counts first; the CPU kernel takes any head dim. It computes score
+# rows in blocks of 64 queries and splits a head's blocks into chunks when B*H < 32.
 CPP_SHAPES = [
     pytest.param(2, 3, 1, 40, 1, id="N1-L1"),
+    pytest.param(2, 17, 70, 16, 2, id="N70-H17-L2"),  # B*H >= 32: one chunk per head
     pytest.param(2, 3, 17, 40, 1, id="N17-L1"),
     pytest.param(2, 3, 17, 13, 3, id="N17-D13-L3"),
     pytest.param(2, 3, 130, 64, 3, id="N130-L3"),
@@ -138,6 +140,28 @@ def test_cpp_strided_views_of_qkv():
     assert not qs[0].is_contiguous()
     out = ops.attention_rollout(qs, ks, backend="cpp")
     torch.testing.assert_close(out, truth(qs, ks, D ** -0.5, 0.5), atol=1e-9, rtol=1e-9)
+
+
+@needs_ext
+def test_cpp_bf16_strided_views_read_in_place():
+    """bf16 views of a fused projection give the same bits as their contiguous copies."""
+    B, H, N, D, L = 1, 3, 70, 16, 2
+    g = torch.Generator().manual_seed(2)
+    qkvs = [torch.randn(B, N, 3, H, D, generator=g).bfloat16().permute(2, 0, 3, 1, 4) for _ in range(L)]
+    qs, ks = [t[0] for t in qkvs], [t[1] for t in qkvs]
+    strided = ops.attention_rollout(qs, ks, backend="cpp")
+    contig = ops.attention_rollout([q.contiguous() for q in qs], [k.contiguous() for k in ks], backend="cpp")
+    assert torch.equal(strided, contig)
+
+
+@needs_ext
+def test_cpp_given_and_recomputed_lses_agree():
+    """The one-pass row normalisation (no lses) and the given-lse path compute the same thing."""
+    qs, ks = make_inputs(1, 2, 130, 24, 3, torch.float64)
+    lses = exact_lses(qs, ks, 24 ** -0.5)
+    a = ops.attention_rollout(qs, ks, backend="cpp")
+    b = ops.attention_rollout(qs, ks, lses=lses, backend="cpp")
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 @needs_ext
