@@ -1,13 +1,14 @@
 // 2-D neighborhood attention (DESIGN 3.4) on CUDA: host code of dcal::na2d_fwd / na2d_bwd.
 // Each entry point reads: argument checks -> device guard -> allocate -> dispatch, where
 // dispatch() (one helper for both) fills the Params every kernel shares, switches on dtype,
-// head-dim bucket and bias flag, and hands the launch to a templated lambda. The kernels are in
+// head-dim bucket, bias flag and unit head-dim stride, and hands the launch to a templated lambda. The kernels are in
 // na2d_kernels.cuh. q, k, v, dout and out are passed with their strides, never copied.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/types.h>
 
+#include <initializer_list>
 #include <limits>
 
 #include "dcal.h"
@@ -118,11 +119,14 @@ dim3 token_grid(const at::Tensor& q) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
-// Runs launch.template operator()<T, kHeadDim, kHasRpb>(p) with T the element type of q, kHeadDim
-// the head-dim bucket and kHasRpb whether a bias is given; p carries the geometry and the inputs
-// (pointers and strides), the lambda adds its outputs and launches.
+// Runs launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p) with T the element type of q,
+// kHeadDim the head-dim bucket, kHasRpb whether a bias is given and kUnitD whether every tensor
+// the kernels read (q, k, v and `more`) has a unit head-dim stride; p carries the geometry and
+// the inputs (pointers and strides), the lambda adds its outputs and launches.
 template <typename Launch>
-void dispatch(const Inputs& in, Launch&& launch) {
+void dispatch(const Inputs& in, std::initializer_list<const at::Tensor*> more, Launch&& launch) {
+  bool unit_d = in.q.stride(4) == 1 && in.k.stride(4) == 1 && in.v.stride(4) == 1;
+  for (const at::Tensor* t : more) unit_d = unit_d && t->stride(4) == 1;
   NA2D_DTYPE_SWITCH(in.q.scalar_type(), T, [&] {
     Params<T> p{};
     p.B = static_cast<int>(in.q.size(0));
@@ -142,7 +146,9 @@ void dispatch(const Inputs& in, Launch&& launch) {
     p.sk = strides(in.k);
     p.sv = strides(in.v);
     NA2D_HEADDIM_SWITCH(p.D, kHeadDim, [&] {
-      NA2D_BOOL_SWITCH(in.rpb.defined(), kHasRpb, [&] { launch.template operator()<T, kHeadDim, kHasRpb>(p); });
+      NA2D_BOOL_SWITCH(in.rpb.defined(), kHasRpb, [&] {
+        NA2D_BOOL_SWITCH(unit_d, kUnitD, [&] { launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p); });
+      });
     });
   });
 }
@@ -164,10 +170,10 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::
   if (out.numel() == 0) return {out, lse};
   const dim3 grid = token_grid(q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(in, [&]<typename T, int kHeadDim, bool kHasRpb>(Params<T> p) {
+  dispatch(in, {}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
     p.o = out_ptr<T>(out);
     p.lse = lse.data_ptr<float>();
-    na2d_cuda::na2d_fwd_kernel<T, kHeadDim, kHasRpb><<<grid, kThreads, 0, stream>>>(p);
+    na2d_cuda::na2d_fwd_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};
@@ -194,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
   const dim3 grid = token_grid(q);
   const dim3 bias_grid(static_cast<unsigned>(R * R), static_cast<unsigned>(H));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(in, [&]<typename T, int kHeadDim, bool kHasRpb>(Params<T> p) {
+  dispatch(in, {&out, &dout}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
     p.out = reinterpret_cast<const T*>(out.data_ptr());
     p.dout = reinterpret_cast<const T*>(dout.data_ptr());
     p.sout = strides(out);
@@ -206,12 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
     p.dv = out_ptr<T>(dv);
     p.drpb = has_rpb ? drpb.data_ptr<float>() : nullptr;
     // dQ writes delta, which the other passes read: same stream, so in order.
-    na2d_cuda::na2d_bwd_dq_kernel<T, kHeadDim, kHasRpb><<<grid, kThreads, 0, stream>>>(p);
+    na2d_cuda::na2d_bwd_dq_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    na2d_cuda::na2d_bwd_dkdv_kernel<T, kHeadDim, kHasRpb><<<grid, kThreads, 0, stream>>>(p);
+    na2d_cuda::na2d_bwd_dkdv_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if constexpr (kHasRpb) {
-      na2d_cuda::na2d_bwd_drpb_kernel<T, kHeadDim><<<bias_grid, kThreads, 0, stream>>>(p);
+      na2d_cuda::na2d_bwd_drpb_kernel<T, kHeadDim, kUnitD><<<bias_grid, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

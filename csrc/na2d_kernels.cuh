@@ -11,7 +11,8 @@
 //
 // Layouts: q, k, v, dout and out are read in place through their own element strides (Strides,
 // 64-bit), so contiguous [B, H, X, Y, D], NATTEN's [B, X, Y, H, D], slices of a fused qkv
-// projection and channels-first [B, C, X, Y] maps (head-dim stride X*Y) need no copy. Outputs
+// projection and channels-first [B, C, X, Y] maps (head-dim stride X*Y) need no copy; kUnitD
+// (every input's head-dim stride is 1, the common case) makes that stride a constant. Outputs
 // and gradients are written contiguous [B, H, X, Y, D]; lse and delta are contiguous
 // [B, H, X, Y], indexed by the token number.
 //
@@ -71,6 +72,13 @@ struct Params {
 __device__ __forceinline__ int64_t map_offset(const Strides& s, int64_t b, int64_t h) { return b * s.b + h * s.h; }
 __device__ __forceinline__ int64_t pos_offset(const Strides& s, int i, int j) {
   return (int64_t)i * s.x + (int64_t)j * s.y;
+}
+
+// Head-dim stride of a view: the constant 1 on the unit-stride path (kUnitD, the common
+// layouts: contiguous, heads-last, fused-qkv slices), so that path needs no stride arithmetic.
+template <bool kUnitD>
+__device__ __forceinline__ int64_t head_stride(const Strides& s) {
+  return kUnitD ? int64_t{1} : s.d;
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -144,7 +152,7 @@ __device__ __forceinline__ Token token_at(int64_t tok, const Params<T>& p) {
 }
 
 // Forward: out and lse of one query per group, one online-softmax pass over its window.
-template <typename T, int kHeadDim, bool kHasRpb>
+template <typename T, int kHeadDim, bool kHasRpb, bool kUnitD>
 __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p) {
   constexpr int kE = kHeadDim / kGroup;
   const int64_t n = (int64_t)p.B * p.H * p.X * p.Y;
@@ -152,6 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p
   if (tok >= n) return;
   const int lane = threadIdx.x % kGroup, E = p.D / kGroup, dil = p.dil;
   const unsigned mask = group_mask();
+  const int64_t sq_d = head_stride<kUnitD>(p.sq), sk_d = head_stride<kUnitD>(p.sk), sv_d = head_stride<kUnitD>(p.sv);
   const Token t = token_at(tok, p);
   const int i = t.i, j = t.j;
   const int64_t R = 2 * p.ks - 1;
@@ -160,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p
   const T* vb = p.v + map_offset(p.sv, t.b, t.h);
 
   float qv[kE], acc[kE];
-  load_slice<kE>(qv, p.q + map_offset(p.sq, t.b, t.h) + pos_offset(p.sq, i, j), p.sq.d, lane, E);  // [E] of q
+  load_slice<kE>(qv, p.q + map_offset(p.sq, t.b, t.h) + pos_offset(p.sq, i, j), sq_d, lane, E);  // [E] of q
 #pragma unroll
   for (int e = 0; e < kE; ++e) acc[e] = 0.f;
   float m = -INFINITY, l = 0.f;
@@ -173,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p
       const bool on = row_on && kj >= 0 && kj < p.Y;
       if (!on && p.border == na2d::kMask) continue;
       // [E] . [E] summed over the group; an off-map key of zero mode is a zero vector
-      float s = on ? group_dot<kE>(qv, kb + pos_offset(p.sk, ki, kj), p.sk.d, lane, E, mask) * p.scale : 0.f;
+      float s = on ? group_dot<kE>(qv, kb + pos_offset(p.sk, ki, kj), sk_d, lane, E, mask) * p.scale : 0.f;
       if (kHasRpb) s += to_float(bias[na2d::rpb_index(ki, kj, i, j, p.ks, dil)]);
       float alpha, pr;
       if (na2d::softmax_update(m, l, s, &alpha, &pr)) {
@@ -185,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p
         // [E] += p * v[E]
 #pragma unroll
         for (int e = 0; e < kE; ++e)
-          if (e < E) acc[e] += pr * elem(vrow, p.sv.d, lane, e);
+          if (e < E) acc[e] += pr * elem(vrow, sv_d, lane, e);
       }
     }
   }
@@ -194,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p
 }
 
 // Backward pass 1: delta = rowsum(dO * O) and dQ of one query per group.
-template <typename T, int kHeadDim, bool kHasRpb>
+template <typename T, int kHeadDim, bool kHasRpb, bool kUnitD>
 __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T> p) {
   constexpr int kE = kHeadDim / kGroup;
   const int64_t n = (int64_t)p.B * p.H * p.X * p.Y;
@@ -202,6 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T
   if (tok >= n) return;
   const int lane = threadIdx.x % kGroup, E = p.D / kGroup, dil = p.dil;
   const unsigned mask = group_mask();
+  const int64_t sq_d = head_stride<kUnitD>(p.sq), sk_d = head_stride<kUnitD>(p.sk), sv_d = head_stride<kUnitD>(p.sv);
+  const int64_t sdo_d = head_stride<kUnitD>(p.sdo), sout_d = head_stride<kUnitD>(p.sout);
   const Token t = token_at(tok, p);
   const int i = t.i, j = t.j;
   const int64_t R = 2 * p.ks - 1;
@@ -210,12 +221,12 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T
   const T* vb = p.v + map_offset(p.sv, t.b, t.h);
 
   float qv[kE], dov[kE], dqv[kE];
-  load_slice<kE>(qv, p.q + map_offset(p.sq, t.b, t.h) + pos_offset(p.sq, i, j), p.sq.d, lane, E);  // [E] of q
-  load_slice<kE>(dov, p.dout + map_offset(p.sdo, t.b, t.h) + pos_offset(p.sdo, i, j), p.sdo.d, lane, E);  // [E] of dO
+  load_slice<kE>(qv, p.q + map_offset(p.sq, t.b, t.h) + pos_offset(p.sq, i, j), sq_d, lane, E);  // [E] of q
+  load_slice<kE>(dov, p.dout + map_offset(p.sdo, t.b, t.h) + pos_offset(p.sdo, i, j), sdo_d, lane, E);  // [E] of dO
 #pragma unroll
   for (int e = 0; e < kE; ++e) dqv[e] = 0.f;
   const T* orow = p.out + map_offset(p.sout, t.b, t.h) + pos_offset(p.sout, i, j);
-  const float delta = group_dot<kE>(dov, orow, p.sout.d, lane, E, mask);  // dO . O
+  const float delta = group_dot<kE>(dov, orow, sout_d, lane, E, mask);  // dO . O
   if (lane == 0) p.delta[tok] = delta;
   const float L = p.lse[tok];
   const int si = na2d::window_start(i, p.X, p.ks, p.border, dil);
@@ -226,14 +237,14 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T
       // Off-map keys of zero mode are in the stored lse but add nothing to dQ (their k is 0).
       if (kj < 0 || kj >= p.Y) continue;
       float kv[kE];
-      load_slice<kE>(kv, kb + pos_offset(p.sk, ki, kj), p.sk.d, lane, E);  // [E] of k
+      load_slice<kE>(kv, kb + pos_offset(p.sk, ki, kj), sk_d, lane, E);  // [E] of k
       float part = 0.f;
 #pragma unroll
       for (int e = 0; e < kE; ++e) part += qv[e] * kv[e];
       float s = group_sum(part, mask) * p.scale;
       if (kHasRpb) s += to_float(bias[na2d::rpb_index(ki, kj, i, j, p.ks, dil)]);
       const float pr = na2d::softmax_prob(s, L);
-      const float dp = group_dot<kE>(dov, vb + pos_offset(p.sv, ki, kj), p.sv.d, lane, E, mask);  // dO . v
+      const float dp = group_dot<kE>(dov, vb + pos_offset(p.sv, ki, kj), sv_d, lane, E, mask);  // dO . v
       const float ds = na2d::logit_grad(pr, dp, delta);
 #pragma unroll
       for (int e = 0; e < kE; ++e) dqv[e] += ds * kv[e];  // [E] += dS * k[E]
@@ -244,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T
 
 // Backward pass 2: dK and dV of one key per group, gathered over the queries whose window holds
 // the key (its inverse neighbourhood, na2d::inverse_range: every dil-th position of [lo, hi]).
-template <typename T, int kHeadDim, bool kHasRpb>
+template <typename T, int kHeadDim, bool kHasRpb, bool kUnitD>
 __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params<T> p) {
   constexpr int kE = kHeadDim / kGroup;
   const int64_t n = (int64_t)p.B * p.H * p.X * p.Y;
@@ -252,6 +263,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params
   if (tok >= n) return;
   const int lane = threadIdx.x % kGroup, E = p.D / kGroup, dil = p.dil;
   const unsigned mask = group_mask();
+  const int64_t sq_d = head_stride<kUnitD>(p.sq), sk_d = head_stride<kUnitD>(p.sk), sv_d = head_stride<kUnitD>(p.sv);
+  const int64_t sdo_d = head_stride<kUnitD>(p.sdo);
   const Token t = token_at(tok, p);
   const int ki = t.i, kj = t.j;
   const int64_t R = 2 * p.ks - 1;
@@ -261,8 +274,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params
   const T* dob = p.dout + map_offset(p.sdo, t.b, t.h);
 
   float kv[kE], vv[kE], dkv[kE], dvv[kE];
-  load_slice<kE>(kv, p.k + map_offset(p.sk, t.b, t.h) + pos_offset(p.sk, ki, kj), p.sk.d, lane, E);  // [E] of k
-  load_slice<kE>(vv, p.v + map_offset(p.sv, t.b, t.h) + pos_offset(p.sv, ki, kj), p.sv.d, lane, E);  // [E] of v
+  load_slice<kE>(kv, p.k + map_offset(p.sk, t.b, t.h) + pos_offset(p.sk, ki, kj), sk_d, lane, E);  // [E] of k
+  load_slice<kE>(vv, p.v + map_offset(p.sv, t.b, t.h) + pos_offset(p.sv, ki, kj), sv_d, lane, E);  // [E] of v
 #pragma unroll
   for (int e = 0; e < kE; ++e) dkv[e] = dvv[e] = 0.f;
   int ilo, ihi, jlo, jhi;
@@ -272,8 +285,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params
     for (int j = jlo; j <= jhi; j += dil) {
       const int64_t qt = map + (int64_t)i * p.Y + j;
       float qx[kE], dox[kE];
-      load_slice<kE>(qx, qb + pos_offset(p.sq, i, j), p.sq.d, lane, E);      // [E] of q
-      load_slice<kE>(dox, dob + pos_offset(p.sdo, i, j), p.sdo.d, lane, E);  // [E] of dO
+      load_slice<kE>(qx, qb + pos_offset(p.sq, i, j), sq_d, lane, E);      // [E] of q
+      load_slice<kE>(dox, dob + pos_offset(p.sdo, i, j), sdo_d, lane, E);  // [E] of dO
       float ps = 0.f, pd = 0.f;
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
@@ -298,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params
 // Backward pass 3 (with a bias): grid (R*R, H); block (entry, h) sums dS of that bias entry over
 // every query of every batch whose window holds the key at that offset (entry (a, b) is the key
 // dil * (a - ks + 1, b - ks + 1) from the query), then reduces its groups' sums in group order.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kUnitD>
 __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_drpb_kernel(const Params<T> p) {
   constexpr int kE = kHeadDim / kGroup;
   const int R = 2 * p.ks - 1, dil = p.dil;
@@ -306,6 +319,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_drpb_kernel(const Params
   const int di = entry / R - (p.ks - 1), dj = entry % R - (p.ks - 1);
   const int group = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, E = p.D / kGroup;
   const unsigned mask = group_mask();
+  const int64_t sq_d = head_stride<kUnitD>(p.sq), sk_d = head_stride<kUnitD>(p.sk), sv_d = head_stride<kUnitD>(p.sv);
+  const int64_t sdo_d = head_stride<kUnitD>(p.sdo);
   const float bias = to_float(p.rpb[(int64_t)h * R * R + entry]);
   const int64_t per_map = (int64_t)p.X * p.Y, n = (int64_t)p.B * per_map;
   float sum = 0.f;
@@ -321,12 +336,12 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_drpb_kernel(const Params
     float s = bias, dp = 0.f;
     if (on) {
       float qx[kE], dox[kE];
-      load_slice<kE>(qx, p.q + map_offset(p.sq, b, h) + pos_offset(p.sq, i, j), p.sq.d, lane, E);          // [E] of q
-      load_slice<kE>(dox, p.dout + map_offset(p.sdo, b, h) + pos_offset(p.sdo, i, j), p.sdo.d, lane, E);  // [E] of dO
+      load_slice<kE>(qx, p.q + map_offset(p.sq, b, h) + pos_offset(p.sq, i, j), sq_d, lane, E);          // [E] of q
+      load_slice<kE>(dox, p.dout + map_offset(p.sdo, b, h) + pos_offset(p.sdo, i, j), sdo_d, lane, E);  // [E] of dO
       const T* krow = p.k + map_offset(p.sk, b, h) + pos_offset(p.sk, ki, kj);
       const T* vrow = p.v + map_offset(p.sv, b, h) + pos_offset(p.sv, ki, kj);
-      s += group_dot<kE>(qx, krow, p.sk.d, lane, E, mask) * p.scale;
-      dp = group_dot<kE>(dox, vrow, p.sv.d, lane, E, mask);
+      s += group_dot<kE>(qx, krow, sk_d, lane, E, mask) * p.scale;
+      dp = group_dot<kE>(dox, vrow, sv_d, lane, E, mask);
     }
     sum += na2d::logit_grad(na2d::softmax_prob(s, p.lse[qt]), dp, p.delta[qt]);
   }

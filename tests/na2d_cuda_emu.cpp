@@ -6,9 +6,7 @@
 // where no GPU runs them; the GPU twins of the tests check the rest.
 #include <functional>
 #include <vector>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <ucontext.h>
 
 struct EmuDim3 { unsigned x = 0, y = 0, z = 0; };
@@ -93,33 +91,44 @@ static Params<float> params(const int* geo, float scale, const float* q, const i
   return p;
 }
 
-template <int kD, bool kR>
+template <int kD, bool kR, bool kU>
 void fwd_t(Params<float> p) {
   const int64_t n = (int64_t)p.B * p.H * p.X * p.Y;
-  run((n + kItems - 1) / kItems, 1, [&] { na2d_fwd_kernel<float, kD, kR>(p); });
+  run((n + kItems - 1) / kItems, 1, [&] { na2d_fwd_kernel<float, kD, kR, kU>(p); });
 }
-template <int kD, bool kR>
+template <int kD, bool kR, bool kU>
 void bwd_t(Params<float> p) {
   const int64_t n = (int64_t)p.B * p.H * p.X * p.Y;
-  run((n + kItems - 1) / kItems, 1, [&] { na2d_bwd_dq_kernel<float, kD, kR>(p); });
-  run((n + kItems - 1) / kItems, 1, [&] { na2d_bwd_dkdv_kernel<float, kD, kR>(p); });
+  run((n + kItems - 1) / kItems, 1, [&] { na2d_bwd_dq_kernel<float, kD, kR, kU>(p); });
+  run((n + kItems - 1) / kItems, 1, [&] { na2d_bwd_dkdv_kernel<float, kD, kR, kU>(p); });
   if (kR) {
     const int R = 2 * p.ks - 1;
-    run(R * R, p.H, [&] { na2d_bwd_drpb_kernel<float, kD>(p); });
+    run(R * R, p.H, [&] { na2d_bwd_drpb_kernel<float, kD, kU>(p); });
   }
 }
 
-#define BUCKET(D, F, R)                              \
-  if ((D) <= 32) { R ? F<32, true>(p) : F<32, false>(p); } \
-  else if ((D) <= 64) { R ? F<64, true>(p) : F<64, false>(p); } \
-  else if ((D) <= 96) { R ? F<96, true>(p) : F<96, false>(p); } \
-  else { R ? F<128, true>(p) : F<128, false>(p); }
+// The host code's switches: head-dim bucket, bias, unit head-dim stride.
+template <template <int, bool, bool> class F>
+void launch(const Params<float>& p, bool rpb, bool unit) {
+  auto pick = [&]<int kD>() {
+    if (rpb) unit ? F<kD, true, true>::go(p) : F<kD, true, false>::go(p);
+    else unit ? F<kD, false, true>::go(p) : F<kD, false, false>::go(p);
+  };
+  if (p.D <= 32) pick.template operator()<32>();
+  else if (p.D <= 64) pick.template operator()<64>();
+  else if (p.D <= 96) pick.template operator()<96>();
+  else pick.template operator()<128>();
+}
+template <int kD, bool kR, bool kU>
+struct Fwd { static void go(const Params<float>& p) { fwd_t<kD, kR, kU>(p); } };
+template <int kD, bool kR, bool kU>
+struct Bwd { static void go(const Params<float>& p) { bwd_t<kD, kR, kU>(p); } };
 
 extern "C" void emu_fwd(const int* geo, float scale, const float* q, const int64_t* sq, const float* k,
                         const int64_t* sk, const float* v, const int64_t* sv, const float* rpb, float* o, float* lse) {
   Params<float> p = params(geo, scale, q, sq, k, sk, v, sv, rpb);
   p.o = o; p.lse = lse;
-  BUCKET(p.D, fwd_t, rpb != nullptr)
+  launch<Fwd>(p, rpb != nullptr, p.sq.d == 1 && p.sk.d == 1 && p.sv.d == 1);
 }
 
 extern "C" void emu_bwd(const int* geo, float scale, const float* q, const int64_t* sq, const float* k,
@@ -129,5 +138,5 @@ extern "C" void emu_bwd(const int* geo, float scale, const float* q, const int64
   Params<float> p = params(geo, scale, q, sq, k, sk, v, sv, rpb);
   p.out = out; p.sout = st(so); p.dout = dout; p.sdo = st(sdo); p.lse = const_cast<float*>(lse); p.delta = delta;
   p.dq = dq; p.dk = dk; p.dv = dv; p.drpb = drpb;
-  BUCKET(p.D, bwd_t, rpb != nullptr)
+  launch<Bwd>(p, rpb != nullptr, p.sq.d == 1 && p.sk.d == 1 && p.sv.d == 1 && p.sout.d == 1 && p.sdo.d == 1);
 }
