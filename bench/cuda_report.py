@@ -23,11 +23,12 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
-# What na2d_cuda.cu dispatches over (NA2D_DTYPE_SWITCH, NA2D_HEADDIM_SWITCH, NA2D_BOOL_SWITCH).
+# What na2d_cuda.cu dispatches over (NA2D_DTYPE_SWITCH, NA2D_HEADDIM_SWITCH, NA2D_BOOL_SWITCH for
+# the bias and for a unit head-dim stride).
 DTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 HEAD_DIMS = (32, 64, 96, 128)
-KERNELS = ("na2d_fwd_kernel", "na2d_bwd_dq_kernel", "na2d_bwd_dkdv_kernel")  # <T, D, HAS_RPB>
-BIAS_KERNELS = ("na2d_bwd_drpb_kernel",)  # <T, D>, launched only with a bias
+KERNELS = ("na2d_fwd_kernel", "na2d_bwd_dq_kernel", "na2d_bwd_dkdv_kernel")  # <T, D, HAS_RPB, UNIT_D>
+BIAS_KERNELS = ("na2d_bwd_drpb_kernel",)  # <T, D, UNIT_D>, launched only with a bias
 THREADS = 128  # na2d_cuda::kThreads
 
 
@@ -42,13 +43,14 @@ def instantiations() -> List[str]:
     lines = []
     for ctype in DTYPES.values():
         for d in HEAD_DIMS:
-            for k in KERNELS:
-                for rpb in ("true", "false"):
-                    lines.append(f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {rpb}>"
+            for unit in ("true", "false"):
+                for k in KERNELS:
+                    for rpb in ("true", "false"):
+                        lines.append(f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {rpb}, {unit}>"
+                                     f"(const dcal::na2d_cuda::Params<{ctype}>);")
+                for k in BIAS_KERNELS:
+                    lines.append(f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {unit}>"
                                  f"(const dcal::na2d_cuda::Params<{ctype}>);")
-            for k in BIAS_KERNELS:
-                lines.append(f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}>"
-                             f"(const dcal::na2d_cuda::Params<{ctype}>);")
     return lines
 
 
@@ -66,7 +68,7 @@ _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(.*)")
 _SMEM = re.compile(r"(\d+) bytes smem")
-_TEMPLATE = re.compile(r"(na2d_\w+_kernel)<([^,>]+), (\d+)(?:, (true|false))?>")
+_TEMPLATE = re.compile(r"(na2d_\w+_kernel)<([^,>]+), (\d+)(?:, (true|false))?, (true|false)>")
 
 
 def parse_ptxas(text: str) -> List[dict]:
@@ -108,13 +110,13 @@ def compile_arch(arch: int, nvcc: str, workdir: str) -> List[dict]:
         m = _TEMPLATE.search(names[e["mangled"]])
         if not m:
             continue
-        kernel, ctype, d, rpb = m.group(1), m.group(2).strip(), int(m.group(3)), m.group(4)
+        kernel, ctype, d, rpb, unit = m.group(1), m.group(2).strip(), int(m.group(3)), m.group(4), m.group(5)
         dtype = next((k for k, v in DTYPES.items() if v == ctype), ctype)
         name = kernel.replace("_kernel", "")
-        config = f"D<={d}" + ("" if rpb is None else f" rpb={rpb}")
+        config = f"D<={d}" + ("" if rpb is None else f" rpb={rpb}") + f" unit_d={unit}"
         rows.append({
             "name": name, "kernel": name, "arch": e["arch"], "dtype": dtype, "config": config,
-            "label": {"dtype": dtype, "head_dim": d, **({} if rpb is None else {"rpb": rpb})},
+            "label": {"dtype": dtype, "head_dim": d, **({} if rpb is None else {"rpb": rpb}), "unit_d": unit},
             "num_warps": THREADS // 32, "regs": e["regs"], "spill_bytes": e["spill_bytes"],
             "shared": e["shared"], "cubin_bytes": cubin,
         })
@@ -142,11 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     a = p.parse_args(argv)
     res = rows(a.arch)
-    head = f"{'kernel':<18} {'arch':<6} {'dtype':<9} {'config':<16} {'regs':>5} {'spill B':>7} {'smem B':>7}"
+    head = f"{'kernel':<18} {'arch':<6} {'dtype':<9} {'config':<30} {'regs':>5} {'spill B':>7} {'smem B':>7}"
     print(head)
     print("-" * len(head))
     for r in res:
-        print(f"{r['kernel']:<18} {r['arch']:<6} {r['dtype']:<9} {r['config']:<16} {r['regs']:>5} "
+        print(f"{r['kernel']:<18} {r['arch']:<6} {r['dtype']:<9} {r['config']:<30} {r['regs']:>5} "
               f"{r['spill_bytes']:>7} {r['shared']:>7}")
     spills = [r for r in res if r["spill_bytes"]]
     print(f"\n{len(res)} kernel instantiations; {len(spills)} with spills")

@@ -1,11 +1,14 @@
 // 2-D neighborhood attention (DESIGN 3.4) on CUDA: host code of dcal::na2d_fwd / na2d_bwd.
-// Argument checks -> device guard -> allocate -> dispatch (dtype, head-dim bucket, bias flag)
-// -> launch; the kernels are in na2d_kernels.cuh.
+// Each entry point reads: argument checks -> device guard -> allocate -> dispatch, where
+// dispatch() (one helper for both) fills the Params every kernel shares, switches on dtype,
+// head-dim bucket, bias flag and unit head-dim stride, and hands the launch to a templated lambda. The kernels are in
+// na2d_kernels.cuh. q, k, v, dout and out are passed with their strides, never copied.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/types.h>
 
+#include <initializer_list>
 #include <limits>
 
 #include "dcal.h"
@@ -70,8 +73,24 @@ namespace {
 using na2d_cuda::kItems;
 using na2d_cuda::kThreads;
 using na2d_cuda::Params;
+using na2d_cuda::Strides;
 
-void check_cuda(const at::Tensor& q, const char* op) {
+// What every launch of one call shares: the inputs as given (any strides) and the geometry.
+struct Inputs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  at::Tensor rpb;  // contiguous, or undefined without a bias
+  int64_t kernel_size, border, dilation;
+  double scale;
+};
+
+// Argument checks of both entry points: the shared ones (na2d_check_args) and what the CUDA
+// kernels add (device, dtype, head dim, grid limits).
+Inputs checked_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, double scale,
+                      int64_t dilation) {
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor here, got ", q.device());
   const auto t = q.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": q has dtype ", t,
@@ -81,29 +100,15 @@ void check_cuda(const at::Tensor& q, const char* op) {
               " not supported by the CUDA kernels (16..128, a multiple of 8)");
   TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int>::max(), op, ": B*H too large");
   TORCH_CHECK(q.size(1) <= 65535, op, ": H = ", q.size(1), " heads is more than the bias-gradient grid takes (65535)");
+  const int64_t R = 2 * kernel_size - 1;
+  TORCH_CHECK(R * R <= std::numeric_limits<int>::max(), op, ": kernel_size ", kernel_size,
+              " is too large for the CUDA kernels' bias index");
+  const bool has_rpb = rpb.has_value() && rpb->defined();
+  return Inputs{q, k, v, has_rpb ? rpb->contiguous() : at::Tensor(), kernel_size, border, dilation, scale};
 }
 
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
-}
-template <typename T>
-T* mut_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
-
-template <typename T>
-Params<T> geometry(const at::Tensor& q, int64_t kernel_size, int64_t border, double scale) {
-  Params<T> p{};
-  p.B = static_cast<int>(q.size(0));
-  p.H = static_cast<int>(q.size(1));
-  p.X = static_cast<int>(q.size(2));
-  p.Y = static_cast<int>(q.size(3));
-  p.D = static_cast<int>(q.size(4));
-  p.ks = static_cast<int>(kernel_size);
-  p.border = static_cast<int>(border);
-  p.scale = static_cast<float>(scale);
-  return p;
+Strides strides(const at::Tensor& t) {
+  return Strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
 // Blocks of kItems queries (or keys) covering all B*H*X*Y tokens.
@@ -114,37 +119,62 @@ dim3 token_grid(const at::Tensor& q) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
+// Runs launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p) with T the element type of q,
+// kHeadDim the head-dim bucket, kHasRpb whether a bias is given and kUnitD whether every tensor
+// the kernels read (q, k, v and `more`) has a unit head-dim stride; p carries the geometry and
+// the inputs (pointers and strides), the lambda adds its outputs and launches.
+template <typename Launch>
+void dispatch(const Inputs& in, std::initializer_list<const at::Tensor*> more, Launch&& launch) {
+  bool unit_d = in.q.stride(4) == 1 && in.k.stride(4) == 1 && in.v.stride(4) == 1;
+  for (const at::Tensor* t : more) unit_d = unit_d && t->stride(4) == 1;
+  NA2D_DTYPE_SWITCH(in.q.scalar_type(), T, [&] {
+    Params<T> p{};
+    p.B = static_cast<int>(in.q.size(0));
+    p.H = static_cast<int>(in.q.size(1));
+    p.X = static_cast<int>(in.q.size(2));
+    p.Y = static_cast<int>(in.q.size(3));
+    p.D = static_cast<int>(in.q.size(4));
+    p.ks = static_cast<int>(in.kernel_size);
+    p.border = static_cast<int>(in.border);
+    p.dil = static_cast<int>(in.dilation);
+    p.scale = static_cast<float>(in.scale);
+    p.q = reinterpret_cast<const T*>(in.q.data_ptr());
+    p.k = reinterpret_cast<const T*>(in.k.data_ptr());
+    p.v = reinterpret_cast<const T*>(in.v.data_ptr());
+    p.rpb = in.rpb.defined() ? reinterpret_cast<const T*>(in.rpb.data_ptr()) : nullptr;
+    p.sq = strides(in.q);
+    p.sk = strides(in.k);
+    p.sv = strides(in.v);
+    NA2D_HEADDIM_SWITCH(p.D, kHeadDim, [&] {
+      NA2D_BOOL_SWITCH(in.rpb.defined(), kHasRpb, [&] {
+        NA2D_BOOL_SWITCH(unit_d, kUnitD, [&] { launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p); });
+      });
+    });
+  });
+}
+
+template <typename T>
+T* out_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
                                                  int64_t border, double scale, int64_t dilation) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
-  TORCH_CHECK(dilation == 1, "na2d_fwd: dilation ", dilation, " is not implemented by the CUDA kernels; use dilation=1 or the triton backend");
-  check_cuda(q, "na2d_fwd");
+  const Inputs in = checked_inputs("na2d_fwd", q, k, v, rpb, kernel_size, border, scale, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const bool has_rpb = rpb.has_value() && rpb->defined();
-  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto out = at::empty(qc.sizes(), qc.options());
-  auto lse = at::empty(qc.sizes().slice(0, 4), qc.options().dtype(at::kFloat));
+  auto out = at::empty(q.sizes(), q.options());  // contiguous [B, H, X, Y, D] whatever q's layout
+  auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const dim3 grid = token_grid(qc);
+  const dim3 grid = token_grid(q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  NA2D_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-    Params<T> p = geometry<T>(qc, kernel_size, border, scale);
-    p.q = ptr<T>(qc);
-    p.k = ptr<T>(kc);
-    p.v = ptr<T>(vc);
-    p.rpb = ptr<T>(rc);
-    p.o = mut_ptr<T>(out);
+  dispatch(in, {}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
+    p.o = out_ptr<T>(out);
     p.lse = lse.data_ptr<float>();
-    NA2D_HEADDIM_SWITCH(p.D, kHeadDim, [&] {
-      NA2D_BOOL_SWITCH(has_rpb, kHasRpb, [&] {
-        na2d_cuda::na2d_fwd_kernel<T, kHeadDim, kHasRpb><<<grid, kThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    na2d_cuda::na2d_fwd_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};
 }
@@ -153,56 +183,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
     int64_t border, double scale, int64_t dilation) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
-  TORCH_CHECK(dilation == 1, "na2d_bwd: dilation ", dilation, " is not implemented by the CUDA kernels; use dilation=1 or the triton backend");
+  const Inputs in = checked_inputs("na2d_bwd", q, k, v, rpb, kernel_size, border, scale, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
-  check_cuda(q, "na2d_bwd");
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto doc = dout.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
-  const bool has_rpb = rpb.has_value() && rpb->defined();
-  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto dq = at::empty(qc.sizes(), qc.options());
-  auto dk = at::empty(qc.sizes(), qc.options());
-  auto dv = at::empty(qc.sizes(), qc.options());
-  auto delta = at::empty(qc.sizes().slice(0, 4), qc.options().dtype(at::kFloat));
-  const int64_t R = 2 * kernel_size - 1;
-  auto drpb = has_rpb ? at::empty({q.size(1), R, R}, qc.options().dtype(at::kFloat)) : at::Tensor();
-  if (qc.numel() == 0) {
-    return {dq, dk, dv, has_rpb ? at::zeros({q.size(1), R, R}, qc.options()) : at::empty({0}, qc.options())};
+  const auto lc = lse.contiguous();  // [B, H, X, Y] fp32: small, and contiguous when it comes from the forward
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(q.sizes(), q.options());
+  auto dv = at::empty(q.sizes(), q.options());
+  auto delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
+  const int64_t H = q.size(1), R = 2 * kernel_size - 1;
+  const bool has_rpb = in.rpb.defined();
+  auto drpb = has_rpb ? at::empty({H, R, R}, q.options().dtype(at::kFloat)) : at::Tensor();
+  if (q.numel() == 0) {
+    return {dq, dk, dv, has_rpb ? at::zeros({H, R, R}, q.options()) : at::empty({0}, q.options())};
   }
-  const dim3 grid = token_grid(qc);
+  const dim3 grid = token_grid(q);
+  const dim3 bias_grid(static_cast<unsigned>(R * R), static_cast<unsigned>(H));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  NA2D_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-    Params<T> p = geometry<T>(qc, kernel_size, border, scale);
-    p.q = ptr<T>(qc);
-    p.k = ptr<T>(kc);
-    p.v = ptr<T>(vc);
-    p.rpb = ptr<T>(rc);
-    p.out = ptr<T>(oc);
-    p.dout = ptr<T>(doc);
+  dispatch(in, {&out, &dout}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
+    p.out = reinterpret_cast<const T*>(out.data_ptr());
+    p.dout = reinterpret_cast<const T*>(dout.data_ptr());
+    p.sout = strides(out);
+    p.sdo = strides(dout);
     p.lse = lc.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
-    p.dq = mut_ptr<T>(dq);
-    p.dk = mut_ptr<T>(dk);
-    p.dv = mut_ptr<T>(dv);
+    p.dq = out_ptr<T>(dq);
+    p.dk = out_ptr<T>(dk);
+    p.dv = out_ptr<T>(dv);
     p.drpb = has_rpb ? drpb.data_ptr<float>() : nullptr;
-    NA2D_HEADDIM_SWITCH(p.D, kHeadDim, [&] {
-      NA2D_BOOL_SWITCH(has_rpb, kHasRpb, [&] {
-        // dQ writes delta, which the other two passes read: same stream, so in order.
-        na2d_cuda::na2d_bwd_dq_kernel<T, kHeadDim, kHasRpb><<<grid, kThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        na2d_cuda::na2d_bwd_dkdv_kernel<T, kHeadDim, kHasRpb><<<grid, kThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      if (has_rpb) {
-        const dim3 bias_grid(static_cast<unsigned>(R * R), static_cast<unsigned>(q.size(1)));
-        na2d_cuda::na2d_bwd_drpb_kernel<T, kHeadDim><<<bias_grid, kThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
+    // dQ writes delta, which the other passes read: same stream, so in order.
+    na2d_cuda::na2d_bwd_dq_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    na2d_cuda::na2d_bwd_dkdv_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (kHasRpb) {
+      na2d_cuda::na2d_bwd_drpb_kernel<T, kHeadDim, kUnitD><<<bias_grid, kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  return {dq, dk, dv, has_rpb ? drpb.to(q.scalar_type()) : at::empty({0}, qc.options())};
+  return {dq, dk, dv, has_rpb ? drpb.to(q.scalar_type()) : at::empty({0}, q.options())};
 }
 
 }  // namespace dcal

@@ -80,15 +80,15 @@ def _grads(fn, q, k, v, rpb, do):
     return dict(out=out.detach(), lse=lse.detach(), dq=grads[0], dk=grads[1], dv=grads[2], drpb=drpb)
 
 
-def _ref_fn(case, scale):
+def _ref_fn(case, scale, dil=1):
     border, ks = case[0], case[1]
     return lambda q, k, v, rpb: reference.neighborhood_attention2d(
-        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=scale, return_lse=True)
+        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=scale, dilation=dil, return_lse=True)
 
 
-def _cpp_fn(case, scale):
+def _cpp_fn(case, scale, dil=1):
     border, ks = case[0], case[1]
-    return lambda q, k, v, rpb: torch.ops.dcal.na2d_fwd(q, k, v, rpb, ks, BORDER_IDS[border], scale)
+    return lambda q, k, v, rpb: torch.ops.dcal.na2d_fwd(q, k, v, rpb, ks, BORDER_IDS[border], scale, dil)
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,7 +307,141 @@ def test_c_op_errors_name_the_argument():
         ops.neighborhood_attention2d(q.half(), q.half(), q.half(), backend="cpp")
 
 
-# ----------------------------------------------------------------------------- CUDA twin
+# ----------------------------------------------------------------------------- layouts and dilation
+
+def _layout(t, layout):
+    """The values of contiguous [B, H, X, Y, D] ``t`` as a [B, H, X, Y, D] view of another storage:
+    NATTEN's heads-last [B, X, Y, H, D], the middle slice of a fused [B, X, Y, 3, H, D] qkv
+    projection, or a channels-first [B, C, X, Y] map (head-dim stride X*Y)."""
+    B, H, X, Y, D = t.shape
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "heads_last":
+        return t.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
+    if layout == "qkv_slice":
+        buf = torch.full((B, X, Y, 3, H, D), float("nan"), dtype=t.dtype, device=t.device)
+        buf[:, :, :, 1] = t.permute(0, 2, 3, 1, 4)
+        return buf[:, :, :, 1].permute(0, 3, 1, 2, 4)
+    if layout == "channels_first":
+        maps = t.permute(0, 1, 4, 2, 3).reshape(B, H * D, X, Y)  # [B, C, X, Y], contiguous
+        return maps.view(B, H, D, X, Y).permute(0, 1, 3, 4, 2)
+    if layout == "xy_transposed":  # what a gradient may arrive as
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+# (case, dilation, layout of q/k/v): dilation 2-4 in every border mode, each input layout, head
+# dims that leave part of a CUDA head-dim bucket idle (24, 40), a dilated window larger than the
+# map and a clamp map of exactly kernel_size * dilation.
+LAYOUT_CASES = [
+    (("zero", 3, 2, 2, 9, 11, 16, True), 2, "heads_last"),
+    (("mask", 5, 1, 3, 13, 10, 24, True), 2, "channels_first"),
+    (("clamp", 3, 2, 2, 9, 11, 16, True), 2, "qkv_slice"),
+    (("clamp", 5, 1, 2, 15, 16, 40, True), 3, "channels_first"),
+    (("zero", 3, 1, 1, 5, 6, 16, False), 4, "contiguous"),
+    (("mask", 7, 2, 2, 9, 13, 32, True), 1, "heads_last"),
+    (("clamp", 3, 1, 2, 6, 7, 16, True), 2, "channels_first"),
+    (("zero", 5, 2, 2, 9, 13, 64, True), 2, "qkv_slice"),
+]
+
+
+def _layout_id(c):
+    case, dil, layout = c
+    return f"{_case_id(case)}-dil{dil}-{layout}"
+
+
+def _check_layout_case(c, dtype, device):
+    """Kernel on q, k, v in the case's layout (dO heads-last) against the fp64 reference on
+    contiguous inputs: out, lse and every gradient; outputs and gradients come back contiguous."""
+    case, dil, layout = c
+    scale = case[6] ** -0.5
+    q, k, v, rpb, do = (None if t is None else t.to(device) for t in _inputs(case, dtype, seed=8))
+    views = [_layout(t, layout) for t in (q, k, v)]
+    if layout != "contiguous":
+        assert not any(t.is_contiguous() for t in views)
+    ours = _grads(_cpp_fn(case, scale, dil), *views, rpb, _layout(do, "heads_last"))
+    ref = _grads(_ref_fn(case, scale, dil), *(None if t is None else t.double() for t in (q, k, v, rpb, do)))
+    ref_low = _grads(_ref_fn(case, scale, dil), q, k, v, rpb, do) if dtype != torch.float64 else None
+    for which in ("out", "lse") + GRADS:
+        if ref[which] is None:
+            continue
+        assert ours[which].is_contiguous(), which
+        err = _max_err(ours[which], ref[which])
+        big = max(1.0, ref[which].abs().max().item())
+        if dtype == torch.float64:
+            assert err <= FP64_TOL, f"{which}: max error {err:.3e}"
+        elif dtype == torch.float32:
+            assert err <= 2e-5 * big, f"{which}: max error {err:.3e}"
+        else:
+            factor = 2.0 if which in ("out", "lse") else 3.0
+            assert err <= factor * _max_err(ref_low[which], ref[which]) + 2e-3 * big, which
+
+
+@pytest.mark.parametrize("c", LAYOUT_CASES, ids=_layout_id)
+def test_dilated_strided_inputs(c):
+    _check_layout_case(c, torch.float64, "cpu")
+
+
+# The CUDA kernels themselves, compiled by g++ with every GPU thread a ucontext
+# (tests/na2d_cuda_emu.cpp): their index arithmetic checked where no GPU runs them. Small cases.
+EMU_CASES = [
+    (("zero", 3, 1, 2, 5, 6, 16, True), 2, "heads_last"),
+    (("clamp", 3, 1, 1, 6, 7, 24, True), 2, "channels_first"),
+    (("mask", 5, 1, 1, 5, 7, 40, True), 1, "qkv_slice"),
+    (("zero", 3, 2, 1, 4, 5, 16, False), 3, "contiguous"),
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    import ctypes
+    import subprocess
+
+    cxx = shutil.which("g++")
+    inc = next((os.path.join(h, "include") for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", "/usr/local/cuda")
+                if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))), None)
+    if cxx is None or inc is None:
+        pytest.skip("g++ or the CUDA headers (cuda_fp16.h) not found")
+    here = os.path.dirname(os.path.abspath(__file__))
+    lib = str(tmp_path_factory.mktemp("na2d_emu") / "libna2d_emu.so")
+    subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-I", os.path.join(here, "..", "csrc"), "-I", inc,
+                    os.path.join(here, "na2d_cuda_emu.cpp"), "-o", lib], check=True, capture_output=True)
+    return ctypes.CDLL(lib)
+
+
+@pytest.mark.parametrize("c", EMU_CASES, ids=_layout_id)
+def test_cuda_kernels_emulated(cuda_emulator, c):
+    """The CUDA forward and the three backward kernels (float32) on strided, dilated inputs, dO
+    broadcast over the batch and out read heads-last, against the fp64 reference."""
+    import ctypes
+
+    (border, ks, B, H, X, Y, D, with_rpb), dil, layout = c
+    scale = D ** -0.5 * 1.3
+    q, k, v, rpb, do = _inputs(c[0], torch.float32, seed=10)
+    views = [_layout(t, layout) for t in (q, k, v)]
+    dov = do[:1].expand(do.shape)  # batch stride 0
+    ptr = lambda t: ctypes.c_void_p(0 if t is None else t.data_ptr())  # noqa: E731
+    strides = lambda t: (ctypes.c_int64 * 5)(*t.stride())  # noqa: E731
+    geo = (ctypes.c_int * 8)(B, H, X, Y, D, ks, BORDER_IDS[border], dil)
+    qkv = [a for t in views for a in (ptr(t), strides(t))]
+    nan = lambda *shape: torch.full(shape, float("nan"))  # noqa: E731
+    out, lse = nan(B, H, X, Y, D), nan(B, H, X, Y)
+    cuda_emulator.emu_fwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(out), ptr(lse))
+    outv = _layout(out, "heads_last")
+    dq, dk, dv, delta = nan(B, H, X, Y, D), nan(B, H, X, Y, D), nan(B, H, X, Y, D), nan(B, H, X, Y)
+    drpb = None if rpb is None else nan(*rpb.shape)
+    cuda_emulator.emu_bwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(outv), strides(outv), ptr(dov), strides(dov),
+                          ptr(lse), ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(drpb))
+    ref = _grads(_ref_fn(c[0], scale, dil), *(None if t is None else t.double() for t in (q, k, v, rpb, dov)))
+    ours = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, drpb=drpb)
+    for which in ("out", "lse") + GRADS:
+        if ref[which] is None:
+            continue
+        err = _max_err(ours[which], ref[which])
+        assert err <= 2e-5 * max(1.0, ref[which].abs().max().item()), f"{which}: max error {err:.3e}"
+
+
+# ----------------------------------------------------------------------------- CUDA twins
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -329,3 +463,35 @@ def test_cuda_matches_reference(case, dtype):
         else:
             factor = 2.0 if which in ("out", "lse") else 3.0
             assert err <= factor * _max_err(ref_low[which], ref[which]) + 2e-3 * max(1.0, ref[which].abs().max().item()), which
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", LAYOUT_CASES, ids=_layout_id)
+def test_cuda_dilated_strided_inputs(c, dtype):
+    """The CUDA kernels read every layout through its strides and step windows by the dilation."""
+    if not _ext.built_with_cuda():
+        pytest.skip("dcal._C built without CUDA")
+    _check_layout_case(c, dtype, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_public_op_dilated_channels_first():
+    """The public op routes dilation 2 on CUDA to the "cpp" backend (no longer refused) and reads a
+    channels-first map without copying it: peak memory stays within 1.1x out + lse."""
+    if not _ext.built_with_cuda():
+        pytest.skip("dcal._C built without CUDA")
+    B, H, X, Y, D = 2, 4, 64, 64, 32
+    g = torch.Generator().manual_seed(9)
+    maps = [torch.randn(B, H * D, X, Y, generator=g).cuda() for _ in range(3)]
+    q, k, v = (m.view(B, H, D, X, Y).permute(0, 1, 3, 4, 2) for m in maps)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = ops.neighborhood_attention2d(q, k, v, kernel_size=5, border="clamp", dilation=2, backend="cpp")
+    torch.cuda.synchronize()
+    floor = out.numel() * out.element_size() + B * H * X * Y * 4  # out + lse
+    assert torch.cuda.max_memory_allocated() - base <= 1.1 * floor
+    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=5, border="clamp",
+                                             dilation=2)
+    assert _max_err(out, ref) <= 2e-5 * max(1.0, ref.abs().max().item())
