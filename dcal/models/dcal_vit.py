@@ -135,7 +135,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x, pair=None, return_rollout=False, query_index=None):
-        y = self.attn(self.norm1(x), None if pair is None else self.norm1(pair), return_rollout, query_index)
+        y = self.attn(self.norm1(x), pair=None if pair is None else self.norm1(pair), return_rollout=return_rollout,
+                      query_index=query_index)
         y, stats = y if return_rollout else (y, None)
         if query_index is not None:
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -230,7 +231,9 @@ class DCALViT(nn.Module):
 
     def glca_index(self, stats) -> Tensor:
         """[B, 1 + R] token indices: CLS, then the R patches of highest rollout (descending)."""
-        qs, ks, lses = (list(t.detach() for t in z) for z in zip(*stats))
+        qs, ks, lses = (list(None if t is None else t.detach() for t in z) for z in zip(*stats))
+        if any(t is None for t in lses):  # attention dropout ran on SDPA, which keeps no lse
+            lses = None
         backend = None if self.config.backend == "sdpa" else self.config.backend
         r = ops.attention_rollout(qs, ks, lses=lses, scale=self.blocks[0].attn.scale,
                                   residual=self.config.rollout_residual, backend=backend)  # [B, N]
