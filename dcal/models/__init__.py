@@ -1,2 +1,3 @@
 from dcal.models.bev import BEVGraphModule  # noqa: F401
 from dcal.models.dcal_vit import DCALConfig, DCALViT  # noqa: F401
+from dcal.models import timm_registry  # noqa: F401,E402  (registers the DCAL ViTs with timm when it is installed)

@@ -22,6 +22,7 @@ reaches the SA stream of the paired image.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -180,7 +181,7 @@ class DCALViT(nn.Module):
         self.patch_embed = PatchEmbed(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim))
-        dpr = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        dpr = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device context
         self.blocks = nn.ModuleList(Block(c, p) for p in dpr)
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.head = nn.Linear(c.embed_dim, c.num_classes)
@@ -214,6 +215,19 @@ class DCALViT(nn.Module):
         from dcal.models.vit_npz import load_vit_npz
 
         load_vit_npz(self, path)
+
+    def load_timm(self, source, load_head=None) -> dict:
+        """Load a timm ViT checkpoint: a state dict, or a ``.safetensors`` / ``.pth`` file, any
+        image size (see :func:`dcal.models.vit_timm.load_timm_vit`)."""
+        from dcal.models.vit_timm import load_timm_vit
+
+        return load_timm_vit(self, source, load_head=load_head)
+
+    def load_pretrained(self, source, load_head=None):
+        """``load_npz`` for a JAX ``.npz`` release, ``load_timm`` for anything else."""
+        if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".npz"):
+            return self.load_npz(source)
+        return self.load_timm(source, load_head=load_head)
 
     # ------------------------------------------------------------------------- forward
 
