@@ -88,8 +88,11 @@ class FusedMultiheadAttention(nn.Module):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be batched and 3-D with {self.embed_dim} features "
                                  f"({'[B, L, E]' if self.batch_first else '[L, B, E]'}), got {got}")
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) if t is not None else t for t in (query, key, value))
+        if not self.batch_first:  # keep self-attention recognisable: one transposed tensor, one projection
+            qk, kv = query is key, key is value
+            query = query.transpose(0, 1)
+            key = query if qk else key.transpose(0, 1)
+            value = key if kv else value.transpose(0, 1)
         B, L, S = query.shape[0], query.shape[1], key.shape[1]
         if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
             raise ValueError(f"key and value must share batch and length with query's batch {B}: "
