@@ -291,3 +291,12 @@ def test_mha_bad_calls_raise():
 def test_timm_positional_head_dim_is_refused():
     with pytest.raises(ValueError, match="qkv_bias"):
         PWCAAttention(32, 4, 8)  # timm's third positional argument is attn_head_dim
+
+
+def test_converting_a_bare_module_returns_its_replacement():
+    attn = Attention(32, 4, qkv_bias=True)
+    new = fuse_attention(attn)
+    assert isinstance(new, PWCAAttention) and new.qkv is attn.qkv and new.proj is attn.proj
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    new = fuse_attention(mha)
+    assert isinstance(new, FusedMultiheadAttention) and new.in_proj_weight is mha.in_proj_weight
