@@ -12,9 +12,11 @@ takes seconds to a minute on a loaded 2-core CPU). Raise ``--reps`` for a spread
 
 Each measured step runs in a fresh subprocess (model, optimiser, one warm-up step, then the
 measured step), providers interleaved round by round (timm, dcal, dcal, timm, ...) so the load of
-a shared machine hits both alike. Peak memory: on CUDA ``max_memory_allocated`` minus what was
-allocated before the step; on CPU the peak resident set (VmHWM, reset before the step) minus the
-resident set before it, with glibc's allocator made to return freed blocks to the system.
+a shared machine hits both alike. Peak memory is what the step adds to the weights and optimiser
+state (gradients are freed between steps): activations, gradients and temporaries. On CUDA
+``max_memory_allocated`` minus what was allocated before the step; on CPU the peak resident set
+(VmHWM, reset before the step) minus the resident set before it, with glibc's allocator made to
+return freed blocks to the system.
 Throughput: matmul FLOPs of the step (forward 2*N*C*C*12 + 4*N*N*C per block, plus the patch
 embedding; backward counted as 2x forward), shown as a share of an sgemm (fp32 2048^3, on the
 same device, measured in the same run).
@@ -80,10 +82,10 @@ def _child(args) -> dict:
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(dev)
 
     def step():
-        opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # between steps only weights and optimiser state stay
         return loss
 
     step()  # warm-up: optimiser state exists, kernels are loaded
