@@ -22,6 +22,7 @@ reaches the SA stream of the paired image.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -135,7 +136,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x, pair=None, return_rollout=False, query_index=None):
-        y = self.attn(self.norm1(x), None if pair is None else self.norm1(pair), return_rollout, query_index)
+        y = self.attn(self.norm1(x), pair=None if pair is None else self.norm1(pair), return_rollout=return_rollout,
+                      query_index=query_index)
         y, stats = y if return_rollout else (y, None)
         if query_index is not None:
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -179,7 +181,7 @@ class DCALViT(nn.Module):
         self.patch_embed = PatchEmbed(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim))
-        dpr = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        dpr = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device context
         self.blocks = nn.ModuleList(Block(c, p) for p in dpr)
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.head = nn.Linear(c.embed_dim, c.num_classes)
@@ -214,6 +216,19 @@ class DCALViT(nn.Module):
 
         load_vit_npz(self, path)
 
+    def load_timm(self, source, load_head=None) -> dict:
+        """Load a timm ViT checkpoint: a state dict, or a ``.safetensors`` / ``.pth`` file, any
+        image size (see :func:`dcal.models.vit_timm.load_timm_vit`)."""
+        from dcal.models.vit_timm import load_timm_vit
+
+        return load_timm_vit(self, source, load_head=load_head)
+
+    def load_pretrained(self, source, load_head=None):
+        """``load_npz`` for a JAX ``.npz`` release, ``load_timm`` for anything else."""
+        if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".npz"):
+            return self.load_npz(source)
+        return self.load_timm(source, load_head=load_head)
+
     # ------------------------------------------------------------------------- forward
 
     def _block(self, blk: Block, x, **kw):
@@ -230,7 +245,9 @@ class DCALViT(nn.Module):
 
     def glca_index(self, stats) -> Tensor:
         """[B, 1 + R] token indices: CLS, then the R patches of highest rollout (descending)."""
-        qs, ks, lses = (list(t.detach() for t in z) for z in zip(*stats))
+        qs, ks, lses = (list(None if t is None else t.detach() for t in z) for z in zip(*stats))
+        if any(t is None for t in lses):  # attention dropout ran on SDPA, which keeps no lse
+            lses = None
         backend = None if self.config.backend == "sdpa" else self.config.backend
         r = ops.attention_rollout(qs, ks, lses=lses, scale=self.blocks[0].attn.scale,
                                   residual=self.config.rollout_residual, backend=backend)  # [B, N]

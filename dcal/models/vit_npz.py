@@ -27,11 +27,25 @@ import torch.nn.functional as F
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """[1, 1 + g*g, C] -> [1, 1 + grid*grid, C]: bicubic resize of the patch grid, CLS kept."""
+    """[1, 1 + g*g, C] -> [1, 1 + grid*grid, C]: bicubic resize of the patch grid, CLS kept.
+
+    Uses timm's own ``timm.layers.resample_abs_pos_embed`` when timm is installed, so checkpoints
+    resized here match timm's; otherwise the same resize written out (bicubic,
+    ``align_corners=False, antialias=True``, in fp32).
+    """
     n = pos.shape[1] - 1
     g = math.isqrt(n)
     if g == grid:
         return pos
+    try:
+        from timm.layers import resample_abs_pos_embed
+    except ImportError:
+        return _resample_pos_embed(pos, grid)
+    return resample_abs_pos_embed(pos, new_size=[grid, grid], old_size=[g, g], num_prefix_tokens=1)
+
+
+def _resample_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    g = math.isqrt(pos.shape[1] - 1)
     cls, patches = pos[:, :1], pos[:, 1:]
     img = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [1, C, g, g]
     img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)

@@ -16,7 +16,7 @@ Head split (both modules, and both sources below): the projection's 3C output ch
 dimension ``d``.
 
 From NATTEN (``natten.NeighborhoodAttention2D``) -- names and shapes are NATTEN's, so
-``load_state_dict(natten_module.state_dict())`` works unchanged::
+``load_state_dict(natten_module.state_dict(), strict=True)`` works unchanged::
 
     NATTEN name    shape                  dcal name      notes
     qkv.weight     [3C, C]                qkv.weight
@@ -26,11 +26,17 @@ From NATTEN (``natten.NeighborhoodAttention2D``) -- names and shapes are NATTEN'
     proj.weight    [C, C]                 proj.weight
     proj.bias      [C]                    proj.bias
 
-  To compute what NATTEN computes, use ``border="clamp"`` (NATTEN shifts the window inside the map;
-  the rpb index convention is the same, so one table serves every border mode). Not carried over:
-  dilation, stride and causal masks, attention dropout (the fused kernels never hold the
-  probabilities), and NATTEN's zero-padding of maps smaller than the window (``"clamp"`` refuses
-  such maps; ``"zero"`` and ``"mask"`` take them).
+  The constructor takes NATTEN's arguments (``embed_dim``, ``num_heads``, ``kernel_size``,
+  ``dilation``, ``qkv_bias``, ``qk_scale``, ``proj_drop``; ``stride`` and ``is_causal`` at their
+  defaults only) but keeps dcal's defaults ``border="zero", rel_pos_bias=True``. To compute what
+  NATTEN computes use ``border="clamp"`` (NATTEN shifts the window inside the map; with dilation,
+  inside each of the ``dilation`` interleaved sub-grids; the rpb index convention is the same, so
+  one table serves every border mode), or :meth:`NeighborhoodAttention2D.from_natten`, which
+  reads all of it from a NATTEN module and loads its weights strictly. Not carried over: stride,
+  causal masks, attention dropout (the fused kernels never hold the probabilities), per-axis
+  kernel sizes or dilations that differ, and NATTEN's zero-padding of maps smaller than the
+  window (``"clamp"`` refuses such maps, naming kernel_size and dilation; ``"zero"`` and
+  ``"mask"`` take them).
 
 From the unfold BEV block (1x1 convs for q, k and v, ``F.unfold`` of k and v with padding k//2,
 softmax over the k*k window, 1x1 out conv, residual): :class:`LocalGraphAttention` with
@@ -83,58 +89,112 @@ def _make_rpb(num_heads: int, kernel_size: int) -> nn.Parameter:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int, border: str,
-            scale: Optional[float], backend: Optional[str]) -> Tensor:
+            scale: Optional[float], backend: Optional[str], dilation: int = 1) -> Tensor:
     # Under autocast q is fp16/bf16 while the table stays fp32; the op wants one dtype.
     rpb = None if rpb is None else rpb.to(q.dtype)
     return neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
-                                    backend=backend)
+                                    dilation=dilation, backend=backend)
+
+
+def _square(name: str, value):
+    """NATTEN takes per-axis tuples; the op takes one value for both axes."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or a pair of equal ints (the op uses one value for both "
+                             f"axes), got {value!r}")
+        value = value[0]
+    return value
 
 
 class NeighborhoodAttention2D(nn.Module):
-    """2-D neighborhood attention with NATTEN's parameters, on channels-last maps [B, X, Y, C].
+    """2-D neighborhood attention with NATTEN's constructor and parameters, on channels-last maps
+    [B, X, Y, C].
 
     Args:
-        dim: channels C (= num_heads * head_dim).
+        dim (or NATTEN's ``embed_dim``): channels C (= num_heads * head_dim).
         num_heads: heads H.
-        kernel_size: odd window size k >= 3.
-        border: "zero" (unfold semantics), "mask" or "clamp" (NATTEN's); see
+        kernel_size: odd window size k >= 3 (NATTEN's per-axis pair if both entries are equal).
+        border: "zero" (unfold semantics, the default), "mask" or "clamp" (NATTEN's); see
             :func:`dcal.ops.neighborhood_attention2d`.
-        rel_pos_bias: learn a relative position bias ``rpb`` [H, 2k-1, 2k-1].
+        rel_pos_bias: learn a relative position bias ``rpb`` [H, 2k-1, 2k-1] (default True).
         qkv_bias: bias of the qkv projection.
         qk_scale: logit scale, default ``head_dim ** -0.5``.
         proj_drop: dropout after the output projection.
         backend: None (automatic) or a backend name of :mod:`dcal.ops`.
+        dilation: window step (DiNAT); an int or NATTEN's pair of equal ints.
+        stride, is_causal: NATTEN's; only their defaults (1, False) are supported, other values raise.
 
-    A NATTEN state dict loads as is; see the module docstring for the mapping and border modes.
+    NATTEN compatibility: the constructor takes NATTEN 0.21's arguments, but the defaults are
+    dcal's (``border="zero"``, ``rel_pos_bias=True``). For NATTEN's semantics, either build from a
+    NATTEN module, ``NeighborhoodAttention2D.from_natten(natten_module)`` (weights loaded strictly,
+    clamp border, rpb as in that module), or pass ``border="clamp", rel_pos_bias=False`` (NATTEN
+    >= 0.18 has no rpb), after which ``load_state_dict(natten_module.state_dict())`` works
+    strictly; see the module docstring for the mapping.
+
+    Forward: q, k and v reach the op as strided views of the projection output (no copy).
     """
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, border: str = "zero",
-                 rel_pos_bias: bool = True, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 proj_drop: float = 0.0, backend: Optional[str] = None):
+    def __init__(self, dim: Optional[int] = None, num_heads: Optional[int] = None, kernel_size=7,
+                 border: str = "zero", rel_pos_bias: bool = True, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, proj_drop: float = 0.0, backend: Optional[str] = None, *,
+                 dilation=1, embed_dim: Optional[int] = None, stride=1, is_causal=False):
         super().__init__()
+        if (dim is None) == (embed_dim is None):
+            raise ValueError(f"pass the channels once, as dim or embed_dim (NATTEN's name); got dim={dim!r}, "
+                             f"embed_dim={embed_dim!r}")
+        dim = dim if embed_dim is None else embed_dim
+        kernel_size, dilation = _square("kernel_size", kernel_size), _square("dilation", dilation)
+        if _square("stride", stride) != 1:
+            raise ValueError(f"stride={stride!r} is not supported (only 1, NATTEN's default)")
+        if _square("is_causal", is_causal) is not False:
+            raise ValueError(f"is_causal={is_causal!r} is not supported (only False, NATTEN's default)")
         _check_common("dim", dim, num_heads, kernel_size, border, backend)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.kernel_size, self.border, self.backend = kernel_size, border, backend
+        self.dilation = V.dilation(dilation)
         self.scale = V.scale(qk_scale)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.rpb = _make_rpb(num_heads, kernel_size) if rel_pos_bias else None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    @classmethod
+    def from_natten(cls, module: nn.Module, backend: Optional[str] = None) -> "NeighborhoodAttention2D":
+        """The module computing what ``module`` (a ``natten.NeighborhoodAttention2D``) computes:
+        ``border="clamp"``, its kernel size, dilation, scale and biases (an ``rpb`` if that NATTEN
+        version has one), its weights loaded with ``strict=True`` onto its device and dtype.
+        Raises on what the fused op cannot express (stride, causal masks, attention dropout)."""
+        if getattr(module, "na_dim", 2) != 2 or not hasattr(module, "qkv") or not hasattr(module, "proj"):
+            raise TypeError(f"from_natten needs a natten.NeighborhoodAttention2D, got {type(module).__name__}")
+        attn_drop = getattr(module, "attn_drop", None)
+        if attn_drop is not None and getattr(attn_drop, "p", 0.0) > 0:
+            raise ValueError(f"attn_drop={attn_drop.p}: attention dropout is not supported by the fused op")
+        rpb = getattr(module, "rpb", None)
+        w = module.qkv.weight
+        new = cls(embed_dim=module.qkv.in_features, num_heads=module.num_heads, kernel_size=module.kernel_size,
+                  border="clamp", rel_pos_bias=rpb is not None, qkv_bias=module.qkv.bias is not None,
+                  qk_scale=float(module.scale), proj_drop=module.proj_drop.p, backend=backend,
+                  dilation=getattr(module, "dilation", 1), stride=getattr(module, "stride", 1),
+                  is_causal=getattr(module, "is_causal", False))
+        new.to(device=w.device, dtype=w.dtype).load_state_dict(module.state_dict(), strict=True)
+        return new.train(module.training)
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, X, Y, C] with C={self.dim} (channels last), got {shape}")
         B, X, Y, C = x.shape
-        # One copy into [3, B, H, X, Y, D] so every backend gets contiguous head-major maps.
-        qkv = self.qkv(x).reshape(B, X, Y, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5).contiguous()
-        out = _attend(qkv[0], qkv[1], qkv[2], self.rpb, self.kernel_size, self.border, self.scale, self.backend)
+        # [B, X, Y, 3, H, D]: q, k, v are strided [B, H, X, Y, D] views (head dim unit-stride).
+        qkv = self.qkv(x).view(B, X, Y, 3, self.num_heads, self.head_dim)
+        q, k, v = (qkv[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3))
+        out = _attend(q, k, v, self.rpb, self.kernel_size, self.border, self.scale, self.backend, self.dilation)
         out = out.permute(0, 2, 3, 1, 4).reshape(B, X, Y, C)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
-                f"border={self.border!r}, rel_pos_bias={self.rpb is not None}, backend={self.backend!r}")
+                f"dilation={self.dilation}, border={self.border!r}, rel_pos_bias={self.rpb is not None}, "
+                f"backend={self.backend!r}")
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -202,10 +262,10 @@ class LocalGraphAttention(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, C, X, Y] with C={self.channels} (channels first), got {shape}")
         B, C, X, Y = x.shape
-        # One copy into [3, B, H, X, Y, D]: head dim innermost, as the fused kernels read it.
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, self.head_dim, X, Y)
-        qkv = qkv.permute(1, 0, 2, 4, 5, 3).contiguous()
-        out = _attend(qkv[0], qkv[1], qkv[2], self.rpb, self.kernel_size, self.border, None, self.backend)
+        # [B, 3, H, D, X, Y]: q, k, v are strided [B, H, X, Y, D] views (head-dim stride X*Y).
+        qkv = self.qkv(self.norm(x)).view(B, 3, self.num_heads, self.head_dim, X, Y)
+        q, k, v = (qkv[:, i].permute(0, 1, 3, 4, 2) for i in range(3))
+        out = _attend(q, k, v, self.rpb, self.kernel_size, self.border, None, self.backend)
         out = out.permute(0, 1, 4, 2, 3).reshape(B, C, X, Y)
         return x + self.proj(out)
 
