@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcal.testing.aot import AOTSpec
+from ._aot import KernelSpec
 
 BORDER_CODES = {"zero": 0, "mask": 1, "clamp": 2}
 _LOG2E = 1.4426950408889634
@@ -493,13 +493,13 @@ _TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _TILE_KEYS = ("TILE_X", "TILE_Y", "BLOCK_N")
 
 
-def _spec(name, kernel, sig, consts, cfg, label) -> AOTSpec:
+def _spec(name, kernel, sig, consts, cfg, label) -> KernelSpec:
     # the compiler reads the signature positionally: put it in the kernel's argument order
     sig = {n: sig[n] for n in kernel.arg_names}
-    return AOTSpec(name, kernel, sig, consts, cfg["num_warps"], cfg["num_stages"], label=label)
+    return KernelSpec(name, kernel, sig, consts, cfg["num_warps"], cfg["num_stages"], label=label)
 
 
-def aot_specs(kernel_sizes=(7,)) -> List[AOTSpec]:
+def aot_specs(kernel_sizes=(7,)) -> List[KernelSpec]:
     """Every configuration the launchers can pick for fp16/bf16/fp32 and every BLOCK_D (16..128),
     with and without rpb, for the given kernel sizes. The border mode is a runtime argument, so
     one compile covers all three modes."""

@@ -30,6 +30,8 @@ import triton.language as tl
 # launches go through wrap_triton so torch.compile can trace them (a no-op under the interpreter)
 from torch.library import wrap_triton
 
+from ._aot import KernelSpec
+
 LOG2E = 1.4426950408889634  # the kernels use exp2: logits are prescaled by log2(e)
 
 # ----------------------------------------------------------------------------- forward
@@ -451,8 +453,6 @@ def aot_specs(ccs=(80, 90)):
     """Every configuration the launchers can pick on the given architectures, for fp16, bf16 and
     fp32 and every BLOCK_D (16, 32, 64, 128), with and without a second segment (and with and
     without an lse gradient in the pre-pass). Duplicates across architectures are listed once."""
-    from dcal.testing.aot import AOTSpec
-
     specs, seen = [], set()
 
     def add(name, kernel, ptrs, consts, tile, label):
@@ -461,7 +461,7 @@ def aot_specs(ccs=(80, 90)):
         if key in seen:
             return
         seen.add(key)
-        specs.append(AOTSpec(name=name, kernel=kernel, signature=sig, constexprs=dict(consts),
+        specs.append(KernelSpec(name=name, kernel=kernel, signature=sig, constexprs=dict(consts),
                              num_warps=tile.num_warps, num_stages=tile.num_stages, label=dict(label)))
 
     for cc in ccs:
