@@ -137,7 +137,7 @@ def check_cpp_mkv(call: Call) -> Optional[str]:
 
 
 # Neighborhood-attention backends whose kernels do not take dilation > 1 yet.
-_NA2D_NO_DILATION = {"triton", ("cpp", "cuda")}
+_NA2D_NO_DILATION = {("cpp", "cuda")}
 
 
 def _na2d_dilation(call: Call, backend: str) -> Optional[str]:
