@@ -21,8 +21,13 @@ two programs write the same dk/dv row. The rpb gradient is accumulated with fp32
 [H, 2k-1, 2k-1] buffer (its summation order is not deterministic on GPU).
 
 Only q, k, v, rpb, out and the fp32 lse are needed by the backward; nothing has a k*k factor.
-Head dims are 16..128 in steps of 8 (padded to BLOCK_D, a power of two, with masks). Scores are kept in
-log2 units (scale and rpb pre-multiplied by log2 e) so the softmax runs on exp2.
+Dilation d: the map splits into d x d interleaved sub-grids; a program's queries and their keys
+lie on one sub-grid, where every rule above holds in sub-grid coordinates (see "Dilation" below).
+Head dims are 16..128 in steps of 8 (padded to BLOCK_D, a power of two, with masks). No alignment
+is assumed: Triton's launcher specialises what holds (16-byte aligned pointers, strides divisible
+by 16, a unit head-dim stride); the AOT specs compile the unit-stride form and, with rpb, the general
+form. Scores are kept in log2 units (scale and rpb pre-multiplied by log2 e) so the softmax runs
+on exp2.
 """
 from __future__ import annotations
 

@@ -280,7 +280,8 @@ def test_na2d_triton_strided_layouts_in_place(kind, dil, nan_empty, monkeypatch)
 
     seen = []
     real_launch = K._launch
-    monkeypatch.setattr(K, "_launch", lambda kernel, grid, args, *a: seen.append(args) or real_launch(kernel, grid, args, *a))
+    monkeypatch.setattr(K, "_launch",
+                        lambda kernel, grid, args, *a: seen.append(args) or real_launch(kernel, grid, args, *a))
     out, lse = na2d_fwd_triton(q, k, v, rpb, ks, border, 0.3, K.pack_config(K.launch_config(D, torch.float32)), dil)
     grads = torch.autograd.grad(out, (q, k, v, rpb), dout)
     passed = [a for args in seen for a in args if isinstance(a, torch.Tensor)]
