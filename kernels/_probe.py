@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcal.testing.aot import AOTSpec
+from ._aot import KernelSpec
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def aot_specs():
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         for bn in (128, 1024):
-            specs.append(AOTSpec(
+            specs.append(KernelSpec(
                 name="probe_row_lse", kernel=_row_lse_kernel,
                 signature={"x_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_m": "i32",
                            "BLOCK_N": "constexpr"},

@@ -1,10 +1,12 @@
 """2-D neighborhood attention in Triton: tiled forward and backward (DESIGN section 3.4).
 
-Layout [B, H, X, Y, D], contiguous. One program takes a TILE_X x TILE_Y tile of pixels of one
-(batch, head), flattened to BLOCK_Q rows, and walks the union of the tile's windows (the halo,
-at most (TILE_X + k - 1) x (TILE_Y + k - 1) positions) in flat chunks of BLOCK_N positions with
-an online softmax. Every (query, key) pair of a chunk is kept or dropped by the exact window test
-of the border mode, so the same code serves all three modes:
+Layout [B, H, X, Y, D], read through the strides of every dimension (any view: heads-last,
+channels-first, fused-qkv slices), written contiguous. One program takes a TILE_X x TILE_Y tile
+of pixels of one (batch, head) and one dilation sub-grid, flattened to BLOCK_Q rows, and walks
+the union of the tile's windows (the halo, at most (TILE_X + k - 1) x (TILE_Y + k - 1) positions
+of the sub-grid) in flat chunks of BLOCK_N positions with an online softmax. Every (query, key)
+pair of a chunk is kept or dropped by the exact window test of the border mode, so the same code
+serves all three modes (coordinates on the query's sub-grid, see "Dilation" below):
 
     zero   window [i - r, i + r]; off-map positions are zero keys/values that stay in the
            softmax (logit 0 + rpb): they are loaded as zeros, never skipped
@@ -19,9 +21,13 @@ two programs write the same dk/dv row. The rpb gradient is accumulated with fp32
 [H, 2k-1, 2k-1] buffer (its summation order is not deterministic on GPU).
 
 Only q, k, v, rpb, out and the fp32 lse are needed by the backward; nothing has a k*k factor.
-Head dims are 16..128 in steps of 8 (padded to BLOCK_D, a power of two, with masks): the kernels
-take D / 8 so that the compiler knows every row starts on a 16-byte boundary. Scores are kept in
-log2 units (scale and rpb pre-multiplied by log2 e) so the softmax runs on exp2.
+Dilation d: the map splits into d x d interleaved sub-grids; a program's queries and their keys
+lie on one sub-grid, where every rule above holds in sub-grid coordinates (see "Dilation" below).
+Head dims are 16..128 in steps of 8 (padded to BLOCK_D, a power of two, with masks). No alignment
+is assumed: Triton's launcher specialises what holds (16-byte aligned pointers, strides divisible
+by 16, a unit head-dim stride); the AOT specs compile the unit-stride form and, with rpb, the general
+form. Scores are kept in log2 units (scale and rpb pre-multiplied by log2 e) so the softmax runs
+on exp2.
 """
 from __future__ import annotations
 
@@ -31,19 +37,68 @@ import torch
 import triton
 import triton.language as tl
 
-from dcal.testing.aot import AOTSpec
+from ._aot import KernelSpec
 
 BORDER_CODES = {"zero": 0, "mask": 1, "clamp": 2}
 _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- helpers
+#
+# Dilation. With dilation d an axis of length n splits into d interleaved sub-grids (residue
+# g = i % d, positions g, g + d, ..., n_g = ceil((n - g) / d) of them), and a query's window holds
+# keys of its own sub-grid only, at sub-grid coordinates that follow the dilation-1 rule on an
+# axis of length n_g: zero/mask take [j - r, j + r] (off the sub-grid = off the map), clamp
+# clamps the start into [0, n_g - k], and the rpb index (key - query) / d + k - 1 is the sub-grid
+# coordinate difference + k - 1. So every program works on one (gx, gy) sub-grid pair, in
+# sub-grid coordinates, with tiles and halos exactly those of dilation 1; only addresses map back
+# to positions g + d * j. Dilation 1 is one sub-grid, the plain map.
+#
+# Layouts. Every [B, H, X, Y, D] tensor comes with its five strides (any view: heads-last,
+# channels-first, fused-qkv slices); rows are gathered through them, never copied. A unit
+# head-dim stride is specialised by Triton's launcher (a stride equal to 1 becomes a constant).
+
+
+@triton.jit
+def _program_tile(pid, X, Y, dil, TILE_X: tl.constexpr, TILE_Y: tl.constexpr):
+    """This program's sub-grid residues (gx, gy), sub-grid lengths (nx, ny), tile origin
+    (x0, y0) and the sub-grid coordinates (jx, jy) of its TILE_X*TILE_Y rows with their validity.
+    Program ids enumerate dil*dil sub-grids, each cut into tiles of the longest sub-grid's size
+    (a shorter sub-grid leaves a tile empty: no row valid, no halo)."""
+    BLOCK: tl.constexpr = TILE_X * TILE_Y
+    n_tx = tl.cdiv(tl.cdiv(X, dil), TILE_X)
+    n_ty = tl.cdiv(tl.cdiv(Y, dil), TILE_Y)
+    g = pid // (n_tx * n_ty)
+    t = pid % (n_tx * n_ty)
+    gx = g // dil
+    gy = g % dil
+    nx = tl.cdiv(X - gx, dil)
+    ny = tl.cdiv(Y - gy, dil)
+    x0 = (t // n_ty) * TILE_X
+    y0 = (t % n_ty) * TILE_Y
+    offs = tl.arange(0, BLOCK)
+    jx = x0 + offs // TILE_Y
+    jy = y0 + offs % TILE_Y
+    ok = (jx < nx) & (jy < ny)
+    return gx, gy, nx, ny, x0, y0, jx, jy, ok
+
+
+@triton.jit
+def _bh_base(bh, H, s_b, s_h):
+    """64-bit offset of (batch, head) ``bh`` in a tensor with batch/head strides s_b, s_h."""
+    return (bh // H).to(tl.int64) * s_b + (bh % H).to(tl.int64) * s_h
+
+
+@triton.jit
+def _row_ptrs(base, px, py, s_x, s_y, s_d, offs_d):
+    """[rows, BD] element pointers of map positions (px, py) through the tensor's strides."""
+    return base + (px * s_x + py * s_y)[:, None] + offs_d[None, :] * s_d
 
 
 @triton.jit
 def _win_start(i, n, border, KS: tl.constexpr):
-    """First key position of the window of query position(s) i on an axis of length n."""
-    # clamp shifts the window inside the map (n >= KS is checked by the op); the other modes
+    """First key coordinate of the window of query coordinate(s) i on an axis of length n."""
+    # clamp shifts the window inside the axis (n >= KS is checked by the op); the other modes
     # get bounds that never bind, so no branch splits the vector code
     lo = tl.where(border == 2, 0, -(1 << 30))
     hi = tl.where(border == 2, n - KS, 1 << 30)
@@ -52,7 +107,7 @@ def _win_start(i, n, border, KS: tl.constexpr):
 
 @triton.jit
 def _halo(a, b, n, border, KS: tl.constexpr):
-    """[lo, hi) key positions that the windows of query positions a..b (inclusive) cover."""
+    """[lo, hi) key coordinates that the windows of query coordinates a..b (inclusive) cover."""
     lo = _win_start(a, n, border, KS)
     hi = _win_start(b, n, border, KS) + KS
     if border == 1:
@@ -64,7 +119,7 @@ def _halo(a, b, n, border, KS: tl.constexpr):
 
 @triton.jit
 def _inverse_halo(a, b, n, border, KS: tl.constexpr):
-    """[lo, hi) query positions whose window holds a key among positions a..b (inclusive)."""
+    """[lo, hi) query coordinates whose window holds a key among coordinates a..b (inclusive)."""
     r = KS // 2
     lo = a - r
     hi = b + r + 1
@@ -78,77 +133,96 @@ def _inverse_halo(a, b, n, border, KS: tl.constexpr):
     return lo, hi
 
 
+@triton.jit
+def _tile_halo(x0, y0, nx, ny, border, KS: tl.constexpr, TILE_X: tl.constexpr, TILE_Y: tl.constexpr,
+               INVERSE: tl.constexpr):
+    """The tile's halo on its sub-grid as (lo_x, lo_y, width, size): the keys its queries'
+    windows cover (INVERSE: the queries whose windows cover its keys); size 0 for an empty tile."""
+    bx = tl.minimum(x0 + TILE_X, nx) - 1
+    by = tl.minimum(y0 + TILE_Y, ny) - 1
+    if INVERSE:
+        lx, hx = _inverse_halo(x0, bx, nx, border, KS)
+        ly, hy = _inverse_halo(y0, by, ny, border, KS)
+    else:
+        lx, hx = _halo(x0, bx, nx, border, KS)
+        ly, hy = _halo(y0, by, ny, border, KS)
+    hw = tl.maximum(hy - ly, 0)
+    size = tl.where((x0 < nx) & (y0 < ny), tl.maximum(hx - lx, 0) * hw, 0)
+    return lx, ly, hw, size
+
+
+@triton.jit
+def _halo_chunk(start, lx, ly, hw, size, nx, ny, BLOCK_N: tl.constexpr):
+    """Sub-grid coordinates of halo positions start..start+BLOCK_N, whether each is a halo
+    position, and whether it is on the map."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < size
+    cx = lx + offs_n // hw
+    cy = ly + offs_n % hw
+    on_map = n_ok & (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny)
+    return cx, cy, n_ok, on_map
+
+
+@triton.jit
+def _member(kx, ky, sx, sy, KS: tl.constexpr):
+    """Whether key coordinates (kx, ky) lie in the windows starting at (sx, sy) (broadcast)."""
+    dx = kx - sx
+    dy = ky - sy
+    return (dx >= 0) & (dx < KS) & (dy >= 0) & (dy < KS)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.jit(do_not_specialize=["X", "Y", "D8", "border"])
+@triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_fwd_kernel(
     Q, K, V, RPB, O, LSE,
-    X, Y, H, D8, border, qk_scale,
+    sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
+    X, Y, H, D, dil, border, qk_scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr,
     TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = TILE_X * TILE_Y
     P: tl.constexpr = 2 * KS - 1
-    pid = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    n_ty = tl.cdiv(Y, TILE_Y)
-    x0 = (pid // n_ty) * TILE_X
-    y0 = (pid % n_ty) * TILE_Y
-    # D8 = D / 8 makes every row a multiple of 16 bytes; with the launcher's 16-byte aligned
-    # tensors, each (batch, head) slice is aligned too and the row loads vectorise
-    D = D8 * 8
-    base = bh.to(tl.int64) * X * Y * D
-    Qb = tl.multiple_of(Q + base, 16)
-    Kb = tl.multiple_of(K + base, 16)
-    Vb = tl.multiple_of(V + base, 16)
-    Ob = tl.multiple_of(O + base, 16)
-
-    offs_q = tl.arange(0, BLOCK_Q)
-    qx = x0 + offs_q // TILE_Y
-    qy = y0 + offs_q % TILE_Y
-    q_ok = (qx < X) & (qy < Y)
+    gx, gy, nx, ny, x0, y0, qjx, qjy, q_ok = _program_tile(tl.program_id(0), X, Y, dil, TILE_X, TILE_Y)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_row = tl.where(q_ok, qx * Y + qy, 0)
+    qpx = gx + dil * qjx
+    qpy = gy + dil * qjy
+    qd_mask = q_ok[:, None] & d_ok[None, :]
+    Kb = K + _bh_base(bh, H, sk_b, sk_h)
+    Vb = V + _bh_base(bh, H, sv_b, sv_h)
     # [BQ, BD]
-    q = tl.load(Qb + q_row[:, None] * D + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(_row_ptrs(Q + _bh_base(bh, H, sq_b, sq_h), qpx, qpy, sq_x, sq_y, sq_d, offs_d),
+                mask=qd_mask, other=0.0)
 
     # [BQ] window starts, and the rpb offset of each query (its key's part is added per chunk)
-    sx = _win_start(qx, X, border, KS)
-    sy = _win_start(qy, Y, border, KS)
-    q_boff = h * P * P + (KS - 1) * P + (KS - 1) - (qx * P + qy)
-    hx0, hx1 = _halo(x0, tl.minimum(x0 + TILE_X, X) - 1, X, border, KS)
-    hy0, hy1 = _halo(y0, tl.minimum(y0 + TILE_Y, Y) - 1, Y, border, KS)
-    hw = hy1 - hy0
-    n_halo = (hx1 - hx0) * hw
+    sx = _win_start(qjx, nx, border, KS)
+    sy = _win_start(qjy, ny, border, KS)
+    q_boff = h * P * P + (KS - 1) * P + (KS - 1) - (qjx * P + qjy)
+    lx, ly, hw, n_halo = _tile_halo(x0, y0, nx, ny, border, KS, TILE_X, TILE_Y, False)
 
     # Finite start so a chunk where a row has no member gives alpha = 1, not NaN.
-    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([TILE_X * TILE_Y], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([TILE_X * TILE_Y], dtype=tl.float32)
+    acc = tl.zeros([TILE_X * TILE_Y, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_halo, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_halo
-        kx = hx0 + offs_n // hw
-        ky = hy0 + offs_n % hw
-        on_map = n_ok & (kx >= 0) & (kx < X) & (ky >= 0) & (ky < Y)
-        k_row = tl.where(on_map, kx * Y + ky, 0)
+        kjx, kjy, n_ok, on_map = _halo_chunk(start, lx, ly, hw, n_halo, nx, ny, BLOCK_N)
+        kpx = tl.where(on_map, gx + dil * kjx, 0)
+        kpy = tl.where(on_map, gy + dil * kjy, 0)
         kv_mask = on_map[:, None] & d_ok[None, :]
         # [BN, BD]; off-map rows load as the zero keys/values of zero mode
-        k = tl.load(Kb + k_row[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(Vb + k_row[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_row_ptrs(Kb, kpx, kpy, sk_x, sk_y, sk_d, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_row_ptrs(Vb, kpx, kpy, sv_x, sv_y, sv_d, offs_d), mask=kv_mask, other=0.0)
         # [BQ, BD] @ [BD, BN] -> [BQ, BN], in log2 units
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         # mask mode leaves off-map keys out; zero mode keeps them as zero keys
         key_ok = n_ok & (on_map | (border != 1))
-        dx = kx[None, :] - sx[:, None]
-        dy = ky[None, :] - sy[:, None]
-        member = (dx >= 0) & (dx < KS) & (dy >= 0) & (dy < KS) & key_ok[None, :]
+        member = _member(kjx[None, :], kjy[None, :], sx[:, None], sy[:, None], KS) & key_ok[None, :]
         if HAS_RPB:
             # [BQ, BN] gather from the [P, P] table of this head
-            bias = tl.load(RPB + (q_boff[:, None] + (kx * P + ky)[None, :]), mask=member, other=0.0).to(tl.float32)
+            bias = tl.load(RPB + (q_boff[:, None] + (kjx * P + kjy)[None, :]), mask=member, other=0.0).to(tl.float32)
             s += bias * 1.4426950408889634
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -162,8 +236,10 @@ def _na2d_fwd_kernel(
     # Every real query has at least itself in its window; padded rows are not stored.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(Ob + q_row[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & d_ok[None, :])
+    # out [B, H, X, Y, D] and lse [B, H, X, Y] are contiguous (allocated by the launcher)
+    q_row = tl.where(q_ok, qpx * Y + qpy, 0)
+    Ob = O + bh.to(tl.int64) * X * Y * D
+    tl.store(_row_ptrs(Ob, q_row, 0, D, 0, 1, offs_d), out.to(O.dtype.element_ty), mask=qd_mask)
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * X * Y + q_row, lse, mask=q_ok)
 
@@ -171,88 +247,81 @@ def _na2d_fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit
-def _na2d_bwd_delta_kernel(O, DO, DELTA, N, D8, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    D = D8 * 8
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit(do_not_specialize=["X", "Y", "D"])
+def _na2d_bwd_delta_kernel(
+    O, DO, DELTA,
+    so_b, so_h, so_x, so_y, so_d, sdo_b, sdo_h, sdo_x, sdo_y, sdo_d,
+    X, Y, H, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) for BLOCK_M positions of one (batch, head); delta is contiguous."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    m_ok = offs_m < X * Y
+    px = tl.where(m_ok, offs_m // Y, 0)
+    py = tl.where(m_ok, offs_m % Y, 0)
+    mask = m_ok[:, None] & (offs_d < D)[None, :]
     # [BM, BD]
-    o = tl.load(O + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+    o = tl.load(_row_ptrs(O + _bh_base(bh, H, so_b, so_h), px, py, so_x, so_y, so_d, offs_d),
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), px, py, sdo_x, sdo_y, sdo_d, offs_d),
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * X * Y + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["X", "Y", "D8", "border"])
+@triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_bwd_dq_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
-    X, Y, H, D8, border, qk_scale, scale,
+    sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
+    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d,
+    X, Y, H, D, dil, border, qk_scale, scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr,
     TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = TILE_X * TILE_Y
     P: tl.constexpr = 2 * KS - 1
-    pid = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    n_ty = tl.cdiv(Y, TILE_Y)
-    x0 = (pid // n_ty) * TILE_X
-    y0 = (pid % n_ty) * TILE_Y
-    # D8 = D / 8 makes every row a multiple of 16 bytes; with the launcher's 16-byte aligned
-    # tensors, each (batch, head) slice is aligned too and the row loads vectorise
-    D = D8 * 8
-    base = bh.to(tl.int64) * X * Y * D
-    Qb = tl.multiple_of(Q + base, 16)
-    Kb = tl.multiple_of(K + base, 16)
-    Vb = tl.multiple_of(V + base, 16)
-    DOb = tl.multiple_of(DO + base, 16)
-    DQb = tl.multiple_of(DQ + base, 16)
-    sbase = bh.to(tl.int64) * X * Y
-
-    offs_q = tl.arange(0, BLOCK_Q)
-    qx = x0 + offs_q // TILE_Y
-    qy = y0 + offs_q % TILE_Y
-    q_ok = (qx < X) & (qy < Y)
+    gx, gy, nx, ny, x0, y0, qjx, qjy, q_ok = _program_tile(tl.program_id(0), X, Y, dil, TILE_X, TILE_Y)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_row = tl.where(q_ok, qx * Y + qy, 0)
+    qpx = gx + dil * qjx
+    qpy = gy + dil * qjy
     qd_mask = q_ok[:, None] & d_ok[None, :]
+    Kb = K + _bh_base(bh, H, sk_b, sk_h)
+    Vb = V + _bh_base(bh, H, sv_b, sv_h)
     # [BQ, BD]
-    q = tl.load(Qb + q_row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DOb + q_row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    # [BQ]
+    q = tl.load(_row_ptrs(Q + _bh_base(bh, H, sq_b, sq_h), qpx, qpy, sq_x, sq_y, sq_d, offs_d),
+                mask=qd_mask, other=0.0)
+    do = tl.load(_row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), qpx, qpy, sdo_x, sdo_y, sdo_d, offs_d),
+                 mask=qd_mask, other=0.0)
+    # [BQ]; lse, delta and dq are contiguous
+    q_row = tl.where(q_ok, qpx * Y + qpy, 0)
+    sbase = bh.to(tl.int64) * X * Y
     lse2 = tl.load(LSE + sbase + q_row, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + sbase + q_row, mask=q_ok, other=0.0)
 
     # [BQ] window starts, and the rpb offset of each query (its key's part is added per chunk)
-    sx = _win_start(qx, X, border, KS)
-    sy = _win_start(qy, Y, border, KS)
-    q_boff = h * P * P + (KS - 1) * P + (KS - 1) - (qx * P + qy)
-    hx0, hx1 = _halo(x0, tl.minimum(x0 + TILE_X, X) - 1, X, border, KS)
-    hy0, hy1 = _halo(y0, tl.minimum(y0 + TILE_Y, Y) - 1, Y, border, KS)
-    hw = hy1 - hy0
-    n_halo = (hx1 - hx0) * hw
+    sx = _win_start(qjx, nx, border, KS)
+    sy = _win_start(qjy, ny, border, KS)
+    q_boff = h * P * P + (KS - 1) * P + (KS - 1) - (qjx * P + qjy)
+    lx, ly, hw, n_halo = _tile_halo(x0, y0, nx, ny, border, KS, TILE_X, TILE_Y, False)
 
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([TILE_X * TILE_Y, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_halo, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_halo
-        kx = hx0 + offs_n // hw
-        ky = hy0 + offs_n % hw
-        on_map = n_ok & (kx >= 0) & (kx < X) & (ky >= 0) & (ky < Y)
-        k_row = tl.where(on_map, kx * Y + ky, 0)
+        kjx, kjy, n_ok, on_map = _halo_chunk(start, lx, ly, hw, n_halo, nx, ny, BLOCK_N)
+        kpx = tl.where(on_map, gx + dil * kjx, 0)
+        kpy = tl.where(on_map, gy + dil * kjy, 0)
         kv_mask = on_map[:, None] & d_ok[None, :]
         # [BN, BD]
-        k = tl.load(Kb + k_row[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(Vb + k_row[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_row_ptrs(Kb, kpx, kpy, sk_x, sk_y, sk_d, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_row_ptrs(Vb, kpx, kpy, sv_x, sv_y, sv_d, offs_d), mask=kv_mask, other=0.0)
         # [BQ, BD] @ [BD, BN] -> [BQ, BN]
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         key_ok = n_ok & (on_map | (border != 1))
-        dx = kx[None, :] - sx[:, None]
-        dy = ky[None, :] - sy[:, None]
-        member = (dx >= 0) & (dx < KS) & (dy >= 0) & (dy < KS) & key_ok[None, :] & q_ok[:, None]
+        member = _member(kjx[None, :], kjy[None, :], sx[:, None], sy[:, None], KS) & key_ok[None, :] & q_ok[:, None]
         if HAS_RPB:
-            b_off = q_boff[:, None] + (kx * P + ky)[None, :]
+            b_off = q_boff[:, None] + (kjx * P + kjy)[None, :]
             bias = tl.load(RPB + b_off, mask=member, other=0.0).to(tl.float32)
             s += bias * 1.4426950408889634
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
@@ -266,79 +335,63 @@ def _na2d_bwd_dq_kernel(
             # zero-mode off-map pairs are members too: their bias gets its gradient here
             tl.atomic_add(DRPB + b_off, ds, mask=member)
 
-    tl.store(DQb + q_row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    DQb = DQ + bh.to(tl.int64) * X * Y * D
+    tl.store(_row_ptrs(DQb, q_row, 0, D, 0, 1, offs_d), (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
-@triton.jit(do_not_specialize=["X", "Y", "D8", "border"])
+@triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_bwd_dkdv_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
-    X, Y, H, D8, border, qk_scale, scale,
+    sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
+    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d,
+    X, Y, H, D, dil, border, qk_scale, scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr,
     TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    BLOCK_K: tl.constexpr = TILE_X * TILE_Y
     P: tl.constexpr = 2 * KS - 1
-    pid = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    n_ty = tl.cdiv(Y, TILE_Y)
-    x0 = (pid // n_ty) * TILE_X
-    y0 = (pid % n_ty) * TILE_Y
-    # D8 = D / 8 makes every row a multiple of 16 bytes; with the launcher's 16-byte aligned
-    # tensors, each (batch, head) slice is aligned too and the row loads vectorise
-    D = D8 * 8
-    base = bh.to(tl.int64) * X * Y * D
-    Qb = tl.multiple_of(Q + base, 16)
-    Kb = tl.multiple_of(K + base, 16)
-    Vb = tl.multiple_of(V + base, 16)
-    DOb = tl.multiple_of(DO + base, 16)
-    DKb = tl.multiple_of(DK + base, 16)
-    DVb = tl.multiple_of(DV + base, 16)
-    sbase = bh.to(tl.int64) * X * Y
-
-    offs_k = tl.arange(0, BLOCK_K)
-    kx = x0 + offs_k // TILE_Y
-    ky = y0 + offs_k % TILE_Y
-    k_ok = (kx < X) & (ky < Y)
+    gx, gy, nx, ny, x0, y0, kjx, kjy, k_ok = _program_tile(tl.program_id(0), X, Y, dil, TILE_X, TILE_Y)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    k_row = tl.where(k_ok, kx * Y + ky, 0)
+    kpx = gx + dil * kjx
+    kpy = gy + dil * kjy
     kd_mask = k_ok[:, None] & d_ok[None, :]
+    Qb = Q + _bh_base(bh, H, sq_b, sq_h)
+    DOb = DO + _bh_base(bh, H, sdo_b, sdo_h)
     # [BK, BD]
-    k = tl.load(Kb + k_row[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(Vb + k_row[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    k = tl.load(_row_ptrs(K + _bh_base(bh, H, sk_b, sk_h), kpx, kpy, sk_x, sk_y, sk_d, offs_d),
+                mask=kd_mask, other=0.0)
+    v = tl.load(_row_ptrs(V + _bh_base(bh, H, sv_b, sv_h), kpx, kpy, sv_x, sv_y, sv_d, offs_d),
+                mask=kd_mask, other=0.0)
+    sbase = bh.to(tl.int64) * X * Y
 
-    k_boff = h * P * P + (KS - 1) * P + (KS - 1) + (kx * P + ky)
-    ix0, ix1 = _inverse_halo(x0, tl.minimum(x0 + TILE_X, X) - 1, X, border, KS)
-    iy0, iy1 = _inverse_halo(y0, tl.minimum(y0 + TILE_Y, Y) - 1, Y, border, KS)
-    hw = iy1 - iy0
-    n_halo = (ix1 - ix0) * hw
+    k_boff = h * P * P + (KS - 1) * P + (KS - 1) + (kjx * P + kjy)
+    lx, ly, hw, n_halo = _tile_halo(x0, y0, nx, ny, border, KS, TILE_X, TILE_Y, True)
 
-    dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([TILE_X * TILE_Y, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([TILE_X * TILE_Y, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_halo, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_halo
-        qx = ix0 + offs_n // hw
-        qy = iy0 + offs_n % hw
-        q_row = tl.where(n_ok, qx * Y + qy, 0)
+        # the inverse halo lies on the map: n_ok and on_map agree
+        qjx, qjy, n_ok, _ = _halo_chunk(start, lx, ly, hw, n_halo, nx, ny, BLOCK_N)
+        qpx = tl.where(n_ok, gx + dil * qjx, 0)
+        qpy = tl.where(n_ok, gy + dil * qjy, 0)
         qd_mask = n_ok[:, None] & d_ok[None, :]
         # [BN, BD]
-        q = tl.load(Qb + q_row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DOb + q_row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        q = tl.load(_row_ptrs(Qb, qpx, qpy, sq_x, sq_y, sq_d, offs_d), mask=qd_mask, other=0.0)
+        do = tl.load(_row_ptrs(DOb, qpx, qpy, sdo_x, sdo_y, sdo_d, offs_d), mask=qd_mask, other=0.0)
         # [BN]
+        q_row = qpx * Y + qpy
         lse2 = tl.load(LSE + sbase + q_row, mask=n_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + sbase + q_row, mask=n_ok, other=0.0)
         # [BK, BD] @ [BD, BN] -> [BK, BN]: transposed scores, one column per query
         st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
         # [BN] window starts of the chunk's queries: the same test as the forward's
-        sx = _win_start(qx, X, border, KS)
-        sy = _win_start(qy, Y, border, KS)
-        dx = kx[:, None] - sx[None, :]
-        dy = ky[:, None] - sy[None, :]
-        member = (dx >= 0) & (dx < KS) & (dy >= 0) & (dy < KS) & n_ok[None, :] & k_ok[:, None]
+        sx = _win_start(qjx, nx, border, KS)
+        sy = _win_start(qjy, ny, border, KS)
+        member = _member(kjx[:, None], kjy[:, None], sx[None, :], sy[None, :], KS) & n_ok[None, :] & k_ok[:, None]
         if HAS_RPB:
-            bias = tl.load(RPB + (k_boff[:, None] - (qx * P + qy)[None, :]), mask=member, other=0.0).to(tl.float32)
+            bias = tl.load(RPB + (k_boff[:, None] - (qjx * P + qjy)[None, :]), mask=member, other=0.0).to(tl.float32)
             st += bias * 1.4426950408889634
         pt = tl.where(member, tl.exp2(st - lse2[None, :]), 0.0)
         # [BK, BN] @ [BN, BD] -> [BK, BD]
@@ -349,8 +402,11 @@ def _na2d_bwd_dkdv_kernel(
         # [BK, BN] @ [BN, BD] -> [BK, BD]
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
 
-    tl.store(DKb + k_row[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(DVb + k_row[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    # dk, dv [B, H, X, Y, D] contiguous
+    k_row = tl.where(k_ok, kpx * Y + kpy, 0)
+    out_base = bh.to(tl.int64) * X * Y * D
+    tl.store(_row_ptrs(DK + out_base, k_row, 0, D, 0, 1, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(_row_ptrs(DV + out_base, k_row, 0, D, 0, 1, offs_d), dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
 # ----------------------------------------------------------------------------- launch choices
@@ -370,11 +426,11 @@ _CFG_KEYS = ("TILE_X", "TILE_Y", "BLOCK_N", "num_warps", "num_stages")
 _CONFIGS = {
     (False, 16): ((8, 8, 32, 8, 2), (8, 8, 32, 8, 2)),
     (False, 32): ((8, 8, 32, 8, 2), (8, 8, 32, 8, 2)),
-    (False, 64): ((8, 8, 32, 8, 2), (4, 8, 32, 4, 2)),
-    (False, 128): ((8, 8, 32, 8, 2), (4, 8, 32, 4, 2)),
-    (True, 16): ((8, 8, 32, 8, 2), (4, 8, 32, 4, 2)),
+    (False, 64): ((8, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 32-key chunks spilled 8 B (dk/dv, sm_80)
+    (False, 128): ((8, 8, 32, 8, 2), (2, 8, 16, 4, 1)),  # 4x8, 2x8 (32-key chunks, 2 stages) dk/dv spilled
+    (True, 16): ((8, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 32-key chunks spilled 8-20 B in dq with rpb
     (True, 32): ((4, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 8x8 spilled 16 B on sm_90 at KS 3 and 9
-    (True, 64): ((4, 8, 32, 8, 1), (4, 8, 16, 4, 1)),
+    (True, 64): ((4, 8, 16, 8, 1), (2, 8, 16, 4, 1)),  # 32-key forward chunks / 4x8 dk/dv spilled 8-16 B
     (True, 128): ((2, 8, 32, 8, 1), (2, 8, 16, 4, 1)),
 }
 
@@ -400,26 +456,24 @@ def unpack_config(values) -> Dict[str, object]:
             "bwd": dict(zip(_CFG_KEYS, values[1 + n:1 + 2 * n]))}
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous, and starting on a 16-byte boundary as the kernels' load hints assume
-    (allocations are; a view into one need not be)."""
-    t = t.contiguous()
-    if (t.storage_offset() * t.element_size()) % 16 != 0:
-        t = t.clone()
-    return t
-
-
 def _launch(kernel, grid, args, consts, cfg):
     from torch.library import wrap_triton
 
     wrap_triton(kernel)[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _tiles(X: int, Y: int, cfg: Dict[str, int]) -> int:
-    return triton.cdiv(X, cfg["TILE_X"]) * triton.cdiv(Y, cfg["TILE_Y"])
+def _tiles(X: int, Y: int, dilation: int, cfg: Dict[str, int]) -> int:
+    """Programs per (batch, head): dilation**2 sub-grids, each tiled as the longest one."""
+    nx, ny = triton.cdiv(X, dilation), triton.cdiv(Y, dilation)
+    return dilation * dilation * triton.cdiv(nx, cfg["TILE_X"]) * triton.cdiv(ny, cfg["TILE_Y"])
 
 
-def _check(q, kernel_size: int, border: str) -> None:
+def _strides(*ts) -> List[int]:
+    """The five strides of each [B, H, X, Y, D] tensor, in order (views are read in place)."""
+    return [st for t in ts for st in t.stride()]
+
+
+def _check(q, kernel_size: int, border: str, dilation: int) -> None:
     D = q.shape[-1]
     if not (16 <= D <= 128 and D % 8 == 0):
         raise ValueError(f"the Triton neighborhood kernels take head dims 16..128 in steps of 8, got {D}")
@@ -427,61 +481,72 @@ def _check(q, kernel_size: int, border: str) -> None:
         raise ValueError(f"border must be one of {tuple(BORDER_CODES)}, got {border!r}")
     if kernel_size < 3 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
 
 
 def na2d_fwd(q, k, v, rpb, kernel_size: int, border: str, scale: float,
-             config=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out [B, H, X, Y, D] (dtype of q) and lse [B, H, X, Y] (fp32, natural log)."""
-    _check(q, kernel_size, border)
+             config=None, dilation: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out [B, H, X, Y, D] (dtype of q, contiguous) and lse [B, H, X, Y] (fp32, natural log).
+    q, k, v may be any strided views of [B, H, X, Y, D]; they are read in place."""
+    _check(q, kernel_size, border, dilation)
     B, H, X, Y, D = q.shape
     config = config or launch_config(D, q.dtype)
     cfg = config["fwd"]
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     rpb_t = rpb.contiguous() if rpb is not None else q
-    out = torch.empty_like(q)
+    out = torch.empty((B, H, X, Y, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
-    grid = (_tiles(X, Y, cfg), B * H)
+    grid = (_tiles(X, Y, dilation, cfg), B * H)
     _launch(
         _na2d_fwd_kernel, grid,
-        (q, k, v, rpb_t, out, lse, X, Y, H, D // 8, BORDER_CODES[border], float(scale) * _LOG2E),
+        (q, k, v, rpb_t, out, lse, *_strides(q, k, v),
+         X, Y, H, D, dilation, BORDER_CODES[border], float(scale) * _LOG2E),
         dict(KS=kernel_size, HAS_RPB=rpb is not None, TILE_X=cfg["TILE_X"], TILE_Y=cfg["TILE_Y"],
              BLOCK_N=cfg["BLOCK_N"], BLOCK_D=config["BLOCK_D"]),
         cfg)
     return out, lse
 
 
+def _delta_block_m(bd: int) -> int:
+    """Rows per program of the delta pre-pass: 16 elements of O and of dO per thread (4 warps)."""
+    return max(16, 2048 // bd)
+
+
 def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale: float,
-             config=None, need_drpb: bool = True, dlse=None):
+             config=None, need_drpb: bool = True, dlse=None, dilation: int = 1):
     """(dq, dk, dv, drpb) with drpb [H, 2k-1, 2k-1] in the dtype of rpb, or None without rpb
-    (or when not needed). ``dlse``: optional gradient arriving on the lse output."""
-    _check(q, kernel_size, border)
+    (or when not needed). ``dlse``: optional gradient arriving on the lse output. dout, q, k, v
+    and out may be any strided views; the gradients are contiguous."""
+    _check(q, kernel_size, border, dilation)
     B, H, X, Y, D = q.shape
     config = config or launch_config(D, q.dtype)
     cfg, bd = config["bwd"], config["BLOCK_D"]
-    q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
-    lse = lse.contiguous()
+    lse = lse.contiguous()  # [B, H, X, Y] fp32 statistic, made by the forward (already contiguous)
     has_rpb = rpb is not None
     rpb_t = rpb.contiguous() if has_rpb else q
-    n = B * H * X * Y
     delta = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
-    _launch(_na2d_bwd_delta_kernel, (triton.cdiv(n, 64),), (out, dout, delta, n, D // 8),
-            dict(BLOCK_M=64, BLOCK_D=bd), dict(num_warps=4, num_stages=1))
+    bm = _delta_block_m(bd)
+    _launch(_na2d_bwd_delta_kernel, (triton.cdiv(X * Y, bm), B * H),
+            (out, dout, delta, *_strides(out, dout), X, Y, H, D),
+            dict(BLOCK_M=bm, BLOCK_D=bd), dict(num_warps=4, num_stages=1))
     if dlse is not None:
         # d lse / d logit = p, so a gradient on lse enters every ds exactly like -delta
         delta = delta - dlse.to(torch.float32)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty((B, H, X, Y, D), device=q.device, dtype=q.dtype) for _ in range(3))
     P = 2 * kernel_size - 1
     # atomics accumulate, so this one buffer starts at zero; a frozen rpb still gets it
     # computed (and dropped) so that no further kernel variant exists
     drpb = torch.zeros((H, P, P), device=q.device, dtype=torch.float32) if has_rpb else delta
-    grid = (_tiles(X, Y, cfg), B * H)
+    grid = (_tiles(X, Y, dilation, cfg), B * H)
     bc, qk_scale = BORDER_CODES[border], float(scale) * _LOG2E
     tiles = dict(TILE_X=cfg["TILE_X"], TILE_Y=cfg["TILE_Y"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd)
+    strides = _strides(q, k, v, dout)
+    scalars = (X, Y, H, D, dilation, bc, qk_scale, float(scale))
     _launch(_na2d_bwd_dq_kernel, grid,
-            (q, k, v, rpb_t, dout, lse, delta, dq, drpb, X, Y, H, D // 8, bc, qk_scale, float(scale)),
+            (q, k, v, rpb_t, dout, lse, delta, dq, drpb, *strides, *scalars),
             dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles), cfg)
     _launch(_na2d_bwd_dkdv_kernel, grid,
-            (q, k, v, rpb_t, dout, lse, delta, dk, dv, X, Y, H, D // 8, bc, qk_scale, float(scale)),
+            (q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, *scalars),
             dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles), cfg)
     return dq, dk, dv, (drpb.to(rpb.dtype) if has_rpb and need_drpb else None)
 
@@ -491,28 +556,47 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
 
 _TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _TILE_KEYS = ("TILE_X", "TILE_Y", "BLOCK_N")
+_SCALARS = {"X": "i32", "Y": "i32", "H": "i32", "D": "i32", "dil": "i32", "border": "i32",
+            "qk_scale": "fp32", "scale": "fp32"}
+_STATS = ("LSE", "DELTA", "DRPB")  # fp32 buffers
 
 
-def _spec(name, kernel, sig, consts, cfg, label) -> AOTSpec:
-    # the compiler reads the signature positionally: put it in the kernel's argument order
-    sig = {n: sig[n] for n in kernel.arg_names}
-    return AOTSpec(name, kernel, sig, consts, cfg["num_warps"], cfg["num_stages"], label=label)
+def _spec(name, kernel, tt, consts, cfg, label, unit_d) -> KernelSpec:
+    """One configuration in the kernel's argument order. Strides are i32; ``unit_d``: the head-dim
+    strides are 1, which Triton's launcher turns into constants (the common layouts), otherwise
+    every stride is a runtime value (channels-first views)."""
+    sig = {}
+    consts = {n: c for n, c in consts.items() if n in kernel.arg_names}
+    for n in kernel.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in _SCALARS:
+            sig[n] = _SCALARS[n]
+        elif n[0].isupper():
+            sig[n] = "*fp32" if n in _STATS else f"*{tt}"
+        elif unit_d and n.startswith("s") and n.endswith("_d"):
+            sig[n] = "constexpr"
+            consts[n] = 1
+        else:
+            sig[n] = "i32"
+    label = dict(label, layout="unit-d" if unit_d else "strided")
+    return KernelSpec(name, kernel, sig, consts, cfg["num_warps"], cfg["num_stages"], label=label)
 
 
-def aot_specs(kernel_sizes=(7,)) -> List[AOTSpec]:
+def aot_specs(kernel_sizes=(7,)) -> List[KernelSpec]:
     """Every configuration the launchers can pick for fp16/bf16/fp32 and every BLOCK_D (16..128),
-    with and without rpb, for the given kernel sizes. The border mode is a runtime argument, so
-    one compile covers all three modes."""
+    with and without rpb, for the given kernel sizes, with unit head-dim strides (contiguous,
+    heads-last and fused-qkv views); the rpb variants also with every stride a runtime value
+    (channels-first views). Border mode and dilation are runtime arguments, so one compile
+    covers all three modes and every dilation."""
     specs = []
-    scalars = {"X": "i32", "Y": "i32", "H": "i32", "D8": "i32", "border": "i32", "qk_scale": "fp32", "scale": "fp32"}
     for dtype, tt in _TT.items():
         for bd in (16, 32, 64, 128):
             config = launch_config(bd, dtype)
-            specs.append(_spec(
-                "na2d_bwd_delta", _na2d_bwd_delta_kernel,
-                {"O": f"*{tt}", "DO": f"*{tt}", "DELTA": "*fp32", "N": "i32", "D8": "i32",
-                 "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-                {"BLOCK_M": 64, "BLOCK_D": bd}, {"num_warps": 4, "num_stages": 1}, {"dtype": tt, "BLOCK_D": bd}))
+            for unit_d in (True, False):
+                specs.append(_spec("na2d_bwd_delta", _na2d_bwd_delta_kernel, tt,
+                                   {"BLOCK_M": _delta_block_m(bd), "BLOCK_D": bd}, {"num_warps": 4, "num_stages": 1},
+                                   {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": _delta_block_m(bd)}, unit_d))
             for ks in kernel_sizes:
                 for has_rpb in (False, True):
                     for name, kernel, part in (("na2d_fwd", _na2d_fwd_kernel, "fwd"),
@@ -521,11 +605,8 @@ def aot_specs(kernel_sizes=(7,)) -> List[AOTSpec]:
                         cfg = config[part]
                         consts = {"KS": ks, "HAS_RPB": has_rpb, "BLOCK_D": bd,
                                   **{n: cfg[n] for n in _TILE_KEYS}}
-                        consts = {n: c for n, c in consts.items() if n in kernel.arg_names}
-                        sig = {n: ("*fp32" if n in ("LSE", "DELTA", "DRPB") else f"*{tt}") for n in kernel.arg_names}
-                        sig.update({n: t for n, t in scalars.items() if n in sig})
-                        sig.update({n: "constexpr" for n in consts})
                         label = {"dtype": tt, "BLOCK_D": bd, "KS": ks, "rpb": has_rpb,
                                  "tile": f"{cfg['TILE_X']}x{cfg['TILE_Y']}", "BLOCK_N": cfg["BLOCK_N"]}
-                        specs.append(_spec(name, kernel, sig, consts, cfg, label))
+                        for unit_d in ((True, False) if has_rpb else (True,)):
+                            specs.append(_spec(name, kernel, tt, consts, cfg, label, unit_d))
     return specs

@@ -30,7 +30,31 @@ import triton.language as tl
 # launches go through wrap_triton so torch.compile can trace them (a no-op under the interpreter)
 from torch.library import wrap_triton
 
+from ._aot import KernelSpec
+
 LOG2E = 1.4426950408889634  # the kernels use exp2: logits are prescaled by log2(e)
+
+# ----------------------------------------------------------------------------- per-program setup
+
+
+@triton.jit
+def _program_rows(pid, bh, H, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What every kernel starts with: batch and head of program column ``bh`` (64-bit, since
+    B*H*N*D may exceed 2**31 elements), the BLOCK rows of program ``pid`` among N and the
+    head-dim offsets, with their masks."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, h, offs, offs_d, offs < N, offs_d < D
+
+
+@triton.jit
+def _row_ptrs(base, b, h, s_b, s_h, s_n, offs, offs_d):
+    """[rows, BD] pointers of rows ``offs`` of (batch b, head h) of a [B, H, N, D] tensor with
+    unit head-dim stride."""
+    return base + b * s_b + h * s_h + offs[:, None] * s_n + offs_d[None, :]
+
 
 # ----------------------------------------------------------------------------- forward
 
@@ -72,18 +96,10 @@ def _pwca_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SEG2: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit batch/head offsets: B*H*N*D may exceed 2**31 elements
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < NQ
-    d_mask = offs_d < D
+    b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
     # [BM, BD]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(_row_ptrs(Q, b, h, sq_b, sq_h, sq_n, offs_m, offs_d), mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -94,8 +110,8 @@ def _pwca_fwd_kernel(
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K2 + b * sk2_b + h * sk2_h, V2 + b * sv2_b + h * sv2_h,
                                      sk2_n, sv2_n, NK2, qk_scale, offs_d, d_mask, BLOCK_N, DOT_PREC)
     acc = acc / l_i[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(_row_ptrs(O, b, h, so_b, so_h, so_n, offs_m, offs_d), acc.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
     # stored in natural log (the public statistic); the kernels work in log2
     tl.store(LSE + bh * NQ + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
 
@@ -110,18 +126,12 @@ def _pwca_bwd_preprocess(
     H, NQ, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit batch/head offsets: B*H*N*D may exceed 2**31 elements
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < NQ
-    mask = m_mask[:, None] & (offs_d < D)[None, :]
+    b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
+    mask = m_mask[:, None] & d_mask[None, :]
     # [BM, BD]
-    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(_row_ptrs(O, b, h, so_b, so_h, so_n, offs_m, offs_d), mask=mask, other=0.0)
+    do = tl.load(_row_ptrs(DO, b, h, sdo_b, sdo_h, sdo_n, offs_m, offs_d), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         # d lse / d logit = p, so a gradient on lse adds p * dlse to dS = p * (dP - delta):
@@ -140,20 +150,13 @@ def _pwca_bwd_dkdv_kernel(
 ):
     # One segment's key block against every query. The probabilities use the lse over *all*
     # segments, so each segment's dK/dV comes out exact without seeing the other segment.
-    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit batch/head offsets: B*H*N*D may exceed 2**31 elements
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, offs_n, offs_d, n_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NK, D, BLOCK_N, BLOCK_D)
     qk_scale = scale * 1.4426950408889634
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < NK
-    d_mask = offs_d < D
     kv_mask = n_mask[:, None] & d_mask[None, :]
     # [BN, BD]
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(_row_ptrs(K, b, h, sk_b, sk_h, sk_n, offs_n, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_row_ptrs(V, b, h, sv_b, sv_h, sv_n, offs_n, offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * sq_b + h * sq_h
@@ -184,10 +187,8 @@ def _pwca_bwd_dkdv_kernel(
         # [BN, BM] @ [BM, BD] -> [BN, BD]
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
     dk = dk * scale
-    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_row_ptrs(DK, b, h, sdk_b, sdk_h, sdk_n, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_row_ptrs(DV, b, h, sdv_b, sdv_h, sdv_n, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -223,20 +224,13 @@ def _pwca_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SEG2: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit batch/head offsets: B*H*N*D may exceed 2**31 elements
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
     qk_scale = scale * 1.4426950408889634
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < NQ
-    d_mask = offs_d < D
     mask = m_mask[:, None] & d_mask[None, :]
     # [BM, BD]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :], mask=mask, other=0.0)
+    q = tl.load(_row_ptrs(Q, b, h, sq_b, sq_h, sq_n, offs_m, offs_d), mask=mask, other=0.0)
+    do = tl.load(_row_ptrs(DO, b, h, sdo_b, sdo_h, sdo_n, offs_m, offs_d), mask=mask, other=0.0)
     # [BM]
     lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
@@ -247,8 +241,7 @@ def _pwca_bwd_dq_kernel(
         dq = _dq_segment(dq, q, do, lse, delta, K2 + b * sk2_b + h * sk2_h, V2 + b * sv2_b + h * sv2_h,
                          sk2_n, sv2_n, NK2, qk_scale, offs_d, d_mask, BLOCK_N, DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask)
+    tl.store(_row_ptrs(DQ, b, h, sdq_b, sdq_h, sdq_n, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launch choices
@@ -451,8 +444,6 @@ def aot_specs(ccs=(80, 90)):
     """Every configuration the launchers can pick on the given architectures, for fp16, bf16 and
     fp32 and every BLOCK_D (16, 32, 64, 128), with and without a second segment (and with and
     without an lse gradient in the pre-pass). Duplicates across architectures are listed once."""
-    from dcal.testing.aot import AOTSpec
-
     specs, seen = [], set()
 
     def add(name, kernel, ptrs, consts, tile, label):
@@ -461,7 +452,7 @@ def aot_specs(ccs=(80, 90)):
         if key in seen:
             return
         seen.add(key)
-        specs.append(AOTSpec(name=name, kernel=kernel, signature=sig, constexprs=dict(consts),
+        specs.append(KernelSpec(name=name, kernel=kernel, signature=sig, constexprs=dict(consts),
                              num_warps=tile.num_warps, num_stages=tile.num_stages, label=dict(label)))
 
     for cc in ccs:

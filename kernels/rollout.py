@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcal.testing.aot import AOTSpec
+from ._aot import KernelSpec
 
 
 @triton.jit(do_not_specialize=["H", "N", "NQ", "D"])
@@ -206,7 +206,7 @@ def rollout_fwd(
 # ----------------------------------------------------------------------------- AOT
 
 
-def aot_specs() -> List[AOTSpec]:
+def aot_specs() -> List[KernelSpec]:
     """Every configuration the launcher can pick: 2 kernels x 3 dtypes x BLOCK_D 16..128."""
     specs = []
     strides = {n: "i32" for n in ("sqb", "sqh", "sqn", "skb", "skh", "skn")}
@@ -217,13 +217,13 @@ def aot_specs() -> List[AOTSpec]:
                    "H": "i32", "N": "i32", "NQ": "i32", "D": "i32", "scale": "fp32",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
             const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
-            specs.append(AOTSpec("rollout_lse", _rollout_lse_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+            specs.append(KernelSpec("rollout_lse", _rollout_lse_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
                                  label={"dtype": ty, **const}))
             cfg = vec_config(dtype, bd)
             sig = {"Q": f"*{ty}", "K": f"*{ty}", "LSE": "*fp32", "R_IN": "*fp32", "R_OUT": "*fp32", **strides,
                    "H": "i32", "N": "i32", "NQ": "i32", "D": "i32", "scale": "fp32", "mix": "fp32", "keep": "fp32",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
             const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
-            specs.append(AOTSpec("rollout_vec", _rollout_vec_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+            specs.append(KernelSpec("rollout_vec", _rollout_vec_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
                                  label={"dtype": ty, **const}))
     return specs

@@ -137,5 +137,32 @@ def test_layering_nothing_below_ops_imports_above():
                 assert not n.startswith(("dcal.nn", "dcal.models", "dcal.train")), f"{path} imports {n}"
 
 
+def test_kernels_import_only_torch_triton_and_each_other():
+    """Kernel files depend on torch and triton (and on other files of kernels/) only: no
+    dcal.testing, no dcal.ops, nothing else of dcal; their AOT descriptions are plain data."""
+    import ast
+    import glob
+
+    files = glob.glob(os.path.join(ROOT, "kernels", "*.py"))
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # ``from . import x`` / ``from ._aot import y`` stay inside kernels/; ``..`` leaves it
+                assert node.level <= 1, f"{path} imports from a parent package ({'.' * node.level}{node.module})"
+                names = [node.module] if node.module and node.level == 0 else []
+            else:
+                continue
+            for n in names:
+                top = n.split(".")[0]
+                if top == "dcal":
+                    assert n == "dcal.kernels" or n.startswith("dcal.kernels."), f"{path} imports {n}"
+                else:
+                    assert top in ("torch", "triton", "__future__", "typing", "dataclasses", "functools",
+                                   "inspect", "math", "os"), f"{path} imports {n}"
+
+
 def test_version():
     assert dcal.__version__

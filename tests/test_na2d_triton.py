@@ -30,8 +30,10 @@ OUTPUTS = ("out", "lse", "dq", "dk", "dv", "drpb")
 
 
 def _case_id(c):
-    dtype, border, X, Y, ks, D, rpb = c
-    return f"{str(dtype)[6:]}-{border}-{X}x{Y}-k{ks}-d{D}-{'rpb' if rpb else 'norpb'}"
+    dtype, border, X, Y, ks, D, rpb = c[:7]
+    dil = c[7] if len(c) > 7 else 1
+    return (f"{str(dtype)[6:]}-{border}-{X}x{Y}-k{ks}-d{D}-{'rpb' if rpb else 'norpb'}"
+            + (f"-dil{dil}" if dil != 1 else ""))
 
 
 def _cases():
@@ -48,6 +50,14 @@ def _cases():
         cases.append((torch.float16, border, 5, 9, 3, 16, False))
     # clamp's inverse neighbourhood is the asymmetric one: also without rpb on the larger map
     cases.append((torch.float32, "clamp", 13, 29, 7, 24, False))
+    # dilation: every border with and without rpb; sub-grids of unequal lengths (odd sizes),
+    # several tiles per sub-grid (11x10 with 4x8 backward tiles), and dilation 3
+    for border in ("zero", "mask", "clamp"):
+        for rpb in (False, True):
+            cases.append((torch.float32, border, 7, 9, 3, 16, rpb, 2))
+        cases.append((torch.float32, border, 11, 10, 5, 24, True, 2))
+        cases.append((torch.float32, border, 10, 9, 3, 16, True, 3))
+    cases.append((torch.float16, "clamp", 7, 9, 3, 16, True, 2))
     # The interpreter multiplies the raw bits of bf16 dot operands (triton issue #11584, not
     # supported upstream), so bf16 runs on CUDA only; the AOT test compiles its kernels.
     cases.append(pytest.param((torch.bfloat16, "zero", 9, 11, 7, 40, True), marks=pytest.mark.skipif(
@@ -59,8 +69,12 @@ CASES = _cases()
 _RESULTS = {}
 
 
+def _dil(case):
+    return case[7] if len(case) > 7 else 1
+
+
 def _inputs(case):
-    dtype, border, X, Y, ks, D, use_rpb = case
+    dtype, border, X, Y, ks, D, use_rpb = case[:7]
     g = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))
     B, H = 1, 2
     q, k, v = (torch.randn(B, H, X, Y, D, generator=g, dtype=torch.float64) for _ in range(3))
@@ -69,11 +83,11 @@ def _inputs(case):
     return q, k, v, rpb, dout
 
 
-def _reference(q, k, v, rpb, dout, ks, border, scale, dtype):
+def _reference(q, k, v, rpb, dout, ks, border, scale, dtype, dil=1):
     """Reference outputs and gradients computed in ``dtype`` (inputs rounded to it first)."""
     ts = [t.to(dtype).requires_grad_() if t is not None else None for t in (q, k, v, rpb)]
     out, lse = reference.neighborhood_attention2d(ts[0], ts[1], ts[2], kernel_size=ks, border=border, rpb=ts[3],
-                                                  scale=scale, return_lse=True)
+                                                  scale=scale, dilation=dil, return_lse=True)
     leaves = [t for t in ts if t is not None]
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     res = {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
@@ -82,13 +96,13 @@ def _reference(q, k, v, rpb, dout, ks, border, scale, dtype):
     return {n: t.double() for n, t in res.items()}
 
 
-def _kernel(q, k, v, rpb, dout, ks, border, scale, dtype):
+def _kernel(q, k, v, rpb, dout, ks, border, scale, dtype, dil=1):
     from dcal.ops._triton_na2d import na2d_fwd_triton
     from dcal.kernels.na2d import launch_config, pack_config
 
     ts = [t.to(DEVICE, dtype).requires_grad_() if t is not None else None for t in (q, k, v, rpb)]
     config = pack_config(launch_config(q.shape[-1], dtype))
-    out, lse = na2d_fwd_triton(ts[0], ts[1], ts[2], ts[3], ks, border, scale, config)
+    out, lse = na2d_fwd_triton(ts[0], ts[1], ts[2], ts[3], ks, border, scale, config, dil)
     leaves = [t for t in ts if t is not None]
     grads = torch.autograd.grad(out, leaves, dout.to(DEVICE, dtype))
     res = {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
@@ -99,14 +113,15 @@ def _kernel(q, k, v, rpb, dout, ks, border, scale, dtype):
 
 def _results(case):
     if case not in _RESULTS:
-        dtype, border, X, Y, ks, D, use_rpb = case
+        dtype, border, X, Y, ks, D, use_rpb = case[:7]
+        dil = _dil(case)
         q, k, v, rpb, dout = _inputs(case)
         scale = D ** -0.5
-        r = {"ref": _reference(q, k, v, rpb, dout, ks, border, scale, torch.float64),
-             "ker": _kernel(q, k, v, rpb, dout, ks, border, scale, dtype)}
+        r = {"ref": _reference(q, k, v, rpb, dout, ks, border, scale, torch.float64, dil),
+             "ker": _kernel(q, k, v, rpb, dout, ks, border, scale, dtype, dil)}
         if dtype != torch.float32:
             # the reference's own error at this precision, vs the fp64 truth
-            r["low"] = _reference(q, k, v, rpb, dout, ks, border, scale, dtype)
+            r["low"] = _reference(q, k, v, rpb, dout, ks, border, scale, dtype, dil)
         _RESULTS[case] = r
     return _RESULTS[case]
 
@@ -115,7 +130,7 @@ def _results(case):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_na2d_triton_vs_reference(case, what, nan_empty):
     dtype = case[0]
-    use_rpb = case[-1]
+    use_rpb = case[6]
     if what == "drpb" and not use_rpb:
         pytest.skip("no rpb in this case")
     r = _results(case)
@@ -226,3 +241,74 @@ def test_na2d_aot_compile_no_spills():
     for r in rows:
         assert r["cubin_bytes"] > 0 and r["regs"] <= 255, r
         assert r["shared"] <= 99 * 1024, r  # fits every sm_80+ part, not only the largest
+
+
+# ----------------------------------------------------------------------------- layouts read in place
+
+
+def _layout(kind, B, H, X, Y, D, g):
+    """A [B, H, X, Y, D] view of fresh fp32 storage in one of the layouts users hand over."""
+    if kind == "contiguous":
+        return [torch.randn(B, H, X, Y, D, generator=g) for _ in range(3)]
+    if kind == "heads_last":  # NATTEN's [B, X, Y, H, D]
+        return [torch.randn(B, X, Y, H, D, generator=g).permute(0, 3, 1, 2, 4) for _ in range(3)]
+    if kind == "fused_qkv":  # slices of a [B, X, Y, 3, H, D] projection
+        qkv = torch.randn(B, X, Y, 3, H, D, generator=g)
+        return [qkv[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3)]
+    if kind == "channels_first":  # the seeds' [B, C, X, Y] maps: head-dim stride X*Y
+        return [torch.randn(B, H * D, X, Y, generator=g).view(B, H, D, X, Y).permute(0, 1, 3, 4, 2) for _ in range(3)]
+    raise AssertionError(kind)
+
+
+LAYOUTS = ("heads_last", "fused_qkv", "channels_first")
+
+
+@pytest.mark.parametrize("dil", [1, 2])
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_na2d_triton_strided_layouts_in_place(kind, dil, nan_empty, monkeypatch):
+    """Strided q/k/v (and a strided dout) give the reference's values and every gradient, and
+    the kernels receive the caller's tensors themselves: no copy of any input."""
+    from dcal.kernels import na2d as K
+    from dcal.ops._triton_na2d import na2d_fwd_triton
+
+    B, H, X, Y, D, ks, border = 1, 2, 7, 6, 16, 3, "clamp" if dil == 1 else "zero"
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kind}-{dil}".encode()))
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in _layout(kind, B, H, X, Y, D, g))
+    assert kind == "contiguous" or not q.is_contiguous()
+    rpb = torch.randn(H, 2 * ks - 1, 2 * ks - 1, generator=g).to(DEVICE).requires_grad_()
+    dout = torch.randn(B, X, Y, H, D, generator=g).to(DEVICE).permute(0, 3, 1, 2, 4)
+
+    seen = []
+    real_launch = K._launch
+    monkeypatch.setattr(K, "_launch",
+                        lambda kernel, grid, args, *a: seen.append(args) or real_launch(kernel, grid, args, *a))
+    out, lse = na2d_fwd_triton(q, k, v, rpb, ks, border, 0.3, K.pack_config(K.launch_config(D, torch.float32)), dil)
+    grads = torch.autograd.grad(out, (q, k, v, rpb), dout)
+    passed = [a for args in seen for a in args if isinstance(a, torch.Tensor)]
+    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        assert any(a is t or (a.data_ptr() == t.data_ptr() and a.stride() == t.stride()) for a in passed), \
+            f"{name} ({kind}) was copied before reaching the kernels"
+
+    rs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, rpb)]
+    rout = reference.neighborhood_attention2d(*rs[:3], kernel_size=ks, border=border, rpb=rs[3], scale=0.3,
+                                              dilation=dil)
+    want = torch.autograd.grad(rout, rs, dout.double().cpu())
+    assert out.is_contiguous() and all(t.is_contiguous() for t in grads[:3])
+    _, atol, rtol = TOL_FP32
+    torch.testing.assert_close(out.double().cpu(), rout, atol=atol, rtol=rtol, msg=lambda m: f"out: {m}")
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, want):
+        torch.testing.assert_close(a.double().cpu(), b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def test_na2d_public_op_dilation_routes_to_triton(nan_empty):
+    """dilation > 1 reaches the Triton backend through the public op (an explicit backend that
+    could not run it would raise)."""
+    import dcal.ops
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = _layout("heads_last", 1, 2, 8, 7, 16, g)
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))
+    out = dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=3, border="clamp", dilation=2, backend="triton")
+    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=3, border="clamp",
+                                             dilation=2)
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-5, rtol=1e-4)

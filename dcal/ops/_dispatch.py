@@ -136,25 +136,6 @@ def check_cpp_mkv(call: Call) -> Optional[str]:
     return None
 
 
-# Neighborhood-attention backends whose kernels do not take dilation > 1 yet.
-_NA2D_NO_DILATION = {"triton"}
-
-
-def _na2d_dilation(call: Call, backend: str) -> Optional[str]:
-    dil = call.attrs.get("dilation", 1)
-    if dil != 1 and (backend in _NA2D_NO_DILATION or (backend, _device_type(call)) in _NA2D_NO_DILATION):
-        return f"dilation {dil} is not implemented by the {backend} kernels on {_device_type(call)}"
-    return None
-
-
-def check_triton_na2d(call: Call) -> Optional[str]:
-    return check_triton(call) or _na2d_dilation(call, "triton")
-
-
-def check_cpp_na2d(call: Call) -> Optional[str]:
-    return check_cpp(call) or _na2d_dilation(call, "cpp")
-
-
 def check_sdpa(call: Call) -> Optional[str]:
     dev = _device_type(call)
     if dev == "cpu":
@@ -185,8 +166,8 @@ register("multi_kv_attention", "triton", "dcal.ops._triton_pwca:mkv_triton", che
 register("multi_kv_attention", "cpp", "dcal.ops._cpp_mkv:mkv_cpp", check_cpp_mkv)
 register("multi_kv_attention", "sdpa", "dcal.ops._sdpa:mkv_sdpa", check_sdpa)
 register("multi_kv_attention", "reference", "dcal.ops._reference_impls:mkv_reference", check_reference)
-register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton_na2d)
-register("neighborhood_attention2d", "cpp", "dcal.ops._cpp_na2d:na2d_cpp", check_cpp_na2d)
+register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton)
+register("neighborhood_attention2d", "cpp", "dcal.ops._cpp_na2d:na2d_cpp", check_cpp)
 register("neighborhood_attention2d", "reference", "dcal.ops._reference_impls:na2d_reference", check_reference)
 register("attention_rollout", "triton", "dcal.ops._triton_rollout:rollout_triton", check_triton)
 register("attention_rollout", "cpp", "dcal.ops._cpp_rollout:rollout_cpp", check_cpp)

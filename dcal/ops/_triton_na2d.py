@@ -4,7 +4,9 @@ Two ``dcal::`` ops built with ``torch.library.triton_op`` (so ``torch.compile`` 
 ``na2d_fwd_triton`` -> (out, lse) and ``na2d_bwd_triton`` -> [dq, dk, dv(, drpb)], with exact
 fake implementations and autograd registered on the forward. The launch configuration is chosen
 once per call by :func:`dcal.kernels.na2d.launch_config`, passed to the forward op as a list of
-ints and kept on ``ctx`` for the backward. Only q, k, v, rpb, out and the fp32 lse are saved.
+ints and kept on ``ctx`` for the backward. Only q, k, v, rpb, out and the fp32 lse are saved;
+q, k, v (and dout) are read through their strides, never copied, so any view of
+[B, H, X, Y, D] runs in place (NATTEN's heads-last, fused-qkv slices, channels-first maps).
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ from dcal.ops._autograd import once_differentiable
 @triton_op("dcal::na2d_fwd_triton", mutates_args=())
 def na2d_fwd_triton(
     q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int, border: str, scale: float,
-    config: List[int],
+    config: List[int], dilation: int = 1,
 ) -> Tuple[Tensor, Tensor]:
-    return K.na2d_fwd(q, k, v, rpb, kernel_size, border, scale, K.unpack_config(config))
+    return K.na2d_fwd(q, k, v, rpb, kernel_size, border, scale, K.unpack_config(config), dilation=dilation)
 
 
 @na2d_fwd_triton.register_fake
-def _(q, k, v, rpb, kernel_size, border, scale, config):
+def _(q, k, v, rpb, kernel_size, border, scale, config, dilation=1):
     B, H, X, Y, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, X, Y), dtype=torch.float32)
 
@@ -36,14 +38,15 @@ def _(q, k, v, rpb, kernel_size, border, scale, config):
 def na2d_bwd_triton(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], out: Tensor,
     lse: Tensor, kernel_size: int, border: str, scale: float, config: List[int], need_drpb: bool,
+    dilation: int = 1,
 ) -> List[Tensor]:
     dq, dk, dv, drpb = K.na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size, border, scale,
-                                  K.unpack_config(config), need_drpb=need_drpb, dlse=dlse)
+                                  K.unpack_config(config), need_drpb=need_drpb, dlse=dlse, dilation=dilation)
     return [dq, dk, dv] if drpb is None else [dq, dk, dv, drpb]
 
 
 @na2d_bwd_triton.register_fake
-def _(dout, dlse, q, k, v, rpb, out, lse, kernel_size, border, scale, config, need_drpb):
+def _(dout, dlse, q, k, v, rpb, out, lse, kernel_size, border, scale, config, need_drpb, dilation=1):
     res = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     if rpb is not None and need_drpb:
         res.append(torch.empty_like(rpb, memory_format=torch.contiguous_format))
@@ -51,9 +54,10 @@ def _(dout, dlse, q, k, v, rpb, out, lse, kernel_size, border, scale, config, ne
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, kernel_size, border, scale, config = inputs
+    q, k, v, rpb, kernel_size, border, scale, config, dilation = inputs
     out, lse = output
     ctx.args = (kernel_size, border, scale, list(config))
+    ctx.dilation = dilation
     ctx.has_rpb = rpb is not None
     if any(ctx.needs_input_grad[:4]):  # save nothing when no input needs a gradient
         ctx.save_for_backward(q, k, v, rpb, out, lse)
@@ -65,9 +69,9 @@ def _backward(ctx, saved, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     need_drpb = ctx.has_rpb and ctx.needs_input_grad[3]
-    grads = na2d_bwd_triton(dout, dlse, q, k, v, rpb, out, lse, *ctx.args, need_drpb)
+    grads = na2d_bwd_triton(dout, dlse, q, k, v, rpb, out, lse, *ctx.args, need_drpb, ctx.dilation)
     drpb = grads[3] if need_drpb else None
-    return grads[0], grads[1], grads[2], drpb, None, None, None, None
+    return grads[0], grads[1], grads[2], drpb, None, None, None, None, None
 
 
 na2d_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -75,8 +79,6 @@ na2d_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
 
 def na2d_triton(q, k, v, rpb, kernel_size, border, scale, dilation=1):
     """Backend entry point (contract of :mod:`dcal.ops._dispatch`)."""
-    if dilation != 1:  # the dispatch chain does not route dilation here; a direct call must not get a wrong value
-        raise ValueError(f"dilation {dilation} is not implemented by the triton neighborhood kernels")
     config = K.pack_config(K.launch_config(q.shape[-1], q.dtype))
-    out, _ = na2d_fwd_triton(q, k, v, rpb, int(kernel_size), border, float(scale), config)
+    out, _ = na2d_fwd_triton(q, k, v, rpb, int(kernel_size), border, float(scale), config, int(dilation))
     return out

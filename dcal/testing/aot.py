@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of Triton kernels without a GPU (DESIGN section 8, proof 2).
 
-Each kernel module declares the configurations its launchers can pick as :class:`AOTSpec`s
-(a function ``aot_specs()`` returning a list). :func:`compile_spec` compiles one to a cubin for a
+Each kernel module declares the configurations its launchers can pick as plain
+:class:`dcal.kernels._aot.KernelSpec`s (a function ``aot_specs()`` returning a list), which
+:func:`all_specs` turns into :class:`AOTSpec`s. :func:`compile_spec` compiles one to a cubin for a
 given architecture with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and
 runs ``ptxas -v`` on the PTX to read registers, spill bytes and shared memory.
 
@@ -10,29 +11,22 @@ that the compiler needs); :func:`compile_in_subprocess` takes care of that for t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
+
+from dcal.kernels._aot import KernelSpec
 
 
 @dataclass
-class AOTSpec:
-    """One launchable configuration of a ``@triton.jit`` kernel.
+class AOTSpec(KernelSpec):
+    """A :class:`dcal.kernels._aot.KernelSpec` as the harness compiles it (same fields), plus the
+    compiler attributes its alignment implies."""
 
-    name: readable kernel name ("pwca_fwd"); kernel: the JIT function; signature: argument name ->
-    Triton type ("*fp16", "i32", "fp32", "constexpr"); constexprs: values of the constexpr
-    arguments; label: what the report prints as the configuration (dtype, block sizes, ...).
-    """
-
-    name: str
-    kernel: object
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    num_warps: int = 4
-    num_stages: int = 2
-    label: Dict[str, object] = field(default_factory=dict)
-    # Arguments specialised as divisible by 16, as the runtime launcher does for 16-byte-aligned
-    # pointers (torch allocations; launchers copy unaligned views). None: every pointer argument.
-    aligned: Optional[List[str]] = None
+    @classmethod
+    def of(cls, spec: KernelSpec) -> "AOTSpec":
+        if isinstance(spec, cls):
+            return spec
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(KernelSpec)})
 
     def attrs(self) -> Dict[tuple, list]:
         names = list(self.signature)
@@ -98,6 +92,7 @@ def compile_spec(spec: AOTSpec, cc: int) -> Dict[str, object]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    spec = AOTSpec.of(spec)
     src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
                     attrs=spec.attrs())
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -134,7 +129,7 @@ def all_specs(modules=KERNEL_MODULES) -> List[AOTSpec]:
                 continue
             raise
         if hasattr(mod, "aot_specs"):
-            specs.extend(mod.aot_specs())
+            specs.extend(AOTSpec.of(s) for s in mod.aot_specs())
     return specs
 
 
