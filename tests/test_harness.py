@@ -119,50 +119,5 @@ def test_dcal_backend_env_moves_backend_to_front(monkeypatch):
         ops.multi_kv_attention(q, [(q, q)])
 
 
-def test_layering_nothing_below_ops_imports_above():
-    """dcal.kernels and dcal.ops never import dcal.nn, dcal.models or dcal.train."""
-    import ast
-    import glob
-
-    files = glob.glob(os.path.join(ROOT, "kernels", "*.py")) + glob.glob(os.path.join(ROOT, "dcal", "ops", "*.py"))
-    for path in files:
-        tree = ast.parse(open(path).read())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for n in names:
-                assert not n.startswith(("dcal.nn", "dcal.models", "dcal.train")), f"{path} imports {n}"
-
-
-def test_kernels_import_only_torch_triton_and_each_other():
-    """Kernel files depend on torch and triton (and on other files of kernels/) only: no
-    dcal.testing, no dcal.ops, nothing else of dcal; their AOT descriptions are plain data."""
-    import ast
-    import glob
-
-    files = glob.glob(os.path.join(ROOT, "kernels", "*.py"))
-    assert files
-    for path in files:
-        for node in ast.walk(ast.parse(open(path).read())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                # ``from . import x`` / ``from ._aot import y`` stay inside kernels/; ``..`` leaves it
-                assert node.level <= 1, f"{path} imports from a parent package ({'.' * node.level}{node.module})"
-                names = [node.module] if node.module and node.level == 0 else []
-            else:
-                continue
-            for n in names:
-                top = n.split(".")[0]
-                if top == "dcal":
-                    assert n == "dcal.kernels" or n.startswith("dcal.kernels."), f"{path} imports {n}"
-                else:
-                    assert top in ("torch", "triton", "__future__", "typing", "dataclasses", "functools",
-                                   "inspect", "math", "os"), f"{path} imports {n}"
-
-
 def test_version():
     assert dcal.__version__
