@@ -46,26 +46,56 @@ int64_t row_grain(const Geometry& g) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
-// [D] . [D] -> scalar
+// A [B, H, X, Y, D] input read through its strides (any view: heads-last, channels-first, slices
+// of a fused qkv projection), so no whole-tensor copy is made. A unit head-dim stride is the
+// fast path of the loops below; any other stride is read element by element.
+template <typename T>
+struct Strided {
+  const T* p;
+  int64_t sb, sh, sx, sy, sd;
+  // first element of token (i, j) of (batch, head) bh
+  const T* at(int64_t bh, int64_t H, int64_t i, int64_t j) const {
+    return p + (bh / H) * sb + (bh % H) * sh + i * sx + j * sy;
+  }
+};
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// [D] . [D] -> scalar (b read with stride sb)
 template <typename A, typename T>
-inline A dot(const A* __restrict a, const T* __restrict b, int64_t n) {
+inline A dot(const A* __restrict a, const T* __restrict b, int64_t n, int64_t sb = 1) {
   A s = 0;
+  if (sb == 1) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d]);
+    for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d * sb]);
+  }
   return s;
 }
 
-// y[D] += alpha * x[D]
+// y[D] += alpha * x[D] (x read with stride sx)
 template <typename A, typename T>
-inline void axpy(A* __restrict y, A alpha, const T* __restrict x, int64_t n) {
+inline void axpy(A* __restrict y, A alpha, const T* __restrict x, int64_t n, int64_t sx = 1) {
+  if (sx == 1) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d]);
+    for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d * sx]);
+  }
 }
 
 template <typename A, typename T>
-inline void load(A* __restrict dst, const T* __restrict src, int64_t n) {
+inline void load(A* __restrict dst, const T* __restrict src, int64_t n, int64_t ss = 1) {
+  if (ss == 1) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d]);
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d * ss]);
+  }
 }
 
 template <typename T, typename A>
@@ -75,24 +105,24 @@ inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n) 
 }
 
 template <typename scalar_t>
-void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* rpb,
+void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Strided<scalar_t> v, const scalar_t* rpb,
                 scalar_t* out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
-  const int64_t D = g.D, X = g.X, Y = g.Y;
+  const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
   const int ks = g.ks, R = 2 * g.ks - 1;
   at::parallel_for(0, g.B * g.H * X, row_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<A> qbuf(D), acc(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / X;
       const int i = static_cast<int>(row % X);
-      const int64_t map = bh * X * Y;  // first token of this (batch, head)
-      const scalar_t* kb = k + map * D;
-      const scalar_t* vb = v + map * D;
+      const int64_t map = bh * X * Y;  // first token of this (batch, head) in out and lse
+      const scalar_t* kb = k.at(bh, H, 0, 0);
+      const scalar_t* vb = v.at(bh, H, 0, 0);
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
       const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
       for (int j = 0; j < Y; ++j) {
         const int64_t tok = map + i * Y + j;
-        load(qbuf.data(), q + tok * D, D);  // [D]
+        load(qbuf.data(), q.at(bh, H, i, j), D, q.sd);  // [D]
         std::fill(acc.begin(), acc.end(), A(0));
         A m = -std::numeric_limits<A>::infinity(), l = 0;
         const int sj = window_start(j, static_cast<int>(Y), ks, g.border, g.dil);
@@ -102,15 +132,14 @@ void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const sc
           for (int kj = sj; kj < sj + ks * g.dil; kj += g.dil) {
             const bool on = row_on && kj >= 0 && kj < Y;
             if (!on && g.border == kMask) continue;
-            const int64_t key = static_cast<int64_t>(ki) * Y + kj;
             // [D] . [D]; an off-map key of zero mode is a zero vector: its logit is the bias alone
-            A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
+            A s = on ? dot(qbuf.data(), kb + ki * k.sx + kj * k.sy, D, k.sd) * scale : A(0);
             if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks, g.dil)]);
             A alpha, p;
             if (na2d::softmax_update(m, l, s, &alpha, &p)) {
               for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
             }
-            if (on) axpy(acc.data(), p, vb + key * D, D);  // [D] += p * [D]
+            if (on) axpy(acc.data(), p, vb + ki * v.sx + kj * v.sy, D, v.sd);  // [D] += p * [D]
           }
         }
         store(out + tok * D, acc.data(), A(1) / l, D);
@@ -122,12 +151,12 @@ void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const sc
 
 // Pass 1 of the backward: delta, dQ, and the bias gradient summed per block of rows.
 template <typename scalar_t>
-void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                   const scalar_t* rpb, const scalar_t* out, const at::opmath_type<scalar_t>* lse,
-                   at::opmath_type<scalar_t>* delta, scalar_t* dq, at::opmath_type<scalar_t>* bias_part,
-                   int64_t blocks, at::opmath_type<scalar_t> scale) {
+void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
+                   Strided<scalar_t> v, const scalar_t* rpb, Strided<scalar_t> out,
+                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* delta, scalar_t* dq,
+                   at::opmath_type<scalar_t>* bias_part, int64_t blocks, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
-  const int64_t D = g.D, X = g.X, Y = g.Y, rows = g.B * g.H * X;
+  const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H, rows = g.B * g.H * X;
   const int ks = g.ks, R = 2 * g.ks - 1;
   const int64_t grain = std::max<int64_t>(1, row_grain(g) * blocks / std::max<int64_t>(rows, 1));  // in blocks
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
@@ -137,17 +166,17 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
         const int64_t bh = row / X;
         const int i = static_cast<int>(row % X);
         const int64_t map = bh * X * Y;
-        const scalar_t* kb = k + map * D;
-        const scalar_t* vb = v + map * D;
+        const scalar_t* kb = k.at(bh, H, 0, 0);
+        const scalar_t* vb = v.at(bh, H, 0, 0);
         const int64_t h = bh % g.H;
         const scalar_t* bias = rpb ? rpb + h * R * R : nullptr;
         A* dbias = rpb ? bias_part + (blk * g.H + h) * R * R : nullptr;
         const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
         for (int j = 0; j < Y; ++j) {
           const int64_t tok = map + i * Y + j;
-          load(qbuf.data(), q + tok * D, D);     // [D]
-          load(dobuf.data(), dout + tok * D, D);  // [D]
-          const A dl = dot(dobuf.data(), out + tok * D, D);
+          load(qbuf.data(), q.at(bh, H, i, j), D, q.sd);        // [D]
+          load(dobuf.data(), dout.at(bh, H, i, j), D, dout.sd);  // [D]
+          const A dl = dot(dobuf.data(), out.at(bh, H, i, j), D, out.sd);
           delta[tok] = dl;
           const A L = lse[tok];
           std::fill(dqbuf.begin(), dqbuf.end(), A(0));
@@ -158,15 +187,15 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
             for (int kj = sj; kj < sj + ks * g.dil; kj += g.dil) {
               const bool on = row_on && kj >= 0 && kj < Y;
               if (!on && g.border == kMask) continue;
-              const int64_t key = static_cast<int64_t>(ki) * Y + kj;
+              const scalar_t* kp = kb + ki * k.sx + kj * k.sy;
               const int bi = rpb_index(ki, kj, i, j, ks, g.dil);
-              A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
+              A s = on ? dot(qbuf.data(), kp, D, k.sd) * scale : A(0);
               if (bias) s += static_cast<A>(bias[bi]);
               const A p = na2d::softmax_prob(s, L);
               // an off-map key of zero mode has v = 0, so dP = 0, but its logit still has a gradient
-              const A dp = on ? dot(dobuf.data(), vb + key * D, D) : A(0);
+              const A dp = on ? dot(dobuf.data(), vb + ki * v.sx + kj * v.sy, D, v.sd) : A(0);
               const A ds = na2d::logit_grad(p, dp, delta[tok]);
-              if (on) axpy(dqbuf.data(), ds, kb + key * D, D);  // [D] += dS * [D]
+              if (on) axpy(dqbuf.data(), ds, kp, D, k.sd);  // [D] += dS * [D]
               if (dbias) dbias[bi] += ds;
             }
           }
@@ -179,11 +208,12 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
 
 // Pass 2 of the backward: dK and dV of each key, gathered over its inverse neighbourhood.
 template <typename scalar_t>
-void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                     const scalar_t* rpb, const at::opmath_type<scalar_t>* lse, const at::opmath_type<scalar_t>* delta,
-                     scalar_t* dk, scalar_t* dv, at::opmath_type<scalar_t> scale) {
+void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
+                     Strided<scalar_t> v, const scalar_t* rpb, const at::opmath_type<scalar_t>* lse,
+                     const at::opmath_type<scalar_t>* delta, scalar_t* dk, scalar_t* dv,
+                     at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
-  const int64_t D = g.D, X = g.X, Y = g.Y;
+  const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
   const int ks = g.ks, R = 2 * g.ks - 1;
   at::parallel_for(0, g.B * g.H * X, row_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<A> kbuf(D), vbuf(D), dkbuf(D), dvbuf(D);
@@ -191,15 +221,15 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
       const int64_t bh = row / X;
       const int ki = static_cast<int>(row % X);
       const int64_t map = bh * X * Y;
-      const scalar_t* qb = q + map * D;
-      const scalar_t* dob = dout + map * D;
+      const scalar_t* qb = q.at(bh, H, 0, 0);
+      const scalar_t* dob = dout.at(bh, H, 0, 0);
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
       int ilo, ihi;
       inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi, g.dil);
       for (int kj = 0; kj < Y; ++kj) {
         const int64_t key = map + ki * Y + kj;
-        load(kbuf.data(), k + key * D, D);  // [D]
-        load(vbuf.data(), v + key * D, D);  // [D]
+        load(kbuf.data(), k.at(bh, H, ki, kj), D, k.sd);  // [D]
+        load(vbuf.data(), v.at(bh, H, ki, kj), D, v.sd);  // [D]
         std::fill(dkbuf.begin(), dkbuf.end(), A(0));
         std::fill(dvbuf.begin(), dvbuf.end(), A(0));
         int jlo, jhi;
@@ -207,13 +237,15 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
         for (int i = ilo; i <= ihi; i += g.dil) {
           for (int j = jlo; j <= jhi; j += g.dil) {
             const int64_t qt = static_cast<int64_t>(i) * Y + j;
-            A s = dot(kbuf.data(), qb + qt * D, D) * scale;
+            const scalar_t* qp = qb + i * q.sx + j * q.sy;
+            const scalar_t* dop = dob + i * dout.sx + j * dout.sy;
+            A s = dot(kbuf.data(), qp, D, q.sd) * scale;
             if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks, g.dil)]);
             const A p = na2d::softmax_prob(s, lse[map + qt]);
-            axpy(dvbuf.data(), p, dob + qt * D, D);  // [D] += P * dO[D]
-            const A dp = dot(vbuf.data(), dob + qt * D, D);
+            axpy(dvbuf.data(), p, dop, D, dout.sd);  // [D] += P * dO[D]
+            const A dp = dot(vbuf.data(), dop, D, dout.sd);
             const A ds = na2d::logit_grad(p, dp, delta[map + qt]);
-            axpy(dkbuf.data(), ds, qb + qt * D, D);  // [D] += dS * q[D]
+            axpy(dkbuf.data(), ds, qp, D, q.sd);  // [D] += dS * q[D]
           }
         }
         store(dk + key * D, dkbuf.data(), scale, D);
@@ -292,15 +324,16 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
                                                 int64_t border, double scale, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   check_cpu(q, "na2d_fwd");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  // q, k, v are read through their strides (no copy); out and lse are contiguous.
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto out = at::empty(qc.sizes(), qc.options());
-  auto lse = at::empty(qc.sizes().slice(0, 4), qc.options().dtype(stat_type(q.scalar_type())));
-  const Geometry g = geometry(qc, kernel_size, border, dilation);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto out = at::empty(q.sizes(), opts);
+  auto lse = at::empty(q.sizes().slice(0, 4), opts.dtype(stat_type(q.scalar_type())));
+  const Geometry g = geometry(q, kernel_size, border, dilation);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    fwd_kernel<scalar_t>(g, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+    fwd_kernel<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
                          static_cast<A>(scale));
   });
@@ -314,16 +347,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   check_cpu(q, "na2d_bwd");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto doc = dout.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
+  // dout, q, k, v and out are read through their strides (no copy); the gradients are contiguous.
+  const auto lc = lse.contiguous();  // the forward's own (contiguous) statistic
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto dq = at::empty(qc.sizes(), qc.options());
-  auto dk = at::empty(qc.sizes(), qc.options());
-  auto dv = at::empty(qc.sizes(), qc.options());
-  const auto stat = qc.options().dtype(stat_type(q.scalar_type()));
-  auto delta = at::empty(qc.sizes().slice(0, 4), stat);
-  const Geometry g = geometry(qc, kernel_size, border, dilation);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dq = at::empty(q.sizes(), opts);
+  auto dk = at::empty(q.sizes(), opts);
+  auto dv = at::empty(q.sizes(), opts);
+  const auto stat = opts.dtype(stat_type(q.scalar_type()));
+  auto delta = at::empty(q.sizes().slice(0, 4), stat);
+  const Geometry g = geometry(q, kernel_size, border, dilation);
   const int64_t rows = g.B * g.H * g.X, R = 2 * kernel_size - 1;
   const int64_t blocks = has_rpb ? std::min<int64_t>(rows, kBiasBlocks) : rows;
   // Per-block bias sums: [blocks, H, R, R], independent of the number of tokens.
@@ -331,13 +365,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* rp = has_rpb ? rc.data_ptr<scalar_t>() : nullptr;
-    bwd_dq_kernel<scalar_t>(g, doc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                            vc.data_ptr<scalar_t>(), rp, oc.data_ptr<scalar_t>(), lc.data_ptr<A>(), delta.data_ptr<A>(),
+    const auto sdo = strided<scalar_t>(dout), sq = strided<scalar_t>(q), sk = strided<scalar_t>(k),
+               sv = strided<scalar_t>(v);
+    bwd_dq_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, strided<scalar_t>(out), lc.data_ptr<A>(), delta.data_ptr<A>(),
                             dq.data_ptr<scalar_t>(), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
                             static_cast<A>(scale));
-    bwd_dkdv_kernel<scalar_t>(g, doc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                              vc.data_ptr<scalar_t>(), rp, lc.data_ptr<A>(), delta.data_ptr<A>(),
-                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), static_cast<A>(scale));
+    bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), dk.data_ptr<scalar_t>(),
+                              dv.data_ptr<scalar_t>(), static_cast<A>(scale));
   });
   at::Tensor drpb;
   if (has_rpb) {
@@ -352,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     });
     drpb = acc.view({g.H, R, R}).to(q.scalar_type());
   } else {
-    drpb = at::empty({0}, qc.options());
+    drpb = at::empty({0}, opts);
   }
   return {dq, dk, dv, drpb};
 }
