@@ -288,10 +288,12 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
 // keys; clamp windows shift inside it). Per tile:
 //   pack   Q [T, D], K_halo [Hk, D], V_halo [Hk, D] (any strides; off-map keys are zeros, which
 //          is exactly zero mode's padding)
-//   S      [T, Hk] = scale * Q @ K_halo^T                        (GEMM)
+//   S      [TY, kw] = scale * Q_row @ K_rows^T per query row of the tile, against only the ks
+//          halo rows its windows touch (kw = ks * halo width keys; the whole halo would compute
+//          (TX + ks - 1) / ks times more logits that the windows then drop)   (GEMM)
 //   per query: its window of S plus the bias row by row (ks contiguous entries per window row),
 //          softmax, written back into a zeroed row of S as P (mask mode leaves off-map keys out)
-//   O      [T, D] = P @ V_halo                                   (GEMM)
+//   O      [TY, D] = P @ V_rows                                   (GEMM)
 // Backward per tile: P from S and the logsumexp, dP = dO @ V_halo^T (GEMM), dS = P * (dP -
 // delta) inside each window, dQ = scale * dS @ K_halo, dK_halo = scale * dS^T @ Q, dV_halo =
 // P^T @ dO (GEMMs), the halo sums added into dk, dv. One thread owns a slice and walks its tiles
@@ -379,15 +381,17 @@ DCAL_NA2D_CLONES double exp_shift_sum(double* x, int n, double c) {
 }
 #undef DCAL_NA2D_CLONES
 
-// Query tile, by measurement (fp32, k 7, D 32 and 64): small tiles keep the halo waste
-// (TX + ks - 1)(TY + ks - 1) / ks^2 low; larger ones amortise the BLAS calls.
+// Query tile, by measurement (fp32, k 7, D 32, 128x128; 8x8, 4x8, 8x16, 16x8, 4x16 within 15%
+// of each other as shares of sgemm): a narrow TY keeps the logits computed per query, ks * (TY +
+// ks - 1), near the ks^2 used; a taller TX packs each halo row once for more query rows.
+// DCAL_NA2D_TILE=TXxTY overrides it (for measurements).
 struct TileShape {
   int tx, ty;
 };
 
 TileShape tile_shape() {
   static const TileShape t = [] {
-    TileShape s{4, 8};
+    TileShape s{8, 8};
     if (const char* e = std::getenv("DCAL_NA2D_TILE")) std::sscanf(e, "%dx%d", &s.tx, &s.ty);
     return s;
   }();
@@ -473,9 +477,9 @@ void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const
   const int ks = g.ks, R = 2 * ks - 1;
   const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
   const int64_t trows = (na2d::subgrid_len(0, static_cast<int>(g.X), g.dil) + ts.tx - 1) / ts.tx;
-  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty;
+  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
   at::parallel_for(0, slices * trows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), S(int64_t{tq_max} * hk_max), O(tq_max * D),
+    std::vector<T> Qp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), S(int64_t{tq_max} * kw_max), O(tq_max * D),
         lg(ks * ks);
     for (int64_t task = begin; task < end; ++task) {
       const SliceGeo s = slice_geo(g, task / trows);
@@ -489,16 +493,20 @@ void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const
         const int j1 = std::min(j0 + ts.ty, s.ny);
         int c0, c1;
         halo(j0, j1, s.ny, g, &c0, &c1);
-        const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, hk = (r1 - r0) * hy;
+        const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, kw = ks * hy, Di = static_cast<int>(D);
         pack(q, g, s, i0, i1, j0, j1, Qp.data());
         pack(k, g, s, r0, r1, c0, c1, Kp.data());
         pack(v, g, s, r0, r1, c0, c1, Vp.data());
-        // [T, D] @ [D, Hk] -> [T, Hk]
-        gemm('N', 'T', tq, hk, static_cast<int>(D), scale, Qp.data(), D, Kp.data(), D, T(0), S.data(), hk);
+        // One query row sees ks halo rows (kw keys): [TY, D] @ [D, kw] -> [TY, kw]
+        for (int ii = 0; ii < i1 - i0; ++ii) {
+          const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+          gemm('N', 'T', ty, kw, Di, scale, Qp.data() + ii * ty * D, Di, Kp.data() + kr, Di, T(0),
+               S.data() + int64_t{ii} * ty * kw, kw);
+        }
         for (int t = 0; t < tq; ++t) {
           const int qi = i0 + t / ty, qj = j0 + t % ty;
-          const Win w = window_of(g, s, qi, qj, r0, c0, hy);
-          T* srow = S.data() + int64_t{t} * hk;
+          const Win w = window_of(g, s, qi, qj, window_start(qi, s.nx, ks, g.border), c0, hy);
+          T* srow = S.data() + int64_t{t} * kw;
           int n = 0;
           for (int u = w.u0; u < w.u1; ++u) {
             const T* sr = srow + w.base + u * hy;
@@ -515,15 +523,19 @@ void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const
           const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
           lse[tok] = m + std::log(l);
           const T inv = T(1) / l;
-          std::fill(srow, srow + hk, T(0));
+          std::fill(srow, srow + kw, T(0));
           n = 0;
           for (int u = w.u0; u < w.u1; ++u) {
             T* sr = srow + w.base + u * hy;
             for (int c = w.w0; c < w.w1; ++c) sr[c] = lg[n++] * inv;
           }
         }
-        // [T, Hk] @ [Hk, D] -> [T, D]
-        gemm('N', 'N', tq, static_cast<int>(D), hk, T(1), S.data(), hk, Vp.data(), D, T(0), O.data(), D);
+        // [TY, kw] @ [kw, D] -> [TY, D]
+        for (int ii = 0; ii < i1 - i0; ++ii) {
+          const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+          gemm('N', 'N', ty, Di, kw, T(1), S.data() + int64_t{ii} * ty * kw, kw, Vp.data() + kr, Di, T(0),
+               O.data() + ii * ty * D, Di);
+        }
         for (int t = 0; t < tq; ++t) {
           const int qi = i0 + t / ty, qj = j0 + t % ty;
           const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
@@ -541,10 +553,10 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
   const TileShape ts = tile_shape();
   const int ks = g.ks, R = 2 * ks - 1;
   const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
-  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty;
+  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qp(tq_max * D), dOp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), P(int64_t{tq_max} * hk_max),
-        dS(int64_t{tq_max} * hk_max), G(std::max<int64_t>(tq_max, hk_max) * D), lg(ks * ks), dp(ks * ks),
+    std::vector<T> Qp(tq_max * D), dOp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), P(int64_t{tq_max} * kw_max),
+        dS(int64_t{tq_max} * kw_max), G(tq_max * D), dKh(hk_max * D), dVh(hk_max * D), lg(ks * ks), dp(ks * ks),
         delta(tq_max);
     for (int64_t sl = begin; sl < end; ++sl) {
       const SliceGeo s = slice_geo(g, sl);
@@ -558,7 +570,7 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
           const int j1 = std::min(j0 + ts.ty, s.ny);
           int c0, c1;
           halo(j0, j1, s.ny, g, &c0, &c1);
-          const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, hk = (r1 - r0) * hy;
+          const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, hk = (r1 - r0) * hy, kw = ks * hy;
           const int Di = static_cast<int>(D);
           pack(q, g, s, i0, i1, j0, j1, Qp.data());
           pack(dout, g, s, i0, i1, j0, j1, dOp.data());
@@ -569,14 +581,19 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
             const T* o = out.at(s.bh, g.H, s.gx + int64_t{g.dil} * qi, s.gy + int64_t{g.dil} * qj);
             delta[t] = dot(dOp.data() + t * D, o, D, out.sd);
           }
-          // S [T, Hk] = scale * Q [T, D] @ K_halo^T [D, Hk]; dP [T, Hk] = dO [T, D] @ V_halo^T [D, Hk]
-          gemm('N', 'T', tq, hk, Di, scale, Qp.data(), Di, Kp.data(), Di, T(0), P.data(), hk);
-          gemm('N', 'T', tq, hk, Di, T(1), dOp.data(), Di, Vp.data(), Di, T(0), dS.data(), hk);
+          // Per query row, its ks halo rows (kw keys): S [TY, kw] = scale * Q [TY, D] @ K^T [D, kw];
+          // dP [TY, kw] = dO [TY, D] @ V^T [D, kw]
+          for (int ii = 0; ii < i1 - i0; ++ii) {
+            const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+            const int64_t so = int64_t{ii} * ty * kw, qo = int64_t{ii} * ty * D;
+            gemm('N', 'T', ty, kw, Di, scale, Qp.data() + qo, Di, Kp.data() + kr, Di, T(0), P.data() + so, kw);
+            gemm('N', 'T', ty, kw, Di, T(1), dOp.data() + qo, Di, Vp.data() + kr, Di, T(0), dS.data() + so, kw);
+          }
           for (int t = 0; t < tq; ++t) {
             const int qi = i0 + t / ty, qj = j0 + t % ty;
-            const Win w = window_of(g, s, qi, qj, r0, c0, hy);
-            T* prow = P.data() + int64_t{t} * hk;
-            T* dsrow = dS.data() + int64_t{t} * hk;
+            const Win w = window_of(g, s, qi, qj, window_start(qi, s.nx, ks, g.border), c0, hy);
+            T* prow = P.data() + int64_t{t} * kw;
+            T* dsrow = dS.data() + int64_t{t} * kw;
             int n = 0;
             for (int u = w.u0; u < w.u1; ++u) {
               const T* sr = prow + w.base + u * hy;
@@ -589,8 +606,8 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
             }
             const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
             exp_shift(lg.data(), n, lse[tok]);  // P
-            std::fill(prow, prow + hk, T(0));
-            std::fill(dsrow, dsrow + hk, T(0));
+            std::fill(prow, prow + kw, T(0));
+            std::fill(dsrow, dsrow + kw, T(0));
             const T dl = delta[t];
             n = 0;
             for (int u = w.u0; u < w.u1; ++u) {
@@ -605,21 +622,25 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
               }
             }
           }
-          // dQ [T, D] = scale * dS [T, Hk] @ K_halo [Hk, D]
-          gemm('N', 'N', tq, Di, hk, scale, dS.data(), hk, Kp.data(), Di, T(0), G.data(), Di);
+          // Per query row: dQ [TY, D] = scale * dS [TY, kw] @ K [kw, D]; the halo sums (in row order)
+          // dK [kw, D] += scale * dS^T [kw, TY] @ Q [TY, D], dV [kw, D] += P^T [kw, TY] @ dO [TY, D]
+          std::fill(dKh.begin(), dKh.begin() + hk * D, T(0));
+          std::fill(dVh.begin(), dVh.begin() + hk * D, T(0));
+          for (int ii = 0; ii < i1 - i0; ++ii) {
+            const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+            const int64_t so = int64_t{ii} * ty * kw, qo = int64_t{ii} * ty * D;
+            gemm('N', 'N', ty, Di, kw, scale, dS.data() + so, kw, Kp.data() + kr, Di, T(0), G.data() + qo, Di);
+            gemm('T', 'N', kw, Di, ty, scale, dS.data() + so, kw, Qp.data() + qo, Di, T(1), dKh.data() + kr, Di);
+            gemm('T', 'N', kw, Di, ty, T(1), P.data() + so, kw, dOp.data() + qo, Di, T(1), dVh.data() + kr, Di);
+          }
           for (int t = 0; t < tq; ++t) {
             const int qi = i0 + t / ty, qj = j0 + t % ty;
             const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
             std::copy(G.data() + t * D, G.data() + (t + 1) * D, dq + tok * D);
           }
-          // dK_halo [Hk, D] = scale * dS^T [Hk, T] @ Q [T, D]; dV_halo [Hk, D] = P^T [Hk, T] @ dO [T, D]
           for (int which = 0; which < 2; ++which) {
-            if (which == 0)
-              gemm('T', 'N', hk, Di, tq, scale, dS.data(), hk, Qp.data(), Di, T(0), G.data(), Di);
-            else
-              gemm('T', 'N', hk, Di, tq, T(1), P.data(), hk, dOp.data(), Di, T(0), G.data(), Di);
             T* dst = which == 0 ? dk : dv;
-            const T* src = G.data();
+            const T* src = which == 0 ? dKh.data() : dVh.data();
             for (int r = r0; r < r1; ++r) {
               for (int c = c0; c < c1; ++c, src += D) {
                 if (r < 0 || r >= s.nx || c < 0 || c >= s.ny) continue;
