@@ -443,6 +443,13 @@ void pack(const Strided<T>& t, const Geometry& g, const SliceGeo& s, int r0, int
   }
 }
 
+// dst [rows, w, D] <- columns [off, off + w) of a staged [rows, width, D] block.
+template <typename T>
+inline void sub_block(const T* st, int rows, int width, int off, int w, int64_t D, T* dst) {
+  for (int r = 0; r < rows; ++r) std::copy(st + (int64_t{r} * width + off) * D, st + (int64_t{r} * width + off + w) * D,
+                                           dst + int64_t{r} * w * D);
+}
+
 // Window of query (qi, qj) of a slice, relative to a halo whose first row/col is (r0, c0).
 struct Win {
   int base;        // index of the window's first key in a halo row-major [hx, hy] block
@@ -478,25 +485,33 @@ void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const
   const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
   const int64_t trows = (na2d::subgrid_len(0, static_cast<int>(g.X), g.dil) + ts.tx - 1) / ts.tx;
   const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
+  // Staging: a tile row's query rows and key halo rows over the whole slice width, packed once
+  // (long reads in memory order even for channels-first maps), then cut into tiles.
+  const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
+  const int64_t hrows = ts.tx + ks - 1, hcols = ny_max + ks - 1;
   at::parallel_for(0, slices * trows, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> Qp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), S(int64_t{tq_max} * kw_max), O(tq_max * D),
-        lg(ks * ks);
+        lg(ks * ks), Qs(ts.tx * ny_max * D), Ks(hrows * hcols * D), Vs(hrows * hcols * D);
     for (int64_t task = begin; task < end; ++task) {
       const SliceGeo s = slice_geo(g, task / trows);
       const int i0 = static_cast<int>(task % trows) * ts.tx;
       if (i0 >= s.nx) continue;
       const int i1 = std::min(i0 + ts.tx, s.nx);
       const T* bias = rpb ? rpb + (s.bh % g.H) * R * R : nullptr;
-      int r0, r1;
+      int r0, r1, cA, cB;
       halo(i0, i1, s.nx, g, &r0, &r1);
+      halo(0, s.ny, s.ny, g, &cA, &cB);
+      pack(q, g, s, i0, i1, 0, s.ny, Qs.data());
+      pack(k, g, s, r0, r1, cA, cB, Ks.data());
+      pack(v, g, s, r0, r1, cA, cB, Vs.data());
       for (int j0 = 0; j0 < s.ny; j0 += ts.ty) {
         const int j1 = std::min(j0 + ts.ty, s.ny);
         int c0, c1;
         halo(j0, j1, s.ny, g, &c0, &c1);
         const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, kw = ks * hy, Di = static_cast<int>(D);
-        pack(q, g, s, i0, i1, j0, j1, Qp.data());
-        pack(k, g, s, r0, r1, c0, c1, Kp.data());
-        pack(v, g, s, r0, r1, c0, c1, Vp.data());
+        sub_block(Qs.data(), i1 - i0, s.ny, j0, ty, D, Qp.data());
+        sub_block(Ks.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Kp.data());
+        sub_block(Vs.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Vp.data());
         // One query row sees ks halo rows (kw keys): [TY, D] @ [D, kw] -> [TY, kw]
         for (int ii = 0; ii < i1 - i0; ++ii) {
           const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
@@ -554,28 +569,35 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
   const int ks = g.ks, R = 2 * ks - 1;
   const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
   const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
+  const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
+  const int64_t hrows = ts.tx + ks - 1, hcols = ny_max + ks - 1;  // staging, as in fwd_tiled
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> Qp(tq_max * D), dOp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), P(int64_t{tq_max} * kw_max),
         dS(int64_t{tq_max} * kw_max), G(tq_max * D), dKh(hk_max * D), dVh(hk_max * D), lg(ks * ks), dp(ks * ks),
-        delta(tq_max);
+        delta(tq_max), Qs(ts.tx * ny_max * D), dOs(ts.tx * ny_max * D), Ks(hrows * hcols * D), Vs(hrows * hcols * D);
     for (int64_t sl = begin; sl < end; ++sl) {
       const SliceGeo s = slice_geo(g, sl);
       const T* bias = rpb ? rpb + (s.bh % g.H) * R * R : nullptr;
       T* dbias = rpb ? bias_part + sl * R * R : nullptr;
       for (int i0 = 0; i0 < s.nx; i0 += ts.tx) {
         const int i1 = std::min(i0 + ts.tx, s.nx);
-        int r0, r1;
+        int r0, r1, cA, cB;
         halo(i0, i1, s.nx, g, &r0, &r1);
+        halo(0, s.ny, s.ny, g, &cA, &cB);
+        pack(q, g, s, i0, i1, 0, s.ny, Qs.data());
+        pack(dout, g, s, i0, i1, 0, s.ny, dOs.data());
+        pack(k, g, s, r0, r1, cA, cB, Ks.data());
+        pack(v, g, s, r0, r1, cA, cB, Vs.data());
         for (int j0 = 0; j0 < s.ny; j0 += ts.ty) {
           const int j1 = std::min(j0 + ts.ty, s.ny);
           int c0, c1;
           halo(j0, j1, s.ny, g, &c0, &c1);
           const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, hk = (r1 - r0) * hy, kw = ks * hy;
           const int Di = static_cast<int>(D);
-          pack(q, g, s, i0, i1, j0, j1, Qp.data());
-          pack(dout, g, s, i0, i1, j0, j1, dOp.data());
-          pack(k, g, s, r0, r1, c0, c1, Kp.data());
-          pack(v, g, s, r0, r1, c0, c1, Vp.data());
+          sub_block(Qs.data(), i1 - i0, s.ny, j0, ty, D, Qp.data());
+          sub_block(dOs.data(), i1 - i0, s.ny, j0, ty, D, dOp.data());
+          sub_block(Ks.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Kp.data());
+          sub_block(Vs.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Vp.data());
           for (int t = 0; t < tq; ++t) {  // delta = rowsum(dO * O)
             const int qi = i0 + t / ty, qj = j0 + t % ty;
             const T* o = out.at(s.bh, g.H, s.gx + int64_t{g.dil} * qi, s.gy + int64_t{g.dil} * qj);
