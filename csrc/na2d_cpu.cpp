@@ -287,16 +287,18 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
 // window_start(i_last) + ks and likewise for columns (at most (TX + ks - 1) x (TY + ks - 1)
 // keys; clamp windows shift inside it). Per tile:
 //   pack   Q [T, D], K_halo [Hk, D], V_halo [Hk, D] (any strides; off-map keys are zeros, which
-//          is exactly zero mode's padding)
+//          is exactly zero mode's padding), cut from the tile row's query and halo rows staged
+//          once over the slice's whole width
 //   S      [TY, kw] = scale * Q_row @ K_rows^T per query row of the tile, against only the ks
 //          halo rows its windows touch (kw = ks * halo width keys; the whole halo would compute
 //          (TX + ks - 1) / ks times more logits that the windows then drop)   (GEMM)
 //   per query: its window of S plus the bias row by row (ks contiguous entries per window row),
 //          softmax, written back into a zeroed row of S as P (mask mode leaves off-map keys out)
 //   O      [TY, D] = P @ V_rows                                   (GEMM)
-// Backward per tile: P from S and the logsumexp, dP = dO @ V_halo^T (GEMM), dS = P * (dP -
-// delta) inside each window, dQ = scale * dS @ K_halo, dK_halo = scale * dS^T @ Q, dV_halo =
-// P^T @ dO (GEMMs), the halo sums added into dk, dv. One thread owns a slice and walks its tiles
+// Backward per tile, per query row against its ks halo rows as above: P from S and the
+// logsumexp, dP = dO @ V^T (GEMM), dS = P * (dP - delta) inside each window (delta = rowsum(dO *
+// O) per tile), dQ = scale * dS @ K, dK_halo += scale * dS^T @ Q, dV_halo += P^T @ dO (GEMMs),
+// the halo sums added into dk, dv. One thread owns a slice and walks its tiles
 // in a fixed order, so dk, dv and the per-slice bias partials are deterministic bit for bit.
 // ---------------------------------------------------------------------------------------------
 
