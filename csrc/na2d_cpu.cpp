@@ -1,25 +1,44 @@
 // 2-D neighborhood attention (DESIGN 3.4) on CPU: forward and backward.
 //
-// Parallel over (batch, head, map row) with at::parallel_for; the head dim is the inner loop of
-// every dot and axpy (omp simd, so g++ -O3 vectorises the reductions too). bf16 is computed in
-// fp32, fp64 in fp64. Each query is one online-softmax pass over its window, so nothing with a
-// kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and the logsumexp.
+// Inputs (q, k, v; dout and out in the backward) are read through their strides: contiguous,
+// heads-last, slices of a fused qkv projection or channels-first views cost no copy. Outputs and
+// gradients are contiguous [B, H, X, Y, D].
 //
-// Backward: pass 1 computes delta = rowsum(dO * O), dQ and the bias gradient per query; pass 2
-// GATHERS dK and dV of each key over its inverse neighbourhood (the queries whose window holds
-// it, computed with the forward's own window function, so clamp mode is exact). No two threads
-// write one element and no atomics are used: results are deterministic, bit for bit.
+// fp32 and fp64 run the tiled kernels (fwd_tiled, bwd_tiled below): a tile of queries against
+// its key halo as small GEMMs, masked to each query's window. bf16 runs the simple kernels:
+// parallel over (batch, head, map row), the head dim the inner loop of every dot and axpy,
+// computed in fp32; each query one online-softmax pass over its window.
+// Nothing with a kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and
+// the logsumexp.
+//
+// Simple backward: pass 1 computes delta = rowsum(dO * O), dQ and the bias gradient per query;
+// pass 2 GATHERS dK and dV of each key over its inverse neighbourhood (the queries whose window
+// holds it, computed with the forward's own window function, so clamp mode is exact). No two
+// threads write one element and no atomics are used: results are deterministic, bit for bit.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
 #include "dcal.h"
 #include "na2d.h"
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
 
 namespace dcal {
 namespace {
@@ -46,26 +65,56 @@ int64_t row_grain(const Geometry& g) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
-// [D] . [D] -> scalar
+// A [B, H, X, Y, D] input read through its strides (any view: heads-last, channels-first, slices
+// of a fused qkv projection), so no whole-tensor copy is made. A unit head-dim stride is the
+// fast path of the loops below; any other stride is read element by element.
+template <typename T>
+struct Strided {
+  const T* p;
+  int64_t sb, sh, sx, sy, sd;
+  // first element of token (i, j) of (batch, head) bh
+  const T* at(int64_t bh, int64_t H, int64_t i, int64_t j) const {
+    return p + (bh / H) * sb + (bh % H) * sh + i * sx + j * sy;
+  }
+};
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// [D] . [D] -> scalar (b read with stride sb)
 template <typename A, typename T>
-inline A dot(const A* __restrict a, const T* __restrict b, int64_t n) {
+inline A dot(const A* __restrict a, const T* __restrict b, int64_t n, int64_t sb = 1) {
   A s = 0;
+  if (sb == 1) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d]);
+    for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<A>(b[d * sb]);
+  }
   return s;
 }
 
-// y[D] += alpha * x[D]
+// y[D] += alpha * x[D] (x read with stride sx)
 template <typename A, typename T>
-inline void axpy(A* __restrict y, A alpha, const T* __restrict x, int64_t n) {
+inline void axpy(A* __restrict y, A alpha, const T* __restrict x, int64_t n, int64_t sx = 1) {
+  if (sx == 1) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d]);
+    for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d * sx]);
+  }
 }
 
 template <typename A, typename T>
-inline void load(A* __restrict dst, const T* __restrict src, int64_t n) {
+inline void load(A* __restrict dst, const T* __restrict src, int64_t n, int64_t ss = 1) {
+  if (ss == 1) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d]);
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d * ss]);
+  }
 }
 
 template <typename T, typename A>
@@ -75,24 +124,24 @@ inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n) 
 }
 
 template <typename scalar_t>
-void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* rpb,
+void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Strided<scalar_t> v, const scalar_t* rpb,
                 scalar_t* out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
-  const int64_t D = g.D, X = g.X, Y = g.Y;
+  const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
   const int ks = g.ks, R = 2 * g.ks - 1;
   at::parallel_for(0, g.B * g.H * X, row_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<A> qbuf(D), acc(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / X;
       const int i = static_cast<int>(row % X);
-      const int64_t map = bh * X * Y;  // first token of this (batch, head)
-      const scalar_t* kb = k + map * D;
-      const scalar_t* vb = v + map * D;
+      const int64_t map = bh * X * Y;  // first token of this (batch, head) in out and lse
+      const scalar_t* kb = k.at(bh, H, 0, 0);
+      const scalar_t* vb = v.at(bh, H, 0, 0);
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
       const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
       for (int j = 0; j < Y; ++j) {
         const int64_t tok = map + i * Y + j;
-        load(qbuf.data(), q + tok * D, D);  // [D]
+        load(qbuf.data(), q.at(bh, H, i, j), D, q.sd);  // [D]
         std::fill(acc.begin(), acc.end(), A(0));
         A m = -std::numeric_limits<A>::infinity(), l = 0;
         const int sj = window_start(j, static_cast<int>(Y), ks, g.border, g.dil);
@@ -102,15 +151,14 @@ void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const sc
           for (int kj = sj; kj < sj + ks * g.dil; kj += g.dil) {
             const bool on = row_on && kj >= 0 && kj < Y;
             if (!on && g.border == kMask) continue;
-            const int64_t key = static_cast<int64_t>(ki) * Y + kj;
             // [D] . [D]; an off-map key of zero mode is a zero vector: its logit is the bias alone
-            A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
+            A s = on ? dot(qbuf.data(), kb + ki * k.sx + kj * k.sy, D, k.sd) * scale : A(0);
             if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks, g.dil)]);
             A alpha, p;
             if (na2d::softmax_update(m, l, s, &alpha, &p)) {
               for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
             }
-            if (on) axpy(acc.data(), p, vb + key * D, D);  // [D] += p * [D]
+            if (on) axpy(acc.data(), p, vb + ki * v.sx + kj * v.sy, D, v.sd);  // [D] += p * [D]
           }
         }
         store(out + tok * D, acc.data(), A(1) / l, D);
@@ -122,12 +170,12 @@ void fwd_kernel(const Geometry g, const scalar_t* q, const scalar_t* k, const sc
 
 // Pass 1 of the backward: delta, dQ, and the bias gradient summed per block of rows.
 template <typename scalar_t>
-void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                   const scalar_t* rpb, const scalar_t* out, const at::opmath_type<scalar_t>* lse,
-                   at::opmath_type<scalar_t>* delta, scalar_t* dq, at::opmath_type<scalar_t>* bias_part,
-                   int64_t blocks, at::opmath_type<scalar_t> scale) {
+void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
+                   Strided<scalar_t> v, const scalar_t* rpb, Strided<scalar_t> out,
+                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* delta, scalar_t* dq,
+                   at::opmath_type<scalar_t>* bias_part, int64_t blocks, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
-  const int64_t D = g.D, X = g.X, Y = g.Y, rows = g.B * g.H * X;
+  const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H, rows = g.B * g.H * X;
   const int ks = g.ks, R = 2 * g.ks - 1;
   const int64_t grain = std::max<int64_t>(1, row_grain(g) * blocks / std::max<int64_t>(rows, 1));  // in blocks
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
@@ -137,17 +185,17 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
         const int64_t bh = row / X;
         const int i = static_cast<int>(row % X);
         const int64_t map = bh * X * Y;
-        const scalar_t* kb = k + map * D;
-        const scalar_t* vb = v + map * D;
+        const scalar_t* kb = k.at(bh, H, 0, 0);
+        const scalar_t* vb = v.at(bh, H, 0, 0);
         const int64_t h = bh % g.H;
         const scalar_t* bias = rpb ? rpb + h * R * R : nullptr;
         A* dbias = rpb ? bias_part + (blk * g.H + h) * R * R : nullptr;
         const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
         for (int j = 0; j < Y; ++j) {
           const int64_t tok = map + i * Y + j;
-          load(qbuf.data(), q + tok * D, D);     // [D]
-          load(dobuf.data(), dout + tok * D, D);  // [D]
-          const A dl = dot(dobuf.data(), out + tok * D, D);
+          load(qbuf.data(), q.at(bh, H, i, j), D, q.sd);        // [D]
+          load(dobuf.data(), dout.at(bh, H, i, j), D, dout.sd);  // [D]
+          const A dl = dot(dobuf.data(), out.at(bh, H, i, j), D, out.sd);
           delta[tok] = dl;
           const A L = lse[tok];
           std::fill(dqbuf.begin(), dqbuf.end(), A(0));
@@ -158,15 +206,15 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
             for (int kj = sj; kj < sj + ks * g.dil; kj += g.dil) {
               const bool on = row_on && kj >= 0 && kj < Y;
               if (!on && g.border == kMask) continue;
-              const int64_t key = static_cast<int64_t>(ki) * Y + kj;
+              const scalar_t* kp = kb + ki * k.sx + kj * k.sy;
               const int bi = rpb_index(ki, kj, i, j, ks, g.dil);
-              A s = on ? dot(qbuf.data(), kb + key * D, D) * scale : A(0);
+              A s = on ? dot(qbuf.data(), kp, D, k.sd) * scale : A(0);
               if (bias) s += static_cast<A>(bias[bi]);
               const A p = na2d::softmax_prob(s, L);
               // an off-map key of zero mode has v = 0, so dP = 0, but its logit still has a gradient
-              const A dp = on ? dot(dobuf.data(), vb + key * D, D) : A(0);
+              const A dp = on ? dot(dobuf.data(), vb + ki * v.sx + kj * v.sy, D, v.sd) : A(0);
               const A ds = na2d::logit_grad(p, dp, delta[tok]);
-              if (on) axpy(dqbuf.data(), ds, kb + key * D, D);  // [D] += dS * [D]
+              if (on) axpy(dqbuf.data(), ds, kp, D, k.sd);  // [D] += dS * [D]
               if (dbias) dbias[bi] += ds;
             }
           }
@@ -179,11 +227,12 @@ void bwd_dq_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, co
 
 // Pass 2 of the backward: dK and dV of each key, gathered over its inverse neighbourhood.
 template <typename scalar_t>
-void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                     const scalar_t* rpb, const at::opmath_type<scalar_t>* lse, const at::opmath_type<scalar_t>* delta,
-                     scalar_t* dk, scalar_t* dv, at::opmath_type<scalar_t> scale) {
+void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
+                     Strided<scalar_t> v, const scalar_t* rpb, const at::opmath_type<scalar_t>* lse,
+                     const at::opmath_type<scalar_t>* delta, scalar_t* dk, scalar_t* dv,
+                     at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
-  const int64_t D = g.D, X = g.X, Y = g.Y;
+  const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
   const int ks = g.ks, R = 2 * g.ks - 1;
   at::parallel_for(0, g.B * g.H * X, row_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<A> kbuf(D), vbuf(D), dkbuf(D), dvbuf(D);
@@ -191,15 +240,15 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
       const int64_t bh = row / X;
       const int ki = static_cast<int>(row % X);
       const int64_t map = bh * X * Y;
-      const scalar_t* qb = q + map * D;
-      const scalar_t* dob = dout + map * D;
+      const scalar_t* qb = q.at(bh, H, 0, 0);
+      const scalar_t* dob = dout.at(bh, H, 0, 0);
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
       int ilo, ihi;
       inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi, g.dil);
       for (int kj = 0; kj < Y; ++kj) {
         const int64_t key = map + ki * Y + kj;
-        load(kbuf.data(), k + key * D, D);  // [D]
-        load(vbuf.data(), v + key * D, D);  // [D]
+        load(kbuf.data(), k.at(bh, H, ki, kj), D, k.sd);  // [D]
+        load(vbuf.data(), v.at(bh, H, ki, kj), D, v.sd);  // [D]
         std::fill(dkbuf.begin(), dkbuf.end(), A(0));
         std::fill(dvbuf.begin(), dvbuf.end(), A(0));
         int jlo, jhi;
@@ -207,17 +256,426 @@ void bwd_dkdv_kernel(const Geometry g, const scalar_t* dout, const scalar_t* q, 
         for (int i = ilo; i <= ihi; i += g.dil) {
           for (int j = jlo; j <= jhi; j += g.dil) {
             const int64_t qt = static_cast<int64_t>(i) * Y + j;
-            A s = dot(kbuf.data(), qb + qt * D, D) * scale;
+            const scalar_t* qp = qb + i * q.sx + j * q.sy;
+            const scalar_t* dop = dob + i * dout.sx + j * dout.sy;
+            A s = dot(kbuf.data(), qp, D, q.sd) * scale;
             if (bias) s += static_cast<A>(bias[rpb_index(ki, kj, i, j, ks, g.dil)]);
             const A p = na2d::softmax_prob(s, lse[map + qt]);
-            axpy(dvbuf.data(), p, dob + qt * D, D);  // [D] += P * dO[D]
-            const A dp = dot(vbuf.data(), dob + qt * D, D);
+            axpy(dvbuf.data(), p, dop, D, dout.sd);  // [D] += P * dO[D]
+            const A dp = dot(vbuf.data(), dop, D, dout.sd);
             const A ds = na2d::logit_grad(p, dp, delta[map + qt]);
-            axpy(dkbuf.data(), ds, qb + qt * D, D);  // [D] += dS * q[D]
+            axpy(dkbuf.data(), ds, qp, D, q.sd);  // [D] += dS * q[D]
           }
         }
         store(dk + key * D, dkbuf.data(), scale, D);
         store(dv + key * D, dvbuf.data(), A(1), D);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiled kernels (fp32, fp64): small GEMMs through the BLAS that libtorch_cpu exports (MKL).
+//
+// Dilation first: the positions of one residue (gx, gy) mod dil form a sub-grid on which a
+// dilated window is the ordinary window of the sub-grid (zero/mask: centred, off-map exactly
+// where the sub-grid index leaves [0, n_g); clamp: NATTEN's rule is defined that way), and the
+// bias offset (key - query) / dil is the sub-grid offset. So each (batch, head, gx, gy) "slice"
+// is an undilated problem on an nx x ny map read with strides scaled by dil.
+//
+// On a slice, a tile of TX x TY queries sees the key halo of rows window_start(i0) ..
+// window_start(i_last) + ks and likewise for columns (at most (TX + ks - 1) x (TY + ks - 1)
+// keys; clamp windows shift inside it). Per tile:
+//   pack   Q [T, D], K_halo [Hk, D], V_halo [Hk, D] (any strides; off-map keys are zeros, which
+//          is exactly zero mode's padding), cut from the tile row's query and halo rows staged
+//          once over the slice's whole width
+//   S      [TY, kw] = scale * Q_row @ K_rows^T per query row of the tile, against only the ks
+//          halo rows its windows touch (kw = ks * halo width keys; the whole halo would compute
+//          (TX + ks - 1) / ks times more logits that the windows then drop)   (GEMM)
+//   per query: its window of S plus the bias row by row (ks contiguous entries per window row),
+//          softmax, written back into a zeroed row of S as P (mask mode leaves off-map keys out)
+//   O      [TY, D] = P @ V_rows                                   (GEMM)
+// Backward per tile, per query row against its ks halo rows as above: P from S and the
+// logsumexp, dP = dO @ V^T (GEMM), dS = P * (dP - delta) inside each window (delta = rowsum(dO *
+// O) per tile), dQ = scale * dS @ K, dK_halo += scale * dS^T @ Q, dV_halo += P^T @ dO (GEMMs),
+// the halo sums added into dk, dv. One thread owns a slice and walks its tiles
+// in a fixed order, so dk, dv and the per-slice bias partials are deterministic bit for bit.
+// ---------------------------------------------------------------------------------------------
+
+// Row-major C[M, N] = alpha op(A) op(B) + beta C. BLAS is column-major, where a row-major matrix
+// reads as its transpose: C^T = op(B)^T op(A)^T, so the operands swap and the flags stay.
+inline void gemm(char ta, char tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
+                 float beta, float* C, int ldc) {
+  sgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
+                 int ldb, double beta, double* C, int ldc) {
+  dgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// exp by Cody-Waite reduction and a Taylor polynomial (degree 7 fp32, 13 fp64: below half an
+// ulp), so the window loops vectorise (std::exp does not without -ffast-math). Arguments are
+// clamped at -87 / -708; callers pass x <= 0 (logit minus the row max or the logsumexp).
+[[gnu::always_inline]] inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+[[gnu::always_inline]] inline double exp_poly(double x) {
+  x = x < -708.0 ? -708.0 : x;
+  const double n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
+  double r = x - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  return p * __builtin_bit_cast(double, (static_cast<int64_t>(n) + 1023) << 52);
+}
+
+#define DCAL_NA2D_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+constexpr int kLanes = 16;  // partial sums combined in a fixed order: same bits on every clone
+
+template <typename T>
+[[gnu::always_inline]] inline void exp_shift_impl(T* x, int n, T c) {
+  for (int e = 0; e < n; ++e) x[e] = exp_poly(x[e] - c);
+}
+template <typename T>
+[[gnu::always_inline]] inline T sum_impl(const T* x, int n) {
+  T acc[kLanes] = {};
+  int e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[e + l];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; e < n; ++e) s += x[e];
+  return s;
+}
+DCAL_NA2D_CLONES void exp_shift(float* x, int n, float c) { exp_shift_impl(x, n, c); }
+DCAL_NA2D_CLONES void exp_shift(double* x, int n, double c) { exp_shift_impl(x, n, c); }
+DCAL_NA2D_CLONES float exp_shift_sum(float* x, int n, float c) {
+  exp_shift_impl(x, n, c);
+  return sum_impl(x, n);
+}
+DCAL_NA2D_CLONES double exp_shift_sum(double* x, int n, double c) {
+  exp_shift_impl(x, n, c);
+  return sum_impl(x, n);
+}
+#undef DCAL_NA2D_CLONES
+
+// Query tile, by measurement (fp32, k 7, D 32, 128x128; 8x8, 4x8, 8x16, 16x8, 4x16 within 15%
+// of each other as shares of sgemm): a narrow TY keeps the logits computed per query, ks * (TY +
+// ks - 1), near the ks^2 used; a taller TX packs each halo row once for more query rows.
+// DCAL_NA2D_TILE=TXxTY overrides it (for measurements).
+struct TileShape {
+  int tx, ty;
+};
+
+TileShape tile_shape() {
+  static const TileShape t = [] {
+    TileShape s{8, 8};
+    if (const char* e = std::getenv("DCAL_NA2D_TILE")) std::sscanf(e, "%dx%d", &s.tx, &s.ty);
+    return s;
+  }();
+  return t;
+}
+
+// One (batch, head, gx, gy) slice: an undilated nx x ny problem (see above).
+struct SliceGeo {
+  int64_t bh;
+  int gx, gy, nx, ny;
+};
+
+inline SliceGeo slice_geo(const Geometry& g, int64_t slice) {
+  const int dd = g.dil * g.dil;
+  SliceGeo s;
+  s.bh = slice / dd;
+  s.gx = static_cast<int>((slice % dd) / g.dil);
+  s.gy = static_cast<int>(slice % g.dil);
+  s.nx = na2d::subgrid_len(s.gx, static_cast<int>(g.X), g.dil);
+  s.ny = na2d::subgrid_len(s.gy, static_cast<int>(g.Y), g.dil);
+  return s;
+}
+
+// dst [(r1 - r0) * (c1 - c0), D] <- slice positions rows [r0, r1) x cols [c0, c1) of t; off-map
+// positions are zero vectors. A strided head dim (channels-first maps) is read along the map's
+// columns, d by d, so each read walks memory in order rather than one cache line per element.
+template <typename T>
+void pack(const Strided<T>& t, const Geometry& g, const SliceGeo& s, int r0, int r1, int c0, int c1, T* dst) {
+  const int64_t D = g.D, hy = c1 - c0;
+  const int ca = std::max(c0, 0), cb = std::min(c1, s.ny);
+  for (int r = r0; r < r1; ++r) {
+    T* row = dst + (r - r0) * hy * D;
+    if (r < 0 || r >= s.nx || ca >= cb) {
+      std::fill(row, row + hy * D, T(0));
+      continue;
+    }
+    std::fill(row, row + (ca - c0) * D, T(0));
+    std::fill(row + (cb - c0) * D, row + hy * D, T(0));
+    const T* src = t.at(s.bh, g.H, s.gx + int64_t{g.dil} * r, s.gy);
+    const int64_t cs = int64_t{g.dil} * t.sy;  // between sub-grid columns
+    if (t.sd == 1) {
+      for (int c = ca; c < cb; ++c) std::copy(src + c * cs, src + c * cs + D, row + (c - c0) * D);
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        const T* sd = src + d * t.sd;
+        for (int c = ca; c < cb; ++c) row[(c - c0) * D + d] = sd[c * cs];
+      }
+    }
+  }
+}
+
+// dst [rows, w, D] <- columns [off, off + w) of a staged [rows, width, D] block.
+template <typename T>
+inline void sub_block(const T* st, int rows, int width, int off, int w, int64_t D, T* dst) {
+  for (int r = 0; r < rows; ++r) std::copy(st + (int64_t{r} * width + off) * D, st + (int64_t{r} * width + off + w) * D,
+                                           dst + int64_t{r} * w * D);
+}
+
+// Window of query (qi, qj) of a slice, relative to a halo whose first row/col is (r0, c0).
+struct Win {
+  int base;        // index of the window's first key in a halo row-major [hx, hy] block
+  int u0, u1;      // window rows taken (mask mode drops off-map rows)
+  int w0, w1;      // window cols taken
+  int bi0, bj0;    // bias table row/col of window entry (0, 0)
+};
+
+inline Win window_of(const Geometry& g, const SliceGeo& s, int qi, int qj, int r0, int c0, int hy) {
+  const int ks = g.ks;
+  const int wsi = window_start(qi, s.nx, ks, g.border), wsj = window_start(qj, s.ny, ks, g.border);
+  Win w;
+  w.base = (wsi - r0) * hy + (wsj - c0);
+  w.u0 = 0, w.u1 = ks, w.w0 = 0, w.w1 = ks;
+  if (g.border == kMask) {
+    w.u0 = std::max(0, -wsi), w.u1 = std::min(ks, s.nx - wsi);
+    w.w0 = std::max(0, -wsj), w.w1 = std::min(ks, s.ny - wsj);
+  }
+  w.bi0 = wsi - qi + ks - 1, w.bj0 = wsj - qj + ks - 1;
+  return w;
+}
+
+// Halo rows [r0, r1) of query rows [i0, i1) (window starts are non-decreasing along an axis).
+inline void halo(int i0, int i1, int n, const Geometry& g, int* r0, int* r1) {
+  *r0 = window_start(i0, n, g.ks, g.border);
+  *r1 = window_start(i1 - 1, n, g.ks, g.border) + g.ks;
+}
+
+template <typename T>
+void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb, T* out, T* lse, T scale) {
+  const TileShape ts = tile_shape();
+  const int ks = g.ks, R = 2 * ks - 1;
+  const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
+  const int64_t trows = (na2d::subgrid_len(0, static_cast<int>(g.X), g.dil) + ts.tx - 1) / ts.tx;
+  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
+  // Staging: a tile row's query rows and key halo rows over the whole slice width, packed once
+  // (long reads in memory order even for channels-first maps), then cut into tiles.
+  const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
+  const int64_t hrows = ts.tx + ks - 1, hcols = ny_max + ks - 1;
+  at::parallel_for(0, slices * trows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), S(int64_t{tq_max} * kw_max), O(tq_max * D),
+        lg(ks * ks), Qs(ts.tx * ny_max * D), Ks(hrows * hcols * D), Vs(hrows * hcols * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const SliceGeo s = slice_geo(g, task / trows);
+      const int i0 = static_cast<int>(task % trows) * ts.tx;
+      if (i0 >= s.nx) continue;
+      const int i1 = std::min(i0 + ts.tx, s.nx);
+      const T* bias = rpb ? rpb + (s.bh % g.H) * R * R : nullptr;
+      int r0, r1, cA, cB;
+      halo(i0, i1, s.nx, g, &r0, &r1);
+      halo(0, s.ny, s.ny, g, &cA, &cB);
+      pack(q, g, s, i0, i1, 0, s.ny, Qs.data());
+      pack(k, g, s, r0, r1, cA, cB, Ks.data());
+      pack(v, g, s, r0, r1, cA, cB, Vs.data());
+      for (int j0 = 0; j0 < s.ny; j0 += ts.ty) {
+        const int j1 = std::min(j0 + ts.ty, s.ny);
+        int c0, c1;
+        halo(j0, j1, s.ny, g, &c0, &c1);
+        const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, kw = ks * hy, Di = static_cast<int>(D);
+        sub_block(Qs.data(), i1 - i0, s.ny, j0, ty, D, Qp.data());
+        sub_block(Ks.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Kp.data());
+        sub_block(Vs.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Vp.data());
+        // One query row sees ks halo rows (kw keys): [TY, D] @ [D, kw] -> [TY, kw]
+        for (int ii = 0; ii < i1 - i0; ++ii) {
+          const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+          gemm('N', 'T', ty, kw, Di, scale, Qp.data() + ii * ty * D, Di, Kp.data() + kr, Di, T(0),
+               S.data() + int64_t{ii} * ty * kw, kw);
+        }
+        for (int t = 0; t < tq; ++t) {
+          const int qi = i0 + t / ty, qj = j0 + t % ty;
+          const Win w = window_of(g, s, qi, qj, window_start(qi, s.nx, ks, g.border), c0, hy);
+          T* srow = S.data() + int64_t{t} * kw;
+          int n = 0;
+          for (int u = w.u0; u < w.u1; ++u) {
+            const T* sr = srow + w.base + u * hy;
+            if (bias) {
+              const T* br = bias + (w.bi0 + u) * R + w.bj0;
+              for (int c = w.w0; c < w.w1; ++c) lg[n++] = sr[c] + br[c];
+            } else {
+              for (int c = w.w0; c < w.w1; ++c) lg[n++] = sr[c];
+            }
+          }
+          T m = lg[0];
+          for (int e = 1; e < n; ++e) m = std::max(m, lg[e]);
+          const T l = exp_shift_sum(lg.data(), n, m);
+          const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
+          lse[tok] = m + std::log(l);
+          const T inv = T(1) / l;
+          std::fill(srow, srow + kw, T(0));
+          n = 0;
+          for (int u = w.u0; u < w.u1; ++u) {
+            T* sr = srow + w.base + u * hy;
+            for (int c = w.w0; c < w.w1; ++c) sr[c] = lg[n++] * inv;
+          }
+        }
+        // [TY, kw] @ [kw, D] -> [TY, D]
+        for (int ii = 0; ii < i1 - i0; ++ii) {
+          const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+          gemm('N', 'N', ty, Di, kw, T(1), S.data() + int64_t{ii} * ty * kw, kw, Vp.data() + kr, Di, T(0),
+               O.data() + ii * ty * D, Di);
+        }
+        for (int t = 0; t < tq; ++t) {
+          const int qi = i0 + t / ty, qj = j0 + t % ty;
+          const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
+          std::copy(O.data() + t * D, O.data() + (t + 1) * D, out + tok * D);
+        }
+      }
+    }
+  });
+}
+
+// dk, dv zeroed by the caller; bias_part [slices, R*R] zeroed, or null without rpb.
+template <typename T>
+void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb,
+               Strided<T> out, const T* lse, T* dq, T* dk, T* dv, T* bias_part, T scale) {
+  const TileShape ts = tile_shape();
+  const int ks = g.ks, R = 2 * ks - 1;
+  const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
+  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
+  const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
+  const int64_t hrows = ts.tx + ks - 1, hcols = ny_max + ks - 1;  // staging, as in fwd_tiled
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qp(tq_max * D), dOp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), P(int64_t{tq_max} * kw_max),
+        dS(int64_t{tq_max} * kw_max), G(tq_max * D), dKh(hk_max * D), dVh(hk_max * D), lg(ks * ks), dp(ks * ks),
+        delta(tq_max), Qs(ts.tx * ny_max * D), dOs(ts.tx * ny_max * D), Ks(hrows * hcols * D), Vs(hrows * hcols * D);
+    for (int64_t sl = begin; sl < end; ++sl) {
+      const SliceGeo s = slice_geo(g, sl);
+      const T* bias = rpb ? rpb + (s.bh % g.H) * R * R : nullptr;
+      T* dbias = rpb ? bias_part + sl * R * R : nullptr;
+      for (int i0 = 0; i0 < s.nx; i0 += ts.tx) {
+        const int i1 = std::min(i0 + ts.tx, s.nx);
+        int r0, r1, cA, cB;
+        halo(i0, i1, s.nx, g, &r0, &r1);
+        halo(0, s.ny, s.ny, g, &cA, &cB);
+        pack(q, g, s, i0, i1, 0, s.ny, Qs.data());
+        pack(dout, g, s, i0, i1, 0, s.ny, dOs.data());
+        pack(k, g, s, r0, r1, cA, cB, Ks.data());
+        pack(v, g, s, r0, r1, cA, cB, Vs.data());
+        for (int j0 = 0; j0 < s.ny; j0 += ts.ty) {
+          const int j1 = std::min(j0 + ts.ty, s.ny);
+          int c0, c1;
+          halo(j0, j1, s.ny, g, &c0, &c1);
+          const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, hk = (r1 - r0) * hy, kw = ks * hy;
+          const int Di = static_cast<int>(D);
+          sub_block(Qs.data(), i1 - i0, s.ny, j0, ty, D, Qp.data());
+          sub_block(dOs.data(), i1 - i0, s.ny, j0, ty, D, dOp.data());
+          sub_block(Ks.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Kp.data());
+          sub_block(Vs.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Vp.data());
+          for (int t = 0; t < tq; ++t) {  // delta = rowsum(dO * O)
+            const int qi = i0 + t / ty, qj = j0 + t % ty;
+            const T* o = out.at(s.bh, g.H, s.gx + int64_t{g.dil} * qi, s.gy + int64_t{g.dil} * qj);
+            delta[t] = dot(dOp.data() + t * D, o, D, out.sd);
+          }
+          // Per query row, its ks halo rows (kw keys): S [TY, kw] = scale * Q [TY, D] @ K^T [D, kw];
+          // dP [TY, kw] = dO [TY, D] @ V^T [D, kw]
+          for (int ii = 0; ii < i1 - i0; ++ii) {
+            const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+            const int64_t so = int64_t{ii} * ty * kw, qo = int64_t{ii} * ty * D;
+            gemm('N', 'T', ty, kw, Di, scale, Qp.data() + qo, Di, Kp.data() + kr, Di, T(0), P.data() + so, kw);
+            gemm('N', 'T', ty, kw, Di, T(1), dOp.data() + qo, Di, Vp.data() + kr, Di, T(0), dS.data() + so, kw);
+          }
+          for (int t = 0; t < tq; ++t) {
+            const int qi = i0 + t / ty, qj = j0 + t % ty;
+            const Win w = window_of(g, s, qi, qj, window_start(qi, s.nx, ks, g.border), c0, hy);
+            T* prow = P.data() + int64_t{t} * kw;
+            T* dsrow = dS.data() + int64_t{t} * kw;
+            int n = 0;
+            for (int u = w.u0; u < w.u1; ++u) {
+              const T* sr = prow + w.base + u * hy;
+              const T* dr = dsrow + w.base + u * hy;
+              const T* br = bias ? bias + (w.bi0 + u) * R + w.bj0 : nullptr;
+              for (int c = w.w0; c < w.w1; ++c, ++n) {
+                lg[n] = br ? sr[c] + br[c] : sr[c];
+                dp[n] = dr[c];
+              }
+            }
+            const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
+            exp_shift(lg.data(), n, lse[tok]);  // P
+            std::fill(prow, prow + kw, T(0));
+            std::fill(dsrow, dsrow + kw, T(0));
+            const T dl = delta[t];
+            n = 0;
+            for (int u = w.u0; u < w.u1; ++u) {
+              T* sr = prow + w.base + u * hy;
+              T* dr = dsrow + w.base + u * hy;
+              T* dbr = dbias ? dbias + (w.bi0 + u) * R + w.bj0 : nullptr;
+              for (int c = w.w0; c < w.w1; ++c, ++n) {
+                const T ds = lg[n] * (dp[n] - dl);  // dS = P * (dP - delta)
+                sr[c] = lg[n];
+                dr[c] = ds;
+                if (dbr) dbr[c] += ds;
+              }
+            }
+          }
+          // Per query row: dQ [TY, D] = scale * dS [TY, kw] @ K [kw, D]; the halo sums (in row order)
+          // dK [kw, D] += scale * dS^T [kw, TY] @ Q [TY, D], dV [kw, D] += P^T [kw, TY] @ dO [TY, D]
+          std::fill(dKh.begin(), dKh.begin() + hk * D, T(0));
+          std::fill(dVh.begin(), dVh.begin() + hk * D, T(0));
+          for (int ii = 0; ii < i1 - i0; ++ii) {
+            const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
+            const int64_t so = int64_t{ii} * ty * kw, qo = int64_t{ii} * ty * D;
+            gemm('N', 'N', ty, Di, kw, scale, dS.data() + so, kw, Kp.data() + kr, Di, T(0), G.data() + qo, Di);
+            gemm('T', 'N', kw, Di, ty, scale, dS.data() + so, kw, Qp.data() + qo, Di, T(1), dKh.data() + kr, Di);
+            gemm('T', 'N', kw, Di, ty, T(1), P.data() + so, kw, dOp.data() + qo, Di, T(1), dVh.data() + kr, Di);
+          }
+          for (int t = 0; t < tq; ++t) {
+            const int qi = i0 + t / ty, qj = j0 + t % ty;
+            const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
+            std::copy(G.data() + t * D, G.data() + (t + 1) * D, dq + tok * D);
+          }
+          for (int which = 0; which < 2; ++which) {
+            T* dst = which == 0 ? dk : dv;
+            const T* src = which == 0 ? dKh.data() : dVh.data();
+            for (int r = r0; r < r1; ++r) {
+              for (int c = c0; c < c1; ++c, src += D) {
+                if (r < 0 || r >= s.nx || c < 0 || c >= s.ny) continue;
+                const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * r) * g.Y + s.gy + int64_t{g.dil} * c;
+                T* d = dst + tok * D;
+#pragma omp simd
+                for (int64_t e = 0; e < D; ++e) d[e] += src[e];
+              }
+            }
+          }
+        }
       }
     }
   });
@@ -292,15 +750,24 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
                                                 int64_t border, double scale, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   check_cpu(q, "na2d_fwd");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  // q, k, v are read through their strides (no copy); out and lse are contiguous.
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto out = at::empty(qc.sizes(), qc.options());
-  auto lse = at::empty(qc.sizes().slice(0, 4), qc.options().dtype(stat_type(q.scalar_type())));
-  const Geometry g = geometry(qc, kernel_size, border, dilation);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto out = at::empty(q.sizes(), opts);
+  auto lse = at::empty(q.sizes().slice(0, 4), opts.dtype(stat_type(q.scalar_type())));
+  const Geometry g = geometry(q, kernel_size, border, dilation);
+  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: tiles of small GEMMs
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_tiled", [&] {
+      fwd_tiled<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                          lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
+    });
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    fwd_kernel<scalar_t>(g, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+    fwd_kernel<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
                          static_cast<A>(scale));
   });
@@ -314,30 +781,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   check_cpu(q, "na2d_bwd");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto doc = dout.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
+  // dout, q, k, v and out are read through their strides (no copy); the gradients are contiguous.
+  const auto lc = lse.contiguous();  // the forward's own (contiguous) statistic
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto dq = at::empty(qc.sizes(), qc.options());
-  auto dk = at::empty(qc.sizes(), qc.options());
-  auto dv = at::empty(qc.sizes(), qc.options());
-  const auto stat = qc.options().dtype(stat_type(q.scalar_type()));
-  auto delta = at::empty(qc.sizes().slice(0, 4), stat);
-  const Geometry g = geometry(qc, kernel_size, border, dilation);
-  const int64_t rows = g.B * g.H * g.X, R = 2 * kernel_size - 1;
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto stat = opts.dtype(stat_type(q.scalar_type()));
+  const int64_t R = 2 * kernel_size - 1;
+  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: tiles of small GEMMs
+    const Geometry g = geometry(q, kernel_size, border, dilation);
+    auto dq = at::empty(q.sizes(), opts);
+    auto dk = at::zeros(q.sizes(), opts);
+    auto dv = at::zeros(q.sizes(), opts);
+    const int64_t slices = g.B * g.H * g.dil * g.dil;
+    // Per-slice bias sums [slices, R, R], reduced in slice order below.
+    auto part = has_rpb ? at::zeros({slices, R * R}, opts) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_tiled", [&] {
+      bwd_tiled<scalar_t>(g, strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
+                          strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
+                          lc.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                          dv.data_ptr<scalar_t>(), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
+                          static_cast<scalar_t>(scale));
+    });
+    if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
+    auto drpb = at::zeros({g.H, R, R}, opts);
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
+      const scalar_t* p = part.data_ptr<scalar_t>();
+      scalar_t* a = drpb.data_ptr<scalar_t>();
+      const int64_t n = R * R, dd = g.dil * g.dil;
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        scalar_t* ah = a + ((sl / dd) % g.H) * n;
+        for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
+      }
+    });
+    return {dq, dk, dv, drpb};
+  }
+  auto dq = at::empty(q.sizes(), opts);
+  auto dk = at::empty(q.sizes(), opts);
+  auto dv = at::empty(q.sizes(), opts);
+  auto delta = at::empty(q.sizes().slice(0, 4), stat);
+  const Geometry g = geometry(q, kernel_size, border, dilation);
+  const int64_t rows = g.B * g.H * g.X;
   const int64_t blocks = has_rpb ? std::min<int64_t>(rows, kBiasBlocks) : rows;
   // Per-block bias sums: [blocks, H, R, R], independent of the number of tokens.
   auto bias_part = has_rpb ? at::zeros({blocks, g.H, R, R}, stat) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* rp = has_rpb ? rc.data_ptr<scalar_t>() : nullptr;
-    bwd_dq_kernel<scalar_t>(g, doc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                            vc.data_ptr<scalar_t>(), rp, oc.data_ptr<scalar_t>(), lc.data_ptr<A>(), delta.data_ptr<A>(),
+    const auto sdo = strided<scalar_t>(dout), sq = strided<scalar_t>(q), sk = strided<scalar_t>(k),
+               sv = strided<scalar_t>(v);
+    bwd_dq_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, strided<scalar_t>(out), lc.data_ptr<A>(), delta.data_ptr<A>(),
                             dq.data_ptr<scalar_t>(), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
                             static_cast<A>(scale));
-    bwd_dkdv_kernel<scalar_t>(g, doc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                              vc.data_ptr<scalar_t>(), rp, lc.data_ptr<A>(), delta.data_ptr<A>(),
-                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), static_cast<A>(scale));
+    bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), dk.data_ptr<scalar_t>(),
+                              dv.data_ptr<scalar_t>(), static_cast<A>(scale));
   });
   at::Tensor drpb;
   if (has_rpb) {
@@ -352,7 +849,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     });
     drpb = acc.view({g.H, R, R}).to(q.scalar_type());
   } else {
-    drpb = at::empty({0}, qc.options());
+    drpb = at::empty({0}, opts);
   }
   return {dq, dk, dv, drpb};
 }
