@@ -5,7 +5,8 @@
 // gradients are contiguous [B, H, X, Y, D].
 //
 // fp32 and fp64 run the tiled kernels (fwd_tiled, bwd_tiled below): a tile of queries against
-// its key halo as small GEMMs, masked to each query's window. bf16 runs the simple kernels:
+// its key halo as small GEMMs, masked to each query's window. bf16, and inputs holding a NaN or
+// an inf (see all_finite), run the simple kernels:
 // parallel over (batch, head, map row), the head dim the inner loop of every dot and axpy,
 // computed in fp32; each query one online-softmax pass over its window.
 // Nothing with a kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and
@@ -21,6 +22,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -81,6 +83,31 @@ struct Strided {
 template <typename T>
 Strided<T> strided(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// True when every element of a [B, H, X, Y, D] input is finite, read through its strides (no
+// allocation). The tiled kernels multiply whole key halos, where a key outside a query's window
+// enters with weight 0; 0 * NaN or 0 * inf would reach that query. Inputs holding a non-finite
+// value therefore take the simple kernels, which touch only each query's own window, so a NaN or
+// inf reaches exactly the outputs it reaches in PyTorch's own computation (one read of the input,
+// a few per cent of the kernel's time).
+template <typename T>
+bool all_finite(const Strided<T>& t, const at::Tensor& ref) {
+  const int64_t H = ref.size(1), X = ref.size(2), Y = ref.size(3), D = ref.size(4);
+  const int64_t rows = ref.size(0) * H * X;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && ok.load(std::memory_order_relaxed); ++r) {
+      const int64_t bh = r / X, i = r % X;
+      bool row_ok = true;
+      for (int64_t j = 0; j < Y; ++j) {
+        const T* e = t.at(bh, H, i, j);
+        for (int64_t d = 0; d < D; ++d) row_ok &= std::isfinite(static_cast<double>(e[d * t.sd]));
+      }
+      if (!row_ok) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
 }
 
 // [D] . [D] -> scalar (b read with stride sb)
@@ -757,7 +784,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   auto out = at::empty(q.sizes(), opts);
   auto lse = at::empty(q.sizes().slice(0, 4), opts.dtype(stat_type(q.scalar_type())));
   const Geometry g = geometry(q, kernel_size, border, dilation);
-  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: tiles of small GEMMs
+  bool tiled = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: tiles of small GEMMs
+  if (tiled) {  // a non-finite v would reach queries outside its windows (all_finite)
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite", [&] { tiled = all_finite(strided<scalar_t>(v), v); });
+  }
+  if (tiled) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_tiled", [&] {
       fwd_tiled<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
                           has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
@@ -788,7 +819,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   const auto stat = opts.dtype(stat_type(q.scalar_type()));
   const int64_t R = 2 * kernel_size - 1;
-  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: tiles of small GEMMs
+  bool tiled = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: tiles of small GEMMs
+  if (tiled) {  // a non-finite input would reach gradients outside its windows (all_finite)
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_finite", [&] {
+      for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) tiled = tiled && all_finite(strided<scalar_t>(*t), *t);
+    });
+  }
+  if (tiled) {
     const Geometry g = geometry(q, kernel_size, border, dilation);
     auto dq = at::empty(q.sizes(), opts);
     auto dk = at::zeros(q.sizes(), opts);
