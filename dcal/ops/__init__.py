@@ -75,7 +75,8 @@ def multi_kv_attention(
 
     Returns ``softmax(q @ K^T * scale) @ V`` with ``K = cat(k_i)``, ``V = cat(v_i)`` along the
     token axis, computed without concatenating and without an [Nq, sum Nk_i] matrix (except by
-    the reference backend). With one segment this is ordinary attention.
+    the reference backend). With one segment this is ordinary attention. NaN and inf propagate as
+    in PyTorch's attention: an output or gradient is non-finite exactly where the reference's is.
     """
     kv, scale, call = _mkv_call(q, kv, scale, backend)
     _, fn = choose(call, backend)
@@ -245,6 +246,11 @@ def neighborhood_attention2d(
             indexed by the offset in window steps, ``(key - query) / dilation``.
 
     Returns [B, H, X, Y, D] in the dtype of q.
+
+    NaN and inf propagate as in PyTorch's own computation (the reference): an output is non-finite
+    exactly where the reference's is, forward and backward. Exception: the Triton kernels
+    multiply a query tile by its whole key halo, so a non-finite v may also reach the other
+    queries of its tile, and their backward is unspecified for non-finite inputs.
     """
     ks, border, scale, dil = _na2d_call(q, k, v, kernel_size, border, rpb, scale, dilation)
     call = Call("neighborhood_attention2d", q.device, q.dtype, q.shape[-1],
