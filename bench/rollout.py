@@ -9,14 +9,13 @@ Providers (all exact; inputs are the L blocks' q and k, plus their logsumexps fo
 * ``reference``: ``dcal.ops.reference.attention_rollout``: dense, one [B, H, N, N] score tensor and
   the running [B, N, N] product at a time (the baseline).
 * ``compiled``: ``torch.compile`` of ``reference``.
-* ``cpp``: ``dcal.ops.attention_rollout(backend="cpp")``, logsumexps recomputed (two passes per
-  block); ``cpp_lse``: the same with the blocks' logsumexps given (one pass).
+* ``cpp``: ``dcal.ops.attention_rollout(backend="cpp")``, logsumexps recomputed from the same
+  score tiles (one pass); ``cpp_lse``: the same with the blocks' logsumexps given.
 * ``triton`` / ``triton_lse``: the Triton backend (CUDA only).
 
-FLOPs counted per call (:data:`FLOPS`): ``2 * N^2 * D`` per head and block for the scores, twice
-that when the logsumexps are not given (a pass to compute them first; the dense providers' softmax
-does the same work), so GFLOP/s compares the same useful work; the dense providers' ``2 * B * N^3``
-per block for the matrix product is not counted. Memory floor: the [B, N] fp32 output.
+FLOPs counted per call (:data:`FLOPS`): ``2 * N^2 * D`` per head and block for the scores, with or
+without the logsumexps (they come from the same scores), so GFLOP/s compares the same useful work;
+the dense providers' ``2 * B * N^3`` per block for the matrix product is not counted. Memory floor: the [B, N] fp32 output.
 
 Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 448 px (785 tokens, the seeds' shape);
 ``--full`` adds 224 px (197 tokens); fp32 on CPU, fp16 on GPU. ``--quick``: 3 blocks, 2 heads,
@@ -34,7 +33,7 @@ from bench.common import Case, Unavailable, bench_main, flops_rollout, nbytes
 NAME = "rollout"
 BASELINE = "reference"
 X_LABEL = "tokens N"
-FLOPS = "2*N*N*D per head and block, plus the same again for the logsumexp pass when lses are absent"
+FLOPS = "2*N*N*D per head and block (the scores), with or without the logsumexps"
 
 SWEEP = (197, 785)
 SEEDS = (785,)
@@ -50,14 +49,8 @@ def cases(quick: bool, device: str, full: bool = False):
         B, H, D, L, sweep = 2, 12, 64, 12, (SWEEP if full else SEEDS)
     dtype = "float16" if cuda else "float32"
     return [Case(name=f"N{n}-L{L}", params=dict(B=B, H=H, N=n, D=D, L=L), dtype=dtype, device=device, mode="fwd",
-                 flops=flops_rollout(B, H, n, D, L, with_lse=False), x=n, group="fwd",
+                 flops=flops_rollout(B, H, n, D, L), x=n, group="fwd",
                  floor_bytes=nbytes((B, n), "float32")) for n in sweep]
-
-
-def flops_for(case: Case, provider: str) -> float:
-    """Providers given the blocks' logsumexps skip the pass that computes them."""
-    p = case.params
-    return flops_rollout(p["B"], p["H"], p["N"], p["D"], p["L"], with_lse=provider.endswith("_lse"))
 
 
 def describe(device: str) -> str:

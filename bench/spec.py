@@ -123,11 +123,10 @@ def flops_neighborhood(batch: int, heads: int, x: int, y: int, kernel_size: int,
     return flops_attention(batch, heads, x * y, kernel_size * kernel_size, head_dim, mode)
 
 
-def flops_rollout(batch: int, heads: int, tokens: int, head_dim: int, layers: int, with_lse: bool) -> float:
-    """2*N*N*D per head and layer for the scores q k^T; without the blocks' logsumexps a second
-    such pass computes them first (the dense providers' softmax does the same work)."""
-    one = 2.0 * batch * heads * tokens * tokens * head_dim * layers
-    return one if with_lse else 2 * one
+def flops_rollout(batch: int, heads: int, tokens: int, head_dim: int, layers: int) -> float:
+    """2*N*N*D per head and layer for the scores q k^T: the useful work, with or without the blocks'
+    logsumexps (the C++ kernel and the dense softmax both take them from the one score matrix)."""
+    return 2.0 * batch * heads * tokens * tokens * head_dim * layers
 
 
 # ----------------------------------------------------------------------------- memory floors

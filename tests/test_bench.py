@@ -317,8 +317,7 @@ def test_full_selects_every_case_with_fixed_rounds(budget_module):
 def test_flops_and_floors():
     assert common.flops_neighborhood(2, 4, 8, 9, 7, 32) == 4 * 2 * 4 * 8 * 9 * 49 * 32
     assert common.flops_neighborhood(1, 1, 2, 2, 3, 8, "fwd+bwd") == 3.5 * 4 * 4 * 9 * 8
-    assert common.flops_rollout(2, 3, 10, 8, 4, with_lse=True) == 2 * 2 * 3 * 100 * 8 * 4
-    assert common.flops_rollout(2, 3, 10, 8, 4, with_lse=False) == 2 * common.flops_rollout(2, 3, 10, 8, 4, True)
+    assert common.flops_rollout(2, 3, 10, 8, 4) == 2 * 2 * 3 * 100 * 8 * 4
     assert common.floor_outputs((2, 3), "float32", "fwd", [(2, 3)] * 5) == 24
     assert common.floor_outputs((2, 3), "bfloat16", "fwd+bwd", [(2, 3)] * 5) == 6 * 12
 
