@@ -427,7 +427,7 @@ _CONFIGS = {
     (False, 16): ((8, 8, 32, 8, 2), (8, 8, 32, 8, 2)),
     (False, 32): ((8, 8, 32, 8, 2), (8, 8, 32, 8, 2)),
     (False, 64): ((8, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 32-key chunks spilled 8 B (dk/dv, sm_80)
-    (False, 128): ((8, 8, 32, 8, 2), (2, 8, 16, 4, 1)),  # 4x8, 2x8 (32-key chunks, 2 stages) dk/dv spilled
+    (False, 128): ((8, 8, 32, 8, 2), (2, 8, 16, 8, 1)),  # 4 warps (and 4x8, or 32-key chunks) spilled in dk/dv
     (True, 16): ((8, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 32-key chunks spilled 8-20 B in dq with rpb
     (True, 32): ((4, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 8x8 spilled 16 B on sm_90 at KS 3 and 9
     (True, 64): ((4, 8, 16, 8, 1), (2, 8, 16, 4, 1)),  # 32-key forward chunks / 4x8 dk/dv spilled 8-16 B
