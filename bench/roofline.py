@@ -112,7 +112,7 @@ def pwca_launches(dtype, s=DCAL, cc: int = 90) -> List[Launch]:
 
 
 def na2d_launches(dtype, s=BEV) -> List[Launch]:
-    from dcal.kernels.na2d import launch_config
+    from dcal.kernels.na2d import delta_block_m, launch_config
 
     B, H, X, Y, D, KS = s["B"], s["H"], s["X"], s["Y"], s["D"], s["KS"]
     e, BH, n = _elt(dtype), s["B"] * s["H"], X * Y
@@ -143,8 +143,9 @@ def na2d_launches(dtype, s=BEV) -> List[Launch]:
             useful = {"na2d_fwd": 4.0, "na2d_bwd_dq": 6.0, "na2d_bwd_dkdv": 4.0}[kernel] * KS * KS * D * n * BH
             out.append(Launch("neighborhood", kernel, tiles * BH, c["num_warps"], c["num_stages"], dict(consts),
                               useful, 2.0 * mult * pairs_exec * bd * BH, BH * reads_min, BH * tiles * per_tile))
-    out.insert(1, Launch("neighborhood", "na2d_bwd_delta", math.ceil(BH * n / 64), 4, 1,
-                         dict(BLOCK_M=64, BLOCK_D=bd), 0.0, 2.0 * n * D * BH,
+    bm = delta_block_m(bd)
+    out.insert(1, Launch("neighborhood", "na2d_bwd_delta", math.ceil(BH * n / bm), 4, 1,
+                         dict(BLOCK_M=bm, BLOCK_D=bd), 0.0, 2.0 * n * D * BH,
                          BH * (2 * mapbytes + n * 4), BH * (2 * mapbytes + n * 4)))
     return out
 

@@ -507,7 +507,7 @@ def na2d_fwd(q, k, v, rpb, kernel_size: int, border: str, scale: float,
     return out, lse
 
 
-def _delta_block_m(bd: int) -> int:
+def delta_block_m(bd: int) -> int:
     """Rows per program of the delta pre-pass: 16 elements of O and of dO per thread (4 warps)."""
     return max(16, 2048 // bd)
 
@@ -525,7 +525,7 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
     has_rpb = rpb is not None
     rpb_t = rpb.contiguous() if has_rpb else q
     delta = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
-    bm = _delta_block_m(bd)
+    bm = delta_block_m(bd)
     _launch(_na2d_bwd_delta_kernel, (triton.cdiv(X * Y, bm), B * H),
             (out, dout, delta, *_strides(out, dout), X, Y, H, D),
             dict(BLOCK_M=bm, BLOCK_D=bd), dict(num_warps=4, num_stages=1))
@@ -595,8 +595,8 @@ def aot_specs(kernel_sizes=(7,)) -> List[KernelSpec]:
             config = launch_config(bd, dtype)
             for unit_d in (True, False):
                 specs.append(_spec("na2d_bwd_delta", _na2d_bwd_delta_kernel, tt,
-                                   {"BLOCK_M": _delta_block_m(bd), "BLOCK_D": bd}, {"num_warps": 4, "num_stages": 1},
-                                   {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": _delta_block_m(bd)}, unit_d))
+                                   {"BLOCK_M": delta_block_m(bd), "BLOCK_D": bd}, {"num_warps": 4, "num_stages": 1},
+                                   {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": delta_block_m(bd)}, unit_d))
             for ks in kernel_sizes:
                 for has_rpb in (False, True):
                     for name, kernel, part in (("na2d_fwd", _na2d_fwd_kernel, "fwd"),
