@@ -34,19 +34,9 @@ from bench.spec import Case, Unavailable
 def time_fn(fn: Callable[[], Any], warmup: int = 2, reps: int = 10, cuda: bool = False) -> Dict[str, float]:
     """Run ``fn`` ``warmup`` times, then time ``reps`` calls; returns median/min/max in ms.
     (In-process helper; the runner interleaves providers instead.)"""
-    import torch
-
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = [_timed(fn, cuda) for _ in range(reps)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 

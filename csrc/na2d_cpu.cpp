@@ -30,17 +30,9 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "dcal.h"
 #include "na2d.h"
-
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-}
 
 namespace dcal {
 namespace {
@@ -329,74 +321,15 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
 // in a fixed order, so dk, dv and the per-slice bias partials are deterministic bit for bit.
 // ---------------------------------------------------------------------------------------------
 
-// Row-major C[M, N] = alpha op(A) op(B) + beta C. BLAS is column-major, where a row-major matrix
-// reads as its transpose: C^T = op(B)^T op(A)^T, so the operands swap and the flags stay.
-inline void gemm(char ta, char tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
-                 float beta, float* C, int ldc) {
-  sgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
-inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
-                 int ldb, double beta, double* C, int ldc) {
-  dgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+// Row-major BLAS GEMM, the vectorising exp and the fixed-order sum: csrc/cpu_math.h.
+using cpu::exp_poly;
+using cpu::gemm;
+using cpu::sum_impl;
 
-// exp by Cody-Waite reduction and a Taylor polynomial (degree 7 fp32, 13 fp64: below half an
-// ulp), so the window loops vectorise (std::exp does not without -ffast-math). Arguments are
-// clamped at -87 / -708; callers pass x <= 0 (logit minus the row max or the logsumexp).
-[[gnu::always_inline]] inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
-[[gnu::always_inline]] inline double exp_poly(double x) {
-  x = x < -708.0 ? -708.0 : x;
-  const double n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
-  double r = x - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  return p * __builtin_bit_cast(double, (static_cast<int64_t>(n) + 1023) << 52);
-}
-
-#define DCAL_NA2D_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-constexpr int kLanes = 16;  // partial sums combined in a fixed order: same bits on every clone
-
+#define DCAL_NA2D_CLONES DCAL_CPU_CLONES
 template <typename T>
 [[gnu::always_inline]] inline void exp_shift_impl(T* x, int n, T c) {
   for (int e = 0; e < n; ++e) x[e] = exp_poly(x[e] - c);
-}
-template <typename T>
-[[gnu::always_inline]] inline T sum_impl(const T* x, int n) {
-  T acc[kLanes] = {};
-  int e = 0;
-  for (; e + kLanes <= n; e += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[e + l];
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; e < n; ++e) s += x[e];
-  return s;
 }
 DCAL_NA2D_CLONES void exp_shift(float* x, int n, float c) { exp_shift_impl(x, n, c); }
 DCAL_NA2D_CLONES void exp_shift(double* x, int n, double c) { exp_shift_impl(x, n, c); }

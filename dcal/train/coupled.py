@@ -329,13 +329,14 @@ def check_model(model: nn.Module) -> None:
                              "without BatchNorm (use GroupNorm or LayerNorm)")
 
 
-def _split(x: Any, start: int, stop: int) -> Any:
+def split_batch(x: Any, start: int, stop: int) -> Any:
+    """Rows start:stop of a batch: every tensor of a (nested) tuple, list or dict is sliced."""
     if isinstance(x, Tensor):
         return x[start:stop]
     if isinstance(x, (list, tuple)):
-        return type(x)(_split(v, start, stop) for v in x)
+        return type(x)(split_batch(v, start, stop) for v in x)
     if isinstance(x, dict):
-        return {k: _split(v, start, stop) for k, v in x.items()}
+        return {k: split_batch(v, start, stop) for k, v in x.items()}
     return x
 
 
@@ -406,7 +407,7 @@ def cached_backward(
         for s, e in spans:
             states.append(_rng_state(device))
             with autocast():
-                out = loss.forward_model(model, _split(rows, s, e))
+                out = loss.forward_model(model, split_batch(rows, s, e))
             leaves, spec, per_row = _leaves(out, e - s)
             cached.append([t.detach() for t in leaves])
             del out, leaves
@@ -442,7 +443,7 @@ def cached_backward(
         sync = contextlib.nullcontext() if (ddp is None or i == last) else ddp.no_sync()
         with sync:
             with autocast():
-                out = loss.forward_model(forward_model, _split(rows, s, e))
+                out = loss.forward_model(forward_model, split_batch(rows, s, e))
             leaves, _, _ = _leaves(out, e - s)
             outs, gs = [], []
             for t, g, p in zip(leaves, full_grads, per_row):

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dcal.train import autobatch
 from dcal.train import checkpoint as ckpt
 from dcal.train.config import TrainConfig, parse_bytes
-from dcal.train.coupled import CoupledLoss, cached_backward, check_model
+from dcal.train.coupled import CoupledLoss, cached_backward, check_model, split_batch
 from dcal.train.data import collate, set_epoch
 from dcal.train.memory import cpu_peak_rss, reset_cpu_peak
 from dcal.train.optim import CosineWarmup, param_groups
@@ -73,16 +73,6 @@ def setup_distributed() -> Tuple[int, int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
-
-
-def _split(x: Any, start: int, stop: int) -> Any:
-    if isinstance(x, Tensor):
-        return x[start:stop]
-    if isinstance(x, (list, tuple)):
-        return type(x)(_split(v, start, stop) for v in x)
-    if isinstance(x, dict):
-        return {k: _split(v, start, stop) for k, v in x.items()}
-    return x
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -284,7 +274,7 @@ class Trainer:
         starts = list(range(0, n, b))
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, s in enumerate(starts):
-            x, y = _split(batch, s, min(s + b, n))
+            x, y = split_batch(batch, s, min(s + b, n))
             m = y.shape[0] if isinstance(y, Tensor) else min(s + b, n) - s
             x, y = _to(x, self.device), _to(y, self.device)
             last = i == len(starts) - 1
