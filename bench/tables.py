@@ -167,7 +167,7 @@ def write_csv(path: str, name: str, results: List[Result], env: Dict[str, str], 
                 "median_ms": _num(r.median_ms, ".4f"), "min_ms": _num(r.min_ms, ".4f"),
                 "max_ms": _num(r.max_ms, ".4f"), "reps": r.reps, "note": r.note, "tflops": _num(r.tflops, ".5f"),
                 "gflops": _num(r.gflops, ".6g"), "peak_gflops": _num(r.peak_gflops, ".2f"),
-                "share_of_peak": _num(r.share, ".4f"),
+                "share_of_peak": _num(r.share, ".4g"),  # significant digits: a small share keeps its precision
                 "peak_mib": _num(None if r.peak_bytes is None else r.peak_bytes / MIB, ".2f"),
                 "floor_mib": _num(r.case.floor_bytes / MIB if r.case.floor_bytes else None, ".2f"),
                 "baseline": baseline_of(r.case, baseline) or "",
