@@ -33,6 +33,7 @@
 #include "cpu_math.h"
 #include "dcal.h"
 #include "na2d.h"
+#include "na2d_cpu_simd.h"
 
 namespace dcal {
 namespace {
@@ -641,6 +642,16 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
   });
 }
 
+na2d_simd::Geo simd_geo(const Geometry& g) { return {g.B, g.H, g.X, g.Y, g.D, g.ks, g.border, g.dil}; }
+template <typename T>
+na2d_simd::In<T> simd_in(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+template <typename T>
+na2d_simd::Out<T> simd_out(at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border, int64_t dilation) {
@@ -721,6 +732,14 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   if (tiled) {  // a non-finite v would reach queries outside its windows (all_finite)
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite", [&] { tiled = all_finite(strided<scalar_t>(v), v); });
   }
+  if (tiled && !std::getenv("DCAL_NA2D_OLD")) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
+      na2d_simd::fwd(simd_geo(g), simd_in<scalar_t>(q), simd_in<scalar_t>(k), simd_in<scalar_t>(v),
+                     has_rpb ? rc.data_ptr<scalar_t>() : nullptr, simd_out<scalar_t>(out), lse.data_ptr<scalar_t>(),
+                     static_cast<scalar_t>(scale));
+    });
+    return {out, lse};
+  }
   if (tiled) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_tiled", [&] {
       fwd_tiled<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
@@ -757,6 +776,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_finite", [&] {
       for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) tiled = tiled && all_finite(strided<scalar_t>(*t), *t);
     });
+  }
+  if (tiled && !std::getenv("DCAL_NA2D_OLD")) {
+    const Geometry g = geometry(q, kernel_size, border, dilation);
+    auto dq = at::empty(q.sizes(), opts);
+    auto dk = at::empty(q.sizes(), opts);
+    auto dv = at::empty(q.sizes(), opts);
+    const int64_t slices = g.B * g.H * g.dil * g.dil;
+    auto part = has_rpb ? at::empty({slices, R * R}, opts) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
+      na2d_simd::bwd(simd_geo(g), simd_in<scalar_t>(dout), simd_in<scalar_t>(q), simd_in<scalar_t>(k),
+                     simd_in<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, simd_in<scalar_t>(out),
+                     lc.data_ptr<scalar_t>(), simd_out<scalar_t>(dq), simd_out<scalar_t>(dk), simd_out<scalar_t>(dv),
+                     has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
+    });
+    if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
+    auto drpb = at::zeros({g.H, R, R}, opts);
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
+      const scalar_t* p = part.data_ptr<scalar_t>();
+      scalar_t* a = drpb.data_ptr<scalar_t>();
+      const int64_t n = R * R, dd = g.dil * g.dil;
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        scalar_t* ah = a + ((sl / dd) % g.H) * n;
+        for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
+      }
+    });
+    return {dq, dk, dv, drpb};
   }
   if (tiled) {
     const Geometry g = geometry(q, kernel_size, border, dilation);

@@ -1,0 +1,868 @@
+// 2-D neighborhood attention on CPU, fp32 and fp64: register-blocked kernels with the queries of a
+// map row in the SIMD lanes.
+//
+// Why this shape. A query's window is ks x ks keys; along a map row the window slides by one key
+// per query. With L consecutive queries (j0 .. j0 + L - 1) of one row in the lanes of a vector,
+// the key at column offset c of every lane's window is the key row's column j0 + c + lane: one
+// unaligned load from the key row stored transposed ([D][columns]). So
+//   logits  S[u][c]  = sum_d Qt[d][j0:] * Kt_u[d][j0 + c:]        (u: window row, c: column offset)
+//   output  Ot[d]    = sum_{u,c} P[u][c] * Vt_u[d][j0 + c:]
+// are plain vector FMAs with the accumulators in registers (ks offsets per key row for the
+// logits; a block of head dims for the output), every lane's softmax is elementwise across the
+// ks^2 logit vectors, and the bias of (u, c) is one scalar for all lanes (it depends only on the
+// offsets). No logit outside a window is computed except at clamp-mode borders, where the lanes'
+// windows shift by different amounts and the union of their offsets is computed and masked.
+//
+// Each (batch, head, gx, gy) slice of a dilated problem is an undilated problem on its sub-grid
+// (see the comment on the tiled kernels in na2d_cpu.cpp, and na2d.h): the kernels below work on
+// slice coordinates and reach memory through strides scaled by the dilation.
+//
+// Key and value rows are staged transposed, zero-padded by ks - 1 + L columns on each side (zero
+// mode's off-map keys are exactly such zeros; off-map rows are zero rows), in a ring of ks rows
+// per thread that follows the query row down the slice: each key row is staged once per pass.
+//
+// Backward, one thread per slice, query rows in order: P from the logits and the forward's
+// logsumexp, dP = dO . V as the logits, dS = P * (dP - delta), dQ as the output, and the bias
+// gradient summed per (row offset, column offset) in vector accumulators. dK and dV are gathered
+// with the KEYS in the lanes: the query row's P and dS are kept for the whole row, indexed by
+// (u, c) and query column, so key column kc = k0 + lane receives from query column kc - c:
+//   dKt_u[d][k0:] += sum_c dS[u][c][k0 - c:] * Qt[d][k0 - c:]   (and dV from P and dO)
+// accumulated in registers over c, into a ring of transposed key-row accumulators that is written
+// out when the key row leaves the window. Every write has one owner and a fixed order: the
+// results are deterministic, bit for bit, whatever the thread count.
+#include "na2d_cpu_simd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "cpu_math.h"
+#define DCAL_NA2D_MATH_ONLY
+#include "na2d.h"
+
+#define DCAL_AI [[gnu::always_inline]] inline
+
+// Vectors only cross always-inline calls, inside one clone, so the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace dcal {
+namespace na2d_simd {
+namespace {
+
+using na2d::kClamp;
+using na2d::kMask;
+using na2d::window_start;
+
+// 256-bit vectors (GCC vector extensions: AVX2 on the x86-64-v3 clone, two SSE halves on the
+// baseline clone, the low half of the AVX-512 registers on x86-64-v4). Arrays of them live in
+// AlignedBuf (std::vector would drop the type's alignment).
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float v __attribute__((vector_size(32)));
+  typedef int32_t m __attribute__((vector_size(32)));
+  static constexpr int L = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double v __attribute__((vector_size(32)));
+  typedef int64_t m __attribute__((vector_size(32)));
+  static constexpr int L = 4;
+};
+template <typename T>
+using vec_t = typename Vec<T>::v;
+template <typename T>
+using mask_t = typename Vec<T>::m;
+
+// n vectors (or masks) on a 64-byte boundary, zero-initialised.
+template <typename E>
+class AlignedBuf {
+ public:
+  AlignedBuf() = default;
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  ~AlignedBuf() { std::free(p_); }
+  void resize(size_t n) {
+    std::free(p_);
+    p_ = static_cast<E*>(std::aligned_alloc(64, (n * sizeof(E) + 63) / 64 * 64));
+    if (p_ == nullptr && n != 0) throw std::bad_alloc();
+    std::memset(static_cast<void*>(p_), 0, n * sizeof(E));
+    n_ = n;
+  }
+  E* data() { return p_; }
+  E& operator[](size_t i) { return p_[i]; }
+  E* begin() { return p_; }
+  E* end() { return p_ + n_; }
+
+ private:
+  E* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+template <typename T>
+DCAL_AI vec_t<T> loadu(const T* p) {
+  vec_t<T> r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+template <typename T>
+DCAL_AI void storeu(T* p, vec_t<T> x) {
+  std::memcpy(p, &x, sizeof x);
+}
+template <typename T>
+DCAL_AI vec_t<T> splat(T s) {
+  return vec_t<T>{} + s;
+}
+template <typename T>
+DCAL_AI vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
+  return a > b ? a : b;
+}
+
+// exp of every lane: cpu::exp_poly's reduction and polynomial, lane-wise (same clamps).
+DCAL_AI Vec<float>::v vexp(Vec<float>::v x) {
+  using V = Vec<float>::v;
+  using M = Vec<float>::m;
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723212e-6f;
+  V p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const M e = (__builtin_convertvector(n, M) + 127) << 23;
+  return p * __builtin_bit_cast(V, e);
+}
+DCAL_AI Vec<double>::v vexp(Vec<double>::v x) {
+  using V = Vec<double>::v;
+  using M = Vec<double>::m;
+  x = x < splat(-708.0) ? splat(-708.0) : x;
+  x = x > splat(709.0) ? splat(709.0) : x;
+  const V n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
+  V r = x - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  V p = splat(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const M e = (__builtin_convertvector(n, M) + 1023) << 52;
+  return p * __builtin_bit_cast(V, e);
+}
+
+// In-register transpose of an L x L block (r[i][j] -> r[j][i]): unpack, shuffle, swap halves.
+DCAL_AI void transpose(Vec<float>::v* r) {
+  using V = Vec<float>::v;
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+DCAL_AI void transpose(Vec<double>::v* r) {
+  using V = Vec<double>::v;
+  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 2, 6), t1 = __builtin_shufflevector(r[0], r[1], 1, 5, 3, 7);
+  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 2, 6), t3 = __builtin_shufflevector(r[2], r[3], 1, 5, 3, 7);
+  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+  r[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+  r[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+
+// dst[e * ds + l] = src[l * ss + e] for an L x L block (token-major <-> head-dim-major).
+template <typename T>
+DCAL_AI void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds) {
+  constexpr int L = Vec<T>::L;
+  vec_t<T> r[L];
+  for (int l = 0; l < L; ++l) r[l] = loadu(src + l * ss);
+  transpose(r);
+  for (int l = 0; l < L; ++l) storeu(dst + l * ds, r[l]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels. Rows are transposed [D][W] blocks (row stride W between head dims).
+
+// out[c] = sum_d a[d*W] * b[d*W + c] (vectors), c < NC: one query row's logits against the NC
+// column offsets of one key row. NC accumulators stay in registers over the head dim.
+template <typename T, int NC>
+DCAL_AI void dots_n(const T* a, const T* b, int64_t W, int64_t D, vec_t<T>* out) {
+  vec_t<T> acc[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) acc[c] = vec_t<T>{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vec_t<T> x = loadu(a + d * W);
+    const T* bd = b + d * W;
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[c] += x * loadu(bd + c);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) out[c] = acc[c];
+}
+
+template <typename T>
+DCAL_AI void dots(const T* a, const T* b, int64_t W, int64_t D, int nc, vec_t<T>* out) {
+  for (int c0 = 0; c0 < nc; c0 += 8) {
+    switch (std::min(8, nc - c0)) {
+      case 1: dots_n<T, 1>(a, b + c0, W, D, out + c0); break;
+      case 2: dots_n<T, 2>(a, b + c0, W, D, out + c0); break;
+      case 3: dots_n<T, 3>(a, b + c0, W, D, out + c0); break;
+      case 4: dots_n<T, 4>(a, b + c0, W, D, out + c0); break;
+      case 5: dots_n<T, 5>(a, b + c0, W, D, out + c0); break;
+      case 6: dots_n<T, 6>(a, b + c0, W, D, out + c0); break;
+      case 7: dots_n<T, 7>(a, b + c0, W, D, out + c0); break;
+      default: dots_n<T, 8>(a, b + c0, W, D, out + c0); break;
+    }
+  }
+}
+
+// o[d0 + e] += sum_{c < n} w[c] * b[c + (d0 + e) * W] for e < DB: one key row's share of a
+// weighted sum of shifted rows (P @ V, dS @ K) for one lane block, DB accumulators in registers.
+template <typename T, int DB>
+DCAL_AI void wacc_n(int n, const vec_t<T>* w, const T* b, int64_t W, int64_t d0, vec_t<T>* o) {
+  vec_t<T> acc[DB];
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) acc[e] = o[d0 + e];
+  for (int c = 0; c < n; ++c) {
+    const vec_t<T> x = w[c];
+    const T* bc = b + c + d0 * W;
+#pragma GCC unroll 16
+    for (int e = 0; e < DB; ++e) acc[e] += x * loadu(bc + e * W);
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) o[d0 + e] = acc[e];
+}
+
+template <typename T>
+DCAL_AI void wacc(int n, const vec_t<T>* w, const T* b, int64_t W, int64_t D, vec_t<T>* o) {
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    switch (std::min<int64_t>(8, D - d0)) {
+      case 1: wacc_n<T, 1>(n, w, b, W, d0, o); break;
+      case 2: wacc_n<T, 2>(n, w, b, W, d0, o); break;
+      case 3: wacc_n<T, 3>(n, w, b, W, d0, o); break;
+      case 4: wacc_n<T, 4>(n, w, b, W, d0, o); break;
+      case 5: wacc_n<T, 5>(n, w, b, W, d0, o); break;
+      case 6: wacc_n<T, 6>(n, w, b, W, d0, o); break;
+      case 7: wacc_n<T, 7>(n, w, b, W, d0, o); break;
+      default: wacc_n<T, 8>(n, w, b, W, d0, o); break;
+    }
+  }
+}
+
+// dst[(d0 + e) * W] += sum_t w_t[0:L] * b_t[(d0 + e) * W] for e < DB: the key-lane gather of dK
+// and dV (w_t: a row of dS or P shifted by the offset, b_t: Q or dO shifted alike).
+template <typename T, int DB>
+DCAL_AI void gather_n(int n, const T* const* w, const T* const* b, int64_t W, int64_t d0, T* dst) {
+  vec_t<T> acc[DB];
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) acc[e] = loadu(dst + (d0 + e) * W);
+  for (int t = 0; t < n; ++t) {
+    const vec_t<T> x = loadu(w[t]);
+    const T* bt = b[t] + d0 * W;
+#pragma GCC unroll 16
+    for (int e = 0; e < DB; ++e) acc[e] += x * loadu(bt + e * W);
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) storeu(dst + (d0 + e) * W, acc[e]);
+}
+
+template <typename T>
+DCAL_AI void gather(int n, const T* const* w, const T* const* b, int64_t W, int64_t D, T* dst) {
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    switch (std::min<int64_t>(8, D - d0)) {
+      case 1: gather_n<T, 1>(n, w, b, W, d0, dst); break;
+      case 2: gather_n<T, 2>(n, w, b, W, d0, dst); break;
+      case 3: gather_n<T, 3>(n, w, b, W, d0, dst); break;
+      case 4: gather_n<T, 4>(n, w, b, W, d0, dst); break;
+      case 5: gather_n<T, 5>(n, w, b, W, d0, dst); break;
+      case 6: gather_n<T, 6>(n, w, b, W, d0, dst); break;
+      case 7: gather_n<T, 7>(n, w, b, W, d0, dst); break;
+      default: gather_n<T, 8>(n, w, b, W, d0, dst); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slices, staging and the lanes' windows.
+
+struct Slice {
+  int64_t bh;
+  int gx, gy, nx, ny;
+};
+
+DCAL_AI Slice slice_of(const Geo& g, int64_t sl) {
+  const int64_t dd = int64_t{g.dil} * g.dil;
+  Slice s;
+  s.bh = sl / dd;
+  s.gx = static_cast<int>((sl % dd) / g.dil);
+  s.gy = static_cast<int>(sl % g.dil);
+  s.nx = na2d::subgrid_len(s.gx, static_cast<int>(g.X), g.dil);
+  s.ny = na2d::subgrid_len(s.gy, static_cast<int>(g.Y), g.dil);
+  return s;
+}
+
+// Element offset of slice position (r, c), head dim 0, in a tensor with strides t.
+template <typename S>
+DCAL_AI int64_t offset(const S& t, const Geo& g, const Slice& s, int64_t r, int64_t c) {
+  return (s.bh / g.H) * t.sb + (s.bh % g.H) * t.sh + (s.gx + g.dil * r) * t.sx + (s.gy + g.dil * c) * t.sy;
+}
+
+// Padding of a staged row on each side: the widest column offset plus one vector of lanes.
+DCAL_AI int pad_of(int ks, int L) { return ks - 1 + L; }
+
+// dst [D][W] <- row r of the slice, transposed, columns at dst[PAD + c]; zeros off the map.
+template <typename T>
+DCAL_AI void stage(const In<T>& t, const Geo& g, const Slice& s, int r, int64_t W, int PAD, T* dst) {
+  const int64_t D = g.D, ny = s.ny;
+  if (r < 0 || r >= s.nx) {
+    std::fill(dst, dst + D * W, T(0));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    std::fill(dst + d * W, dst + d * W + PAD, T(0));
+    std::fill(dst + d * W + PAD + ny, dst + (d + 1) * W, T(0));
+  }
+  const T* src = t.p + offset(t, g, s, r, 0);
+  const int64_t cs = int64_t{g.dil} * t.sy;
+  if (t.sd != 1 && (cs == 1 || std::abs(cs) < std::abs(t.sd))) {  // columns closer than head dims
+    for (int64_t d = 0; d < D; ++d) {
+      const T* sd = src + d * t.sd;
+      T* row = dst + d * W + PAD;
+      for (int64_t c = 0; c < ny; ++c) row[c] = sd[c * cs];
+    }
+  } else {
+    constexpr int L = Vec<T>::L;
+    int64_t c = 0;
+    if (t.sd == 1)  // L tokens x L head dims at a time, transposed in registers
+      for (; c + L <= ny; c += L) {
+        int64_t d = 0;
+        for (; d + L <= D; d += L) transpose_block(src + c * cs + d, cs, dst + d * W + PAD + c, W);
+        for (; d < D; ++d)
+          for (int l = 0; l < L; ++l) dst[d * W + PAD + c + l] = src[(c + l) * cs + d];
+      }
+    for (; c < ny; ++c) {
+      const T* e = src + c * cs;
+      T* col = dst + PAD + c;
+      for (int64_t d = 0; d < D; ++d) col[d * W] = e[d * t.sd];
+    }
+  }
+}
+
+// Slice row r of dst <- a transposed [D][W] row (columns at src[PAD + c]).
+template <typename T>
+DCAL_AI void unstage(const T* src, const Geo& g, const Slice& s, int r, int64_t W, int PAD, const Out<T>& dst) {
+  const int64_t D = g.D, ny = s.ny, cs = int64_t{g.dil} * dst.sy;
+  T* base = dst.p + offset(dst, g, s, r, 0);
+  if (dst.sd != 1 && (cs == 1 || std::abs(cs) < std::abs(dst.sd))) {
+    for (int64_t d = 0; d < D; ++d) {
+      const T* row = src + d * W + PAD;
+      T* o = base + d * dst.sd;
+      for (int64_t c = 0; c < ny; ++c) o[c * cs] = row[c];
+    }
+  } else {
+    constexpr int L = Vec<T>::L;
+    int64_t c = 0;
+    if (dst.sd == 1)
+      for (; c + L <= ny; c += L) {
+        int64_t d = 0;
+        for (; d + L <= D; d += L) transpose_block(src + d * W + PAD + c, W, base + c * cs + d, cs);
+        for (; d < D; ++d)
+          for (int l = 0; l < L; ++l) base[(c + l) * cs + d] = src[d * W + PAD + c + l];
+      }
+    for (; c < ny; ++c) {
+      const T* col = src + PAD + c;
+      T* o = base + c * cs;
+      for (int64_t d = 0; d < D; ++d) o[d * dst.sd] = col[d * W];
+    }
+  }
+}
+
+// Lanes l < nl of the vectors o[d] -> queries (i, j0 + l) of dst.
+template <typename T>
+DCAL_AI void store_lanes(const vec_t<T>* o, int nl, const Geo& g, const Slice& s, int i, int j0, const Out<T>& dst) {
+  T* base = dst.p + offset(dst, g, s, i, j0);
+  const int64_t cs = int64_t{g.dil} * dst.sy;
+  constexpr int L = Vec<T>::L;
+  if (cs == 1 && nl == L) {
+    for (int64_t d = 0; d < g.D; ++d) storeu(base + d * dst.sd, o[d]);
+    return;
+  }
+  if (dst.sd == 1 && nl == L && g.D % L == 0) {
+    for (int64_t d0 = 0; d0 < g.D; d0 += L) {
+      vec_t<T> r[L];
+      for (int l = 0; l < L; ++l) r[l] = o[d0 + l];
+      transpose(r);
+      for (int l = 0; l < L; ++l) storeu(base + l * cs + d0, r[l]);
+    }
+    return;
+  }
+  for (int l = 0; l < nl; ++l) {
+    T* q = base + l * cs;
+    for (int64_t d = 0; d < g.D; ++d) q[d * dst.sd] = o[d][l];
+  }
+}
+
+// Column offsets (key column - query column) of the windows of queries ja .. jb (clipped to the
+// slice): [*lo, *hi]. Centred windows (zero, mask) have the fixed offsets -ks/2 .. ks/2.
+DCAL_AI void offset_range(int ja, int jb, int ny, int ks, int border, int* lo, int* hi) {
+  if (border != kClamp) {
+    *lo = -(ks / 2);
+    *hi = ks / 2;
+    return;
+  }
+  ja = std::max(ja, 0);
+  jb = std::min(jb, ny - 1);
+  int a = INT_MAX, b = INT_MIN;
+  for (int j = ja; j <= jb; ++j) {
+    const int o = window_start(j, ny, ks, border) - j;
+    a = std::min(a, o);
+    b = std::max(b, o + ks - 1);
+  }
+  *lo = a;
+  *hi = b;
+}
+
+// The window's column offsets for the lanes of queries j0 .. j0 + nl - 1: *cmin and *nc (their
+// union) and, per offset, which lanes it belongs to (clamp windows differ near the borders; mask
+// mode leaves off-map keys out; lanes >= nl belong to no query).
+template <typename T>
+DCAL_AI void lane_windows(int j0, int nl, int ny, int ks, int border, int* cmin, int* nc, mask_t<T>* valid) {
+  constexpr int L = Vec<T>::L;
+  int lo, hi;
+  offset_range(j0, j0 + nl - 1, ny, ks, border, &lo, &hi);
+  *cmin = lo;
+  *nc = hi - lo + 1;
+  int off[L];
+  for (int l = 0; l < nl; ++l) off[l] = window_start(j0 + l, ny, ks, border) - (j0 + l);
+  for (int c = 0; c < *nc; ++c) {
+    mask_t<T> m{};
+    const int oc = lo + c;
+    for (int l = 0; l < nl; ++l) {
+      const int key = j0 + l + oc;
+      const bool in = oc >= off[l] && oc < off[l] + ks && (border != kMask || (key >= 0 && key < ny));
+      m[l] = in ? -1 : 0;
+    }
+    valid[c] = m;
+  }
+}
+
+DCAL_AI int ring_slot(int r, int ks) { return ((r % ks) + ks) % ks; }
+
+// Per-thread buffers, sized for the widest slice.
+template <typename T>
+struct Work {
+  int64_t W;
+  int PAD, nb;                  // nb: lane blocks of the widest slice row
+  std::vector<T> K, V, Qt, Ot;  // K, V: ring of ks transposed rows; Qt (and dOt in Ot) one row
+  std::vector<T> dK, dV;        // backward: ring of transposed key-row gradient accumulators
+  std::vector<T> P, dS;         // backward: [ks][2ks-1][W] rows of P and scale * dS
+  std::vector<T> delta, lse;    // backward: [W] per query column
+  AlignedBuf<vec_t<T>> S, dP;   // [nb][ks][2ks-1] logit-shaped vectors of one query row
+  AlignedBuf<vec_t<T>> o, bias; // o: [nb][D] output-shaped vectors; bias: [2ks-1]^2 gradient sums
+  AlignedBuf<mask_t<T>> valid;  // [nb][2ks-1] lanes of each block's column offsets
+  std::vector<int> cmin, nc;    // [nb] first column offset and offset count of each block
+  std::vector<const T*> wp, bp;
+  std::vector<int> slot, us;    // ring slot -> key row; window rows taken
+
+  Work(const Geo& g, bool backward) {
+    constexpr int L = Vec<T>::L;
+    const int ks = g.ks, NC = 2 * ks - 1;
+    PAD = pad_of(ks, L);
+    const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
+    nb = static_cast<int>((ny_max + L - 1) / L);
+    // Row stride: whole cache lines, an odd number of them, so the D rows of a staged block spread
+    // over every set of the L1 instead of aliasing into a few (a power-of-two stride would).
+    constexpr int64_t kLine = 64 / sizeof(T);
+    W = (ny_max + 2 * PAD + kLine - 1) / kLine * kLine;
+    if ((W / kLine) % 2 == 0) W += kLine;
+    const int64_t row = g.D * W;
+    K.resize(ks * row);
+    V.resize(ks * row);
+    Qt.resize(row);
+    S.resize(int64_t{nb} * ks * NC);
+    o.resize(nb * g.D);
+    valid.resize(nb * NC);
+    cmin.resize(nb);
+    nc.resize(nb);
+    slot.assign(ks, INT_MIN);
+    us.resize(ks);
+    if (backward) {
+      Ot.resize(row);
+      dP.resize(int64_t{nb} * ks * NC);
+      dK.resize(ks * row);
+      dV.resize(ks * row);
+      P.resize(int64_t{ks} * NC * W);
+      dS.resize(int64_t{ks} * NC * W);
+      delta.resize(W);
+      lse.resize(W);
+      bias.resize(NC * NC);
+      wp.resize(NC);
+      bp.resize(NC);
+    }
+  }
+
+  // The lane blocks' windows of a slice row (the same for every row of the slice).
+  void windows(const Geo& g, const Slice& s) {
+    constexpr int L = Vec<T>::L;
+    const int NC = 2 * g.ks - 1;
+    for (int b = 0; b * L < s.ny; ++b)
+      lane_windows<T>(b * L, std::min(L, s.ny - b * L), s.ny, g.ks, g.border, &cmin[b], &nc[b],
+                      valid.data() + b * NC);
+  }
+
+  // Stage key rows wsi .. wsi + ks - 1 into the ring (those not already there) and list the window
+  // rows taken (mask mode leaves off-map rows out). evict(slot) runs before a slot is reused.
+  template <typename Evict>
+  int window_rows(const Geo& g, const Slice& s, const In<T>& k, const In<T>& v, int wsi, Evict evict) {
+    const int ks = g.ks;
+    const int64_t row = g.D * W;
+    int nu = 0;
+    for (int u = 0; u < ks; ++u) {
+      const int r = wsi + u, sl = ring_slot(r, ks);
+      if (slot[sl] != r) {
+        if (slot[sl] != INT_MIN) evict(sl);
+        stage(k, g, s, r, W, PAD, K.data() + sl * row);
+        stage(v, g, s, r, W, PAD, V.data() + sl * row);
+        slot[sl] = r;
+      }
+      if (g.border != kMask || (r >= 0 && r < s.nx)) us[nu++] = u;
+    }
+    return nu;
+  }
+};
+
+// logits[b][u][c] = sum_d A[d][b*L:] * B_u[d][b*L + cmin_b + c:] for every lane block b of the
+// row and every window row u taken; the key row B_u stays in cache across the blocks.
+template <typename T>
+DCAL_AI void row_logits(Work<T>& w, const T* A, const T* B, int wsi, int nu, int ks, int nbr, int64_t D,
+                        vec_t<T>* out) {
+  constexpr int L = Vec<T>::L;
+  const int NC = 2 * ks - 1;
+  const int64_t row = D * w.W;
+  for (int t = 0; t < nu; ++t) {
+    const int u = w.us[t];
+    const T* bu = B + ring_slot(wsi + u, ks) * row + w.PAD;
+    for (int b = 0; b < nbr; ++b)
+      dots(A + w.PAD + b * L, bu + b * L + w.cmin[b], w.W, D, w.nc[b], out + (int64_t{b} * ks + u) * NC);
+  }
+}
+
+// o[b][d] = sum_{u, c} wts[b][u][c] * B_u[d][b*L + cmin_b + c:] (P @ V, dS @ K) for every block.
+template <typename T>
+DCAL_AI void row_wsum(Work<T>& w, const vec_t<T>* wts, const T* B, int wsi, int nu, int ks, int nbr, int64_t D) {
+  constexpr int L = Vec<T>::L;
+  const int NC = 2 * ks - 1;
+  const int64_t row = D * w.W;
+  std::fill(w.o.data(), w.o.data() + nbr * D, vec_t<T>{});
+  for (int t = 0; t < nu; ++t) {
+    const int u = w.us[t];
+    const T* bu = B + ring_slot(wsi + u, ks) * row + w.PAD;
+    for (int b = 0; b < nbr; ++b)
+      wacc(w.nc[b], wts + (int64_t{b} * ks + u) * NC, bu + b * L + w.cmin[b], w.W, D, w.o.data() + b * D);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: query rows [ia, ib) of one slice.
+
+template <typename T>
+struct FwdArgs {
+  Geo g;
+  In<T> q, k, v;
+  const T* rpb;
+  Out<T> out;
+  T* lse;
+  T scale;
+  int band;
+};
+
+template <typename T>
+DCAL_AI void fwd_rows(const FwdArgs<T>& a, int64_t sl, int ia, int ib, Work<T>& w) {
+  using V = vec_t<T>;
+  constexpr int L = Vec<T>::L;
+  const Geo& g = a.g;
+  const Slice s = slice_of(g, sl);
+  const int ks = g.ks, R = 2 * ks - 1, NC = 2 * ks - 1, nbr = (s.ny + L - 1) / L;
+  const int64_t D = g.D;
+  const T* bias = a.rpb ? a.rpb + (s.bh % g.H) * R * R : nullptr;
+  const V ninf = splat(-std::numeric_limits<T>::infinity());
+  std::fill(w.slot.begin(), w.slot.end(), INT_MIN);
+  w.windows(g, s);
+  for (int i = ia; i < ib; ++i) {
+    const int wsi = window_start(i, s.nx, ks, g.border);
+    const int nu = w.window_rows(g, s, a.k, a.v, wsi, [](int) {});
+    stage(a.q, g, s, i, w.W, w.PAD, w.Qt.data());
+    V* S = w.S.data();
+    row_logits(w, w.Qt.data(), w.K.data(), wsi, nu, ks, nbr, D, S);
+    T* lse = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
+    for (int b = 0; b < nbr; ++b) {  // softmax of each lane: P, normalised, in place of S
+      const int cmin = w.cmin[b], nc = w.nc[b];
+      const mask_t<T>* valid = w.valid.data() + b * NC;
+      V* Sb = S + int64_t{b} * ks * NC;
+      V m = ninf;
+      for (int t = 0; t < nu; ++t) {
+        const int u = w.us[t];
+        const T* br = bias ? bias + (wsi + u - i + ks - 1) * R + (cmin + ks - 1) : nullptr;
+        for (int c = 0; c < nc; ++c) {
+          V x = Sb[u * NC + c] * a.scale;
+          if (br) x += br[c];
+          x = valid[c] ? x : ninf;
+          Sb[u * NC + c] = x;
+          m = vmax<T>(m, x);
+        }
+      }
+      V l{};
+      for (int t = 0; t < nu; ++t) {
+        V* su = Sb + w.us[t] * NC;
+        for (int c = 0; c < nc; ++c) {
+          const V p = valid[c] ? vexp(su[c] - m) : V{};
+          l += p;
+          su[c] = p;
+        }
+      }
+      const V inv = splat(T(1)) / l;  // lanes past the row: 1 / 0, never stored
+      for (int t = 0; t < nu; ++t) {
+        V* su = Sb + w.us[t] * NC;
+        for (int c = 0; c < nc; ++c) su[c] *= inv;
+      }
+      const int nl = std::min(L, s.ny - b * L);
+      for (int ln = 0; ln < nl; ++ln) lse[int64_t{b * L + ln} * g.dil] = m[ln] + std::log(l[ln]);
+    }
+    row_wsum(w, S, w.V.data(), wsi, nu, ks, nbr, D);
+    for (int b = 0; b < nbr; ++b)
+      store_lanes(w.o.data() + b * D, std::min(L, s.ny - b * L), g, s, i, b * L, a.out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one whole slice.
+
+template <typename T>
+struct BwdArgs {
+  Geo g;
+  In<T> dout, q, k, v, out;
+  const T* rpb;
+  const T* lse;
+  Out<T> dq, dk, dv;
+  T* bias_part;
+  T scale;
+};
+
+template <typename T>
+DCAL_AI void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
+  using V = vec_t<T>;
+  constexpr int L = Vec<T>::L;
+  const Geo& g = a.g;
+  const Slice s = slice_of(g, sl);
+  const int ks = g.ks, R = 2 * ks - 1, NC = 2 * ks - 1, PAD = w.PAD, nbr = (s.ny + L - 1) / L;
+  const int64_t W = w.W, D = g.D, row = D * W;
+  const T* bias = a.rpb ? a.rpb + (s.bh % g.H) * R * R : nullptr;
+  std::fill(w.slot.begin(), w.slot.end(), INT_MIN);
+  std::fill(w.bias.begin(), w.bias.end(), V{});
+  std::fill(w.delta.begin(), w.delta.end(), T(0));
+  std::fill(w.lse.begin(), w.lse.end(), T(0));
+  w.windows(g, s);
+  auto flush = [&](int sl_) {
+    const int r = w.slot[sl_];
+    if (r < 0 || r >= s.nx) return;  // an off-map row of zero mode: its gradients are dropped
+    unstage(w.dK.data() + sl_ * row, g, s, r, W, PAD, a.dk);
+    unstage(w.dV.data() + sl_ * row, g, s, r, W, PAD, a.dv);
+  };
+  T* dOt = w.Ot.data();
+  for (int i = 0; i < s.nx; ++i) {
+    const int wsi = window_start(i, s.nx, ks, g.border);
+    for (int u = 0; u < ks; ++u) {  // key rows entering the window: flush the rows they replace
+      const int r = wsi + u, sl_ = ring_slot(r, ks);
+      if (w.slot[sl_] == r) continue;
+      if (w.slot[sl_] != INT_MIN) flush(sl_);
+      std::fill(w.dK.data() + sl_ * row, w.dK.data() + (sl_ + 1) * row, T(0));
+      std::fill(w.dV.data() + sl_ * row, w.dV.data() + (sl_ + 1) * row, T(0));
+    }
+    const int nu = w.window_rows(g, s, a.k, a.v, wsi, [](int) {});
+    stage(a.q, g, s, i, W, PAD, w.Qt.data());
+    stage(a.dout, g, s, i, W, PAD, dOt);
+    {  // delta = rowsum(dO * O) and the logsumexp, per query column
+      const T* od = a.out.p + offset(a.out, g, s, i, 0);
+      const T* dd = a.dout.p + offset(a.dout, g, s, i, 0);
+      const int64_t co = int64_t{g.dil} * a.out.sy, cd = int64_t{g.dil} * a.dout.sy;
+      const T* lr = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
+      for (int j = 0; j < s.ny; ++j) {
+        T acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += dd[j * cd + d * a.dout.sd] * od[j * co + d * a.out.sd];
+        w.delta[PAD + j] = acc;
+        w.lse[PAD + j] = lr[int64_t{j} * g.dil];
+      }
+    }
+    std::fill(w.P.begin(), w.P.end(), T(0));
+    std::fill(w.dS.begin(), w.dS.end(), T(0));
+    V* S = w.S.data();
+    V* dP = w.dP.data();
+    row_logits(w, w.Qt.data(), w.K.data(), wsi, nu, ks, nbr, D, S);
+    row_logits(w, dOt, w.V.data(), wsi, nu, ks, nbr, D, dP);
+    for (int b = 0; b < nbr; ++b) {  // P and scale * dS, kept per row for dK, dV; dS in place of S
+      const int j0 = b * L, cmin = w.cmin[b], nc = w.nc[b];
+      const mask_t<T>* valid = w.valid.data() + b * NC;
+      const V lsev = loadu(w.lse.data() + PAD + j0), dlv = loadu(w.delta.data() + PAD + j0);
+      for (int t = 0; t < nu; ++t) {
+        const int u = w.us[t];
+        const int bi = wsi + u - i + ks - 1;
+        const T* br = bias ? bias + bi * R + (cmin + ks - 1) : nullptr;
+        V* su = S + (int64_t{b} * ks + u) * NC;
+        const V* pu = dP + (int64_t{b} * ks + u) * NC;
+        T* prow = w.P.data() + (int64_t{u} * NC + cmin + ks - 1) * W + PAD + j0;
+        T* srow = w.dS.data() + (int64_t{u} * NC + cmin + ks - 1) * W + PAD + j0;
+        for (int c = 0; c < nc; ++c) {
+          V x = su[c] * a.scale;
+          if (br) x += br[c];
+          const V p = valid[c] ? vexp(x - lsev) : V{};
+          const V ds = valid[c] ? p * (pu[c] - dlv) : V{};
+          if (bias) w.bias[bi * R + cmin + c + ks - 1] += ds;
+          const V dss = ds * a.scale;
+          storeu(prow + c * W, p);
+          storeu(srow + c * W, dss);
+          su[c] = dss;
+        }
+      }
+    }
+    row_wsum(w, S, w.K.data(), wsi, nu, ks, nbr, D);  // dQ = scale * dS @ K
+    for (int b = 0; b < nbr; ++b) store_lanes(w.o.data() + b * D, std::min(L, s.ny - b * L), g, s, i, b * L, a.dq);
+    // dK, dV of the window's key rows, keys in the lanes (rows off the map are dropped).
+    for (int u = 0; u < ks; ++u) {
+      const int r = wsi + u;
+      if (r < 0 || r >= s.nx) continue;
+      const int64_t ko = ring_slot(r, ks) * row;
+      for (int k0 = 0; k0 < s.ny; k0 += L) {
+        int lo, hi;
+        offset_range(k0 - (ks - 1), k0 + L - 1 + (ks - 1), s.ny, ks, g.border, &lo, &hi);
+        int n = 0;
+        for (int c = lo; c <= hi; ++c, ++n) {
+          w.wp[n] = w.dS.data() + (int64_t{u} * NC + c + ks - 1) * W + PAD + k0 - c;
+          w.bp[n] = w.Qt.data() + PAD + k0 - c;
+        }
+        gather(n, w.wp.data(), w.bp.data(), W, D, w.dK.data() + ko + PAD + k0);
+        for (int t = 0; t < n; ++t) {
+          const int c = lo + t;
+          w.wp[t] = w.P.data() + (int64_t{u} * NC + c + ks - 1) * W + PAD + k0 - c;
+          w.bp[t] = dOt + PAD + k0 - c;
+        }
+        gather(n, w.wp.data(), w.bp.data(), W, D, w.dV.data() + ko + PAD + k0);
+      }
+    }
+  }
+  for (int sl_ = 0; sl_ < ks; ++sl_)
+    if (w.slot[sl_] != INT_MIN) flush(sl_);
+  if (a.bias_part) {
+    T* bp = a.bias_part + sl * R * R;
+    for (int e = 0; e < R * R; ++e) {
+      T acc = 0;
+      for (int l = 0; l < L; ++l) acc += w.bias[e][l];
+      bp[e] = acc;
+    }
+  }
+}
+
+// The clone boundary: one non-template entry per type, compiled for each x86-64 level.
+DCAL_CPU_CLONES void fwd_tasks(const FwdArgs<float>& a, int64_t b, int64_t e) {
+  Work<float> w(a.g, false);
+  const int64_t bands = (na2d::subgrid_len(0, static_cast<int>(a.g.X), a.g.dil) + a.band - 1) / a.band;
+  for (int64_t t = b; t < e; ++t) {
+    const Slice s = slice_of(a.g, t / bands);
+    const int ia = static_cast<int>(t % bands) * a.band;
+    if (ia < s.nx) fwd_rows(a, t / bands, ia, std::min(ia + a.band, s.nx), w);
+  }
+}
+DCAL_CPU_CLONES void fwd_tasks(const FwdArgs<double>& a, int64_t b, int64_t e) {
+  Work<double> w(a.g, false);
+  const int64_t bands = (na2d::subgrid_len(0, static_cast<int>(a.g.X), a.g.dil) + a.band - 1) / a.band;
+  for (int64_t t = b; t < e; ++t) {
+    const Slice s = slice_of(a.g, t / bands);
+    const int ia = static_cast<int>(t % bands) * a.band;
+    if (ia < s.nx) fwd_rows(a, t / bands, ia, std::min(ia + a.band, s.nx), w);
+  }
+}
+DCAL_CPU_CLONES void bwd_tasks(const BwdArgs<float>& a, int64_t b, int64_t e) {
+  Work<float> w(a.g, true);
+  for (int64_t sl = b; sl < e; ++sl) bwd_slice(a, sl, w);
+}
+DCAL_CPU_CLONES void bwd_tasks(const BwdArgs<double>& a, int64_t b, int64_t e) {
+  Work<double> w(a.g, true);
+  for (int64_t sl = b; sl < e; ++sl) bwd_slice(a, sl, w);
+}
+
+// Query rows per forward task: a band restages ks - 1 key rows beyond its own, so bands are long,
+// but there are at least a few tasks per thread for the balance.
+int band_rows(const Geo& g) {
+  const int64_t nx = na2d::subgrid_len(0, static_cast<int>(g.X), g.dil);
+  const int64_t slices = g.B * g.H * g.dil * g.dil, want = 4 * at::get_num_threads();
+  int64_t band = nx;
+  while (band > 2 * g.ks && slices * ((nx + band - 1) / band) < want) band = (band + 1) / 2;
+  return static_cast<int>(band);
+}
+
+template <typename T>
+void fwd_impl(const Geo& g, In<T> q, In<T> k, In<T> v, const T* rpb, Out<T> out, T* lse, T scale) {
+  const FwdArgs<T> a{g, q, k, v, rpb, out, lse, scale, band_rows(g)};
+  const int64_t bands = (na2d::subgrid_len(0, static_cast<int>(g.X), g.dil) + a.band - 1) / a.band;
+  at::parallel_for(0, g.B * g.H * g.dil * g.dil * bands, 1, [&](int64_t b, int64_t e) { fwd_tasks(a, b, e); });
+}
+
+template <typename T>
+void bwd_impl(const Geo& g, In<T> dout, In<T> q, In<T> k, In<T> v, const T* rpb, In<T> out, const T* lse, Out<T> dq,
+              Out<T> dk, Out<T> dv, T* bias_part, T scale) {
+  const BwdArgs<T> a{g, dout, q, k, v, out, rpb, lse, dq, dk, dv, bias_part, scale};
+  at::parallel_for(0, g.B * g.H * g.dil * g.dil, 1, [&](int64_t b, int64_t e) { bwd_tasks(a, b, e); });
+}
+
+}  // namespace
+
+void fwd(const Geo& g, In<float> q, In<float> k, In<float> v, const float* rpb, Out<float> out, float* lse,
+         float scale) {
+  fwd_impl(g, q, k, v, rpb, out, lse, scale);
+}
+void fwd(const Geo& g, In<double> q, In<double> k, In<double> v, const double* rpb, Out<double> out, double* lse,
+         double scale) {
+  fwd_impl(g, q, k, v, rpb, out, lse, scale);
+}
+void bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, const float* rpb, In<float> out,
+         const float* lse, Out<float> dq, Out<float> dk, Out<float> dv, float* bias_part, float scale) {
+  bwd_impl(g, dout, q, k, v, rpb, out, lse, dq, dk, dv, bias_part, scale);
+}
+void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb,
+         In<double> out, const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part,
+         double scale) {
+  bwd_impl(g, dout, q, k, v, rpb, out, lse, dq, dk, dv, bias_part, scale);
+}
+
+}  // namespace na2d_simd
+}  // namespace dcal

@@ -1,0 +1,43 @@
+// 2-D neighborhood attention on CPU, fp32 and fp64 (DESIGN 3.4): the register-blocked kernels
+// of na2d_cpu_simd.cpp, called by the host code in na2d_cpu.cpp for inputs that are all finite.
+// Plain C++ (no torch types): tensors arrive as a pointer and five strides.
+#pragma once
+
+#include <cstdint>
+
+namespace dcal {
+namespace na2d_simd {
+
+// A [B, H, X, Y, D] tensor read (In) or written (Out) through its strides, in elements.
+template <typename T>
+struct In {
+  const T* p;
+  int64_t sb, sh, sx, sy, sd;
+};
+template <typename T>
+struct Out {
+  T* p;
+  int64_t sb, sh, sx, sy, sd;
+};
+
+struct Geo {
+  int64_t B, H, X, Y, D;
+  int ks, border, dil;
+};
+
+// out and lse [B, H, X, Y] (contiguous) of the forward.
+void fwd(const Geo& g, In<float> q, In<float> k, In<float> v, const float* rpb, Out<float> out, float* lse,
+         float scale);
+void fwd(const Geo& g, In<double> q, In<double> k, In<double> v, const double* rpb, Out<double> out, double* lse,
+         double scale);
+
+// dq, dk, dv written whole (no zeroing needed); bias_part [B * H * dil * dil, (2ks-1)^2] per-slice
+// bias-gradient sums (written whole), or null without rpb. lse contiguous [B, H, X, Y].
+void bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, const float* rpb, In<float> out,
+         const float* lse, Out<float> dq, Out<float> dk, Out<float> dv, float* bias_part, float scale);
+void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb,
+         In<double> out, const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part,
+         double scale);
+
+}  // namespace na2d_simd
+}  // namespace dcal
