@@ -4,11 +4,10 @@
 // heads-last, slices of a fused qkv projection or channels-first views cost no copy. Outputs and
 // gradients are contiguous [B, H, X, Y, D].
 //
-// fp32 and fp64 run the tiled kernels (fwd_tiled, bwd_tiled below): a tile of queries against
-// its key halo as small GEMMs, masked to each query's window. bf16, and inputs holding a NaN or
-// an inf (see all_finite), run the simple kernels:
-// parallel over (batch, head, map row), the head dim the inner loop of every dot and axpy,
-// computed in fp32; each query one online-softmax pass over its window.
+// fp32 and fp64 run the register-blocked kernels of na2d_cpu_simd.cpp (the queries of a map row
+// in the SIMD lanes). bf16, and inputs holding a NaN or an inf (see all_finite), run the simple
+// kernels below: parallel over (batch, head, map row), the head dim the inner loop of every dot
+// and axpy, computed in fp32; each query one online-softmax pass over its window.
 // Nothing with a kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and
 // the logsumexp.
 //
@@ -30,7 +29,6 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_math.h"
 #include "dcal.h"
 #include "na2d.h"
 #include "na2d_cpu_simd.h"
@@ -79,7 +77,8 @@ Strided<T> strided(const at::Tensor& t) {
 }
 
 // True when every element of a [B, H, X, Y, D] input is finite, read through its strides (no
-// allocation). The tiled kernels multiply whole key halos, where a key outside a query's window
+// allocation). The SIMD kernels weigh keys outside a lane's window by 0 where lanes' windows
+// differ (clamp borders) and gather dK, dV over whole rows, where a key outside a query's window
 // enters with weight 0; 0 * NaN or 0 * inf would reach that query. Inputs holding a non-finite
 // value therefore take the simple kernels, which touch only each query's own window, so a NaN or
 // inf reaches exactly the outputs it reaches in PyTorch's own computation (one read of the input,
@@ -294,354 +293,6 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tiled kernels (fp32, fp64): small GEMMs through the BLAS that libtorch_cpu exports (MKL).
-//
-// Dilation first: the positions of one residue (gx, gy) mod dil form a sub-grid on which a
-// dilated window is the ordinary window of the sub-grid (zero/mask: centred, off-map exactly
-// where the sub-grid index leaves [0, n_g); clamp: NATTEN's rule is defined that way), and the
-// bias offset (key - query) / dil is the sub-grid offset. So each (batch, head, gx, gy) "slice"
-// is an undilated problem on an nx x ny map read with strides scaled by dil.
-//
-// On a slice, a tile of TX x TY queries sees the key halo of rows window_start(i0) ..
-// window_start(i_last) + ks and likewise for columns (at most (TX + ks - 1) x (TY + ks - 1)
-// keys; clamp windows shift inside it). Per tile:
-//   pack   Q [T, D], K_halo [Hk, D], V_halo [Hk, D] (any strides; off-map keys are zeros, which
-//          is exactly zero mode's padding), cut from the tile row's query and halo rows staged
-//          once over the slice's whole width
-//   S      [TY, kw] = scale * Q_row @ K_rows^T per query row of the tile, against only the ks
-//          halo rows its windows touch (kw = ks * halo width keys; the whole halo would compute
-//          (TX + ks - 1) / ks times more logits that the windows then drop)   (GEMM)
-//   per query: its window of S plus the bias row by row (ks contiguous entries per window row),
-//          softmax, written back into a zeroed row of S as P (mask mode leaves off-map keys out)
-//   O      [TY, D] = P @ V_rows                                   (GEMM)
-// Backward per tile, per query row against its ks halo rows as above: P from S and the
-// logsumexp, dP = dO @ V^T (GEMM), dS = P * (dP - delta) inside each window (delta = rowsum(dO *
-// O) per tile), dQ = scale * dS @ K, dK_halo += scale * dS^T @ Q, dV_halo += P^T @ dO (GEMMs),
-// the halo sums added into dk, dv. One thread owns a slice and walks its tiles
-// in a fixed order, so dk, dv and the per-slice bias partials are deterministic bit for bit.
-// ---------------------------------------------------------------------------------------------
-
-// Row-major BLAS GEMM, the vectorising exp and the fixed-order sum: csrc/cpu_math.h.
-using cpu::exp_poly;
-using cpu::gemm;
-using cpu::sum_impl;
-
-#define DCAL_NA2D_CLONES DCAL_CPU_CLONES
-template <typename T>
-[[gnu::always_inline]] inline void exp_shift_impl(T* x, int n, T c) {
-  for (int e = 0; e < n; ++e) x[e] = exp_poly(x[e] - c);
-}
-DCAL_NA2D_CLONES void exp_shift(float* x, int n, float c) { exp_shift_impl(x, n, c); }
-DCAL_NA2D_CLONES void exp_shift(double* x, int n, double c) { exp_shift_impl(x, n, c); }
-DCAL_NA2D_CLONES float exp_shift_sum(float* x, int n, float c) {
-  exp_shift_impl(x, n, c);
-  return sum_impl(x, n);
-}
-DCAL_NA2D_CLONES double exp_shift_sum(double* x, int n, double c) {
-  exp_shift_impl(x, n, c);
-  return sum_impl(x, n);
-}
-#undef DCAL_NA2D_CLONES
-
-// Query tile, by measurement (fp32, k 7, D 32, 128x128; 8x8, 4x8, 8x16, 16x8, 4x16 within 15%
-// of each other as shares of sgemm): a narrow TY keeps the logits computed per query, ks * (TY +
-// ks - 1), near the ks^2 used; a taller TX packs each halo row once for more query rows.
-// DCAL_NA2D_TILE=TXxTY overrides it (for measurements).
-struct TileShape {
-  int tx, ty;
-};
-
-TileShape tile_shape() {
-  static const TileShape t = [] {
-    TileShape s{8, 8};
-    if (const char* e = std::getenv("DCAL_NA2D_TILE")) std::sscanf(e, "%dx%d", &s.tx, &s.ty);
-    return s;
-  }();
-  return t;
-}
-
-// One (batch, head, gx, gy) slice: an undilated nx x ny problem (see above).
-struct SliceGeo {
-  int64_t bh;
-  int gx, gy, nx, ny;
-};
-
-inline SliceGeo slice_geo(const Geometry& g, int64_t slice) {
-  const int dd = g.dil * g.dil;
-  SliceGeo s;
-  s.bh = slice / dd;
-  s.gx = static_cast<int>((slice % dd) / g.dil);
-  s.gy = static_cast<int>(slice % g.dil);
-  s.nx = na2d::subgrid_len(s.gx, static_cast<int>(g.X), g.dil);
-  s.ny = na2d::subgrid_len(s.gy, static_cast<int>(g.Y), g.dil);
-  return s;
-}
-
-// dst [(r1 - r0) * (c1 - c0), D] <- slice positions rows [r0, r1) x cols [c0, c1) of t; off-map
-// positions are zero vectors. A strided head dim (channels-first maps) is read along the map's
-// columns, d by d, so each read walks memory in order rather than one cache line per element.
-template <typename T>
-void pack(const Strided<T>& t, const Geometry& g, const SliceGeo& s, int r0, int r1, int c0, int c1, T* dst) {
-  const int64_t D = g.D, hy = c1 - c0;
-  const int ca = std::max(c0, 0), cb = std::min(c1, s.ny);
-  for (int r = r0; r < r1; ++r) {
-    T* row = dst + (r - r0) * hy * D;
-    if (r < 0 || r >= s.nx || ca >= cb) {
-      std::fill(row, row + hy * D, T(0));
-      continue;
-    }
-    std::fill(row, row + (ca - c0) * D, T(0));
-    std::fill(row + (cb - c0) * D, row + hy * D, T(0));
-    const T* src = t.at(s.bh, g.H, s.gx + int64_t{g.dil} * r, s.gy);
-    const int64_t cs = int64_t{g.dil} * t.sy;  // between sub-grid columns
-    if (t.sd == 1) {
-      for (int c = ca; c < cb; ++c) std::copy(src + c * cs, src + c * cs + D, row + (c - c0) * D);
-    } else {
-      for (int64_t d = 0; d < D; ++d) {
-        const T* sd = src + d * t.sd;
-        for (int c = ca; c < cb; ++c) row[(c - c0) * D + d] = sd[c * cs];
-      }
-    }
-  }
-}
-
-// dst [rows, w, D] <- columns [off, off + w) of a staged [rows, width, D] block.
-template <typename T>
-inline void sub_block(const T* st, int rows, int width, int off, int w, int64_t D, T* dst) {
-  for (int r = 0; r < rows; ++r) std::copy(st + (int64_t{r} * width + off) * D, st + (int64_t{r} * width + off + w) * D,
-                                           dst + int64_t{r} * w * D);
-}
-
-// Window of query (qi, qj) of a slice, relative to a halo whose first row/col is (r0, c0).
-struct Win {
-  int base;        // index of the window's first key in a halo row-major [hx, hy] block
-  int u0, u1;      // window rows taken (mask mode drops off-map rows)
-  int w0, w1;      // window cols taken
-  int bi0, bj0;    // bias table row/col of window entry (0, 0)
-};
-
-inline Win window_of(const Geometry& g, const SliceGeo& s, int qi, int qj, int r0, int c0, int hy) {
-  const int ks = g.ks;
-  const int wsi = window_start(qi, s.nx, ks, g.border), wsj = window_start(qj, s.ny, ks, g.border);
-  Win w;
-  w.base = (wsi - r0) * hy + (wsj - c0);
-  w.u0 = 0, w.u1 = ks, w.w0 = 0, w.w1 = ks;
-  if (g.border == kMask) {
-    w.u0 = std::max(0, -wsi), w.u1 = std::min(ks, s.nx - wsi);
-    w.w0 = std::max(0, -wsj), w.w1 = std::min(ks, s.ny - wsj);
-  }
-  w.bi0 = wsi - qi + ks - 1, w.bj0 = wsj - qj + ks - 1;
-  return w;
-}
-
-// Halo rows [r0, r1) of query rows [i0, i1) (window starts are non-decreasing along an axis).
-inline void halo(int i0, int i1, int n, const Geometry& g, int* r0, int* r1) {
-  *r0 = window_start(i0, n, g.ks, g.border);
-  *r1 = window_start(i1 - 1, n, g.ks, g.border) + g.ks;
-}
-
-template <typename T>
-void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb, T* out, T* lse, T scale) {
-  const TileShape ts = tile_shape();
-  const int ks = g.ks, R = 2 * ks - 1;
-  const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
-  const int64_t trows = (na2d::subgrid_len(0, static_cast<int>(g.X), g.dil) + ts.tx - 1) / ts.tx;
-  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
-  // Staging: a tile row's query rows and key halo rows over the whole slice width, packed once
-  // (long reads in memory order even for channels-first maps), then cut into tiles.
-  const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
-  const int64_t hrows = ts.tx + ks - 1, hcols = ny_max + ks - 1;
-  at::parallel_for(0, slices * trows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), S(int64_t{tq_max} * kw_max), O(tq_max * D),
-        lg(ks * ks), Qs(ts.tx * ny_max * D), Ks(hrows * hcols * D), Vs(hrows * hcols * D);
-    for (int64_t task = begin; task < end; ++task) {
-      const SliceGeo s = slice_geo(g, task / trows);
-      const int i0 = static_cast<int>(task % trows) * ts.tx;
-      if (i0 >= s.nx) continue;
-      const int i1 = std::min(i0 + ts.tx, s.nx);
-      const T* bias = rpb ? rpb + (s.bh % g.H) * R * R : nullptr;
-      int r0, r1, cA, cB;
-      halo(i0, i1, s.nx, g, &r0, &r1);
-      halo(0, s.ny, s.ny, g, &cA, &cB);
-      pack(q, g, s, i0, i1, 0, s.ny, Qs.data());
-      pack(k, g, s, r0, r1, cA, cB, Ks.data());
-      pack(v, g, s, r0, r1, cA, cB, Vs.data());
-      for (int j0 = 0; j0 < s.ny; j0 += ts.ty) {
-        const int j1 = std::min(j0 + ts.ty, s.ny);
-        int c0, c1;
-        halo(j0, j1, s.ny, g, &c0, &c1);
-        const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, kw = ks * hy, Di = static_cast<int>(D);
-        sub_block(Qs.data(), i1 - i0, s.ny, j0, ty, D, Qp.data());
-        sub_block(Ks.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Kp.data());
-        sub_block(Vs.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Vp.data());
-        // One query row sees ks halo rows (kw keys): [TY, D] @ [D, kw] -> [TY, kw]
-        for (int ii = 0; ii < i1 - i0; ++ii) {
-          const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
-          gemm('N', 'T', ty, kw, Di, scale, Qp.data() + ii * ty * D, Di, Kp.data() + kr, Di, T(0),
-               S.data() + int64_t{ii} * ty * kw, kw);
-        }
-        for (int t = 0; t < tq; ++t) {
-          const int qi = i0 + t / ty, qj = j0 + t % ty;
-          const Win w = window_of(g, s, qi, qj, window_start(qi, s.nx, ks, g.border), c0, hy);
-          T* srow = S.data() + int64_t{t} * kw;
-          int n = 0;
-          for (int u = w.u0; u < w.u1; ++u) {
-            const T* sr = srow + w.base + u * hy;
-            if (bias) {
-              const T* br = bias + (w.bi0 + u) * R + w.bj0;
-              for (int c = w.w0; c < w.w1; ++c) lg[n++] = sr[c] + br[c];
-            } else {
-              for (int c = w.w0; c < w.w1; ++c) lg[n++] = sr[c];
-            }
-          }
-          T m = lg[0];
-          for (int e = 1; e < n; ++e) m = std::max(m, lg[e]);
-          const T l = exp_shift_sum(lg.data(), n, m);
-          const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
-          lse[tok] = m + std::log(l);
-          const T inv = T(1) / l;
-          std::fill(srow, srow + kw, T(0));
-          n = 0;
-          for (int u = w.u0; u < w.u1; ++u) {
-            T* sr = srow + w.base + u * hy;
-            for (int c = w.w0; c < w.w1; ++c) sr[c] = lg[n++] * inv;
-          }
-        }
-        // [TY, kw] @ [kw, D] -> [TY, D]
-        for (int ii = 0; ii < i1 - i0; ++ii) {
-          const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
-          gemm('N', 'N', ty, Di, kw, T(1), S.data() + int64_t{ii} * ty * kw, kw, Vp.data() + kr, Di, T(0),
-               O.data() + ii * ty * D, Di);
-        }
-        for (int t = 0; t < tq; ++t) {
-          const int qi = i0 + t / ty, qj = j0 + t % ty;
-          const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
-          std::copy(O.data() + t * D, O.data() + (t + 1) * D, out + tok * D);
-        }
-      }
-    }
-  });
-}
-
-// dk, dv zeroed by the caller; bias_part [slices, R*R] zeroed, or null without rpb.
-template <typename T>
-void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb,
-               Strided<T> out, const T* lse, T* dq, T* dk, T* dv, T* bias_part, T scale) {
-  const TileShape ts = tile_shape();
-  const int ks = g.ks, R = 2 * ks - 1;
-  const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
-  const int hk_max = (ts.tx + ks - 1) * (ts.ty + ks - 1), tq_max = ts.tx * ts.ty, kw_max = ks * (ts.ty + ks - 1);
-  const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
-  const int64_t hrows = ts.tx + ks - 1, hcols = ny_max + ks - 1;  // staging, as in fwd_tiled
-  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qp(tq_max * D), dOp(tq_max * D), Kp(hk_max * D), Vp(hk_max * D), P(int64_t{tq_max} * kw_max),
-        dS(int64_t{tq_max} * kw_max), G(tq_max * D), dKh(hk_max * D), dVh(hk_max * D), lg(ks * ks), dp(ks * ks),
-        delta(tq_max), Qs(ts.tx * ny_max * D), dOs(ts.tx * ny_max * D), Ks(hrows * hcols * D), Vs(hrows * hcols * D);
-    for (int64_t sl = begin; sl < end; ++sl) {
-      const SliceGeo s = slice_geo(g, sl);
-      const T* bias = rpb ? rpb + (s.bh % g.H) * R * R : nullptr;
-      T* dbias = rpb ? bias_part + sl * R * R : nullptr;
-      for (int i0 = 0; i0 < s.nx; i0 += ts.tx) {
-        const int i1 = std::min(i0 + ts.tx, s.nx);
-        int r0, r1, cA, cB;
-        halo(i0, i1, s.nx, g, &r0, &r1);
-        halo(0, s.ny, s.ny, g, &cA, &cB);
-        pack(q, g, s, i0, i1, 0, s.ny, Qs.data());
-        pack(dout, g, s, i0, i1, 0, s.ny, dOs.data());
-        pack(k, g, s, r0, r1, cA, cB, Ks.data());
-        pack(v, g, s, r0, r1, cA, cB, Vs.data());
-        for (int j0 = 0; j0 < s.ny; j0 += ts.ty) {
-          const int j1 = std::min(j0 + ts.ty, s.ny);
-          int c0, c1;
-          halo(j0, j1, s.ny, g, &c0, &c1);
-          const int ty = j1 - j0, tq = (i1 - i0) * ty, hy = c1 - c0, hk = (r1 - r0) * hy, kw = ks * hy;
-          const int Di = static_cast<int>(D);
-          sub_block(Qs.data(), i1 - i0, s.ny, j0, ty, D, Qp.data());
-          sub_block(dOs.data(), i1 - i0, s.ny, j0, ty, D, dOp.data());
-          sub_block(Ks.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Kp.data());
-          sub_block(Vs.data(), r1 - r0, cB - cA, c0 - cA, hy, D, Vp.data());
-          for (int t = 0; t < tq; ++t) {  // delta = rowsum(dO * O)
-            const int qi = i0 + t / ty, qj = j0 + t % ty;
-            const T* o = out.at(s.bh, g.H, s.gx + int64_t{g.dil} * qi, s.gy + int64_t{g.dil} * qj);
-            delta[t] = dot(dOp.data() + t * D, o, D, out.sd);
-          }
-          // Per query row, its ks halo rows (kw keys): S [TY, kw] = scale * Q [TY, D] @ K^T [D, kw];
-          // dP [TY, kw] = dO [TY, D] @ V^T [D, kw]
-          for (int ii = 0; ii < i1 - i0; ++ii) {
-            const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
-            const int64_t so = int64_t{ii} * ty * kw, qo = int64_t{ii} * ty * D;
-            gemm('N', 'T', ty, kw, Di, scale, Qp.data() + qo, Di, Kp.data() + kr, Di, T(0), P.data() + so, kw);
-            gemm('N', 'T', ty, kw, Di, T(1), dOp.data() + qo, Di, Vp.data() + kr, Di, T(0), dS.data() + so, kw);
-          }
-          for (int t = 0; t < tq; ++t) {
-            const int qi = i0 + t / ty, qj = j0 + t % ty;
-            const Win w = window_of(g, s, qi, qj, window_start(qi, s.nx, ks, g.border), c0, hy);
-            T* prow = P.data() + int64_t{t} * kw;
-            T* dsrow = dS.data() + int64_t{t} * kw;
-            int n = 0;
-            for (int u = w.u0; u < w.u1; ++u) {
-              const T* sr = prow + w.base + u * hy;
-              const T* dr = dsrow + w.base + u * hy;
-              const T* br = bias ? bias + (w.bi0 + u) * R + w.bj0 : nullptr;
-              for (int c = w.w0; c < w.w1; ++c, ++n) {
-                lg[n] = br ? sr[c] + br[c] : sr[c];
-                dp[n] = dr[c];
-              }
-            }
-            const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
-            exp_shift(lg.data(), n, lse[tok]);  // P
-            std::fill(prow, prow + kw, T(0));
-            std::fill(dsrow, dsrow + kw, T(0));
-            const T dl = delta[t];
-            n = 0;
-            for (int u = w.u0; u < w.u1; ++u) {
-              T* sr = prow + w.base + u * hy;
-              T* dr = dsrow + w.base + u * hy;
-              T* dbr = dbias ? dbias + (w.bi0 + u) * R + w.bj0 : nullptr;
-              for (int c = w.w0; c < w.w1; ++c, ++n) {
-                const T ds = lg[n] * (dp[n] - dl);  // dS = P * (dP - delta)
-                sr[c] = lg[n];
-                dr[c] = ds;
-                if (dbr) dbr[c] += ds;
-              }
-            }
-          }
-          // Per query row: dQ [TY, D] = scale * dS [TY, kw] @ K [kw, D]; the halo sums (in row order)
-          // dK [kw, D] += scale * dS^T [kw, TY] @ Q [TY, D], dV [kw, D] += P^T [kw, TY] @ dO [TY, D]
-          std::fill(dKh.begin(), dKh.begin() + hk * D, T(0));
-          std::fill(dVh.begin(), dVh.begin() + hk * D, T(0));
-          for (int ii = 0; ii < i1 - i0; ++ii) {
-            const int64_t kr = int64_t{window_start(i0 + ii, s.nx, ks, g.border) - r0} * hy * D;
-            const int64_t so = int64_t{ii} * ty * kw, qo = int64_t{ii} * ty * D;
-            gemm('N', 'N', ty, Di, kw, scale, dS.data() + so, kw, Kp.data() + kr, Di, T(0), G.data() + qo, Di);
-            gemm('T', 'N', kw, Di, ty, scale, dS.data() + so, kw, Qp.data() + qo, Di, T(1), dKh.data() + kr, Di);
-            gemm('T', 'N', kw, Di, ty, T(1), P.data() + so, kw, dOp.data() + qo, Di, T(1), dVh.data() + kr, Di);
-          }
-          for (int t = 0; t < tq; ++t) {
-            const int qi = i0 + t / ty, qj = j0 + t % ty;
-            const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
-            std::copy(G.data() + t * D, G.data() + (t + 1) * D, dq + tok * D);
-          }
-          for (int which = 0; which < 2; ++which) {
-            T* dst = which == 0 ? dk : dv;
-            const T* src = which == 0 ? dKh.data() : dVh.data();
-            for (int r = r0; r < r1; ++r) {
-              for (int c = c0; c < c1; ++c, src += D) {
-                if (r < 0 || r >= s.nx || c < 0 || c >= s.ny) continue;
-                const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * r) * g.Y + s.gy + int64_t{g.dil} * c;
-                T* d = dst + tok * D;
-#pragma omp simd
-                for (int64_t e = 0; e < D; ++e) d[e] += src[e];
-              }
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
 na2d_simd::Geo simd_geo(const Geometry& g) { return {g.B, g.H, g.X, g.Y, g.D, g.ks, g.border, g.dil}; }
 template <typename T>
 na2d_simd::In<T> simd_in(const at::Tensor& t) {
@@ -728,23 +379,15 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   auto out = at::empty(q.sizes(), opts);
   auto lse = at::empty(q.sizes().slice(0, 4), opts.dtype(stat_type(q.scalar_type())));
   const Geometry g = geometry(q, kernel_size, border, dilation);
-  bool tiled = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: tiles of small GEMMs
-  if (tiled) {  // a non-finite v would reach queries outside its windows (all_finite)
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite", [&] { tiled = all_finite(strided<scalar_t>(v), v); });
+  bool fast = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: the SIMD kernels
+  if (fast) {  // a non-finite v would reach queries outside its windows (all_finite)
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite", [&] { fast = all_finite(strided<scalar_t>(v), v); });
   }
-  if (tiled && !std::getenv("DCAL_NA2D_OLD")) {
+  if (fast) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
       na2d_simd::fwd(simd_geo(g), simd_in<scalar_t>(q), simd_in<scalar_t>(k), simd_in<scalar_t>(v),
                      has_rpb ? rc.data_ptr<scalar_t>() : nullptr, simd_out<scalar_t>(out), lse.data_ptr<scalar_t>(),
                      static_cast<scalar_t>(scale));
-    });
-    return {out, lse};
-  }
-  if (tiled) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_tiled", [&] {
-      fwd_tiled<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                          lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
     });
     return {out, lse};
   }
@@ -771,13 +414,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   const auto stat = opts.dtype(stat_type(q.scalar_type()));
   const int64_t R = 2 * kernel_size - 1;
-  bool tiled = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: tiles of small GEMMs
-  if (tiled) {  // a non-finite input would reach gradients outside its windows (all_finite)
+  bool fast = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: the SIMD kernels
+  if (fast) {  // a non-finite input would reach gradients outside its windows (all_finite)
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_finite", [&] {
-      for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) tiled = tiled && all_finite(strided<scalar_t>(*t), *t);
+      for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) fast = fast && all_finite(strided<scalar_t>(*t), *t);
     });
   }
-  if (tiled && !std::getenv("DCAL_NA2D_OLD")) {
+  if (fast) {
     const Geometry g = geometry(q, kernel_size, border, dilation);
     auto dq = at::empty(q.sizes(), opts);
     auto dk = at::empty(q.sizes(), opts);
@@ -789,34 +432,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
                      simd_in<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, simd_in<scalar_t>(out),
                      lc.data_ptr<scalar_t>(), simd_out<scalar_t>(dq), simd_out<scalar_t>(dk), simd_out<scalar_t>(dv),
                      has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
-    });
-    if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
-    auto drpb = at::zeros({g.H, R, R}, opts);
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
-      const scalar_t* p = part.data_ptr<scalar_t>();
-      scalar_t* a = drpb.data_ptr<scalar_t>();
-      const int64_t n = R * R, dd = g.dil * g.dil;
-      for (int64_t sl = 0; sl < slices; ++sl) {
-        scalar_t* ah = a + ((sl / dd) % g.H) * n;
-        for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
-      }
-    });
-    return {dq, dk, dv, drpb};
-  }
-  if (tiled) {
-    const Geometry g = geometry(q, kernel_size, border, dilation);
-    auto dq = at::empty(q.sizes(), opts);
-    auto dk = at::zeros(q.sizes(), opts);
-    auto dv = at::zeros(q.sizes(), opts);
-    const int64_t slices = g.B * g.H * g.dil * g.dil;
-    // Per-slice bias sums [slices, R, R], reduced in slice order below.
-    auto part = has_rpb ? at::zeros({slices, R * R}, opts) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_tiled", [&] {
-      bwd_tiled<scalar_t>(g, strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
-                          strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
-                          lc.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                          dv.data_ptr<scalar_t>(), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
-                          static_cast<scalar_t>(scale));
     });
     if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
     auto drpb = at::zeros({g.H, R, R}, opts);

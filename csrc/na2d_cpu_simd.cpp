@@ -13,9 +13,12 @@
 // offsets). No logit outside a window is computed except at clamp-mode borders, where the lanes'
 // windows shift by different amounts and the union of their offsets is computed and masked.
 //
-// Each (batch, head, gx, gy) slice of a dilated problem is an undilated problem on its sub-grid
-// (see the comment on the tiled kernels in na2d_cpu.cpp, and na2d.h): the kernels below work on
-// slice coordinates and reach memory through strides scaled by the dilation.
+// Dilation: the positions of one residue (gx, gy) mod dil form a sub-grid on which a dilated
+// window is the ordinary window of the sub-grid (zero/mask: centred, off the map exactly where the
+// sub-grid index leaves [0, n_g); clamp: NATTEN's rule is defined that way; na2d.h), and the bias
+// offset (key - query) / dil is the sub-grid offset. So each (batch, head, gx, gy) slice is an
+// undilated problem: the kernels below work on slice coordinates and reach memory through strides
+// scaled by the dilation.
 //
 // Key and value rows are staged transposed, zero-padded by ks - 1 + L columns on each side (zero
 // mode's off-map keys are exactly such zeros; off-map rows are zero rows), in a ring of ks rows
@@ -280,6 +283,83 @@ DCAL_AI void wacc(int n, const vec_t<T>* w, const T* b, int64_t W, int64_t D, ve
   }
 }
 
+// Two query rows against one key row (rows i and i + 1 share all but one key row of their
+// windows): each shifted key (value) vector loaded once serves both, which cuts the loads per FMA
+// from 8/7 to 11/14 for the logits and from 9/8 to 6/8 for the weighted sums.
+template <typename T, int NC>
+DCAL_AI void dots2_n(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, vec_t<T>* out0, vec_t<T>* out1) {
+  vec_t<T> acc0[NC], acc1[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) acc0[c] = acc1[c] = vec_t<T>{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vec_t<T> x0 = loadu(a0 + d * W), x1 = loadu(a1 + d * W);
+    const T* bd = b + d * W;
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      const vec_t<T> y = loadu(bd + c);
+      acc0[c] += x0 * y;
+      acc1[c] += x1 * y;
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) {
+    out0[c] = acc0[c];
+    out1[c] = acc1[c];
+  }
+}
+
+template <typename T>
+DCAL_AI void dots2(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, int nc, vec_t<T>* out0,
+                   vec_t<T>* out1) {
+  for (int c0 = 0; c0 < nc; c0 += 4) {
+    switch (std::min(4, nc - c0)) {
+      case 1: dots2_n<T, 1>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
+      case 2: dots2_n<T, 2>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
+      case 3: dots2_n<T, 3>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
+      default: dots2_n<T, 4>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
+    }
+  }
+}
+
+template <typename T, int DB>
+DCAL_AI void wacc2_n(int n, const vec_t<T>* w0, const vec_t<T>* w1, const T* b, int64_t W, int64_t d0,
+                     vec_t<T>* o0, vec_t<T>* o1) {
+  vec_t<T> acc0[DB], acc1[DB];
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) {
+    acc0[e] = o0[d0 + e];
+    acc1[e] = o1[d0 + e];
+  }
+  for (int c = 0; c < n; ++c) {
+    const vec_t<T> x0 = w0[c], x1 = w1[c];
+    const T* bc = b + c + d0 * W;
+#pragma GCC unroll 16
+    for (int e = 0; e < DB; ++e) {
+      const vec_t<T> y = loadu(bc + e * W);
+      acc0[e] += x0 * y;
+      acc1[e] += x1 * y;
+    }
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) {
+    o0[d0 + e] = acc0[e];
+    o1[d0 + e] = acc1[e];
+  }
+}
+
+template <typename T>
+DCAL_AI void wacc2(int n, const vec_t<T>* w0, const vec_t<T>* w1, const T* b, int64_t W, int64_t D, vec_t<T>* o0,
+                   vec_t<T>* o1) {
+  for (int64_t d0 = 0; d0 < D; d0 += 4) {
+    switch (std::min<int64_t>(4, D - d0)) {
+      case 1: wacc2_n<T, 1>(n, w0, w1, b, W, d0, o0, o1); break;
+      case 2: wacc2_n<T, 2>(n, w0, w1, b, W, d0, o0, o1); break;
+      case 3: wacc2_n<T, 3>(n, w0, w1, b, W, d0, o0, o1); break;
+      default: wacc2_n<T, 4>(n, w0, w1, b, W, d0, o0, o1); break;
+    }
+  }
+}
+
 // dst[(d0 + e) * W] += sum_t w_t[0:L] * b_t[(d0 + e) * W] for e < DB: the key-lane gather of dK
 // and dV (w_t: a row of dS or P shifted by the offset, b_t: Q or dO shifted alike).
 template <typename T, int DB>
@@ -477,28 +557,34 @@ DCAL_AI void lane_windows(int j0, int nl, int ny, int ks, int border, int* cmin,
   }
 }
 
-DCAL_AI int ring_slot(int r, int ks) { return ((r % ks) + ks) % ks; }
+// Query rows go in pairs (kPair); the key ring holds the union of a pair's windows.
+constexpr int kPair = 2;
 
-// Per-thread buffers, sized for the widest slice.
+// Per-thread buffers, sized for the widest slice. Everything that runs per element is always
+// inline, so it is compiled inside the x86-64 clones of fwd_tasks / bwd_tasks.
 template <typename T>
 struct Work {
-  int64_t W;
-  int PAD, nb;                  // nb: lane blocks of the widest slice row
-  std::vector<T> K, V, Qt, Ot;  // K, V: ring of ks transposed rows; Qt (and dOt in Ot) one row
+  int64_t W, row;               // row: one staged [D][W] row
+  int PAD, nb, RK;              // nb: lane blocks of the widest slice row; RK: ring slots
+  std::vector<T> K, V, Qt, dOt;  // K, V: ring of RK transposed rows; Qt, dOt: the pair's rows
   std::vector<T> dK, dV;        // backward: ring of transposed key-row gradient accumulators
-  std::vector<T> P, dS;         // backward: [ks][2ks-1][W] rows of P and scale * dS
-  std::vector<T> delta, lse;    // backward: [W] per query column
-  AlignedBuf<vec_t<T>> S, dP;   // [nb][ks][2ks-1] logit-shaped vectors of one query row
-  AlignedBuf<vec_t<T>> o, bias; // o: [nb][D] output-shaped vectors; bias: [2ks-1]^2 gradient sums
+  std::vector<T> P, dS;         // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair
+  std::vector<T> delta, lse;    // backward: [W] per query column, one query row
+  int coff, NCR;                // column offsets -coff .. coff kept in the rows of P and dS
+  AlignedBuf<vec_t<T>> S, dP;   // [kPair][nb][ks][2ks-1] logit-shaped vectors of the pair
+  AlignedBuf<vec_t<T>> o, bias; // o: [kPair][nb][D] output-shaped vectors; bias: [2ks-1]^2 sums
   AlignedBuf<mask_t<T>> valid;  // [nb][2ks-1] lanes of each block's column offsets
   std::vector<int> cmin, nc;    // [nb] first column offset and offset count of each block
   std::vector<const T*> wp, bp;
-  std::vector<int> slot, us;    // ring slot -> key row; window rows taken
+  std::vector<int> slot, us;    // ring slot -> key row; [kPair][ks] window rows taken
 
   Work(const Geo& g, bool backward) {
     constexpr int L = Vec<T>::L;
     const int ks = g.ks, NC = 2 * ks - 1;
     PAD = pad_of(ks, L);
+    RK = ks + kPair - 1;
+    coff = g.border == kClamp ? ks - 1 : ks / 2;  // centred windows never leave -ks/2 .. ks/2
+    NCR = 2 * coff + 1;
     const int64_t ny_max = na2d::subgrid_len(0, static_cast<int>(g.Y), g.dil);
     nb = static_cast<int>((ny_max + L - 1) / L);
     // Row stride: whole cache lines, an odd number of them, so the D rows of a staged block spread
@@ -506,95 +592,147 @@ struct Work {
     constexpr int64_t kLine = 64 / sizeof(T);
     W = (ny_max + 2 * PAD + kLine - 1) / kLine * kLine;
     if ((W / kLine) % 2 == 0) W += kLine;
-    const int64_t row = g.D * W;
-    K.resize(ks * row);
-    V.resize(ks * row);
-    Qt.resize(row);
-    S.resize(int64_t{nb} * ks * NC);
-    o.resize(nb * g.D);
+    row = g.D * W;
+    K.resize(RK * row);
+    V.resize(RK * row);
+    Qt.resize(kPair * row);
+    S.resize(int64_t{kPair} * nb * ks * NC);
+    o.resize(int64_t{kPair} * nb * g.D);
     valid.resize(nb * NC);
     cmin.resize(nb);
     nc.resize(nb);
-    slot.assign(ks, INT_MIN);
-    us.resize(ks);
+    slot.assign(RK, INT_MIN);
+    us.resize(kPair * ks);
     if (backward) {
-      Ot.resize(row);
-      dP.resize(int64_t{nb} * ks * NC);
-      dK.resize(ks * row);
-      dV.resize(ks * row);
-      P.resize(int64_t{ks} * NC * W);
-      dS.resize(int64_t{ks} * NC * W);
+      dOt.resize(kPair * row);
+      dP.resize(int64_t{kPair} * nb * ks * NC);
+      dK.resize(RK * row);
+      dV.resize(RK * row);
+      P.resize(int64_t{kPair} * ks * NCR * W);
+      dS.resize(int64_t{kPair} * ks * NCR * W);
       delta.resize(W);
       lse.resize(W);
       bias.resize(NC * NC);
-      wp.resize(NC);
-      bp.resize(NC);
+      wp.resize(kPair * NC);
+      bp.resize(kPair * NC);
     }
   }
+
+  DCAL_AI int slot_of(int r) const { return ((r % RK) + RK) % RK; }
+  DCAL_AI const T* krow(int r) const { return K.data() + slot_of(r) * row + PAD; }
+  DCAL_AI const T* vrow(int r) const { return V.data() + slot_of(r) * row + PAD; }
 
   // The lane blocks' windows of a slice row (the same for every row of the slice).
-  void windows(const Geo& g, const Slice& s) {
-    constexpr int L = Vec<T>::L;
+  DCAL_AI void windows(const Geo& g, const Slice& s) {
     const int NC = 2 * g.ks - 1;
-    for (int b = 0; b * L < s.ny; ++b)
-      lane_windows<T>(b * L, std::min(L, s.ny - b * L), s.ny, g.ks, g.border, &cmin[b], &nc[b],
+    for (int b = 0; b * Vec<T>::L < s.ny; ++b) {
+      const int j0 = b * Vec<T>::L;
+      lane_windows<T>(j0, std::min(Vec<T>::L, s.ny - j0), s.ny, g.ks, g.border, &cmin[b], &nc[b],
                       valid.data() + b * NC);
+    }
   }
 
-  // Stage key rows wsi .. wsi + ks - 1 into the ring (those not already there) and list the window
-  // rows taken (mask mode leaves off-map rows out). evict(slot) runs before a slot is reused.
+  // Stage key rows lo .. hi - 1 into the ring (those not already there); evict(slot) runs first
+  // on a slot whose row is replaced.
   template <typename Evict>
-  int window_rows(const Geo& g, const Slice& s, const In<T>& k, const In<T>& v, int wsi, Evict evict) {
-    const int ks = g.ks;
-    const int64_t row = g.D * W;
-    int nu = 0;
-    for (int u = 0; u < ks; ++u) {
-      const int r = wsi + u, sl = ring_slot(r, ks);
-      if (slot[sl] != r) {
-        if (slot[sl] != INT_MIN) evict(sl);
-        stage(k, g, s, r, W, PAD, K.data() + sl * row);
-        stage(v, g, s, r, W, PAD, V.data() + sl * row);
-        slot[sl] = r;
-      }
-      if (g.border != kMask || (r >= 0 && r < s.nx)) us[nu++] = u;
+  DCAL_AI void stage_rows(const Geo& g, const Slice& s, const In<T>& k, const In<T>& v, int lo, int hi, Evict evict) {
+    for (int r = lo; r < hi; ++r) {
+      const int sl = slot_of(r);
+      if (slot[sl] == r) continue;
+      if (slot[sl] != INT_MIN) evict(sl);
+      stage(k, g, s, r, W, PAD, K.data() + sl * row);
+      stage(v, g, s, r, W, PAD, V.data() + sl * row);
+      slot[sl] = r;
     }
-    return nu;
   }
 };
 
-// logits[b][u][c] = sum_d A[d][b*L:] * B_u[d][b*L + cmin_b + c:] for every lane block b of the
-// row and every window row u taken; the key row B_u stays in cache across the blocks.
+// The np (1 or 2) query rows i0, i0 + 1 of a step: their window starts and the window rows each
+// takes (mask mode leaves off-map rows out).
+struct Rows {
+  int np, wsi[kPair], nu[kPair];
+  const int* us[kPair];
+};
+
 template <typename T>
-DCAL_AI void row_logits(Work<T>& w, const T* A, const T* B, int wsi, int nu, int ks, int nbr, int64_t D,
-                        vec_t<T>* out) {
+DCAL_AI Rows rows_of(Work<T>& w, const Geo& g, const Slice& s, int i0, int np) {
+  Rows q;
+  q.np = np;
+  for (int p = 0; p < np; ++p) {
+    q.wsi[p] = window_start(i0 + p, s.nx, g.ks, g.border);
+    int* us = w.us.data() + p * g.ks;
+    q.nu[p] = 0;
+    for (int u = 0; u < g.ks; ++u) {
+      const int r = q.wsi[p] + u;
+      if (g.border != kMask || (r >= 0 && r < s.nx)) us[q.nu[p]++] = u;
+    }
+    q.us[p] = us;
+  }
+  return q;
+}
+
+// out_p[b][u][c] = sum_d A_p[d][b*L:] * B_r[d][b*L + cmin_b + c:] for the rows' lane blocks b and
+// window rows u (key row r = wsi_p + u); a key row in both windows is read once for both, and
+// stays in cache across the blocks. B_r: krow or vrow of the ring (member pointer).
+template <typename T>
+DCAL_AI void pair_logits(Work<T>& w, const Rows& q, int ks, int nbr, int64_t D, const T* A0, const T* A1,
+                         const T* (Work<T>::*B)(int) const, vec_t<T>* out0, vec_t<T>* out1) {
   constexpr int L = Vec<T>::L;
-  const int NC = 2 * ks - 1;
-  const int64_t row = D * w.W;
-  for (int t = 0; t < nu; ++t) {
-    const int u = w.us[t];
-    const T* bu = B + ring_slot(wsi + u, ks) * row + w.PAD;
-    for (int b = 0; b < nbr; ++b)
-      dots(A + w.PAD + b * L, bu + b * L + w.cmin[b], w.W, D, w.nc[b], out + (int64_t{b} * ks + u) * NC);
+  const int NC = 2 * ks - 1, PAD = w.PAD;
+  const int hi = q.wsi[q.np - 1] + ks;
+  for (int r = q.wsi[0]; r < hi; ++r) {
+    const int u0 = r - q.wsi[0], u1 = q.np == 2 ? r - q.wsi[1] : -1;
+    const bool in0 = u0 < ks && std::find(q.us[0], q.us[0] + q.nu[0], u0) != q.us[0] + q.nu[0];
+    const bool in1 = u1 >= 0 && std::find(q.us[1], q.us[1] + q.nu[1], u1) != q.us[1] + q.nu[1];
+    if (!in0 && !in1) continue;
+    const T* br = (w.*B)(r);
+    for (int b = 0; b < nbr; ++b) {
+      const T* kb = br + b * L + w.cmin[b];
+      const int64_t base = int64_t{b} * ks;
+      if (in0 && in1)
+        dots2(A0 + PAD + b * L, A1 + PAD + b * L, kb, w.W, D, w.nc[b], out0 + (base + u0) * NC,
+              out1 + (base + u1) * NC);
+      else if (in0)
+        dots(A0 + PAD + b * L, kb, w.W, D, w.nc[b], out0 + (base + u0) * NC);
+      else
+        dots(A1 + PAD + b * L, kb, w.W, D, w.nc[b], out1 + (base + u1) * NC);
+    }
   }
 }
 
-// o[b][d] = sum_{u, c} wts[b][u][c] * B_u[d][b*L + cmin_b + c:] (P @ V, dS @ K) for every block.
+// o_p[b][d] = sum_{u, c} wts_p[b][u][c] * B_r[d][b*L + cmin_b + c:] (P @ V, dS @ K) for the rows'
+// lane blocks, a key row shared by both rows read once.
 template <typename T>
-DCAL_AI void row_wsum(Work<T>& w, const vec_t<T>* wts, const T* B, int wsi, int nu, int ks, int nbr, int64_t D) {
+DCAL_AI void pair_wsum(Work<T>& w, const Rows& q, int ks, int nbr, int64_t D, const vec_t<T>* wts0,
+                       const vec_t<T>* wts1, const T* (Work<T>::*B)(int) const) {
   constexpr int L = Vec<T>::L;
   const int NC = 2 * ks - 1;
-  const int64_t row = D * w.W;
-  std::fill(w.o.data(), w.o.data() + nbr * D, vec_t<T>{});
-  for (int t = 0; t < nu; ++t) {
-    const int u = w.us[t];
-    const T* bu = B + ring_slot(wsi + u, ks) * row + w.PAD;
-    for (int b = 0; b < nbr; ++b)
-      wacc(w.nc[b], wts + (int64_t{b} * ks + u) * NC, bu + b * L + w.cmin[b], w.W, D, w.o.data() + b * D);
+  vec_t<T>* o0 = w.o.data();
+  vec_t<T>* o1 = w.o.data() + int64_t{w.nb} * D;
+  std::fill(o0, o0 + nbr * D, vec_t<T>{});
+  std::fill(o1, o1 + nbr * D, vec_t<T>{});
+  const int hi = q.wsi[q.np - 1] + ks;
+  for (int r = q.wsi[0]; r < hi; ++r) {
+    const int u0 = r - q.wsi[0], u1 = q.np == 2 ? r - q.wsi[1] : -1;
+    const bool in0 = u0 < ks && std::find(q.us[0], q.us[0] + q.nu[0], u0) != q.us[0] + q.nu[0];
+    const bool in1 = u1 >= 0 && std::find(q.us[1], q.us[1] + q.nu[1], u1) != q.us[1] + q.nu[1];
+    if (!in0 && !in1) continue;
+    const T* br = (w.*B)(r);
+    for (int b = 0; b < nbr; ++b) {
+      const T* vb = br + b * L + w.cmin[b];
+      const int64_t base = int64_t{b} * ks;
+      if (in0 && in1)
+        wacc2(w.nc[b], wts0 + (base + u0) * NC, wts1 + (base + u1) * NC, vb, w.W, D, o0 + b * D, o1 + b * D);
+      else if (in0)
+        wacc(w.nc[b], wts0 + (base + u0) * NC, vb, w.W, D, o0 + b * D);
+      else
+        wacc(w.nc[b], wts1 + (base + u1) * NC, vb, w.W, D, o1 + b * D);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: query rows [ia, ib) of one slice.
+// Forward: query rows [ia, ib) of one slice, two at a time.
 
 template <typename T>
 struct FwdArgs {
@@ -614,59 +752,65 @@ DCAL_AI void fwd_rows(const FwdArgs<T>& a, int64_t sl, int ia, int ib, Work<T>& 
   const Geo& g = a.g;
   const Slice s = slice_of(g, sl);
   const int ks = g.ks, R = 2 * ks - 1, NC = 2 * ks - 1, nbr = (s.ny + L - 1) / L;
-  const int64_t D = g.D;
+  const int64_t D = g.D, sblk = int64_t{w.nb} * ks * NC;
   const T* bias = a.rpb ? a.rpb + (s.bh % g.H) * R * R : nullptr;
   const V ninf = splat(-std::numeric_limits<T>::infinity());
   std::fill(w.slot.begin(), w.slot.end(), INT_MIN);
   w.windows(g, s);
-  for (int i = ia; i < ib; ++i) {
-    const int wsi = window_start(i, s.nx, ks, g.border);
-    const int nu = w.window_rows(g, s, a.k, a.v, wsi, [](int) {});
-    stage(a.q, g, s, i, w.W, w.PAD, w.Qt.data());
+  for (int i0 = ia; i0 < ib; i0 += kPair) {
+    const Rows q = rows_of(w, g, s, i0, std::min(kPair, ib - i0));
+    w.stage_rows(g, s, a.k, a.v, q.wsi[0], q.wsi[q.np - 1] + ks, [](int) {});
+    for (int p = 0; p < q.np; ++p) stage(a.q, g, s, i0 + p, w.W, w.PAD, w.Qt.data() + p * w.row);
     V* S = w.S.data();
-    row_logits(w, w.Qt.data(), w.K.data(), wsi, nu, ks, nbr, D, S);
-    T* lse = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
-    for (int b = 0; b < nbr; ++b) {  // softmax of each lane: P, normalised, in place of S
-      const int cmin = w.cmin[b], nc = w.nc[b];
-      const mask_t<T>* valid = w.valid.data() + b * NC;
-      V* Sb = S + int64_t{b} * ks * NC;
-      V m = ninf;
-      for (int t = 0; t < nu; ++t) {
-        const int u = w.us[t];
-        const T* br = bias ? bias + (wsi + u - i + ks - 1) * R + (cmin + ks - 1) : nullptr;
-        for (int c = 0; c < nc; ++c) {
-          V x = Sb[u * NC + c] * a.scale;
-          if (br) x += br[c];
-          x = valid[c] ? x : ninf;
-          Sb[u * NC + c] = x;
-          m = vmax<T>(m, x);
+    pair_logits(w, q, ks, nbr, D, w.Qt.data(), w.Qt.data() + w.row, &Work<T>::krow, S, S + sblk);
+    for (int p = 0; p < q.np; ++p) {
+      const int i = i0 + p, wsi = q.wsi[p];
+      T* lse = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
+      for (int b = 0; b < nbr; ++b) {  // softmax of each lane: P, normalised, in place of S
+        const int cmin = w.cmin[b], nc = w.nc[b];
+        const mask_t<T>* valid = w.valid.data() + b * NC;
+        V* Sb = S + p * sblk + int64_t{b} * ks * NC;
+        V m = ninf;
+        for (int t = 0; t < q.nu[p]; ++t) {
+          const int u = q.us[p][t];
+          const T* br = bias ? bias + (wsi + u - i + ks - 1) * R + (cmin + ks - 1) : nullptr;
+          V* su = Sb + u * NC;
+          for (int c = 0; c < nc; ++c) {
+            V x = su[c] * a.scale;
+            if (br) x += br[c];
+            x = valid[c] ? x : ninf;
+            su[c] = x;
+            m = vmax<T>(m, x);
+          }
         }
-      }
-      V l{};
-      for (int t = 0; t < nu; ++t) {
-        V* su = Sb + w.us[t] * NC;
-        for (int c = 0; c < nc; ++c) {
-          const V p = valid[c] ? vexp(su[c] - m) : V{};
-          l += p;
-          su[c] = p;
+        V l{};
+        for (int t = 0; t < q.nu[p]; ++t) {
+          V* su = Sb + q.us[p][t] * NC;
+          for (int c = 0; c < nc; ++c) {
+            const V e = valid[c] ? vexp(su[c] - m) : V{};
+            l += e;
+            su[c] = e;
+          }
         }
+        const V inv = splat(T(1)) / l;  // lanes past the row: 1 / 0, never stored
+        for (int t = 0; t < q.nu[p]; ++t) {
+          V* su = Sb + q.us[p][t] * NC;
+          for (int c = 0; c < nc; ++c) su[c] *= inv;
+        }
+        const int nl = std::min(L, s.ny - b * L);
+        for (int ln = 0; ln < nl; ++ln) lse[int64_t{b * L + ln} * g.dil] = m[ln] + std::log(l[ln]);
       }
-      const V inv = splat(T(1)) / l;  // lanes past the row: 1 / 0, never stored
-      for (int t = 0; t < nu; ++t) {
-        V* su = Sb + w.us[t] * NC;
-        for (int c = 0; c < nc; ++c) su[c] *= inv;
-      }
-      const int nl = std::min(L, s.ny - b * L);
-      for (int ln = 0; ln < nl; ++ln) lse[int64_t{b * L + ln} * g.dil] = m[ln] + std::log(l[ln]);
     }
-    row_wsum(w, S, w.V.data(), wsi, nu, ks, nbr, D);
-    for (int b = 0; b < nbr; ++b)
-      store_lanes(w.o.data() + b * D, std::min(L, s.ny - b * L), g, s, i, b * L, a.out);
+    pair_wsum(w, q, ks, nbr, D, S, S + sblk, &Work<T>::vrow);
+    for (int p = 0; p < q.np; ++p)
+      for (int b = 0; b < nbr; ++b)
+        store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), g, s, i0 + p, b * L,
+                    a.out);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: one whole slice.
+// Backward: one whole slice, query rows two at a time.
 
 template <typename T>
 struct BwdArgs {
@@ -686,101 +830,118 @@ DCAL_AI void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
   const Geo& g = a.g;
   const Slice s = slice_of(g, sl);
   const int ks = g.ks, R = 2 * ks - 1, NC = 2 * ks - 1, PAD = w.PAD, nbr = (s.ny + L - 1) / L;
-  const int64_t W = w.W, D = g.D, row = D * W;
+  const int64_t W = w.W, D = g.D, row = w.row, sblk = int64_t{w.nb} * ks * NC;
   const T* bias = a.rpb ? a.rpb + (s.bh % g.H) * R * R : nullptr;
   std::fill(w.slot.begin(), w.slot.end(), INT_MIN);
   std::fill(w.bias.begin(), w.bias.end(), V{});
   std::fill(w.delta.begin(), w.delta.end(), T(0));
   std::fill(w.lse.begin(), w.lse.end(), T(0));
   w.windows(g, s);
-  auto flush = [&](int sl_) {
+  auto flush = [&](int sl_) {  // a key row leaves the ring: its dK, dV are complete
     const int r = w.slot[sl_];
-    if (r < 0 || r >= s.nx) return;  // an off-map row of zero mode: its gradients are dropped
-    unstage(w.dK.data() + sl_ * row, g, s, r, W, PAD, a.dk);
-    unstage(w.dV.data() + sl_ * row, g, s, r, W, PAD, a.dv);
+    if (r >= 0 && r < s.nx) {  // an off-map row of zero mode: its gradients are dropped
+      unstage(w.dK.data() + sl_ * row, g, s, r, W, PAD, a.dk);
+      unstage(w.dV.data() + sl_ * row, g, s, r, W, PAD, a.dv);
+    }
   };
-  T* dOt = w.Ot.data();
-  for (int i = 0; i < s.nx; ++i) {
-    const int wsi = window_start(i, s.nx, ks, g.border);
-    for (int u = 0; u < ks; ++u) {  // key rows entering the window: flush the rows they replace
-      const int r = wsi + u, sl_ = ring_slot(r, ks);
+  for (int i0 = 0; i0 < s.nx; i0 += kPair) {
+    const Rows q = rows_of(w, g, s, i0, std::min(kPair, s.nx - i0));
+    const int lo = q.wsi[0], hi = q.wsi[q.np - 1] + ks;
+    for (int r = lo; r < hi; ++r) {  // key rows entering the ring: zeroed accumulators
+      const int sl_ = w.slot_of(r);
       if (w.slot[sl_] == r) continue;
       if (w.slot[sl_] != INT_MIN) flush(sl_);
+      w.slot[sl_] = INT_MIN;
       std::fill(w.dK.data() + sl_ * row, w.dK.data() + (sl_ + 1) * row, T(0));
       std::fill(w.dV.data() + sl_ * row, w.dV.data() + (sl_ + 1) * row, T(0));
     }
-    const int nu = w.window_rows(g, s, a.k, a.v, wsi, [](int) {});
-    stage(a.q, g, s, i, W, PAD, w.Qt.data());
-    stage(a.dout, g, s, i, W, PAD, dOt);
-    {  // delta = rowsum(dO * O) and the logsumexp, per query column
-      const T* od = a.out.p + offset(a.out, g, s, i, 0);
-      const T* dd = a.dout.p + offset(a.dout, g, s, i, 0);
-      const int64_t co = int64_t{g.dil} * a.out.sy, cd = int64_t{g.dil} * a.dout.sy;
-      const T* lr = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
-      for (int j = 0; j < s.ny; ++j) {
-        T acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += dd[j * cd + d * a.dout.sd] * od[j * co + d * a.out.sd];
-        w.delta[PAD + j] = acc;
-        w.lse[PAD + j] = lr[int64_t{j} * g.dil];
-      }
+    w.stage_rows(g, s, a.k, a.v, lo, hi, [](int) {});
+    for (int p = 0; p < q.np; ++p) {
+      stage(a.q, g, s, i0 + p, W, PAD, w.Qt.data() + p * row);
+      stage(a.dout, g, s, i0 + p, W, PAD, w.dOt.data() + p * row);
     }
-    std::fill(w.P.begin(), w.P.end(), T(0));
-    std::fill(w.dS.begin(), w.dS.end(), T(0));
     V* S = w.S.data();
     V* dP = w.dP.data();
-    row_logits(w, w.Qt.data(), w.K.data(), wsi, nu, ks, nbr, D, S);
-    row_logits(w, dOt, w.V.data(), wsi, nu, ks, nbr, D, dP);
-    for (int b = 0; b < nbr; ++b) {  // P and scale * dS, kept per row for dK, dV; dS in place of S
-      const int j0 = b * L, cmin = w.cmin[b], nc = w.nc[b];
-      const mask_t<T>* valid = w.valid.data() + b * NC;
-      const V lsev = loadu(w.lse.data() + PAD + j0), dlv = loadu(w.delta.data() + PAD + j0);
-      for (int t = 0; t < nu; ++t) {
-        const int u = w.us[t];
-        const int bi = wsi + u - i + ks - 1;
-        const T* br = bias ? bias + bi * R + (cmin + ks - 1) : nullptr;
-        V* su = S + (int64_t{b} * ks + u) * NC;
-        const V* pu = dP + (int64_t{b} * ks + u) * NC;
-        T* prow = w.P.data() + (int64_t{u} * NC + cmin + ks - 1) * W + PAD + j0;
-        T* srow = w.dS.data() + (int64_t{u} * NC + cmin + ks - 1) * W + PAD + j0;
-        for (int c = 0; c < nc; ++c) {
-          V x = su[c] * a.scale;
-          if (br) x += br[c];
-          const V p = valid[c] ? vexp(x - lsev) : V{};
-          const V ds = valid[c] ? p * (pu[c] - dlv) : V{};
-          if (bias) w.bias[bi * R + cmin + c + ks - 1] += ds;
-          const V dss = ds * a.scale;
-          storeu(prow + c * W, p);
-          storeu(srow + c * W, dss);
-          su[c] = dss;
+    pair_logits(w, q, ks, nbr, D, w.Qt.data(), w.Qt.data() + row, &Work<T>::krow, S, S + sblk);
+    pair_logits(w, q, ks, nbr, D, w.dOt.data(), w.dOt.data() + row, &Work<T>::vrow, dP, dP + sblk);
+    const int64_t prow_n = int64_t{ks} * w.NCR * W;  // one query row's P (or dS) rows
+    std::fill(w.P.begin(), w.P.end(), T(0));
+    std::fill(w.dS.begin(), w.dS.end(), T(0));
+    for (int p = 0; p < q.np; ++p) {
+      const int i = i0 + p, wsi = q.wsi[p];
+      {  // delta = rowsum(dO * O) and the logsumexp, per query column
+        const T* od = a.out.p + offset(a.out, g, s, i, 0);
+        const T* dd = a.dout.p + offset(a.dout, g, s, i, 0);
+        const int64_t co = int64_t{g.dil} * a.out.sy, cd = int64_t{g.dil} * a.dout.sy;
+        const T* lr = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
+        for (int j = 0; j < s.ny; ++j) {
+          T acc = 0;
+          if (a.out.sd == 1 && a.dout.sd == 1) {
+            acc = cpu::dot_impl(dd + j * cd, od + j * co, D);
+          } else {
+            for (int64_t d = 0; d < D; ++d) acc += dd[j * cd + d * a.dout.sd] * od[j * co + d * a.out.sd];
+          }
+          w.delta[PAD + j] = acc;
+          w.lse[PAD + j] = lr[int64_t{j} * g.dil];
+        }
+      }
+      for (int b = 0; b < nbr; ++b) {  // P and scale * dS, kept as rows for dK, dV; dS in place of S
+        const int j0 = b * L, cmin = w.cmin[b], nc = w.nc[b];
+        const mask_t<T>* valid = w.valid.data() + b * NC;
+        const V lsev = loadu(w.lse.data() + PAD + j0), dlv = loadu(w.delta.data() + PAD + j0);
+        for (int t = 0; t < q.nu[p]; ++t) {
+          const int u = q.us[p][t];
+          const int bi = wsi + u - i + ks - 1;
+          const T* br = bias ? bias + bi * R + (cmin + ks - 1) : nullptr;
+          V* su = S + p * sblk + (int64_t{b} * ks + u) * NC;
+          const V* pu = dP + p * sblk + (int64_t{b} * ks + u) * NC;
+          const int64_t ro = p * prow_n + (int64_t{u} * w.NCR + cmin + w.coff) * W + PAD + j0;
+          T* prow = w.P.data() + ro;
+          T* srow = w.dS.data() + ro;
+          for (int c = 0; c < nc; ++c) {
+            V x = su[c] * a.scale;
+            if (br) x += br[c];
+            const V pr = valid[c] ? vexp(x - lsev) : V{};
+            const V ds = valid[c] ? pr * (pu[c] - dlv) : V{};
+            if (bias) w.bias[bi * R + cmin + c + ks - 1] += ds;
+            const V dss = ds * a.scale;
+            storeu(prow + c * W, pr);
+            storeu(srow + c * W, dss);
+            su[c] = dss;
+          }
         }
       }
     }
-    row_wsum(w, S, w.K.data(), wsi, nu, ks, nbr, D);  // dQ = scale * dS @ K
-    for (int b = 0; b < nbr; ++b) store_lanes(w.o.data() + b * D, std::min(L, s.ny - b * L), g, s, i, b * L, a.dq);
-    // dK, dV of the window's key rows, keys in the lanes (rows off the map are dropped).
-    for (int u = 0; u < ks; ++u) {
-      const int r = wsi + u;
-      if (r < 0 || r >= s.nx) continue;
-      const int64_t ko = ring_slot(r, ks) * row;
+    // dK, dV of the pair's key rows, keys in the lanes, from both query rows in one pass (rows
+    // off the map are dropped; a row outside one query row's window has zero P and dS there).
+    for (int r = std::max(lo, 0); r < std::min(hi, s.nx); ++r) {
+      const int64_t ko = w.slot_of(r) * row;
       for (int k0 = 0; k0 < s.ny; k0 += L) {
-        int lo, hi;
-        offset_range(k0 - (ks - 1), k0 + L - 1 + (ks - 1), s.ny, ks, g.border, &lo, &hi);
-        int n = 0;
-        for (int c = lo; c <= hi; ++c, ++n) {
-          w.wp[n] = w.dS.data() + (int64_t{u} * NC + c + ks - 1) * W + PAD + k0 - c;
-          w.bp[n] = w.Qt.data() + PAD + k0 - c;
+        int clo, chi;
+        offset_range(k0 - (ks - 1), k0 + L - 1 + (ks - 1), s.ny, ks, g.border, &clo, &chi);
+        for (int which = 0; which < 2; ++which) {  // dK from dS and Q, dV from P and dO
+          const T* src = which == 0 ? w.dS.data() : w.P.data();
+          const T* rows = which == 0 ? w.Qt.data() : w.dOt.data();
+          int n = 0;
+          for (int p = 0; p < q.np; ++p) {
+            const int u = r - q.wsi[p];
+            if (u < 0 || u >= ks) continue;
+            for (int c = clo; c <= chi; ++c, ++n) {
+              w.wp[n] = src + p * prow_n + (int64_t{u} * w.NCR + c + w.coff) * W + PAD + k0 - c;
+              w.bp[n] = rows + p * row + PAD + k0 - c;
+            }
+          }
+          gather(n, w.wp.data(), w.bp.data(), W, D, (which == 0 ? w.dK.data() : w.dV.data()) + ko + PAD + k0);
         }
-        gather(n, w.wp.data(), w.bp.data(), W, D, w.dK.data() + ko + PAD + k0);
-        for (int t = 0; t < n; ++t) {
-          const int c = lo + t;
-          w.wp[t] = w.P.data() + (int64_t{u} * NC + c + ks - 1) * W + PAD + k0 - c;
-          w.bp[t] = dOt + PAD + k0 - c;
-        }
-        gather(n, w.wp.data(), w.bp.data(), W, D, w.dV.data() + ko + PAD + k0);
       }
     }
+    pair_wsum(w, q, ks, nbr, D, S, S + sblk, &Work<T>::krow);  // dQ = scale * dS @ K
+    for (int p = 0; p < q.np; ++p)
+      for (int b = 0; b < nbr; ++b)
+        store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), g, s, i0 + p, b * L,
+                    a.dq);
   }
-  for (int sl_ = 0; sl_ < ks; ++sl_)
+  for (int sl_ = 0; sl_ < w.RK; ++sl_)
     if (w.slot[sl_] != INT_MIN) flush(sl_);
   if (a.bias_part) {
     T* bp = a.bias_part + sl * R * R;
