@@ -2,7 +2,9 @@
 //
 // Inputs (q, k, v; dout and out in the backward) are read through their strides: contiguous,
 // heads-last, slices of a fused qkv projection or channels-first views cost no copy. Outputs and
-// gradients are contiguous [B, H, X, Y, D].
+// gradients are written through their strides too: each takes the dim order of its input
+// (empty_in_order_of: out and dq like q, dk like k, dv like v), so a caller reshapes them back to
+// its own layout without a copy. lse (and the backward's delta) are contiguous [B, H, X, Y].
 //
 // fp32 and fp64 run the tiled kernels (fwd_tiled, bwd_tiled below): a tile of queries against
 // its key halo as small GEMMs, masked to each query's window. bf16, and inputs holding a NaN or
@@ -33,6 +35,7 @@
 #include "cpu_math.h"
 #include "dcal.h"
 #include "na2d.h"
+#include "na2d_cpu_layout.h"
 
 namespace dcal {
 namespace {
@@ -42,6 +45,8 @@ using na2d::kClamp;
 using na2d::kMask;
 using na2d::rpb_index;
 using na2d::window_start;
+using na2d_cpu::Strided;
+using na2d_cpu::StridedOut;
 
 // Bias-gradient partial sums live in this many fixed blocks of rows, reduced in block order, so
 // drpb does not depend on the number of threads.
@@ -59,22 +64,15 @@ int64_t row_grain(const Geometry& g) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
-// A [B, H, X, Y, D] input read through its strides (any view: heads-last, channels-first, slices
-// of a fused qkv projection), so no whole-tensor copy is made. A unit head-dim stride is the
-// fast path of the loops below; any other stride is read element by element.
-template <typename T>
-struct Strided {
-  const T* p;
-  int64_t sb, sh, sx, sy, sd;
-  // first element of token (i, j) of (batch, head) bh
-  const T* at(int64_t bh, int64_t H, int64_t i, int64_t j) const {
-    return p + (bh / H) * sb + (bh % H) * sh + i * sx + j * sy;
-  }
-};
-
+// Inputs and outputs through their strides (na2d_cpu_layout.h).
 template <typename T>
 Strided<T> strided(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+template <typename T>
+StridedOut<T> strided_out(at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
 // True when every element of a [B, H, X, Y, D] input is finite, read through its strides (no
@@ -136,15 +134,20 @@ inline void load(A* __restrict dst, const T* __restrict src, int64_t n, int64_t 
   }
 }
 
+// dst[D] (written with stride sd) <- mul * src[D]
 template <typename T, typename A>
-inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n) {
+inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n, int64_t sd = 1) {
+  if (sd == 1) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d * sd] = static_cast<T>(src[d] * mul);
+  }
 }
 
 template <typename scalar_t>
 void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Strided<scalar_t> v, const scalar_t* rpb,
-                scalar_t* out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
+                StridedOut<scalar_t> out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
   const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
   const int ks = g.ks, R = 2 * g.ks - 1;
@@ -153,7 +156,7 @@ void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Stri
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / X;
       const int i = static_cast<int>(row % X);
-      const int64_t map = bh * X * Y;  // first token of this (batch, head) in out and lse
+      const int64_t map = bh * X * Y;  // first token of this (batch, head) in lse
       const scalar_t* kb = k.at(bh, H, 0, 0);
       const scalar_t* vb = v.at(bh, H, 0, 0);
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
@@ -180,7 +183,7 @@ void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Stri
             if (on) axpy(acc.data(), p, vb + ki * v.sx + kj * v.sy, D, v.sd);  // [D] += p * [D]
           }
         }
-        store(out + tok * D, acc.data(), A(1) / l, D);
+        store(out.at(bh, H, i, j), acc.data(), A(1) / l, D, out.sd);
         lse[tok] = na2d::softmax_lse(m, l);
       }
     }
@@ -191,7 +194,7 @@ void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Stri
 template <typename scalar_t>
 void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
                    Strided<scalar_t> v, const scalar_t* rpb, Strided<scalar_t> out,
-                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* delta, scalar_t* dq,
+                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* delta, StridedOut<scalar_t> dq,
                    at::opmath_type<scalar_t>* bias_part, int64_t blocks, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
   const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H, rows = g.B * g.H * X;
@@ -237,7 +240,7 @@ void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q
               if (dbias) dbias[bi] += ds;
             }
           }
-          store(dq + tok * D, dqbuf.data(), scale, D);
+          store(dq.at(bh, H, i, j), dqbuf.data(), scale, D, dq.sd);
         }
       }
     }
@@ -248,7 +251,7 @@ void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q
 template <typename scalar_t>
 void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
                      Strided<scalar_t> v, const scalar_t* rpb, const at::opmath_type<scalar_t>* lse,
-                     const at::opmath_type<scalar_t>* delta, scalar_t* dk, scalar_t* dv,
+                     const at::opmath_type<scalar_t>* delta, StridedOut<scalar_t> dk, StridedOut<scalar_t> dv,
                      at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
   const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
@@ -265,7 +268,6 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
       int ilo, ihi;
       inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi, g.dil);
       for (int kj = 0; kj < Y; ++kj) {
-        const int64_t key = map + ki * Y + kj;
         load(kbuf.data(), k.at(bh, H, ki, kj), D, k.sd);  // [D]
         load(vbuf.data(), v.at(bh, H, ki, kj), D, v.sd);  // [D]
         std::fill(dkbuf.begin(), dkbuf.end(), A(0));
@@ -286,8 +288,8 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
             axpy(dkbuf.data(), ds, qp, D, q.sd);  // [D] += dS * q[D]
           }
         }
-        store(dk + key * D, dkbuf.data(), scale, D);
-        store(dv + key * D, dvbuf.data(), A(1), D);
+        store(dk.at(bh, H, ki, kj), dkbuf.data(), scale, D, dk.sd);
+        store(dv.at(bh, H, ki, kj), dvbuf.data(), A(1), D, dv.sd);
       }
     }
   });
@@ -441,7 +443,8 @@ inline void halo(int i0, int i1, int n, const Geometry& g, int* r0, int* r1) {
 }
 
 template <typename T>
-void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb, T* out, T* lse, T scale) {
+void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb, StridedOut<T> out, T* lse,
+               T scale) {
   const TileShape ts = tile_shape();
   const int ks = g.ks, R = 2 * ks - 1;
   const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
@@ -515,8 +518,8 @@ void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const
         }
         for (int t = 0; t < tq; ++t) {
           const int qi = i0 + t / ty, qj = j0 + t % ty;
-          const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
-          std::copy(O.data() + t * D, O.data() + (t + 1) * D, out + tok * D);
+          T* o = out.at(s.bh, g.H, s.gx + int64_t{g.dil} * qi, s.gy + int64_t{g.dil} * qj);
+          store(o, O.data() + t * D, T(1), D, out.sd);
         }
       }
     }
@@ -526,7 +529,8 @@ void fwd_tiled(const Geometry g, Strided<T> q, Strided<T> k, Strided<T> v, const
 // dk, dv zeroed by the caller; bias_part [slices, R*R] zeroed, or null without rpb.
 template <typename T>
 void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, Strided<T> v, const T* rpb,
-               Strided<T> out, const T* lse, T* dq, T* dk, T* dv, T* bias_part, T scale) {
+               Strided<T> out, const T* lse, StridedOut<T> dq, StridedOut<T> dk, StridedOut<T> dv, T* bias_part,
+               T scale) {
   const TileShape ts = tile_shape();
   const int ks = g.ks, R = 2 * ks - 1;
   const int64_t D = g.D, slices = g.B * g.H * g.dil * g.dil;
@@ -619,19 +623,22 @@ void bwd_tiled(const Geometry g, Strided<T> dout, Strided<T> q, Strided<T> k, St
           }
           for (int t = 0; t < tq; ++t) {
             const int qi = i0 + t / ty, qj = j0 + t % ty;
-            const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * qi) * g.Y + s.gy + int64_t{g.dil} * qj;
-            std::copy(G.data() + t * D, G.data() + (t + 1) * D, dq + tok * D);
+            store(dq.at(s.bh, g.H, s.gx + int64_t{g.dil} * qi, s.gy + int64_t{g.dil} * qj), G.data() + t * D, T(1), D,
+                  dq.sd);
           }
           for (int which = 0; which < 2; ++which) {
-            T* dst = which == 0 ? dk : dv;
+            const StridedOut<T>& dst = which == 0 ? dk : dv;
             const T* src = which == 0 ? dKh.data() : dVh.data();
             for (int r = r0; r < r1; ++r) {
               for (int c = c0; c < c1; ++c, src += D) {
                 if (r < 0 || r >= s.nx || c < 0 || c >= s.ny) continue;
-                const int64_t tok = s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * r) * g.Y + s.gy + int64_t{g.dil} * c;
-                T* d = dst + tok * D;
+                T* d = dst.at(s.bh, g.H, s.gx + int64_t{g.dil} * r, s.gy + int64_t{g.dil} * c);
+                if (dst.sd == 1) {
 #pragma omp simd
-                for (int64_t e = 0; e < D; ++e) d[e] += src[e];
+                  for (int64_t e = 0; e < D; ++e) d[e] += src[e];
+                } else {
+                  for (int64_t e = 0; e < D; ++e) d[e * dst.sd] += src[e];
+                }
               }
             }
           }
@@ -656,6 +663,19 @@ void check_cpu(const at::Tensor& q, const char* op) {
 }
 
 }  // namespace
+
+at::Tensor empty_in_order_of(const at::Tensor& t) {
+  // Dims outermost first: decreasing stride, ties in logical order (a stable sort), broadcast
+  // dims (stride 0) first. kernels/_layout.py is the same rule for the fake implementations.
+  std::vector<int64_t> order(t.dim());
+  for (int64_t d = 0; d < t.dim(); ++d) order[d] = d;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t sa = t.stride(a), sb = t.stride(b);
+    if ((sa == 0) != (sb == 0)) return sa == 0;
+    return sa > sb;
+  });
+  return at::empty_permuted(t.sizes(), order, t.options());
+}
 
 void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation) {
@@ -710,12 +730,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
                                                 int64_t border, double scale, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   check_cpu(q, "na2d_fwd");
-  // q, k, v are read through their strides (no copy); out and lse are contiguous.
+  // q, k, v are read through their strides (no copy); out takes q's dim order, lse is contiguous.
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto out = at::empty(q.sizes(), opts);
-  auto lse = at::empty(q.sizes().slice(0, 4), opts.dtype(stat_type(q.scalar_type())));
+  auto out = empty_in_order_of(q);
+  auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(stat_type(q.scalar_type())));
   const Geometry g = geometry(q, kernel_size, border, dilation);
   bool tiled = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: tiles of small GEMMs
   if (tiled) {  // a non-finite v would reach queries outside its windows (all_finite)
@@ -724,7 +743,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   if (tiled) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_tiled", [&] {
       fwd_tiled<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
                           lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
     });
     return {out, lse};
@@ -732,7 +751,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
+                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out), lse.data_ptr<A>(),
                          static_cast<A>(scale));
   });
   return {out, lse};
@@ -745,7 +764,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   check_cpu(q, "na2d_bwd");
-  // dout, q, k, v and out are read through their strides (no copy); the gradients are contiguous.
+  // dout, q, k, v and out are read through their strides (no copy); dq, dk, dv take the dim
+  // order of q, k, v; drpb is contiguous.
   const auto lc = lse.contiguous();  // the forward's own (contiguous) statistic
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
@@ -760,17 +780,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   }
   if (tiled) {
     const Geometry g = geometry(q, kernel_size, border, dilation);
-    auto dq = at::empty(q.sizes(), opts);
-    auto dk = at::zeros(q.sizes(), opts);
-    auto dv = at::zeros(q.sizes(), opts);
+    auto dq = empty_in_order_of(q);
+    auto dk = empty_in_order_of(k).zero_();
+    auto dv = empty_in_order_of(v).zero_();
     const int64_t slices = g.B * g.H * g.dil * g.dil;
     // Per-slice bias sums [slices, R, R], reduced in slice order below.
     auto part = has_rpb ? at::zeros({slices, R * R}, opts) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_tiled", [&] {
       bwd_tiled<scalar_t>(g, strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
                           strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
-                          lc.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                          dv.data_ptr<scalar_t>(), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
+                          lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk),
+                          strided_out<scalar_t>(dv), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
                           static_cast<scalar_t>(scale));
     });
     if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
@@ -786,9 +806,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     });
     return {dq, dk, dv, drpb};
   }
-  auto dq = at::empty(q.sizes(), opts);
-  auto dk = at::empty(q.sizes(), opts);
-  auto dv = at::empty(q.sizes(), opts);
+  auto dq = empty_in_order_of(q);
+  auto dk = empty_in_order_of(k);
+  auto dv = empty_in_order_of(v);
   auto delta = at::empty(q.sizes().slice(0, 4), stat);
   const Geometry g = geometry(q, kernel_size, border, dilation);
   const int64_t rows = g.B * g.H * g.X;
@@ -801,10 +821,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     const auto sdo = strided<scalar_t>(dout), sq = strided<scalar_t>(q), sk = strided<scalar_t>(k),
                sv = strided<scalar_t>(v);
     bwd_dq_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, strided<scalar_t>(out), lc.data_ptr<A>(), delta.data_ptr<A>(),
-                            dq.data_ptr<scalar_t>(), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
+                            strided_out<scalar_t>(dq), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
                             static_cast<A>(scale));
-    bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), dk.data_ptr<scalar_t>(),
-                              dv.data_ptr<scalar_t>(), static_cast<A>(scale));
+    bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), strided_out<scalar_t>(dk),
+                              strided_out<scalar_t>(dv), static_cast<A>(scale));
   });
   at::Tensor drpb;
   if (has_rpb) {

@@ -17,6 +17,7 @@ import torch
 
 import dcal.ops as ops
 from dcal import _ext
+from dcal.kernels._layout import empty_in_order_of
 from dcal.ops import reference
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C is not built")
@@ -323,7 +324,8 @@ def _layout(t, layout):
         buf[:, :, :, 1] = t.permute(0, 2, 3, 1, 4)
         return buf[:, :, :, 1].permute(0, 3, 1, 2, 4)
     if layout == "channels_first":
-        maps = t.permute(0, 1, 4, 2, 3).reshape(B, H * D, X, Y)  # [B, C, X, Y], contiguous
+        # [B, C, X, Y], contiguous (with H == 1 the reshape alone would be a view of t)
+        maps = t.permute(0, 1, 4, 2, 3).reshape(B, H * D, X, Y).contiguous()
         return maps.view(B, H, D, X, Y).permute(0, 1, 3, 4, 2)
     if layout == "xy_transposed":  # what a gradient may arrive as
         return t.transpose(2, 3).contiguous().transpose(2, 3)
@@ -352,7 +354,8 @@ def _layout_id(c):
 
 def _check_layout_case(c, dtype, device):
     """Kernel on q, k, v in the case's layout (dO heads-last) against the fp64 reference on
-    contiguous inputs: out, lse and every gradient; outputs and gradients come back contiguous."""
+    contiguous inputs: out, lse and every gradient; out and dq come back in q's dim order, dk in
+    k's, dv in v's (dcal.kernels._layout.empty_in_order_of), lse and drpb contiguous."""
     case, dil, layout = c
     scale = case[6] ** -0.5
     q, k, v, rpb, do = (None if t is None else t.to(device) for t in _inputs(case, dtype, seed=8))
@@ -365,7 +368,11 @@ def _check_layout_case(c, dtype, device):
     for which in ("out", "lse") + GRADS:
         if ref[which] is None:
             continue
-        assert ours[which].is_contiguous(), which
+        like = {"out": views[0], "dq": views[0], "dk": views[1], "dv": views[2]}.get(which)
+        if like is None:
+            assert ours[which].is_contiguous(), which
+        else:
+            assert ours[which].stride() == empty_in_order_of(like).stride(), which
         err = _max_err(ours[which], ref[which])
         big = max(1.0, ref[which].abs().max().item())
         if dtype == torch.float64:
