@@ -419,7 +419,9 @@ def cuda_emulator(tmp_path_factory):
 @pytest.mark.parametrize("c", EMU_CASES, ids=_layout_id)
 def test_cuda_kernels_emulated(cuda_emulator, c):
     """The CUDA forward and the three backward kernels (float32) on strided, dilated inputs, dO
-    broadcast over the batch and out read heads-last, against the fp64 reference."""
+    broadcast over the batch and out read heads-last, against the fp64 reference. Outputs are
+    allocated as the host code allocates them (out and dq in q's dim order, dk in k's, dv in v's:
+    channels-first or heads-last for such inputs), NaN-filled, and written through their strides."""
     import ctypes
 
     (border, ks, B, H, X, Y, D, with_rpb), dil, layout = c
@@ -432,13 +434,17 @@ def test_cuda_kernels_emulated(cuda_emulator, c):
     geo = (ctypes.c_int * 8)(B, H, X, Y, D, ks, BORDER_IDS[border], dil)
     qkv = [a for t in views for a in (ptr(t), strides(t))]
     nan = lambda *shape: torch.full(shape, float("nan"))  # noqa: E731
-    out, lse = nan(B, H, X, Y, D), nan(B, H, X, Y)
-    cuda_emulator.emu_fwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(out), ptr(lse))
+    like = lambda t: empty_in_order_of(t).fill_(float("nan"))  # noqa: E731
+    out, lse = like(views[0]), nan(B, H, X, Y)
+    if layout in ("heads_last", "channels_first"):
+        assert not out.is_contiguous()
+    cuda_emulator.emu_fwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(out), strides(out), ptr(lse))
     outv = _layout(out, "heads_last")
-    dq, dk, dv, delta = nan(B, H, X, Y, D), nan(B, H, X, Y, D), nan(B, H, X, Y, D), nan(B, H, X, Y)
+    dq, dk, dv, delta = like(views[0]), like(views[1]), like(views[2]), nan(B, H, X, Y)
     drpb = None if rpb is None else nan(*rpb.shape)
     cuda_emulator.emu_bwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(outv), strides(outv), ptr(dov), strides(dov),
-                          ptr(lse), ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(drpb))
+                          ptr(lse), ptr(delta), ptr(dq), strides(dq), ptr(dk), strides(dk), ptr(dv), strides(dv),
+                          ptr(drpb))
     ref = _grads(_ref_fn(c[0], scale, dil), *(None if t is None else t.double() for t in (q, k, v, rpb, dov)))
     ours = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, drpb=drpb)
     for which in ("out", "lse") + GRADS:
