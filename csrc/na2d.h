@@ -127,6 +127,12 @@ DCAL_HD inline T logit_grad(T p, T dp, T delta) {
 
 namespace dcal {
 
+// An uninitialised dense tensor like t whose dims lie in the order of t's strides (decreasing,
+// ties in logical order, broadcast dims outermost): how the CPU and CUDA host code allocate out
+// and dq (like q), dk (like k) and dv (like v). kernels/_layout.py is the same rule in Python,
+// for the fake implementations.
+at::Tensor empty_in_order_of(const at::Tensor& t);
+
 // Argument checks shared by the CPU and CUDA host code (TORCH_CHECK, messages name the argument).
 void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation);
@@ -134,11 +140,13 @@ void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::
 
 // q, k, v [B, H, X, Y, D]; rpb [H, 2*ks-1, 2*ks-1] or undefined; border a dcal::BorderMode;
 // dilation >= 1 (DESIGN 10).
-// Returns (out [B, H, X, Y, D], lse [B, H, X, Y] fp32, fp64 for fp64 inputs).
+// Returns (out [B, H, X, Y, D] in q's dim order, lse [B, H, X, Y] contiguous, fp32, fp64 for fp64
+// inputs).
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
                                                 int64_t border, double scale, int64_t dilation);
-// Returns (dq, dk, dv, drpb); drpb is [0] when rpb is undefined.
+// Returns (dq, dk, dv, drpb) with dq, dk, dv in the dim order of q, k, v; drpb is contiguous, [0]
+// when rpb is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,

@@ -2,7 +2,9 @@
 //
 // Inputs (q, k, v; dout and out in the backward) are read through their strides: contiguous,
 // heads-last, slices of a fused qkv projection or channels-first views cost no copy. Outputs and
-// gradients are contiguous [B, H, X, Y, D].
+// gradients are written through their strides too: each takes the dim order of its input
+// (empty_in_order_of: out and dq like q, dk like k, dv like v), so a caller reshapes them back to
+// its own layout without a copy. lse (and the backward's delta) are contiguous [B, H, X, Y].
 //
 // fp32 and fp64 run the register-blocked kernels of na2d_cpu_simd.cpp (the queries of a map row
 // in the SIMD lanes). bf16, and inputs holding a NaN or an inf (see all_finite), run the simple
@@ -31,6 +33,7 @@
 
 #include "dcal.h"
 #include "na2d.h"
+#include "na2d_cpu_layout.h"
 #include "na2d_cpu_simd.h"
 
 namespace dcal {
@@ -41,6 +44,8 @@ using na2d::kClamp;
 using na2d::kMask;
 using na2d::rpb_index;
 using na2d::window_start;
+using na2d_cpu::Strided;
+using na2d_cpu::StridedOut;
 
 // Bias-gradient partial sums live in this many fixed blocks of rows, reduced in block order, so
 // drpb does not depend on the number of threads.
@@ -58,22 +63,15 @@ int64_t row_grain(const Geometry& g) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
-// A [B, H, X, Y, D] input read through its strides (any view: heads-last, channels-first, slices
-// of a fused qkv projection), so no whole-tensor copy is made. A unit head-dim stride is the
-// fast path of the loops below; any other stride is read element by element.
-template <typename T>
-struct Strided {
-  const T* p;
-  int64_t sb, sh, sx, sy, sd;
-  // first element of token (i, j) of (batch, head) bh
-  const T* at(int64_t bh, int64_t H, int64_t i, int64_t j) const {
-    return p + (bh / H) * sb + (bh % H) * sh + i * sx + j * sy;
-  }
-};
-
+// Inputs and outputs through their strides (na2d_cpu_layout.h).
 template <typename T>
 Strided<T> strided(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+template <typename T>
+StridedOut<T> strided_out(at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
 // True when every element of a [B, H, X, Y, D] input is finite, read through its strides (no
@@ -136,15 +134,20 @@ inline void load(A* __restrict dst, const T* __restrict src, int64_t n, int64_t 
   }
 }
 
+// dst[D] (written with stride sd) <- mul * src[D]
 template <typename T, typename A>
-inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n) {
+inline void store(T* __restrict dst, const A* __restrict src, A mul, int64_t n, int64_t sd = 1) {
+  if (sd == 1) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d * sd] = static_cast<T>(src[d] * mul);
+  }
 }
 
 template <typename scalar_t>
 void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Strided<scalar_t> v, const scalar_t* rpb,
-                scalar_t* out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
+                StridedOut<scalar_t> out, at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
   const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
   const int ks = g.ks, R = 2 * g.ks - 1;
@@ -153,7 +156,7 @@ void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Stri
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / X;
       const int i = static_cast<int>(row % X);
-      const int64_t map = bh * X * Y;  // first token of this (batch, head) in out and lse
+      const int64_t map = bh * X * Y;  // first token of this (batch, head) in lse
       const scalar_t* kb = k.at(bh, H, 0, 0);
       const scalar_t* vb = v.at(bh, H, 0, 0);
       const scalar_t* bias = rpb ? rpb + (bh % g.H) * R * R : nullptr;
@@ -180,7 +183,7 @@ void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Stri
             if (on) axpy(acc.data(), p, vb + ki * v.sx + kj * v.sy, D, v.sd);  // [D] += p * [D]
           }
         }
-        store(out + tok * D, acc.data(), A(1) / l, D);
+        store(out.at(bh, H, i, j), acc.data(), A(1) / l, D, out.sd);
         lse[tok] = na2d::softmax_lse(m, l);
       }
     }
@@ -191,7 +194,7 @@ void fwd_kernel(const Geometry g, Strided<scalar_t> q, Strided<scalar_t> k, Stri
 template <typename scalar_t>
 void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
                    Strided<scalar_t> v, const scalar_t* rpb, Strided<scalar_t> out,
-                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* delta, scalar_t* dq,
+                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* delta, StridedOut<scalar_t> dq,
                    at::opmath_type<scalar_t>* bias_part, int64_t blocks, at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
   const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H, rows = g.B * g.H * X;
@@ -237,7 +240,7 @@ void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q
               if (dbias) dbias[bi] += ds;
             }
           }
-          store(dq + tok * D, dqbuf.data(), scale, D);
+          store(dq.at(bh, H, i, j), dqbuf.data(), scale, D, dq.sd);
         }
       }
     }
@@ -248,7 +251,7 @@ void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q
 template <typename scalar_t>
 void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q, Strided<scalar_t> k,
                      Strided<scalar_t> v, const scalar_t* rpb, const at::opmath_type<scalar_t>* lse,
-                     const at::opmath_type<scalar_t>* delta, scalar_t* dk, scalar_t* dv,
+                     const at::opmath_type<scalar_t>* delta, StridedOut<scalar_t> dk, StridedOut<scalar_t> dv,
                      at::opmath_type<scalar_t> scale) {
   using A = at::opmath_type<scalar_t>;
   const int64_t D = g.D, X = g.X, Y = g.Y, H = g.H;
@@ -265,7 +268,6 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
       int ilo, ihi;
       inverse_range(ki, static_cast<int>(X), ks, g.border, &ilo, &ihi, g.dil);
       for (int kj = 0; kj < Y; ++kj) {
-        const int64_t key = map + ki * Y + kj;
         load(kbuf.data(), k.at(bh, H, ki, kj), D, k.sd);  // [D]
         load(vbuf.data(), v.at(bh, H, ki, kj), D, v.sd);  // [D]
         std::fill(dkbuf.begin(), dkbuf.end(), A(0));
@@ -286,22 +288,14 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
             axpy(dkbuf.data(), ds, qp, D, q.sd);  // [D] += dS * q[D]
           }
         }
-        store(dk + key * D, dkbuf.data(), scale, D);
-        store(dv + key * D, dvbuf.data(), A(1), D);
+        store(dk.at(bh, H, ki, kj), dkbuf.data(), scale, D, dk.sd);
+        store(dv.at(bh, H, ki, kj), dvbuf.data(), A(1), D, dv.sd);
       }
     }
   });
 }
 
 na2d_simd::Geo simd_geo(const Geometry& g) { return {g.B, g.H, g.X, g.Y, g.D, g.ks, g.border, g.dil}; }
-template <typename T>
-na2d_simd::In<T> simd_in(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-template <typename T>
-na2d_simd::Out<T> simd_out(at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
 
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -318,6 +312,19 @@ void check_cpu(const at::Tensor& q, const char* op) {
 }
 
 }  // namespace
+
+at::Tensor empty_in_order_of(const at::Tensor& t) {
+  // Dims outermost first: decreasing stride, ties in logical order (a stable sort), broadcast
+  // dims (stride 0) first. kernels/_layout.py is the same rule for the fake implementations.
+  std::vector<int64_t> order(t.dim());
+  for (int64_t d = 0; d < t.dim(); ++d) order[d] = d;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t sa = t.stride(a), sb = t.stride(b);
+    if ((sa == 0) != (sb == 0)) return sa == 0;
+    return sa > sb;
+  });
+  return at::empty_permuted(t.sizes(), order, t.options());
+}
 
 void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation) {
@@ -372,12 +379,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
                                                 int64_t border, double scale, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   check_cpu(q, "na2d_fwd");
-  // q, k, v are read through their strides (no copy); out and lse are contiguous.
+  // q, k, v are read through their strides (no copy); out takes q's dim order, lse is contiguous.
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto out = at::empty(q.sizes(), opts);
-  auto lse = at::empty(q.sizes().slice(0, 4), opts.dtype(stat_type(q.scalar_type())));
+  auto out = empty_in_order_of(q);
+  auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(stat_type(q.scalar_type())));
   const Geometry g = geometry(q, kernel_size, border, dilation);
   bool fast = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: the SIMD kernels
   if (fast) {  // a non-finite v would reach queries outside its windows (all_finite)
@@ -385,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   }
   if (fast) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
-      na2d_simd::fwd(simd_geo(g), simd_in<scalar_t>(q), simd_in<scalar_t>(k), simd_in<scalar_t>(v),
-                     has_rpb ? rc.data_ptr<scalar_t>() : nullptr, simd_out<scalar_t>(out), lse.data_ptr<scalar_t>(),
+      na2d_simd::fwd(simd_geo(g), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                     has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out), lse.data_ptr<scalar_t>(),
                      static_cast<scalar_t>(scale));
     });
     return {out, lse};
@@ -394,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
+                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out), lse.data_ptr<A>(),
                          static_cast<A>(scale));
   });
   return {out, lse};
@@ -407,7 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   check_cpu(q, "na2d_bwd");
-  // dout, q, k, v and out are read through their strides (no copy); the gradients are contiguous.
+  // dout, q, k, v and out are read through their strides (no copy); dq, dk, dv take the dim
+  // order of q, k, v; drpb is contiguous.
   const auto lc = lse.contiguous();  // the forward's own (contiguous) statistic
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
@@ -422,15 +429,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
   }
   if (fast) {
     const Geometry g = geometry(q, kernel_size, border, dilation);
-    auto dq = at::empty(q.sizes(), opts);
-    auto dk = at::empty(q.sizes(), opts);
-    auto dv = at::empty(q.sizes(), opts);
+    auto dq = empty_in_order_of(q);  // every element written by the kernel
+    auto dk = empty_in_order_of(k);
+    auto dv = empty_in_order_of(v);
     const int64_t slices = g.B * g.H * g.dil * g.dil;
     auto part = has_rpb ? at::empty({slices, R * R}, opts) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
-      na2d_simd::bwd(simd_geo(g), simd_in<scalar_t>(dout), simd_in<scalar_t>(q), simd_in<scalar_t>(k),
-                     simd_in<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, simd_in<scalar_t>(out),
-                     lc.data_ptr<scalar_t>(), simd_out<scalar_t>(dq), simd_out<scalar_t>(dk), simd_out<scalar_t>(dv),
+      na2d_simd::bwd(simd_geo(g), strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
+                     strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
+                     lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk), strided_out<scalar_t>(dv),
                      has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
     });
     if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
@@ -446,9 +453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     });
     return {dq, dk, dv, drpb};
   }
-  auto dq = at::empty(q.sizes(), opts);
-  auto dk = at::empty(q.sizes(), opts);
-  auto dv = at::empty(q.sizes(), opts);
+  auto dq = empty_in_order_of(q);
+  auto dk = empty_in_order_of(k);
+  auto dv = empty_in_order_of(v);
   auto delta = at::empty(q.sizes().slice(0, 4), stat);
   const Geometry g = geometry(q, kernel_size, border, dilation);
   const int64_t rows = g.B * g.H * g.X;
@@ -461,10 +468,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     const auto sdo = strided<scalar_t>(dout), sq = strided<scalar_t>(q), sk = strided<scalar_t>(k),
                sv = strided<scalar_t>(v);
     bwd_dq_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, strided<scalar_t>(out), lc.data_ptr<A>(), delta.data_ptr<A>(),
-                            dq.data_ptr<scalar_t>(), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
+                            strided_out<scalar_t>(dq), has_rpb ? bias_part.data_ptr<A>() : nullptr, blocks,
                             static_cast<A>(scale));
-    bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), dk.data_ptr<scalar_t>(),
-                              dv.data_ptr<scalar_t>(), static_cast<A>(scale));
+    bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), strided_out<scalar_t>(dk),
+                              strided_out<scalar_t>(dv), static_cast<A>(scale));
   });
   at::Tensor drpb;
   if (has_rpb) {

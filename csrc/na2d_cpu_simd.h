@@ -5,20 +5,16 @@
 
 #include <cstdint>
 
+#include "na2d_cpu_layout.h"
+
 namespace dcal {
 namespace na2d_simd {
 
 // A [B, H, X, Y, D] tensor read (In) or written (Out) through its strides, in elements.
 template <typename T>
-struct In {
-  const T* p;
-  int64_t sb, sh, sx, sy, sd;
-};
+using In = na2d_cpu::Strided<T>;
 template <typename T>
-struct Out {
-  T* p;
-  int64_t sb, sh, sx, sy, sd;
-};
+using Out = na2d_cpu::StridedOut<T>;
 
 struct Geo {
   int64_t B, H, X, Y, D;

@@ -2,7 +2,9 @@
 // Each entry point reads: argument checks -> device guard -> allocate -> dispatch, where
 // dispatch() (one helper for both) fills the Params every kernel shares, switches on dtype,
 // head-dim bucket, bias flag and unit head-dim stride, and hands the launch to a templated lambda. The kernels are in
-// na2d_kernels.cuh. q, k, v, dout and out are passed with their strides, never copied.
+// na2d_kernels.cuh. q, k, v, dout and out are passed with their strides, never copied; out, dq,
+// dk and dv are allocated in the dim order of q, q, k, v (empty_in_order_of) and written through
+// their strides.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -121,8 +123,8 @@ dim3 token_grid(const at::Tensor& q) {
 
 // Runs launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p) with T the element type of q,
 // kHeadDim the head-dim bucket, kHasRpb whether a bias is given and kUnitD whether every tensor
-// the kernels read (q, k, v and `more`) has a unit head-dim stride; p carries the geometry and
-// the inputs (pointers and strides), the lambda adds its outputs and launches.
+// the kernels read or write (q, k, v and `more`) has a unit head-dim stride; p carries the
+// geometry and the inputs (pointers and strides), the lambda adds its outputs and launches.
 template <typename Launch>
 void dispatch(const Inputs& in, std::initializer_list<const at::Tensor*> more, Launch&& launch) {
   bool unit_d = in.q.stride(4) == 1 && in.k.stride(4) == 1 && in.v.stride(4) == 1;
@@ -165,13 +167,14 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::
                                                  int64_t border, double scale, int64_t dilation) {
   const Inputs in = checked_inputs("na2d_fwd", q, k, v, rpb, kernel_size, border, scale, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  auto out = at::empty(q.sizes(), q.options());  // contiguous [B, H, X, Y, D] whatever q's layout
+  auto out = empty_in_order_of(q);  // [B, H, X, Y, D] in q's dim order
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const dim3 grid = token_grid(q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(in, {}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
+  dispatch(in, {&out}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
     p.o = out_ptr<T>(out);
+    p.sout = strides(out);
     p.lse = lse.data_ptr<float>();
     na2d_cuda::na2d_fwd_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -187,9 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
   na2d_check_bwd_args(dout, q, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const auto lc = lse.contiguous();  // [B, H, X, Y] fp32: small, and contiguous when it comes from the forward
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(q.sizes(), q.options());
-  auto dv = at::empty(q.sizes(), q.options());
+  auto dq = empty_in_order_of(q);  // the dim orders of q, k, v
+  auto dk = empty_in_order_of(k);
+  auto dv = empty_in_order_of(v);
   auto delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   const int64_t H = q.size(1), R = 2 * kernel_size - 1;
   const bool has_rpb = in.rpb.defined();
@@ -200,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
   const dim3 grid = token_grid(q);
   const dim3 bias_grid(static_cast<unsigned>(R * R), static_cast<unsigned>(H));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(in, {&out, &dout}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
+  dispatch(in, {&out, &dout, &dq, &dk, &dv}, [&]<typename T, int kHeadDim, bool kHasRpb, bool kUnitD>(Params<T> p) {
     p.out = reinterpret_cast<const T*>(out.data_ptr());
     p.dout = reinterpret_cast<const T*>(dout.data_ptr());
     p.sout = strides(out);
@@ -210,6 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
     p.dq = out_ptr<T>(dq);
     p.dk = out_ptr<T>(dk);
     p.dv = out_ptr<T>(dv);
+    p.sdq = strides(dq);
+    p.sdk = strides(dk);
+    p.sdv = strides(dv);
     p.drpb = has_rpb ? drpb.data_ptr<float>() : nullptr;
     // dQ writes delta, which the other passes read: same stream, so in order.
     na2d_cuda::na2d_bwd_dq_kernel<T, kHeadDim, kHasRpb, kUnitD><<<grid, kThreads, 0, stream>>>(p);

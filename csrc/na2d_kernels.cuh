@@ -12,9 +12,11 @@
 // Layouts: q, k, v, dout and out are read in place through their own element strides (Strides,
 // 64-bit), so contiguous [B, H, X, Y, D], NATTEN's [B, X, Y, H, D], slices of a fused qkv
 // projection and channels-first [B, C, X, Y] maps (head-dim stride X*Y) need no copy; kUnitD
-// (every input's head-dim stride is 1, the common case) makes that stride a constant. Outputs
-// and gradients are written contiguous [B, H, X, Y, D]; lse and delta are contiguous
-// [B, H, X, Y], indexed by the token number.
+// (every input's and output's head-dim stride is 1, the common case) makes that stride a
+// constant. Outputs and gradients are written through their strides too: the host allocates
+// them in the dim order of their input (out and dq like q, dk like k, dv like v), so they come
+// back in the caller's layout; lse and delta are contiguous [B, H, X, Y], indexed by the token
+// number.
 //
 // Dilation (DESIGN 10): window keys are start + dil * u, u in [0, ks), so the loops step by dil
 // (window_start, in_window, inverse_range and rpb_index of na2d.h take the same dil).
@@ -56,11 +58,12 @@ struct Params {
   const T* rpb;   // [H, 2*ks-1, 2*ks-1] contiguous, or null
   const T* out;   // forward output (backward input)
   const T* dout;
-  Strides sq, sk, sv, sout, sdo;  // of q, k, v, out, dout
-  T* o;           // forward output, contiguous
+  Strides sq, sk, sv, sout, sdo;  // of q, k, v, out (forward output or backward input), dout
+  Strides sdq, sdk, sdv;          // of the gradients
+  T* o;           // forward output, strides sout
   float* lse;     // [B, H, X, Y] contiguous
   float* delta;   // [B, H, X, Y] contiguous, rowsum(dO * O)
-  T* dq;          // gradients, contiguous [B, H, X, Y, D]
+  T* dq;          // gradients [B, H, X, Y, D], strides sdq, sdk, sdv
   T* dk;
   T* dv;
   float* drpb;    // [H, 2*ks-1, 2*ks-1]
@@ -120,12 +123,12 @@ __device__ __forceinline__ void load_slice(float (&dst)[kE], const T* row, int64
   for (int e = 0; e < kE; ++e) dst[e] = e < E ? elem(row, sd, lane, e) : 0.f;
 }
 
-// Into a contiguous row (outputs and gradients).
+// Into a head-dim row whose elements are sd apart (outputs and gradients).
 template <int kE, typename T>
-__device__ __forceinline__ void store_slice(T* row, const float (&src)[kE], float mul, int lane, int E) {
+__device__ __forceinline__ void store_slice(T* row, int64_t sd, const float (&src)[kE], float mul, int lane, int E) {
 #pragma unroll
   for (int e = 0; e < kE; ++e)
-    if (e < E) row[lane + e * kGroup] = from_float<T>(src[e] * mul);
+    if (e < E) row[(int64_t)(lane + e * kGroup) * sd] = from_float<T>(src[e] * mul);
 }
 
 // [E] . row[E] over this lane's slice, then over the group -> full dot product.
@@ -139,8 +142,8 @@ __device__ __forceinline__ float group_dot(const float (&a)[kE], const T* row, i
   return group_sum(s, mask);
 }
 
-// The token a group owns: tok = ((b * H + h) * X + i) * Y + j, the index into the contiguous
-// outputs, lse and delta.
+// The token a group owns: tok = ((b * H + h) * X + i) * Y + j, the index into the contiguous lse
+// and delta.
 struct Token {
   int64_t b, h;
   int i, j;
@@ -198,7 +201,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_fwd_kernel(const Params<T> p
       }
     }
   }
-  store_slice<kE>(p.o + tok * p.D, acc, 1.f / l, lane, E);
+  store_slice<kE>(p.o + map_offset(p.sout, t.b, t.h) + pos_offset(p.sout, i, j), head_stride<kUnitD>(p.sout), acc,
+                  1.f / l, lane, E);
   if (lane == 0) p.lse[tok] = na2d::softmax_lse(m, l);
 }
 
@@ -250,7 +254,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T
       for (int e = 0; e < kE; ++e) dqv[e] += ds * kv[e];  // [E] += dS * k[E]
     }
   }
-  store_slice<kE>(p.dq + tok * p.D, dqv, p.scale, lane, E);
+  store_slice<kE>(p.dq + map_offset(p.sdq, t.b, t.h) + pos_offset(p.sdq, i, j), head_stride<kUnitD>(p.sdq), dqv,
+                  p.scale, lane, E);
 }
 
 // Backward pass 2: dK and dV of one key per group, gathered over the queries whose window holds
@@ -304,8 +309,10 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params
       }
     }
   }
-  store_slice<kE>(p.dk + tok * p.D, dkv, p.scale, lane, E);
-  store_slice<kE>(p.dv + tok * p.D, dvv, 1.f, lane, E);
+  store_slice<kE>(p.dk + map_offset(p.sdk, t.b, t.h) + pos_offset(p.sdk, ki, kj), head_stride<kUnitD>(p.sdk), dkv,
+                  p.scale, lane, E);
+  store_slice<kE>(p.dv + map_offset(p.sdv, t.b, t.h) + pos_offset(p.sdv, ki, kj), head_stride<kUnitD>(p.sdv), dvv,
+                  1.f, lane, E);
 }
 
 // Backward pass 3 (with a bias): grid (R*R, H); block (entry, h) sums dS of that bias entry over

@@ -124,19 +124,24 @@ struct Fwd { static void go(const Params<float>& p) { fwd_t<kD, kR, kU>(p); } };
 template <int kD, bool kR, bool kU>
 struct Bwd { static void go(const Params<float>& p) { bwd_t<kD, kR, kU>(p); } };
 
+// Outputs are written through the strides given (so: out; sdq, sdk, sdv: the gradients), as the
+// host code allocates them in the dim order of q, k, v.
 extern "C" void emu_fwd(const int* geo, float scale, const float* q, const int64_t* sq, const float* k,
-                        const int64_t* sk, const float* v, const int64_t* sv, const float* rpb, float* o, float* lse) {
+                        const int64_t* sk, const float* v, const int64_t* sv, const float* rpb, float* o,
+                        const int64_t* so, float* lse) {
   Params<float> p = params(geo, scale, q, sq, k, sk, v, sv, rpb);
-  p.o = o; p.lse = lse;
-  launch<Fwd>(p, rpb != nullptr, p.sq.d == 1 && p.sk.d == 1 && p.sv.d == 1);
+  p.o = o; p.sout = st(so); p.lse = lse;
+  launch<Fwd>(p, rpb != nullptr, p.sq.d == 1 && p.sk.d == 1 && p.sv.d == 1 && p.sout.d == 1);
 }
 
 extern "C" void emu_bwd(const int* geo, float scale, const float* q, const int64_t* sq, const float* k,
                         const int64_t* sk, const float* v, const int64_t* sv, const float* rpb, const float* out,
                         const int64_t* so, const float* dout, const int64_t* sdo, const float* lse, float* delta,
-                        float* dq, float* dk, float* dv, float* drpb) {
+                        float* dq, const int64_t* sdq, float* dk, const int64_t* sdk, float* dv, const int64_t* sdv,
+                        float* drpb) {
   Params<float> p = params(geo, scale, q, sq, k, sk, v, sv, rpb);
   p.out = out; p.sout = st(so); p.dout = dout; p.sdo = st(sdo); p.lse = const_cast<float*>(lse); p.delta = delta;
-  p.dq = dq; p.dk = dk; p.dv = dv; p.drpb = drpb;
-  launch<Bwd>(p, rpb != nullptr, p.sq.d == 1 && p.sk.d == 1 && p.sv.d == 1 && p.sout.d == 1 && p.sdo.d == 1);
+  p.dq = dq; p.sdq = st(sdq); p.dk = dk; p.sdk = st(sdk); p.dv = dv; p.sdv = st(sdv); p.drpb = drpb;
+  launch<Bwd>(p, rpb != nullptr, p.sq.d == 1 && p.sk.d == 1 && p.sv.d == 1 && p.sout.d == 1 && p.sdo.d == 1 &&
+                                     p.sdq.d == 1 && p.sdk.d == 1 && p.sdv.d == 1);
 }

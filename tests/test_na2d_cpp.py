@@ -17,6 +17,7 @@ import torch
 
 import dcal.ops as ops
 from dcal import _ext
+from dcal.kernels._layout import empty_in_order_of
 from dcal.ops import reference
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C is not built")
@@ -323,7 +324,8 @@ def _layout(t, layout):
         buf[:, :, :, 1] = t.permute(0, 2, 3, 1, 4)
         return buf[:, :, :, 1].permute(0, 3, 1, 2, 4)
     if layout == "channels_first":
-        maps = t.permute(0, 1, 4, 2, 3).reshape(B, H * D, X, Y)  # [B, C, X, Y], contiguous
+        # [B, C, X, Y], contiguous (with H == 1 the reshape alone would be a view of t)
+        maps = t.permute(0, 1, 4, 2, 3).reshape(B, H * D, X, Y).contiguous()
         return maps.view(B, H, D, X, Y).permute(0, 1, 3, 4, 2)
     if layout == "xy_transposed":  # what a gradient may arrive as
         return t.transpose(2, 3).contiguous().transpose(2, 3)
@@ -352,7 +354,8 @@ def _layout_id(c):
 
 def _check_layout_case(c, dtype, device):
     """Kernel on q, k, v in the case's layout (dO heads-last) against the fp64 reference on
-    contiguous inputs: out, lse and every gradient; outputs and gradients come back contiguous."""
+    contiguous inputs: out, lse and every gradient; out and dq come back in q's dim order, dk in
+    k's, dv in v's (dcal.kernels._layout.empty_in_order_of), lse and drpb contiguous."""
     case, dil, layout = c
     scale = case[6] ** -0.5
     q, k, v, rpb, do = (None if t is None else t.to(device) for t in _inputs(case, dtype, seed=8))
@@ -365,7 +368,11 @@ def _check_layout_case(c, dtype, device):
     for which in ("out", "lse") + GRADS:
         if ref[which] is None:
             continue
-        assert ours[which].is_contiguous(), which
+        like = {"out": views[0], "dq": views[0], "dk": views[1], "dv": views[2]}.get(which)
+        if like is None:
+            assert ours[which].is_contiguous(), which
+        else:
+            assert ours[which].stride() == empty_in_order_of(like).stride(), which
         err = _max_err(ours[which], ref[which])
         big = max(1.0, ref[which].abs().max().item())
         if dtype == torch.float64:
@@ -412,7 +419,9 @@ def cuda_emulator(tmp_path_factory):
 @pytest.mark.parametrize("c", EMU_CASES, ids=_layout_id)
 def test_cuda_kernels_emulated(cuda_emulator, c):
     """The CUDA forward and the three backward kernels (float32) on strided, dilated inputs, dO
-    broadcast over the batch and out read heads-last, against the fp64 reference."""
+    broadcast over the batch and out read heads-last, against the fp64 reference. Outputs are
+    allocated as the host code allocates them (out and dq in q's dim order, dk in k's, dv in v's:
+    channels-first or heads-last for such inputs), NaN-filled, and written through their strides."""
     import ctypes
 
     (border, ks, B, H, X, Y, D, with_rpb), dil, layout = c
@@ -425,13 +434,17 @@ def test_cuda_kernels_emulated(cuda_emulator, c):
     geo = (ctypes.c_int * 8)(B, H, X, Y, D, ks, BORDER_IDS[border], dil)
     qkv = [a for t in views for a in (ptr(t), strides(t))]
     nan = lambda *shape: torch.full(shape, float("nan"))  # noqa: E731
-    out, lse = nan(B, H, X, Y, D), nan(B, H, X, Y)
-    cuda_emulator.emu_fwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(out), ptr(lse))
+    like = lambda t: empty_in_order_of(t).fill_(float("nan"))  # noqa: E731
+    out, lse = like(views[0]), nan(B, H, X, Y)
+    if layout in ("heads_last", "channels_first"):
+        assert not out.is_contiguous()
+    cuda_emulator.emu_fwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(out), strides(out), ptr(lse))
     outv = _layout(out, "heads_last")
-    dq, dk, dv, delta = nan(B, H, X, Y, D), nan(B, H, X, Y, D), nan(B, H, X, Y, D), nan(B, H, X, Y)
+    dq, dk, dv, delta = like(views[0]), like(views[1]), like(views[2]), nan(B, H, X, Y)
     drpb = None if rpb is None else nan(*rpb.shape)
     cuda_emulator.emu_bwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(outv), strides(outv), ptr(dov), strides(dov),
-                          ptr(lse), ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(drpb))
+                          ptr(lse), ptr(delta), ptr(dq), strides(dq), ptr(dk), strides(dk), ptr(dv), strides(dv),
+                          ptr(drpb))
     ref = _grads(_ref_fn(c[0], scale, dil), *(None if t is None else t.double() for t in (q, k, v, rpb, dov)))
     ours = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, drpb=drpb)
     for which in ("out", "lse") + GRADS:

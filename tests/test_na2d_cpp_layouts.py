@@ -2,8 +2,9 @@
 whatever their layout: contiguous [B, H, X, Y, D], NATTEN's heads-last [B, X, Y, H, D], slices
 of a fused qkv projection, and channels-first [B, C, X, Y] maps viewed as [B, H, D, X, Y] (a
 head-dim stride of X*Y). Each layout against the fp64 reference (values and every gradient, in
-every border mode, with and without dilation), and a check that the kernels allocate nothing
-but their outputs (the allocator's own record of the call, through torch.profiler).
+every border mode, with and without dilation; outputs and gradients in their inputs' dim order),
+and a check that the kernels allocate nothing but their outputs (the allocator's own record of the
+call, through torch.profiler).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from dcal import _ext
+from dcal.kernels._layout import empty_in_order_of
 from dcal.ops import reference
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C is not built")
@@ -72,7 +74,7 @@ def test_layout_matches_reference(layout, case):
     do = _strided_like(torch.randn(B, H, X, Y, D, generator=g, dtype=torch.float64), g)
     scale = 0.37
     out, lse = torch.ops.dcal.na2d_fwd(q, k, v, rpb, ks, BORDER_IDS[border], scale, dil)
-    assert out.is_contiguous() and lse.is_contiguous()
+    assert out.stride() == empty_in_order_of(q).stride() and lse.is_contiguous()
     leaves = [t.detach().requires_grad_() for t in (q, k, v)] + ([rpb.clone().requires_grad_()] if with_rpb else [])
     ref, ref_lse = reference.neighborhood_attention2d(
         *leaves[:3], kernel_size=ks, border=border, rpb=leaves[3] if with_rpb else None, scale=scale,
@@ -82,8 +84,8 @@ def test_layout_matches_reference(layout, case):
     ref_grads = torch.autograd.grad(ref, leaves, do)
     # the backward also reads dout and out through their strides
     grads = torch.ops.dcal.na2d_bwd(do, q, k, v, rpb, _strided_like(out, g), lse, ks, BORDER_IDS[border], scale, dil)
-    for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
-        assert a.is_contiguous(), name
+    for name, a, b, like in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads, (q, k, v, None)):
+        assert a.is_contiguous() if like is None else a.stride() == empty_in_order_of(like).stride(), name
         assert a.shape == b.shape, name
         err = (a - b).abs().max().item()
         assert err <= FP64_TOL, f"{name}: max error {err:.3e}"

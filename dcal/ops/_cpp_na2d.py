@@ -1,7 +1,8 @@
 """The ``"cpp"`` backend of neighborhood_attention2d: Python side of the C++/CUDA ops
 ``dcal::na2d_fwd`` and ``dcal::na2d_bwd`` (schemas and kernels in ``csrc/``).
 
-Here: exact fake (meta) implementations, so the ops trace under ``torch.compile(fullgraph=True)``
+Here: exact fake (meta) implementations (out and dq in q's dim order, dk in k's, dv in v's:
+:func:`dcal.kernels._layout.empty_in_order_of`, the rule the C++ host code allocates by), so the ops trace under ``torch.compile(fullgraph=True)``
 and run on the meta device; autograd for ``na2d_fwd`` whose backward is the ``na2d_bwd`` op
 (gradients of q, k, v and rpb); and the backend entry point :func:`na2d_cpp`. Only q, k, v, rpb,
 the output and the logsumexp are saved for backward, and nothing when no input needs a gradient.
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dcal import _ext
+from dcal.kernels._layout import empty_in_order_of
 from dcal.ops._autograd import once_differentiable
 
 _ext.require()  # an ImportError with build instructions; the dispatcher reports it as the reason
@@ -26,7 +28,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("dcal::na2d_fwd")
 def _na2d_fwd_fake(q, k, v, rpb, kernel_size, border, scale, dilation=1):
-    out = q.new_empty(q.shape)
+    out = empty_in_order_of(q)
     lse = q.new_empty(q.shape[:4], dtype=_stat_dtype(q.dtype))
     return out, lse
 
@@ -34,7 +36,7 @@ def _na2d_fwd_fake(q, k, v, rpb, kernel_size, border, scale, dilation=1):
 @torch.library.register_fake("dcal::na2d_bwd")
 def _na2d_bwd_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dilation=1):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), drpb
+    return empty_in_order_of(q), empty_in_order_of(k), empty_in_order_of(v), drpb
 
 
 def _setup_context(ctx, inputs, output):
