@@ -14,7 +14,8 @@ C = heads * D. Providers:
 * ``flex``: compiled ``flex_attention`` with the block mask of the case's border (see
   :mod:`bench.flex`; ``zero`` through zero-padded keys/values), forward only on CPU.
 * ``dcal``: ``dcal.ops.neighborhood_attention2d(border=<the case's>, backend="cpp")`` (CPU C++, or
-  CUDA C++ on a GPU), including the [B, C, X, Y] <-> [B, H, X, Y, D] layout changes.
+  CUDA C++ on a GPU), including the [B, C, X, Y] <-> [B, H, X, Y, D] layout changes (views: the
+  op reads the maps in place and returns its output and gradients in their dim order).
 
 Cases (kernel 7, 4 heads, fp32 on CPU, fp16 on GPU): border ``zero`` at 128x128 with 128 channels
 and at the seeds' B 2, 256 channels, 256x256, forward and forward+backward, and border ``clamp``

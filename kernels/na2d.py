@@ -1,12 +1,15 @@
 """2-D neighborhood attention in Triton: tiled forward and backward (DESIGN section 3.4).
 
-Layout [B, H, X, Y, D], read through the strides of every dimension (any view: heads-last,
-channels-first, fused-qkv slices), written contiguous. One program takes a TILE_X x TILE_Y tile
-of pixels of one (batch, head) and one dilation sub-grid, flattened to BLOCK_Q rows, and walks
-the union of the tile's windows (the halo, at most (TILE_X + k - 1) x (TILE_Y + k - 1) positions
-of the sub-grid) in flat chunks of BLOCK_N positions with an online softmax. Every (query, key)
-pair of a chunk is kept or dropped by the exact window test of the border mode, so the same code
-serves all three modes (coordinates on the query's sub-grid, see "Dilation" below):
+Layout [B, H, X, Y, D], read and written through the strides of every dimension (any view:
+heads-last, channels-first, fused-qkv slices); outputs and gradients take the dim order of their
+input (``empty_in_order_of``: out and dq like q, dk like k, dv like v), so a caller's layout
+comes back without a copy; lse and delta are contiguous [B, H, X, Y]. One program takes a
+TILE_X x TILE_Y tile of pixels of one (batch, head) and one dilation sub-grid, flattened to
+BLOCK_Q rows, and walks the union of the tile's windows (the halo, at most
+(TILE_X + k - 1) x (TILE_Y + k - 1) positions of the sub-grid) in flat chunks of BLOCK_N
+positions with an online softmax. Every (query, key) pair of a chunk is kept or dropped by the
+exact window test of the border mode, so the same code serves all three modes (coordinates on
+the query's sub-grid, see "Dilation" below):
 
     zero   window [i - r, i + r]; off-map positions are zero keys/values that stay in the
            softmax (logit 0 + rpb): they are loaded as zeros, never skipped
@@ -38,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._layout import empty_in_order_of
 
 BORDER_CODES = {"zero": 0, "mask": 1, "clamp": 2}
 _LOG2E = 1.4426950408889634
@@ -55,8 +59,9 @@ _LOG2E = 1.4426950408889634
 # to positions g + d * j. Dilation 1 is one sub-grid, the plain map.
 #
 # Layouts. Every [B, H, X, Y, D] tensor comes with its five strides (any view: heads-last,
-# channels-first, fused-qkv slices); rows are gathered through them, never copied. A unit
-# head-dim stride is specialised by Triton's launcher (a stride equal to 1 becomes a constant).
+# channels-first, fused-qkv slices); rows are gathered and outputs scattered through them, never
+# copied. A unit head-dim stride is specialised by Triton's launcher (a stride equal to 1 becomes
+# a constant).
 
 
 @triton.jit
@@ -178,6 +183,7 @@ def _member(kx, ky, sx, sy, KS: tl.constexpr):
 def _na2d_fwd_kernel(
     Q, K, V, RPB, O, LSE,
     sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
+    so_b, so_h, so_x, so_y, so_d,
     X, Y, H, D, dil, border, qk_scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr,
     TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -236,11 +242,11 @@ def _na2d_fwd_kernel(
     # Every real query has at least itself in its window; padded rows are not stored.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    # out [B, H, X, Y, D] and lse [B, H, X, Y] are contiguous (allocated by the launcher)
-    q_row = tl.where(q_ok, qpx * Y + qpy, 0)
-    Ob = O + bh.to(tl.int64) * X * Y * D
-    tl.store(_row_ptrs(Ob, q_row, 0, D, 0, 1, offs_d), out.to(O.dtype.element_ty), mask=qd_mask)
+    # out [B, H, X, Y, D] through its strides; lse [B, H, X, Y] contiguous
+    tl.store(_row_ptrs(O + _bh_base(bh, H, so_b, so_h), qpx, qpy, so_x, so_y, so_d, offs_d),
+             out.to(O.dtype.element_ty), mask=qd_mask)
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    q_row = tl.where(q_ok, qpx * Y + qpy, 0)
     tl.store(LSE + bh.to(tl.int64) * X * Y + q_row, lse, mask=q_ok)
 
 
@@ -274,7 +280,7 @@ def _na2d_bwd_delta_kernel(
 def _na2d_bwd_dq_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
     sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
-    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d,
+    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d, sdq_b, sdq_h, sdq_x, sdq_y, sdq_d,
     X, Y, H, D, dil, border, qk_scale, scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr,
     TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -295,7 +301,7 @@ def _na2d_bwd_dq_kernel(
                 mask=qd_mask, other=0.0)
     do = tl.load(_row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), qpx, qpy, sdo_x, sdo_y, sdo_d, offs_d),
                  mask=qd_mask, other=0.0)
-    # [BQ]; lse, delta and dq are contiguous
+    # [BQ]; lse and delta are contiguous
     q_row = tl.where(q_ok, qpx * Y + qpy, 0)
     sbase = bh.to(tl.int64) * X * Y
     lse2 = tl.load(LSE + sbase + q_row, mask=q_ok, other=0.0) * 1.4426950408889634
@@ -335,15 +341,15 @@ def _na2d_bwd_dq_kernel(
             # zero-mode off-map pairs are members too: their bias gets its gradient here
             tl.atomic_add(DRPB + b_off, ds, mask=member)
 
-    DQb = DQ + bh.to(tl.int64) * X * Y * D
-    tl.store(_row_ptrs(DQb, q_row, 0, D, 0, 1, offs_d), (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    tl.store(_row_ptrs(DQ + _bh_base(bh, H, sdq_b, sdq_h), qpx, qpy, sdq_x, sdq_y, sdq_d, offs_d),
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_bwd_dkdv_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
     sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
-    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d,
+    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d, sdk_b, sdk_h, sdk_x, sdk_y, sdk_d, sdv_b, sdv_h, sdv_x, sdv_y, sdv_d,
     X, Y, H, D, dil, border, qk_scale, scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr,
     TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -402,11 +408,11 @@ def _na2d_bwd_dkdv_kernel(
         # [BK, BN] @ [BN, BD] -> [BK, BD]
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
 
-    # dk, dv [B, H, X, Y, D] contiguous
-    k_row = tl.where(k_ok, kpx * Y + kpy, 0)
-    out_base = bh.to(tl.int64) * X * Y * D
-    tl.store(_row_ptrs(DK + out_base, k_row, 0, D, 0, 1, offs_d), (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(_row_ptrs(DV + out_base, k_row, 0, D, 0, 1, offs_d), dv.to(DV.dtype.element_ty), mask=kd_mask)
+    # dk, dv [B, H, X, Y, D] through their strides
+    tl.store(_row_ptrs(DK + _bh_base(bh, H, sdk_b, sdk_h), kpx, kpy, sdk_x, sdk_y, sdk_d, offs_d),
+             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(_row_ptrs(DV + _bh_base(bh, H, sdv_b, sdv_h), kpx, kpy, sdv_x, sdv_y, sdv_d, offs_d),
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
 # ----------------------------------------------------------------------------- launch choices
@@ -427,10 +433,14 @@ _CONFIGS = {
     (False, 16): ((8, 8, 32, 8, 2), (8, 8, 32, 8, 2)),
     (False, 32): ((8, 8, 32, 8, 2), (8, 8, 32, 8, 2)),
     (False, 64): ((8, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 32-key chunks spilled 8 B (dk/dv, sm_80)
-    (False, 128): ((8, 8, 32, 8, 2), (2, 8, 16, 8, 1)),  # 4 warps (and 4x8, or 32-key chunks) spilled in dk/dv
+    # backward: 4 and 8 warps (2x8 or 4x8 tiles, 16- or 32-key chunks) spilled 8-32 B once the
+    # gradients were written through their strides (ptxas squeezing to 128 registers)
+    (False, 128): ((8, 8, 32, 8, 2), (4, 8, 16, 16, 1)),
     (True, 16): ((8, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 32-key chunks spilled 8-20 B in dq with rpb
     (True, 32): ((4, 8, 32, 8, 2), (4, 8, 16, 4, 2)),  # 8x8 spilled 16 B on sm_90 at KS 3 and 9
-    (True, 64): ((4, 8, 16, 8, 1), (2, 8, 16, 4, 1)),  # 32-key forward chunks / 4x8 dk/dv spilled 8-16 B
+    # 32-key forward chunks / 4x8 dk/dv spilled 8-16 B; 8 forward warps, 8-24 B on sm_90 with the
+    # output written through its strides
+    (True, 64): ((4, 8, 16, 4, 1), (2, 8, 16, 4, 1)),
     (True, 128): ((2, 8, 32, 8, 1), (2, 8, 16, 4, 1)),
 }
 
@@ -487,19 +497,19 @@ def _check(q, kernel_size: int, border: str, dilation: int) -> None:
 
 def na2d_fwd(q, k, v, rpb, kernel_size: int, border: str, scale: float,
              config=None, dilation: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out [B, H, X, Y, D] (dtype of q, contiguous) and lse [B, H, X, Y] (fp32, natural log).
-    q, k, v may be any strided views of [B, H, X, Y, D]; they are read in place."""
+    """out [B, H, X, Y, D] (dtype of q, in q's dim order) and lse [B, H, X, Y] (fp32, natural
+    log, contiguous). q, k, v may be any strided views of [B, H, X, Y, D]; they are read in place."""
     _check(q, kernel_size, border, dilation)
     B, H, X, Y, D = q.shape
     config = config or launch_config(D, q.dtype)
     cfg = config["fwd"]
     rpb_t = rpb.contiguous() if rpb is not None else q
-    out = torch.empty((B, H, X, Y, D), device=q.device, dtype=q.dtype)
+    out = empty_in_order_of(q)
     lse = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
     grid = (_tiles(X, Y, dilation, cfg), B * H)
     _launch(
         _na2d_fwd_kernel, grid,
-        (q, k, v, rpb_t, out, lse, *_strides(q, k, v),
+        (q, k, v, rpb_t, out, lse, *_strides(q, k, v, out),
          X, Y, H, D, dilation, BORDER_CODES[border], float(scale) * _LOG2E),
         dict(KS=kernel_size, HAS_RPB=rpb is not None, TILE_X=cfg["TILE_X"], TILE_Y=cfg["TILE_Y"],
              BLOCK_N=cfg["BLOCK_N"], BLOCK_D=config["BLOCK_D"]),
@@ -516,7 +526,7 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
              config=None, need_drpb: bool = True, dlse=None, dilation: int = 1):
     """(dq, dk, dv, drpb) with drpb [H, 2k-1, 2k-1] in the dtype of rpb, or None without rpb
     (or when not needed). ``dlse``: optional gradient arriving on the lse output. dout, q, k, v
-    and out may be any strided views; the gradients are contiguous."""
+    and out may be any strided views; dq, dk, dv take the dim order of q, k, v."""
     _check(q, kernel_size, border, dilation)
     B, H, X, Y, D = q.shape
     config = config or launch_config(D, q.dtype)
@@ -532,7 +542,7 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
     if dlse is not None:
         # d lse / d logit = p, so a gradient on lse enters every ds exactly like -delta
         delta = delta - dlse.to(torch.float32)
-    dq, dk, dv = (torch.empty((B, H, X, Y, D), device=q.device, dtype=q.dtype) for _ in range(3))
+    dq, dk, dv = empty_in_order_of(q), empty_in_order_of(k), empty_in_order_of(v)
     P = 2 * kernel_size - 1
     # atomics accumulate, so this one buffer starts at zero; a frozen rpb still gets it
     # computed (and dropped) so that no further kernel variant exists
@@ -543,10 +553,10 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
     strides = _strides(q, k, v, dout)
     scalars = (X, Y, H, D, dilation, bc, qk_scale, float(scale))
     _launch(_na2d_bwd_dq_kernel, grid,
-            (q, k, v, rpb_t, dout, lse, delta, dq, drpb, *strides, *scalars),
+            (q, k, v, rpb_t, dout, lse, delta, dq, drpb, *strides, *_strides(dq), *scalars),
             dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles), cfg)
     _launch(_na2d_bwd_dkdv_kernel, grid,
-            (q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, *scalars),
+            (q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, *_strides(dk, dv), *scalars),
             dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles), cfg)
     return dq, dk, dv, (drpb.to(rpb.dtype) if has_rpb and need_drpb else None)
 

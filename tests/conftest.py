@@ -18,9 +18,11 @@ import torch  # noqa: E402
 
 @pytest.fixture
 def nan_empty(monkeypatch):
-    """Fill floating ``torch.empty``/``empty_like``/``new_empty`` results with NaN, so a kernel
-    that skips a write to its output fails the test instead of passing on stale zeros."""
+    """Fill floating ``torch.empty``/``empty_like``/``empty_permuted``/``new_empty`` results with
+    NaN, so a kernel that skips a write to its output fails the test instead of passing on stale
+    zeros (``empty_permuted``: outputs laid out in their input's dim order)."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_empty_permuted = torch.empty_permuted
     real_new_empty = torch.Tensor.new_empty
 
     def poison(t):
@@ -30,6 +32,7 @@ def nan_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch, "empty_permuted", lambda *a, **k: poison(real_empty_permuted(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
     yield
 

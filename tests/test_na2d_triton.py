@@ -293,7 +293,10 @@ def test_na2d_triton_strided_layouts_in_place(kind, dil, nan_empty, monkeypatch)
     rout = reference.neighborhood_attention2d(*rs[:3], kernel_size=ks, border=border, rpb=rs[3], scale=0.3,
                                               dilation=dil)
     want = torch.autograd.grad(rout, rs, dout.double().cpu())
-    assert out.is_contiguous() and all(t.is_contiguous() for t in grads[:3])
+    # out and dq in q's dim order, dk in k's, dv in v's
+    from dcal.kernels._layout import empty_in_order_of
+    for t, like in zip((out,) + tuple(grads[:3]), (q, q, k, v)):
+        assert t.stride() == empty_in_order_of(like).stride()
     _, atol, rtol = TOL_FP32
     torch.testing.assert_close(out.double().cpu(), rout, atol=atol, rtol=rtol, msg=lambda m: f"out: {m}")
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, want):

@@ -131,7 +131,9 @@ class NeighborhoodAttention2D(nn.Module):
     >= 0.18 has no rpb), after which ``load_state_dict(natten_module.state_dict())`` works
     strictly; see the module docstring for the mapping.
 
-    Forward: q, k and v reach the op as strided views of the projection output (no copy).
+    Forward: q, k and v reach the op as strided views of the projection output, and the op's
+    output comes back in their dim order ([B, X, Y, H, D] in memory), so it is a view of
+    [B, X, Y, C] for the output projection: no copy either way.
     """
 
     def __init__(self, dim: Optional[int] = None, num_heads: Optional[int] = None, kernel_size=7,
@@ -188,6 +190,7 @@ class NeighborhoodAttention2D(nn.Module):
         qkv = self.qkv(x).view(B, X, Y, 3, self.num_heads, self.head_dim)
         q, k, v = (qkv[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3))
         out = _attend(q, k, v, self.rpb, self.kernel_size, self.border, self.scale, self.backend, self.dilation)
+        # out is laid out [B, X, Y, H, D] (q's dim order): a view, not a copy
         out = out.permute(0, 2, 3, 1, 4).reshape(B, X, Y, C)
         return self.proj_drop(self.proj(out))
 
@@ -242,7 +245,9 @@ class LocalGraphAttention(nn.Module):
         backend: None (automatic) or a backend name of :mod:`dcal.ops`.
 
     Memory is linear in pixels: no unfold of k and v (the seeds' block holds 2 * k*k copies of the
-    map, plus the [.., k*k, X*Y] attention matrix for backward).
+    map, plus the [.., k*k, X*Y] attention matrix for backward). q, k, v are views of the qkv conv
+    output and the op's output comes back in their dim order, so it is a view of the [B, C, X, Y]
+    map (channels-first, or channels-last after the per-pixel LayerNorm): no copy either way.
     """
 
     def __init__(self, channels: int, num_heads: int = 4, kernel_size: int = 7, border: str = "zero",
@@ -266,6 +271,7 @@ class LocalGraphAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(B, 3, self.num_heads, self.head_dim, X, Y)
         q, k, v = (qkv[:, i].permute(0, 1, 3, 4, 2) for i in range(3))
         out = _attend(q, k, v, self.rpb, self.kernel_size, self.border, None, self.backend)
+        # out is laid out like q ([B, H, D, X, Y] or [B, X, Y, H, D] in memory): a view, not a copy
         out = out.permute(0, 1, 4, 2, 3).reshape(B, C, X, Y)
         return x + self.proj(out)
 

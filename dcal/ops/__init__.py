@@ -245,7 +245,12 @@ def neighborhood_attention2d(
             each with its ordinary clamp window; needs X, Y >= kernel_size * dilation). rpb is
             indexed by the offset in window steps, ``(key - query) / dilation``.
 
-    Returns [B, H, X, Y, D] in the dtype of q.
+    Returns [B, H, X, Y, D] in the dtype of q, laid out in q's dim order: a dense tensor whose
+    dims lie in memory by decreasing stride of q (ties in logical order), so for q a view of
+    heads-last [B, X, Y, H, D], of a channels-first [B, C, X, Y] map or of a fused qkv projection,
+    the output is a view of the same layout (e.g. ``out.permute(0, 1, 4, 2, 3).reshape(B, C, X, Y)``
+    copies nothing). The gradients of q, k and v take the dim order of q, k and v; every backend
+    follows this rule.
 
     NaN and inf propagate as in PyTorch's own computation (the reference): an output is non-finite
     exactly where the reference's is, forward and backward. Exception: the Triton kernels

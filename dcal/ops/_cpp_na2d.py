@@ -2,11 +2,12 @@
 ``dcal::na2d_fwd`` and ``dcal::na2d_bwd`` (schemas and kernels in ``csrc/``).
 
 Here: exact fake (meta) implementations (out and dq in q's dim order, dk in k's, dv in v's:
-:func:`dcal.kernels._layout.empty_in_order_of`, the rule the C++ host code allocates by), so the ops trace under ``torch.compile(fullgraph=True)``
-and run on the meta device; autograd for ``na2d_fwd`` whose backward is the ``na2d_bwd`` op
-(gradients of q, k, v and rpb); and the backend entry point :func:`na2d_cpp`. Only q, k, v, rpb,
-the output and the logsumexp are saved for backward, and nothing when no input needs a gradient.
-The logsumexp output is a statistic, not differentiable.
+:func:`dcal.kernels._layout.empty_in_order_of`, the rule the C++ host code allocates by), so the
+ops trace under ``torch.compile(fullgraph=True)`` and run on the meta device; autograd for
+``na2d_fwd`` whose backward is the ``na2d_bwd`` op (gradients of q, k, v and rpb); and the
+backend entry point :func:`na2d_cpp`. Only q, k, v, rpb, the output and the logsumexp are saved
+for backward, and nothing when no input needs a gradient. The logsumexp output is a statistic,
+not differentiable.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ fake implementations and autograd registered on the forward. The launch configur
 once per call by :func:`dcal.kernels.na2d.launch_config`, passed to the forward op as a list of
 ints and kept on ``ctx`` for the backward. Only q, k, v, rpb, out and the fp32 lse are saved;
 q, k, v (and dout) are read through their strides, never copied, so any view of
-[B, H, X, Y, D] runs in place (NATTEN's heads-last, fused-qkv slices, channels-first maps).
+[B, H, X, Y, D] runs in place (NATTEN's heads-last, fused-qkv slices, channels-first maps), and
+out, dq, dk, dv take the dim order of q, q, k, v (:func:`dcal.kernels._layout.empty_in_order_of`,
+the fakes' rule too).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from dcal.kernels import na2d as K
+from dcal.kernels._layout import empty_in_order_of
 from dcal.ops._autograd import once_differentiable
 
 
@@ -31,7 +34,7 @@ def na2d_fwd_triton(
 @na2d_fwd_triton.register_fake
 def _(q, k, v, rpb, kernel_size, border, scale, config, dilation=1):
     B, H, X, Y, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, X, Y), dtype=torch.float32)
+    return empty_in_order_of(q), q.new_empty((B, H, X, Y), dtype=torch.float32)
 
 
 @triton_op("dcal::na2d_bwd_triton", mutates_args=())
@@ -47,7 +50,7 @@ def na2d_bwd_triton(
 
 @na2d_bwd_triton.register_fake
 def _(dout, dlse, q, k, v, rpb, out, lse, kernel_size, border, scale, config, need_drpb, dilation=1):
-    res = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    res = [empty_in_order_of(t) for t in (q, k, v)]
     if rpb is not None and need_drpb:
         res.append(torch.empty_like(rpb, memory_format=torch.contiguous_format))
     return res
