@@ -439,7 +439,11 @@ DCAL_AI void stage(const In<T>& t, const Geo& g, const Slice& s, int r, int64_t 
     for (int64_t d = 0; d < D; ++d) {
       const T* sd = src + d * t.sd;
       T* row = dst + d * W + PAD;
-      for (int64_t c = 0; c < ny; ++c) row[c] = sd[c * cs];
+      if (cs == 1) {  // channels-first maps: each head dim's row is contiguous
+        std::copy(sd, sd + ny, row);
+      } else {
+        for (int64_t c = 0; c < ny; ++c) row[c] = sd[c * cs];
+      }
     }
   } else {
     constexpr int L = Vec<T>::L;
@@ -468,7 +472,11 @@ DCAL_AI void unstage(const T* src, const Geo& g, const Slice& s, int r, int64_t 
     for (int64_t d = 0; d < D; ++d) {
       const T* row = src + d * W + PAD;
       T* o = base + d * dst.sd;
-      for (int64_t c = 0; c < ny; ++c) o[c * cs] = row[c];
+      if (cs == 1) {
+        std::copy(row, row + ny, o);
+      } else {
+        for (int64_t c = 0; c < ny; ++c) o[c * cs] = row[c];
+      }
     }
   } else {
     constexpr int L = Vec<T>::L;
@@ -874,15 +882,17 @@ DCAL_AI void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
         const T* dd = a.dout.p + offset(a.dout, g, s, i, 0);
         const int64_t co = int64_t{g.dil} * a.out.sy, cd = int64_t{g.dil} * a.dout.sy;
         const T* lr = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
-        for (int j = 0; j < s.ny; ++j) {
-          T acc = 0;
-          if (a.out.sd == 1 && a.dout.sd == 1) {
-            acc = cpu::dot_impl(dd + j * cd, od + j * co, D);
-          } else {
-            for (int64_t d = 0; d < D; ++d) acc += dd[j * cd + d * a.dout.sd] * od[j * co + d * a.out.sd];
+        for (int j = 0; j < s.ny; ++j) w.lse[PAD + j] = lr[int64_t{j} * g.dil];
+        T* dl = w.delta.data() + PAD;
+        if (a.out.sd == 1 && a.dout.sd == 1) {  // token-major: one contiguous dot per query
+          for (int j = 0; j < s.ny; ++j) dl[j] = cpu::dot_impl(dd + j * cd, od + j * co, D);
+        } else {  // head-dim-major (channels-first): sweep the map row once per head dim
+          std::fill(dl, dl + s.ny, T(0));
+          for (int64_t d = 0; d < D; ++d) {
+            const T* a_ = dd + d * a.dout.sd;
+            const T* b_ = od + d * a.out.sd;
+            for (int j = 0; j < s.ny; ++j) dl[j] += a_[j * cd] * b_[j * co];
           }
-          w.delta[PAD + j] = acc;
-          w.lse[PAD + j] = lr[int64_t{j} * g.dil];
         }
       }
       for (int b = 0; b < nbr; ++b) {  // P and scale * dS, kept as rows for dK, dV; dS in place of S
