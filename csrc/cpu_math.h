@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -49,14 +50,30 @@ inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const doub
 // includes the row maximum's weight 1, and branch-free. Callers pass x <= 0 (scores minus the
 // row maximum or the logsumexp); a larger argument (a logsumexp passed in that is too small) is
 // clamped at 88 (709), a huge finite weight instead of a wrapped exponent field.
-[[gnu::always_inline]] inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+//
+// One body for scalars and for GCC vector types (the SIMD kernels call it lane-wise with a vector
+// of floats or doubles V and the integer vector I of the same shape): constants enter as V{} + c
+// (exact), the ternaries select lane-wise, and the exponent's integer conversion is the scalar or
+// the vector one.
+template <typename I, typename V>
+[[gnu::always_inline]] inline I exp_int(V n) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return static_cast<I>(n);
+  } else {
+    return __builtin_convertvector(n, I);
+  }
+}
+
+template <typename V, typename I>  // V float or a vector of float; I int32_t of its shape
+[[gnu::always_inline]] inline V exp_poly_f32(V x) {
+  const V lo = V{} + -87.0f, hi = V{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
   // round to nearest by the 1.5 * 2^23 shifter (no floor call: it blocks vectorisation)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693145751953125f;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693145751953125f;
   r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
+  V p = V{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -64,16 +81,18 @@ inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const doub
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  return p * two_n;
+  return p * __builtin_bit_cast(V, (exp_int<I>(n) + 127) << 23);
 }
-[[gnu::always_inline]] inline double exp_poly(double x) {
-  x = x < -708.0 ? -708.0 : x;
-  x = x > 709.0 ? 709.0 : x;
-  const double n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
-  double r = x - n * 6.93147180369123816490e-01;
+
+template <typename V, typename I>  // V double or a vector of double; I int64_t of its shape
+[[gnu::always_inline]] inline V exp_poly_f64(V x) {
+  const V lo = V{} + -708.0, hi = V{} + 709.0;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
+  V r = x - n * 6.93147180369123816490e-01;
   r = r - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
+  V p = V{} + 1.0 / 6227020800.0;
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
   p = p * r + 1.0 / 3628800.0;
@@ -87,9 +106,11 @@ inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const doub
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  const double two_n = __builtin_bit_cast(double, (static_cast<int64_t>(n) + 1023) << 52);
-  return p * two_n;
+  return p * __builtin_bit_cast(V, (exp_int<I>(n) + 1023) << 52);
 }
+
+[[gnu::always_inline]] inline float exp_poly(float x) { return exp_poly_f32<float, int32_t>(x); }
+[[gnu::always_inline]] inline double exp_poly(double x) { return exp_poly_f64<double, int64_t>(x); }
 
 // The reductions keep kLanes partial results (combined in a fixed order), so they vectorise
 // without reassociation flags and give the same bits on every clone.

@@ -44,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -129,51 +130,9 @@ DCAL_AI vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
   return a > b ? a : b;
 }
 
-// exp of every lane: cpu::exp_poly's reduction and polynomial, lane-wise (same clamps).
-DCAL_AI Vec<float>::v vexp(Vec<float>::v x) {
-  using V = Vec<float>::v;
-  using M = Vec<float>::m;
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  V r = x - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723212e-6f;
-  V p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const M e = (__builtin_convertvector(n, M) + 127) << 23;
-  return p * __builtin_bit_cast(V, e);
-}
-DCAL_AI Vec<double>::v vexp(Vec<double>::v x) {
-  using V = Vec<double>::v;
-  using M = Vec<double>::m;
-  x = x < splat(-708.0) ? splat(-708.0) : x;
-  x = x > splat(709.0) ? splat(709.0) : x;
-  const V n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
-  V r = x - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
-  V p = splat(1.0 / 6227020800.0);
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const M e = (__builtin_convertvector(n, M) + 1023) << 52;
-  return p * __builtin_bit_cast(V, e);
-}
+// exp of every lane: cpu::exp_poly's reduction, polynomial and clamps.
+DCAL_AI Vec<float>::v vexp(Vec<float>::v x) { return cpu::exp_poly_f32<Vec<float>::v, Vec<float>::m>(x); }
+DCAL_AI Vec<double>::v vexp(Vec<double>::v x) { return cpu::exp_poly_f64<Vec<double>::v, Vec<double>::m>(x); }
 
 // In-register transpose of an L x L block (r[i][j] -> r[j][i]): unpack, shuffle, swap halves.
 DCAL_AI void transpose(Vec<float>::v* r) {
@@ -217,6 +176,18 @@ DCAL_AI void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds) {
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels. Rows are transposed [D][W] blocks (row stride W between head dims).
 
+// f(std::integral_constant<int, n>{}) with n = min(count, kMax), count >= 1: the micro-kernels'
+// register block sizes are template arguments, picked here from a runtime count. The lambdas
+// passed in are always inline, so they compile inside the caller's x86-64 clone.
+#define DCAL_LAMBDA_AI __attribute__((always_inline))
+template <int kMax, typename F>
+DCAL_AI void with_block(int64_t count, F&& f) {
+  if constexpr (kMax > 1) {
+    if (count < kMax) return with_block<kMax - 1>(count, f);
+  }
+  f(std::integral_constant<int, kMax>{});
+}
+
 // out[c] = sum_d a[d*W] * b[d*W + c] (vectors), c < NC: one query row's logits against the NC
 // column offsets of one key row. NC accumulators stay in registers over the head dim.
 template <typename T, int NC>
@@ -236,18 +207,8 @@ DCAL_AI void dots_n(const T* a, const T* b, int64_t W, int64_t D, vec_t<T>* out)
 
 template <typename T>
 DCAL_AI void dots(const T* a, const T* b, int64_t W, int64_t D, int nc, vec_t<T>* out) {
-  for (int c0 = 0; c0 < nc; c0 += 8) {
-    switch (std::min(8, nc - c0)) {
-      case 1: dots_n<T, 1>(a, b + c0, W, D, out + c0); break;
-      case 2: dots_n<T, 2>(a, b + c0, W, D, out + c0); break;
-      case 3: dots_n<T, 3>(a, b + c0, W, D, out + c0); break;
-      case 4: dots_n<T, 4>(a, b + c0, W, D, out + c0); break;
-      case 5: dots_n<T, 5>(a, b + c0, W, D, out + c0); break;
-      case 6: dots_n<T, 6>(a, b + c0, W, D, out + c0); break;
-      case 7: dots_n<T, 7>(a, b + c0, W, D, out + c0); break;
-      default: dots_n<T, 8>(a, b + c0, W, D, out + c0); break;
-    }
-  }
+  for (int c0 = 0; c0 < nc; c0 += 8)
+    with_block<8>(nc - c0, [&](auto n) DCAL_LAMBDA_AI { dots_n<T, decltype(n)::value>(a, b + c0, W, D, out + c0); });
 }
 
 // o[d0 + e] += sum_{c < n} w[c] * b[c + (d0 + e) * W] for e < DB: one key row's share of a
@@ -269,18 +230,8 @@ DCAL_AI void wacc_n(int n, const vec_t<T>* w, const T* b, int64_t W, int64_t d0,
 
 template <typename T>
 DCAL_AI void wacc(int n, const vec_t<T>* w, const T* b, int64_t W, int64_t D, vec_t<T>* o) {
-  for (int64_t d0 = 0; d0 < D; d0 += 8) {
-    switch (std::min<int64_t>(8, D - d0)) {
-      case 1: wacc_n<T, 1>(n, w, b, W, d0, o); break;
-      case 2: wacc_n<T, 2>(n, w, b, W, d0, o); break;
-      case 3: wacc_n<T, 3>(n, w, b, W, d0, o); break;
-      case 4: wacc_n<T, 4>(n, w, b, W, d0, o); break;
-      case 5: wacc_n<T, 5>(n, w, b, W, d0, o); break;
-      case 6: wacc_n<T, 6>(n, w, b, W, d0, o); break;
-      case 7: wacc_n<T, 7>(n, w, b, W, d0, o); break;
-      default: wacc_n<T, 8>(n, w, b, W, d0, o); break;
-    }
-  }
+  for (int64_t d0 = 0; d0 < D; d0 += 8)
+    with_block<8>(D - d0, [&](auto k) DCAL_LAMBDA_AI { wacc_n<T, decltype(k)::value>(n, w, b, W, d0, o); });
 }
 
 // Two query rows against one key row (rows i and i + 1 share all but one key row of their
@@ -311,14 +262,10 @@ DCAL_AI void dots2_n(const T* a0, const T* a1, const T* b, int64_t W, int64_t D,
 template <typename T>
 DCAL_AI void dots2(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, int nc, vec_t<T>* out0,
                    vec_t<T>* out1) {
-  for (int c0 = 0; c0 < nc; c0 += 4) {
-    switch (std::min(4, nc - c0)) {
-      case 1: dots2_n<T, 1>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
-      case 2: dots2_n<T, 2>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
-      case 3: dots2_n<T, 3>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
-      default: dots2_n<T, 4>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0); break;
-    }
-  }
+  for (int c0 = 0; c0 < nc; c0 += 4)
+    with_block<4>(nc - c0, [&](auto n) DCAL_LAMBDA_AI {
+      dots2_n<T, decltype(n)::value>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0);
+    });
 }
 
 template <typename T, int DB>
@@ -350,14 +297,8 @@ DCAL_AI void wacc2_n(int n, const vec_t<T>* w0, const vec_t<T>* w1, const T* b, 
 template <typename T>
 DCAL_AI void wacc2(int n, const vec_t<T>* w0, const vec_t<T>* w1, const T* b, int64_t W, int64_t D, vec_t<T>* o0,
                    vec_t<T>* o1) {
-  for (int64_t d0 = 0; d0 < D; d0 += 4) {
-    switch (std::min<int64_t>(4, D - d0)) {
-      case 1: wacc2_n<T, 1>(n, w0, w1, b, W, d0, o0, o1); break;
-      case 2: wacc2_n<T, 2>(n, w0, w1, b, W, d0, o0, o1); break;
-      case 3: wacc2_n<T, 3>(n, w0, w1, b, W, d0, o0, o1); break;
-      default: wacc2_n<T, 4>(n, w0, w1, b, W, d0, o0, o1); break;
-    }
-  }
+  for (int64_t d0 = 0; d0 < D; d0 += 4)
+    with_block<4>(D - d0, [&](auto k) DCAL_LAMBDA_AI { wacc2_n<T, decltype(k)::value>(n, w0, w1, b, W, d0, o0, o1); });
 }
 
 // dst[(d0 + e) * W] += sum_t w_t[0:L] * b_t[(d0 + e) * W] for e < DB: the key-lane gather of dK
@@ -379,18 +320,8 @@ DCAL_AI void gather_n(int n, const T* const* w, const T* const* b, int64_t W, in
 
 template <typename T>
 DCAL_AI void gather(int n, const T* const* w, const T* const* b, int64_t W, int64_t D, T* dst) {
-  for (int64_t d0 = 0; d0 < D; d0 += 8) {
-    switch (std::min<int64_t>(8, D - d0)) {
-      case 1: gather_n<T, 1>(n, w, b, W, d0, dst); break;
-      case 2: gather_n<T, 2>(n, w, b, W, d0, dst); break;
-      case 3: gather_n<T, 3>(n, w, b, W, d0, dst); break;
-      case 4: gather_n<T, 4>(n, w, b, W, d0, dst); break;
-      case 5: gather_n<T, 5>(n, w, b, W, d0, dst); break;
-      case 6: gather_n<T, 6>(n, w, b, W, d0, dst); break;
-      case 7: gather_n<T, 7>(n, w, b, W, d0, dst); break;
-      default: gather_n<T, 8>(n, w, b, W, d0, dst); break;
-    }
-  }
+  for (int64_t d0 = 0; d0 < D; d0 += 8)
+    with_block<8>(D - d0, [&](auto k) DCAL_LAMBDA_AI { gather_n<T, decltype(k)::value>(n, w, b, W, d0, dst); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,6 +499,12 @@ DCAL_AI void lane_windows(int j0, int nl, int ny, int ks, int border, int* cmin,
 // Query rows go in pairs (kPair); the key ring holds the union of a pair's windows.
 constexpr int kPair = 2;
 
+// A key row of a pair's windows: r and its window row for query row 0 and 1 (u0, u1; -1 where
+// that query row does not take r).
+struct KeyRow {
+  int r, u0, u1;
+};
+
 // Per-thread buffers, sized for the widest slice. Everything that runs per element is always
 // inline, so it is compiled inside the x86-64 clones of fwd_tasks / bwd_tasks.
 template <typename T>
@@ -585,6 +522,8 @@ struct Work {
   std::vector<int> cmin, nc;    // [nb] first column offset and offset count of each block
   std::vector<const T*> wp, bp;
   std::vector<int> slot, us;    // ring slot -> key row; [kPair][ks] window rows taken
+  std::vector<KeyRow> keys;     // [ks + kPair - 1] key rows of a pair's windows
+  std::vector<int> klo, khi;    // [nb] column offsets reaching each key block (backward)
 
   Work(const Geo& g, bool backward) {
     constexpr int L = Vec<T>::L;
@@ -611,6 +550,9 @@ struct Work {
     nc.resize(nb);
     slot.assign(RK, INT_MIN);
     us.resize(kPair * ks);
+    keys.resize(RK);
+    klo.resize(nb);
+    khi.resize(nb);
     if (backward) {
       dOt.resize(kPair * row);
       dP.resize(int64_t{kPair} * nb * ks * NC);
@@ -630,13 +572,15 @@ struct Work {
   DCAL_AI const T* krow(int r) const { return K.data() + slot_of(r) * row + PAD; }
   DCAL_AI const T* vrow(int r) const { return V.data() + slot_of(r) * row + PAD; }
 
-  // The lane blocks' windows of a slice row (the same for every row of the slice).
+  // The lane blocks' windows of a slice row (the same for every row of the slice), and the column
+  // offsets through which queries reach each block of keys (the backward's dK, dV gather).
   DCAL_AI void windows(const Geo& g, const Slice& s) {
-    const int NC = 2 * g.ks - 1;
-    for (int b = 0; b * Vec<T>::L < s.ny; ++b) {
-      const int j0 = b * Vec<T>::L;
-      lane_windows<T>(j0, std::min(Vec<T>::L, s.ny - j0), s.ny, g.ks, g.border, &cmin[b], &nc[b],
-                      valid.data() + b * NC);
+    constexpr int L = Vec<T>::L;
+    const int ks = g.ks, NC = 2 * ks - 1;
+    for (int b = 0; b * L < s.ny; ++b) {
+      const int j0 = b * L;
+      lane_windows<T>(j0, std::min(L, s.ny - j0), s.ny, ks, g.border, &cmin[b], &nc[b], valid.data() + b * NC);
+      offset_range(j0 - (ks - 1), j0 + L - 1 + (ks - 1), s.ny, ks, g.border, &klo[b], &khi[b]);
     }
   }
 
@@ -660,6 +604,8 @@ struct Work {
 struct Rows {
   int np, wsi[kPair], nu[kPair];
   const int* us[kPair];
+  int nk;  // the key rows of the union of the windows that either query row takes
+  const KeyRow* keys;
 };
 
 template <typename T>
@@ -676,6 +622,15 @@ DCAL_AI Rows rows_of(Work<T>& w, const Geo& g, const Slice& s, int i0, int np) {
     }
     q.us[p] = us;
   }
+  q.nk = 0;
+  KeyRow* keys = w.keys.data();
+  for (int r = q.wsi[0]; r < q.wsi[np - 1] + g.ks; ++r) {
+    int u[kPair] = {-1, -1};
+    for (int p = 0; p < np; ++p)
+      if (std::find(q.us[p], q.us[p] + q.nu[p], r - q.wsi[p]) != q.us[p] + q.nu[p]) u[p] = r - q.wsi[p];
+    if (u[0] >= 0 || u[1] >= 0) keys[q.nk++] = {r, u[0], u[1]};
+  }
+  q.keys = keys;
   return q;
 }
 
@@ -687,13 +642,10 @@ DCAL_AI void pair_logits(Work<T>& w, const Rows& q, int ks, int nbr, int64_t D, 
                          const T* (Work<T>::*B)(int) const, vec_t<T>* out0, vec_t<T>* out1) {
   constexpr int L = Vec<T>::L;
   const int NC = 2 * ks - 1, PAD = w.PAD;
-  const int hi = q.wsi[q.np - 1] + ks;
-  for (int r = q.wsi[0]; r < hi; ++r) {
-    const int u0 = r - q.wsi[0], u1 = q.np == 2 ? r - q.wsi[1] : -1;
-    const bool in0 = u0 < ks && std::find(q.us[0], q.us[0] + q.nu[0], u0) != q.us[0] + q.nu[0];
-    const bool in1 = u1 >= 0 && std::find(q.us[1], q.us[1] + q.nu[1], u1) != q.us[1] + q.nu[1];
-    if (!in0 && !in1) continue;
-    const T* br = (w.*B)(r);
+  for (int t = 0; t < q.nk; ++t) {
+    const int u0 = q.keys[t].u0, u1 = q.keys[t].u1;
+    const bool in0 = u0 >= 0, in1 = u1 >= 0;
+    const T* br = (w.*B)(q.keys[t].r);
     for (int b = 0; b < nbr; ++b) {
       const T* kb = br + b * L + w.cmin[b];
       const int64_t base = int64_t{b} * ks;
@@ -719,13 +671,10 @@ DCAL_AI void pair_wsum(Work<T>& w, const Rows& q, int ks, int nbr, int64_t D, co
   vec_t<T>* o1 = w.o.data() + int64_t{w.nb} * D;
   std::fill(o0, o0 + nbr * D, vec_t<T>{});
   std::fill(o1, o1 + nbr * D, vec_t<T>{});
-  const int hi = q.wsi[q.np - 1] + ks;
-  for (int r = q.wsi[0]; r < hi; ++r) {
-    const int u0 = r - q.wsi[0], u1 = q.np == 2 ? r - q.wsi[1] : -1;
-    const bool in0 = u0 < ks && std::find(q.us[0], q.us[0] + q.nu[0], u0) != q.us[0] + q.nu[0];
-    const bool in1 = u1 >= 0 && std::find(q.us[1], q.us[1] + q.nu[1], u1) != q.us[1] + q.nu[1];
-    if (!in0 && !in1) continue;
-    const T* br = (w.*B)(r);
+  for (int t = 0; t < q.nk; ++t) {
+    const int u0 = q.keys[t].u0, u1 = q.keys[t].u1;
+    const bool in0 = u0 >= 0, in1 = u1 >= 0;
+    const T* br = (w.*B)(q.keys[t].r);
     for (int b = 0; b < nbr; ++b) {
       const T* vb = br + b * L + w.cmin[b];
       const int64_t base = int64_t{b} * ks;
@@ -845,7 +794,7 @@ DCAL_AI void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
   std::fill(w.delta.begin(), w.delta.end(), T(0));
   std::fill(w.lse.begin(), w.lse.end(), T(0));
   w.windows(g, s);
-  auto flush = [&](int sl_) {  // a key row leaves the ring: its dK, dV are complete
+  auto flush = [&](int sl_) DCAL_LAMBDA_AI {  // a key row leaves the ring: its dK, dV are complete
     const int r = w.slot[sl_];
     if (r >= 0 && r < s.nx) {  // an off-map row of zero mode: its gradients are dropped
       unstage(w.dK.data() + sl_ * row, g, s, r, W, PAD, a.dk);
@@ -927,8 +876,7 @@ DCAL_AI void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
     for (int r = std::max(lo, 0); r < std::min(hi, s.nx); ++r) {
       const int64_t ko = w.slot_of(r) * row;
       for (int k0 = 0; k0 < s.ny; k0 += L) {
-        int clo, chi;
-        offset_range(k0 - (ks - 1), k0 + L - 1 + (ks - 1), s.ny, ks, g.border, &clo, &chi);
+        const int clo = w.klo[k0 / L], chi = w.khi[k0 / L];
         for (int which = 0; which < 2; ++which) {  // dK from dS and Q, dV from P and dO
           const T* src = which == 0 ? w.dS.data() : w.P.data();
           const T* rows = which == 0 ? w.Qt.data() : w.dOt.data();
