@@ -37,6 +37,13 @@ Keyword arguments of ``model(...)`` (transformers >= 5 hands them to every atten
 - ``dcal_backend="cpp" | "triton" | "sdpa" | "reference"``: the fused op's backend (default: the
   first of the chain that can run, :func:`dcal.ops.explain`).
 
+Some attention modules do not hand ``model(...)``'s keyword arguments on to the attention function
+(in transformers 5.24: SigLIP's and SigLIP2's ``SiglipAttention``), so the keywords above never
+reach it there. For those, and wherever a context is handier, ``with attention_options(dcal_pair=perm,
+dcal_rollout=collector): model(...)`` sets the same options for every ``"dcal"`` call inside (a
+keyword argument that does arrive takes precedence). ``output_attentions=True`` is read from
+transformers' output-capturing state as well, so it is honoured for such modules too.
+
 HF DiNAT (whose own path needs NATTEN <= 0.17.4) runs on dcal through :func:`load_dinat` and
 :func:`use_dcal_neighborhood` (see :mod:`dcal.integrations.dinat`).
 """
@@ -71,6 +78,7 @@ __all__ = [
     "dcal_mask",
     "RolloutCollector",
     "collect_rollout",
+    "attention_options",
     "load_dinat",
     "use_dcal_neighborhood",
     "DcalNeighborhoodAttention",
@@ -159,6 +167,36 @@ class RolloutCollector:
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("dcal_rollout_collector", default=None)
+_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("dcal_attention_options", default=None)
+_OPTION_NAMES = ("dcal_pair", "dcal_rollout", "dcal_backend")
+
+
+@contextlib.contextmanager
+def attention_options(**options):
+    """``with attention_options(dcal_pair=perm, dcal_rollout=collector, dcal_backend=None):`` sets
+    the keyword options of every ``"dcal"`` attention call inside, for models whose attention
+    modules do not pass ``model(...)``'s keyword arguments on (SigLIP in transformers 5.24).
+    Options given as keyword arguments of ``model(...)`` that reach the call take precedence."""
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"attention_options: unknown option(s) {unknown}; expected {list(_OPTION_NAMES)}")
+    outer = _OPTIONS.get() or {}
+    token = _OPTIONS.set({**outer, **options})
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def _capturing_attentions() -> bool:
+    """Whether transformers' output capturing collects attention maps for the running forward
+    (``output_attentions=True``), also when the kwarg did not reach the attention function."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
 
 
 @contextlib.contextmanager
@@ -243,10 +281,11 @@ def dcal_attention_forward(
             raise NotImplementedError(
                 f"attn_implementation='dcal' does not support {name}= (got {kwargs[name]!r} from "
                 f"{type(module).__name__}); use attn_implementation='sdpa' or 'eager' for this model")
-    pair = kwargs.get("dcal_pair")
-    collector = _collector(kwargs.get("dcal_rollout"))
-    backend = kwargs.get("dcal_backend")
-    output_attentions = bool(kwargs.get("output_attentions", False))
+    options = {**(_OPTIONS.get() or {}), **{n: kwargs[n] for n in _OPTION_NAMES if n in kwargs}}
+    pair = options.get("dcal_pair")
+    collector = _collector(options.get("dcal_rollout"))
+    backend = options.get("dcal_backend")
+    output_attentions = bool(kwargs.get("output_attentions", False)) or _capturing_attentions()
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"dcal attention expects query, key, value [B, H, S, D]; got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
