@@ -233,8 +233,7 @@ def test_rollout_two_towers_and_checkpointing(fp64_eager):
         model(input_ids=ids, pixel_values=x, dcal_rollout=True)
     # gradient checkpointing re-runs the layers in backward: they must not record twice
     vit = _vit().train()
-    enable = getattr(vit, "activation_checkpointing_enable", None) or vit.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vit.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert vit.is_gradient_checkpointing
     vit.set_attn_implementation("dcal")
     with hfd.collect_rollout() as r2:
