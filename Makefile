@@ -10,8 +10,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1
-# the libraries dcal drops into (timm, torchvision, open_clip), tested against the real packages
-COMPAT  ?= torchvision==0.29.1 timm==1.0.31 safetensors open_clip_torch==3.3.0
+# the libraries dcal drops into (timm, torchvision, open_clip, transformers), tested against the real packages
+COMPAT  ?= torchvision==0.29.1 timm==1.0.31 safetensors open_clip_torch==3.3.0 transformers==5.24.0
 # nvcc on the PATH may be a wrapper script, which misleads torch's guess of the toolkit root:
 # ask nvcc itself (the TOP of --dryrun) unless CUDA_HOME is given.
 CUDA_HOME ?= $(shell nvcc --dryrun -c dcal_probe.cu -o /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -1 | xargs -r realpath 2>/dev/null)
