@@ -90,7 +90,7 @@ def load_dinat():
     for n in _OLD_FUNCTIONS:
         current = getattr(mod, n, None)
         if current is None or getattr(current, "__module__", None) != "natten.functional" or \
-                current.__qualname__.endswith(f"_removed.<locals>.fn"):
+                current.__qualname__.endswith("_removed.<locals>.fn"):
             setattr(mod, n, _removed(n))
     if not getattr(mod.requires_backends, "_dcal_wrapped", False):
         mod.requires_backends = _requires_backends_without_natten(mod.requires_backends)
@@ -121,7 +121,7 @@ def windowed_neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Option
     softmax + dropout + natten2dav) on [B, H, X, Y, D]: returns ``(out [B, H, X, Y, D], probs
     [B, H, X, Y, k*k])``. Used where the maps are asked for or attention dropout is on; holds
     k*k copies of the keys (the fused op does not)."""
-    B, H, X, Y, D = q.shape
+    B, H, X, Y, _ = q.shape
     kx, rx = _clamp_windows(X, kernel_size, dilation, q.device)
     ky, ry = _clamp_windows(Y, kernel_size, dilation, q.device)
     kk = k[:, :, kx][:, :, :, :, ky]  # [B, H, X, k, Y, k, D]

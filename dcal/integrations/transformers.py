@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "dcal.integrations.transformers needs transformers >= 5 (pip install 'dcal[hf]'); "
         f"importing it failed: {e}") from e
 
-from dcal.integrations.dinat import load_dinat, use_dcal_neighborhood, DcalNeighborhoodAttention  # noqa: E402,F401
+from dcal.integrations.dinat import DcalNeighborhoodAttention, load_dinat, use_dcal_neighborhood  # noqa: E402
 
 NAME = "dcal"
 
