@@ -239,3 +239,23 @@ def test_unconverted_model_and_bad_input_are_refused():
     att = hfd.use_dcal_neighborhood(mod.NeighborhoodAttention(cfg, 32, 2, 3, 1))
     with pytest.raises(ValueError, match=r"\[B, X, Y, 32\]"):
         att(torch.randn(1, 5, 5, 16))
+
+
+def test_models_build_without_natten():
+    """Without NATTEN HF's constructors call requires_backends(self, ["natten"]) and raise; after
+    load_dinat() that check skips "natten" (and still checks anything else)."""
+    mod = hfd.load_dinat()
+    seen = []
+
+    def original(obj, backends):
+        seen.append(list(backends))
+        if "natten" in backends or "nope" in backends:
+            raise ImportError(f"{backends} missing")
+
+    wrapped = dn._requires_backends_without_natten(original)
+    wrapped(object(), ["natten"])
+    wrapped(object(), "natten")
+    with pytest.raises(ImportError, match="nope"):
+        wrapped(object(), ["natten", "nope"])
+    assert seen == [["nope"]]
+    assert getattr(mod.requires_backends, "_dcal_wrapped", False)

@@ -311,6 +311,9 @@ def dcal_attention_forward(
         segments = [(key, value), (key.index_select(0, idx), value.index_select(0, idx))]
     else:
         segments = [(key, value)]
+    if is_causal and key.shape[2] > Sq:
+        # as transformers' "sdpa": a causal prefill over a longer (empty static) cache sees its own keys
+        key, value = key[:, :, :Sq], value[:, :, :Sq]
     if collector is not None and (attention_mask is not None or is_causal):
         raise ValueError("dcal_rollout with an attention mask or causal attention is not supported: the rollout "
                          "assumes full self-attention")
