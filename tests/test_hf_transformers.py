@@ -234,7 +234,7 @@ def test_rollout_two_towers_and_checkpointing(fp64_eager):
     # gradient checkpointing re-runs the layers in backward: they must not record twice
     vit = _vit().train()
     vit.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert vit.is_gradient_checkpointing
+    assert vit.is_activation_checkpointing
     vit.set_attn_implementation("dcal")
     with hfd.collect_rollout() as r2:
         vit(pixel_values=x, dcal_rollout=True).logits.sum().backward()
@@ -353,3 +353,31 @@ def test_backend_keyword_and_grouped_query_heads(fused_calls):
     dq, dk = torch.autograd.grad(out, (q, k), g)
     rq, rk = torch.autograd.grad(ref.transpose(1, 2), (q, k), g)
     assert (dq - rq).abs().max().item() <= TOL and (dk - rk).abs().max().item() <= TOL
+
+
+def test_from_pretrained_with_dcal_and_fp32(tmp_path, fused_calls):
+    """A saved model (a local folder: nothing downloaded) loads with attn_implementation="dcal";
+    fp32 runs the fused op and agrees with "sdpa" to fp32 rounding."""
+    _vit().float().save_pretrained(tmp_path)
+    model = transformers.ViTForImageClassification.from_pretrained(tmp_path, attn_implementation="dcal").eval()
+    assert model.config._attn_implementation == "dcal"
+    x = _images(2).float()
+    with torch.no_grad():
+        a = model(pixel_values=x).logits
+        model.set_attn_implementation("sdpa")
+        b = model(pixel_values=x).logits
+    assert len(fused_calls) == 2 and a.dtype == torch.float32
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_rollouts_of_two_stacks():
+    model = _clip("siglip").eval()  # vision and (unpadded, full-attention) text towers
+    model.set_attn_implementation("dcal")
+    ids = torch.randint(1, 49, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), hfd.collect_rollout() as r, hfd.attention_options(dcal_rollout=True):
+        model(input_ids=ids, pixel_values=_images(2))
+    rollouts = r.rollouts
+    assert {k: tuple(t.shape) for k, t in rollouts.items()} == {"SiglipVisionConfig": (2, 16),
+                                                                 "SiglipTextConfig": (2, 7)}
+    with pytest.raises(RuntimeError, match="rollouts"):
+        r.rollout
