@@ -176,6 +176,12 @@ def test_pwca_equals_handwritten_eager_pwca(perm, fused_calls):
     # and PWCA is not self-attention: the logits differ from the unpaired forward
     plain, _ = _run(model, "dcal", inputs)
     assert (plain[0] - out[0]).abs().max().item() > 1e-6
+    # with output_attentions the maps cover both segments (17 own + 17 pair keys), same logits
+    with torch.no_grad():
+        res = model(**inputs, dcal_pair=pair, output_attentions=True)
+    assert [tuple(a.shape) for a in res.attentions] == [(3, 2, 17, 34)] * 2
+    assert torch.allclose(res.attentions[0].sum(-1), torch.ones((), dtype=torch.float64), atol=1e-12)
+    assert (res.logits - out[0]).abs().max().item() <= TOL
 
 
 def _eager_rollout(attentions, residual=0.5):

@@ -19,7 +19,7 @@ Dinov2, CLIP, SigLIP, ...). What runs where (:func:`dcal_attention_forward`):
   ``F.scaled_dot_product_attention`` with that mask / causal flag / dropout, as the ``"sdpa"``
   implementation runs it. The fused kernels take no mask and never hold the probabilities.
 - ``output_attentions=True``: the maps are what is asked for, so that call materialises them
-  (eager math, exactly the ``"eager"`` implementation's softmax) and returns them.
+  (the ``"eager"`` implementation's math; fp64 inputs keep an fp64 softmax) and returns them.
 - ``softcap``, ``sliding_window``, attention sinks (``s_aux``) and ``position_bias``: refused with
   a ``NotImplementedError`` (use ``"sdpa"`` or ``"eager"`` for such models).
 
@@ -249,14 +249,17 @@ def _repeat_kv(t: Tensor, n: int) -> Tensor:
 
 
 def _eager(query, key, value, attention_mask, scaling, dropout, training):
-    """Materialising attention, exactly the "eager" implementation's math; also returns the lse."""
+    """Materialising attention, the "eager" implementation's math (its fp32 softmax kept fp64 for fp64
+    inputs); also returns the lse."""
     logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
         else:
             logits = logits + attention_mask
-    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    # fp32 softmax for half precisions as in "eager"; fp64 stays fp64 ("eager" would round it to fp32)
+    weights = F.softmax(logits, dim=-1, dtype=None if logits.dtype == torch.float64 else torch.float32)
+    weights = weights.to(query.dtype)
     lse = torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
     weights = F.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, value), weights, lse
