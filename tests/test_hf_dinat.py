@@ -197,6 +197,17 @@ def test_converted_model_keeps_parameters_and_state_dict():
     assert ours(pixel_values=x).logits.shape == (2, 3)
 
 
+def test_save_and_from_pretrained(tmp_path):
+    hfd.load_dinat()
+    _, ours, x = _models("k3")
+    ours.eval().save_pretrained(tmp_path)  # a local folder: nothing downloaded
+    loaded = hfd.use_dcal_neighborhood(transformers.AutoModel.from_pretrained(tmp_path, dtype=torch.float64)).eval()
+    assert type(loaded).__name__ == "DinatModel"
+    with torch.no_grad():
+        a, b = ours(pixel_values=x).last_hidden_state, loaded(pixel_values=x).last_hidden_state
+    assert torch.equal(a, b)
+
+
 def test_output_attentions_and_dropout_run_the_windowed_math(fused_calls):
     ref, ours, x = _models("k5")
     ref.eval(), ours.eval()
