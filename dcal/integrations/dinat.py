@@ -88,9 +88,8 @@ def load_dinat():
                 for n in added:
                     delattr(nf, n)
     for n in _OLD_FUNCTIONS:
-        current = getattr(mod, n, None)
-        if current is None or getattr(current, "__module__", None) != "natten.functional" or \
-                current.__qualname__.endswith("_removed.<locals>.fn"):
+        # keep a real old NATTEN's function; replace HF's stubs (no NATTEN) and the lent placeholders
+        if getattr(getattr(mod, n, None), "__module__", None) != "natten.functional":
             setattr(mod, n, _removed(n))
     if not getattr(mod.requires_backends, "_dcal_wrapped", False):
         mod.requires_backends = _requires_backends_without_natten(mod.requires_backends)
