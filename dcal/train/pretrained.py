@@ -307,9 +307,10 @@ def _head_names(model: nn.Module) -> List[str]:
     return names
 
 
-def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, extra_skipped=()) -> str:
+def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, extra_skipped=(), derived=()) -> str:
     """Copy ``sd`` (model names) into ``model``: every model tensor must be there with its shape,
-    except the classifier heads, which are left as initialised when their shape differs."""
+    except the classifier heads, which are left as initialised when their shape differs.
+    ``derived``: keys of ``sd`` made from others (not in the source; not reported as skipped)."""
     own = model.state_dict()
     heads = set(_head_names(model))
     unexpected = sorted(set(sd) - set(own))
@@ -330,7 +331,8 @@ def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, extra_s
                 continue
             raise _err(f"{path}: key {k!r} has shape {list(v.shape)}, the model's is {list(own[k].shape)}")
         take[k] = v
-    skipped += sorted(k for k in heads if k not in sd)
+    skipped += [k for k in heads if k not in sd]
+    skipped = sorted(k for k in set(skipped) if k not in derived and not k.startswith("glca_"))
     with torch.no_grad():
         for k, v in take.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -359,6 +361,7 @@ def load_pretrained(model: nn.Module, path) -> str:
     if vit_like:
         check_arch(src, model)
         _resize_pos(sd, model)
+    derived = set()
     if isinstance(model, DCALViT) and not any(k.startswith("glca_") for k in sd):
         # a plain ViT: the GLCA block starts as the last SA block, glca_norm/glca_head as norm/head
         c = model.config
@@ -371,5 +374,6 @@ def load_pretrained(model: nn.Module, path) -> str:
                     sd[f"glca_norm.{part}"] = sd[f"norm.{part}"]
                 if f"head.{part}" in sd:
                     sd[f"glca_head.{part}"] = sd[f"head.{part}"]
-    report = load_state(model, sd, src.path, extra_skipped=src.skipped)
+            derived = {k for k in sd if k.startswith("glca_")}
+    report = load_state(model, sd, src.path, extra_skipped=src.skipped, derived=derived)
     return report + "".join(f"; note: {n}" for n in src.notes)
