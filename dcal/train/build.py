@@ -198,7 +198,7 @@ def _model_error(e: Exception) -> ValueError:
 def _data_error(e: Exception, data: Dict[str, Any]) -> ValueError:
     """A dataset's complaint as one line naming ``data.<key>``."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if msg.startswith("data.") or msg.startswith("data:"):
+    if re.search(r"\bdata[.:]", msg):
         return ValueError(msg)
     m = re.match(r"^([a-z_]+)\b", msg)
     if m and (m.group(1) in data or "_" in m.group(1)):
@@ -303,6 +303,7 @@ def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
     backend = kw.pop("backend", None)
     if "pretrained" in kw or "pretrained_cfg_overlay" in kw:
         raise ValueError("model.pretrained_cfg_overlay: nothing is downloaded; use model.pretrained: PATH")
+    user_keys = set(kw)
     _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
     _set_default(kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop"))
 
@@ -317,6 +318,9 @@ def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
             probe = make()
     except TypeError as e:
         m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if m and m.group(1) not in user_keys:
+            raise ValueError(f"model.timm_name {name!r} is not a ViT (it takes no {m.group(1)}); model.name 'timm' "
+                             f"takes timm ViTs (vit_*, deit_*, ...)") from None
         if m:
             raise ValueError(f"unknown key model.{m.group(1)}: timm's {name} does not take it") from None
         raise _model_error(e) from None
@@ -338,7 +342,10 @@ def _build_bev(kw, facts, cfg, train_set, val_set) -> Task:
                for p in sig.parameters.values() if p.name not in ("self", "channels")}
     allowed.update({"channels": 64, "in_channels": None, "num_classes": None})
     check_kwargs("model", kw, allowed)
-    _set_default(kw, "in_channels", facts.get("in_channels", 4), _data_key(cfg, "in_channels"))
+    if "in_channels" not in facts:
+        raise ValueError(f"model.name 'bev' labels the cells of a map; it does not take data.name "
+                         f"{cfg.data['name']!r} (expected bev_synthetic)")
+    _set_default(kw, "in_channels", facts["in_channels"], _data_key(cfg, "in_channels"))
     _set_default(kw, "num_classes", facts["num_classes"], _data_key(cfg, "name"))
     try:
         with torch.device("meta"):

@@ -8,14 +8,15 @@ import os
 
 
 def check_train(cfg, task=None, world: int = 1) -> None:
-    """``train`` against itself and the data: the micro-batch within the per-process batch (for
-    per-sample losses; a coupled loss counts rows per forward), warmup within the run, the lr floor
-    below the peak, a batch the training set can fill."""
+    """``train`` against itself and the data: warmup within the run, the lr floor below the peak;
+    with the ``task`` (built first), the micro-batch within the per-process batch (for per-sample
+    losses; a coupled loss counts rows per forward and checks itself) and a batch the training
+    set can fill."""
     t = cfg.train
     from dcal.train.coupled import CoupledLoss
 
     coupled = task is not None and isinstance(task.loss, CoupledLoss)
-    if isinstance(t.micro_batch, int) and not coupled:
+    if task is not None and isinstance(t.micro_batch, int) and not coupled:
         local = t.effective_batch // max(1, world)
         if t.micro_batch > local:
             raise ValueError(f"train.micro_batch ({t.micro_batch}) exceeds train.effective_batch ({t.effective_batch}"

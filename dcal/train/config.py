@@ -141,7 +141,7 @@ def _apply_set(raw: Dict[str, Any], item: str) -> None:
     try:
         value = _yaml(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"--set {key}: cannot parse value {text!r} ({e})") from None
+        raise ValueError(f"--set {key}: cannot parse value {text!r} ({getattr(e, 'problem', None) or 'not YAML'})") from None
     raw.setdefault(parts[0], {})
     if raw[parts[0]] is None:
         raw[parts[0]] = {}
@@ -182,9 +182,14 @@ def load(path: str, overrides: Optional[List[str]] = None) -> Config:
         with open(path) as f:
             raw = _yaml(f)
     except FileNotFoundError:
-        raise ValueError(f"config file {path!r} does not exist") from None
+        raise ValueError(f"config file {path!r} does not exist (--config)") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path!r} cannot be read ({type(e).__name__}) (--config)") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ValueError(f"config file {path!r} is not valid YAML{at}: {what}") from None
     return from_dict(raw if raw is not None else {}, overrides)
 
 

@@ -80,8 +80,12 @@ def check_path(path) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (library messages run long)."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    first = re.split(r"(?<=[.:])\s", text.splitlines()[0], maxsplit=1)[0].rstrip(".:")
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def _read_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -315,9 +319,10 @@ def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, extra_s
     heads = set(_head_names(model))
     unexpected = sorted(set(sd) - set(own))
     if unexpected:
+        why = ("another ViT architecture (layer scale, registers, qk-norm, fc_norm ...)"
+               if "patch_embed.proj.weight" in own else f"the weights of another model than {type(model).__name__}")
         raise _err(f"{path}: key {unexpected[0]!r} is not in the model"
-                   f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}: another architecture "
-                   f"(layer scale, registers, qk-norm, fc_norm ...)")
+                   f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}: {why}")
     missing = sorted(k for k in set(own) - set(sd) - heads - set(OWN_ONLY))
     if missing:
         raise _err(f"{path}: the model's {missing[0]!r} is missing"
