@@ -244,3 +244,17 @@ def test_cli_prints_the_report_and_trains(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].endswith("(head: 10 classes, reinitialised)"), err
     assert "skipped [head.bias, head.weight]" in lines[0]
     assert os.path.isfile(os.path.join(out, "metrics.jsonl"))
+
+
+def test_dcal_vit_load_pretrained_reads_a_hugging_face_folder(tmp_path):
+    from dcal.models import DCALConfig, DCALViT
+
+    src, folder = hf_vit(tmp_path)
+    model = DCALViT(DCALConfig(img_size=32, num_classes=10, ablation="sa", mlp_ratio=2.0, drop_path_rate=0.0,
+                               **ARCH)).eval()
+    report = model.load_pretrained(str(folder))
+    assert report["skipped"] == [] and "head.weight" in report["loaded"]
+    x = x_of()
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(x), src.double()(pixel_values=x).logits.softmax(-1),
+                                   rtol=1e-10, atol=1e-12)

@@ -132,55 +132,6 @@ def _read_npz(path: str) -> Source:
     return Source(path, "npz", sd, skipped, {"num_heads": heads} if heads else {})
 
 
-_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-_HF_BLOCK = {
-    "attention.output.dense": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-}
-
-
-def hf_vit_to_timm(sd: Dict[str, torch.Tensor]) -> (Dict[str, torch.Tensor], List[str]):
-    """A Hugging Face ``ViTModel`` / ``ViTForImageClassification`` state dict in timm's names
-    (query/key/value concatenated into ``qkv``); returns (state dict, keys left out: pooler)."""
-    out, skipped, qkv = {}, [], {}
-    for key, v in sd.items():
-        k = key[len("vit."):] if key.startswith("vit.") else key
-        if k.startswith("pooler."):
-            skipped.append(key)
-            continue
-        if k.startswith("classifier."):
-            out["head." + k[len("classifier."):]] = v
-            continue
-        simple = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-                  "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-                  "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-                  "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
-        if k in simple:
-            out[simple[k]] = v
-            continue
-        m = _HF_LAYER.match(k)
-        if m:
-            i, rest = m.group(1), m.group(2)
-            a = re.match(r"^attention\.attention\.(query|key|value)\.(weight|bias)$", rest)
-            if a:
-                qkv.setdefault((i, a.group(2)), {})[a.group(1)] = v
-                continue
-            mod, _, kind = rest.rpartition(".")
-            if mod in _HF_BLOCK:
-                out[f"blocks.{i}.{_HF_BLOCK[mod]}.{kind}"] = v
-                continue
-        raise ValueError(f"key {key!r} is not part of a Hugging Face ViT (ViTModel / ViTForImageClassification)")
-    for (i, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            missing = sorted({"query", "key", "value"} - set(parts))
-            raise ValueError(f"encoder.layer.{i}.attention.attention.{missing[0]}.{kind} is missing")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
-    return out, sorted(skipped)
-
-
 def _read_hf(path: str) -> Source:
     cfg_path = os.path.join(path, "config.json")
     try:
@@ -200,6 +151,8 @@ def _read_hf(path: str) -> Source:
     if not os.path.isfile(weights):
         weights = os.path.join(path, "pytorch_model.bin")
     raw = _read_weights(weights)
+    from dcal.models.vit_hf import hf_vit_to_timm
+
     try:
         sd, skipped = hf_vit_to_timm(raw)
     except ValueError as e:
