@@ -152,3 +152,23 @@ def test_eval_only_reports_top1_top5_and_per_class_csv_without_touching_the_run(
     assert main(["--config", path, "--eval-only", "--checkpoint", best]) == 0
     assert os.path.isfile(os.path.join(out, "checkpoints", "best.per_class.csv"))
     assert [t for t in tree() if not t[1].endswith(".per_class.csv")] == before
+
+
+def test_fine_tune_from_a_previous_run_then_resume_without_the_pretrained_file(tmp_path, capsys):
+    cfg = write(tmp_path, TINY)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert main(["--config", cfg, "--out", first, "--set", "train.max_steps=2"]) == 0
+    best = str(tmp_path / "start.pt")
+    os.rename(os.path.join(first, "checkpoints", "best.pt"), best)
+    capsys.readouterr()
+    argv = ["--config", cfg, "--out", second, "--set", f"model.pretrained={best}"]
+    assert main([*argv, "--set", "train.max_steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "pretrained: loaded 4 tensors, skipped []" in err, err  # fc1, fc2 weights and biases
+    state = torch.load(best, weights_only=True)["model"]
+    os.remove(best)  # the resumed run takes its weights from its checkpoint
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "pretrained: not loaded" in err and "error" not in err, err
+    assert rows(second)[-1]["step"] == 6
+    assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}

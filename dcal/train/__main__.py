@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                 return 0
         check_train(cfg, None, world)
         torch.manual_seed(cfg.train.seed)
-        task = build_task(cfg, seed=cfg.train.seed)
+        task = build_task(cfg, seed=cfg.train.seed, weights_from_checkpoint=state is not None)
         check_train(cfg, task, world)
         torch.manual_seed(cfg.train.seed)
         model = task.model_factory()
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if changed:
         info(f"resuming with changed settings: {'; '.join(changed)}")
     if task.pretrained is not None:
-        info(report if report is not None else f"pretrained: not loaded ({task.pretrained}): resuming from {resume}")
+        info(report if report is not None else f"pretrained: not loaded ({task.pretrained}): the weights come from {resume}")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.yaml"), "w") as f:

@@ -383,15 +383,16 @@ MODEL_BUILDERS: Dict[str, Callable[..., Task]] = {
 MODEL_DATA = {"clip": "captions", "open_clip": "captions", "protonet": "episodes"}
 
 
-def build_task(cfg, seed: int = 0) -> Task:
+def build_task(cfg, seed: int = 0, weights_from_checkpoint: bool = False) -> Task:
     """Model factory, loss and datasets of a :class:`dcal.train.config.Config`. Every check that
-    needs no data runs first; nothing is built when a key is wrong."""
+    needs no data runs first; nothing is built when a key is wrong. ``weights_from_checkpoint``
+    (resume, evaluation): ``model.pretrained`` is not needed and not checked."""
     kw = {k: v for k, v in cfg.model.items() if k != "name"}
     name = cfg.model["name"]
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model.name {name!r}; expected one of {', '.join(sorted(MODEL_BUILDERS))}")
     pretrained = kw.pop("pretrained", None)
-    if pretrained is not None:
+    if pretrained is not None and not weights_from_checkpoint:
         from dcal.train.pretrained import check_path
 
         pretrained = check_path(pretrained)

@@ -47,7 +47,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, out: Optional[str] = None, log=pri
         if refused:
             raise ValueError(f"--checkpoint {checkpoint} holds another model than the config builds: "
                              f"{'; '.join(refused)}")
-    task = build_task(cfg, seed=cfg.train.seed)
+    task = build_task(cfg, seed=cfg.train.seed, weights_from_checkpoint=True)
     if task.val_set is None:
         raise ValueError(f"data.name {cfg.data['name']!r} has no validation set to evaluate on")
     torch.manual_seed(cfg.train.seed)
