@@ -75,6 +75,18 @@ def hf_folder(tmp_path, model_type="vit", config=True):
     return str(d)
 
 
+def image_folder(tmp_path, val_classes=("a", "b")):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for split, classes in (("train", ("a", "b", "c")), ("val", val_classes)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (20, 20), (40 * i, 80, 120)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
 # (id, base config, extra CLI args (a callable of tmp_path for files), words the one line must hold)
 ROWS = [
     ("unknown_train_key", MLP, ["--set", "train.epochz=2"], ["train.epochz"]),
@@ -109,6 +121,9 @@ ROWS = [
     ("clip_on_images", {**MLP, "model": {"name": "clip"}}, [], ["model.name", "synthetic_captions"]),
     ("cub_without_root", {**MLP, "data": {"name": "cub"}}, [], ["data.root"]),
     ("cub_root_missing", {**MLP, "data": {"name": "cub", "root": "/nonexistent/CUB_200_2011"}}, [], ["data.root"]),
+    ("val_classes_differ_from_train", {**MLP, "data": {"name": "imagefolder", "resize": 18, "crop": 16}},
+     lambda t: ["--set", f"data.root={image_folder(t)}", "--set", "train.effective_batch=4"],
+     ["data.root", "only in training: ['c']"]),
     ("pretrained_missing", VIT, ["--set", "model.pretrained=/nonexistent/ViT-B_16.npz"],
      ["model.pretrained", "does not exist"]),
     ("pretrained_unknown_kind", VIT, lambda t: ["--set", f"model.pretrained={junk(t, 'w.txt')}"],

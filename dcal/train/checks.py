@@ -30,6 +30,14 @@ def check_train(cfg, task=None, world: int = 1) -> None:
         raise ValueError(f"train.min_lr ({t.min_lr:g}) exceeds the peak lr ({peak:g} = train.base_lr {t.base_lr:g} "
                          f"* train.effective_batch {t.effective_batch} / 512)")
     if task is not None and not coupled:
+        tc, vc = getattr(task.train_set, "classes", None), getattr(task.val_set, "classes", None)
+        if tc is not None and vc is not None and list(tc) != list(vc):
+            only_t, only_v = sorted(set(tc) - set(vc)), sorted(set(vc) - set(tc))
+            what = "; ".join(p for p in (f"only in training: {only_t[:5]}" if only_t else "",
+                                         f"only in validation: {only_v[:5]}" if only_v else "") if p) or "another order"
+            key = "data.root" if "root" in cfg.data else f"data.name {cfg.data['name']!r}"
+            raise ValueError(f"{key}: the validation set's {len(vc)} classes are not the training set's {len(tc)} "
+                             f"({what}); labels would not match")
         try:
             n = len(task.train_set)
         except TypeError:
