@@ -19,7 +19,7 @@ as initialised and reported. Any other difference is an error naming the key.
 
 :func:`load_pretrained` returns the one-line report printed at the start of a run::
 
-    pretrained: loaded 152 tensors, skipped [head.bias, head.weight] (head: 200 classes, reinitialised)
+    pretrained: loaded 164 tensors, skipped [head.bias, head.weight, pre_logits/bias, pre_logits/kernel] (head: 200 classes, reinitialised)
 """
 from __future__ import annotations
 
