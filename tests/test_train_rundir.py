@@ -172,3 +172,19 @@ def test_fine_tune_from_a_previous_run_then_resume_without_the_pretrained_file(t
     assert "pretrained: not loaded" in err and "error" not in err, err
     assert rows(second)[-1]["step"] == 6
     assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_config_comparison_refuses_model_and_data_keys_and_lists_the_rest():
+    from dcal.train.rundir import compare_configs
+
+    saved = {"model": {"name": "dcal_vit", "depth": 3}, "data": {"name": "synthetic", "num_classes": 10},
+             "train": {"epochs": 5, "base_lr": 0.008}}
+    same = {"model": {"name": "dcal_vit", "depth": 3, "drop_path_rate": 0.1, "pretrained": "vit.npz"},
+            "data": {"name": "synthetic", "num_classes": 10}, "train": {"epochs": 10, "base_lr": 0.008}}
+    refused, changed = compare_configs(saved, same)  # a default written out, a pretrained start: no change
+    assert refused == [] and changed == ["model.pretrained: (unset) -> \"vit.npz\"", "train.epochs: 5 -> 10"]
+    other = {"model": {"name": "dcal_vit", "depth": 4}, "data": {"name": "synthetic", "num_classes": 12},
+             "train": {"epochs": 5, "base_lr": 0.008, "effective_batch": 32}}
+    refused, changed = compare_configs(saved, other)
+    assert refused == ["data.num_classes: 10 -> 12", "model.depth: 3 -> 4", "train.effective_batch: 16 -> 32"]
+    assert changed == []

@@ -91,11 +91,26 @@ def _train_defaults() -> Dict[str, Any]:
     return {f"train.{k}": v for k, v in asdict(TrainConfig()).items()}
 
 
+def _model_defaults(model: Dict[str, Any]) -> Dict[str, Any]:
+    """The defaults of the model builder's keys, where the builder declares them (a key left out
+    of one config and set to its default in the other is no change)."""
+    if (model or {}).get("name") != "dcal_vit":
+        return {}
+    import dataclasses
+
+    from dcal.models import DCALConfig
+
+    return {f"model.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
+            for f in dataclasses.fields(DCALConfig) if f.default is not dataclasses.MISSING}
+
+
 def compare_configs(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:
     """(refused, changed): ``key: saved -> current`` for each key that differs; refused are those
     that change the model or the data."""
     a, b = _flat(saved), _flat(current)
     defaults = _train_defaults()
+    if (saved.get("model") or {}).get("name") == (current.get("model") or {}).get("name"):
+        defaults.update(_model_defaults(current.get("model")))
     refused, changed = [], []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, defaults.get(key, "(unset)")), b.get(key, defaults.get(key, "(unset)"))
