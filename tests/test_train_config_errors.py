@@ -3,6 +3,7 @@ status 2, one line on stderr starting with ``error:`` that names the key, no tra
 written into ``--out`` (a folder that did not exist is not created; one that held a run is left as
 it was). Most rows call the CLI's ``main`` in-process; a few run the real command line."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -226,6 +227,7 @@ RUN_ROWS = [
     ("resume_changes_the_batch", ["--resume", "--set", "train.effective_batch=4", "--set", "train.micro_batch=2"],
      ["train.effective_batch", "8", "4"]),
     ("resume_bad_path", ["--resume", "/nonexistent/step-1.pt"], ["--resume", "does not exist"]),
+    ("resume_from_another_run", ["--resume", "OTHER"], ["--resume", "not a checkpoint of the run in --out"]),
     ("eval_checkpoint_of_other_model", ["--eval-only", "--checkpoint", "BEST", "--set", "model.hidden=8"],
      ["--checkpoint", "model.hidden"]),
 ]
@@ -235,7 +237,11 @@ RUN_ROWS = [
 def test_mistake_about_an_existing_run_leaves_it_as_it_was(finished_run, capsys, extra, words):
     cfg, out = finished_run
     before = snapshot(out)
-    extra = [os.path.join(out, "checkpoints", "best.pt") if a == "BEST" else a for a in extra]
+    other = os.path.join(os.path.dirname(out), "elsewhere.pt")
+    if "OTHER" in extra and not os.path.exists(other):
+        shutil.copyfile(os.path.join(out, "checkpoints", "best.pt"), other)
+    extra = [os.path.join(out, "checkpoints", "best.pt") if a == "BEST" else other if a == "OTHER" else a
+             for a in extra]
     capsys.readouterr()
     assert main(["--config", cfg, "--out", out, "--set", "train.max_steps=2", "--set", "train.epochs=2",
                  *extra]) == 2

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--resume: {what} in {ckdir.dir} can be read; to start fresh, run again without "
                                  f"--resume (or with a new --out)")
         else:
+            rundir.check_resume_target(args.out, resume)
             try:
                 state = load_checkpoint(resume)
             except ValueError as e:

@@ -62,6 +62,18 @@ def check_new_run(out: str, overwrite: bool) -> Optional[str]:
     return aside_name(out)
 
 
+def check_resume_target(out: str, path: str) -> None:
+    """``--resume PATH`` from outside ``out`` may start ``out`` afresh, not continue into a folder
+    holding another run (the metrics of both would mix)."""
+    from dcal.train.checkpoint import CheckpointDir
+
+    inside = os.path.dirname(os.path.abspath(path)) == os.path.abspath(CheckpointDir(out).dir)
+    found = run_contents(out)
+    if found and not inside and os.path.isfile(path):  # a missing path is reported by the loader
+        raise ValueError(f"--resume {path} is not a checkpoint of the run in --out {out} ({', '.join(found)}); "
+                         f"resume into a new --out, or give one of {CheckpointDir(out).dir}'s checkpoints")
+
+
 def aside_name(out: str) -> str:
     base = f"{os.path.normpath(out)}.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     name, i = base, 1
