@@ -224,9 +224,17 @@ class DCALViT(nn.Module):
         return load_timm_vit(self, source, load_head=load_head)
 
     def load_pretrained(self, source, load_head=None):
-        """``load_npz`` for a JAX ``.npz`` release, ``load_timm`` for anything else."""
+        """``load_npz`` for a JAX ``.npz`` release, a Hugging Face ViT folder (``config.json`` +
+        ``model.safetensors``, see :mod:`dcal.models.vit_hf`), ``load_timm`` for anything else."""
         if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".npz"):
             return self.load_npz(source)
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            from dcal.models.vit_hf import read_hf_vit
+
+            sd, skipped, _ = read_hf_vit(os.fspath(source))
+            report = self.load_timm(sd, load_head=load_head)
+            report["skipped"] = sorted(report["skipped"] + skipped)
+            return report
         return self.load_timm(source, load_head=load_head)
 
     # ------------------------------------------------------------------------- forward

@@ -116,3 +116,64 @@ def load_vit_npz(model, path: str) -> None:
     with torch.no_grad():
         for name, value in sd.items():
             params[name].copy_(value.to(params[name].dtype))
+
+
+def npz_to_timm(w) -> tuple:
+    """The arrays of a JAX ViT release (a mapping name -> tensor, as in the ``.npz``) in timm's
+    parameter names, whatever the size of the model: returns ``(state dict, skipped keys,
+    num_heads)``. ``pre_logits`` (the ImageNet-21k representation layer, unused by a fine-tuned
+    model) is skipped. The head is ``head.weight`` [classes, C] / ``head.bias``.
+    Raises ValueError naming the key when one is missing or of an unexpected rank."""
+    def get(key, ndim):
+        if key not in w:
+            raise ValueError(f"key {key!r} is missing (not a JAX ViT release)")
+        a = w[key]
+        if a.dim() != ndim:
+            raise ValueError(f"key {key!r} has shape {tuple(a.shape)}, expected {ndim} dimensions")
+        return a
+
+    kernel = get("embedding/kernel", 4)  # [p, p, in, C]
+    C = kernel.shape[3]
+    sd = {
+        "patch_embed.proj.weight": kernel.permute(3, 2, 0, 1).contiguous(),
+        "patch_embed.proj.bias": get("embedding/bias", 1),
+        "cls_token": get("cls", 3),
+        "pos_embed": get("Transformer/posembed_input/pos_embedding", 3),
+        "norm.weight": get("Transformer/encoder_norm/scale", 1),
+        "norm.bias": get("Transformer/encoder_norm/bias", 1),
+    }
+    depth = len({k.split("/")[1] for k in w if k.startswith("Transformer/encoderblock_")})
+    heads = None
+    for i in range(depth):
+        pre, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        att = pre + "MultiHeadDotProductAttention_1/"
+        q = get(att + "query/kernel", 3)  # [C, H, D]
+        heads = q.shape[1]
+        qkv_w = [get(f"{att}{n}/kernel", 3).reshape(C, -1).t() for n in ("query", "key", "value")]
+        sd.update({
+            dst + "norm1.weight": get(pre + "LayerNorm_0/scale", 1),
+            dst + "norm1.bias": get(pre + "LayerNorm_0/bias", 1),
+            dst + "attn.qkv.weight": torch.cat(qkv_w, 0),
+            dst + "attn.proj.weight": get(att + "out/kernel", 3).reshape(-1, C).t(),
+            dst + "attn.proj.bias": get(att + "out/bias", 1),
+            dst + "norm2.weight": get(pre + "LayerNorm_2/scale", 1),
+            dst + "norm2.bias": get(pre + "LayerNorm_2/bias", 1),
+            dst + "mlp.fc1.weight": get(pre + "MlpBlock_3/Dense_0/kernel", 2).t(),
+            dst + "mlp.fc1.bias": get(pre + "MlpBlock_3/Dense_0/bias", 1),
+            dst + "mlp.fc2.weight": get(pre + "MlpBlock_3/Dense_1/kernel", 2).t(),
+            dst + "mlp.fc2.bias": get(pre + "MlpBlock_3/Dense_1/bias", 1),
+        })
+        if att + "query/bias" in w:
+            sd[dst + "attn.qkv.bias"] = torch.cat([get(f"{att}{n}/bias", 2).reshape(-1)
+                                                   for n in ("query", "key", "value")], 0)
+    if "head/kernel" in w:
+        sd["head.weight"] = get("head/kernel", 2).t()
+        sd["head.bias"] = get("head/bias", 1)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    known = {"embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
+             "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias", "head/kernel", "head/bias"}
+    skipped = sorted(k for k in w if k not in known and not k.startswith("Transformer/encoderblock_"))
+    unknown = [k for k in skipped if not k.startswith("pre_logits/")]
+    if unknown:
+        raise ValueError(f"key {unknown[0]!r} is not part of a JAX ViT release")
+    return sd, skipped, heads

@@ -1,4 +1,4 @@
-"""Training loop of dcal (DESIGN section 7).
+"""Training loop of dcal: micro-batches with exact accumulation, AMP, DDP, checkpoints, configs and a CLI.
 
 Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train ...``)::
 
@@ -6,16 +6,20 @@ Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train .
     python -m dcal.train --config configs/cub_vitb16_448.yaml --set data.root=/data/CUB_200_2011 \
         --max-memory 16GB --out runs/cub
     python -m dcal.train --config configs/demo.yaml --out runs/demo --resume     # latest checkpoint
+    python -m dcal.train --config configs/demo.yaml --eval-only --checkpoint runs/demo/checkpoints/best.pt
 
 ``DIR/metrics.jsonl``: one JSON object per evaluation (``epoch``, ``step``, ``train_loss``,
 ``val_acc``, ``peak_mem_mb``, ``effective_batch``, ``micro_batch``, ``lr``, ``skipped_steps``, ...);
 ``DIR/steps.jsonl``: one per optimiser step; ``DIR/checkpoints/``: ``step-<N>.pt`` (last
 ``keep_last``) and ``best.pt``; ``DIR/config.yaml``: the resolved config.
 
-Configs have three sections (see :mod:`dcal.train.config`): ``model`` (``name``: ``dcal_vit``,
-``bev``, ``mlp``; other keys go to the model), ``data`` (``name``: ``synthetic``, ``cub``,
-``imagefolder``, ``bev_synthetic``) and ``train`` (:class:`TrainConfig`). Unknown keys and bad
-values stop the run with a message naming the key.
+Configs have three sections (see :mod:`dcal.train.config`): ``model`` (``name``: a key of
+:data:`dcal.train.build.MODEL_BUILDERS`; other keys go to the model; ``pretrained: PATH`` starts
+from timm, JAX ``.npz`` or Hugging Face ViT weights, :mod:`dcal.train.pretrained`), ``data``
+(``name``: ``synthetic``, ``cub``, ``imagefolder``, ``bev_synthetic``, ...) and ``train``
+(:class:`TrainConfig`). Unknown keys, bad values and keys that contradict each other stop the
+run before any work with one line naming the key (exit status 2). One run per ``--out`` folder
+(:mod:`dcal.train.rundir`).
 
 In Python, :class:`Trainer` takes any model, loss and datasets::
 

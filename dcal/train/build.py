@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -38,6 +39,8 @@ class Task:
     train_set: Any
     val_set: Any
     eval_fn: Optional[Callable] = None  # Trainer's eval_fn(model, x, y) -> (sum, count)
+    pretrained: Optional[str] = None  # model.pretrained: weights loaded into a fresh model (dcal.train.pretrained)
+    facts: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what the data told the model builder
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,92 +188,231 @@ def _open_clip():
     return open_clip
 
 
-def build_task(cfg, seed: int = 0) -> Task:
-    """Model factory, loss and datasets of a :class:`dcal.train.config.Config`."""
+def _model_error(e: Exception) -> ValueError:
+    """A model constructor's complaint as ``model.<field> ...`` when it starts with a field name."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    m = re.match(r"^([a-z_]+)\b", msg)
+    return ValueError(f"model.{msg}" if m and m.group(1) not in ("got", "the", "a", "an") else f"model: {msg}")
+
+
+def _data_error(e: Exception, data: Dict[str, Any]) -> ValueError:
+    """A dataset's complaint as one line naming ``data.<key>``."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if re.search(r"\bdata[.:]", msg):
+        return ValueError(msg)
+    m = re.match(r"^([a-z_]+)\b", msg)
+    if m and (m.group(1) in data or "_" in m.group(1)):
+        return ValueError(f"data.{msg}")
+    if "root" in data:
+        return ValueError(f"data.root: {msg}")
+    return ValueError(f"data: {msg}")
+
+
+def _set_default(kw: Dict[str, Any], key: str, value, data_key: str) -> None:
+    """``kw[key]`` from the data unless the model section sets it; when both do, they must agree."""
+    if value is None:
+        return
+    if key in kw and kw[key] != value:
+        raise ValueError(f"model.{key} is {kw[key]!r} but the data gives {value!r} ({data_key}); "
+                         f"leave model.{key} out to take the data's, or make them equal")
+    kw.setdefault(key, value)
+
+
+def _data_key(cfg, key: str) -> str:
+    return f"data.{key}" if key in cfg.data else f"data.name {cfg.data['name']!r}"
+
+
+def _build_clip(kw, facts, cfg, train_set, val_set) -> Task:
+    from dcal.models import CLIP, CLIPConfig
+    from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
+
+    allowed = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+               for f in dataclasses.fields(CLIPConfig)}
+    check_kwargs("model", kw, allowed)
+    for key in ("img_size", "vocab_size", "context_length"):
+        _set_default(kw, key, facts.get(key), _data_key(cfg, key))
+    try:
+        CLIPConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise _model_error(e) from None
+    return Task(lambda: CLIP(CLIPConfig(**kw)), ClipLoss(), train_set, val_set, ZeroShotAccuracy(facts["class_tokens"]))
+
+
+def _build_open_clip(kw, facts, cfg, train_set, val_set) -> Task:
+    from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
+
+    open_clip = _open_clip()
+    arch = kw.pop("arch", "ViT-B-32")
+
+    def make():
+        return open_clip.create_model(arch, pretrained=None, **kw)
+
+    return Task(make, ClipLoss(), train_set, val_set, ZeroShotAccuracy(facts["class_tokens"]))
+
+
+def _build_protonet(kw, facts, cfg, train_set, val_set) -> Task:
+    from dcal.models import ProtoNet
+    from dcal.train.coupled import EpisodeAccuracy, PrototypicalLoss
+
+    loss_keys = {"vic_weight": 0.1, "variance": 1.0, "invariance": 1.0, "covariance": 0.04}
+    check_kwargs("model", kw, {"hidden": None, "depth": None, "backbone": None, **loss_keys})
+    lk = {k: kw.pop(k, v) for k, v in loss_keys.items()}
+    loss = PrototypicalLoss(facts["n_way"], facts["k_shot"], facts["q_query"], **lk)
+    try:
+        ProtoNet(in_chans=facts["in_chans"], **kw)
+    except (TypeError, ValueError) as e:
+        raise _model_error(e) from None
+    return Task(lambda: ProtoNet(in_chans=facts["in_chans"], **kw), loss, train_set, val_set, EpisodeAccuracy(loss))
+
+
+def _build_dcal_vit(kw, facts, cfg, train_set, val_set) -> Task:
+    from dcal.models import DCALConfig, DCALViT
+
+    allowed = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+               for f in dataclasses.fields(DCALConfig)}
+    check_kwargs("model", kw, allowed)
+    _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
+    _set_default(kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop"))
+    if "logvar_clamp" in kw and isinstance(kw["logvar_clamp"], list):
+        kw["logvar_clamp"] = tuple(kw["logvar_clamp"])
+    try:
+        DCALConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise _model_error(e) from None
+    return Task(lambda: DCALViT(DCALConfig(**kw)), None, train_set, val_set)
+
+
+def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
+    """Any timm ViT by name (``model.timm_name``), random weights (``model.pretrained`` loads
+    weights from disk), every timm ``Attention`` swapped for the fused one (:func:`dcal.nn.fuse_attention`).
+    Other keys go to ``timm.create_model`` (``drop_path_rate``, ``patch_size``, ``embed_dim``, ...)."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("model.name 'timm' needs the timm package (pip install timm)") from None
+    name = kw.pop("timm_name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"model.timm_name is required for model.name 'timm' (a timm ViT such as "
+                         f"'vit_base_patch16_224'), got {name!r}")
+    if name not in timm.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models("*vit*"), n=3)
+        raise ValueError(f"model.timm_name {name!r} is not a timm model"
+                         f"{'; close: ' + ', '.join(close) if close else ''}")
+    backend = kw.pop("backend", None)
+    if "pretrained" in kw or "pretrained_cfg_overlay" in kw:
+        raise ValueError("model.pretrained_cfg_overlay: nothing is downloaded; use model.pretrained: PATH")
+    user_keys = set(kw)
+    _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
+    _set_default(kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop"))
+
+    def make():
+        from dcal.nn import fuse_attention
+
+        m = timm.create_model(name, pretrained=False, **kw)
+        return fuse_attention(m, backend=backend)
+
+    try:
+        with torch.device("meta"):
+            probe = make()
+    except TypeError as e:
+        m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if m and m.group(1) not in user_keys:
+            raise ValueError(f"model.timm_name {name!r} is not a ViT (it takes no {m.group(1)}); model.name 'timm' "
+                             f"takes timm ViTs (vit_*, deit_*, ...)") from None
+        if m:
+            raise ValueError(f"unknown key model.{m.group(1)}: timm's {name} does not take it") from None
+        raise _model_error(e) from None
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise ValueError(f"model: timm's {name} refuses the model keys ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    from dcal.nn import PWCAAttention
+
+    if not any(isinstance(m, PWCAAttention) for m in probe.modules()):
+        raise ValueError(f"model.timm_name {name!r} has no attention that dcal fuses (expected a timm ViT "
+                         f"built from timm's Attention)")
+    return Task(make, cross_entropy, train_set, val_set)
+
+
+def _build_bev(kw, facts, cfg, train_set, val_set) -> Task:
+    from dcal.models import BEVGraphModule
+
+    sig = inspect.signature(BEVGraphModule.__init__)
+    allowed = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+               for p in sig.parameters.values() if p.name not in ("self", "channels")}
+    allowed.update({"channels": 64, "in_channels": None, "num_classes": None})
+    check_kwargs("model", kw, allowed)
+    if "in_channels" not in facts:
+        raise ValueError(f"model.name 'bev' labels the cells of a map; it does not take data.name "
+                         f"{cfg.data['name']!r} (expected bev_synthetic)")
+    _set_default(kw, "in_channels", facts["in_channels"], _data_key(cfg, "in_channels"))
+    _set_default(kw, "num_classes", facts["num_classes"], _data_key(cfg, "name"))
+    try:
+        with torch.device("meta"):
+            BEVSegmenter(**kw)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise _model_error(e) from None
+    return Task(lambda: BEVSegmenter(**kw), cross_entropy, train_set, val_set)
+
+
+def _build_mlp(kw, facts, cfg, train_set, val_set) -> Task:
+    check_kwargs("model", kw, {"hidden": 64, "num_classes": None})
+    if "map_size" in cfg.data or cfg.data["name"] == "bev_synthetic":
+        raise ValueError("model.name 'mlp' classifies whole images; it does not take data.name 'bev_synthetic'")
+    in_features = 1
+    for s in facts["in_shape"]:
+        in_features *= s
+    _set_default(kw, "num_classes", facts["num_classes"], _data_key(cfg, "num_classes"))
+    nc, hidden = kw["num_classes"], kw.get("hidden", 64)
+    if hidden < 1:
+        raise ValueError(f"model.hidden must be an integer >= 1, got {hidden!r}")
+    return Task(lambda: MLP(in_features, nc, hidden), cross_entropy, train_set, val_set)
+
+
+# model.name -> builder(model keys, data facts, config, train set, val set) -> Task
+MODEL_BUILDERS: Dict[str, Callable[..., Task]] = {
+    "dcal_vit": _build_dcal_vit,
+    "timm": _build_timm,
+    "bev": _build_bev,
+    "mlp": _build_mlp,
+    "clip": _build_clip,
+    "open_clip": _build_open_clip,
+    "protonet": _build_protonet,
+}
+# what each model trains on (the kind of data): contrastive models take captions, protonet episodes
+MODEL_DATA = {"clip": "captions", "open_clip": "captions", "protonet": "episodes"}
+
+
+def build_task(cfg, seed: int = 0, weights_from_checkpoint: bool = False) -> Task:
+    """Model factory, loss and datasets of a :class:`dcal.train.config.Config`. Every check that
+    needs no data runs first; nothing is built when a key is wrong. ``weights_from_checkpoint``
+    (resume, evaluation): ``model.pretrained`` is not needed and not checked."""
     kw = {k: v for k, v in cfg.model.items() if k != "name"}
     name = cfg.model["name"]
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model.name {name!r}; expected one of {', '.join(sorted(MODEL_BUILDERS))}")
+    pretrained = kw.pop("pretrained", None)
+    if pretrained is not None and not weights_from_checkpoint:
+        from dcal.train.pretrained import check_path
+
+        pretrained = check_path(pretrained)
     tokenizer = None
     if name == "open_clip":
+        open_clip = _open_clip()
+        arch = kw.get("arch", "ViT-B-32")
+        if arch not in open_clip.list_models():
+            raise ValueError(f"model.arch {arch!r} is not an open_clip architecture")
         ctx = (kw.get("text_cfg") or {}).get("context_length") if isinstance(kw.get("text_cfg"), dict) else None
-        tokenizer = _open_clip().get_tokenizer(kw.get("arch", "ViT-B-32"), context_length=ctx)
-    train_set, val_set, facts = build_data(cfg.data, seed, tokenizer=tokenizer)
+        tokenizer = open_clip.get_tokenizer(arch, context_length=ctx)
+    try:
+        train_set, val_set, facts = build_data(cfg.data, seed, tokenizer=tokenizer)
+    except (TypeError, ValueError) as e:
+        raise _data_error(e, cfg.data) from None
     kind = "captions" if "class_tokens" in facts else "episodes" if "n_way" in facts else "samples"
-    want = {"clip": "captions", "open_clip": "captions", "protonet": "episodes"}.get(name, "samples")
-    if kind != want:
+    if kind != MODEL_DATA.get(name, "samples"):
         raise ValueError(f"model.name {name!r} does not train on data.name {cfg.data['name']!r}: contrastive models "
                          "(clip, open_clip) take synthetic_captions, protonet takes episodes (synthetic_fewshot, "
                          "episodes), the others samples")
-    if name == "clip":
-        from dcal.models import CLIP, CLIPConfig
-        from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
-
-        allowed = {f.name for f in dataclasses.fields(CLIPConfig)}
-        check_kwargs("model", kw, allowed)
-        for key in ("img_size", "vocab_size", "context_length"):
-            if facts.get(key) is not None:
-                kw.setdefault(key, facts[key])
-        try:
-            CLIPConfig(**kw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model: {e}") from None
-        return Task(lambda: CLIP(CLIPConfig(**kw)), ClipLoss(), train_set, val_set,
-                    ZeroShotAccuracy(facts["class_tokens"]))
-    if name == "open_clip":
-        from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
-
-        open_clip = _open_clip()
-        arch = kw.pop("arch", "ViT-B-32")
-        if arch not in open_clip.list_models():
-            raise ValueError(f"model.arch {arch!r} is not an open_clip architecture")
-
-        def make():
-            return open_clip.create_model(arch, pretrained=None, **kw)
-
-        return Task(make, ClipLoss(), train_set, val_set, ZeroShotAccuracy(facts["class_tokens"]))
-    if name == "protonet":
-        from dcal.models import ProtoNet
-        from dcal.train.coupled import EpisodeAccuracy, PrototypicalLoss
-
-        loss_keys = {"vic_weight": 0.1, "variance": 1.0, "invariance": 1.0, "covariance": 0.04}
-        check_kwargs("model", kw, {"hidden", "depth", "backbone", *loss_keys})
-        lk = {k: kw.pop(k, v) for k, v in loss_keys.items()}
-        loss = PrototypicalLoss(facts["n_way"], facts["k_shot"], facts["q_query"], **lk)
-        try:
-            ProtoNet(in_chans=facts["in_chans"], **kw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model: {e}") from None
-        return Task(lambda: ProtoNet(in_chans=facts["in_chans"], **kw), loss, train_set, val_set, EpisodeAccuracy(loss))
-    if name == "dcal_vit":
-        from dcal.models import DCALConfig, DCALViT
-
-        allowed = {f.name for f in dataclasses.fields(DCALConfig)}
-        check_kwargs("model", kw, allowed)
-        for key in ("num_classes", "img_size"):
-            if key in allowed and key in facts:
-                kw.setdefault(key, facts[key])
-        try:
-            DCALConfig(**kw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model: {e}") from None
-        return Task(lambda: DCALViT(DCALConfig(**kw)), None, train_set, val_set)
-    if name == "bev":
-        from dcal.models import BEVGraphModule
-
-        sig = inspect.signature(BEVGraphModule.__init__)
-        allowed = {p for p in sig.parameters if p not in ("self", "channels")} | {"channels", "in_channels",
-                                                                                  "num_classes"}
-        check_kwargs("model", kw, allowed)
-        kw.setdefault("in_channels", facts.get("in_channels", 4))
-        kw.setdefault("num_classes", facts["num_classes"])
-        return Task(lambda: BEVSegmenter(**kw), cross_entropy, train_set, val_set)
-    if name == "mlp":
-        check_kwargs("model", kw, {"hidden", "num_classes"})
-        in_features = 1
-        for s in facts["in_shape"]:
-            in_features *= s
-        if "map_size" in cfg.data or cfg.data["name"] == "bev_synthetic":
-            raise ValueError("model.name 'mlp' classifies whole images; it does not take data.name 'bev_synthetic'")
-        nc = kw.get("num_classes", facts["num_classes"])
-        hidden = kw.get("hidden", 64)
-        return Task(lambda: MLP(in_features, nc, hidden), cross_entropy, train_set, val_set)
-    raise ValueError(f"unknown model.name {name!r}; expected dcal_vit, bev or mlp")
+    task = MODEL_BUILDERS[name](kw, facts, cfg, train_set, val_set)
+    task.pretrained, task.facts = pretrained, facts
+    return task

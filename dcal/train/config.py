@@ -141,7 +141,7 @@ def _apply_set(raw: Dict[str, Any], item: str) -> None:
     try:
         value = _yaml(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"--set {key}: cannot parse value {text!r} ({e})") from None
+        raise ValueError(f"--set {key}: cannot parse value {text!r} ({getattr(e, 'problem', None) or 'not YAML'})") from None
     raw.setdefault(parts[0], {})
     if raw[parts[0]] is None:
         raw[parts[0]] = {}
@@ -182,14 +182,54 @@ def load(path: str, overrides: Optional[List[str]] = None) -> Config:
         with open(path) as f:
             raw = _yaml(f)
     except FileNotFoundError:
-        raise ValueError(f"config file {path!r} does not exist") from None
+        raise ValueError(f"config file {path!r} does not exist (--config)") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path!r} cannot be read ({type(e).__name__}) (--config)") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ValueError(f"config file {path!r} is not valid YAML{at}: {what}") from None
     return from_dict(raw if raw is not None else {}, overrides)
 
 
+def _type_name(default) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    return "a list"
+
+
+def _same_kind(value, default) -> bool:
+    if value is None:
+        return False
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
 def check_kwargs(section: str, kwargs: Dict[str, Any], allowed) -> None:
-    """Reject keys of a ``model``/``data`` section that its builder does not take."""
+    """Reject keys of a ``model``/``data`` section that its builder does not take. When
+    ``allowed`` maps keys to their defaults, a value of another kind than its default (a string
+    for an integer, a number for a flag) is refused too; a default of None takes anything."""
     for key in kwargs:
         if key not in allowed:
             raise ValueError(f"unknown key {section}.{key}; known keys: {', '.join(sorted(allowed))}")
+    if isinstance(allowed, dict):
+        for key, value in kwargs.items():
+            default = allowed[key]
+            if default is not None and not _same_kind(value, default):
+                raise ValueError(f"{section}.{key} must be {_type_name(default)}, got {value!r}")

@@ -537,8 +537,10 @@ class Trainer:
             if self.oom_events:
                 row["oom_events"] = list(self.oom_events)
             self._write_metrics(row)
-            self.log(f"epoch {self.epoch}: train loss {train_loss:.4f}, val acc {val}, "
-                     f"peak mem {self.epoch_peak / 2**20:.0f} MiB, {seconds:.1f}s, skipped steps {self.skipped_steps}")
+            # rounded for reading; metrics.jsonl keeps the full values
+            self.log(f"epoch {self.epoch}: train_loss {train_loss:.4f}, val_acc "
+                     f"{'n/a' if val is None else f'{val:.3f}'}, peak_mem {self.epoch_peak / 2**20:.0f} MiB, "
+                     f"{seconds:.1f}s, skipped_steps {self.skipped_steps}")
         is_best = val is not None and (self.best_metric is None or val > self.best_metric)
         if is_best:
             self.best_metric = val
