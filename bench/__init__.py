@@ -1,4 +1,4 @@
-"""Speed and memory comparisons of dcal against the seeds' naive code, PyTorch and its peers (DESIGN 9).
+"""Speed and memory comparisons of dcal against the naive code, PyTorch and its peers (docs/performance.md).
 
 ``python -m bench [--quick | --full] [names...]`` runs them (bounded by a time budget per case),
 ``python -m bench.report`` writes the README's results table from their CSVs,

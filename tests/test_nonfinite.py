@@ -1,5 +1,5 @@
 """Inputs holding NaN or Inf: every op on every backend propagates them as PyTorch's own
-attention does (the documented behaviour, DESIGN 3 / README): an output element is non-finite
+attention does (the documented behaviour, docs/contract.md, NaN and inf): an output element is non-finite
 exactly where the reference's is, and equal to the reference elsewhere (the Triton neighborhood
 forward: at least where the reference's is; its backward is not specified for non-finite inputs,
 see test_neighborhood_propagates). Nothing crashes or hangs; forward and every gradient are

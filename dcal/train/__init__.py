@@ -1,4 +1,4 @@
-"""Training loop of dcal (DESIGN section 7).
+"""Training loop of dcal (docs/contract.md, Training).
 
 Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train ...``)::
 
