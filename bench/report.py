@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import sys
+import textwrap
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,7 +297,8 @@ def headline_block(loaded) -> Optional[str]:
         time = _x(_f(o["median_ms"]) / _f(t["median_ms"])) if ok else "-"
         figure = text.format(ours=_mib(_f(o["peak_mib"])), other=_mib(_f(t["peak_mib"])) if ok else _status_short(t),
                              mem=mem, time=time)
-        items.append(f"- {figure}\n  {_command(bench, case, meta)}")
+        items.append(textwrap.fill(f"- {figure}", 100, subsequent_indent="  ", break_on_hyphens=False)
+                     + f"\n  {_command(bench, case, meta)}")
         used.append((o, meta))
     dates = sorted({m.get("date", "") for _, m in used if m.get("date")})
     commits = sorted({r.get("commit", "") for r, _ in used if r.get("commit")})
@@ -304,7 +306,7 @@ def headline_block(loaded) -> Optional[str]:
     intro = (f"Measured by `make bench` on {' / '.join(dates) or '?'} on {r0.get('device_name', '?')}, "
              f"{r0.get('threads', '?')} threads, commit {', '.join(_commit_text(c) for c in commits)}; each figure "
              f"with the command that measures it alone ([all rows](docs/results.md)).")
-    return "\n".join([HEAD_START, intro, ""] + items + [HEAD_END])
+    return "\n".join([HEAD_START, textwrap.fill(intro, 100, break_on_hyphens=False), ""] + items + [HEAD_END])
 
 
 def replace_between(text: str, start: str, end: str, block: str, what: str) -> str:
