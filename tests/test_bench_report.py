@@ -116,7 +116,7 @@ def test_headline_figures_of_the_guide(tmp_path, capsys):
     assert report.main(args) == 0
     text = guide.read_text()
     assert "hand-written" not in text and text.startswith("# dcal\n\n## What it buys\n\n") and "## Next" in text
-    assert max(len(line) for line in text.splitlines()) <= 100
+    assert max(len(line) for line in text.splitlines() if not line.startswith("<!--")) <= 100
     flat = " ".join(text.split())  # the figures are wrapped at 100 columns
     for want in ("34.1 MiB of peak memory where `F.unfold` takes 1600 MiB (0.02x), in 0.03x its time",
                  "0.44x the peak memory (2193 MiB against 5020 MiB) and 0.68x the time",
