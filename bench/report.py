@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import inspect
 import json
 import os
 import sys
 import textwrap
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,14 +325,16 @@ def plots(loaded, results_dir: str) -> List[str]:
     row's case is looked up among the bench's own cases (by name; x and panel group come from
     there); a case the bench no longer has is drawn alone in its own panel."""
     from bench.plots import plot
+    from bench.runner import select_cases
     from bench.spec import MIB, Case, Result
 
     written = []
     for name, rows, meta in loaded:
         try:
             mod = importlib.import_module(f"bench.{name}")
-            kw = {"full": bool(meta.get("full"))} if "full" in inspect.signature(mod.cases).parameters else {}
-            known = {c.name: c for c in mod.cases(bool(meta.get("quick")), rows[0].get("device", "cpu"), **kw)}
+            run = SimpleNamespace(quick=bool(meta.get("quick")), full=bool(meta.get("full")), cases=None,
+                                  device=rows[0].get("device", "cpu"))
+            known = {c.name: c for c in select_cases(mod, run)}
         except Exception as e:  # an old CSV of a bench that changed: plot what the rows say
             print(f"[{name}] cases unavailable ({type(e).__name__}: {e}); plotting each case alone", file=sys.stderr)
             mod, known = None, {}
