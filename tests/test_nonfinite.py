@@ -106,7 +106,7 @@ def test_neighborhood_propagates(backend, border, where, poison):
                          _tol(backend), wider)
     assert torch.isfinite(ref).all() == masks
     if backend == "triton":
-        return  # its backward's handling of non-finite inputs is not specified (README, known limits)
+        return  # its backward's handling of non-finite inputs is not specified (docs/design.md, known limits)
     dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, args, dout.to(dt))
     ref_grads = torch.autograd.grad(ref, ref_args, dout)
