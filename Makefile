@@ -2,9 +2,11 @@
 #   make bench   set up (venv, torch, dcal built with its C++/CUDA extension) and run the main job:
 #                the speed/memory comparison of bench/, bounded by a time budget per case (at most
 #                15 minutes on a 2-core machine; BENCH_ARGS=--full for the long run)
-#   make bench-report   the README's results table and bench/results/summary.md from that run
+#   make bench-report   the results table (docs/results.md), bench/results/summary.md and the plots
+#                from that run's CSVs (kept in the repository)
 #   make test    the same set-up, then the test suite (2 pytest workers)
 #   make check   the same set-up, then python -m dcal.check (run it first on a GPU; README)
+#   make docs    the documentation site into site/ (mkdocs build --strict; installs the docs extra)
 # All only need python3 (3.10+), a C++ compiler and, for the CUDA part, nvcc on the PATH.
 
 VENV    ?= .venv
@@ -20,8 +22,9 @@ BENCH_ARGS ?=
 TEST_ARGS  ?=
 CHECK_ARGS ?= --quick
 CHECK_OUT  ?= dcal-check
+EXTRAS     ?= dev,bench
 
-.PHONY: setup bench bench-report test check kernel-report clean
+.PHONY: setup bench bench-report test check kernel-report docs clean
 
 setup: $(VENV)/.dcal-installed
 
@@ -31,7 +34,7 @@ $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
 	$(PY) -m pip install -q $(COMPAT)
 	@echo "CUDA_HOME=$(CUDA_HOME)"
-	$(PY) -m pip install --no-build-isolation -v -e ".[dev,bench]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
+	$(PY) -m pip install --no-build-isolation -v -e ".[$(EXTRAS)]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
 	$(PY) -m pip install -q --no-build-isolation --no-deps "natten==0.21.7"
 	@grep -E "^ *dcal: building" $(VENV)/build.log || true
 	$(PY) -c "import dcal, dcal._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('dcal._C loaded; CUDA kernels compiled in:', e.built_with_cuda())"
@@ -51,8 +54,14 @@ test: setup
 check: setup
 	$(PY) -m dcal.check $(CHECK_ARGS) --out $(CHECK_OUT)
 
+# A broken link, a missing page or an API reference that does not resolve fails the build.
+docs: setup
+	$(PY) -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || \
+		$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS),docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 kernel-report: setup
 	$(PY) -m bench.kernel_report
 
 clean:
-	rm -rf build *.egg-info dcal/_C*.so
+	rm -rf build *.egg-info dcal/_C*.so site

@@ -7,7 +7,7 @@ The default run is bounded (``--budget`` seconds per case, the seeds' sizes; see
 of what is left; ``--full`` is the long run. Every option of a single bench applies
 (``--device``, ``--reps``, ``--max-mem``, ``--providers``, ``--cases``, ...);
 ``python -m bench.<name>`` runs one bench alone, ``python -m bench.report`` turns the CSVs into
-the README's results table. A bench whose script is not there (or fails to import) is skipped
+the results table of docs/results.md. A bench whose script is not there (or fails to import) is skipped
 with a message.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     print(f"benches run: {', '.join(ran) or 'none'}; skipped: {', '.join(skipped) or 'none'}; "
           f"wall time {int(wall) // 60} min {int(wall) % 60} s")
     if ran and not args.quick:
-        print("python -m bench.report writes the README's results table and bench/results/summary.md from these CSVs")
+        print("python -m bench.report writes the results table (docs/results.md) and bench/results/summary.md from these CSVs")
     return 0 if ran else 1
 
 

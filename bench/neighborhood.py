@@ -1,4 +1,4 @@
-"""2-D neighborhood attention benchmark: the BEV local graph attention (DESIGN 3.4, 9).
+"""2-D neighborhood attention benchmark: the BEV local graph attention (docs/contract.md; docs/performance.md).
 
 ``python -m bench.neighborhood [--quick] [--device cpu|cuda] [...]`` (options: :mod:`bench.common`).
 

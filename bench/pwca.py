@@ -1,4 +1,4 @@
-"""PWCA benchmark: queries of one image over the keys/values of two (DESIGN 3.2, 9).
+"""PWCA benchmark: queries of one image over the keys/values of two (docs/contract.md; docs/performance.md).
 
 ``python -m bench.pwca [--quick] [--device cpu|cuda] [...]`` (options: :mod:`bench.common`).
 

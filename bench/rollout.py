@@ -1,4 +1,4 @@
-"""Attention rollout benchmark (DESIGN 3.3, 9): the CLS row of S_L @ ... @ S_1 over L SA blocks.
+"""Attention rollout benchmark (docs/contract.md; docs/performance.md): the CLS row of S_L @ ... @ S_1 over L SA blocks.
 
 ``python -m bench.rollout [--quick] [--device cpu|cuda] [...]`` (options: :mod:`bench.common`).
 
@@ -19,7 +19,7 @@ the dense providers' ``2 * B * N^3`` per block for the matrix product is not cou
 
 Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 448 px (785 tokens, the seeds' shape);
 ``--full`` adds 224 px (197 tokens); fp32 on CPU, fp16 on GPU. ``--quick``: 3 blocks, 2 heads,
-D 32, tokens 33 and 65. After the table the script checks the DESIGN goal at the seeds' shape: the
+D 32, tokens 33 and 65. After the table the script checks the memory target (docs/performance.md) at the ViT's shape: the
 fused rollout's extra memory at most 1/20 of the dense reference's.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ PROVIDERS = {
 
 
 def check_goal(results) -> None:
-    """Print whether the fused rollout meets DESIGN's memory goal at the seeds' shape."""
+    """Print whether the fused rollout meets the memory target (docs/performance.md) at the model's shape."""
     by = {(r.case.name.split("-")[0], r.provider): r for r in results}
     base = by.get((GOAL_CASE, BASELINE))
     if base is None or not base.ok or not base.peak_bytes:

@@ -1,4 +1,4 @@
-"""Training-step benchmark: one DCAL ViT-B/16 step (DESIGN sections 6, 9).
+"""Training-step benchmark: one DCAL ViT-B/16 step (docs/contract.md, Models; docs/performance.md).
 
 ``python -m bench.train_step [--quick] [--device cpu|cuda] [...]`` (options: :mod:`bench.common`).
 A ViT-B step at 448 px takes 30 s to 3 min on a 2-core CPU (depending on load), so on a CPU the

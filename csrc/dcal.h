@@ -8,7 +8,7 @@
 
 namespace dcal {
 
-// Border modes of neighborhood attention (DESIGN 3.4); the Python side passes these ints.
+// Border modes of neighborhood attention (docs/contract.md); the Python side passes these ints.
 enum BorderMode : int64_t { kBorderZero = 0, kBorderMask = 1, kBorderClamp = 2 };
 
 }  // namespace dcal

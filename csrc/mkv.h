@@ -1,4 +1,4 @@
-// Multi-segment (PWCA) attention on CPU (DESIGN 3.1/3.2): declarations included from ops.cpp.
+// Multi-segment (PWCA) attention on CPU (docs/contract.md, multi_kv_attention): declarations included from ops.cpp.
 #pragma once
 #include <torch/types.h>
 

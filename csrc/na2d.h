@@ -1,4 +1,4 @@
-// 2-D neighborhood attention (DESIGN 3.4): the per-element math shared by the C++ CPU kernels
+// 2-D neighborhood attention (docs/contract.md): the per-element math shared by the C++ CPU kernels
 // (na2d_cpu.cpp) and the CUDA kernels (na2d_kernels.cuh), so the CPU tests exercise the same
 // window, inverse-window, bias-index and softmax code that the GPU runs.
 //
@@ -26,7 +26,7 @@ constexpr int kZero = 0;   // centred window, off-map keys are zeros that stay i
 constexpr int kMask = 1;   // centred window, off-map keys are left out
 constexpr int kClamp = 2;  // window shifted inside the map (NATTEN)
 
-// Dilation (DESIGN 10): a window is kernel_size positions `start + dil * u`, u in [0, ks).
+// Dilation (docs/contract.md, Dilation): a window is kernel_size positions `start + dil * u`, u in [0, ks).
 // zero/mask: centred on the query like a dilated F.unfold (padding dil * (ks / 2)).
 // clamp: NATTEN's rule: the axis splits into `dil` interleaved sub-grids (positions of one
 // residue mod dil); a query's window is the ordinary clamp window of its own sub-grid, so every
@@ -139,7 +139,7 @@ void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse);
 
 // q, k, v [B, H, X, Y, D]; rpb [H, 2*ks-1, 2*ks-1] or undefined; border a dcal::BorderMode;
-// dilation >= 1 (DESIGN 10).
+// dilation >= 1 (docs/contract.md, Dilation).
 // Returns (out [B, H, X, Y, D] in q's dim order, lse [B, H, X, Y] contiguous, fp32, fp64 for fp64
 // inputs).
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -1,4 +1,4 @@
-// 2-D neighborhood attention (DESIGN 3.4) on CPU: forward and backward.
+// 2-D neighborhood attention (docs/contract.md, neighborhood_attention2d) on CPU: forward and backward.
 //
 // Inputs (q, k, v; dout and out in the backward) are read through their strides: contiguous,
 // heads-last, slices of a fused qkv projection or channels-first views cost no copy. Outputs and

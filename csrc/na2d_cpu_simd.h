@@ -1,4 +1,4 @@
-// 2-D neighborhood attention on CPU, fp32 and fp64 (DESIGN 3.4): the register-blocked kernels
+// 2-D neighborhood attention on CPU, fp32 and fp64 (docs/contract.md): the register-blocked kernels
 // of na2d_cpu_simd.cpp, called by the host code in na2d_cpu.cpp for inputs that are all finite.
 // Plain C++ (no torch types): tensors arrive as a pointer and five strides.
 #pragma once

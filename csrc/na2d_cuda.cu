@@ -1,4 +1,4 @@
-// 2-D neighborhood attention (DESIGN 3.4) on CUDA: host code of dcal::na2d_fwd / na2d_bwd.
+// 2-D neighborhood attention (docs/contract.md) on CUDA: host code of dcal::na2d_fwd / na2d_bwd.
 // Each entry point reads: argument checks -> device guard -> allocate -> dispatch, where
 // dispatch() (one helper for both) fills the Params every kernel shares, switches on dtype,
 // head-dim bucket, bias flag and unit head-dim stride, and hands the launch to a templated lambda. The kernels are in

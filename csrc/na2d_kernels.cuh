@@ -1,4 +1,4 @@
-// 2-D neighborhood attention (DESIGN 3.4): the CUDA kernels. No torch headers here, so
+// 2-D neighborhood attention (docs/contract.md, neighborhood_attention2d): the CUDA kernels. No torch headers here, so
 // bench/cuda_report.py can compile them standalone (nvcc -cubin -Xptxas -v); the host code that
 // checks, allocates and launches is na2d_cuda.cu.
 //
@@ -18,7 +18,7 @@
 // back in the caller's layout; lse and delta are contiguous [B, H, X, Y], indexed by the token
 // number.
 //
-// Dilation (DESIGN 10): window keys are start + dil * u, u in [0, ks), so the loops step by dil
+// Dilation (docs/contract.md, Dilation): window keys are start + dil * u, u in [0, ks), so the loops step by dil
 // (window_start, in_window, inverse_range and rpb_index of na2d.h take the same dil).
 //
 // The backward is deterministic: dQ per query, dK/dV gathered per key over its inverse

@@ -1,4 +1,4 @@
-// Attention rollout (DESIGN 3.3) on CPU: declarations included from ops.cpp.
+// Attention rollout (docs/contract.md, attention_rollout) on CPU: declarations included from ops.cpp.
 #pragma once
 #include <torch/types.h>
 

@@ -1,4 +1,4 @@
-// Attention rollout on CPU (DESIGN 3.3), without any [N, N] matrix.
+// Attention rollout on CPU (docs/contract.md, attention_rollout), without any [N, N] matrix.
 //
 // The CLS row of S_L @ ... @ S_1 is a row vector pushed through the blocks from the last to the
 // first: r = e_0; for l = L..1: r <- (1 - residual) * (r A_l) + residual * r, where

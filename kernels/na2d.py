@@ -1,4 +1,4 @@
-"""2-D neighborhood attention in Triton: tiled forward and backward (DESIGN section 3.4).
+"""2-D neighborhood attention in Triton: tiled forward and backward (docs/contract.md, neighborhood_attention2d).
 
 Layout [B, H, X, Y, D], read and written through the strides of every dimension (any view:
 heads-last, channels-first, fused-qkv slices); outputs and gradients take the dim order of their

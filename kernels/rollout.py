@@ -1,4 +1,4 @@
-"""Triton kernels of attention rollout (DESIGN 3.3), without any [N, N] matrix.
+"""Triton kernels of attention rollout (docs/contract.md, attention_rollout), without any [N, N] matrix.
 
 The CLS row of ``S_L @ ... @ S_1`` is a row vector pushed through the blocks from the last to the
 first: ``r = e_0``; for l = L..1: ``r <- (1 - residual) * (r A_l) + residual * r``. ``r A_l`` is

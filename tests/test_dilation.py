@@ -1,4 +1,4 @@
-"""Dilated neighborhood attention (DESIGN 10): the reference against independent formulations
+"""Dilated neighborhood attention (docs/contract.md, Dilation): the reference against independent formulations
 (dilated ``F.unfold`` for zero, per-query brute force for mask, NATTEN's own window-start rule
 and NATTEN's forward for clamp), then every CPU backend against the reference in fp64, forward,
 logsumexp and every gradient, and the bad-input errors."""

@@ -1,4 +1,4 @@
-"""The GPU-proof harness (DESIGN section 8), packaging and dispatch, on a tiny real Triton kernel."""
+"""The GPU-proof harness (docs/design.md), packaging and dispatch, on a tiny real Triton kernel."""
 import os
 import subprocess
 import sys

@@ -1,5 +1,5 @@
 """The package's import graph, read from the source (ast, every import statement, module level or
-inside a function): no circles, data flows one way (DESIGN 2: dcal.train -> dcal.models ->
+inside a function): no circles, data flows one way (docs/design.md, code layout: dcal.train -> dcal.models ->
 dcal.nn -> dcal.ops -> backends), kernel files depend on torch and triton only, and production
 code never imports test, benchmark or verification code."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Neighborhood attention writes its output and gradients in the dim order of their inputs (README,
-contract additions): out and dq like q, dk like k, dv like v, dense, dims by decreasing stride with
+"""Neighborhood attention writes its output and gradients in the dim order of their inputs (docs/contract.md,
+the layout rule): out and dq like q, dk like k, dv like v, dense, dims by decreasing stride with
 ties in logical order and broadcast dims outermost; lse and drpb contiguous.
 
 For contiguous, heads-last, channels-first and qkv-slice inputs on every backend (C++ CPU, both its

@@ -1,5 +1,5 @@
 """Inputs holding NaN or Inf: every op on every backend propagates them as PyTorch's own
-attention does (the documented behaviour, DESIGN 3 / README): an output element is non-finite
+attention does (the documented behaviour, docs/contract.md, NaN and inf): an output element is non-finite
 exactly where the reference's is, and equal to the reference elsewhere (the Triton neighborhood
 forward: at least where the reference's is; its backward is not specified for non-finite inputs,
 see test_neighborhood_propagates). Nothing crashes or hangs; forward and every gradient are
@@ -106,7 +106,7 @@ def test_neighborhood_propagates(backend, border, where, poison):
                          _tol(backend), wider)
     assert torch.isfinite(ref).all() == masks
     if backend == "triton":
-        return  # its backward's handling of non-finite inputs is not specified (README, known limits)
+        return  # its backward's handling of non-finite inputs is not specified (docs/design.md, known limits)
     dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, args, dout.to(dt))
     ref_grads = torch.autograd.grad(ref, ref_args, dout)

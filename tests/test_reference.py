@@ -64,7 +64,7 @@ def unfold_na(q, k, v, ks, rpb, scale):
 
 
 def brute_na(q, k, v, ks, border, rpb, scale):
-    """One query at a time, straight from the definition in DESIGN 3.4."""
+    """One query at a time, straight from the definition in docs/contract.md."""
     B, H, X, Y, D = q.shape
     r = ks // 2
     out = torch.zeros_like(q)

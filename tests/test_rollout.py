@@ -1,4 +1,4 @@
-"""Attention rollout (DESIGN 3.3): the C++ CPU backend and the Triton backend against the dense
+"""Attention rollout (docs/contract.md, attention_rollout): the C++ CPU backend and the Triton backend against the dense
 reference and against an explicit product of the S matrices written here."""
 import os
 

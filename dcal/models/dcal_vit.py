@@ -1,4 +1,4 @@
-"""DCAL ViT (DESIGN section 6): a ViT with self-attention (SA), global-local cross-attention (GLCA)
+"""DCAL ViT (docs/contract.md, Models): a ViT with self-attention (SA), global-local cross-attention (GLCA)
 and pair-wise cross-attention (PWCA), all attention through :mod:`dcal.ops` / :mod:`dcal.nn`.
 
 Training forward (ablation "full") on a batch x, with L = depth blocks::

@@ -1,4 +1,4 @@
-"""Drop-in ViT attention with pair-wise cross-attention (DESIGN section 5), over :mod:`dcal.ops`."""
+"""Drop-in ViT attention with pair-wise cross-attention (docs/contract.md, Modules), over :mod:`dcal.ops`."""
 from __future__ import annotations
 
 from typing import Optional, Type
@@ -34,7 +34,7 @@ class PWCAAttention(nn.Module):
 
     Constructor: timm 1.0's ``Attention(dim, num_heads, attn_head_dim, dim_out, qkv_bias, qk_norm,
     scale_norm, proj_bias, gated, attn_drop, proj_drop, norm_layer, device, dtype)``; positionally
-    only ``(dim, num_heads, qkv_bias, attn_drop, proj_drop, backend)`` (DESIGN 5), the rest by
+    only ``(dim, num_heads, qkv_bias, attn_drop, proj_drop, backend)`` (docs/contract.md, Modules), the rest by
     keyword, as timm's blocks pass them. A timm state dict loads strictly; :func:`dcal.nn.fuse_attention`
     swaps a whole model's attention, keeping its parameter tensors.
 

@@ -1,4 +1,4 @@
-"""Public functional ops of dcal (DESIGN section 3).
+"""Public functional ops of dcal (docs/contract.md).
 
 Shapes: B batch, H heads, N tokens, D head dim. Every op takes ``backend=None`` (first backend
 of the op's chain that can run the call; see :func:`explain`) and ``scale=None`` (``D ** -0.5``).

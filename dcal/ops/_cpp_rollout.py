@@ -3,7 +3,7 @@
 The op's schema and CPU kernel are registered by the extension (``csrc/ops.cpp``); this module
 adds the fake (meta) implementation, so the op works on the meta device and under
 ``torch.compile``, and the backend entry point of :mod:`dcal.ops._dispatch`. Rollout has no
-gradient (DESIGN 3.3), so no autograd is registered.
+gradient (docs/contract.md, attention_rollout), so no autograd is registered.
 """
 from __future__ import annotations
 

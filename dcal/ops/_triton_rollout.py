@@ -4,7 +4,7 @@ the kernels of ``kernels/rollout.py``.
 ``triton_op`` + ``wrap_triton`` keep the kernels visible to ``torch.compile``. The fake
 implementation is registered explicitly instead of triton_op's default (the launcher run on fake
 tensors): under TRITON_INTERPRET=1 the launcher would run the kernels on fake tensors' storage.
-Rollout has no gradient (DESIGN 3.3), so no autograd is registered.
+Rollout has no gradient (docs/contract.md, attention_rollout), so no autograd is registered.
 """
 from __future__ import annotations
 

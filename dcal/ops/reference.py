@@ -1,4 +1,4 @@
-"""Pure-PyTorch, materialising definitions of every dcal op (DESIGN section 3).
+"""Pure-PyTorch, materialising definitions of every dcal op (docs/contract.md).
 
 This is the truth that tests compare kernels against and the backend of last resort. It builds
 the score matrices, the ``torch.cat`` of key/value segments and the windows of neighborhood

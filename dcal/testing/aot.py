@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton kernels without a GPU (DESIGN section 8, proof 2).
+"""Ahead-of-time compilation of Triton kernels without a GPU (docs/design.md, how GPU code is proven, point 2).
 
 Each kernel module declares the configurations its launchers can pick as plain
 :class:`dcal.kernels._aot.KernelSpec`s (a function ``aot_specs()`` returning a list), which

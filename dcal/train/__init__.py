@@ -1,4 +1,5 @@
-"""Training loop of dcal: micro-batches with exact accumulation, AMP, DDP, checkpoints, configs and a CLI.
+"""Training loop of dcal: micro-batches with exact accumulation, AMP, DDP, checkpoints, configs and a CLI
+(docs/contract.md, Training).
 
 Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train ...``)::
 

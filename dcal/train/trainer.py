@@ -1,4 +1,4 @@
-"""The training loop (DESIGN section 7): model-agnostic, a model, a loss, data and a metric.
+"""The training loop (docs/contract.md, Training): model-agnostic, a model, a loss, data and a metric.
 
 One optimiser step consumes a *group* of ``effective_batch`` samples (summed over processes),
 fed as micro-batches of ``micro_batch`` samples with gradients accumulated in between. Each
