@@ -40,7 +40,7 @@ CASES = [  # B, X, Y, H, D, kernel_size, dilation
     (1, 9, 11, 2, 16, 3, 1),
     (2, 13, 10, 3, 32, 5, 2),
     (1, 7, 7, 1, 8, 7, 1),  # window = map
-    (1, 11, 17, 2, 24, 3, 3),  # odd sizes, not multiples of the dilation
+    (1, 11, 17, 2, 32, 3, 3),  # odd sizes, not multiples of the dilation
     (2, 15, 9, 4, 16, 7, 1),
 ]
 
