@@ -109,7 +109,8 @@ def rows() -> List[Dict]:
         try:
             out.append(run_case(op))
         except Exception as e:  # a crash of one case is its result
-            out.append(_row(op, "error", detail=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"))
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            out.append(_row(op, "error", detail=f"{type(e).__name__}: {first}"))
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Tuple, Union
 
-import torch
 from torch import Tensor
 
 from dcal.ops import _validate as V
