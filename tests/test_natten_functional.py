@@ -243,3 +243,14 @@ def test_dcal_signature_strict_load_of_natten_state_dict_says_what_to_do():
         wrapper.load_state_dict({f"0.{k}": t for k, t in theirs.state_dict().items()})
     # and a dcal state dict with rpb still loads strictly
     NeighborhoodAttention2D(32, 2, 5).load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_modules_state_their_layout_so_narrow_maps_do_not_warn():
+    """A heads-first map narrower than the window with many heads is legitimate (zero border):
+    the modules pass their layout, so the shape check stays quiet for them."""
+    from dcal.nn import LocalGraphAttention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LocalGraphAttention(64, 8, 7)(_rand(1, 64, 9, 4))
+        NeighborhoodAttention2D(64, 8, 7)(_rand(1, 9, 4, 64))

@@ -95,7 +95,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size:
     # Under autocast q is fp16/bf16 while the table stays fp32; the op wants one dtype.
     rpb = None if rpb is None else rpb.to(q.dtype)
     return neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
-                                    dilation=dilation, backend=backend)
+                                    dilation=dilation, backend=backend, layout="heads_first")
 
 
 def _square(name: str, value):
