@@ -53,3 +53,14 @@ def test_cuda1_case_logic_under_the_interpreter(op, monkeypatch):
 
     monkeypatch.setattr(ops, op, broken)
     assert multigpu.run_case(op, device="cpu")["status"] == "fail"
+
+
+def test_driver_part_reads_the_rows_of_its_subprocess(tmp_path):
+    from dcal.check.cli import child_env
+
+    import time
+
+    rows = multigpu.run_from_driver(None, child_env("cuda"), str(tmp_path), time.time() + 300)
+    assert [r["op"] for r in rows] == list(multigpu.CASES)
+    want = "pass" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "skip"
+    assert all(r["status"] == want for r in rows), rows
