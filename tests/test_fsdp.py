@@ -267,3 +267,12 @@ def test_shard_model_needs_a_process_group():
         pytest.skip("a process group is already initialised here")
     with pytest.raises(ValueError, match="torchrun"):
         D.shard_model(copy.deepcopy(_vit()))
+
+
+def test_trainer_refuses_fsdp_with_a_coupled_loss():
+    from dcal.train.coupled import ClipLoss
+    from dcal.train.trainer import Trainer
+
+    model = _vit("sa")
+    with pytest.raises(ValueError, match="train.strategy.*coupled loss ClipLoss"):
+        Trainer(model, ClipLoss(), Images(), None, _train_cfg(strategy="fsdp"))

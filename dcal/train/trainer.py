@@ -169,6 +169,9 @@ class Trainer:
             model.set_grad_checkpointing(True)
         self.ddp = None
         self.fsdp = cfg.strategy == "fsdp"
+        if self.fsdp and self.coupled:
+            raise ValueError(f"train.strategy: 'fsdp' is not supported with the coupled loss {type(loss_fn).__name__} "
+                             "(its embedding cache is tested under DDP only); use strategy ddp")
         if self.fsdp:  # FSDP2, in place: per-block fully_shard (dcal.train.distributed)
             distributed.shard_model(model, param_dtype=cfg.fsdp_param_dtype, checkpointing=cfg.fsdp_checkpointing)
             if getattr(loss_fn, "__self__", None) is model:  # model.loss: the FSDP-registered method
