@@ -49,7 +49,8 @@ def _inputs(op: str, dev, dtype):
 
 
 def _err(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
 def run_case(op: str, device: str = "cuda:1") -> Dict:
