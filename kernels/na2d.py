@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._device import on_device_of
 from ._layout import empty_in_order_of
 
 BORDER_CODES = {"zero": 0, "mask": 1, "clamp": 2}
@@ -469,7 +470,8 @@ def unpack_config(values) -> Dict[str, object]:
 def _launch(kernel, grid, args, consts, cfg):
     from torch.library import wrap_triton
 
-    wrap_triton(kernel)[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with on_device_of(args[0]):  # the tensors' GPU, not the current one
+        wrap_triton(kernel)[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _tiles(X: int, Y: int, dilation: int, cfg: Dict[str, int]) -> int:

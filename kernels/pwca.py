@@ -31,6 +31,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._aot import KernelSpec
+from ._device import on_device_of
 
 LOG2E = 1.4426950408889634  # the kernels use exp2: logits are prescaled by log2(e)
 
@@ -338,7 +339,13 @@ def pwca_fwd(q, k1, v1, k2=None, v2=None, scale=None, config: Optional[PwcaConfi
     """Forward: (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32, natural log).
 
     q [B, H, Nq, D]; k1, v1 [B, H, Nk1, D]; k2, v2 [B, H, Nk2, D] or None for one segment.
+    Launched on q's device (:func:`~dcal.kernels._device.on_device_of`).
     """
+    with on_device_of(q):
+        return _pwca_fwd(q, k1, v1, k2, v2, scale, config)
+
+
+def _pwca_fwd(q, k1, v1, k2, v2, scale, config):
     q, k1, v1 = _rows(q), _rows(k1), _rows(v1)
     two = k2 is not None
     if two:
@@ -364,7 +371,12 @@ def pwca_fwd(q, k1, v1, k2=None, v2=None, scale=None, config: Optional[PwcaConfi
 
 def pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale=None, config: Optional[PwcaConfig] = None):
     """Backward: (dq, dk1, dv1, dk2, dv2); dk2, dv2 are None for one segment. ``dlse`` (the
-    gradient on the returned lse, [B, H, Nq]) may be None."""
+    gradient on the returned lse, [B, H, Nq]) may be None. Launched on q's device."""
+    with on_device_of(q):
+        return _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config)
+
+
+def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
     q, k1, v1, out, dout = _rows(q), _rows(k1), _rows(v1), _rows(out), _rows(dout)
     two = k2 is not None
     if two:

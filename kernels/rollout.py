@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._device import on_device_of
 
 
 @triton.jit(do_not_specialize=["H", "N", "NQ", "D"])
@@ -180,26 +181,27 @@ def rollout_fwd(
     lse_buf = None if lses else torch.empty((B, H, N), dtype=torch.float32, device=q0.device)
     mix, keep = 1.0 - residual, residual
     L = len(qs)
-    for l in range(L - 1, -1, -1):
-        # Only the head-dim stride must be 1; views of a fused qkv are read in place.
-        q = qs[l] if qs[l].stride(-1) == 1 else qs[l].contiguous()
-        k = ks[l] if ks[l].stride(-1) == 1 else ks[l].contiguous()
-        nq = 1 if l == L - 1 else N  # r = e_0 on the first step
-        if lses:
-            lse = lses[l].to(torch.float32).contiguous()
-        else:
-            lse = lse_buf
-            meta, opts = _launch_args(lcfg)
-            grid = (triton.cdiv(nq, meta["BLOCK_M"]), B * H)
-            wrap(_rollout_lse_kernel)[grid](
-                q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                H, N, nq, D, float(scale), BLOCK_D=bd, **meta, **opts)
-        meta, opts = _launch_args(vcfg)
-        grid = (triton.cdiv(N, meta["BLOCK_N"]), B)
-        wrap(_rollout_vec_kernel)[grid](
-            q, k, lse, r, r_next, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            H, N, nq, D, float(scale), float(mix), float(keep), BLOCK_D=bd, **meta, **opts)
-        r, r_next = r_next, r
+    with on_device_of(q0):  # launch on the tensors' GPU, not the current one
+        for l in range(L - 1, -1, -1):
+            # Only the head-dim stride must be 1; views of a fused qkv are read in place.
+            q = qs[l] if qs[l].stride(-1) == 1 else qs[l].contiguous()
+            k = ks[l] if ks[l].stride(-1) == 1 else ks[l].contiguous()
+            nq = 1 if l == L - 1 else N  # r = e_0 on the first step
+            if lses:
+                lse = lses[l].to(torch.float32).contiguous()
+            else:
+                lse = lse_buf
+                meta, opts = _launch_args(lcfg)
+                grid = (triton.cdiv(nq, meta["BLOCK_M"]), B * H)
+                wrap(_rollout_lse_kernel)[grid](
+                    q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    H, N, nq, D, float(scale), BLOCK_D=bd, **meta, **opts)
+            meta, opts = _launch_args(vcfg)
+            grid = (triton.cdiv(N, meta["BLOCK_N"]), B)
+            wrap(_rollout_vec_kernel)[grid](
+                q, k, lse, r, r_next, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                H, N, nq, D, float(scale), float(mix), float(keep), BLOCK_D=bd, **meta, **opts)
+            r, r_next = r_next, r
     return r
 
 

@@ -333,6 +333,10 @@ def main(argv=None) -> int:
         counts = REPORT.count(rows)
         print(f"[dcal.check] {family}: {counts} in {time.perf_counter() - t0:.0f} s", flush=True)
         cases += rows
+    if a.device == "cuda" and not (a.ops or a.only or a.backends or a.dtypes):
+        from dcal.check import multigpu  # the Triton ops on cuda:1 with cuda:0 current (skipped on one GPU)
+
+        cases += multigpu.run_from_driver(a, env, workdir, deadline)
     rc = 0
     if not os.path.exists(env_path):  # no worker ran, or none got that far
         rc, _ = _run([sys.executable, "-m", "dcal.check.env", "--device", a.device, "--out", env_path], env,

@@ -203,6 +203,15 @@ class DCALViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    # FSDP2 (dcal.train.distributed): the units sharded one by one, and the methods besides
+    # forward that read parameters (registered with register_fsdp_forward_method, so a call
+    # outside forward gathers the sharded parameters first).
+    fsdp_forward_methods = ("loss",)
+
+    def fsdp_blocks(self) -> list:
+        """The blocks FSDP2 shards one by one: the SA blocks (shared by PWCA) and the GLCA block."""
+        return list(self.blocks) + ([self.glca_block] if hasattr(self, "glca_block") else [])
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (per-block ``torch.utils.checkpoint``)."""
         self.grad_checkpointing = enable

@@ -28,11 +28,12 @@ From NATTEN (``natten.NeighborhoodAttention2D``) -- names and shapes are NATTEN'
 
   The constructor takes NATTEN's arguments (``embed_dim``, ``num_heads``, ``kernel_size``,
   ``dilation``, ``qkv_bias``, ``qk_scale``, ``proj_drop``; ``stride`` and ``is_causal`` at their
-  defaults only) but keeps dcal's defaults ``border="zero", rel_pos_bias=True``. To compute what
-  NATTEN computes use ``border="clamp"`` (NATTEN shifts the window inside the map; with dilation,
+  defaults only); called with ``embed_dim=`` it defaults to NATTEN's function (``border="clamp",
+  rel_pos_bias=False``), called with ``dim`` to dcal's (``border="zero", rel_pos_bias=True``).
+  NATTEN's semantics are ``border="clamp"`` (NATTEN shifts the window inside the map; with dilation,
   inside each of the ``dilation`` interleaved sub-grids; the rpb index convention is the same, so
-  one table serves every border mode), or :meth:`NeighborhoodAttention2D.from_natten`, which
-  reads all of it from a NATTEN module and loads its weights strictly. Not carried over: stride,
+  one table serves every border mode); :meth:`NeighborhoodAttention2D.from_natten` reads all of
+  it from a NATTEN module and loads its weights strictly. Not carried over: stride,
   causal masks, attention dropout (the fused kernels never hold the probabilities), per-axis
   kernel sizes or dilations that differ, and NATTEN's zero-padding of maps smaller than the
   window (``"clamp"`` refuses such maps, naming kernel_size and dilation; ``"zero"`` and
@@ -55,6 +56,7 @@ softmax over the k*k window, 1x1 out conv, residual): :class:`LocalGraphAttentio
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -93,7 +95,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size:
     # Under autocast q is fp16/bf16 while the table stays fp32; the op wants one dtype.
     rpb = None if rpb is None else rpb.to(q.dtype)
     return neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
-                                    dilation=dilation, backend=backend)
+                                    dilation=dilation, backend=backend, layout="heads_first")
 
 
 def _square(name: str, value):
@@ -114,9 +116,11 @@ class NeighborhoodAttention2D(nn.Module):
         dim (or NATTEN's ``embed_dim``): channels C (= num_heads * head_dim).
         num_heads: heads H.
         kernel_size: odd window size k >= 3 (NATTEN's per-axis pair if both entries are equal).
-        border: "zero" (unfold semantics, the default), "mask" or "clamp" (NATTEN's); see
-            :func:`dcal.ops.neighborhood_attention2d`.
-        rel_pos_bias: learn a relative position bias ``rpb`` [H, 2k-1, 2k-1] (default True).
+        border: "zero" (unfold semantics), "mask" or "clamp" (NATTEN's); see
+            :func:`dcal.ops.neighborhood_attention2d`. Default: "zero", or "clamp" when the
+            channels are passed as ``embed_dim`` (NATTEN's constructor).
+        rel_pos_bias: learn a relative position bias ``rpb`` [H, 2k-1, 2k-1]. Default: True, or
+            False when the channels are passed as ``embed_dim`` (NATTEN >= 0.18 has no rpb).
         qkv_bias: bias of the qkv projection.
         qk_scale: logit scale, default ``head_dim ** -0.5``.
         proj_drop: dropout after the output projection.
@@ -124,12 +128,16 @@ class NeighborhoodAttention2D(nn.Module):
         dilation: window step (DiNAT); an int or NATTEN's pair of equal ints.
         stride, is_causal: NATTEN's; only their defaults (1, False) are supported, other values raise.
 
-    NATTEN compatibility: the constructor takes NATTEN 0.21's arguments, but the defaults are
-    dcal's (``border="zero"``, ``rel_pos_bias=True``). For NATTEN's semantics, either build from a
-    NATTEN module, ``NeighborhoodAttention2D.from_natten(natten_module)`` (weights loaded strictly,
-    clamp border, rpb as in that module), or pass ``border="clamp", rel_pos_bias=False`` (NATTEN
-    >= 0.18 has no rpb), after which ``load_state_dict(natten_module.state_dict())`` works
-    strictly; see the module docstring for the mapping.
+    NATTEN compatibility: the defaults of ``border`` and ``rel_pos_bias`` follow the signature
+    used. Built with NATTEN's keyword ``embed_dim=`` (NATTEN's constructor), the module computes
+    what NATTEN 0.21's module computes: ``border="clamp"``, no rpb, so
+    ``load_state_dict(natten_module.state_dict())`` works strictly and gives NATTEN's output.
+    Built with ``dim`` (dcal's signature) the defaults are dcal's: ``border="zero"``,
+    ``rel_pos_bias=True``; a strict load of a NATTEN state dict then fails with a message naming
+    the two ways to NATTEN's function: ``NeighborhoodAttention2D.from_natten(natten_module)``
+    (weights loaded strictly, clamp border, rpb as in that module) or ``border="clamp",
+    rel_pos_bias=False``. A non-strict load of such a state dict warns (the rpb stays random).
+    Explicit ``border`` / ``rel_pos_bias`` always win. See the module docstring for the mapping.
 
     Forward: q, k and v reach the op as strided views of the projection output, and the op's
     output comes back in their dim order ([B, X, Y, H, D] in memory), so it is a view of
@@ -137,14 +145,19 @@ class NeighborhoodAttention2D(nn.Module):
     """
 
     def __init__(self, dim: Optional[int] = None, num_heads: Optional[int] = None, kernel_size=7,
-                 border: str = "zero", rel_pos_bias: bool = True, qkv_bias: bool = True,
+                 border: Optional[str] = None, rel_pos_bias: Optional[bool] = None, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, proj_drop: float = 0.0, backend: Optional[str] = None, *,
                  dilation=1, embed_dim: Optional[int] = None, stride=1, is_causal=False):
         super().__init__()
         if (dim is None) == (embed_dim is None):
             raise ValueError(f"pass the channels once, as dim or embed_dim (NATTEN's name); got dim={dim!r}, "
                              f"embed_dim={embed_dim!r}")
+        natten_ctor = embed_dim is not None  # NATTEN's signature: NATTEN's function by default
         dim = dim if embed_dim is None else embed_dim
+        if border is None:
+            border = "clamp" if natten_ctor else "zero"
+        if rel_pos_bias is None:
+            rel_pos_bias = not natten_ctor
         kernel_size, dilation = _square("kernel_size", kernel_size), _square("dilation", dilation)
         if _square("stride", stride) != 1:
             raise ValueError(f"stride={stride!r} is not supported (only 1, NATTEN's default)")
@@ -180,6 +193,32 @@ class NeighborhoodAttention2D(nn.Module):
                   is_causal=getattr(module, "is_causal", False))
         new.to(device=w.device, dtype=w.dtype).load_state_dict(module.state_dict(), strict=True)
         return new.train(module.training)
+
+    def _natten_hint(self, prefix: str = "") -> str:
+        return (f"the state dict has no '{prefix}rpb' but this module has a relative position bias "
+                f"(rel_pos_bias=True, border={self.border!r}); a NATTEN >= 0.18 NeighborhoodAttention2D has "
+                "none and uses the clamp border. To compute what that NATTEN module computes, use "
+                "NeighborhoodAttention2D.from_natten(natten_module), or construct with border=\"clamp\", "
+                "rel_pos_bias=False (what NATTEN's constructor, NeighborhoodAttention2D(embed_dim=..., ...), "
+                "gives by default)")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a strict load of weights without the ``rpb`` this module
+        has (a NATTEN >= 0.18 state dict) raises before anything is copied, saying what to do."""
+        if strict and self.rpb is not None and "rpb" not in state_dict and "qkv.weight" in state_dict:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                               f'Missing key(s) in state_dict: "rpb": {self._natten_hint()}')
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # Loaded as part of a model (or non-strictly): torch does not tell this module whether
+        # the load is strict, so a missing table is reported by a warning next to torch's error.
+        if self.rpb is not None and prefix + "rpb" not in state_dict and prefix + "qkv.weight" in state_dict:
+            warnings.warn(f"{self._natten_hint(prefix)}; the rpb keeps its current (random) values",
+                          UserWarning, stacklevel=2)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.dim:

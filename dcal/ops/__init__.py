@@ -30,6 +30,7 @@ __all__ = [
     "pwca_attention",
     "attention_rollout",
     "neighborhood_attention2d",
+    "na2d",
     "explain",
     "BACKENDS",
     "BORDERS",
@@ -214,6 +215,7 @@ def neighborhood_attention2d(
     scale: Optional[float] = None,
     dilation: int = 1,
     backend: Optional[str] = None,
+    layout: Optional[str] = None,
 ) -> Tensor:
     """2-D neighborhood attention: every pixel attends to the kernel_size x kernel_size window
     around it. Exact, fused: no unfold, no tensor with a kernel_size**2 factor.
@@ -244,6 +246,11 @@ def neighborhood_attention2d(
             clamp: NATTEN's rule (the map splits into ``dilation`` interleaved sub-grids per axis,
             each with its ordinary clamp window; needs X, Y >= kernel_size * dilation). rpb is
             indexed by the offset in window steps, ``(key - query) / dilation``.
+        layout: ``"heads_first"`` (q, k, v and the output are [B, H, X, Y, D]; the default, also
+            for None) or ``"heads_last"`` (NATTEN's [B, X, Y, H, D] in and out, through permuted
+            views: no copy). With None, a q whose map width is smaller than the window while its
+            head count is not (what heads-last tensors look like when read as heads-first) gets
+            a warning; see :mod:`dcal.ops.natten`, and :func:`na2d` for NATTEN's functional API.
 
     Returns [B, H, X, Y, D] in the dtype of q, laid out in q's dim order: a dense tensor whose
     dims lie in memory by decreasing stride of q (ties in logical order), so for q a view of
@@ -257,11 +264,12 @@ def neighborhood_attention2d(
     multiply a query tile by its whole key halo, so a non-finite v may also reach the other
     queries of its tile, and their backward is unspecified for non-finite inputs.
     """
+    q, k, v, heads_last = _to_heads_first(q, k, v, layout, kernel_size, dilation)
     ks, border, scale, dil = _na2d_call(q, k, v, kernel_size, border, rpb, scale, dilation)
     call = Call("neighborhood_attention2d", q.device, q.dtype, q.shape[-1],
                 attrs={"kernel_size": ks, "border": border, "dilation": dil})
     _, fn = choose(call, backend)
-    return fn(q, k, v, rpb, ks, border, scale, dil)
+    return _to_layout(fn(q, k, v, rpb, ks, border, scale, dil), heads_last)
 
 
 # ----------------------------------------------------------------------------- explain
@@ -296,6 +304,6 @@ def chosen_backend(op: str, *tensors: Tensor, backend: Optional[str] = None) -> 
     return choose(Call(name, t.device, t.dtype, t.shape[-1]), backend)[0]
 
 
-
+from dcal.ops.natten import na2d, to_heads_first as _to_heads_first, to_layout as _to_layout  # noqa: E402
 
 _dispatch.preload()

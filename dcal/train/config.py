@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 AMP_MODES = ("none", "fp16", "bf16")
+STRATEGIES = ("ddp", "fsdp")
+CHECKPOINTING = ("none", "full", "selective")
 DEVICES = ("auto", "cpu", "cuda")
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -83,6 +85,9 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: needed when an ablation leaves a head unused
     progress: bool = True
     max_steps: int = 0  # stop after this many optimiser steps (0: no limit); for smoke runs
+    strategy: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard per block; see dcal.train.distributed)
+    fsdp_param_dtype: Optional[str] = None  # fsdp: null | "bf16" (MixedPrecisionPolicy, fp32 reduce)
+    fsdp_checkpointing: str = "none"  # fsdp: "none" | "full" | "selective" (dcal:: ops and matmuls saved)
 
     def validate(self) -> "TrainConfig":
         def need(key, ok, what):
@@ -115,6 +120,18 @@ class TrainConfig:
             need(key, is_int(getattr(self, key)) and getattr(self, key) >= 0, "an integer >= 0")
         need("keep_last", self.keep_last >= 1, "an integer >= 1")
         need("eval_every", is_int(self.eval_every) and self.eval_every >= 1, "an integer >= 1")
+        need("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}")
+        need("fsdp_param_dtype", self.fsdp_param_dtype in (None, "bf16"), "null or 'bf16'")
+        need("fsdp_checkpointing", self.fsdp_checkpointing in CHECKPOINTING, f"one of {CHECKPOINTING}")
+        if self.strategy == "fsdp":
+            need("amp", self.amp != "fp16", "'none' or 'bf16' with strategy fsdp (fp16's GradScaler does not "
+                 "see sharded gradients)")
+            need("micro_batch", self.micro_batch != "auto", "a number with strategy fsdp ('auto' predicts "
+                 "unsharded memory)")
+            need("grad_checkpointing", not self.grad_checkpointing,
+                 "false with strategy fsdp (use train.fsdp_checkpointing: full or selective)")
+        elif self.fsdp_param_dtype is not None or self.fsdp_checkpointing != "none":
+            need("strategy", False, "'fsdp' when fsdp_param_dtype or fsdp_checkpointing is set")
         return self
 
 

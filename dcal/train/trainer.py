@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dcal.train import autobatch
 from dcal.train import checkpoint as ckpt
+from dcal.train import distributed
 from dcal.train.config import TrainConfig, parse_bytes
 from dcal.train.coupled import CoupledLoss, cached_backward, check_model, split_batch
 from dcal.train.data import collate, set_epoch
@@ -167,7 +168,15 @@ class Trainer:
                 raise ValueError(f"train.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         self.ddp = None
-        if self.world > 1:
+        self.fsdp = cfg.strategy == "fsdp"
+        if self.fsdp and self.coupled:
+            raise ValueError(f"train.strategy: 'fsdp' is not supported with the coupled loss {type(loss_fn).__name__} "
+                             "(its embedding cache is tested under DDP only); use strategy ddp")
+        if self.fsdp:  # FSDP2, in place: per-block fully_shard (dcal.train.distributed)
+            distributed.shard_model(model, param_dtype=cfg.fsdp_param_dtype, checkpointing=cfg.fsdp_checkpointing)
+            if getattr(loss_fn, "__self__", None) is model:  # model.loss: the FSDP-registered method
+                self.loss_fn = getattr(model, loss_fn.__name__)
+        elif self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.local_rank] if use_cuda else None,
                 find_unused_parameters=cfg.find_unused_parameters)
@@ -279,6 +288,8 @@ class Trainer:
             x, y = _to(x, self.device), _to(y, self.device)
             last = i == len(starts) - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            if self.fsdp:
+                distributed.gradient_sync(self.model, last)
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     out = self.forward_model(x)
@@ -340,6 +351,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.fsdp:
+            norm = distributed.full_norm(norm)
         finite = bool(torch.isfinite(norm))
         if self.scaler.is_enabled():
             scale = self.scaler.get_scale()
@@ -431,6 +444,9 @@ class Trainer:
         if self.ckpts is None:
             return None
         state = self.state_dict()
+        if self.fsdp:  # sharded model and optimiser (torch.distributed.checkpoint), written by every process
+            return distributed.save_checkpoint(self.ckpts, state, self.model, self.optimizer, self.step, is_best,
+                                               self.is_main)
         return self.ckpts.save(state, self.step, is_best) if self.is_main else None
 
     def load(self, path: str, state: Optional[Dict[str, Any]] = None) -> None:
@@ -441,8 +457,14 @@ class Trainer:
         if state["effective_batch"] != self.cfg.effective_batch:
             raise ValueError(f"checkpoint {path} was trained with effective_batch {state['effective_batch']}, "
                              f"the config asks for {self.cfg.effective_batch}; resume needs the same")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if ("sharded" in state) != self.fsdp:
+            raise ValueError(f"checkpoint {path} was saved with train.strategy "
+                             f"{'fsdp' if 'sharded' in state else 'ddp'}; resume it with the same strategy")
+        if self.fsdp:
+            distributed.load_checkpoint(path, state, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])
         per_rank = state.get("rng_per_rank") or [state["rng"]]
