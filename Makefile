@@ -21,7 +21,7 @@ TEST_ARGS  ?=
 CHECK_ARGS ?= --quick
 CHECK_OUT  ?= dcal-check
 
-.PHONY: setup bench bench-report test check kernel-report clean
+.PHONY: setup bench bench-report test check kernel-report wheel-check clean
 
 setup: $(VENV)/.dcal-installed
 
@@ -54,5 +54,10 @@ check: setup
 kernel-report: setup
 	$(PY) -m bench.kernel_report
 
+# sdist + wheel (CPU part of the extension), each installed into a fresh venv outside the checkout
+# and used there; see .ci/wheel-check (WHEEL_CHECK_ARGS: the dcal.check arguments run there).
+wheel-check: setup
+	PY=$(PY) .ci/wheel-check
+
 clean:
-	rm -rf build *.egg-info dcal/_C*.so
+	rm -rf build dist *.egg-info dcal/_C*.so

@@ -119,7 +119,7 @@ def check_triton(call: Call) -> Optional[str]:
 
 def check_cpp(call: Call) -> Optional[str]:
     if not _ext.HAS_EXTENSION:
-        return "extension dcal._C is not built (pip install --no-build-isolation -e .)"
+        return "extension dcal._C is not built (it needs a C++ compiler at install: pip install --no-build-isolation .)"
     dev = _device_type(call)
     if dev == "cpu":
         if call.dtype not in _CPU_DTYPES:
