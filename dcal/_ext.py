@@ -19,9 +19,14 @@ try:
     HAS_EXTENSION = True
     EXTENSION_ERROR: str | None = None
 except ImportError as e:  # pragma: no cover - depends on the build
+    import importlib.util
+
     _C = None
     HAS_EXTENSION = False
-    EXTENSION_ERROR = str(e)
+    # A missing file reads "cannot import name '_C' from partially initialized module 'dcal'":
+    # say what it is instead. A file that does not load (another torch) keeps its own message.
+    EXTENSION_ERROR = (str(e) if importlib.util.find_spec("dcal._C") is not None
+                       else "no dcal._C in this install: it was built without the extension")
 
 
 def built_with_cuda() -> bool:
@@ -40,5 +45,6 @@ def status() -> str:
     if HAS_EXTENSION:
         cuda = "with" if built_with_cuda() else "without"
         return f"dcal._C loaded ({cuda} CUDA kernels): backends triton, cpp, sdpa, reference"
-    return (f"dcal._C not built: the 'cpp' backend is unavailable, triton (CUDA, or the CPU interpreter), "
-            f"sdpa and reference run ({EXTENSION_ERROR}); {BUILD_HINT}")
+    return (f"dcal._C not available ({EXTENSION_ERROR}): the 'cpp' backend is unavailable; triton (CUDA, or CPU "
+            f"tensors under TRITON_INTERPRET=1), sdpa and reference run. To build it: a C++20 compiler and "
+            f"`pip install --no-build-isolation .` from the repository or an sdist (docs/install.md)")

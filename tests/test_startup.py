@@ -1,5 +1,6 @@
-"""Start-up cost: ``import dcal`` imports neither torch._inductor nor triton (the Triton backends
-load on first use), the command lines answer ``--help`` within 1.5 s of ``import torch``, and a
+"""Start-up cost: ``import dcal`` (and dcal.nn, dcal.models, dcal.train) imports neither
+torch._inductor nor triton (the Triton backends load on first use) nor timm (the DCAL ViTs are
+registered with timm when timm is imported, in either order), the command lines answer ``--help`` within 1.5 s of ``import torch``, and a
 Triton op whose first call comes from inside ``torch.compile(fullgraph=True)`` still traces in
 one graph without a recompile.
 
@@ -32,9 +33,9 @@ def test_import_dcal_imports_no_inductor_and_no_triton():
     got = _run("""
         import json, sys, time
         t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
-        import dcal, dcal.ops, dcal.nn  # (dcal.models imports timm when installed, for its model registry)
+        import dcal, dcal.ops, dcal.nn, dcal.models, dcal.train
         t2 = time.perf_counter()
-        heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'triton' or m.startswith('torch._inductor'))
+        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'timm') or m.startswith('torch._inductor'))
         print(json.dumps(dict(torch_s=t1 - t0, dcal_s=t2 - t1, heavy=heavy[:10])))
     """)
     assert got["heavy"] == [], f"import dcal pulled in {got['heavy']}"
@@ -84,3 +85,20 @@ def test_first_triton_call_inside_compile_traces_in_one_graph():
     """, env=env)
     assert got["loaded"]
     assert got["err"] < 1e-5, got
+
+
+@pytest.mark.parametrize("order", ["dcal_first", "timm_first"])
+def test_dcal_vits_registered_with_timm_in_either_import_order(order):
+    pytest.importorskip("timm")
+    imports = "import dcal.models; import timm" if order == "dcal_first" else "import timm; import dcal.models"
+    got = _run(f"""
+        import json, sys
+        {imports}
+        import timm.models
+        m = timm.create_model("dcal_vit_small_patch16_448", num_classes=7, device="meta")
+        print(json.dumps(dict(names=timm.list_models("dcal_*"), cls=type(m).__name__, classes=m.head.out_features,
+                              loader=type(timm.__spec__.loader).__name__, hooks=[type(h).__name__ for h in sys.meta_path])))
+    """)
+    assert got["names"] == ["dcal_vit_base_patch16_448", "dcal_vit_small_patch16_448"]
+    assert got["cls"] == "DCALViT" and got["classes"] == 7
+    assert got["loader"] == "SourceFileLoader" and "_AfterTimmImport" not in got["hooks"]  # the hook is gone
