@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch  # noqa: F401  (the extension links against libtorch)
 
 BUILD_HINT = (
-    "the dcal C++/CUDA extension (dcal._C) is not built. Build it from the repository root or an "
-    "sdist with `pip install --no-build-isolation .` (or `-e .`; a C++20 compiler is needed; the CUDA "
-    "part is built when torch is a CUDA build and nvcc is found, see setup.py)"
+    "the dcal C++/CUDA extension (dcal._C) is not built. Build it from the repository root with "
+    "`pip install --no-build-isolation -e .` (or `pip install --no-build-isolation .`, also from an "
+    "sdist; a C++20 compiler is needed; the CUDA part is built when torch is a CUDA build and nvcc is "
+    "found, see setup.py and docs/install.md)"
 )
 
 try:
