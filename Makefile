@@ -28,7 +28,7 @@ setup: $(VENV)/.dcal-installed
 $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH)" "setuptools>=77" wheel ninja
 	$(PY) -m pip install -q $(COMPAT)
 	@echo "CUDA_HOME=$(CUDA_HOME)"
 	DCAL_REQUIRE_EXTENSION=1 $(PY) -m pip install --no-build-isolation -v -e ".[dev,bench]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }

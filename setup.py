@@ -38,8 +38,15 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _compiling() -> bool:
+    """Whether this setup.py run builds binaries (an sdist or the metadata need no extension)."""
+    return any(a in sys.argv for a in ("build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"))
+
+
 def _skip_extension(why):
     """No extension: an error under DCAL_REQUIRE_EXTENSION, else a loud warning."""
+    if not _compiling():
+        return
     if _flag("DCAL_REQUIRE_EXTENSION"):
         raise SystemExit(f"dcal: DCAL_REQUIRE_EXTENSION is set and the extension cannot be built: {why}")
     bar = "!" * 78
