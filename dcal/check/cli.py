@@ -3,7 +3,8 @@
 Order: environment block (one subprocess), the correctness grid (one worker subprocess per op
 family, restarted past a run that kills it), ``--sanitize`` (the TINY Triton / CUDA C++ subset
 under compute-sanitizer), the benchmarks (one subprocess per group), then ``DIR/report.json``
-and ``DIR/report.md``. Exit status 1 when any case fails or errors, 0 otherwise.
+and ``DIR/report.md``. Exit status 1 when any case fails or errors; 2 when the filters select
+nothing or no case passed (nothing was checked); 0 otherwise.
 """
 from __future__ import annotations
 
@@ -292,10 +293,11 @@ def parse(argv=None):
     p.add_argument("--out", default="dcal-check", help="directory for report.md, report.json and the logs")
     p.add_argument("--no-bench", action="store_true", help="correctness only")
     p.add_argument("--sanitize", action="store_true", help="also run the tiny GPU subset under compute-sanitizer")
-    p.add_argument("--ops", nargs="+", default=None, help="families (attention, neighborhood, rollout) or op names")
+    p.add_argument("--ops", nargs="+", default=None,
+                   help="families (attention, neighborhood, rollout) or op names (pwca = pwca_attention)")
     p.add_argument("--only", nargs="+", default=None, help="cases whose 'op shape' text contains one of these")
     p.add_argument("--backends", nargs="+", default=None, choices=G.BACKENDS_UNDER_TEST)
-    p.add_argument("--dtypes", nargs="+", default=None)
+    p.add_argument("--dtypes", nargs="+", default=None, help="cpu: float32 float64 bfloat16; cuda: float32 float16 bfloat16")
     p.add_argument("--inject", default=None,
                    help="TESTING THE CHECKER ONLY: a Python file every worker runs before its cases (e.g. to "
                         "patch a backend and see the report catch it); the report says it was used")
