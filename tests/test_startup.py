@@ -102,3 +102,31 @@ def test_dcal_vits_registered_with_timm_in_either_import_order(order):
     assert got["names"] == ["dcal_vit_base_patch16_448", "dcal_vit_small_patch16_448"]
     assert got["cls"] == "DCALViT" and got["classes"] == 7
     assert got["loader"] == "SourceFileLoader" and "_AfterTimmImport" not in got["hooks"]  # the hook is gone
+
+
+def test_triton_ops_can_be_defined_while_torch_compile_traces():
+    """On a GPU the first Triton call may come from a compiled function: defining the triton_ops
+    (which imports torch._inductor) inside the trace works and registers them."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    got = _run("""
+        import json, sys, torch
+        from dcal.ops import _dispatch
+        impls = [_dispatch._IMPLS[(op, "triton")] for op in ("neighborhood_attention2d", "attention_rollout")]
+
+        def f(x):
+            for impl in impls:
+                fn, why = impl.load()
+                assert why is None, why
+            return x * 2
+
+        out = torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2))
+        from torch._library.triton import triton_ops_to_kernels
+        names = ("na2d_fwd_triton", "na2d_bwd_triton", "rollout_triton")
+        print(json.dumps(dict(out=out.tolist(), triton_ops=sorted(k for k in triton_ops_to_kernels if k.startswith("dcal::")),
+                              registered=[torch._C._dispatch_has_kernel_for_dispatch_key(f"dcal::{n}", "CPU") or
+                                          torch._C._dispatch_has_kernel_for_dispatch_key(f"dcal::{n}", "CompositeExplicitAutograd")
+                                          for n in names])))
+    """, env=env)
+    assert got["out"] == [2.0, 2.0]
+    assert got["triton_ops"] == ["dcal::na2d_bwd_triton", "dcal::na2d_fwd_triton", "dcal::rollout_triton"]
+    assert all(got["registered"]), got
