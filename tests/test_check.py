@@ -234,6 +234,7 @@ def _check(args, tmp_path, timeout=600):
     (["--dtypes", "float8"], ["float32", "float64", "bfloat16"]),
     (["--dtypes", "float16"], ["not checked on cpu", "float32, float64, bfloat16"]),  # a CUDA dtype
     (["--ops", "rollout", "--only", "no-such-case"], ["no case", "attention_rollout B1 H2 N33"]),
+    (["--ops", "rollout", "--backends", "sdpa"], ["--backends sdpa", "attention_rollout: triton cpp"]),
 ])
 def test_a_filter_that_selects_nothing_is_exit_2_in_one_line(args, names, tmp_path):
     res = _check(args, tmp_path)

@@ -314,7 +314,7 @@ def parse(argv=None):
     a.tier = None
     # Fail closed: a filter that selects nothing is a usage error (exit 2, one line), not an
     # empty run that would report "PASSED".
-    a.ops, why = G.resolve_filters(a.device, a.quick, a.ops, a.only, a.dtypes, a.tier)
+    a.ops, why = G.resolve_filters(a.device, a.quick, a.ops, a.only, a.dtypes, a.tier, a.backends)
     if why:
         print(f"python -m dcal.check: error: {why}", file=sys.stderr)
         sys.exit(2)

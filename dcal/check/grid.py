@@ -253,7 +253,7 @@ def op_choices() -> List[str]:
     return list(FAMILIES) + list(FAMILY) + list(OP_ALIASES)
 
 
-def resolve_filters(device: str, quick: bool, ops=None, only=None, dtypes=None, tier=None):
+def resolve_filters(device: str, quick: bool, ops=None, only=None, dtypes=None, tier=None, backends=None):
     """``(ops, error)``: the --ops values with aliases resolved, and a one-line error when a
     filter selects nothing (an unknown op or dtype, or no grid case left), else None. A run
     whose filters select nothing must not end as an empty "PASSED"."""
@@ -278,6 +278,13 @@ def resolve_filters(device: str, quick: bool, ops=None, only=None, dtypes=None, 
         examples = "; ".join(f"{c.op} {c.shape_str()}" for c in select(device, quick, ops, None, tier)[:3])
         return ops, (f"{what}: no case of the {TIER_NAMES[run_tier(device, quick) if tier is None else tier]} grid on "
                      f"{device} matches (--only matches text of 'op shape', e.g. {examples or 'none for these ops'})")
+    if backends:
+        from dcal.ops._dispatch import ORDER
+
+        dops = sorted({DISPATCH_OP[c.op] for c in cases})
+        if not any(b in ORDER[d] for d in dops for b in backends):
+            have = "; ".join(f"{d}: {' '.join(b for b in ORDER[d] if b in BACKENDS_UNDER_TEST)}" for d in dops)
+            return ops, f"--backends {' '.join(backends)}: no selected op has it; backends under test per op: {have}"
     return ops, None
 
 
