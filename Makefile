@@ -24,17 +24,17 @@ CHECK_ARGS ?= --quick
 CHECK_OUT  ?= dcal-check
 EXTRAS     ?= dev,bench
 
-.PHONY: setup bench bench-report test check kernel-report docs clean
+.PHONY: setup bench bench-report test check kernel-report docs wheel-check clean
 
 setup: $(VENV)/.dcal-installed
 
 $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH)" "setuptools>=77" wheel ninja
 	$(PY) -m pip install -q $(COMPAT)
 	@echo "CUDA_HOME=$(CUDA_HOME)"
-	$(PY) -m pip install --no-build-isolation -v -e ".[$(EXTRAS)]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
+	DCAL_REQUIRE_EXTENSION=1 $(PY) -m pip install --no-build-isolation -v -e ".[$(EXTRAS)]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
 	$(PY) -m pip install -q --no-build-isolation --no-deps "natten==0.21.7"
 	@grep -E "^ *dcal: building" $(VENV)/build.log || true
 	$(PY) -c "import dcal, dcal._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('dcal._C loaded; CUDA kernels compiled in:', e.built_with_cuda())"
@@ -63,5 +63,10 @@ docs: setup
 kernel-report: setup
 	$(PY) -m bench.kernel_report
 
+# sdist + wheel (CPU part of the extension), each installed into a fresh venv outside the checkout
+# and used there; see .ci/wheel-check (WHEEL_CHECK_ARGS: the dcal.check arguments run there).
+wheel-check: setup
+	PY=$(PY) .ci/wheel-check
+
 clean:
-	rm -rf build *.egg-info dcal/_C*.so site
+	rm -rf build dist *.egg-info dcal/_C*.so site

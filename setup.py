@@ -3,8 +3,15 @@
 C++ CPU kernels (``csrc/*.cpp``) are always built (OpenMP, -O3). CUDA kernels (``csrc/*.cu``)
 are added when the installed torch is a CUDA build and ``nvcc`` is found.
 
+When the extension cannot be built (no C++ compiler, torch not importable at build time as in
+pip's default isolated build, a compile error), the package still installs without it, with a
+warning in the build log: ``dcal.ops.HAS_EXTENSION`` is then False, the "cpp" backend is skipped
+(``dcal.ops.explain`` says why) and the reference, sdpa and Triton backends run.
+``DCAL_REQUIRE_EXTENSION=1`` (set by the Makefile and CI) turns that into a build error.
+
 Environment switches:
   DCAL_NO_EXTENSION=1   build no extension at all (pure Python + Triton)
+  DCAL_REQUIRE_EXTENSION=1  fail the build when the extension cannot be built
   DCAL_NO_CUDA=1        build only the C++ CPU part
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
   CUDA_HOME             toolkit root; guessed from ``nvcc --dryrun`` when unset, because a
@@ -15,14 +22,35 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_EXTENSION_NOTE = (
+    "dcal is installed WITHOUT its C++/CUDA extension: the 'cpp' backend is unavailable, the "
+    "reference, sdpa and Triton backends work (dcal.ops.explain lists the chain). To build it: a C++ "
+    "compiler and torch importable at build time, `pip install --no-build-isolation .`"
+)
 
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _compiling() -> bool:
+    """Whether this setup.py run builds binaries (an sdist or the metadata need no extension)."""
+    return any(a in sys.argv for a in ("build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"))
+
+
+def _skip_extension(why):
+    """No extension: an error under DCAL_REQUIRE_EXTENSION, else a loud warning."""
+    if not _compiling():
+        return
+    if _flag("DCAL_REQUIRE_EXTENSION"):
+        raise SystemExit(f"dcal: DCAL_REQUIRE_EXTENSION is set and the extension cannot be built: {why}")
+    bar = "!" * 78
+    print(f"{bar}\ndcal: WARNING: {why}\n{NO_EXTENSION_NOTE}\n{bar}", file=sys.stderr)
 
 
 def _cuda_home_from_nvcc():
@@ -41,8 +69,13 @@ def _extensions():
     if _flag("DCAL_NO_EXTENSION"):
         print("dcal: DCAL_NO_EXTENSION set, building no extension")
         return [], {}
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        _skip_extension(f"torch is not importable at build time ({e}); pip's isolated build does not see "
+                        "the installed torch: use `pip install --no-build-isolation`")
+        return [], {}
 
     if not os.environ.get("CUDA_HOME"):
         home = _cuda_home_from_nvcc()
@@ -79,7 +112,25 @@ def _extensions():
             "dcal._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
             define_macros=define_macros,
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        """torch's BuildExtension; a failed compile or link leaves the package without the
+        extension (warning) unless DCAL_REQUIRE_EXTENSION is set."""
+
+        def run(self):
+            try:
+                super().run()
+            except (Exception, SystemExit) as e:  # noqa: BLE001  (compiler missing, compile/link error)
+                if _flag("DCAL_REQUIRE_EXTENSION"):
+                    raise
+                _skip_extension(f"building dcal._C failed ({type(e).__name__}: {str(e).strip()[-400:]})")
+                self.extensions = []
+
+        def get_outputs(self):
+            return super().get_outputs() if self.extensions else []
+
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

@@ -214,3 +214,75 @@ def test_sanitize_wraps_each_family_and_reads_the_tool(tmp_path):
     # the workers really ran (cpp on the TINY case, fp32 here) under the tool
     log = (tmp_path / "rollout.memcheck.jsonl").read_text()
     assert '"status": "pass"' in log and '"backend": "cpp"' in log
+
+
+# ----------------------------------------------------------------------------- failing closed
+
+
+def _check(args, tmp_path, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DCAL_CHECK_COMPILE_BACKEND="aot_eager")
+    cmd = [sys.executable, "-m", "dcal.check", "--quick", "--device", "cpu", "--no-bench", "--out", str(tmp_path / "out"),
+           *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--ops", "nonsense"], ["attention", "neighborhood", "rollout", "pwca_attention", "multi_kv_attention",
+                             "neighborhood_attention2d", "attention_rollout", "pwca (= pwca_attention)"]),
+    (["--ops", "attention", "bogus"], ["--ops bogus", "attention_rollout"]),
+    (["--dtypes", "float8"], ["float32", "float64", "bfloat16"]),
+    (["--dtypes", "float16"], ["not checked on cpu", "float32, float64, bfloat16"]),  # a CUDA dtype
+    (["--ops", "rollout", "--only", "no-such-case"], ["no case", "attention_rollout B1 H2 N33"]),
+    (["--ops", "rollout", "--backends", "sdpa"], ["--backends sdpa", "attention_rollout: triton cpp"]),
+])
+def test_a_filter_that_selects_nothing_is_exit_2_in_one_line(args, names, tmp_path):
+    res = _check(args, tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m dcal.check: error: "), res.stderr
+    for n in names:
+        assert n in lines[0], (n, lines[0])
+    assert not (tmp_path / "out").exists()  # nothing ran, no report
+
+
+def test_pwca_is_an_alias_of_pwca_attention():
+    from dcal.check import cli
+    from dcal.check import grid as G
+
+    a = cli.parse(["--device", "cpu", "--quick", "--ops", "pwca"])
+    assert a.ops == ["pwca_attention"]
+    cases = G.select("cpu", True, a.ops)
+    assert cases and {c.op for c in cases} == {"pwca_attention"}
+    # a family and an op of it together, the alias twice: each case once
+    ops, why = G.resolve_filters("cpu", True, ["pwca", "pwca_attention", "rollout"])
+    assert why is None and ops == ["pwca_attention", "rollout"]
+
+
+def test_a_report_with_no_passing_case_is_never_passed():
+    from dcal.check import report as REPORT
+
+    def md(cases):
+        return REPORT.markdown(dict(env={"device": "cpu"}, run=dict(argv=[], device="cpu", wall_seconds=0, cpu_seconds=0),
+                                    cases=cases, bench=[]))
+
+    def case(status):
+        return dict(op="pwca_attention", backend="cpp", dtype="float32", shape="B1", check="out", status=status,
+                    max_err=None, tol=None, seconds=None, detail="", id="x")
+
+    for cases in ([], [case("skip")], [case("skip"), case("skip")]):
+        head = md(cases).splitlines()[0]
+        assert head == "# dcal.check: NOTHING CHECKED on cpu" and REPORT.verdict(cases) == REPORT.NOTHING
+        assert "PASSED" not in md(cases)
+    assert md([case("pass"), case("skip")]).splitlines()[0] == "# dcal.check: PASSED on cpu"
+    assert md([case("pass"), case("error")]).splitlines()[0] == "# dcal.check: FAILED on cpu"
+
+
+def test_a_run_where_every_case_skips_is_exit_2_and_not_passed(tmp_path):
+    """Valid filters whose runs all skip (bf16 Triton: the CPU interpreter's bf16 dot is wrong)."""
+    res = _check(["--ops", "rollout", "--only", "N33", "--backends", "triton", "--dtypes", "bfloat16"], tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "nothing was checked" in res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["cases"] and all(r["status"] == "skip" for r in report["cases"])
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# dcal.check: NOTHING CHECKED on cpu")

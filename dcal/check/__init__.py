@@ -6,7 +6,11 @@
 
 Run it first on any GPU. It writes ``DIR/report.md`` (tables a person reads) and
 ``DIR/report.json`` (``env``, ``run``, ``cases``, ``bench``) and exits 1 when any case fails or
-errors. Every part runs in a subprocess (a device fault kills a CUDA context): the environment
+errors. It fails closed: a filter that selects nothing (``--ops nonsense``, ``--dtypes float8``,
+an ``--only`` text no case has) exits 2 with one line naming the valid choices, before running
+anything, and a run in which no case passed (all skipped) is headed ``NOTHING CHECKED``, never
+``PASSED``, and exits 2. ``--ops`` takes families (attention, neighborhood, rollout), op names
+and ``pwca`` for ``pwca_attention``. Every part runs in a subprocess (a device fault kills a CUDA context): the environment
 probe, one worker per op family (restarted past a run that kills it, which is recorded as an
 ``error``), the benchmark groups.
 

@@ -3,7 +3,8 @@
 Order: environment block (one subprocess), the correctness grid (one worker subprocess per op
 family, restarted past a run that kills it), ``--sanitize`` (the TINY Triton / CUDA C++ subset
 under compute-sanitizer), the benchmarks (one subprocess per group), then ``DIR/report.json``
-and ``DIR/report.md``. Exit status 1 when any case fails or errors, 0 otherwise.
+and ``DIR/report.md``. Exit status 1 when any case fails or errors; 2 when the filters select
+nothing or no case passed (nothing was checked); 0 otherwise.
 """
 from __future__ import annotations
 
@@ -283,16 +284,20 @@ def run_bench(a, env, workdir, deadline) -> List[dict]:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dcal.check", description=__doc__.splitlines()[0])
+    from dcal import _ext
+
+    p = argparse.ArgumentParser(prog="python -m dcal.check", description=__doc__.splitlines()[0],
+                                epilog=f"This install: {_ext.status()}.")
     p.add_argument("--quick", action="store_true", help="the short run (GPU target: 3 minutes; CPU: TINY cases)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--out", default="dcal-check", help="directory for report.md, report.json and the logs")
     p.add_argument("--no-bench", action="store_true", help="correctness only")
     p.add_argument("--sanitize", action="store_true", help="also run the tiny GPU subset under compute-sanitizer")
-    p.add_argument("--ops", nargs="+", default=None, help="families (attention, neighborhood, rollout) or op names")
+    p.add_argument("--ops", nargs="+", default=None,
+                   help="families (attention, neighborhood, rollout) or op names (pwca = pwca_attention)")
     p.add_argument("--only", nargs="+", default=None, help="cases whose 'op shape' text contains one of these")
     p.add_argument("--backends", nargs="+", default=None, choices=G.BACKENDS_UNDER_TEST)
-    p.add_argument("--dtypes", nargs="+", default=None)
+    p.add_argument("--dtypes", nargs="+", default=None, help="cpu: float32 float64 bfloat16; cuda: float32 float16 bfloat16")
     p.add_argument("--inject", default=None,
                    help="TESTING THE CHECKER ONLY: a Python file every worker runs before its cases (e.g. to "
                         "patch a backend and see the report catch it); the report says it was used")
@@ -307,6 +312,12 @@ def parse(argv=None):
     if a.inject and not os.path.isfile(a.inject):
         p.error(f"--inject {a.inject}: no such file")
     a.tier = None
+    # Fail closed: a filter that selects nothing is a usage error (exit 2, one line), not an
+    # empty run that would report "PASSED".
+    a.ops, why = G.resolve_filters(a.device, a.quick, a.ops, a.only, a.dtypes, a.tier, a.backends)
+    if why:
+        print(f"python -m dcal.check: error: {why}", file=sys.stderr)
+        sys.exit(2)
     return a
 
 
@@ -362,8 +373,13 @@ def main(argv=None) -> int:
     data = dict(env=envblock, run=run, cases=cases, bench=bench)
     REPORT.write(a.out, data)
     failed = [r for r in cases if r["status"] in ("fail", "error")]
-    print(f"[dcal.check] {REPORT.count(cases)}; wall {wall:.0f} s, CPU {run['cpu_seconds']:.0f} s; "
+    verdict = REPORT.verdict(cases)
+    print(f"[dcal.check] {verdict}: {REPORT.count(cases)}; wall {wall:.0f} s, CPU {run['cpu_seconds']:.0f} s; "
           f"report: {os.path.join(a.out, 'report.md')}", flush=True)
     for r in failed[:20]:
         print(f"  {r['status'].upper():5} {r['op']} {r['backend']} {r['dtype']} {r['shape']} {r['check']}: {r['detail'][:160]}")
+    if verdict == REPORT.NOTHING:
+        print("python -m dcal.check: error: no case passed or failed (every selected run was skipped, or none was "
+              "selected): nothing was checked", file=sys.stderr)
+        return 2
     return 1 if failed else 0

@@ -67,6 +67,9 @@ def collect(device: str) -> dict:
             env["cudnn"] = torch.backends.cudnn.version()
         except Exception:  # noqa: BLE001
             env["cudnn"] = None
+    from dcal.ops import _dispatch
+
+    _dispatch.preload(lazy=True)  # the Triton ops register on first use: list them too
     env["extension"] = {
         "loaded": _ext.HAS_EXTENSION,
         "error": _ext.EXTENSION_ERROR,

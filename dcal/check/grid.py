@@ -244,6 +244,50 @@ def unsupported_kwargs(case: Case) -> Optional[str]:
     return None
 
 
+# Shorter names accepted by --ops.
+OP_ALIASES = {"pwca": "pwca_attention"}
+
+
+def op_choices() -> List[str]:
+    """What --ops accepts: families, public op names, aliases."""
+    return list(FAMILIES) + list(FAMILY) + list(OP_ALIASES)
+
+
+def resolve_filters(device: str, quick: bool, ops=None, only=None, dtypes=None, tier=None, backends=None):
+    """``(ops, error)``: the --ops values with aliases resolved, and a one-line error when a
+    filter selects nothing (an unknown op or dtype, or no grid case left), else None. A run
+    whose filters select nothing must not end as an empty "PASSED"."""
+    if ops:
+        bad = [o for o in ops if o not in op_choices()]
+        if bad:
+            return ops, (f"--ops {' '.join(bad)}: no such op or family; valid: {', '.join(FAMILIES)} (families), "
+                         f"{', '.join(FAMILY)} (ops), " + ", ".join(f"{a} (= {o})" for a, o in OP_ALIASES.items()))
+        ops = list(dict.fromkeys(OP_ALIASES.get(o, o) for o in ops))
+    if dtypes:
+        valid = run_dtypes(device, quick, run_tier(device, quick) if tier is None else tier)
+        bad = [d for d in dtypes if d not in valid]
+        if bad:
+            why = (" (a --quick run on cuda checks bfloat16 only; drop --quick for the others)"
+                   if device == "cuda" and quick and all(d in DTYPES[device] for d in bad) else "")
+            return ops, f"--dtypes {' '.join(bad)}: not checked on {device}{why}; valid: {', '.join(valid)}"
+    cases = select(device, quick, ops, only, tier)
+    if dtypes:
+        cases = [c for c in cases if any(d in dtypes for d in case_dtypes(c, device, quick))]
+    if not cases:
+        what = " ".join(f"{flag} {' '.join(v)}" for flag, v in (("--ops", ops), ("--only", only), ("--dtypes", dtypes)) if v)
+        examples = "; ".join(f"{c.op} {c.shape_str()}" for c in select(device, quick, ops, None, tier)[:3])
+        return ops, (f"{what}: no case of the {TIER_NAMES[run_tier(device, quick) if tier is None else tier]} grid on "
+                     f"{device} matches (--only matches text of 'op shape', e.g. {examples or 'none for these ops'})")
+    if backends:
+        from dcal.ops._dispatch import ORDER
+
+        dops = sorted({DISPATCH_OP[c.op] for c in cases})
+        if not any(b in ORDER[d] for d in dops for b in backends):
+            have = "; ".join(f"{d}: {' '.join(b for b in ORDER[d] if b in BACKENDS_UNDER_TEST)}" for d in dops)
+            return ops, f"--backends {' '.join(backends)}: no selected op has it; backends under test per op: {have}"
+    return ops, None
+
+
 def select(device: str, quick: bool, ops=None, only=None, tier=None) -> List[Case]:
     """The grid's cases for this run: tier, op filter (families or op names), substring filter."""
     tier = run_tier(device, quick) if tier is None else tier

@@ -7,6 +7,15 @@ from collections import Counter
 from typing import Dict, List
 
 STATUSES = ("pass", "fail", "error", "skip")
+PASSED, FAILED, NOTHING = "PASSED", "FAILED", "NOTHING CHECKED"
+
+
+def verdict(cases: List[dict]) -> str:
+    """FAILED when any case failed or errored; PASSED only when at least one case passed and
+    none failed; NOTHING CHECKED when no case ran (none selected, or all skipped)."""
+    if any(r["status"] in ("fail", "error") for r in cases):
+        return FAILED
+    return PASSED if any(r["status"] == "pass" for r in cases) else NOTHING
 
 
 def count(rows: List[dict]) -> str:
@@ -40,8 +49,10 @@ CASE_HEADER = ["status", "op", "backend", "dtype", "shape", "check", "max err", 
 def markdown(data: Dict) -> str:
     env, run, cases, bench = data["env"], data["run"], data["cases"], data["bench"]
     bad = [r for r in cases if r["status"] in ("fail", "error")]
-    verdict = "FAILED" if bad else "PASSED"
-    L = [f"# dcal.check: {verdict} on {env.get('gpu') or env.get('device', run['device'])}", ""]
+    L = [f"# dcal.check: {verdict(cases)} on {env.get('gpu') or env.get('device', run['device'])}", ""]
+    if verdict(cases) == NOTHING:
+        L += ["**No case passed or failed: every selected run was skipped, or the filters selected none. "
+              "This run proves nothing.**", ""]
     L.append(f"Cases: {count(cases)}. Wall {run['wall_seconds']} s, CPU (all subprocesses) {run['cpu_seconds']} s. "
              f"Command: `python -m dcal.check {' '.join(run['argv'])}`.")
     if env.get("injected"):

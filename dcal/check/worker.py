@@ -95,6 +95,9 @@ def _compile_skip_reason(family: str, backend: str, device: str) -> Optional[str
         from torch._library.triton import triton_ops_to_kernels
     except ImportError:
         return None
+    from dcal.ops import _dispatch
+
+    _dispatch.preload(lazy=True)  # the Triton ops are defined on first use
     name = TRITON_OPS[family]
     if name in triton_ops_to_kernels:
         return (f"{name} is a triton_op also under TRITON_INTERPRET=1: torch.compile runs its body on fake "

@@ -1,6 +1,9 @@
 """DCAL ViTs in timm's model registry: ``timm.create_model("dcal_vit_base_patch16_448", num_classes=200)``.
 
-Registered when :mod:`dcal.models` is imported and timm is installed (timm stays optional).
+Registered with timm whenever both are loaded, in either order (timm stays optional): at
+``import dcal.models`` when timm is already imported, else right after ``import timm`` (a
+post-import hook), so ``import dcal.models`` does not pay for importing timm (seconds: timm
+imports torchvision and torch._dynamo).
 Keyword arguments are :class:`DCALConfig` fields (``img_size``, ``num_classes``, ``depth``,
 ``drop_path_rate``, ``glca_ratio``, ``ablation``, ``backend`` ...) plus timm's ``in_chans`` and
 ``device``; others raise naming them. Nothing is downloaded: ``pretrained=True`` needs a local
@@ -10,7 +13,9 @@ timm ViT checkpoint, ``pretrained_cfg_overlay=dict(file="vit.safetensors")`` (an
 from __future__ import annotations
 
 import dataclasses
+import importlib.abc
 import importlib.util
+import sys
 
 import torch
 
@@ -61,7 +66,14 @@ class _nullcontext:
         return False
 
 
+REGISTERED = False
+
+
 def _register() -> bool:
+    """Register the DCAL ViTs with timm (imported here if it is not yet); once."""
+    global REGISTERED
+    if REGISTERED:
+        return True
     if importlib.util.find_spec("timm") is None:
         return False
     from timm.models import register_model
@@ -74,7 +86,46 @@ def _register() -> bool:
         entry.__module__ = __name__
         globals()[arch] = entry
         register_model(entry)
+    REGISTERED = True
     return True
 
 
-REGISTERED = _register()
+class _AfterTimmImport(importlib.abc.MetaPathFinder):
+    """At the first ``import timm``: timm's own spec, with a loader that runs timm's module and
+    then registers the DCAL ViTs. Removes itself from sys.meta_path when used."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "timm":
+            return None
+        _uninstall()
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfter(spec.loader)
+        return spec
+
+
+class _RegisterAfter(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _register()
+
+
+_HOOK = _AfterTimmImport()
+
+
+def _uninstall() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
+
+
+if "timm" in sys.modules:
+    _register()
+elif importlib.util.find_spec("timm") is not None:
+    sys.meta_path.insert(0, _HOOK)

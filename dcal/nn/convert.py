@@ -1,8 +1,10 @@
 """One-line conversion of a model's attention to the fused modules of :mod:`dcal.nn`."""
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Optional
+import warnings
+from typing import Optional, Tuple, Union
 
 from torch import nn
 
@@ -35,9 +37,32 @@ def _replacement(name: str, mod: nn.Module, backend: Optional[str]) -> Optional[
     return None
 
 
-def fuse_attention(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
+logger = logging.getLogger(__name__)
+
+
+def _unconverted_attention(model: nn.Module) -> str:
+    """Names of the attention-like classes left in ``model`` (for the warning), most frequent first."""
+    counts = {}
+    for mod in model.modules():
+        name = type(mod).__name__
+        if "attention" in name.lower() and not isinstance(mod, (PWCAAttention, FusedMultiheadAttention)):
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def fuse_attention(model: nn.Module, *, backend: Optional[str] = None,
+                   return_count: bool = False) -> Union[nn.Module, Tuple[nn.Module, int]]:
     """Swap every attention module of ``model`` for its fused counterpart, in place, and return
     the model (the model itself if it is one such module: then the returned module replaces it).
+    With ``return_count=True`` it returns ``(model, n)``, ``n`` the number of modules converted
+    (a module reachable under several names counts once). The count is logged at INFO
+    (logger ``dcal.nn.convert``), and a ``UserWarning`` says so when nothing was converted (a CNN,
+    or a model whose attention is another class, e.g. Swin's window attention), naming the
+    attention-like classes it found.
+
+    What it buys: on a plain ViT the fused op computes what PyTorch's fused SDPA (timm's default
+    path) already computes, so speed and memory stay about the same; the memory gains of dcal are
+    in PWCA (:class:`PWCAAttention` with ``pair=``), GLCA's rollout and neighborhood attention.
 
     - timm ``Attention`` (timm 1.x: ViT, DeiT, and every timm model built from that class)
       -> :class:`PWCAAttention`, holding the same submodules (same parameter tensors).
@@ -59,7 +84,7 @@ def fuse_attention(model: nn.Module, *, backend: Optional[str] = None) -> nn.Mod
             raise ValueError(f"backend={backend!r} is not a backend; expected one of {ops.BACKENDS} or None")
     top = _replacement("", model, backend)
     if top is not None:
-        return top
+        return _done(model, top, 1, return_count)
     done = {}
     # Collect first: the module tree must not change while it is walked.
     targets = [(name, mod) for name, mod in model.named_modules(remove_duplicate=False) if name]
@@ -70,4 +95,17 @@ def fuse_attention(model: nn.Module, *, backend: Optional[str] = None) -> nn.Mod
         if new is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
-    return model
+    return _done(model, model, sum(new is not None for new in done.values()), return_count)
+
+
+def _done(model: nn.Module, result: nn.Module, n: int, return_count: bool):
+    what = type(model).__name__
+    logger.info("fuse_attention: converted %d attention module%s of %s", n, "" if n == 1 else "s", what)
+    if n == 0:
+        found = _unconverted_attention(model)
+        warnings.warn(
+            f"fuse_attention converted no module of {what}: it converts timm's Attention (with timm imported) "
+            f"and torch.nn.MultiheadAttention only; "
+            + (f"attention-like modules left as they were: {found}" if found else "the model has no attention module"),
+            UserWarning, stacklevel=3)
+    return (result, n) if return_count else result

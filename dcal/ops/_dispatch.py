@@ -43,19 +43,31 @@ class Impl:
     backend: str
     target: str  # "module:function", imported on first use
     check: Callable[[Call], Optional[str]]
+    # Lazy implementations (the Triton ones) are imported by ``loader``, a function holding a
+    # literal import statement: torch.compile executes an import statement it meets while tracing
+    # (and cannot trace importlib.import_module), so the first call may come from a compiled
+    # function. Eager ones are imported by preload() at `import dcal.ops`.
+    loader: Optional[Callable[[], Callable]] = None
 
     _loaded: Optional[Tuple[Optional[Callable], Optional[str]]] = None
 
     def load(self) -> Tuple[Optional[Callable], Optional[str]]:
-        # Imported once and cached: torch.compile cannot trace an import, so preload() runs
-        # at `import dcal.ops` and traced calls only read the cache.
+        if self.loader is not None and torch.compiler.is_compiling():
+            # Traced: import without touching the cache, so the compiled graph guards on nothing
+            # that the first eager call changes (no recompile after it).
+            return self._import()
         if self._loaded is None:
-            mod_name, fn_name = self.target.split(":")
-            try:
-                self._loaded = getattr(importlib.import_module(mod_name), fn_name), None
-            except (ImportError, AttributeError) as e:
-                self._loaded = None, f"implementation {self.target} unavailable ({type(e).__name__}: {e})"
+            self._loaded = self._import()
         return self._loaded
+
+    def _import(self) -> Tuple[Optional[Callable], Optional[str]]:
+        try:
+            if self.loader is not None:
+                return self.loader(), None
+            mod_name, fn_name = self.target.split(":")
+            return getattr(importlib.import_module(mod_name), fn_name), None
+        except (ImportError, AttributeError) as e:
+            return None, f"implementation {self.target} unavailable ({type(e).__name__}: {e})"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -107,7 +119,7 @@ def check_triton(call: Call) -> Optional[str]:
 
 def check_cpp(call: Call) -> Optional[str]:
     if not _ext.HAS_EXTENSION:
-        return "extension dcal._C is not built (pip install --no-build-isolation -e .)"
+        return "extension dcal._C is not built (it needs a C++ compiler at install: pip install --no-build-isolation .)"
     dev = _device_type(call)
     if dev == "cpu":
         if call.dtype not in _CPU_DTYPES:
@@ -158,18 +170,40 @@ def check_reference(call: Call) -> Optional[str]:
 _IMPLS: Dict[Tuple[str, str], Impl] = {}
 
 
-def register(op: str, backend: str, target: str, check: Callable[[Call], Optional[str]]) -> None:
-    _IMPLS[(op, backend)] = Impl(op, backend, target, check)
+def register(op: str, backend: str, target: str, check: Callable[[Call], Optional[str]],
+             loader: Optional[Callable[[], Callable]] = None) -> None:
+    _IMPLS[(op, backend)] = Impl(op, backend, target, check, loader)
 
 
-register("multi_kv_attention", "triton", "dcal.ops._triton_pwca:mkv_triton", check_triton)
+# The Triton implementations are imported on first use, not at `import dcal`: defining a
+# torch.library.triton_op imports torch._inductor (about a second), and importing the kernels
+# imports triton. Each loader is a literal import (see Impl.loader).
+def _load_triton_mkv():
+    from dcal.ops._triton_pwca import mkv_triton
+
+    return mkv_triton
+
+
+def _load_triton_na2d():
+    from dcal.ops._triton_na2d import na2d_triton
+
+    return na2d_triton
+
+
+def _load_triton_rollout():
+    from dcal.ops._triton_rollout import rollout_triton
+
+    return rollout_triton
+
+
+register("multi_kv_attention", "triton", "dcal.ops._triton_pwca:mkv_triton", check_triton, _load_triton_mkv)
 register("multi_kv_attention", "cpp", "dcal.ops._cpp_mkv:mkv_cpp", check_cpp_mkv)
 register("multi_kv_attention", "sdpa", "dcal.ops._sdpa:mkv_sdpa", check_sdpa)
 register("multi_kv_attention", "reference", "dcal.ops._reference_impls:mkv_reference", check_reference)
-register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton)
+register("neighborhood_attention2d", "triton", "dcal.ops._triton_na2d:na2d_triton", check_triton, _load_triton_na2d)
 register("neighborhood_attention2d", "cpp", "dcal.ops._cpp_na2d:na2d_cpp", check_cpp)
 register("neighborhood_attention2d", "reference", "dcal.ops._reference_impls:na2d_reference", check_reference)
-register("attention_rollout", "triton", "dcal.ops._triton_rollout:rollout_triton", check_triton)
+register("attention_rollout", "triton", "dcal.ops._triton_rollout:rollout_triton", check_triton, _load_triton_rollout)
 register("attention_rollout", "cpp", "dcal.ops._cpp_rollout:rollout_cpp", check_cpp)
 register("attention_rollout", "reference", "dcal.ops._reference_impls:rollout_reference", check_reference)
 
@@ -181,10 +215,12 @@ ORDER: Dict[str, List[str]] = {
 }
 
 
-def preload() -> None:
-    """Import every registered implementation now (see Impl.load)."""
+def preload(lazy: bool = False) -> None:
+    """Import the registered implementations now (see Impl.load); the lazy ones (Triton) only
+    when ``lazy`` is true."""
     for impl in _IMPLS.values():
-        impl.load()
+        if lazy or impl.loader is None:
+            impl.load()
 
 
 def _chain(op: str) -> List[str]:

@@ -12,6 +12,7 @@ the output and the fp32 logsumexp, and nothing when no input needs a gradient.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,9 +21,9 @@ from torch import Tensor
 from dcal.ops._autograd import register_mkv_autograd
 
 from dcal.kernels.pwca import pwca_bwd, pwca_fwd
-from dcal.ops._dispatch import triton_interpreter_on
 
-_INTERPRET = triton_interpreter_on()
+# (read here, not through dcal.ops._dispatch, which imports this module on first use)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _define(name):
