@@ -30,8 +30,8 @@ then accumulates them exactly with an embedding cache (:mod:`dcal.train.coupled`
     python -m dcal.train --config configs/clip_demo.yaml --out runs/clip          # CLIP, zero-shot val_acc
     python -m dcal.train --config configs/fewshot_demo.yaml --out runs/fewshot    # 5-way 5-shot episodes
 
-``python -m dcal.train.autobatch --config C --micro-batch N --measure`` prints the predicted peak
-memory of a training step (fake tensors) and the measured one (CPU).
+``python -m dcal.train.autobatch --config C --micro-batch 8,16,32 --measure`` prints a table of the predicted
+and measured (CPU, peak RSS) memory of a training step per micro-batch.
 """
 from dcal.train.config import Config, TrainConfig, load as load_config, parse_bytes
 from dcal.train.coupled import ClipLoss, CoupledLoss, PrototypicalLoss, cached_backward

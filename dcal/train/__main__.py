@@ -21,14 +21,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint path, or from the latest one in --out when no path is given")
-    p.add_argument("--max-memory", default=None, help="memory budget for the automatic micro-batch, e.g. 16GB "
-                   "(same as --set train.max_memory=...)")
+    p.add_argument("--max-memory", default=None,
+                   help="budget of the process's peak memory, e.g. 16GB, 200MB, 512MiB: the peak resident set (RSS) "
+                   "on CPU, torch.cuda.max_memory_allocated on GPU; picks the micro-batch when it is 'auto', "
+                   "refuses a fixed one predicted above it (same as --set train.max_memory=...)")
     p.add_argument("--micro-batch", default=None, help="micro-batch size or 'auto' (same as --set train.micro_batch=...)")
     args = p.parse_args(argv)
 
     from dcal.train import config as C
 
     overrides = list(args.set)
+    try:
+        C.parse_bytes(args.max_memory, "--max-memory")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.max_memory is not None:
         overrides.append(f"train.max_memory={args.max_memory}")
     if args.micro_batch is not None:
@@ -55,6 +62,7 @@ def main(argv=None) -> int:
         loss = task.loss if task.loss is not None else model.loss
         trainer = Trainer(model, loss, task.train_set, task.val_set, cfg.train, out_dir=args.out,
                           model_factory=task.model_factory, run_config=cfg.to_dict(), eval_fn=task.eval_fn)
+        trainer.plan_memory()  # a budget that cannot be met stops here, before anything is written
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
