@@ -31,7 +31,7 @@ $(VENV)/.dcal-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
 	$(PY) -m pip install -q $(COMPAT)
 	@echo "CUDA_HOME=$(CUDA_HOME)"
-	$(PY) -m pip install --no-build-isolation -v -e ".[dev,bench]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
+	$(PY) -m pip install --no-build-isolation -v -e ".[dev,bench,data]" > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; exit 1; }
 	$(PY) -m pip install -q --no-build-isolation --no-deps "natten==0.21.7"
 	@grep -E "^ *dcal: building" $(VENV)/build.log || true
 	$(PY) -c "import dcal, dcal._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('dcal._C loaded; CUDA kernels compiled in:', e.built_with_cuda())"
