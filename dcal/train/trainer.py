@@ -548,7 +548,13 @@ class Trainer:
                 row["measured_first_step_peak_mb"] = round(self.memory_report["measured_mb"], 1)
             if self.oom_events:
                 row["oom_events"] = list(self.oom_events)
+            if self.memory_budget is not None:
+                row["budget_mb"] = round(self.memory_budget / 2**20, 1)
             self._write_metrics(row)
+            if self.is_main and self.out_dir:
+                from dcal.train.curves import write_curves
+
+                write_curves(self.out_dir)
             self.log(f"epoch {self.epoch}: train loss {train_loss:.4f}, val acc {val}, "
                      f"peak mem {self.epoch_peak / 2**20:.0f} MiB, {seconds:.1f}s, skipped steps {self.skipped_steps}")
         is_best = val is not None and (self.best_metric is None or val > self.best_metric)
