@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dcal.train import data as D
 from dcal.train.build import build_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

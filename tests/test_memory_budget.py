@@ -72,7 +72,7 @@ def test_fixed_micro_batch_is_checked_against_the_budget(tmp_path, capsys):
     out = tmp_path / "o"
     # the process alone holds hundreds of MiB (torch, the data, the model): 100MB cannot hold a step
     assert main(["--config", DEMO, "--out", str(out), "--max-memory", "100MB", "--micro-batch", "32", *SHORT]) == 2
-    line = one_error_line(capsys.readouterr().err, "max_memory", "train.micro_batch 32", "predicted to peak at")
+    one_error_line(capsys.readouterr().err, "max_memory", "train.micro_batch 32", "predicted to peak at")
     assert not out.exists()
 
 
