@@ -90,7 +90,9 @@ def test_chosen_micro_batch_peak_is_within_the_budget(tmp_path):
     assert "micro-batch 64 of 64" in err and "peak RSS" in err
     # a budget that leaves room for about half the demo's group
     budget = held + 40
-    err = run_train(tmp_path / "b", "--max-memory", f"{budget}MiB", "--micro-batch", "auto")
+    # two epochs: an evaluation (and the drawing of curves.png) between the steps
+    err = run_train(tmp_path / "b", "--max-memory", f"{budget}MiB", "--micro-batch", "auto",
+                    "--set", "train.epochs=2", "--set", "train.max_steps=0")
     chosen = int(re.search(r"memory: micro-batch (\d+) of 64", err).group(1))
     assert 1 <= chosen < 64, err
     assert "within the budget" in err, err
@@ -98,7 +100,8 @@ def test_chosen_micro_batch_peak_is_within_the_budget(tmp_path):
     assert row["micro_batch"] == chosen
     assert row["peak_mem_mb"] <= budget, (row, budget)
     steps = [json.loads(line) for line in open(tmp_path / "b" / "steps.jsonl")]
-    assert all(s["peak_mem_mb"] <= budget for s in steps), steps
+    assert len(steps) == 8 and all(s["peak_mem_mb"] <= budget for s in steps), steps
+    assert (tmp_path / "b" / "curves.png").exists()
 
 
 def test_autobatch_cli_table_and_refusals():

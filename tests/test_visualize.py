@@ -182,5 +182,6 @@ def test_curves_without_matplotlib_warn_once(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         assert curves.write_curves(str(tmp_path)) is None
         assert curves.write_curves(str(tmp_path)) is None
+        assert curves.start(str(tmp_path)) is None  # the training loop's call: no child process
     assert len(caught) == 1 and "matplotlib" in str(caught[0].message)
     assert not (tmp_path / "curves.png").exists()

@@ -1,13 +1,19 @@
 """``curves.png`` of a run folder: training loss, learning rate, validation accuracy and peak
 memory against the optimiser step, from ``steps.jsonl`` and ``metrics.jsonl``.
 
-The training loop calls :func:`write_curves` at every evaluation. Drawing needs matplotlib (the
-``bench`` extra); without it the plot is skipped with one warning per process.
+The training loop calls :func:`start` at every evaluation: the picture is drawn by a separate
+process (``python -m dcal.train.curves DIR``), so importing matplotlib and rendering (about 30 MiB)
+never count against the training process's memory budget, and training goes on meanwhile;
+:func:`finish` waits for the last drawing. Drawing needs matplotlib (the ``bench`` extra); without
+it the plot is skipped with one warning per process.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -84,3 +90,45 @@ def write_curves(out_dir: str, path: Optional[str] = None) -> Optional[str]:
     fig.savefig(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _have_matplotlib() -> bool:
+    global _warned
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found and not _warned:
+        warnings.warn("curves.png is not drawn: matplotlib is not installed (pip install matplotlib)", stacklevel=3)
+        _warned = True
+    return found
+
+
+def start(out_dir: str, previous: Optional[subprocess.Popen] = None) -> Optional[subprocess.Popen]:
+    """Redraw ``out_dir/curves.png`` in a child process (after ``previous``, the last one,
+    finished). Returns the child, or None when matplotlib is missing (one warning)."""
+    finish(previous)
+    if not _have_matplotlib():
+        return None
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.Popen([sys.executable, "-m", "dcal.train.curves", out_dir], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: Optional[subprocess.Popen]) -> Optional[str]:
+    """Wait for a drawing started by :func:`start`; a failure is returned as one line (the
+    picture is a convenience: training does not stop for it)."""
+    if proc is None:
+        return None
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        lines = (err or "").strip().splitlines()
+        return f"curves.png not drawn: {lines[-1] if lines else 'exit code ' + str(proc.returncode)}"
+    return None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m dcal.train.curves RUN_DIR", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0 if write_curves(sys.argv[1]) or True else 1)

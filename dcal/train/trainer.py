@@ -194,6 +194,7 @@ class Trainer:
                                            else min(cfg.micro_batch, self.local_batch))
         self.predicted_peak: Optional[int] = None
         self.memory_budget: Optional[int] = None
+        self._curves = None  # the child process drawing curves.png
         self._memory_planned = False
         self.memory_report: Optional[Dict[str, Any]] = None
         self.oom_events: List[Dict[str, int]] = []
@@ -527,6 +528,13 @@ class Trainer:
                 bar.close()
             epoch_done = self.group_in_epoch >= n_groups
             self._end_of_epoch(time.time() - t0, final=stop or self.epoch + 1 == cfg.epochs, epoch_done=epoch_done)
+        if self._curves is not None:
+            from dcal.train import curves
+
+            failed = curves.finish(self._curves)
+            self._curves = None
+            if failed:
+                self.log(failed)
         return self.history
 
     def _end_of_epoch(self, seconds: float, final: bool, epoch_done: bool) -> None:
@@ -552,9 +560,9 @@ class Trainer:
                 row["budget_mb"] = round(self.memory_budget / 2**20, 1)
             self._write_metrics(row)
             if self.is_main and self.out_dir:
-                from dcal.train.curves import write_curves
+                from dcal.train import curves
 
-                write_curves(self.out_dir)
+                self._curves = curves.start(self.out_dir, self._curves)  # drawn by a child process
             self.log(f"epoch {self.epoch}: train loss {train_loss:.4f}, val acc {val}, "
                      f"peak mem {self.epoch_peak / 2**20:.0f} MiB, {seconds:.1f}s, skipped steps {self.skipped_steps}")
         is_best = val is not None and (self.best_metric is None or val > self.best_metric)
