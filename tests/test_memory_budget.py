@@ -132,3 +132,13 @@ def test_resident_prediction_counts_heap_overhead_on_small_storages():
     assert tr.resident_peak == pytest.approx(n_small * CPU_HEAP_OVERHEAD + n_big)
     del small, big
     assert tr.live == 0 and tr.small_live == 0
+
+
+def test_fixed_micro_batch_near_the_budget_warns_with_the_prediction(tmp_path):
+    # a budget between the fixed micro-batch's prediction and its +15% band: runs, with a warning
+    err = run_train(tmp_path / "a", "--max-memory", "64GB", "--micro-batch", "32")
+    peak = float(re.search(r"predicted step peak ([0-9.]+) MiB", err).group(1))
+    held = float(re.search(r"\(([0-9.]+) MiB held before the first step\)", err).group(1))
+    budget = peak + 0.05 * (peak - held)
+    err = run_train(tmp_path / "b", "--max-memory", f"{budget:.1f}MiB", "--micro-batch", "32")
+    assert re.search(r"warning: micro-batch 32 is predicted to peak at [0-9.]+ MiB, under the budget", err), err

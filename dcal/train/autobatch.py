@@ -384,8 +384,9 @@ def plan(
         msg = (f"memory: micro-batch {mb} of {local_batch} per process, predicted step peak {_mib(peak)} "
                f"within the budget of {_mib(budget)} on {what}")
         if baseline + margin * step > budget:
-            msg = (f"warning: micro-batch {mb} is predicted to peak at {_mib(peak)}, within {margin - 1:.0%} (the "
-                   f"prediction's error) of the budget of {_mib(budget)} on {what}: it may exceed it")
+            msg = (f"warning: micro-batch {mb} is predicted to peak at {_mib(peak)}, under the budget of "
+                   f"{_mib(budget)} on {what}, but with the step's {margin - 1:.0%} error band above it: it may "
+                   "exceed the budget")
     if cpu:
         msg += f" ({_mib(baseline)} held before the first step)"
     return Plan(mb, budget, peak, baseline, measure, msg)

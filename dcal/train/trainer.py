@@ -268,7 +268,7 @@ class Trainer:
                                   "auto" if self.micro_batch is None else self.micro_batch, budget,
                                   device=self.device, amp_dtype=self.amp_dtype,
                                   grad_checkpointing=cfg.grad_checkpointing, collate_fn=self.collate_fn,
-                                  world=self.world)
+                                  world=self.world, key="train.max_memory (--max-memory)")
         self._memory_planned = True
         self.micro_batch, self.predicted_peak, self.memory_budget = plan.micro_batch, plan.predicted_peak, plan.budget
         if plan.message:
