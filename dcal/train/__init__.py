@@ -13,8 +13,8 @@ Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train .
 ``keep_last``) and ``best.pt``; ``DIR/config.yaml``: the resolved config.
 
 Configs have three sections (see :mod:`dcal.train.config`): ``model`` (``name``: ``dcal_vit``,
-``bev``, ``mlp``; other keys go to the model), ``data`` (``name``: ``synthetic``, ``cub``,
-``imagefolder``, ``bev_synthetic``) and ``train`` (:class:`TrainConfig`). Unknown keys and bad
+``bev``, ``mlp``; other keys go to the model), ``data`` (``name``: ``synthetic``, ``folder``, ``cub``,
+``cars``, ``aircraft``, ``bev_synthetic``, ...) and ``train`` (:class:`TrainConfig`). Unknown keys and bad
 values stop the run with a message naming the key.
 
 In Python, :class:`Trainer` takes any model, loss and datasets::
