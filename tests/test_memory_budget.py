@@ -125,8 +125,8 @@ def test_resident_prediction_counts_heap_overhead_on_small_storages():
 
     tr = StorageTracker(heap_overhead=CPU_HEAP_OVERHEAD)
     with tr:
-        small = torch.empty(CPU_HEAP_SMALL // 8, dtype=torch.float32)  # 0.5 MiB: heap
-        big = torch.empty(CPU_HEAP_SMALL // 2, dtype=torch.float32)  # 8 MiB: mmapped
+        small = torch.empty(CPU_HEAP_SMALL // 8, dtype=torch.float32)  # half the threshold: heap
+        big = torch.empty(CPU_HEAP_SMALL // 2, dtype=torch.float32)  # twice the threshold: mmapped
     n_small, n_big = small.untyped_storage().nbytes(), big.untyped_storage().nbytes()
     assert tr.peak == n_small + n_big
     assert tr.resident_peak == pytest.approx(n_small * CPU_HEAP_OVERHEAD + n_big)
