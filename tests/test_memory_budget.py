@@ -142,3 +142,12 @@ def test_fixed_micro_batch_near_the_budget_warns_with_the_prediction(tmp_path):
     budget = peak + 0.05 * (peak - held)
     err = run_train(tmp_path / "b", "--max-memory", f"{budget:.1f}MiB", "--micro-batch", "32")
     assert re.search(r"warning: micro-batch 32 is predicted to peak at [0-9.]+ MiB, under the budget", err), err
+
+
+def test_help_says_what_the_budget_bounds(capsys):
+    from dcal.train.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "peak resident set (RSS) on CPU" in text and "max_memory_allocated on GPU" in text

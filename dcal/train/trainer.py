@@ -376,8 +376,8 @@ class Trainer:
                 self.memory_report["budget_mb"] = self.memory_budget / 2**20
                 within = (f", within the budget of {self.memory_budget / 2**20:.1f} MiB" if peak <= self.memory_budget
                           else f", OVER the budget of {self.memory_budget / 2**20:.1f} MiB")
-            self.log(f"memory: first step peak {peak / 2**20:.1f} MiB measured "
-                     f"({'the process' + chr(39) + 's peak RSS' if cpu else 'max_memory_allocated'}), "
+            what = "the process's peak RSS" if cpu else "max_memory_allocated"
+            self.log(f"memory: first step peak {peak / 2**20:.1f} MiB measured ({what}), "
                      f"predicted {self.predicted_peak / 2**20:.1f} MiB{within}")
         return {"loss": loss_sum / n, "loss_sum": loss_sum, "n": n, "lr": lr, "grad_norm": float(norm),
                 "skipped": skipped, "peak": peak}
