@@ -185,3 +185,26 @@ def test_curves_without_matplotlib_warn_once(tmp_path, monkeypatch):
         assert curves.start(str(tmp_path)) is None  # the training loop's call: no child process
     assert len(caught) == 1 and "matplotlib" in str(caught[0].message)
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_image_folder_run_uses_its_validation_transform_and_class_names(tmp_path):
+    from dcal.train.checkpoint import load
+    from dcal.visualize import load_image, load_run, main
+
+    for split in ("train", "val"):
+        for c in ("heron", "wren"):
+            os.makedirs(tmp_path / "imgs" / split / c)
+            rgb = np.random.default_rng(len(c)).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(tmp_path / "imgs" / split / c / "0.jpg")
+    cfg = C.from_dict({"model": {"name": "dcal_vit", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                       "data": {"name": "folder", "root": str(tmp_path / "imgs"), "resize": 36, "crop": 32},
+                       "train": {}})
+    model = build_task(cfg).model_factory()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, tmp_path / "c.pt")
+    _, run_cfg, val, classes = load_run(str(tmp_path / "c.pt"))
+    assert classes == ["heron", "wren"] and load(str(tmp_path / "c.pt"))["step"] == 0
+    img = str(tmp_path / "imgs" / "val" / "wren" / "0.jpg")
+    torch.testing.assert_close(load_image(img, run_cfg), val[1][0])  # the same pixels as validation sees
+    assert main(["--checkpoint", str(tmp_path / "c.pt"), "--images", img, "--out", str(tmp_path / "o")]) == 0
+    with Image.open(tmp_path / "o" / "0.png") as im:
+        assert im.size == (880, 312)
