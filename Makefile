@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 TEST_ARGS  ?=
 CHECK_ARGS ?= --quick
 CHECK_OUT  ?= dcal-check
-EXTRAS     ?= dev,bench
+EXTRAS     ?= dev,bench,data
 
 .PHONY: setup bench bench-report test check kernel-report docs wheel-check clean
 

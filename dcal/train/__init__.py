@@ -17,7 +17,8 @@ Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train .
 Configs have three sections (see :mod:`dcal.train.config`): ``model`` (``name``: a key of
 :data:`dcal.train.build.MODEL_BUILDERS`; other keys go to the model; ``pretrained: PATH`` starts
 from timm, JAX ``.npz`` or Hugging Face ViT weights, :mod:`dcal.train.pretrained`), ``data``
-(``name``: ``synthetic``, ``cub``, ``imagefolder``, ``bev_synthetic``, ...) and ``train``
+(``name``: ``synthetic``, ``folder``, ``cub``, ``cars``,
+``aircraft``, ``bev_synthetic``, ...) and ``train``
 (:class:`TrainConfig`). Unknown keys, bad values and keys that contradict each other stop the
 run before any work with one line naming the key (exit status 2). One run per ``--out`` folder
 (:mod:`dcal.train.rundir`).
@@ -35,8 +36,8 @@ then accumulates them exactly with an embedding cache (:mod:`dcal.train.coupled`
     python -m dcal.train --config configs/clip_demo.yaml --out runs/clip          # CLIP, zero-shot val_acc
     python -m dcal.train --config configs/fewshot_demo.yaml --out runs/fewshot    # 5-way 5-shot episodes
 
-``python -m dcal.train.autobatch --config C --micro-batch N --measure`` prints the predicted peak
-memory of a training step (fake tensors) and the measured one (CPU).
+``python -m dcal.train.autobatch --config C --micro-batch 8,16,32 --measure`` prints a table of the predicted
+and measured (CPU, peak RSS) memory of a training step per micro-batch.
 """
 from dcal.train.config import Config, TrainConfig, load as load_config, parse_bytes
 from dcal.train.coupled import ClipLoss, CoupledLoss, PrototypicalLoss, cached_backward

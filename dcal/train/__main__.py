@@ -38,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate --checkpoint on the validation set (top-1, top-5, per-class CSV); no training")
     p.add_argument("--checkpoint", default=None, help="the checkpoint --eval-only evaluates")
-    p.add_argument("--max-memory", default=None, help="memory budget for the automatic micro-batch, e.g. 16GB "
-                   "(same as --set train.max_memory=...)")
+    p.add_argument("--max-memory", default=None,
+                   help="budget of the process's peak memory, e.g. 16GB, 200MB, 512MiB: the peak resident set (RSS) "
+                   "on CPU, torch.cuda.max_memory_allocated on GPU; picks the micro-batch when it is 'auto', "
+                   "refuses a fixed one predicted above it (same as --set train.max_memory=...)")
     p.add_argument("--micro-batch", default=None, help="micro-batch size or 'auto' (same as --set train.micro_batch=...)")
     return p
 
@@ -56,6 +58,10 @@ def main(argv=None) -> int:
     from dcal.train.checks import check_cli
 
     overrides = list(args.set)
+    try:
+        C.parse_bytes(args.max_memory, "--max-memory")
+    except ValueError as e:
+        return _err(str(e))
     if args.max_memory is not None:
         overrides.append(f"train.max_memory={args.max_memory}")
     if args.micro_batch is not None:
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
         loss = task.loss if task.loss is not None else model.loss
         trainer = Trainer(model, loss, task.train_set, task.val_set, cfg.train, out_dir=args.out,
                           model_factory=task.model_factory, run_config=cfg.to_dict(), eval_fn=task.eval_fn)
+        trainer.plan_memory()  # a budget that cannot be met stops here, before anything is written
     except ValueError as e:
         return _err(str(e))
     # every check passed: only now is anything moved or written

@@ -11,8 +11,9 @@ nothing downloaded; contrastive), ``protonet`` (:class:`dcal.models.ProtoNet`: `
 ``depth``, ``backbone``; episodic, with the VIC weights ``vic_weight``, ``variance``,
 ``invariance``, ``covariance``).
 
-Data: ``synthetic`` (the embedded fine-grained set), ``cub`` (CUB-200-2011 folder), ``imagefolder``
-(``root/train/<class>/...`` and ``root/val/<class>/...``), ``bev_synthetic``,
+Data: ``synthetic`` (the embedded fine-grained set), ``folder`` = ``imagefolder``
+(``root/train/<class>/...`` and ``root/val/<class>/...``), ``cub`` (CUB-200-2011 folder), ``cars``
+(Stanford Cars devkit), ``aircraft`` (FGVC-Aircraft release), ``bev_synthetic``,
 ``synthetic_captions`` (coloured shapes with captions; zero-shot accuracy), ``synthetic_fewshot``
 (N-way K-shot Q-query episodes of synthetic classes, validation on novel classes), ``episodes``
 (episodes over an ``imagefolder``: ``root/train`` and ``root/val`` hold disjoint classes).
@@ -109,21 +110,21 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
         train = D.SyntheticFineGrained(a["train_size"], split="train", **common)
         val = D.SyntheticFineGrained(a["val_size"], split="val", **common)
         return train, val, {"num_classes": a["num_classes"], "img_size": a["img_size"], "in_shape": (3, a["img_size"], a["img_size"])}
-    if name in ("cub", "imagefolder"):
+    if name in D.IMAGE_DATASETS:
         allowed = {"root": None, "resize": 550, "crop": 448}
+        if name == "aircraft":
+            allowed.update(annotation="variant", train_split="trainval", val_split="test")
         check_kwargs("data", kw, allowed)
         a = {**allowed, **kw}
         if not isinstance(a["root"], str):
             raise ValueError(f"data.root is required for data.name={name!r} (the dataset's folder)")
         tr = D.ImageTransform(True, a["resize"], a["crop"])
         ev = D.ImageTransform(False, a["resize"], a["crop"])
-        if name == "cub":
-            train, val = D.cub200(a["root"], "train", tr, seed), D.cub200(a["root"], "test", ev, seed)
-        else:
-            import os
-
-            train = D.image_folder(os.path.join(a["root"], "train"), tr, seed)
-            val = D.image_folder(os.path.join(a["root"], "val"), ev, seed)
+        options = {k: a[k] for k in ("annotation", "train_split", "val_split") if k in a}
+        for key in ("train_split", "val_split"):
+            if key in options and options[key] not in ("train", "val", "trainval", "test"):
+                raise ValueError(f"data.{key} must be train, val, trainval or test, got {options[key]!r}")
+        train, val = D.image_dataset_splits(name, a["root"], tr, ev, seed, **options)
         return train, val, {"num_classes": train.num_classes, "img_size": a["crop"], "in_shape": (3, a["crop"], a["crop"])}
     if name == "bev_synthetic":
         allowed = {"map_size": [32, 32], "in_channels": 4, "window": 5, "density": 0.05, "train_size": 512,
@@ -138,7 +139,8 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
         val = D.SyntheticBEV(a["val_size"], split="val", **common)
         return train, val, {"num_classes": 3, "in_channels": a["in_channels"],
                             "in_shape": (a["in_channels"], *a["map_size"])}
-    raise ValueError(f"unknown data.name {name!r}; expected synthetic, cub, imagefolder or bev_synthetic")
+    raise ValueError(f"unknown data.name {name!r}; expected synthetic, folder (= imagefolder), cub, cars, aircraft, "
+                     "bev_synthetic, synthetic_captions, synthetic_fewshot or episodes")
 
 
 # ----------------------------------------------------------------------------- models

@@ -41,21 +41,25 @@ def _yaml(text):
 
 def parse_bytes(value: Union[str, int, float, None], key: str = "max_memory") -> Optional[int]:
     """``"16GB"``, ``"512MiB"``, ``"1.5g"`` or a number of bytes -> bytes (binary units: a GPU
-    sold as 16 GB holds 16 GiB). None stays None."""
+    sold as 16 GB holds 16 GiB). A number without a unit is bytes and must be at least 1 MiB
+    (``16`` is a forgotten unit, not a budget). None stays None."""
     if value is None:
         return None
+    expected = "a size like '16GB', '200MB' or '512MiB' (a number without a unit is bytes, at least 1 MiB)"
     if isinstance(value, bool):
-        raise ValueError(f"{key} must be a size like '16GB' or a number of bytes, got {value!r}")
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"{key} must be positive, got {value!r}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{key} must be a size like '16GB', '512MiB' or a number of bytes, got {value!r}")
-    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if n <= 0:
+        n, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{key} must be {expected}, got {value!r}")
+        n, unit = float(m.group(1)) * _UNITS[m.group(2).lower()], m.group(2)
+    if not n > 0:
         raise ValueError(f"{key} must be positive, got {value!r}")
+    if not unit and n < 2**20:
+        raise ValueError(f"{key} {value!r} without a unit means {int(n)} bytes; give a unit "
+                         f"(like {value}GB or {value}MB) or at least 1 MiB")
     return int(n)
 
 

@@ -1,4 +1,5 @@
-"""Datasets of the training loop: CUB-200-2011 in its own folder format, ImageFolder, a synthetic
+"""Datasets of the training loop: image folders (``root/train``, ``root/val``), CUB-200-2011,
+Stanford Cars and FGVC-Aircraft in their own release formats, a synthetic
 fine-grained image set made on the fly (the default: no download), and a synthetic BEV task.
 
 Randomness of augmentation is a function of ``(seed, epoch, index)`` only (:func:`sample_rng`),
@@ -136,18 +137,151 @@ def cub200(root: str, split: str, transform: ImageTransform, seed: int = 0) -> I
     return ImageList(samples, classes, transform, seed)
 
 
-def image_folder(root: str, transform: ImageTransform, seed: int = 0) -> ImageList:
-    """torchvision's ImageFolder layout: ``root/<class>/<image>``, classes in sorted order."""
+def image_folder(root: str, transform: ImageTransform, seed: int = 0,
+                 classes: Optional[List[str]] = None) -> ImageList:
+    """torchvision's ImageFolder layout: ``root/<class>/<image>``, classes in sorted order.
+    ``classes``: the class list of the training split (a validation folder lacking a class keeps
+    the training labels; one holding an unknown class is refused)."""
     if not os.path.isdir(root):
-        raise ValueError(f"image folder {root!r} is not a directory")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise ValueError(f"expected the image folder {root} (one sub-folder of images per class)")
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not found:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    if classes is not None:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise ValueError(f"image folder {root} holds classes not in the training folder: {unknown[:5]}")
+    classes = list(classes) if classes is not None else found
     samples = []
-    for label, c in enumerate(classes):
+    for c in found:
+        label = classes.index(c)
         for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
             for fn in sorted(files):
                 if fn.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, fn), label))
+    if not samples:
+        raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return ImageList(samples, classes, transform, seed)
+
+
+def folder_splits(root: str, train_transform: ImageTransform, val_transform: ImageTransform, seed: int = 0
+                  ) -> Tuple[ImageList, ImageList]:
+    """``root/train/<class>/<image>`` and ``root/val/<class>/<image>``; the validation labels
+    follow the training folder's classes."""
+    if not os.path.isdir(root):
+        raise ValueError(f"data.root {root!r} is not a directory (expected {root}/train and {root}/val)")
+    train = image_folder(os.path.join(root, "train"), train_transform, seed)
+    val = image_folder(os.path.join(root, "val"), val_transform, seed, classes=train.classes)
+    return train, val
+
+
+def _need_file(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise ValueError(f"expected the {what} file {path}")
+    return path
+
+
+def _loadmat(path: str):
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ValueError(f"reading {path} (Stanford Cars annotations, a .mat file) needs scipy: "
+                         "pip install scipy") from None
+    try:
+        return loadmat(path, squeeze_me=True)
+    except Exception as e:  # a corrupt or non-MAT file
+        raise ValueError(f"cannot read {path} as a MATLAB file: {e}") from None
+
+
+def stanford_cars(root: str, split: str, transform: ImageTransform, seed: int = 0) -> ImageList:
+    """Stanford Cars (196 classes) from its devkit: ``root/devkit/cars_meta.mat`` (class names),
+    ``root/devkit/cars_train_annos.mat`` and ``root/cars_test_annos_withlabels.mat`` (also
+    looked for in ``devkit/``): records with ``fname`` and ``class`` (1-based); images in
+    ``root/cars_train/`` and ``root/cars_test/``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not os.path.isdir(root):
+        raise ValueError(f"data.root {root!r} is not a directory (expected the Stanford Cars folder with devkit/, "
+                         "cars_train/, cars_test/)")
+    meta = _loadmat(_need_file(os.path.join(root, "devkit", "cars_meta.mat"), "Stanford Cars"))
+    classes = [str(c) for c in np.atleast_1d(meta["class_names"]).tolist()]
+    if split == "train":
+        annos = os.path.join(root, "devkit", "cars_train_annos.mat")
+    else:
+        annos = os.path.join(root, "cars_test_annos_withlabels.mat")
+        if not os.path.exists(annos) and os.path.exists(os.path.join(root, "devkit", os.path.basename(annos))):
+            annos = os.path.join(root, "devkit", os.path.basename(annos))
+    records = np.atleast_1d(_loadmat(_need_file(annos, "Stanford Cars"))["annotations"])
+    folder = os.path.join(root, f"cars_{split}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"expected the Stanford Cars image folder {folder}")
+    samples = []
+    for r in records:
+        label = int(r["class"]) - 1
+        if not 0 <= label < len(classes):
+            raise ValueError(f"{annos}: class {int(r['class'])} of {r['fname']} is outside 1..{len(classes)}")
+        samples.append((_need_file(os.path.join(folder, str(r["fname"])), "Stanford Cars image"), label))
+    return ImageList(samples, classes, transform, seed)
+
+
+AIRCRAFT_LEVELS = ("variant", "family", "manufacturer")
+
+
+def fgvc_aircraft(root: str, split: str, transform: ImageTransform, seed: int = 0,
+                  annotation: str = "variant") -> ImageList:
+    """FGVC-Aircraft from its release: ``root/data/images/<id>.jpg``, ``root/data/images_<level>_<split>.txt``
+    (lines ``<id> <name>``, the name may hold spaces) and ``root/data/<level>s.txt`` (the class
+    names, one per line; ``variants.txt`` for 100 variants). ``split``: train, val, trainval,
+    test; ``annotation``: variant, family or manufacturer. ``root`` may also be the ``data``
+    folder itself."""
+    if split not in ("train", "val", "trainval", "test"):
+        raise ValueError(f"split must be train, val, trainval or test, got {split!r}")
+    if annotation not in AIRCRAFT_LEVELS:
+        raise ValueError(f"data.annotation must be one of {AIRCRAFT_LEVELS}, got {annotation!r}")
+    if not os.path.isdir(root):
+        raise ValueError(f"data.root {root!r} is not a directory (expected the fgvc-aircraft folder holding data/)")
+    data = os.path.join(root, "data")
+    if not os.path.isdir(data) and os.path.isdir(os.path.join(root, "images")):
+        data = root
+    names_file = _need_file(os.path.join(data, f"{annotation}s.txt"), "FGVC-Aircraft")
+    with open(names_file) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    index = {c: i for i, c in enumerate(classes)}
+    list_file = _need_file(os.path.join(data, f"images_{annotation}_{split}.txt"), "FGVC-Aircraft")
+    samples = []
+    with open(list_file) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().split(" ", 1)
+            if len(parts) != 2 or parts[1] not in index:
+                raise ValueError(f"{list_file} line {n}: expected '<image id> <{annotation} from "
+                                 f"{os.path.basename(names_file)}>', got {line.strip()!r}")
+            path = _need_file(os.path.join(data, "images", parts[0] + ".jpg"), "FGVC-Aircraft image")
+            samples.append((path, index[parts[1]]))
+    return ImageList(samples, classes, transform, seed)
+
+
+IMAGE_DATASETS = ("folder", "imagefolder", "cub", "cars", "aircraft")
+
+
+def image_dataset_splits(name: str, root: str, train_transform: ImageTransform, val_transform: ImageTransform,
+                         seed: int = 0, **options) -> Tuple[ImageList, ImageList]:
+    """(train, validation) of an image dataset on disk: ``folder`` (= ``imagefolder``: ``root/train``,
+    ``root/val``), ``cub`` (train / test), ``cars`` (Stanford Cars, train / test), ``aircraft``
+    (FGVC-Aircraft; ``options``: ``annotation``, ``train_split`` (trainval), ``val_split`` (test)).
+    Each has ``num_classes``."""
+    if name in ("folder", "imagefolder"):
+        return folder_splits(root, train_transform, val_transform, seed)
+    if name == "cub":
+        return cub200(root, "train", train_transform, seed), cub200(root, "test", val_transform, seed)
+    if name == "cars":
+        return stanford_cars(root, "train", train_transform, seed), stanford_cars(root, "test", val_transform, seed)
+    if name == "aircraft":
+        level = options.get("annotation", "variant")
+        return (fgvc_aircraft(root, options.get("train_split", "trainval"), train_transform, seed, level),
+                fgvc_aircraft(root, options.get("val_split", "test"), val_transform, seed, level))
+    raise ValueError(f"unknown image dataset {name!r}; expected one of {IMAGE_DATASETS}")
 
 
 # ----------------------------------------------------------------------------- synthetic images

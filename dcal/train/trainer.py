@@ -39,7 +39,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dcal.train import autobatch
 from dcal.train import checkpoint as ckpt
 from dcal.train import distributed
 from dcal.train.config import TrainConfig, parse_bytes
@@ -203,6 +202,9 @@ class Trainer:
         self.micro_batch: Optional[int] = (None if cfg.micro_batch == "auto" else cfg.micro_batch if self.coupled
                                            else min(cfg.micro_batch, self.local_batch))
         self.predicted_peak: Optional[int] = None
+        self.memory_budget: Optional[int] = None
+        self._curves = None  # the child process drawing curves.png
+        self._memory_planned = False
         self.memory_report: Optional[Dict[str, Any]] = None
         self.oom_events: List[Dict[str, int]] = []
         self.history: List[Dict[str, Any]] = []
@@ -250,30 +252,36 @@ class Trainer:
             return torch.cuda.max_memory_allocated(self.device)
         return cpu_peak_rss() or 0
 
-    def _choose_micro_batch(self) -> None:
+    def plan_memory(self) -> None:
+        """The micro-batch and its predicted peak against ``train.max_memory``
+        (:func:`dcal.train.autobatch.plan`: the process's peak RSS on CPU, max_memory_allocated on
+        CUDA). Done once, before the first step; raises ValueError (naming the key) when the budget
+        cannot be met, so a caller can refuse before any work."""
+        if self._memory_planned or self.coupled:
+            return
+        from dcal.train import autobatch
+
         cfg = self.cfg
         budget = parse_bytes(cfg.max_memory, "train.max_memory") if cfg.max_memory else None
-        if self.device.type == "cuda":
+        if budget is not None and self.device.type == "cuda":
+            # makes the budget real: allocations beyond it raise OutOfMemoryError, which the step
+            # turns into a smaller micro-batch
             total = torch.cuda.get_device_properties(self.device).total_memory
-            if budget is not None:
-                # makes the budget real: allocations beyond it raise OutOfMemoryError, which the
-                # step turns into a smaller micro-batch
-                torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
-            budget = budget or total
-        elif budget is None:
-            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // max(1, self.world)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
         if self.model_factory is None:
             # a copy of the model being trained, made fake in the prediction
             src = self.model
             self.model_factory = lambda: copy.deepcopy(src).cpu()
-        sample = self.train_set[0]
-        choice = autobatch.choose_micro_batch(
-            self.model_factory, self.loss_fn, sample, self.local_batch, budget, device=self.device,
-            amp_dtype=self.amp_dtype, weight_decay=cfg.weight_decay, grad_checkpointing=cfg.grad_checkpointing,
-            collate_fn=self.collate_fn)
-        self.micro_batch, self.predicted_peak = choice.micro_batch, choice.predicted_peak
-        self.log(f"micro-batch {self.micro_batch} of {self.local_batch} per process chosen for a budget of "
-                 f"{budget / 2**20:.0f} MiB: predicted step peak {self.predicted_peak / 2**20:.1f} MiB")
+        with torch.random.fork_rng(devices=[]):  # the run's random stream is not the planner's
+            plan = autobatch.plan(self.model, self.model_factory, self.loss_fn, self.train_set[0], self.local_batch,
+                                  "auto" if self.micro_batch is None else self.micro_batch, budget,
+                                  device=self.device, amp_dtype=self.amp_dtype,
+                                  grad_checkpointing=cfg.grad_checkpointing, collate_fn=self.collate_fn,
+                                  world=self.world, key="train.max_memory (--max-memory)")
+        self._memory_planned = True
+        self.micro_batch, self.predicted_peak, self.memory_budget = plan.micro_batch, plan.predicted_peak, plan.budget
+        if plan.message:
+            self.log(plan.message)
 
     # ------------------------------------------------------------------ one step
 
@@ -372,12 +380,18 @@ class Trainer:
         self.step += 1
         peak = self._read_peak()
         if self.memory_report is None and self.predicted_peak is not None:
+            cpu = self.device.type == "cpu"
             self.memory_report = {"micro_batch": self.micro_batch, "predicted_mb": self.predicted_peak / 2**20,
                                   "measured_mb": peak / 2**20,
-                                  "measured": "max_memory_allocated" if self.device.type == "cuda" else "peak RSS"}
-            self.log(f"memory: predicted step peak {self.memory_report['predicted_mb']:.1f} MiB (tensors), "
-                     f"measured {self.memory_report['measured_mb']:.1f} MiB "
-                     f"({self.memory_report['measured']}{', whole process' if self.device.type == 'cpu' else ''})")
+                                  "measured": "max_memory_allocated" if not cpu else "peak RSS"}
+            within = ""
+            if self.memory_budget is not None:
+                self.memory_report["budget_mb"] = self.memory_budget / 2**20
+                within = (f", within the budget of {self.memory_budget / 2**20:.1f} MiB" if peak <= self.memory_budget
+                          else f", OVER the budget of {self.memory_budget / 2**20:.1f} MiB")
+            what = "the process's peak RSS" if cpu else "max_memory_allocated"
+            self.log(f"memory: first step peak {peak / 2**20:.1f} MiB measured ({what}), "
+                     f"predicted {self.predicted_peak / 2**20:.1f} MiB{within}")
         return {"loss": loss_sum / n, "loss_sum": loss_sum, "n": n, "lr": lr, "grad_norm": float(norm),
                 "skipped": skipped, "peak": peak}
 
@@ -499,8 +513,7 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.load(resume, resume_state)
-        if self.micro_batch is None:
-            self._choose_micro_batch()
+        self.plan_memory()
         self.model.train()
         self.log(f"training on {self.device} x{self.world}: effective batch {cfg.effective_batch} "
                  f"({self.local_batch} per process, micro-batch {self.micro_batch}), peak lr {self.peak_lr:.3g}, "
@@ -537,6 +550,13 @@ class Trainer:
                 bar.close()
             epoch_done = self.group_in_epoch >= n_groups
             self._end_of_epoch(time.time() - t0, final=stop or self.epoch + 1 == cfg.epochs, epoch_done=epoch_done)
+        if self._curves is not None:
+            from dcal.train import curves
+
+            failed = curves.finish(self._curves)
+            self._curves = None
+            if failed:
+                self.log(failed)
         return self.history
 
     def _end_of_epoch(self, seconds: float, final: bool, epoch_done: bool) -> None:
@@ -558,7 +578,13 @@ class Trainer:
                 row["measured_first_step_peak_mb"] = round(self.memory_report["measured_mb"], 1)
             if self.oom_events:
                 row["oom_events"] = list(self.oom_events)
+            if self.memory_budget is not None:
+                row["budget_mb"] = round(self.memory_budget / 2**20, 1)
             self._write_metrics(row)
+            if self.is_main and self.out_dir:
+                from dcal.train import curves
+
+                self._curves = curves.start(self.out_dir, self._curves)  # drawn by a child process
             # rounded for reading; metrics.jsonl keeps the full values
             self.log(f"epoch {self.epoch}: train_loss {train_loss:.4f}, val_acc "
                      f"{'n/a' if val is None else f'{val:.3f}'}, peak_mem {self.epoch_peak / 2**20:.0f} MiB, "
