@@ -236,7 +236,7 @@ def peak_description(p: Dict[str, Any]) -> str:
     """One line naming the peak of a run and what it was chosen from (for every table)."""
     if not p:
         return ""
-    text = f"peak = best fp32 GEMM of this run: {p['gflops']:.1f} GFLOP/s, {p.get('source', '?')}"
+    text = f"matmul peak = the best fp32 GEMM of this run: {p['gflops']:.1f} GFLOP/s, {p.get('source', '?')}"
     others = {k: v for k, v in (p.get("candidates") or {}).items() if k != p.get("source")}
     if others:
         text += "; others: " + ", ".join(f"{k} {v:.1f}" for k, v in others.items())
