@@ -212,8 +212,9 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
 }
 
 // Backward. One task per (b, h): the keys and values of the head are transposed once into
-// [D, keys] panels, dK and dV accumulate transposed in two more, so that every product reads its
-// operands in place (only the [D, rows] transposes of a query block's q and dO are made):
+// [D, keys] panels, and dK and dV accumulate transposed, as [D, keys] in their own output memory
+// (then transposed in place through one per-thread [D, keys] buffer), so that every product reads
+// its operands in place (only the [D, rows] transposes of a query block's q and dO are made):
 //   P = exp(scale * Q K^T - lse)       dV^T += dO^T P         dP = dO V^T
 //   dS = scale * P * (dP - delta)      dQ += dS K             dK^T += Q^T dS
 // Each (b, h) slice of the outputs has one owner, so there are no atomics and the result does
@@ -233,7 +234,8 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<T> p(bm * sg.cap), ds(bm * sg.cap), delta(Nq);
-    std::vector<T> kt(D * ldp), vt(D * ldp), dkt(D * ldp), dvt(D * ldp), qt(D * bm), dot_t(D * bm);
+    std::vector<T> kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm);
+    std::vector<T> tmp(D * *std::max_element(sg.n.begin(), sg.n.end()));
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
@@ -242,8 +244,10 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
         transpose(sg.k[g].at(b, h), sg.k[g].sn, sg.n[g], D, kt.data() + sg.off[g], ldp);
         transpose(sg.v[g].at(b, h), sg.v[g].sn, sg.n[g], D, vt.data() + sg.off[g], ldp);
       }
-      std::fill(dkt.begin(), dkt.end(), T(0));
-      std::fill(dvt.begin(), dvt.end(), T(0));
+      for (size_t g = 0; g < sg.n.size(); ++g) {  // dk^T, dv^T [D, nk] accumulate in dk, dv
+        std::fill_n(grads[1 + 2 * g].data_ptr<T>() + bh * sg.n[g] * D, sg.n[g] * D, T(0));
+        std::fill_n(grads[2 + 2 * g].data_ptr<T>() + bh * sg.n[g] * D, sg.n[g] * D, T(0));
+      }
       for (int64_t i = 0; i < Nq; ++i)
         delta[i] = dot(dop + i * D, o_all + (bh * Nq + i) * D, D) - (dlse_all ? dlse_all[bh * Nq + i] : T(0));
       for (int64_t i0 = 0; i0 < Nq; i0 += bm) {
@@ -255,27 +259,33 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
         transpose(doi, D, mr, D, dot_t.data(), bm);
         for (size_t g = 0; g < sg.n.size(); ++g) {
           const T* kp = sg.k[g].at(b, h);
+          const int64_t nk = sg.n[g];
+          T* dkt = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;  // [D, nk]
+          T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
           for (int64_t j0 = 0; j0 < sg.n[g]; j0 += kBN) {
             const int64_t n = std::min(kBN, sg.n[g] - j0), ld = padded(n), c0 = sg.off[g] + j0;
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
             mm(mr, n, D, qp, q.sn, kt.data() + c0, ldp, p.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
             // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
-            mm(D, n, mr, dot_t.data(), bm, p.data(), ld, dvt.data() + c0, ldp, true);
+            mm(D, n, mr, dot_t.data(), bm, p.data(), ld, dvt + j0, nk, true);
             // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
             mm(mr, n, D, doi, D, vt.data() + c0, ldp, ds.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
             // dq [mr, D] += ds [mr, n] @ k_j [n, D]
             mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
             // dk_j^T [D, n] += q^T [D, mr] @ ds [mr, n]
-            mm(D, n, mr, qt.data(), bm, ds.data(), ld, dkt.data() + c0, ldp, true);
+            mm(D, n, mr, qt.data(), bm, ds.data(), ld, dkt + j0, nk, true);
           }
         }
       }
       for (size_t g = 0; g < sg.n.size(); ++g) {
         const int64_t nk = sg.n[g];
-        transpose(dkt.data() + sg.off[g], ldp, D, nk, grads[1 + 2 * g].data_ptr<T>() + bh * nk * D, D);
-        transpose(dvt.data() + sg.off[g], ldp, D, nk, grads[2 + 2 * g].data_ptr<T>() + bh * nk * D, D);
+        for (int w = 1; w <= 2; ++w) {  // [D, nk] -> [nk, D] in place, through tmp
+          T* x = grads[w + 2 * g].data_ptr<T>() + bh * nk * D;
+          std::copy_n(x, nk * D, tmp.data());
+          transpose(tmp.data(), nk, D, nk, x, D);
+        }
       }
     }
   });
