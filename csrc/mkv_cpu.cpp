@@ -230,47 +230,44 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
   const T* dlse_all = dlse.defined() ? dlse.const_data_ptr<T>() : nullptr;
   const Segs<T> sg(segs);
   T* dq_all = grads[0].data_ptr<T>();
-  const int64_t bm = block_rows(Nq, kBMb), ldp = sg.ld;
+  const int64_t bm = block_rows(Nq, kBMb);
+  const int64_t nk_max = *std::max_element(sg.n.begin(), sg.n.end()), ldp = panel_ld(nk_max);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    // panels of one segment at a time (segments are the outer loop); tmp: the in-place transposes
     std::vector<T> p(bm * sg.cap), ds(bm * sg.cap), delta(Nq);
-    std::vector<T> kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm);
-    std::vector<T> tmp(D * *std::max_element(sg.n.begin(), sg.n.end()));
+    std::vector<T> kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm), tmp(D * nk_max);
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
       const T* lsep = lse_all + bh * Nq;
-      for (size_t g = 0; g < sg.n.size(); ++g) {
-        transpose(sg.k[g].at(b, h), sg.k[g].sn, sg.n[g], D, kt.data() + sg.off[g], ldp);
-        transpose(sg.v[g].at(b, h), sg.v[g].sn, sg.n[g], D, vt.data() + sg.off[g], ldp);
-      }
-      for (size_t g = 0; g < sg.n.size(); ++g) {  // dk^T, dv^T [D, nk] accumulate in dk, dv
-        std::fill_n(grads[1 + 2 * g].data_ptr<T>() + bh * sg.n[g] * D, sg.n[g] * D, T(0));
-        std::fill_n(grads[2 + 2 * g].data_ptr<T>() + bh * sg.n[g] * D, sg.n[g] * D, T(0));
-      }
       for (int64_t i = 0; i < Nq; ++i)
         delta[i] = dot(dop + i * D, o_all + (bh * Nq + i) * D, D) - (dlse_all ? dlse_all[bh * Nq + i] : T(0));
-      for (int64_t i0 = 0; i0 < Nq; i0 += bm) {
-        const int64_t mr = std::min(bm, Nq - i0);
-        const T* qp = q.at(b, h) + i0 * q.sn;
-        const T* doi = dop + i0 * D;
-        T* dqi = dq_all + (bh * Nq + i0) * D;
-        transpose(qp, q.sn, mr, D, qt.data(), bm);
-        transpose(doi, D, mr, D, dot_t.data(), bm);
-        for (size_t g = 0; g < sg.n.size(); ++g) {
-          const T* kp = sg.k[g].at(b, h);
-          const int64_t nk = sg.n[g];
-          T* dkt = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;  // [D, nk]
-          T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
-          for (int64_t j0 = 0; j0 < sg.n[g]; j0 += kBN) {
-            const int64_t n = std::min(kBN, sg.n[g] - j0), ld = padded(n), c0 = sg.off[g] + j0;
+      for (size_t g = 0; g < sg.n.size(); ++g) {
+        const int64_t nk = sg.n[g];
+        const T* kp = sg.k[g].at(b, h);
+        transpose(kp, sg.k[g].sn, nk, D, kt.data(), ldp);
+        transpose(sg.v[g].at(b, h), sg.v[g].sn, nk, D, vt.data(), ldp);
+        T* dkt = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;  // dk^T [D, nk], in dk's memory
+        T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
+        std::fill_n(dkt, nk * D, T(0));
+        std::fill_n(dvt, nk * D, T(0));
+        for (int64_t i0 = 0; i0 < Nq; i0 += bm) {
+          const int64_t mr = std::min(bm, Nq - i0);
+          const T* qp = q.at(b, h) + i0 * q.sn;
+          const T* doi = dop + i0 * D;
+          T* dqi = dq_all + (bh * Nq + i0) * D;
+          transpose(qp, q.sn, mr, D, qt.data(), bm);
+          transpose(doi, D, mr, D, dot_t.data(), bm);
+          for (int64_t j0 = 0; j0 < nk; j0 += kBN) {
+            const int64_t n = std::min(kBN, nk - j0), ld = padded(n);
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
-            mm(mr, n, D, qp, q.sn, kt.data() + c0, ldp, p.data(), ld, false);
+            mm(mr, n, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
             // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
             mm(D, n, mr, dot_t.data(), bm, p.data(), ld, dvt + j0, nk, true);
             // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
-            mm(mr, n, D, doi, D, vt.data() + c0, ldp, ds.data(), ld, false);
+            mm(mr, n, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
             // dq [mr, D] += ds [mr, n] @ k_j [n, D]
             mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
@@ -278,11 +275,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
             mm(D, n, mr, qt.data(), bm, ds.data(), ld, dkt + j0, nk, true);
           }
         }
-      }
-      for (size_t g = 0; g < sg.n.size(); ++g) {
-        const int64_t nk = sg.n[g];
-        for (int w = 1; w <= 2; ++w) {  // [D, nk] -> [nk, D] in place, through tmp
-          T* x = grads[w + 2 * g].data_ptr<T>() + bh * nk * D;
+        for (T* x : {dkt, dvt}) {  // [D, nk] -> [nk, D] in place, through tmp
           std::copy_n(x, nk * D, tmp.data());
           transpose(tmp.data(), nk, D, nk, x, D);
         }
