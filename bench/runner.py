@@ -37,7 +37,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.measure import _child_main, _proc_status
+from bench.measure import _child_main, _proc_status, peak_description
 from bench.spec import Case, Result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,8 +237,7 @@ def run_bench(mod, args, progress: Optional[Progress] = None) -> List[Result]:
         for key in dict.fromkeys((c.device, _peak_dtype(c.device, c.dtype)) for c in cases):
             peaks[key] = p = matmul_peak(args, *key)
             if p:
-                print(f"[{mod.NAME}] matmul peak ({key[0]}): {p['n']}^3 {p['dtype']} GEMM {p['gflops']:.1f} GFLOP/s "
-                      f"(median of 7, {p['median_ms']:.1f} ms)", flush=True)
+                print(f"[{mod.NAME}] ({key[0]}) {peak_description(p)}", flush=True)
     flops_for = getattr(mod, "flops_for", None)
     results: List[Result] = []
     for case in cases:
@@ -280,6 +279,7 @@ def run_bench(mod, args, progress: Optional[Progress] = None) -> List[Result]:
                 case, p, status, t.get("median_ms"), t.get("min_ms"), t.get("max_ms"), m.get("peak_bytes"), times,
                 reps=len(times) if times else 0, note=t.get("note", ""),
                 flops=flops_for(case, p) if flops_for else None,
-                peak_gflops=peak["gflops"] if peak else None, load1=load1))
+                peak_gflops=peak["gflops"] if peak else None, load1=load1,
+                peak_text=peak_description(peak) if peak else ""))
         progress.case_done(mod.NAME, case, time.time() - t_case, how)
     return results

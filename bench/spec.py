@@ -61,7 +61,8 @@ class Result:
     reps: timed calls behind the median; note: how they were taken when it is not the usual
     interleaved rounds (e.g. "1 call (heavy)"); flops: the FLOPs of one call of this provider
     (the case's unless the bench counts per provider); peak_gflops: the machine's matmul speed
-    measured in the same run, for :attr:`share`; load1: the 1-minute load average when the case ran.
+    measured in the same run, for :attr:`share`, and peak_text: which GEMM gave it and what else
+    was measured (FMA peak, clock); load1: the 1-minute load average when the case ran.
     """
 
     case: Case
@@ -77,6 +78,7 @@ class Result:
     flops: Optional[float] = None
     peak_gflops: Optional[float] = None
     load1: Optional[float] = None
+    peak_text: str = ""
 
     @property
     def ok(self) -> bool:

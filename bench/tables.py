@@ -105,7 +105,9 @@ def print_table(name: str, results: List[Result], baseline: Optional[str] = None
     lines = [f"== {name} =="]
     peak = next((r.peak_gflops for r in results if r.peak_gflops), None)
     if peak:
-        lines.append(f"matmul peak of this run: {peak:.1f} GFLOP/s; %peak = achieved GFLOP/s / that")
+        text = next((r.peak_text for r in results if r.peak_text), "")
+        lines.append(text or f"matmul peak of this run: {peak:.1f} GFLOP/s")
+        lines.append(f"%peak = achieved GFLOP/s / {peak:.1f} GFLOP/s (the best fp32 GEMM of this run)")
     if flops_formula:
         lines.append(f"FLOPs: {flops_formula}")
     by_case: Dict[str, List[Result]] = {}
@@ -140,7 +142,7 @@ def print_table(name: str, results: List[Result], baseline: Optional[str] = None
 
 CSV_FIELDS = ["bench", "case", "provider", "mode", "dtype", "shape", "device", "device_name", "torch", "triton",
               "commit", "threads", "date", "load1", "flops", "median_ms", "min_ms", "max_ms", "reps", "note",
-              "tflops", "gflops", "peak_gflops", "share_of_peak", "peak_mib", "floor_mib", "baseline",
+              "tflops", "gflops", "peak_gflops", "peak_source", "share_of_peak", "peak_mib", "floor_mib", "baseline",
               "time_vs_base", "mem_vs_base", "status"]
 
 
@@ -167,6 +169,7 @@ def write_csv(path: str, name: str, results: List[Result], env: Dict[str, str], 
                 "median_ms": _num(r.median_ms, ".4f"), "min_ms": _num(r.min_ms, ".4f"),
                 "max_ms": _num(r.max_ms, ".4f"), "reps": r.reps, "note": r.note, "tflops": _num(r.tflops, ".5f"),
                 "gflops": _num(r.gflops, ".6g"), "peak_gflops": _num(r.peak_gflops, ".2f"),
+                "peak_source": r.peak_text,
                 "share_of_peak": _num(r.share, ".4g"),  # significant digits: a small share keeps its precision
                 "peak_mib": _num(None if r.peak_bytes is None else r.peak_bytes / MIB, ".2f"),
                 "floor_mib": _num(r.case.floor_bytes / MIB if r.case.floor_bytes else None, ".2f"),

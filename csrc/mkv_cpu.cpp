@@ -1,17 +1,15 @@
 // Multi-segment (PWCA) attention on CPU: FlashAttention-2 over one or two key/value segments in
 // one call, so the keys are never concatenated and no [Nq, Nk] matrix exists (only per-thread
-// [kBM, kBN] tiles). The block products run through the BLAS that libtorch_cpu exports (MKL),
-// single-threaded inside at::parallel_for (MKL runs serial inside ATen's OpenMP regions; 2 threads
-// measured ~2x one).
+// [rows, keys] tiles). The block products run on oneDNN's brgemm micro-kernel as libtorch exports
+// it (fp32; MKL's sgemm where absent, dgemm for fp64), see cpu_block.h: every product is a plain
+// row-major A @ B read in place, because the keys (and values, for dP) are transposed once per
+// head, dK and dV accumulate transposed, and the softmax scale is folded into the exponent.
 //
 // Forward: parallel over batch x heads x query blocks; online softmax over the key blocks of
-// segment 1, then segment 2; out and lse (the dtype of the inputs) are saved. A key block spans a
-// whole segment up to kBN keys (DCAL's 785-token segments are one block each), so each GEMM is as
-// large as the tile allows and the rescaling of the output happens once per segment.
+// segment 1, then segment 2; out and lse (the dtype of the inputs) are saved.
 // Backward: parallel over batch x heads; one pass per (b, h) walks query blocks x key blocks and
-// accumulates dq, dk, dv straight into the outputs (each (b, h) slice has one owner), so there are
-// no atomics and the result does not depend on the thread count. The lse gradient folds into
-// delta = rowsum(dO * O) - dlse, as dS = P * (dP - delta).
+// accumulates dq in place and dk, dv in per-thread transposed panels (each (b, h) slice has one
+// owner), so there are no atomics and the result does not depend on the thread count.
 // Tasks are taken dynamically from a shared counter (a loaded core does not hold the other
 // back); each task writes only its own outputs, so the schedule does not change the result.
 #include "mkv.h"
@@ -26,55 +24,65 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_math.h"
+#include "cpu_block.h"
 
 namespace dcal {
 namespace {
 
-// Tile sizes, by measurement at Nq = Nk = 785, D = 64, fp32 forward+backward (2 cores, 1 MiB L2
-// each, under heavy load from other jobs, so differences under ~5% are noise): keys per block 1024
-// beat 256 and 512 by 5-10%; forward query blocks of 64 beat 32 and 128; backward query blocks of
-// 128 beat 64 by about 5%. Score tiles are [rows, ld] with ld the
-// key count rounded up to 16 floats (64-byte rows; a power-of-two stride would alias cache sets).
-constexpr int64_t kBM = 64;    // query rows per forward tile
-constexpr int64_t kBMb = 128;  // query rows per backward tile
+// Tiles. Query blocks are as large as the L2 holds (score tiles [rows, keys] plus the transposed
+// keys/values of the head): at most kBMf rows forward and kBMb backward, split evenly so there is
+// no short tail block (785 queries: 4 blocks of 197 rows either way). A key block spans a whole
+// segment up to kBN keys (DCAL's 785-token segments are one block each), so each product is as
+// large as the tile allows and the output is rescaled once per segment. Score tiles are [rows,
+// ld] with ld the key count rounded up to 16 floats (64-byte rows).
+constexpr int64_t kBMf = 200;  // most query rows per forward tile
+constexpr int64_t kBMb = 256;  // most query rows per backward tile
 constexpr int64_t kBN = 1024;  // keys per tile
 
-inline int padded(int n) { return (n + 15) / 16 * 16; }
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Rows per block when n rows are split into ceil(n / most) blocks of (nearly) equal size.
+inline int64_t block_rows(int64_t n, int64_t most) {
+  const int64_t nb = (n + most - 1) / most;
+  return (n + nb - 1) / nb;
+}
 
 // Row stride capacity of a tile: the longest key block of these segments, padded; the tiles
 // are no larger than the segments need.
 inline int64_t tile_ld(const std::vector<int64_t>& nks) {
-  return padded(static_cast<int>(std::min(kBN, *std::max_element(nks.begin(), nks.end()))));
+  return padded(std::min(kBN, *std::max_element(nks.begin(), nks.end())));
 }
 
-using cpu::gemm;
-
-// ds <- p * (ds - delta)
-template <typename T>
-[[gnu::always_inline]] inline void dsoftmax_impl(T* ds, const T* p, int64_t n, T delta) {
-  for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
+// Row stride of a transposed [D, keys] panel: padded, and off multiples of 1 KiB, which would map
+// every row of a column to the same cache sets.
+inline int64_t panel_ld(int64_t keys) {
+  const int64_t ld = padded(keys);
+  return ld % 256 == 0 ? ld + 16 : ld;
 }
 
-template <typename T>
-[[gnu::always_inline]] inline void scale_row_impl(T* o, int64_t n, T c) {
-  for (int64_t j = 0; j < n; ++j) o[j] *= c;
-}
+using cpu::mm;
+using cpu::transpose;
 
-DCAL_CPU_CLONES float row_max(const float* s, int64_t n) { return cpu::row_max_impl(s, n); }
-DCAL_CPU_CLONES double row_max(const double* s, int64_t n) { return cpu::row_max_impl(s, n); }
-DCAL_CPU_CLONES float exp_sub_sum(float* s, int64_t n, float c) { return cpu::exp_sub_sum_impl(s, n, c); }
-DCAL_CPU_CLONES double exp_sub_sum(double* s, int64_t n, double c) { return cpu::exp_sub_sum_impl(s, n, c); }
-DCAL_CPU_CLONES void exp_sub(float* s, int64_t n, float c) { cpu::exp_sub_impl(s, n, c); }
-DCAL_CPU_CLONES void exp_sub(double* s, int64_t n, double c) { cpu::exp_sub_impl(s, n, c); }
-DCAL_CPU_CLONES void dsoftmax(float* ds, const float* p, int64_t n, float d) { dsoftmax_impl(ds, p, n, d); }
-DCAL_CPU_CLONES void dsoftmax(double* ds, const double* p, int64_t n, double d) { dsoftmax_impl(ds, p, n, d); }
-DCAL_CPU_CLONES void scale_row(float* o, int64_t n, float c) { scale_row_impl(o, n, c); }
-DCAL_CPU_CLONES void scale_row(double* o, int64_t n, double c) { scale_row_impl(o, n, c); }
+DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
+DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
+DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) { return cpu::exp_scale_sum_vec(s, n, a, c); }
+DCAL_CPU_CLONES double exp_scale_sum(double* s, int64_t n, double a, double c) {
+  return cpu::exp_scale_sum_vec(s, n, a, c);
+}
+DCAL_CPU_CLONES void exp_scale(float* s, int64_t n, float a, float c) { cpu::exp_scale_vec(s, n, a, c); }
+DCAL_CPU_CLONES void exp_scale(double* s, int64_t n, double a, double c) { cpu::exp_scale_vec(s, n, a, c); }
+DCAL_CPU_CLONES void dsoftmax(float* ds, const float* p, int64_t n, float d, float a) {
+  cpu::dsoftmax_vec(ds, p, n, d, a);
+}
+DCAL_CPU_CLONES void dsoftmax(double* ds, const double* p, int64_t n, double d, double a) {
+  cpu::dsoftmax_vec(ds, p, n, d, a);
+}
+DCAL_CPU_CLONES void scale_row(float* o, int64_t n, float c) { cpu::scale_vec(o, n, c); }
+DCAL_CPU_CLONES void scale_row(double* o, int64_t n, double c) { cpu::scale_vec(o, n, c); }
 DCAL_CPU_CLONES float dot(const float* a, const float* b, int64_t n) { return cpu::dot_impl(a, b, n); }
 DCAL_CPU_CLONES double dot(const double* a, const double* b, int64_t n) { return cpu::dot_impl(a, b, n); }
 
-// One [B, H, N, D] tensor with unit stride along D and a row stride BLAS accepts.
+// One [B, H, N, D] tensor with unit stride along D and a row stride >= D.
 template <typename T>
 struct HeadsView {
   const T* data;
@@ -90,7 +98,7 @@ at::Tensor blas_ready(const at::Tensor& t) {
 
 template <typename T>
 HeadsView<T> view_of(const at::Tensor& t) {
-  // A single-token axis may carry any stride; BLAS wants a leading dimension >= D.
+  // A single-token axis may carry any stride; the products want a row stride >= D.
   const int64_t sn = t.size(2) == 1 ? t.size(3) : t.stride(2);
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), sn};
 }
@@ -124,54 +132,78 @@ std::vector<Seg> segments(const at::Tensor& k1, const at::Tensor& v1, const std:
   return segs;
 }
 
+// The segments of one call: views, lengths, and where each one's columns start in a transposed
+// [D, all keys] panel of a head.
+template <typename T>
+struct Segs {
+  std::vector<HeadsView<T>> k, v;
+  std::vector<int64_t> n, off;
+  int64_t total = 0, ld = 0, cap = 0;
+  explicit Segs(const std::vector<Seg>& segs) {
+    for (const auto& s : segs) {
+      k.push_back(view_of<T>(s.k));
+      v.push_back(view_of<T>(s.v));
+      n.push_back(s.k.size(2));
+      off.push_back(total);
+      total += s.k.size(2);
+    }
+    ld = panel_ld(total);
+    cap = tile_ld(n);
+  }
+};
+
+// Forward. Tasks (b, h, query block) are taken dynamically; a thread transposes the keys of a
+// head into its [D, keys] panel when its task moves to that head (consecutive tasks share a
+// head, so each head is transposed about once per thread). Per key block: S = Q K^T (raw),
+// the row maximum of scale * S, P = exp(scale * S - max) with its row sum in one pass, then
+// O += P V; out rows double as the accumulator.
 template <typename T>
 void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q_.size(0), H = q_.size(1), Nq = q_.size(2), D = q_.size(3);
   const auto q = view_of<T>(q_);
-  std::vector<HeadsView<T>> ks, vs;
-  std::vector<int64_t> nks;
-  for (const auto& s : segs) {
-    ks.push_back(view_of<T>(s.k));
-    vs.push_back(view_of<T>(s.v));
-    nks.push_back(s.k.size(2));
-  }
+  const Segs<T> sg(segs);
   T* o_all = out.data_ptr<T>();
   T* lse_all = lse.data_ptr<T>();
-  const int64_t nqb = (Nq + kBM - 1) / kBM;
+  const int64_t bm = block_rows(Nq, kBMf), nqb = (Nq + bm - 1) / bm;
   const int64_t tasks = B * H * nqb;
-  const int64_t cap = tile_ld(nks);
+  const bool lowest = scale < T(0);  // the maximum of scale * s is scale * min s
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<T> s(kBM * cap), m(kBM), l(kBM);
+    std::vector<T> s(bm * sg.cap), m(bm), l(bm), kt(D * sg.ld);
+    int64_t panel_of = -1;
     for (int64_t task = next++; task < tasks; task = next++) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kBM, b = bh / H, h = bh % H;
-      const int mr = static_cast<int>(std::min(kBM, Nq - i0));
+      const int64_t bh = task / nqb, i0 = (task % nqb) * bm, b = bh / H, h = bh % H;
+      const int64_t mr = std::min(bm, Nq - i0);
+      if (panel_of != bh) {
+        for (size_t g = 0; g < sg.n.size(); ++g)
+          transpose(sg.k[g].at(b, h), sg.k[g].sn, sg.n[g], D, kt.data() + sg.off[g], sg.ld);
+        panel_of = bh;
+      }
       const T* qp = q.at(b, h) + i0 * q.sn;
-      T* op = o_all + (bh * Nq + i0) * D;  // out rows double as the accumulator
+      T* op = o_all + (bh * Nq + i0) * D;
       std::fill(op, op + mr * D, T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
-      for (size_t g = 0; g < ks.size(); ++g) {
-        const T* kp = ks[g].at(b, h);
-        const T* vp = vs[g].at(b, h);
-        for (int64_t j0 = 0; j0 < nks[g]; j0 += kBN) {
-          const int n = static_cast<int>(std::min(kBN, nks[g] - j0)), ld = padded(n);
-          // s [mr, n] = scale * q [mr, D] @ k[j0:j0+n]^T [D, n]
-          gemm('N', 'T', mr, n, D, scale, qp, q.sn, kp + j0 * ks[g].sn, ks[g].sn, T(0), s.data(), ld);
-          for (int i = 0; i < mr; ++i) {
+      for (size_t g = 0; g < sg.n.size(); ++g) {
+        const T* vp = sg.v[g].at(b, h);
+        for (int64_t j0 = 0; j0 < sg.n[g]; j0 += kBN) {
+          const int64_t n = std::min(kBN, sg.n[g] - j0), ld = padded(n);
+          // s [mr, n] = q [mr, D] @ k^T [D, n]
+          mm(mr, n, D, qp, q.sn, kt.data() + sg.off[g] + j0, sg.ld, s.data(), ld, false);
+          for (int64_t i = 0; i < mr; ++i) {
             T* si = s.data() + i * ld;
-            const T mnew = std::max(m[i], row_max(si, n));
+            const T mnew = std::max(m[i], scale * row_extreme(si, n, lowest));
             const T corr = std::exp(m[i] - mnew);  // 0 on the first block (m = -inf)
-            l[i] = l[i] * corr + exp_sub_sum(si, n, mnew);
+            l[i] = l[i] * corr + exp_scale_sum(si, n, scale, mnew);
             if (corr != T(1)) scale_row(op + i * D, D, corr);
             m[i] = mnew;
           }
           // out [mr, D] += p [mr, n] @ v[j0:j0+n] [n, D]
-          gemm('N', 'N', mr, D, n, T(1), s.data(), ld, vp + j0 * vs[g].sn, vs[g].sn, T(1), op, D);
+          mm(mr, D, n, s.data(), ld, vp + j0 * sg.v[g].sn, sg.v[g].sn, op, D, true);
         }
       }
       T* lp = lse_all + bh * Nq + i0;
-      for (int i = 0; i < mr; ++i) {
+      for (int64_t i = 0; i < mr; ++i) {
         scale_row(op + i * D, D, T(1) / l[i]);
         lp[i] = m[i] + std::log(l[i]);
       }
@@ -179,6 +211,14 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
   });
 }
 
+// Backward. One task per (b, h): the keys and values of the head are transposed once into
+// [D, keys] panels, and dK and dV accumulate transposed, as [D, keys] in their own output memory
+// (then transposed in place through one per-thread [D, keys] buffer), so that every product reads
+// its operands in place (only the [D, rows] transposes of a query block's q and dO are made):
+//   P = exp(scale * Q K^T - lse)       dV^T += dO^T P         dP = dO V^T
+//   dS = scale * P * (dP - delta)      dQ += dS K             dK^T += Q^T dS
+// Each (b, h) slice of the outputs has one owner, so there are no atomics and the result does
+// not depend on the thread count. The lse gradient folds into delta = rowsum(dO * O) - dlse.
 template <typename T>
 void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q_, const std::vector<Seg>& segs,
                 const at::Tensor& out, const at::Tensor& lse, T scale, std::vector<at::Tensor>& grads) {
@@ -188,52 +228,56 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
   const T* o_all = out.const_data_ptr<T>();    // contiguous
   const T* lse_all = lse.const_data_ptr<T>();  // contiguous
   const T* dlse_all = dlse.defined() ? dlse.const_data_ptr<T>() : nullptr;
-  std::vector<HeadsView<T>> ks, vs;
-  std::vector<int64_t> nks;
-  for (const auto& s : segs) {
-    ks.push_back(view_of<T>(s.k));
-    vs.push_back(view_of<T>(s.v));
-    nks.push_back(s.k.size(2));
-  }
+  const Segs<T> sg(segs);
   T* dq_all = grads[0].data_ptr<T>();
-  const int64_t cap = tile_ld(nks);
+  const int64_t bm = block_rows(Nq, kBMb);
+  const int64_t nk_max = *std::max_element(sg.n.begin(), sg.n.end()), ldp = panel_ld(nk_max);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<T> p(kBMb * cap), ds(kBMb * cap), delta(Nq);
+    // panels of one segment at a time (segments are the outer loop); tmp: the in-place transposes
+    std::vector<T> p(bm * sg.cap), ds(bm * sg.cap), delta(Nq);
+    std::vector<T> kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm), tmp(D * nk_max);
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
       const T* lsep = lse_all + bh * Nq;
       for (int64_t i = 0; i < Nq; ++i)
         delta[i] = dot(dop + i * D, o_all + (bh * Nq + i) * D, D) - (dlse_all ? dlse_all[bh * Nq + i] : T(0));
-      for (int64_t i0 = 0; i0 < Nq; i0 += kBMb) {
-        const int mr = static_cast<int>(std::min(kBMb, Nq - i0));
-        const T* qp = q.at(b, h) + i0 * q.sn;
-        const T* doi = dop + i0 * D;
-        T* dqi = dq_all + (bh * Nq + i0) * D;
-        for (size_t g = 0; g < ks.size(); ++g) {
-          const int64_t nk = nks[g];
-          T* dk = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;
-          T* dv = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
-          const T* kp = ks[g].at(b, h);
-          const T* vp = vs[g].at(b, h);
+      for (size_t g = 0; g < sg.n.size(); ++g) {
+        const int64_t nk = sg.n[g];
+        const T* kp = sg.k[g].at(b, h);
+        transpose(kp, sg.k[g].sn, nk, D, kt.data(), ldp);
+        transpose(sg.v[g].at(b, h), sg.v[g].sn, nk, D, vt.data(), ldp);
+        T* dkt = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;  // dk^T [D, nk], in dk's memory
+        T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
+        std::fill_n(dkt, nk * D, T(0));
+        std::fill_n(dvt, nk * D, T(0));
+        for (int64_t i0 = 0; i0 < Nq; i0 += bm) {
+          const int64_t mr = std::min(bm, Nq - i0);
+          const T* qp = q.at(b, h) + i0 * q.sn;
+          const T* doi = dop + i0 * D;
+          T* dqi = dq_all + (bh * Nq + i0) * D;
+          transpose(qp, q.sn, mr, D, qt.data(), bm);
+          transpose(doi, D, mr, D, dot_t.data(), bm);
           for (int64_t j0 = 0; j0 < nk; j0 += kBN) {
-            const int n = static_cast<int>(std::min(kBN, nk - j0)), ld = padded(n);
-            const T* kj = kp + j0 * ks[g].sn;
-            const T* vj = vp + j0 * vs[g].sn;
+            const int64_t n = std::min(kBN, nk - j0), ld = padded(n);
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
-            gemm('N', 'T', mr, n, D, scale, qp, q.sn, kj, ks[g].sn, T(0), p.data(), ld);
-            for (int i = 0; i < mr; ++i) exp_sub(p.data() + i * ld, n, lsep[i0 + i]);
-            // dv_j [n, D] += p^T [n, mr] @ dO [mr, D]
-            gemm('T', 'N', n, D, mr, T(1), p.data(), ld, doi, D, T(1), dv + j0 * D, D);
-            // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = p * (dp - delta)
-            gemm('N', 'T', mr, n, D, T(1), doi, D, vj, vs[g].sn, T(0), ds.data(), ld);
-            for (int i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i]);
-            // dq [mr, D] += scale * ds [mr, n] @ k_j [n, D]
-            gemm('N', 'N', mr, D, n, scale, ds.data(), ld, kj, ks[g].sn, T(1), dqi, D);
-            // dk_j [n, D] += scale * ds^T [n, mr] @ q [mr, D]
-            gemm('T', 'N', n, D, mr, scale, ds.data(), ld, qp, q.sn, T(1), dk + j0 * D, D);
+            mm(mr, n, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
+            for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
+            // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
+            mm(D, n, mr, dot_t.data(), bm, p.data(), ld, dvt + j0, nk, true);
+            // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
+            mm(mr, n, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
+            for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
+            // dq [mr, D] += ds [mr, n] @ k_j [n, D]
+            mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
+            // dk_j^T [D, n] += q^T [D, mr] @ ds [mr, n]
+            mm(D, n, mr, qt.data(), bm, ds.data(), ld, dkt + j0, nk, true);
           }
+        }
+        for (T* x : {dkt, dvt}) {  // [D, nk] -> [nk, D] in place, through tmp
+          std::copy_n(x, nk * D, tmp.data());
+          transpose(tmp.data(), nk, D, nk, x, D);
         }
       }
     }
@@ -273,8 +317,9 @@ std::vector<at::Tensor> mkv_bwd_cpu(const at::Tensor& dout, const std::optional<
   if (dlse.has_value() && dlse->defined()) dl = dlse->to(dt).contiguous();
   std::vector<at::Tensor> grads{at::zeros(q.sizes(), q.options())};
   for (const auto& s : segs) {
-    grads.push_back(at::zeros(s.k.sizes(), q.options()));
-    grads.push_back(at::zeros(s.v.sizes(), q.options()));
+    // dk, dv: written whole from the transposed accumulators; dq accumulates in place
+    grads.push_back(at::empty(s.k.sizes(), q.options()));
+    grads.push_back(at::empty(s.v.sizes(), q.options()));
   }
   if (dt == at::kFloat)
     bwd_kernel<float>(doc, dl, qc, segs, oc, lc, static_cast<float>(scale), grads);

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_peak.h"
 #include "dcal.h"
 #include "mkv.h"
 #include "na2d.h"
@@ -52,8 +53,27 @@ static PyObject* dcal_built_with_cuda(PyObject*, PyObject*) {
   if (dcal::built_with_cuda()) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
 }
+// cpu_peak(kind, M, N, K, seconds) -> GFLOP/s over the intra-op threads (csrc/cpu_peak.h).
+static PyObject* dcal_cpu_peak(PyObject*, PyObject* args) {
+  const char* kind;
+  long long M, N, K;
+  double seconds;
+  if (!PyArg_ParseTuple(args, "sLLLd", &kind, &M, &N, &K, &seconds)) return nullptr;
+  double r;
+  try {
+    r = dcal::cpu_peak(kind, M, N, K, seconds);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  return PyFloat_FromDouble(r);
+}
+static PyObject* dcal_cpu_fma_lanes(PyObject*, PyObject*) { return PyLong_FromLong(dcal::cpu_fma_lanes()); }
 static PyMethodDef dcal_methods[] = {
     {"built_with_cuda", dcal_built_with_cuda, METH_NOARGS, "True when the CUDA kernels are compiled in."},
+    {"cpu_peak", dcal_cpu_peak, METH_VARARGS,
+     "cpu_peak(kind, M, N, K, seconds): GFLOP/s of 'brgemm' / 'sgemm' [M,K]@[K,N] or 'fma' on all intra-op threads."},
+    {"cpu_fma_lanes", dcal_cpu_fma_lanes, METH_NOARGS, "fp32 lanes of the widest FMA (16, 8 or 0)."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef dcal_module = {PyModuleDef_HEAD_INIT, "_C", "dcal C++/CUDA kernels", -1, dcal_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dcal_module); }

@@ -3,9 +3,11 @@
 // The CLS row of S_L @ ... @ S_1 is a row vector pushed through the blocks from the last to the
 // first: r = e_0; for l = L..1: r <- (1 - residual) * (r A_l) + residual * r, where
 //   (r A_l)_j = 1/H sum_h sum_i r_i exp(s_ij - lse_i),   s = q_l k_l^T * scale.
-// Per (batch, head) the query rows are taken in blocks of kBQ: one BLAS GEMM gives the block's
-// full score rows [kBQ, N] (a per-thread tile), then each row i with weight r_i != 0 is turned
-// into probabilities and added, times r_i, to an [N] accumulator. A whole score row is in the
+// Per (batch, head) the keys are transposed once into a [D, N] panel (widened to fp32 for bf16),
+// and the query rows are taken in blocks of at most kBQ: one product (oneDNN brgemm for fp32/bf16,
+// dgemm for fp64; cpu_block.h) gives the block's full raw score rows [rows, N] (a per-thread
+// tile), then each row i with weight r_i != 0 is turned into probabilities, with the scale folded
+// into the exponent, and added, times r_i, to an [N] accumulator. A whole score row is in the
 // tile, so without given logsumexps the row's max and sum come from the same tile (max pass,
 // exp pass with the sum, weighted add): the scores are computed once either way, and each
 // exponential once.
@@ -14,7 +16,7 @@
 // blocks of zero weight are skipped, so that step costs one row per head.
 //
 // Memory beyond the inputs: the [B, H, chunks, N] partial sums (chunks >= 1 only for small B*H)
-// plus a [kBQ, N] score tile per thread (and fp32 copies of one head of k for bf16 inputs).
+// plus a [kBQ, N] score tile and a [D, N] key panel per thread.
 // Parallel over (batch, head, query chunk) tasks, taken dynamically by the threads; each task
 // writes its own partial row and the partials are summed in a fixed order, so results do not
 // depend on the thread count or schedule.
@@ -29,16 +31,17 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_math.h"
+#include "cpu_block.h"
 
 namespace dcal {
 namespace {
 
-using cpu::gemm;
+using cpu::mm;
 
-// Query rows per GEMM: a [64, 785] fp32 score tile (200 KB) stays in a 1 MiB L2 while its rows
-// are reduced, and 64 rows amortise the GEMM's packing of k.
-constexpr int64_t kBQ = 64;
+// Most query rows per product; a head's rows are split evenly (785: 4 blocks of 197), so a
+// [197, 785] fp32 score tile (620 KB) and the key panel (200 KB at D 64) stay in the L2 while
+// the rows are reduced.
+constexpr int64_t kBQ = 200;
 // Below this many (batch, head) pairs the query blocks of a head are split into chunks, so both
 // threads have work and a late task is short. A function of the shape only (determinism).
 constexpr int64_t kMinTasks = 32;
@@ -52,27 +55,25 @@ struct AccOf<double> {
   using type = double;
 };
 
-// acc <- acc + w * exp(s - c)
-template <typename T>
-[[gnu::always_inline]] inline void exp_axpy_impl(T* acc, const T* s, int64_t n, T c, T w) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * cpu::exp_poly(s[j] - c);
+DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
+DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
+DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) { return cpu::exp_scale_sum_vec(s, n, a, c); }
+DCAL_CPU_CLONES double exp_scale_sum(double* s, int64_t n, double a, double c) {
+  return cpu::exp_scale_sum_vec(s, n, a, c);
+}
+DCAL_CPU_CLONES void exp_scale_axpy(float* acc, const float* s, int64_t n, float a, float c, float w) {
+  cpu::exp_scale_axpy_vec(acc, s, n, a, c, w);
 }
 // acc <- acc + w * p
 template <typename T>
 [[gnu::always_inline]] inline void axpy_impl(T* acc, const T* p, int64_t n, T w) {
   for (int64_t j = 0; j < n; ++j) acc[j] += w * p[j];
 }
-
-DCAL_CPU_CLONES float row_max(const float* s, int64_t n) { return cpu::row_max_impl(s, n); }
-DCAL_CPU_CLONES double row_max(const double* s, int64_t n) { return cpu::row_max_impl(s, n); }
-DCAL_CPU_CLONES float exp_sub_sum(float* s, int64_t n, float c) { return cpu::exp_sub_sum_impl(s, n, c); }
-DCAL_CPU_CLONES double exp_sub_sum(double* s, int64_t n, double c) { return cpu::exp_sub_sum_impl(s, n, c); }
-DCAL_CPU_CLONES void exp_axpy(float* a, const float* s, int64_t n, float c, float w) { exp_axpy_impl(a, s, n, c, w); }
-DCAL_CPU_CLONES void exp_axpy(double* a, const double* s, int64_t n, double c, double w) {
-  exp_axpy_impl(a, s, n, c, w);
-}
 DCAL_CPU_CLONES void axpy(float* a, const float* p, int64_t n, float w) { axpy_impl(a, p, n, w); }
 DCAL_CPU_CLONES void axpy(double* a, const double* p, int64_t n, double w) { axpy_impl(a, p, n, w); }
+DCAL_CPU_CLONES void exp_scale_axpy(double* acc, const double* s, int64_t n, double a, double c, double w) {
+  cpu::exp_scale_axpy_vec(acc, s, n, a, c, w);
+}
 
 // One [B, H, N, D] tensor with unit stride along D and a row stride BLAS accepts (>= D).
 template <typename scalar_t>
@@ -106,63 +107,68 @@ void widen(const scalar_t* src, int64_t ld, int64_t n, int64_t D, acc_t* dst) {
     for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<acc_t>(src[i * ld + d]);
 }
 
+// Rows per query block when n rows are split into ceil(n / kBQ) blocks of (nearly) equal size.
+inline int64_t block_rows(int64_t n) {
+  const int64_t nb = (n + kBQ - 1) / kBQ;
+  return (n + nb - 1) / nb;
+}
+
 // part[task] = sum_i r[b, i] softmax_i(q_i k^T * scale) over the query rows of the task.
 template <typename scalar_t, typename acc_t>
 void vec_attn_step(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, const acc_t* lse, const acc_t* r,
                    acc_t* part, int64_t B, int64_t H, int64_t N, int64_t D, int64_t chunks, acc_t scale) {
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t nqb = (N + kBQ - 1) / kBQ;
+  const int64_t bq = block_rows(N), nqb = (N + bq - 1) / bq;
   const int64_t per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t tasks = B * H * chunks;
   const int64_t ld = round_up(N, 16);  // row stride of the score tile: 64-byte aligned fp32 rows
+  // row stride of the [D, N] key panel: off multiples of 1 KiB (cache-set aliasing)
+  const int64_t ldk = ld % 256 == 0 ? ld + 16 : ld;
+  const bool lowest = scale < acc_t(0);  // the maximum of scale * s is scale * min s
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<acc_t> s(kBQ * ld);
-    std::vector<acc_t> kbuf(kWiden ? N * D : 0), qbuf(kWiden ? kBQ * D : 0);
+    std::vector<acc_t> s(bq * ld), kt(D * ldk), qbuf(kWiden ? bq * D : 0);
+    int64_t panel_of = -1;  // the (b, h) whose keys are in kt
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
       acc_t* acc = part + task * N;
       std::fill(acc, acc + N, acc_t(0));
       const acc_t* rb = r + b * N;
       const acc_t* lse_bh = lse ? lse + bh * N : nullptr;
-      const acc_t* kp = nullptr;
-      int64_t ldk = 0;
       for (int64_t qb = c * per_chunk; qb < std::min(nqb, (c + 1) * per_chunk); ++qb) {
-        const int64_t i0 = qb * kBQ, m = std::min(kBQ, N - i0);
+        const int64_t i0 = qb * bq, m = std::min(bq, N - i0);
         int64_t lo = 0, hi = m;  // rows of zero weight at either end of the block are not computed
         while (lo < hi && rb[i0 + lo] == acc_t(0)) ++lo;
         while (hi > lo && rb[i0 + hi - 1] == acc_t(0)) --hi;
         if (lo == hi) continue;
-        if (kp == nullptr) {
-          if constexpr (kWiden) {
-            widen(k.at(b, h), k.sn, N, D, kbuf.data());
-            kp = kbuf.data(), ldk = D;
-          } else {
-            kp = k.at(b, h), ldk = k.sn;
-          }
-        }
-        const acc_t* qp;
-        int64_t ldq;
-        if constexpr (kWiden) {
-          widen(q.at(b, h) + (i0 + lo) * q.sn, q.sn, hi - lo, D, qbuf.data());
-          qp = qbuf.data(), ldq = D;
+        if (D == 0) {  // empty dot products: all scores 0
+          std::fill(s.begin(), s.begin() + (hi - lo) * ld, acc_t(0));
         } else {
-          qp = q.at(b, h) + (i0 + lo) * q.sn, ldq = q.sn;
+          if (panel_of != bh) {
+            cpu::transpose(k.at(b, h), k.sn, N, D, kt.data(), ldk);
+            panel_of = bh;
+          }
+          const acc_t* qp;
+          int64_t ldq;
+          if constexpr (kWiden) {
+            widen(q.at(b, h) + (i0 + lo) * q.sn, q.sn, hi - lo, D, qbuf.data());
+            qp = qbuf.data(), ldq = D;
+          } else {
+            qp = q.at(b, h) + (i0 + lo) * q.sn, ldq = q.sn;
+          }
+          // s [hi - lo, N] = q [hi - lo, D] @ k^T [D, N]  (raw: the scale enters the exponent)
+          mm(hi - lo, N, D, qp, ldq, kt.data(), ldk, s.data(), ld, false);
         }
-        // s [hi - lo, N] = scale * q [hi - lo, D] @ k^T [D, N]  (D = 0: all zeros; BLAS wants ld >= 1)
-        gemm('N', 'T', static_cast<int>(hi - lo), static_cast<int>(N), static_cast<int>(D), scale, qp,
-             static_cast<int>(std::max<int64_t>(ldq, 1)), kp, static_cast<int>(std::max<int64_t>(ldk, 1)), acc_t(0),
-             s.data(), static_cast<int>(ld));
         for (int64_t i = lo; i < hi; ++i) {
           const acc_t w = rb[i0 + i];
           if (w == acc_t(0)) continue;
           acc_t* si = s.data() + (i - lo) * ld;
           if (lse_bh) {
-            exp_axpy(acc, si, N, lse_bh[i0 + i], w);
+            exp_scale_axpy(acc, si, N, scale, lse_bh[i0 + i], w);
           } else {
             // The row max keeps every exp at most 1; the normaliser comes from the same row.
-            const acc_t mx = row_max(si, N);
-            const acc_t sum = exp_sub_sum(si, N, mx);
+            const acc_t mx = scale * row_extreme(si, N, lowest);
+            const acc_t sum = exp_scale_sum(si, N, scale, mx);
             axpy(acc, si, N, w / sum);
           }
         }
@@ -177,7 +183,7 @@ void rollout_kernel(const std::vector<at::Tensor>& qs, const std::vector<at::Ten
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t B = qs[0].size(0), H = qs[0].size(1), N = qs[0].size(2), D = qs[0].size(3);
   const int64_t L = static_cast<int64_t>(qs.size());
-  const int64_t nqb = (N + kBQ - 1) / kBQ;
+  const int64_t nqb = (N + block_rows(N) - 1) / block_rows(N);
   const int64_t chunks = std::min(nqb, std::max<int64_t>(1, (kMinTasks + B * H - 1) / (B * H)));
   at::Tensor part = at::empty({B, H, chunks, N}, r.options());
   acc_t* rp = r.data_ptr<acc_t>();
