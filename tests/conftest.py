@@ -16,6 +16,23 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Every test leaves torch's intra-op thread count as it found it (in-process training runs
+    set ``train.threads``; kernel tests pin one thread)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: with one thread no time is lost in OpenMP barriers on a loaded machine
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` for a whole module)."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def nan_empty(monkeypatch):
     """Fill floating ``torch.empty``/``empty_like``/``empty_permuted``/``new_empty`` results with

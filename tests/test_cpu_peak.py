@@ -9,14 +9,6 @@ from dcal.ops import reference
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C not built")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_cpu_peak_kinds(one_thread):
     for kind in ("brgemm", "sgemm"):
         g = _ext._C.cpu_peak(kind, 24, 40, 16, 0.01)

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from dcal.models import DCALConfig, DCALViT
 from dcal.models.dcal_vit import derangement
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
             glca_ratio=0.25, drop_path_rate=0.0)  # 16 patches + CLS, D 16, R 4
 
@@ -75,15 +78,6 @@ def plain_forward(model, x, perm=None):
 
 
 PERM = torch.tensor([2, 0, 1])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: with one thread no time is lost in OpenMP barriers on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_state_dict_has_timm_vit_names():

@@ -17,13 +17,6 @@ SHORT = ["--set", "train.progress=false", "--set", "train.epochs=1", "--set", "t
          "--set", "data.val_size=40", "--set", "data.train_size=256"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def env():
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     e.pop("TRITON_INTERPRET", None)

@@ -9,15 +9,7 @@ from dcal.nn import LocalGraphAttention, NeighborhoodAttention2D
 
 natten = pytest.importorskip("natten")
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # NATTEN on CPU
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]  # NATTEN on CPU
 
 
 def _natten(C, H, ks, dil, **kw):

@@ -12,15 +12,7 @@ from dcal.nn import NeighborhoodAttention2D
 
 natten = pytest.importorskip("natten")
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # NATTEN on CPU
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]  # NATTEN on CPU
 
 
 def _natten_na2d(q, k, v, ks, dil=1, scale=None):

@@ -7,19 +7,13 @@ from dcal.nn import PWCAAttention
 from dcal.ops._dispatch import Call, choose
 
 # (dtype, atol, rtol); bf16 is judged against the plain module's own bf16 error instead.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TOLS = [(torch.float64, 1e-10, 1e-10), (torch.float32, 2e-5, 2e-5)]
 # (dim, heads, N target tokens, Np pair tokens): odd token counts, head dims 16 and 40.
 SHAPES = [(32, 2, 13, 7), (80, 2, 9, 17)]
 SHAPE_IDS = [f"C{c}-H{h}-N{n}-Np{p}" for c, h, n, p in SHAPES]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: with one thread no time is lost in OpenMP barriers on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def timm_state_dict(dim, bias=True, seed=0):

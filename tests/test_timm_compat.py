@@ -18,15 +18,10 @@ from dcal.nn import FusedMultiheadAttention, PWCAAttention, fuse_attention
 timm = pytest.importorskip("timm")
 from timm.layers import Attention  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 ATOL = RTOL = 1e-10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -22,14 +22,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    # in-process runs set train.threads; the rest of the session keeps its own
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def env():
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     e.pop("TRITON_INTERPRET", None)

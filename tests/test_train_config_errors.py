@@ -35,13 +35,6 @@ TIMM = {
 }
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def write(tmp_path, cfg, name="c.yaml"):
     p = tmp_path / name
     p.write_text(yaml.safe_dump(cfg))

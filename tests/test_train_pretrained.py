@@ -19,13 +19,6 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 ARCH = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def timm_vit(img_size=32, num_classes=10, mlp_ratio=2.0, seed=0):
     torch.manual_seed(seed)
     m = VisionTransformer(img_size=img_size, num_classes=num_classes, qkv_bias=True, mlp_ratio=mlp_ratio, **ARCH)

@@ -19,13 +19,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def write(tmp_path, cfg):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
