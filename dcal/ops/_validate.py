@@ -196,11 +196,11 @@ def na2d_args(q, k, v, kernel_size_, border_, rpb, scale_, dilation_, borders):
 def rollout_args(qs, ks, lses, scale_, residual):
     if isinstance(qs, Tensor) or isinstance(ks, Tensor):
         name = "qs" if isinstance(qs, Tensor) else "ks"
-        raise TypeError(f"{name} must be a sequence of [B, H, N, D] tensors (one per SA block), got a tensor")
+        raise TypeError(f"qs and ks must be sequences of [B, H, N, D] tensors (one per SA block); {name} is a tensor")
     for name, seq in (("qs", qs), ("ks", ks)):
         if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
-            raise TypeError(f"{name} must be a sequence of [B, H, N, D] tensors (one per SA block), "
-                            f"got {type(seq).__name__}")
+            raise TypeError(f"qs and ks must be sequences of [B, H, N, D] tensors (one per SA block); "
+                            f"{name} is a {type(seq).__name__}")
     qs, ks = list(qs), list(ks)
     if len(qs) == 0:
         raise ValueError("qs must hold at least one [B, H, N, D] tensor")
