@@ -86,6 +86,10 @@ def multi_kv_attention(
         out, lse = R.empty_result(
             (lambda: R.empty_in_order(q), lambda: q.new_empty((B, H, Nq), dtype=_stat_dtype(q.dtype))), inputs)
         return (out, lse) if return_lse else out
+    unread, q0 = [], q
+    if scale == 0.0:  # logits are 0 whatever q and k hold: they are not read (zero gradients)
+        unread = [q] + [k for k, _ in kv]
+        q, kv = R.unread(q), [(R.unread(k), v) for k, v in kv]
     qg = R.grad_in_order(q)
     kv_in = [(R.grad_in_order(k), R.grad_in_order(v)) for k, v in kv]
     # Fused backends take one or two segments per pass; more are merged exactly via lse.
@@ -94,7 +98,7 @@ def multi_kv_attention(
         (k1, v1), (k2, v2) = kv_in[i], (kv_in[i + 1] if i + 1 < len(kv_in) else (None, None))
         parts.append(fn(qg, k1, v1, k2, v2, scale))
     out, lse = parts[0] if len(parts) == 1 else _merge(parts)
-    out = R.attach(R.in_order_of(out, q), [t for pair in no_keys for t in pair])
+    out = R.attach(R.in_order_of(out, q0), [t for pair in no_keys for t in pair] + unread)
     return (out, lse.contiguous()) if return_lse else out
 
 
@@ -145,6 +149,8 @@ def attention_rollout(
     _, fn = choose(call, backend)
     if B * N == 0:  # the empty result, on every backend, without a kernel
         return qs[0].new_empty((B, N), dtype=_stat_dtype(qs[0].dtype))
+    if scale == 0.0:  # logits are 0 whatever q and k hold: they are not read
+        qs, ks = [R.unread(t) for t in qs], [R.unread(t) for t in ks]
     return fn(qs, ks, lses, scale, float(residual))
 
 
@@ -213,8 +219,11 @@ def neighborhood_attention2d(
     if q.numel() == 0:  # B, H, X or Y = 0 (D >= 1 is checked): the empty result, without a kernel
         (out,) = R.empty_result((lambda: R.empty_in_order(q),), [q, k, v, rpb], contiguous=(False, False, False, True))
         return out
+    unread, q0 = [], q
+    if scale == 0.0:  # logits are 0 (+ rpb) whatever q and k hold: they are not read (zero gradients)
+        unread, q, k = [q, k], R.unread(q), R.unread(k)
     out = fn(R.grad_in_order(q), R.grad_in_order(k), R.grad_in_order(v), rpb, ks, border, scale, dil)
-    return R.in_order_of(out, q)
+    return R.attach(R.in_order_of(out, q0), unread)
 
 
 # ----------------------------------------------------------------------------- explain

@@ -125,5 +125,11 @@ def attach(out: Tensor, extra: Sequence[Tensor]) -> Tensor:
     return _Attach.apply(out, *extra)
 
 
+def unread(t: Tensor) -> Tensor:
+    """Zeros in place of ``t`` (same shape, dtype, device and dim order, no gradient): what a
+    backend gets for q and k when scale = 0, where the logits are 0 whatever q and k hold."""
+    return torch.empty_permuted(t.shape, dim_order(t), dtype=t.dtype, device=t.device).zero_()
+
+
 def empty_in_order(ref: Tensor, dtype=None) -> Tensor:
     return empty_in_order_of(ref, dtype=dtype)

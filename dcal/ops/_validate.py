@@ -32,6 +32,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OP_NAMES = ("multi_kv_attention", "pwca_attention", "attention_rollout", "neighborhood_attention2d")
 MAX_KERNEL = 1 << 15  # kernel_size and dilation bound (the C++/CUDA geometry is int32)
 MAX_SIDE = 1 << 30  # map side bound
+F32_MAX = float(torch.finfo(torch.float32).max)
+F32_ZERO = 2.0 ** -150  # below this a float rounds to 0 in float32 (half the smallest subnormal)
 
 
 # ----------------------------------------------------------------------------- single arguments
@@ -63,7 +65,9 @@ def head_dim(name: str, t: Tensor, layout: str) -> int:
     return d
 
 
-def scale(value) -> Optional[float]:
+def scale(value, dtype: Optional[torch.dtype] = None) -> Optional[float]:
+    """None or a finite float. The kernels apply the scale in float32 for every dtype but float64,
+    so there it must be finite in float32 too, and one that rounds to 0 in float32 is 0."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -71,6 +75,12 @@ def scale(value) -> Optional[float]:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"scale must be a finite float or None (D ** -0.5), got {value}")
+    if dtype is not None and dtype != torch.float64:
+        if abs(value) > F32_MAX:
+            raise ValueError(f"scale {value} overflows float32, the precision {dtype} inputs are scaled in; "
+                             f"expected |scale| <= {F32_MAX:.4g}")
+        if abs(value) < F32_ZERO:
+            value = 0.0
     return value
 
 
@@ -142,7 +152,7 @@ def mkv_args(q, kv, scale_, return_lse) -> Tuple[list, list, Optional[float]]:
     tensor("q", q, 4, "[B, H, Nq, D]")
     kv = segments(q, kv)
     head_dim("q", q, "[B, H, Nq, D]")
-    s = scale(scale_)
+    s = scale(scale_, q.dtype)
     flag("return_lse", return_lse)
     full = [(k, v) for k, v in kv if k.shape[2] > 0]
     empty = [(k, v) for k, v in kv if k.shape[2] == 0]
@@ -187,7 +197,7 @@ def na2d_args(q, k, v, kernel_size_, border_, rpb, scale_, dilation_, borders):
         if tuple(rpb.shape) != want:
             raise ValueError(f"rpb must have shape {want} ([H, 2*kernel_size-1, 2*kernel_size-1]), got {tuple(rpb.shape)}")
         same_kind("q", q, "rpb", rpb)
-    return ks, bd, scale(scale_), dil
+    return ks, bd, scale(scale_, q.dtype), dil
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -237,7 +247,7 @@ def rollout_args(qs, ks, lses, scale_, residual):
                 raise ValueError(f"lses[{i}] is on {t.device} but qs[0] is on {ref.device}")
     if isinstance(residual, bool) or not isinstance(residual, (int, float)) or not 0.0 <= residual <= 1.0:
         raise ValueError(f"residual must be a float in [0, 1], got {residual!r}")
-    return qs, ks, lses, scale(scale_)
+    return qs, ks, lses, scale(scale_, ref.dtype)
 
 
 # ----------------------------------------------------------------------------- explain / chosen_backend
