@@ -23,6 +23,7 @@ What is accepted (docs/inputs.md):
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -88,7 +89,18 @@ def resolve_scale(value: Optional[float], d: int) -> float:
     return d ** -0.5 if value is None else value
 
 
+def _int(value):
+    """An integer (int, numpy or 0-dim torch integer; not bool) as int, else None."""
+    if isinstance(value, bool) or isinstance(value, float) or (isinstance(value, Tensor) and value.is_floating_point()):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def kernel_size(value) -> int:
+    value = _int(value) if _int(value) is not None else value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"kernel_size must be an odd int >= 3, got {type(value).__name__}")
     if value < 3 or value % 2 == 0 or value >= MAX_KERNEL:
@@ -103,6 +115,7 @@ def border(value, borders) -> str:
 
 
 def dilation(value) -> int:
+    value = _int(value) if _int(value) is not None else value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"dilation must be an int >= 1, got {type(value).__name__}")
     if value < 1 or value >= MAX_KERNEL:
