@@ -5,9 +5,20 @@ of the op's chain that can run the call; see :func:`explain`) and ``scale=None``
 Outputs have the dtype of ``q``; logsumexps are fp32 (fp64 for fp64 inputs), natural log.
 
 Backends: ``"triton"`` (CUDA; CPU tensors only under ``TRITON_INTERPRET=1`` and when asked for),
-``"cpp"`` (C++ on CPU (multi_kv: fp32/fp64), CUDA C++ for neighborhood attention), ``"sdpa"`` (PyTorch fused SDPA per
-key/value segment, merged exactly through the logsumexps) and ``"reference"`` (pure PyTorch,
-materialising; runs anywhere). ``DCAL_BACKEND`` moves a backend to the front of every chain.
+``"cpp"`` (C++ on CPU (multi_kv: fp32/fp64/fp16; the others also bf16; fp16 computed in fp32), CUDA C++ for
+neighborhood attention), ``"sdpa"`` (PyTorch fused SDPA per key/value segment, merged exactly
+through the logsumexps) and ``"reference"`` (pure PyTorch, materialising; runs anywhere).
+``DCAL_BACKEND`` moves a backend to the front of every chain.
+
+Inputs (docs/inputs.md): every call passes one validation layer (:mod:`dcal.ops._validate`) before a
+backend is chosen, so all backends accept the same inputs, and bad input raises a TypeError or
+ValueError naming the argument before any kernel runs. Head dim: any D >= 1 on the CPU backends
+(cpp, sdpa, reference); the GPU kernels (Triton, CUDA C++) take 16..128 in steps of 8 and the
+chain skips them otherwise. Empty sizes (B, H, N or a map side = 0) give the empty result on
+every backend without a kernel, with zero gradients. ``scale`` must be finite; ``scale = 0`` (or
+one that is 0 in float32, for inputs other than float64) makes every logit 0 and q and k are not
+read. NaN and inf in the inputs propagate as in the reference on every CPU backend. Outputs and
+gradients are dense in the dim order of their input (out and dq like q, dk like k, dv like v).
 """
 from __future__ import annotations
 
@@ -73,8 +84,23 @@ def multi_kv_attention(
 
     Returns ``softmax(q @ K^T * scale) @ V`` with ``K = cat(k_i)``, ``V = cat(v_i)`` along the
     token axis, computed without concatenating and without an [Nq, sum Nk_i] matrix (except by
-    the reference backend). With one segment this is ordinary attention. NaN and inf propagate as
-    in PyTorch's attention: an output or gradient is non-finite exactly where the reference's is.
+    the reference backend). With one segment this is ordinary attention.
+
+    Accepted input (checked before any kernel; docs/inputs.md): float16/bfloat16/float32/float64
+    strided tensors of one dtype on one device, any strides; head dim D >= 1 (any D on the CPU
+    backends, 16..128 in steps of 8 on the GPU kernels). B, H or Nq = 0 returns the empty result
+    (and zero gradients) without a kernel; a segment with Nk = 0 adds nothing; no key in any
+    segment (with Nq > 0) raises. ``scale`` finite (NaN/inf raise); ``scale = 0`` does not read q
+    and k (every logit is 0). On CPU, float16 runs the C++ kernels in float32 (linear memory).
+
+    NaN and inf propagate as in PyTorch's own computation (the reference): an output or gradient
+    is non-finite exactly where the reference's is, on "cpp", "reference" and "sdpa" alike
+    ("sdpa" checks its inputs and computes a call that holds a NaN or inf through the exact C++
+    kernels; PyTorch's fused kernel would give zeros for a NaN query row).
+
+    ``out`` and the gradient of q are dense in q's dim order, those of each k and v in their own
+    (for q, k, v views of one packed [B, N, 3, H, D] projection: [B, N, H, D] in memory, so
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing); lse is contiguous.
     """
     kv, no_keys, scale = V.mkv_args(q, kv, scale, return_lse)
     B, H, Nq, D = q.shape
@@ -139,8 +165,12 @@ def attention_rollout(
 
     With ``A_l = mean_h softmax(q_l k_l^T * scale)`` and ``S_l = (1 - residual) A_l + residual I``,
     returns row 0 of ``S_L @ ... @ S_1``: [B, N], fp32, no grad. ``lses`` (optional, [B, H, N]
-    each) are the blocks' logsumexps; they are recomputed when absent. Fused backends use
+    each, floating) are the blocks' logsumexps; they are recomputed when absent. Fused backends use
     O(B*H*N) memory beyond the inputs (no [N, N] matrix).
+
+    B = 0 or N = 0 returns the empty [B, N]; H = 0 (a mean over no heads) and D = 0 raise a
+    ValueError naming ``qs[0]``; integer ``lses`` a TypeError naming ``lses[i]``. ``scale = 0``
+    does not read the queries and keys (every block is uniform attention).
     """
     qs, ks, lses, scale = V.rollout_args(qs, ks, lses, scale, residual)
     B, H, N, D = qs[0].shape
@@ -206,6 +236,11 @@ def neighborhood_attention2d(
     copies nothing). The gradients of q, k and v take the dim order of q, k and v; every backend
     follows this rule.
 
+    Empty maps and sizes (B, H, X or Y = 0) return the empty result (zero gradients) without a
+    kernel, whatever the border; D = 0 raises. kernel_size odd in [3, 2**15), dilation in
+    [1, 2**15). ``scale = 0`` does not read q and k (every logit is ``0 + rpb``). float16 on CPU
+    runs the C++ kernels in float32.
+
     NaN and inf propagate as in PyTorch's own computation (the reference): an output is non-finite
     exactly where the reference's is, forward and backward. Exception: the Triton kernels
     multiply a query tile by its whole key halo, so a non-finite v may also reach the other
@@ -232,7 +267,9 @@ def neighborhood_attention2d(
 def explain(op: str, *tensors: Tensor, backend: Optional[str] = None, **attrs) -> str:
     """The backend chain for ``op`` on these tensors: which backend is chosen and why each other
     one was skipped. ``op`` is a public op name (``"pwca_attention"`` counts as
-    ``"multi_kv_attention"``); pass the op's tensors (the first one sets device, dtype, head dim).
+    ``"multi_kv_attention"``); pass the op's tensors themselves (the first one sets device, dtype,
+    head dim): an unknown ``op`` raises a ValueError listing the names, no tensor or a list of
+    tensors a TypeError naming ``tensors``, an unknown ``backend`` a ValueError listing them.
 
     >>> print(dcal.ops.explain("pwca_attention", q.bfloat16()))   # doctest: +SKIP
     multi_kv_attention on cpu torch.bfloat16, head dim 64:
