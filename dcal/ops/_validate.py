@@ -104,7 +104,7 @@ def kernel_size(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"kernel_size must be an odd int >= 3, got {type(value).__name__}")
     if value < 3 or value % 2 == 0 or value >= MAX_KERNEL:
-        raise ValueError(f"kernel_size must be an odd int in [3, {MAX_KERNEL}), got {value}")
+        raise ValueError(f"kernel_size must be an odd int >= 3 (and < {MAX_KERNEL}), got {value}")
     return value
 
 
@@ -119,7 +119,7 @@ def dilation(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"dilation must be an int >= 1, got {type(value).__name__}")
     if value < 1 or value >= MAX_KERNEL:
-        raise ValueError(f"dilation must be an int in [1, {MAX_KERNEL}), got {value}")
+        raise ValueError(f"dilation must be an int >= 1 (and < {MAX_KERNEL}), got {value}")
     return value
 
 
