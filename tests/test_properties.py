@@ -9,8 +9,8 @@ oracle's is), and the strides of the output and of every gradient (the layout ru
 dim order of the input they belong to; docs/inputs.md).
 
 Hypothesis runs derandomized (a fixed seed: the same cases on every run and machine) with a fixed
-example budget per test, no example database and no deadline; the whole file takes about a
-minute on 2 cores.
+example budget per test (1,150 cases in all), no example database and no deadline; the whole
+file takes about 25 s on 2 idle cores (under 2 minutes on a loaded machine).
 """
 from __future__ import annotations
 
@@ -262,27 +262,27 @@ def oracle_na2d(q, k, v, rpb, ks, border, dil, scale, dout):
 
 
 def oracle_rollout(qs, ks, lses, scale, residual):
-    """Row 0 of S_L ... S_1, S_l = (1 - residual) mean_h softmax(q k^T scale) + residual I, by
-    multiplying the CLS row through the blocks from the last one down."""
+    """Row 0 of S_L ... S_1, S_l = (1 - residual) mean_h softmax(q k^T scale) + residual I: the
+    CLS row of the last block, multiplied through the blocks below it (the other rows of S_L
+    are never read, so a NaN there does not reach the result)."""
     B, H, N, _ = qs[0].shape
-    row = torch.zeros(B, N, dtype=torch.float64)
     if N == 0:
-        return row
-    row[:, 0] = 1.0
+        return torch.zeros(B, N, dtype=torch.float64)
     if scale == 0:  # the documented rule: logits are 0, q and k are not read
         qs, ks = [torch.zeros_like(t) for t in qs], [torch.zeros_like(t) for t in ks]
+    row = None
     for l in reversed(range(len(qs))):
         s = torch.einsum("bhqd,bhkd->bhqk", qs[l], ks[l]) * scale
         a = torch.exp(s - lses[l][..., None]) if lses is not None else _softmax(s)
         S = (1 - residual) * a.mean(1) + residual * torch.eye(N, dtype=torch.float64)
-        row = torch.einsum("bi,bij->bj", row, S)
+        row = S[:, 0, :] if row is None else torch.einsum("bi,bij->bj", row, S)
     return row
 
 
 # ----------------------------------------------------------------------------- properties
 
 
-@settings(PROFILE, max_examples=200)
+@settings(PROFILE, max_examples=500)
 @given(B=sizes(2), H=sizes(3), Nq=sizes(9), Nks=st.lists(sizes(12), min_size=1, max_size=3),
        D=st.sampled_from([1, 2, 3, 8, 16, 17, 40, 72, 136]),
        layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(list(DTYPES)),
@@ -326,7 +326,7 @@ def test_multi_kv_attention_matches_oracle(B, H, Nq, Nks, D, layout, dtype, scal
             assert_matches(g, w, 4 * tol, f"{what} {name}")
 
 
-@settings(PROFILE, max_examples=150)
+@settings(PROFILE, max_examples=400)
 @given(B=sizes(2), H=sizes(2), X=sizes(8), Y=sizes(9),
        D=st.sampled_from([1, 3, 8, 16, 24]), ks=st.sampled_from([3, 5, 7]), dil=st.sampled_from([1, 1, 2, 3]),
        border=st.sampled_from(["zero", "mask", "clamp"]), use_rpb=st.booleans(),
@@ -371,7 +371,7 @@ def test_neighborhood_attention2d_matches_oracle(B, H, X, Y, D, ks, dil, border,
             assert_matches(g, w, gt, f"{what} {name}")
 
 
-@settings(PROFILE, max_examples=100)
+@settings(PROFILE, max_examples=250)
 @given(B=sizes(2), H=st.integers(1, 3), N=sizes(10), D=st.sampled_from([1, 4, 16, 33]),
        L=st.integers(1, 3), with_lse=st.booleans(), residual=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
        layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(list(DTYPES)),

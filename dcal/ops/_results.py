@@ -48,6 +48,11 @@ def in_order_of(t: Tensor, ref: Tensor) -> Tensor:
     return out.copy_(t)
 
 
+def _same_view(x: Tensor) -> Tensor:
+    """A view of x with x's exact strides (``view_as`` renormalises the strides of size-1 dims)."""
+    return x.as_strided(x.shape, x.stride())  # storage offset: x's own
+
+
 class _GradInOrder(torch.autograd.Function):
     """Identity whose backward hands the gradient on in the dim order of the input."""
 
@@ -55,7 +60,7 @@ class _GradInOrder(torch.autograd.Function):
     def forward(ctx, x):
         ctx.want = order_strides(x)
         ctx.order = dim_order(x)
-        return x.view_as(x)
+        return _same_view(x)
 
     @staticmethod
     def backward(ctx, g):
@@ -111,7 +116,7 @@ class _Attach(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, *extra):
         ctx.metas = [(x.shape, dim_order(x), x.dtype, x.device) for x in extra]
-        return out.view_as(out)
+        return _same_view(out)
 
     @staticmethod
     def backward(ctx, g):
