@@ -12,10 +12,8 @@ no backend kernel.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -284,6 +284,6 @@ def probe_tensor(op: str, tensors: tuple) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"tensors[0] must be a torch.Tensor (e.g. q), got {type(t).__name__}")
     if t.dim() < 1:
-        raise ValueError(f"tensors[0] must have a head dim (shape [..., D]), got a 0-dim tensor")
+        raise ValueError("tensors[0] must have a head dim (shape [..., D]), got a 0-dim tensor")
     return t
 
