@@ -5,9 +5,20 @@ of the op's chain that can run the call; see :func:`explain`) and ``scale=None``
 Outputs have the dtype of ``q``; logsumexps are fp32 (fp64 for fp64 inputs), natural log.
 
 Backends: ``"triton"`` (CUDA; CPU tensors only under ``TRITON_INTERPRET=1`` and when asked for),
-``"cpp"`` (C++ on CPU (multi_kv: fp32/fp64), CUDA C++ for neighborhood attention), ``"sdpa"`` (PyTorch fused SDPA per
-key/value segment, merged exactly through the logsumexps) and ``"reference"`` (pure PyTorch,
-materialising; runs anywhere). ``DCAL_BACKEND`` moves a backend to the front of every chain.
+``"cpp"`` (C++ on CPU (multi_kv: fp32/fp64/fp16; the others also bf16; fp16 computed in fp32), CUDA C++ for
+neighborhood attention), ``"sdpa"`` (PyTorch fused SDPA per key/value segment, merged exactly
+through the logsumexps) and ``"reference"`` (pure PyTorch, materialising; runs anywhere).
+``DCAL_BACKEND`` moves a backend to the front of every chain.
+
+Inputs (docs/inputs.md): every call passes one validation layer (:mod:`dcal.ops._validate`) before a
+backend is chosen, so all backends accept the same inputs, and bad input raises a TypeError or
+ValueError naming the argument before any kernel runs. Head dim: any D >= 1 on the CPU backends
+(cpp, sdpa, reference); the GPU kernels (Triton, CUDA C++) take 16..128 in steps of 8 and the
+chain skips them otherwise. Empty sizes (B, H, N or a map side = 0) give the empty result on
+every backend without a kernel, with zero gradients. ``scale`` must be finite; ``scale = 0`` (or
+one that is 0 in float32, for inputs other than float64) makes every logit 0 and q and k are not
+read. NaN and inf in the inputs propagate as in the reference on every CPU backend. Outputs and
+gradients are dense in the dim order of their input (out and dq like q, dk like k, dv like v).
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ from dcal import _ext
 from dcal.ops import _validate as V
 from dcal.ops import reference  # noqa: F401  (public: dcal.ops.reference)
 from dcal.ops import _dispatch
+from dcal.ops import _results as R
 from dcal.ops._dispatch import BACKENDS, Call, choose, explain_call
 
 HAS_EXTENSION = _ext.HAS_EXTENSION
@@ -32,6 +44,7 @@ __all__ = [
     "neighborhood_attention2d",
     "na2d",
     "explain",
+    "chosen_backend",
     "BACKENDS",
     "BORDERS",
     "HAS_EXTENSION",
@@ -41,20 +54,16 @@ __all__ = [
 # ----------------------------------------------------------------------------- attention
 
 
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _merge(parts):
     """Exact merge of partial attentions over disjoint key sets through their logsumexps."""
     lses = torch.stack([lse for _, lse in parts])  # [P, B, H, Nq]
     lse = torch.logsumexp(lses, dim=0)
     out = sum(o.to(lse.dtype) * torch.exp(l - lse)[..., None] for o, l in parts)
     return out.to(parts[0][0].dtype), lse
-
-
-def _mkv_call(q, kv, scale, backend):
-    V.tensor("q", q, 4, "[B, H, Nq, D]")
-    kv = V.segments(q, kv)
-    scale = V.scale(scale)
-    call = Call("multi_kv_attention", q.device, q.dtype, q.shape[-1], attrs={"segments": len(kv)})
-    return kv, (q.shape[-1] ** -0.5 if scale is None else scale), call
 
 
 def multi_kv_attention(
@@ -76,18 +85,48 @@ def multi_kv_attention(
 
     Returns ``softmax(q @ K^T * scale) @ V`` with ``K = cat(k_i)``, ``V = cat(v_i)`` along the
     token axis, computed without concatenating and without an [Nq, sum Nk_i] matrix (except by
-    the reference backend). With one segment this is ordinary attention. NaN and inf propagate as
-    in PyTorch's attention: an output or gradient is non-finite exactly where the reference's is.
+    the reference backend). With one segment this is ordinary attention.
+
+    Accepted input (checked before any kernel; docs/inputs.md): float16/bfloat16/float32/float64
+    strided tensors of one dtype on one device, any strides; head dim D >= 1 (any D on the CPU
+    backends, 16..128 in steps of 8 on the GPU kernels). B, H or Nq = 0 returns the empty result
+    (and zero gradients) without a kernel; a segment with Nk = 0 adds nothing; no key in any
+    segment (with Nq > 0) raises. ``scale`` finite (NaN/inf raise); ``scale = 0`` does not read q
+    and k (every logit is 0). On CPU, float16 runs the C++ kernels in float32 (linear memory).
+
+    NaN and inf propagate as in PyTorch's own computation (the reference): an output or gradient
+    is non-finite exactly where the reference's is, on "cpp", "reference" and "sdpa" alike
+    ("sdpa" checks its inputs and computes a call that holds a NaN or inf through the exact C++
+    kernels; PyTorch's fused kernel would give zeros for a NaN query row).
+
+    ``out`` and the gradient of q are dense in q's dim order, those of each k and v in their own
+    (for q, k, v views of one packed [B, N, 3, H, D] projection: [B, N, H, D] in memory, so
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing); lse is contiguous.
     """
-    kv, scale, call = _mkv_call(q, kv, scale, backend)
+    kv, no_keys, scale = V.mkv_args(q, kv, scale, return_lse)
+    B, H, Nq, D = q.shape
+    scale = V.resolve_scale(scale, D)
+    call = Call("multi_kv_attention", q.device, q.dtype, D, attrs={"segments": len(kv) + len(no_keys)})
     _, fn = choose(call, backend)
+    if B * H * Nq == 0:  # the empty result, on every backend, without a kernel
+        inputs = [q] + [t for pair in kv + no_keys for t in pair]
+        out, lse = R.empty_result(
+            (lambda: R.empty_in_order(q), lambda: q.new_empty((B, H, Nq), dtype=_stat_dtype(q.dtype))), inputs)
+        return (out, lse) if return_lse else out
+    unread, q0 = [], q
+    if scale == 0.0:  # logits are 0 whatever q and k hold: they are not read (zero gradients)
+        unread = [q] + [k for k, _ in kv]
+        q, kv = R.unread(q), [(R.unread(k), v) for k, v in kv]
+    qg = R.grad_in_order(q)
+    kv_in = [(R.grad_in_order(k), R.grad_in_order(v)) for k, v in kv]
     # Fused backends take one or two segments per pass; more are merged exactly via lse.
     parts = []
-    for i in range(0, len(kv), 2):
-        (k1, v1), (k2, v2) = kv[i], (kv[i + 1] if i + 1 < len(kv) else (None, None))
-        parts.append(fn(q, k1, v1, k2, v2, scale))
+    for i in range(0, len(kv_in), 2):
+        (k1, v1), (k2, v2) = kv_in[i], (kv_in[i + 1] if i + 1 < len(kv_in) else (None, None))
+        parts.append(fn(qg, k1, v1, k2, v2, scale))
     out, lse = parts[0] if len(parts) == 1 else _merge(parts)
-    return (out, lse) if return_lse else out
+    out = R.attach(R.in_order_of(out, q0), [t for pair in no_keys for t in pair] + unread)
+    return (out, lse.contiguous()) if return_lse else out
 
 
 def pwca_attention(
@@ -113,37 +152,6 @@ def pwca_attention(
 # ----------------------------------------------------------------------------- rollout
 
 
-def _rollout_call(qs, ks, lses, residual):
-    if isinstance(qs, Tensor) or isinstance(ks, Tensor):
-        raise TypeError("qs and ks must be sequences of [B, H, N, D] tensors (one per SA block)")
-    qs, ks = list(qs), list(ks)
-    if len(qs) == 0:
-        raise ValueError("qs must hold at least one [B, H, N, D] tensor")
-    if len(qs) != len(ks):
-        raise ValueError(f"qs has {len(qs)} tensors but ks has {len(ks)}; expected one k per q")
-    ref = qs[0]
-    V.tensor("qs[0]", ref, 4, "[B, H, N, D]")
-    for name, seq in (("qs", qs), ("ks", ks)):
-        for i, t in enumerate(seq):
-            V.tensor(f"{name}[{i}]", t, 4, "[B, H, N, D]")
-            V.same_kind("qs[0]", ref, f"{name}[{i}]", t)
-            if t.shape != ref.shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; expected {tuple(ref.shape)} like qs[0]")
-    if lses is not None:
-        lses = list(lses)
-        if len(lses) != len(qs):
-            raise ValueError(f"lses has {len(lses)} tensors but qs has {len(qs)}; expected one per block or None")
-        for i, t in enumerate(lses):
-            if not isinstance(t, Tensor) or t.shape != ref.shape[:3]:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"lses[{i}] must be a [B, H, N] tensor {tuple(ref.shape[:3])}, got {shape}")
-            if t.device != ref.device:
-                raise ValueError(f"lses[{i}] is on {t.device} but qs[0] is on {ref.device}")
-    if isinstance(residual, bool) or not isinstance(residual, (int, float)) or not 0.0 <= residual <= 1.0:
-        raise ValueError(f"residual must be a float in [0, 1], got {residual!r}")
-    return qs, ks, lses
-
-
 @torch.no_grad()
 def attention_rollout(
     qs: Sequence[Tensor],
@@ -158,50 +166,26 @@ def attention_rollout(
 
     With ``A_l = mean_h softmax(q_l k_l^T * scale)`` and ``S_l = (1 - residual) A_l + residual I``,
     returns row 0 of ``S_L @ ... @ S_1``: [B, N], fp32, no grad. ``lses`` (optional, [B, H, N]
-    each) are the blocks' logsumexps; they are recomputed when absent. Fused backends use
+    each, floating) are the blocks' logsumexps; they are recomputed when absent. Fused backends use
     O(B*H*N) memory beyond the inputs (no [N, N] matrix).
+
+    B = 0 or N = 0 returns the empty [B, N]; H = 0 (a mean over no heads) and D = 0 raise a
+    ValueError naming ``qs[0]``; integer ``lses`` a TypeError naming ``lses[i]``. ``scale = 0``
+    does not read the queries and keys (every block is uniform attention).
     """
-    qs, ks, lses = _rollout_call(qs, ks, lses, residual)
-    scale = V.scale(scale)
-    scale = qs[0].shape[-1] ** -0.5 if scale is None else scale
-    call = Call("attention_rollout", qs[0].device, qs[0].dtype, qs[0].shape[-1], attrs={"blocks": len(qs)})
+    qs, ks, lses, scale = V.rollout_args(qs, ks, lses, scale, residual)
+    B, H, N, D = qs[0].shape
+    scale = V.resolve_scale(scale, D)
+    call = Call("attention_rollout", qs[0].device, qs[0].dtype, D, attrs={"blocks": len(qs)})
     _, fn = choose(call, backend)
+    if B * N == 0:  # the empty result, on every backend, without a kernel
+        return qs[0].new_empty((B, N), dtype=_stat_dtype(qs[0].dtype))
+    if scale == 0.0:  # logits are 0 whatever q and k hold: they are not read
+        qs, ks = [R.unread(t) for t in qs], [R.unread(t) for t in ks]
     return fn(qs, ks, lses, scale, float(residual))
 
 
 # ----------------------------------------------------------------------------- neighborhood
-
-
-def _na2d_call(q, k, v, kernel_size, border, rpb, scale, dilation):
-    V.tensor("q", q, 5, "[B, H, X, Y, D]")
-    V.tensor("k", k, 5, "[B, H, X, Y, D]")
-    V.tensor("v", v, 5, "[B, H, X, Y, D]")
-    V.same_kind("q", q, "k", k)
-    V.same_kind("q", q, "v", v)
-    if k.shape != q.shape:
-        raise ValueError(f"k has shape {tuple(k.shape)}; expected the shape of q {tuple(q.shape)} [B, H, X, Y, D]")
-    if v.shape != q.shape:
-        raise ValueError(f"v has shape {tuple(v.shape)}; expected the shape of q {tuple(q.shape)} [B, H, X, Y, D]")
-    ks = V.kernel_size(kernel_size)
-    border = V.border(border, BORDERS)
-    dil = V.dilation(dilation)
-    B, H, X, Y, D = q.shape
-    if min(X, Y) < 1:
-        raise ValueError(f"q has an empty map (shape {tuple(q.shape)}); X and Y must be >= 1")
-    if border == "clamp" and (X < ks * dil or Y < ks * dil):
-        raise ValueError(
-            f"border='clamp' needs a map of at least kernel_size*dilation x kernel_size*dilation "
-            f"({ks * dil}x{ks * dil}: kernel_size {ks}, dilation {dil}), got {X}x{Y}; "
-            "use border='zero' or 'mask' for smaller maps")
-    if rpb is not None:
-        if not isinstance(rpb, Tensor):
-            raise TypeError(f"rpb must be a tensor [H, 2*kernel_size-1, 2*kernel_size-1] or None, got {type(rpb).__name__}")
-        want = (H, 2 * ks - 1, 2 * ks - 1)
-        if tuple(rpb.shape) != want:
-            raise ValueError(f"rpb must have shape {want} ([H, 2*kernel_size-1, 2*kernel_size-1]), got {tuple(rpb.shape)}")
-        V.same_kind("q", q, "rpb", rpb)
-    scale = V.scale(scale)
-    return ks, border, (D ** -0.5 if scale is None else scale), dil
 
 
 def neighborhood_attention2d(
@@ -259,17 +243,30 @@ def neighborhood_attention2d(
     copies nothing). The gradients of q, k and v take the dim order of q, k and v; every backend
     follows this rule.
 
+    Empty maps and sizes (B, H, X or Y = 0) return the empty result (zero gradients) without a
+    kernel, whatever the border; D = 0 raises. kernel_size odd in [3, 2**15), dilation in
+    [1, 2**15). ``scale = 0`` does not read q and k (every logit is ``0 + rpb``). float16 on CPU
+    runs the C++ kernels in float32.
+
     NaN and inf propagate as in PyTorch's own computation (the reference): an output is non-finite
     exactly where the reference's is, forward and backward. Exception: the Triton kernels
     multiply a query tile by its whole key halo, so a non-finite v may also reach the other
     queries of its tile, and their backward is unspecified for non-finite inputs.
     """
     q, k, v, heads_last = _to_heads_first(q, k, v, layout, kernel_size, dilation)
-    ks, border, scale, dil = _na2d_call(q, k, v, kernel_size, border, rpb, scale, dilation)
+    ks, border, scale, dil = V.na2d_args(q, k, v, kernel_size, border, rpb, scale, dilation, BORDERS)
+    scale = V.resolve_scale(scale, q.shape[-1])
     call = Call("neighborhood_attention2d", q.device, q.dtype, q.shape[-1],
                 attrs={"kernel_size": ks, "border": border, "dilation": dil})
     _, fn = choose(call, backend)
-    return _to_layout(fn(q, k, v, rpb, ks, border, scale, dil), heads_last)
+    if q.numel() == 0:  # B, H, X or Y = 0 (D >= 1 is checked): the empty result, without a kernel
+        (out,) = R.empty_result((lambda: R.empty_in_order(q),), [q, k, v, rpb], contiguous=(False, False, False, True))
+        return _to_layout(out, heads_last)
+    unread, q0 = [], q
+    if scale == 0.0:  # logits are 0 (+ rpb) whatever q and k hold: they are not read (zero gradients)
+        unread, q, k = [q, k], R.unread(q), R.unread(k)
+    out = fn(R.grad_in_order(q), R.grad_in_order(k), R.grad_in_order(v), rpb, ks, border, scale, dil)
+    return _to_layout(R.attach(R.in_order_of(out, q0), unread), heads_last)
 
 
 # ----------------------------------------------------------------------------- explain
@@ -278,7 +275,9 @@ def neighborhood_attention2d(
 def explain(op: str, *tensors: Tensor, backend: Optional[str] = None, **attrs) -> str:
     """The backend chain for ``op`` on these tensors: which backend is chosen and why each other
     one was skipped. ``op`` is a public op name (``"pwca_attention"`` counts as
-    ``"multi_kv_attention"``); pass the op's tensors (the first one sets device, dtype, head dim).
+    ``"multi_kv_attention"``); pass the op's tensors themselves (the first one sets device, dtype,
+    head dim): an unknown ``op`` raises a ValueError listing the names, no tensor or a list of
+    tensors a TypeError naming ``tensors``, an unknown ``backend`` a ValueError listing them.
 
     >>> print(dcal.ops.explain("pwca_attention", q.bfloat16()))   # doctest: +SKIP
     multi_kv_attention on cpu torch.bfloat16, head dim 64:
@@ -287,20 +286,23 @@ def explain(op: str, *tensors: Tensor, backend: Optional[str] = None, **attrs) -
       sdpa       chosen
       reference  not reached
     """
-    name = "multi_kv_attention" if op == "pwca_attention" else op
-    if name not in ("multi_kv_attention", "neighborhood_attention2d", "attention_rollout"):
-        raise ValueError(f"op must be one of multi_kv_attention, pwca_attention, attention_rollout, "
-                         f"neighborhood_attention2d; got {op!r}")
-    if not tensors or not isinstance(tensors[0], Tensor):
-        raise TypeError("explain needs at least one tensor of the op (e.g. q)")
-    t = tensors[0]
+    name = V.op_name(op)
+    t = V.probe_tensor(op, tensors)
+    _check_backend_name(backend)
     return explain_call(Call(name, t.device, t.dtype, t.shape[-1], attrs=attrs), backend)
 
 
+def _check_backend_name(backend) -> None:
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+
+
 def chosen_backend(op: str, *tensors: Tensor, backend: Optional[str] = None) -> str:
-    """Name of the backend that a call of ``op`` on these tensors would run."""
-    name = "multi_kv_attention" if op == "pwca_attention" else op
-    t = tensors[0]
+    """Name of the backend that a call of ``op`` on these tensors would run. ``op`` and the
+    tensors as for :func:`explain`; a bad ``op`` or tensor raises naming the argument."""
+    name = V.op_name(op)
+    t = V.probe_tensor(op, tensors)
+    _check_backend_name(backend)
     return choose(Call(name, t.device, t.dtype, t.shape[-1]), backend)[0]
 
 

@@ -37,5 +37,12 @@ register_mkv_autograd("dcal::mkv_fwd", torch.ops.dcal.mkv_bwd, "cpp")
 
 
 def mkv_cpp(q, k1, v1, k2, v2, scale):
-    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): (out, lse)."""
+    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): (out, lse).
+
+    float16 on CPU runs the float32 kernels on float32 copies of the inputs (linear memory) and
+    casts the output (and, through autograd, the gradients) back to float16."""
+    if q.dtype == torch.float16:
+        c = lambda t: None if t is None else t.float()  # noqa: E731
+        out, lse = torch.ops.dcal.mkv_fwd(c(q), c(k1), c(v1), c(k2), c(v2), float(scale))
+        return out.half(), lse
     return torch.ops.dcal.mkv_fwd(q, k1, v1, k2, v2, float(scale))

@@ -63,6 +63,14 @@ torch.library.register_autograd("dcal::na2d_fwd", _backward, setup_context=_setu
 
 def na2d_cpp(q: Tensor, k: Tensor, v: Tensor, rpb, kernel_size: int, border: str, scale: float,
              dilation: int = 1) -> Tensor:
-    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, H, X, Y, D] out."""
+    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, H, X, Y, D] out.
+
+    float16 on CPU runs the float32 kernels on float32 copies (linear memory, the copies keep
+    the inputs' dim order) and casts the output (and the gradients) back to float16."""
+    if q.dtype == torch.float16 and q.device.type == "cpu":
+        c = lambda t: None if t is None else t.float()  # noqa: E731
+        out, _ = torch.ops.dcal.na2d_fwd(c(q), c(k), c(v), c(rpb), int(kernel_size), BORDER_IDS[border], float(scale),
+                                         int(dilation))
+        return out.half()
     out, _ = torch.ops.dcal.na2d_fwd(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale), int(dilation))
     return out

@@ -29,7 +29,10 @@ def _(qs, ks, lses, scale, residual):
 
 def rollout_cpp(qs: Sequence[Tensor], ks: Sequence[Tensor], lses: Optional[Sequence[Tensor]], scale: float,
                 residual: float) -> Tensor:
-    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, N] fp32 (fp64 for fp64)."""
+    """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, N] fp32 (fp64 for fp64).
+    float16 runs the float32 kernel on float32 copies of the blocks (linear memory)."""
     with torch.no_grad():
+        if qs[0].dtype == torch.float16:
+            qs, ks = [q.float() for q in qs], [k.float() for k in ks]
         return torch.ops.dcal.rollout(list(qs), list(ks), [] if lses is None else list(lses), float(scale),
                                       float(residual))

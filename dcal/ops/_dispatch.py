@@ -74,6 +74,8 @@ class Impl:
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# The C++ CPU kernels also take float16, computing in float32 (copies of the inputs, linear memory).
+_CPP_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -122,8 +124,8 @@ def check_cpp(call: Call) -> Optional[str]:
         return "extension dcal._C is not built (it needs a C++ compiler at install: pip install --no-build-isolation .)"
     dev = _device_type(call)
     if dev == "cpu":
-        if call.dtype not in _CPU_DTYPES:
-            return f"dtype {call.dtype} not supported on CPU (float32, float64, bfloat16)"
+        if call.dtype not in _CPP_CPU_DTYPES:
+            return f"dtype {call.dtype} not supported on CPU (float32, float64, bfloat16, float16)"
         return None
     if dev == "cuda":
         if call.op != "neighborhood_attention2d":
@@ -137,14 +139,15 @@ def check_cpp(call: Call) -> Optional[str]:
 
 
 def check_cpp_mkv(call: Call) -> Optional[str]:
-    """The C++ multi_kv_attention kernel: CPU only, float32/float64 (bfloat16 falls to "sdpa")."""
+    """The C++ multi_kv_attention kernel: CPU only, float32/float64, float16 computed in float32
+    (bfloat16 falls to "sdpa")."""
     why = check_cpp(call)
     if why is not None:
         return why
     if _device_type(call) != "cpu":
         return "the C++ backend runs this op on CPU only"
-    if call.dtype not in (torch.float32, torch.float64):
-        return f"dtype {call.dtype} not supported (float32, float64 on CPU)"
+    if call.dtype not in (torch.float32, torch.float64, torch.float16):
+        return f"dtype {call.dtype} not supported (float32, float64, float16 on CPU)"
     return None
 
 

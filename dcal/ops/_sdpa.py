@@ -9,6 +9,15 @@ arriving on the returned lse adds ``P * dlse`` to the score gradient; SDPA backw
 for it, so it is folded into delta by padding the head dim with a column that is 0 in q, k, v, 1
 in O and ``-dlse`` in dO (scores and dP unchanged, ``delta -> delta - dlse``).
 
+Non-finite inputs: PyTorch's fused kernels do not propagate NaN and inf as the reference does (a
+NaN in one query row gives zeros in that row on the CPU flash kernel). So both ops first check
+their inputs (``q``, ``k``, ``v``; backward also ``dout`` and ``dlse``: one read pass, a boolean
+temporary of the input's size), and when any holds a NaN or inf they compute that call exactly
+instead: through the C++ kernels ``dcal::mkv_fwd`` / ``dcal::mkv_bwd`` (fp32, fp64 for fp64;
+linear memory) on CPU when the extension is built, else through the materialising reference
+formula. Finite inputs, the normal case, take SDPA. Either way an output or gradient is
+non-finite exactly where the reference's is.
+
 This file is also the pattern for every dcal custom op: ``torch.library.custom_op`` in the
 ``dcal::`` namespace, an exact fake (meta) implementation, autograd registered with
 ``register_autograd`` whose backward is itself a custom op, and only inputs, output and the
@@ -21,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from dcal import _ext
 from dcal.ops._autograd import register_mkv_autograd
 
 aten = torch.ops.aten
@@ -82,10 +92,57 @@ def _pad_col(t: Tensor, first: Optional[Tensor] = None) -> Tensor:
     return torch.cat([t, extra], dim=-1)
 
 
+def _finite(*ts) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
+
+
+def _exact_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_cpp(q: Tensor) -> bool:
+    return q.device.type == "cpu" and _ext.HAS_EXTENSION
+
+
+def _exact_fwd(q, k1, v1, k2, v2, scale):
+    """(out, lse) exactly as the reference propagates NaN/inf (see the module docstring)."""
+    sd = _stat_dtype(q.dtype)
+    if _use_cpp(q):
+        import dcal.ops._cpp_mkv  # noqa: F401  (registers the fake implementations)
+        up = _exact_dtype(q.dtype)
+        c = lambda t: None if t is None else t.to(up)  # noqa: E731
+        out, lse = torch.ops.dcal.mkv_fwd(c(q), c(k1), c(v1), c(k2), c(v2), scale)
+        return out.to(q.dtype).contiguous(), lse.to(sd).contiguous()
+    from dcal.ops import reference
+    out, lse = reference.multi_kv_attention(q, _segments(k1, v1, k2, v2), scale=scale, return_lse=True)
+    return out.contiguous(), lse.to(sd).contiguous()
+
+
+def _exact_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale) -> List[Tensor]:
+    segs = _segments(k1, v1, k2, v2)
+    if _use_cpp(q):
+        up = _exact_dtype(q.dtype)
+        c = lambda t: None if t is None else t.to(up)  # noqa: E731
+        grads = torch.ops.dcal.mkv_bwd(c(dout), c(dlse), c(q), c(k1), c(v1), c(k2), c(v2), c(out), c(lse), scale)
+        return [g.to(q.dtype) for g in grads]
+    from dcal.ops import reference
+    with torch.enable_grad():
+        ins = [t.detach().requires_grad_() for t in [q] + [x for kv in segs for x in kv]]
+        o, l = reference.multi_kv_attention(ins[0], [(ins[1 + 2 * i], ins[2 + 2 * i]) for i in range(len(segs))],
+                                            scale=scale, return_lse=True)
+        outs, gs = [o], [dout]
+        if dlse is not None:
+            outs.append(l)
+            gs.append(dlse.to(l.dtype))
+        return list(torch.autograd.grad(outs, ins, gs))
+
+
 @torch.library.custom_op("dcal::mkv_sdpa_fwd", mutates_args=())
 def mkv_sdpa_fwd(
     q: Tensor, k1: Tensor, v1: Tensor, k2: Optional[Tensor], v2: Optional[Tensor], scale: float
 ) -> Tuple[Tensor, Tensor]:
+    if not _finite(q, k1, v1, k2, v2):
+        return _exact_fwd(q, k1, v1, k2, v2, scale)
     q = q.contiguous()
     parts = [_seg_fwd(q, k.contiguous(), v.contiguous(), scale) for k, v in _segments(k1, v1, k2, v2)]
     if len(parts) == 1:
@@ -124,6 +181,8 @@ def mkv_sdpa_bwd(
     lse: Tensor,
     scale: float,
 ) -> List[Tensor]:
+    if not _finite(q, k1, v1, k2, v2, dout, dlse):
+        return [_as_grad(g) for g in _exact_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale)]
     segs = _segments(k1, v1, k2, v2)
     q, out, dout = q.contiguous(), out.contiguous(), dout.contiguous()
     if dlse is not None and bool(dlse.ne(0).any()):
