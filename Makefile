@@ -24,7 +24,7 @@ CHECK_ARGS ?= --quick
 CHECK_OUT  ?= dcal-check
 EXTRAS     ?= dev,bench,data
 
-.PHONY: setup bench bench-report test check kernel-report docs wheel-check clean
+.PHONY: setup bench bench-report test check kernel-report docs wheel-check lint clean
 
 setup: $(VENV)/.dcal-installed
 
@@ -67,6 +67,10 @@ kernel-report: setup
 # and used there; see .ci/wheel-check (WHEEL_CHECK_ARGS: the dcal.check arguments run there).
 wheel-check: setup
 	PY=$(PY) .ci/wheel-check
+
+# pyflakes and pycodestyle's error classes over the whole tree ([tool.ruff] in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf build dist *.egg-info dcal/_C*.so site

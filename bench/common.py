@@ -52,16 +52,15 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import (DEFAULT_BUDGET, QUICK_BUDGET, RESULTS_DIR, _mem_available, bench_main, describe_timing,
+from bench.cli import (DEFAULT_BUDGET, QUICK_BUDGET, RESULTS_DIR, bench_main, describe_timing,
                        finish_args, make_parser, parse_mem, results_stem, run_and_report)
-from bench.measure import (_is_oom, _measure_peak, _proc_status, _release_freed_memory, _reset_peak_rss, _short,
-                           _worker, matmul_gflops, time_fn)
+from bench.measure import (matmul_gflops, time_fn)
 from bench.plots import plot, provider_colour
-from bench.runner import (MAX_REPS, MIN_REPS, ROOT, Progress, _context, _module_name, _run_child, matmul_peak,
+from bench.runner import (MAX_REPS, MIN_REPS, ROOT, Progress, matmul_peak,
                           plan_timing, run_bench, select_cases)
 from bench.spec import (MIB, Case, Result, Unavailable, floor_outputs, flops_attention, flops_neighborhood,
                         flops_rollout, nbytes)
-from bench.tables import CSV_FIELDS, _cpu_name, cpu_model, environment, git_commit, print_table, time_ratio, write_csv
+from bench.tables import CSV_FIELDS, cpu_model, environment, git_commit, print_table, time_ratio, write_csv
 
 __all__ = [
     "CSV_FIELDS", "Case", "DEFAULT_BUDGET", "MAX_REPS", "MIB", "MIN_REPS", "Progress", "QUICK_BUDGET", "RESULTS_DIR",

@@ -198,7 +198,7 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
         a = torch.randn(n, n, generator=g).to(device=device, dtype=tdt)
         b = torch.randn(n, n, generator=g).to(device=device, dtype=tdt)
         c = torch.empty(n, n, device=device, dtype=tdt)
-        r = _median_gflops(lambda: torch.mm(a, b, out=c), 2.0 * n ** 3, reps, True)
+        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * n ** 3, reps, True)
         name = f"torch.mm {n}^3"
         return dict(r, n=n, dtype=str(tdt).replace("torch.", ""), source=name, candidates={name: r["gflops"]})
     cands: Dict[str, float] = {}
@@ -207,7 +207,7 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
         a = torch.randn(size, size, generator=g)
         b = torch.randn(size, size, generator=g)
         c = torch.empty(size, size)
-        r = _median_gflops(lambda: torch.mm(a, b, out=c), 2.0 * size ** 3, reps if size <= 2048 else 3, False)
+        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * size ** 3, reps if size <= 2048 else 3, False)
         cands[f"MKL sgemm (torch.mm {size}^3)"] = r["gflops"]
         detail[f"MKL sgemm (torch.mm {size}^3)"] = r["median_ms"]
         del a, b, c

@@ -74,7 +74,7 @@ def _elt(dtype) -> int:
 def pwca_launches(dtype, s=DCAL, cc: int = 90) -> List[Launch]:
     from dcal.kernels.pwca import pwca_config
 
-    B, H, NQ, NK1, NK2, D = s["B"], s["H"], s["NQ"], s["NK1"], s["NK2"], s["D"]
+    NQ, NK1, NK2, D = s["NQ"], s["NK1"], s["NK2"], s["D"]
     NK, e, BH = NK1 + NK2, _elt(dtype), s["B"] * s["H"]
     cfg = pwca_config(D, dtype, cc)
     bd = cfg.block_d
@@ -114,7 +114,7 @@ def pwca_launches(dtype, s=DCAL, cc: int = 90) -> List[Launch]:
 def na2d_launches(dtype, s=BEV) -> List[Launch]:
     from dcal.kernels.na2d import delta_block_m, launch_config
 
-    B, H, X, Y, D, KS = s["B"], s["H"], s["X"], s["Y"], s["D"], s["KS"]
+    X, Y, D, KS = s["X"], s["Y"], s["D"], s["KS"]
     e, BH, n = _elt(dtype), s["B"] * s["H"], X * Y
     config = launch_config(D, dtype)
     bd = config["BLOCK_D"]

@@ -8,7 +8,6 @@ import torch
 
 import dcal
 from dcal import _ext, ops
-from dcal.ops import _dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_NO_INTERP = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

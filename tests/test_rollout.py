@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import dcal
 from dcal import ops
 from dcal.ops import reference
 

@@ -6,7 +6,6 @@ import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcal.models import CLIP, CLIPConfig, ProtoNet

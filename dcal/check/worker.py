@@ -107,7 +107,6 @@ def _compile_skip_reason(family: str, backend: str, device: str) -> Optional[str
 
 def _skip_reason(c: G.Case, backend: str, dtype: str, device: str) -> Optional[str]:
     import torch
-    import dcal.ops
 
     why = G.unsupported_kwargs(c)
     if why:

@@ -9,7 +9,6 @@ residual per stage). The episodic loss and its VIC regulariser are
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

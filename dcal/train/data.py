@@ -9,9 +9,8 @@ makes ``--resume`` and DDP runs reproduce a single-process run exactly.
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -9,11 +9,10 @@ to ``[E, N*(K+Q), ...]``, the layout :class:`dcal.train.coupled.PrototypicalLoss
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from dcal.train.data import EpochDataset, sample_rng, set_epoch
 
