@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from dcal.ops import BACKENDS, BORDERS, neighborhood_attention2d
 from dcal.ops import _validate as V
+from dcal.ops.natten import one_value
 
 __all__ = ["NeighborhoodAttention2D", "LocalGraphAttention", "LayerNorm2d", "make_norm2d", "convert_unfold_state_dict"]
 
@@ -96,16 +97,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size:
     rpb = None if rpb is None else rpb.to(q.dtype)
     return neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
                                     dilation=dilation, backend=backend, layout="heads_first")
-
-
-def _square(name: str, value):
-    """NATTEN takes per-axis tuples; the op takes one value for both axes."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name} must be an int or a pair of equal ints (the op uses one value for both "
-                             f"axes), got {value!r}")
-        value = value[0]
-    return value
 
 
 class NeighborhoodAttention2D(nn.Module):
@@ -158,10 +149,10 @@ class NeighborhoodAttention2D(nn.Module):
             border = "clamp" if natten_ctor else "zero"
         if rel_pos_bias is None:
             rel_pos_bias = not natten_ctor
-        kernel_size, dilation = _square("kernel_size", kernel_size), _square("dilation", dilation)
-        if _square("stride", stride) != 1:
+        kernel_size, dilation = one_value("kernel_size", kernel_size), one_value("dilation", dilation)
+        if one_value("stride", stride) != 1:
             raise ValueError(f"stride={stride!r} is not supported (only 1, NATTEN's default)")
-        if _square("is_causal", is_causal) is not False:
+        if one_value("is_causal", is_causal) is not False:
             raise ValueError(f"is_causal={is_causal!r} is not supported (only False, NATTEN's default)")
         _check_common("dim", dim, num_heads, kernel_size, border, backend)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads

@@ -26,8 +26,9 @@ LAYOUTS = ("heads_first", "heads_last")
 IntPair = Union[int, Tuple[int, int]]
 
 
-def _one(name: str, value):
-    """NATTEN takes an int or a per-axis pair; the kernels take one value for both axes."""
+def one_value(name: str, value):
+    """NATTEN takes an int or a per-axis pair; the kernels take one value for both axes (the
+    module :class:`dcal.nn.NeighborhoodAttention2D` reads its NATTEN-style arguments with it too)."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"{name} must be an int or a pair of equal values (one value for both axes), "
@@ -87,17 +88,17 @@ def na2d(
     _heads_last_tensor("query", query)
     _heads_last_tensor("key", key, query)
     _heads_last_tensor("value", value, query)
-    ks = _one("kernel_size", kernel_size)
+    ks = one_value("kernel_size", kernel_size)
     if isinstance(ks, bool) or not isinstance(ks, int):
         raise TypeError(f"kernel_size must be an odd int >= 3 or a pair of equal ones, got {kernel_size!r}")
-    st = _one("stride", stride)
+    st = one_value("stride", stride)
     if st != 1:
         raise ValueError(f"stride={stride!r} is not supported (only 1, NATTEN's default)")
     causal = is_causal if isinstance(is_causal, (tuple, list)) else (is_causal,)
     if any(c is not False and c != 0 for c in causal):
         raise ValueError(f"is_causal={is_causal!r} is not supported: causal neighborhood attention is not "
                          "implemented (only is_causal=False)")
-    dil = _one("dilation", dilation)
+    dil = one_value("dilation", dilation)
     from dcal.ops import neighborhood_attention2d
 
     return neighborhood_attention2d(query, key, value, kernel_size=ks, border="clamp", rpb=rpb, scale=scale,
