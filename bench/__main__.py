@@ -2,7 +2,7 @@
 
 Runs each named bench (default: all of :data:`BENCHES`, in that order) through
 :mod:`bench.common`: a table per bench on stdout, ``bench/results/<name>[-quick].{csv,png,json}``.
-The default run is bounded (``--budget`` seconds per case, the seeds' sizes; see
+The default run is bounded (``--budget`` seconds per case, the models' sizes; see
 :mod:`bench.runner`) and prints a progress line per case with the elapsed time and an estimate
 of what is left; ``--full`` is the long run. Every option of a single bench applies
 (``--device``, ``--reps``, ``--max-mem``, ``--providers``, ``--cases``, ...);

@@ -14,7 +14,7 @@ Providers:
 
 * ``full``: the whole batch in one forward and backward (the definition; peak memory of all
   activations at once).
-* ``naive``: what the seeds do to fit memory: each micro-batch its own loss, averaged (the
+* ``naive``: what the usual training code does to fit memory: each micro-batch its own loss, averaged (the
   contrastive negatives shrink to the micro-batch; an episode becomes micro-episodes with their
   own prototypes from a share of the shots). Not the same objective.
 * ``exact``: :func:`dcal.train.coupled.cached_backward` (no-graph pass for the embeddings, the whole

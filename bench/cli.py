@@ -2,7 +2,7 @@
 which run one bench module, print its table and write its CSV, plot and run description.
 
 The default run is bounded: each case gets ``--budget`` seconds (see :mod:`bench.runner`), the
-cases are the seeds' sizes without the sweeps. ``--full`` is the long run: every size of each
+cases are the models' sizes without the sweeps. ``--full`` is the long run: every size of each
 sweep, a fixed ``--reps`` (10) after ``--warmup`` (2) calls, a 3000 s timeout per process.
 ``--reps N`` alone keeps the default cases with a fixed number of rounds.
 """

@@ -5,7 +5,7 @@
 Inputs are what the BEV module has after its 1x1 qkv convolution: q, k, v [B, C, X, Y] with
 C = heads * D. Providers:
 
-* ``unfold``: the seeds' code: ``F.unfold`` of k and v with padding ks // 2 ([B, heads, D, ks*ks,
+* ``unfold``: the original code: ``F.unfold`` of k and v with padding ks // 2 ([B, heads, D, ks*ks,
   X*Y], ks*ks copies of the map), logits summed over D, softmax over the ks*ks window, weighted
   sum; zero-padding semantics (``border="zero"``; other borders: skipped).
 * ``unfold_compiled``: ``torch.compile`` of ``unfold``.
@@ -18,7 +18,7 @@ C = heads * D. Providers:
   op reads the maps in place and returns its output and gradients in their dim order).
 
 Cases (kernel 7, 4 heads, fp32 on CPU, fp16 on GPU): border ``zero`` at 128x128 with 128 channels
-and at the seeds' B 2, 256 channels, 256x256, forward and forward+backward, and border ``clamp``
+and at the BEV models' B 2, 256 channels, 256x256, forward and forward+backward, and border ``clamp``
 (NATTEN's) forward at 64x64 with 128 channels, where NATTEN's CPU path finishes in seconds.
 ``--full`` adds the sweep over maps 64 / 128 / 256 and channels 128 / 256 (batch 1), and clamp and
 mask at 128x128. ``--quick``: 2 heads, 32 channels, maps 16 and 24. Memory floor: the output (+ the
@@ -38,7 +38,7 @@ BASELINE = "unfold"
 X_LABEL = "map side (X = Y)"
 FLOPS = "4*k*k*D per query and head forward (k = 7), 3.5x that for fwd+bwd"
 KERNEL = 7
-HEAVY_ELEMENTS = 2 * 256 * 256 * 256  # fwd+bwd at the seeds' size: tens of seconds per call here
+HEAVY_ELEMENTS = 2 * 256 * 256 * 256  # fwd+bwd at the BEV models' size: tens of seconds per call here
 
 
 def _case(B, H, C, M, mode, device, dtype, border="zero"):
@@ -89,7 +89,7 @@ def make_inputs(case: Case):
 
 
 def unfold_na(q, k, v, heads: int, ks: int):
-    """The seeds' local attention: [B, C, X, Y] in and out, zero padding at the border."""
+    """The original local attention: [B, C, X, Y] in and out, zero padding at the border."""
     B, C, X, Y = q.shape
     D = C // heads
     kk = F.unfold(k, ks, padding=ks // 2).view(B, heads, D, ks * ks, X * Y)

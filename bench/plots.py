@@ -17,7 +17,7 @@ LOG_RATIO = 10.0
 
 # Seeds' code greys, PyTorch blues/greens, compiled variants lighter, peers purple/brown, ours red.
 _FIXED = {
-    "naive": "#7f7f7f", "unfold": "#7f7f7f", "seeds": "#7f7f7f", "materialising": "#7f7f7f",
+    "naive": "#7f7f7f", "unfold": "#7f7f7f", "original": "#7f7f7f", "materialising": "#7f7f7f",
     "reference": "#bcbd22", "compiled": "#aec7e8", "unfold_compiled": "#aec7e8",
     "sdpa_cat": "#1f77b4", "sdpa_merge": "#2ca02c", "flex": "#9467bd", "flex_clamp": "#c5b0d5",
     "natten": "#8c564b", "dcal": "#d62728", "fused": "#d62728", "dcal_clamp": "#ff9896",

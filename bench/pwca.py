@@ -4,7 +4,7 @@
 
 Providers (all exact attention of ``q`` over ``cat(k1, k2)``, ``cat(v1, v2)``):
 
-* ``naive``: the seeds' code: ``softmax(q @ cat(k)^T * scale) @ cat(v)``, the [B, H, N, 2N] score
+* ``naive``: the original code: ``softmax(q @ cat(k)^T * scale) @ cat(v)``, the [B, H, N, 2N] score
   matrix in memory (and, for the backward, the probabilities too).
 * ``sdpa_cat``: ``F.scaled_dot_product_attention`` over ``torch.cat`` of the keys and values.
 * ``sdpa_merge``: ``dcal.ops.pwca_attention(..., backend="sdpa")``: one fused SDPA per segment,
@@ -15,7 +15,7 @@ Providers (all exact attention of ``q`` over ``cat(k1, k2)``, ``cat(v1, v2)``):
 * ``dcal``: ``dcal.ops.pwca_attention`` with the default backend chain (Triton on GPU; on CPU the
   first of ``cpp``/``sdpa`` that can run; the chosen one is printed first).
 
-Cases: the seeds' shape (12 heads, D 64, batch 8 on GPU, 2 on CPU; 785 queries over 785 + 785
+Cases: DCAL's shape (12 heads, D 64, batch 8 on GPU, 2 on CPU; 785 queries over 785 + 785
 keys at 448 px), forward and forward+backward, fp32 on CPU, fp16 on GPU; ``--full`` sweeps the
 tokens over 197 / 577 / 785 / 1025 (224 / 384 / 448 / 512 px, ViT patch 16 + CLS). ``--quick``:
 2 heads, D 32, tokens 33 and 65. Memory floor: the output (+ the five gradients for fwd+bwd).

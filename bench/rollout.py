@@ -4,7 +4,7 @@
 
 Providers (all exact; inputs are the L blocks' q and k, plus their logsumexps for ``*_lse``):
 
-* ``seeds``: what GLCA does today: every block's head-mean attention map [B, N, N] is kept, then
+* ``original``: what the original DCAL code's GLCA does: every block's head-mean attention map [B, N, N] is kept, then
   the maps are multiplied (L maps of N x N in memory at once).
 * ``reference``: ``dcal.ops.reference.attention_rollout``: dense, one [B, H, N, N] score tensor and
   the running [B, N, N] product at a time (the baseline).
@@ -17,7 +17,7 @@ FLOPs counted per call (:data:`FLOPS`): ``2 * N^2 * D`` per head and block for t
 without the logsumexps (they come from the same scores), so GFLOP/s compares the same useful work;
 the dense providers' ``2 * B * N^3`` per block for the matrix product is not counted. Memory floor: the [B, N] fp32 output.
 
-Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 448 px (785 tokens, the seeds' shape);
+Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 448 px (785 tokens, DCAL's shape);
 ``--full`` adds 224 px (197 tokens); fp32 on CPU, fp16 on GPU. ``--quick``: 3 blocks, 2 heads,
 D 32, tokens 33 and 65. After the table the script checks the memory target (docs/performance.md) at the ViT's shape: the
 fused rollout's extra memory at most 1/20 of the dense reference's.
@@ -77,8 +77,8 @@ def make_inputs(case: Case):
     return qs, ks, lses
 
 
-def seeds_rollout(qs, ks, residual=0.5):
-    """GLCA as written in the seeds: keep every block's head-mean map, then multiply them."""
+def original_rollout(qs, ks, residual=0.5):
+    """GLCA as the original DCAL code writes it: keep every block's head-mean map, then multiply them."""
     maps = []
     for q, k in zip(qs, ks):
         a = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1).mean(1)
@@ -98,9 +98,9 @@ def _no_grad(fn):
     return run
 
 
-def seeds(case, inputs):
+def original(case, inputs):
     qs, ks, _ = inputs
-    return _no_grad(lambda: seeds_rollout(qs, ks))
+    return _no_grad(lambda: original_rollout(qs, ks))
 
 
 def reference(case, inputs):
@@ -136,7 +136,7 @@ def _fused(backend: str, with_lse: bool):
 
 
 PROVIDERS = {
-    "seeds": seeds,
+    "original": original,
     "reference": reference,
     "compiled": compiled,
     "cpp": _fused("cpp", False),

@@ -18,7 +18,7 @@ Providers (same model, same seed, only the attention backend differs):
 
 * ``materialising``: every attention op on ``backend="reference"``: the score matrices of SA
   ([B, 12, 785, 785]) and PWCA ([B, 12, 785, 1570], with ``torch.cat`` of the keys/values) kept for
-  backward in every block, and a dense rollout, as the seeds did.
+  backward in every block, and a dense rollout, as the original DCAL code does.
 * ``fused``: the default backend chain (``describe`` prints which backend runs here): no score
   matrix, logsumexps saved instead, rollout from q, k and the saved logsumexps.
 

@@ -1,7 +1,7 @@
 """Neighborhood-attention modules (dcal.nn) and the BEV graph module (dcal.models).
 
 The modules are checked against the same modules run on the reference backend (fp64), against
-the seeds' unfold BEV block (written out below, exact to 1e-10 in fp64) and against NATTEN's
+the original unfold BEV block (written out below, exact to 1e-10 in fp64) and against NATTEN's
 definition (its window and rpb index formulas, written out below; and NATTEN itself when it is
 installed). Tests pass whichever backend the chain picks on this machine.
 """
@@ -30,7 +30,7 @@ def _id(case):
 
 
 class UnfoldLocalAttention(nn.Module):
-    """The seeds' BEV block: 1x1 convs, F.unfold of k and v, softmax over the window, residual."""
+    """The original BEV block: 1x1 convs, F.unfold of k and v, softmax over the window, residual."""
 
     def __init__(self, channels, num_heads, kernel_size):
         super().__init__()
@@ -226,11 +226,11 @@ LGA_CASES = [  # (B, C, X, Y, heads, kernel_size)
 def test_lga_reproduces_unfold_block_fp64(case):
     B, C, X, Y, H, ks = case
     torch.manual_seed(0)
-    seeds = _randomise(UnfoldLocalAttention(C, H, ks).double(), 2)
-    ours = LocalGraphAttention.from_unfold_state_dict(seeds.state_dict(), H, ks)
+    old = _randomise(UnfoldLocalAttention(C, H, ks).double(), 2)
+    ours = LocalGraphAttention.from_unfold_state_dict(old.state_dict(), H, ks)
     assert ours.border == "zero" and ours.rpb is None and isinstance(ours.norm, nn.Identity)
     x = torch.randn(B, C, X, Y, dtype=torch.float64)
-    want = _fwd_bwd(seeds, x)
+    want = _fwd_bwd(old, x)
     got = _fwd_bwd(ours, x)
     # Gradients of the q/k/v convs are the row blocks of the qkv conv's gradient.
     got_split = {
@@ -246,9 +246,9 @@ def test_lga_reproduces_unfold_block_fp64(case):
 
 def test_convert_unfold_state_dict_single_qkv_conv_and_names():
     C = 16
-    seeds = _randomise(UnfoldLocalAttention(C, 2, 3).double(), 5)
-    sd = seeds.state_dict()
-    fused = {  # the variant of the seeds with one qkv conv and another output name
+    old = _randomise(UnfoldLocalAttention(C, 2, 3).double(), 5)
+    sd = old.state_dict()
+    fused = {  # the variant of the unfold block with one qkv conv and another output name
         "to_qkv.weight": torch.cat([sd["q_conv.weight"], sd["k_conv.weight"], sd["v_conv.weight"]]),
         "to_qkv.bias": torch.cat([sd["q_conv.bias"], sd["k_conv.bias"], sd["v_conv.bias"]]),
         "to_out.weight": sd["out_conv.weight"], "to_out.bias": sd["out_conv.bias"],

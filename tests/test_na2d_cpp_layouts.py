@@ -34,7 +34,7 @@ def _three(layout, B, H, X, Y, D, g, dtype):
     if layout == "fused_qkv":  # one projection [B, X, Y, 3, H, D], split without a copy
         qkv = rand(B, X, Y, 3, H, D)
         return tuple(qkv[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3))
-    if layout == "channels_first":  # the seeds' [B, C, X, Y] maps, C = H * D
+    if layout == "channels_first":  # the BEV models' [B, C, X, Y] maps, C = H * D
         return tuple(rand(B, H * D, X, Y).view(B, H, D, X, Y).permute(0, 1, 3, 4, 2) for _ in range(3))
     raise ValueError(layout)
 

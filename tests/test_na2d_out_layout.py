@@ -377,7 +377,7 @@ def _allocated_bytes(fn):
 @needs_ext
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_channels_first_interface_memory(mode):
-    """The seeds' interface (bench/neighborhood.py's dcal row): [B, C, X, Y] maps in, viewed per
+    """The unfold block's interface (bench/neighborhood.py's dcal row): [B, C, X, Y] maps in, viewed per
     head, the op, the output reshaped back to [B, C, X, Y]. It runs no copy kernel and allocates
     the output (+ the three gradients) and per-pixel statistics, nothing map-sized besides."""
     B, H, C, X, Y, ks = 1, 4, 128, 40, 48, 7

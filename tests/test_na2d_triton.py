@@ -255,7 +255,7 @@ def _layout(kind, B, H, X, Y, D, g):
     if kind == "fused_qkv":  # slices of a [B, X, Y, 3, H, D] projection
         qkv = torch.randn(B, X, Y, 3, H, D, generator=g)
         return [qkv[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3)]
-    if kind == "channels_first":  # the seeds' [B, C, X, Y] maps: head-dim stride X*Y
+    if kind == "channels_first":  # the BEV models' [B, C, X, Y] maps: head-dim stride X*Y
         return [torch.randn(B, H * D, X, Y, generator=g).view(B, H, D, X, Y).permute(0, 1, 3, 4, 2) for _ in range(3)]
     raise AssertionError(kind)
 

@@ -70,7 +70,7 @@ def max_diff(a, b):
 
 
 def naive_clip(model, inputs, micro):
-    """The seeds' accumulation: each micro-batch its own contrastive loss (its own negatives)."""
+    """The usual accumulation: each micro-batch its own contrastive loss (its own negatives)."""
     model.zero_grad(set_to_none=True)
     (img, tok), n = inputs, inputs[0].shape[0]
     for s in range(0, n, micro):
@@ -80,7 +80,7 @@ def naive_clip(model, inputs, micro):
 
 
 def naive_episodes(model, loss, x, y, parts):
-    """The seeds' split of an episode: ``parts`` sub-episodes, each with its share of the shots
+    """The usual split of an episode: ``parts`` sub-episodes, each with its share of the shots
     and queries of every class, so each builds its own partial prototypes."""
     model.zero_grad(set_to_none=True)
     N, K, Q = loss.n_way, loss.k_shot, loss.q_query

@@ -147,7 +147,7 @@ GRID: List[Case] = [
     C(NA,  SMALL, M(2, 4, 32, 29, 32),  NB(7, "clamp")),
     C(NA,  SMALL, M(1, 4, 64, 64, 64),  NB(7, "zero"), det=True),
     C(NA,  SMALL, M(1, 2, 30, 31, 16),  NB(5, "mask", dilation=3)),
-    C(NA,  FULL,  M(2, 4, 256, 256, 64), NB(7, "zero")),             # the seeds' BEV map, 256 channels
+    C(NA,  FULL,  M(2, 4, 256, 256, 64), NB(7, "zero")),             # the BEV models' map, 256 channels
     C(NA,  LARGE, M(2, 4, 128, 128, 64), NB(7, "clamp"), dtypes=LOW),            # the other borders
     C(NA,  LARGE, M(2, 4, 128, 128, 64), NB(7, "mask", dilation=2), dtypes=LOW),
     C(NA,  LARGE, M(64, 4, 725, 725, 16), NB(7, "zero", rpb=False), grads=False, sample=(63,), dtypes=FP16),  # > 2**31

@@ -7,7 +7,7 @@ residual) followed by a pointwise MLP (1x1 convs) with a pre-norm residual::
     x = x + fc2(gelu(fc1(norm2(x))))       # ConvMlp
 
 [B, C, X, Y] in, [B, C, X, Y] out; the output is the residual stream itself (no final norm), so
-the module drops in where the seeds' unfold stack sat. Memory is linear in pixels.
+the module drops in where the unfold stack of the original BEV models sat. Memory is linear in pixels.
 """
 from __future__ import annotations
 

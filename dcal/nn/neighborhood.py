@@ -263,18 +263,18 @@ class LocalGraphAttention(nn.Module):
     Args:
         channels: C (= num_heads * head_dim).
         num_heads: heads H.
-        kernel_size: odd window size k >= 3 (the seeds' BEV module uses 7).
+        kernel_size: odd window size k >= 3 (the original BEV module uses 7).
         border: "zero" (default: exactly the F.pad + F.unfold block), "mask" or "clamp".
         rel_pos_bias: learn ``rpb`` [H, 2k-1, 2k-1] (NATTEN's init).
         norm: "layer" (default), "group", "batch" or None. Pre-norm: the residual path stays
             un-normalised, as in Swin/NAT blocks, which is what stacks trained from scratch want.
             LayerNorm over the channels of each pixel does not depend on batch size or map size
             (BEV batches are small); "batch" updates its running statistics twice per step under
-            gradient checkpointing. ``None`` gives the seeds' unfold block exactly.
+            gradient checkpointing. ``None`` gives the unfold block exactly.
         qkv_bias: bias of the qkv conv.
         backend: None (automatic) or a backend name of :mod:`dcal.ops`.
 
-    Memory is linear in pixels: no unfold of k and v (the seeds' block holds 2 * k*k copies of the
+    Memory is linear in pixels: no unfold of k and v (the unfold block holds 2 * k*k copies of the
     map, plus the [.., k*k, X*Y] attention matrix for backward). q, k, v are views of the qkv conv
     output and the op's output comes back in their dim order, so it is a view of the [B, C, X, Y]
     map (channels-first, or channels-last after the per-pixel LayerNorm): no copy either way.
