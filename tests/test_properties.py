@@ -12,6 +12,7 @@ Hypothesis runs derandomized (a fixed seed: the same cases on every run and mach
 example budget per test (1,150 cases in all), no example database and no deadline; the whole
 file takes about 25 s on 2 idle cores (under 2 minutes on a loaded machine).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,13 @@ import dcal.ops as ops  # noqa: E402
 from dcal import _ext  # noqa: E402
 
 settings.register_profile(
-    "dcal-properties", derandomize=True, deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    "dcal-properties",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 PROFILE = settings.get_profile("dcal-properties")
 
 CPU_MKV = ["reference", "sdpa"] + (["cpp"] if _ext.HAS_EXTENSION else [])
@@ -64,16 +70,18 @@ def rule_strides(t):
 
 def assert_layout(got, like, what):
     assert got.shape == like.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(like.shape)}"
-    assert got.stride() == rule_strides(like), \
+    assert got.stride() == rule_strides(like), (
         f"{what}: strides {got.stride()}, expected {rule_strides(like)} (the dim order of {tuple(like.stride())})"
+    )
 
 
 def assert_matches(got, want, tol, what):
     """Non-finite exactly where the oracle is, equal to tol elsewhere."""
     got = got.detach().double()
     bad_w, bad_g = ~torch.isfinite(want), ~torch.isfinite(got)
-    assert torch.equal(bad_w, bad_g), (f"{what}: non-finite at {bad_g.nonzero().tolist()[:6]}, "
-                                       f"oracle at {bad_w.nonzero().tolist()[:6]}")
+    assert torch.equal(bad_w, bad_g), (
+        f"{what}: non-finite at {bad_g.nonzero().tolist()[:6]}, oracle at {bad_w.nonzero().tolist()[:6]}"
+    )
     if (~bad_w).any():
         torch.testing.assert_close(got[~bad_w], want[~bad_w], atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
@@ -84,7 +92,7 @@ def assert_matches(got, want, tol, what):
 def kernel_scale(scale, D, dtype):
     """The scale as the kernels apply it: D ** -0.5 by default; in float32 for every dtype but
     float64 (docs/inputs.md), so a tiny scale is 0 there (and then q and k are not read)."""
-    sc = D ** -0.5 if scale is None else scale
+    sc = D**-0.5 if scale is None else scale
     if dtype != torch.float64:
         sc = float(torch.tensor(sc, dtype=torch.float32))
     return sc
@@ -143,14 +151,22 @@ def make_views(layout, shape, n, seed, dtype, poison=None):
 
 def sizes(hi):
     """A dim size in [0, hi], 0 about one time in eight (the empty result)."""
-    return st.one_of(st.integers(1, hi), st.integers(1, hi), st.integers(1, hi), st.integers(1, hi),
-                     st.integers(1, hi), st.integers(1, hi), st.integers(1, hi), st.just(0))
+    return st.one_of(
+        st.integers(1, hi),
+        st.integers(1, hi),
+        st.integers(1, hi),
+        st.integers(1, hi),
+        st.integers(1, hi),
+        st.integers(1, hi),
+        st.integers(1, hi),
+        st.just(0),
+    )
 
 
 LAYOUTS = ("contiguous", "heads_last", "channels_first", "qkv_slice", "expand_batch", "expand_heads")
 poisons = st.one_of(
-    st.none(), st.none(), st.none(),
-    st.tuples(st.integers(0, 5), st.integers(0, 10_000), st.sampled_from(POISONS)))
+    st.none(), st.none(), st.none(), st.tuples(st.integers(0, 5), st.integers(0, 10_000), st.sampled_from(POISONS))
+)
 
 
 # ----------------------------------------------------------------------------- oracles (fp64)
@@ -179,6 +195,8 @@ def oracle_mkv(q, ks, vs, scale, dout):
     ds = p * (dp - delta)
     dq = torch.einsum("bhqk,bhkd->bhqd", ds, K) * scale
     dk = torch.einsum("bhqk,bhqd->bhkd", ds, q) * scale
+    if scale == 0:  # the documented rule: q and k are not read, their gradients are zero (even where dS is not finite)
+        dq, dk = torch.zeros_like(dq), torch.zeros_like(dk)
     sizes = [k.shape[2] for k in ks]
     return out, lse, dq, list(dk.split(sizes, dim=2)), list(dv.split(sizes, dim=2))
 
@@ -254,10 +272,14 @@ def oracle_na2d(q, k, v, rpb, ks, border, dil, scale, dout):
         # scatter to the on-map key positions (clamp windows overlap: accumulate)
         gi = ri[:, None].expand(X, Y)[ok]
         gj = ci[None, :].expand(X, Y)[ok]
-        dk.permute(2, 3, 0, 1, 4).index_put_((gi, gj), (ds[..., None] * q * scale)[:, :, ok].permute(2, 0, 1, 3),
-                                             accumulate=True)
-        dv.permute(2, 3, 0, 1, 4).index_put_((gi, gj), (p[..., n, None] * dout)[:, :, ok].permute(2, 0, 1, 3),
-                                             accumulate=True)
+        dk.permute(2, 3, 0, 1, 4).index_put_(
+            (gi, gj), (ds[..., None] * q * scale)[:, :, ok].permute(2, 0, 1, 3), accumulate=True
+        )
+        dv.permute(2, 3, 0, 1, 4).index_put_(
+            (gi, gj), (p[..., n, None] * dout)[:, :, ok].permute(2, 0, 1, 3), accumulate=True
+        )
+    if scale == 0:  # the documented rule: q and k are not read, their gradients are zero (even where dS is not finite)
+        dq, dk = torch.zeros_like(dq), torch.zeros_like(dk)
     return out, dq, dk, dv, drpb
 
 
@@ -283,17 +305,27 @@ def oracle_rollout(qs, ks, lses, scale, residual):
 
 
 @settings(PROFILE, max_examples=500)
-@given(B=sizes(2), H=sizes(3), Nq=sizes(9), Nks=st.lists(sizes(12), min_size=1, max_size=3),
-       D=st.sampled_from([1, 2, 3, 8, 16, 17, 40, 72, 136]),
-       layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(list(DTYPES)),
-       scale=st.one_of(st.none(), st.floats(-2.0, 2.0)), poison=poisons, seed=st.integers(0, 2**16))
+@given(
+    B=sizes(2),
+    H=sizes(3),
+    Nq=sizes(9),
+    Nks=st.lists(sizes(12), min_size=1, max_size=3),
+    D=st.sampled_from([1, 2, 3, 8, 16, 17, 40, 72, 136]),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from(list(DTYPES)),
+    scale=st.one_of(st.none(), st.floats(-2.0, 2.0)),
+    poison=poisons,
+    seed=st.integers(0, 2**16),
+)
 def test_multi_kv_attention_matches_oracle(B, H, Nq, Nks, D, layout, dtype, scale, poison, seed):
     dt = DTYPES[dtype]
     if sum(Nks) == 0:
         Nks = Nks[:-1] + [1]  # no key at all is refused (tests/test_inputs.py)
     if D > 40 and dt != torch.float64:
         D = 40  # keep the low-precision cases' error small enough to compare
-    qleaves, (q,), (q64,) = make_views(layout, (B, H, Nq, D), 1, seed, dt, poison if poison and poison[0] == 0 else None)
+    qleaves, (q,), (q64,) = make_views(
+        layout, (B, H, Nq, D), 1, seed, dt, poison if poison and poison[0] == 0 else None
+    )
     segs, segs64, leaves = [], [], list(qleaves)
     for i, nk in enumerate(Nks):
         p = (poison[0] - 1, poison[1], poison[2]) if poison and poison[0] in (2 * i + 1, 2 * i + 2) else None
@@ -327,13 +359,25 @@ def test_multi_kv_attention_matches_oracle(B, H, Nq, Nks, D, layout, dtype, scal
 
 
 @settings(PROFILE, max_examples=400)
-@given(B=sizes(2), H=sizes(2), X=sizes(8), Y=sizes(9),
-       D=st.sampled_from([1, 3, 8, 16, 24]), ks=st.sampled_from([3, 5, 7]), dil=st.sampled_from([1, 1, 2, 3]),
-       border=st.sampled_from(["zero", "mask", "clamp"]), use_rpb=st.booleans(),
-       layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(list(DTYPES)),
-       scale=st.one_of(st.none(), st.floats(-2.0, 2.0)), poison=poisons, seed=st.integers(0, 2**16))
-def test_neighborhood_attention2d_matches_oracle(B, H, X, Y, D, ks, dil, border, use_rpb, layout, dtype, scale, poison,
-                                                 seed):
+@given(
+    B=sizes(2),
+    H=sizes(2),
+    X=sizes(8),
+    Y=sizes(9),
+    D=st.sampled_from([1, 3, 8, 16, 24]),
+    ks=st.sampled_from([3, 5, 7]),
+    dil=st.sampled_from([1, 1, 2, 3]),
+    border=st.sampled_from(["zero", "mask", "clamp"]),
+    use_rpb=st.booleans(),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from(list(DTYPES)),
+    scale=st.one_of(st.none(), st.floats(-2.0, 2.0)),
+    poison=poisons,
+    seed=st.integers(0, 2**16),
+)
+def test_neighborhood_attention2d_matches_oracle(
+    B, H, X, Y, D, ks, dil, border, use_rpb, layout, dtype, scale, poison, seed
+):
     dt = DTYPES[dtype]
     if border == "clamp" and X * Y > 0:  # clamp needs the map to hold a whole dilated window
         X, Y = max(X, ks * dil), max(Y, ks * dil)
@@ -352,8 +396,9 @@ def test_neighborhood_attention2d_matches_oracle(B, H, X, Y, D, ks, dil, border,
     want = oracle_na2d(q64, k64, v64, rpb64, ks, border, dil, sc, dout64)
     tol = TOL[dt] * max(1.0, abs(sc) * math.sqrt(D) / 2)
     for backend in CPU_NA:
-        out = ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=scale,
-                                           dilation=dil, backend=backend)
+        out = ops.neighborhood_attention2d(
+            q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=scale, dilation=dil, backend=backend
+        )
         what = f"{backend} {dtype} {layout} {border} ks{ks} dil{dil} B{B} H{H} {X}x{Y} D{D} rpb={use_rpb}"
         assert out.dtype == dt
         assert_layout(out, q, f"{what} out")
@@ -372,10 +417,20 @@ def test_neighborhood_attention2d_matches_oracle(B, H, X, Y, D, ks, dil, border,
 
 
 @settings(PROFILE, max_examples=250)
-@given(B=sizes(2), H=st.integers(1, 3), N=sizes(10), D=st.sampled_from([1, 4, 16, 33]),
-       L=st.integers(1, 3), with_lse=st.booleans(), residual=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
-       layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(list(DTYPES)),
-       scale=st.one_of(st.none(), st.floats(-1.0, 1.0)), poison=poisons, seed=st.integers(0, 2**16))
+@given(
+    B=sizes(2),
+    H=st.integers(1, 3),
+    N=sizes(10),
+    D=st.sampled_from([1, 4, 16, 33]),
+    L=st.integers(1, 3),
+    with_lse=st.booleans(),
+    residual=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from(list(DTYPES)),
+    scale=st.one_of(st.none(), st.floats(-1.0, 1.0)),
+    poison=poisons,
+    seed=st.integers(0, 2**16),
+)
 def test_attention_rollout_matches_oracle(B, H, N, D, L, with_lse, residual, layout, dtype, scale, poison, seed):
     dt = DTYPES[dtype]
     qs, ks, qs64, ks64 = [], [], [], []
@@ -389,8 +444,10 @@ def test_attention_rollout_matches_oracle(B, H, N, D, L, with_lse, residual, lay
     sc = kernel_scale(scale, D, dt)
     lses = lses64 = None
     if with_lse:
-        lses64 = [torch.logsumexp(torch.einsum("bhqd,bhkd->bhqk", a, b) * sc, -1) if N else a.sum(-1)
-                  for a, b in zip(qs64, ks64)]
+        lses64 = [
+            torch.logsumexp(torch.einsum("bhqd,bhkd->bhqk", a, b) * sc, -1) if N else a.sum(-1)
+            for a, b in zip(qs64, ks64)
+        ]
         lses = [x.float() for x in lses64]
         lses64 = [x.float().double() for x in lses64]
     want = oracle_rollout(qs64, ks64, lses64, sc, residual)
