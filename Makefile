@@ -71,6 +71,8 @@ wheel-check: setup
 # pyflakes and pycodestyle's error classes over the whole tree ([tool.ruff] in pyproject.toml)
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh
 
 clean:
 	rm -rf build dist *.egg-info dcal/_C*.so site
