@@ -17,6 +17,7 @@ Environment switches:
   CUDA_HOME             toolkit root; guessed from ``nvcc --dryrun`` when unset, because a
                         wrapper script named nvcc on the PATH misleads torch's own guess.
 """
+
 import glob
 import os
 import re
@@ -58,7 +59,9 @@ def _cuda_home_from_nvcc():
     if nvcc is None:
         return None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "dcal_probe.cu", "-o", os.devnull], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "dcal_probe.cu", "-o", os.devnull], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
@@ -73,8 +76,10 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError as e:
-        _skip_extension(f"torch is not importable at build time ({e}); pip's isolated build does not see "
-                        "the installed torch: use `pip install --no-build-isolation`")
+        _skip_extension(
+            f"torch is not importable at build time ({e}); pip's isolated build does not see "
+            "the installed torch: use `pip install --no-build-isolation`"
+        )
         return [], {}
 
     if not os.environ.get("CUDA_HOME"):
@@ -97,8 +102,10 @@ def _extensions():
     nvcc = ["-O3", "-std=c++20", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "2"]
     define_macros = []
     if with_cuda:
-        print(f"dcal: building CPU + CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "
-              f"arch {os.environ['TORCH_CUDA_ARCH_LIST']}): {cpp_sources + cu_sources}")
+        print(
+            f"dcal: building CPU + CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "
+            f"arch {os.environ['TORCH_CUDA_ARCH_LIST']}): {cpp_sources + cu_sources}"
+        )
         ext = cpp_extension.CUDAExtension(
             "dcal._C",
             cpp_sources + cu_sources,
@@ -109,7 +116,10 @@ def _extensions():
     else:
         print(f"dcal: building CPU kernels only: {cpp_sources}")
         ext = cpp_extension.CppExtension(
-            "dcal._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+            "dcal._C",
+            cpp_sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
             define_macros=define_macros,
         )
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)

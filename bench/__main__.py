@@ -10,6 +10,7 @@ of what is left; ``--full`` is the long run. Every option of a single bench appl
 the results table of docs/results.md. A bench whose script is not there (or fails to import) is skipped
 with a message.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,8 +35,7 @@ def _load(name):
 
 def main(argv=None) -> int:
     parser = make_parser("python -m bench")
-    parser.add_argument("names", nargs="*",
-                        help=f"benches to run, before the options (default: {' '.join(BENCHES)})")
+    parser.add_argument("names", nargs="*", help=f"benches to run, before the options (default: {' '.join(BENCHES)})")
     args = finish_args(parser.parse_args(argv))
     names = args.names or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
@@ -69,10 +69,14 @@ def main(argv=None) -> int:
         print(f"[{name}] done in {time.time() - t0:.0f} s\n", flush=True)
         ran.append(name)
     wall = time.time() - t_all
-    print(f"benches run: {', '.join(ran) or 'none'}; skipped: {', '.join(skipped) or 'none'}; "
-          f"wall time {int(wall) // 60} min {int(wall) % 60} s")
+    print(
+        f"benches run: {', '.join(ran) or 'none'}; skipped: {', '.join(skipped) or 'none'}; "
+        f"wall time {int(wall) // 60} min {int(wall) % 60} s"
+    )
     if ran and not args.quick:
-        print("python -m bench.report writes the results table (docs/results.md) and bench/results/summary.md from these CSVs")
+        print(
+            "python -m bench.report writes the results table (docs/results.md) and bench/results/summary.md from these CSVs"
+        )
     return 0 if ran else 1
 
 

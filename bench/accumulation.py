@@ -31,6 +31,7 @@ on CUDA is not used here: the bench runs on CPU). Expected: ``exact`` within 1e-
 
 Self-contained on purpose (plain subprocess and table code): it depends on dcal only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,19 @@ def problem(case: str, dtype: torch.dtype, size: str):
         img_size = {"check": 16, "quick": 32, "full": 32}[size]
         width = {"check": 32, "quick": 64, "full": 128}[size]
         depth = 1 if size == "check" else 2
-        c = CLIPConfig(embed_dim=32, img_size=img_size, patch_size=4, vision_width=width, vision_depth=depth,
-                       vision_heads=width // 32, vocab_size=32, context_length=12, text_width=width, text_depth=depth,
-                       text_heads=width // 32)
+        c = CLIPConfig(
+            embed_dim=32,
+            img_size=img_size,
+            patch_size=4,
+            vision_width=width,
+            vision_depth=depth,
+            vision_heads=width // 32,
+            vocab_size=32,
+            context_length=12,
+            text_width=width,
+            text_depth=depth,
+            text_heads=width // 32,
+        )
         model = CLIP(c).to(dtype)
         img = torch.randn(batch, 3, img_size, img_size, generator=g).to(dtype)
         tok = torch.randint(1, 31, (batch, 12), generator=g)
@@ -102,8 +113,9 @@ def naive_episodic(model, loss, x, y, micro: int) -> float:
     N, K, Q = loss.n_way, loss.k_shot, loss.q_query
     parts = next((d for d in range(1, K + 1) if K % d == 0 and Q % d == 0 and N * (K + Q) // d <= micro), None)
     if parts is None:
-        raise ValueError(f"naive split: no micro-episode of at most {micro} images has an equal share of "
-                         f"k_shot {K} and q_query {Q}")
+        raise ValueError(
+            f"naive split: no micro-episode of at most {micro} images has an equal share of k_shot {K} and q_query {Q}"
+        )
     sub = PrototypicalLoss(N, K // parts, Q // parts, loss.vic_weight, loss.variance, loss.invariance, loss.covariance)
     total = 0.0
     for e in range(x.shape[0]):
@@ -111,8 +123,12 @@ def naive_episodic(model, loss, x, y, micro: int) -> float:
         qry = x[e, N * K :].view(N, Q, *x.shape[2:])
         ys = torch.cat([torch.arange(N).repeat_interleave(K // parts), torch.arange(N).repeat_interleave(Q // parts)])
         for p in range(parts):
-            xs = torch.cat([sup[:, p * K // parts : (p + 1) * K // parts].flatten(0, 1),
-                            qry[:, p * Q // parts : (p + 1) * Q // parts].flatten(0, 1)])
+            xs = torch.cat(
+                [
+                    sup[:, p * K // parts : (p + 1) * K // parts].flatten(0, 1),
+                    qry[:, p * Q // parts : (p + 1) * Q // parts].flatten(0, 1),
+                ]
+            )
             value = sub.episode_loss(model(xs), ys) / (parts * x.shape[0])
             value.backward()
             total += float(value.detach())
@@ -178,8 +194,12 @@ def _child(case: str, provider: str, size: str) -> Dict[str, Any]:
     t0 = time.perf_counter()
     run(provider, model, loss, inputs, target, micro, naive_fn)
     seconds = time.perf_counter() - t0
-    return {"peak_mb": (cpu_peak_rss() - base) / 2**20, "seconds": seconds, "micro_batch": micro,
-            "rows": int((loss.rows(inputs)[0] if isinstance(inputs, tuple) else loss.rows(inputs)).shape[0])}
+    return {
+        "peak_mb": (cpu_peak_rss() - base) / 2**20,
+        "seconds": seconds,
+        "micro_batch": micro,
+        "rows": int((loss.rows(inputs)[0] if isinstance(inputs, tuple) else loss.rows(inputs)).shape[0]),
+    }
 
 
 def measure(case: str, provider: str, size: str, timeout: float = 900) -> Dict[str, Any]:
@@ -187,8 +207,14 @@ def measure(case: str, provider: str, size: str, timeout: float = 900) -> Dict[s
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        r = subprocess.run([sys.executable, "-m", "bench.accumulation", "--child", case, provider, size],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-m", "bench.accumulation", "--child", case, provider, size],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     if r.returncode != 0:
@@ -207,9 +233,18 @@ def table(rows: List[Dict[str, Any]]) -> str:
         return "-" if v is None else format(v, fmt)
 
     for r in rows:
-        lines.append([r["case"], r["provider"], f(r.get("loss_diff"), ".2e"), f(r.get("grad_diff"), ".2e"),
-                      f(r.get("grad_rel"), ".2e"), f(r.get("peak_mb"), ".1f") if "error" not in r else r["error"],
-                      f(r.get("peak_ratio"), ".2f"), f(r.get("seconds"), ".3f")])
+        lines.append(
+            [
+                r["case"],
+                r["provider"],
+                f(r.get("loss_diff"), ".2e"),
+                f(r.get("grad_diff"), ".2e"),
+                f(r.get("grad_rel"), ".2e"),
+                f(r.get("peak_mb"), ".1f") if "error" not in r else r["error"],
+                f(r.get("peak_ratio"), ".2f"),
+                f(r.get("seconds"), ".3f"),
+            ]
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -239,14 +274,27 @@ def main(argv=None) -> int:
             if row.get("peak_mb") is not None and one:
                 row["peak_ratio"] = row["peak_mb"] / one
             rows.append(row)
-    print(f"fp64 differences from the whole batch; peak memory: fp32, {size} shapes, CPU peak RSS of a fresh "
-          f"process above its baseline (torch {torch.__version__}, {os.cpu_count()} cores)")
+    print(
+        f"fp64 differences from the whole batch; peak memory: fp32, {size} shapes, CPU peak RSS of a fresh "
+        f"process above its baseline (torch {torch.__version__}, {os.cpu_count()} cores)"
+    )
     print(table(rows))
     if args.csv:
         import csv
 
-        keys = ["case", "provider", "loss_diff", "grad_diff", "grad_rel", "peak_mb", "peak_ratio", "seconds",
-                "micro_batch", "rows", "error"]
+        keys = [
+            "case",
+            "provider",
+            "loss_diff",
+            "grad_diff",
+            "grad_rel",
+            "peak_mb",
+            "peak_ratio",
+            "seconds",
+            "micro_batch",
+            "rows",
+            "error",
+        ]
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
@@ -254,8 +302,10 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["provider"] == "exact" and r.get("grad_diff", 0) > 1e-10]
     naive_ok = [r for r in rows if r["provider"] == "naive" and r.get("grad_rel", 1) < 1e-6]
     if bad or naive_ok:
-        print("check failed: exact accumulation must be within 1e-10 of the whole batch and the naive split off",
-              file=sys.stderr)
+        print(
+            "check failed: exact accumulation must be within 1e-10 of the whole batch and the naive split off",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

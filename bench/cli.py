@@ -6,6 +6,7 @@ cases are the models' sizes without the sweeps. ``--full`` is the long run: ever
 sweep, a fixed ``--reps`` (10) after ``--warmup`` (2) calls, a 3000 s timeout per process.
 ``--reps N`` alone keeps the default cases with a fixed number of rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,26 +42,39 @@ def parse_mem(text: str) -> int:
     m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
     if not m:
         raise ValueError(f"--max-mem must look like 8G, 512M or 2048 (MiB), got {text!r}")
-    mult = {"": MIB, "k": 1024, "m": MIB, "g": 1024 * MIB, "t": 1024 ** 2 * MIB}[m.group(2).lower()]
+    mult = {"": MIB, "k": 1024, "m": MIB, "g": 1024 * MIB, "t": 1024**2 * MIB}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
 
 
 def make_parser(prog: str = "bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--quick", action="store_true", help="small shapes (seconds, for smoke tests)")
-    p.add_argument("--full", action="store_true",
-                   help="the long run: every size of each sweep, fixed --reps/--warmup (10/2), no budget")
-    p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds per case; rounds are chosen from the measured duration of one call "
-                        f"(default {DEFAULT_BUDGET:.0f}, quick {QUICK_BUDGET:.0f}; ignored with --reps or --full)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the long run: every size of each sweep, fixed --reps/--warmup (10/2), no budget",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds per case; rounds are chosen from the measured duration of one call "
+        f"(default {DEFAULT_BUDGET:.0f}, quick {QUICK_BUDGET:.0f}; ignored with --reps or --full)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--reps", type=int, default=None, help="a fixed number of timed rounds (default: from --budget; "
-                                                          "--full 10)")
+    p.add_argument(
+        "--reps", type=int, default=None, help="a fixed number of timed rounds (default: from --budget; --full 10)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, --full 2)")
-    p.add_argument("--max-mem", default=None,
-                   help="memory cap per measuring process, e.g. 8G (default: half the available memory)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per measuring process before it is killed (default 900, --full 3000)")
+    p.add_argument(
+        "--max-mem", default=None, help="memory cap per measuring process, e.g. 8G (default: half the available memory)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per measuring process before it is killed (default 900, --full 3000)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in the measuring processes")
     p.add_argument("--providers", nargs="*", default=None, help="only these providers")
     p.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
@@ -106,9 +120,11 @@ def finish_args(args) -> argparse.Namespace:
 def describe_timing(args) -> str:
     if args.budget is None:
         return f"timing: {args.warmup} warm-up call(s), then {args.reps} interleaved rounds per case"
-    return (f"timing: budget {args.budget:.0f} s per case: {args.warmup} warm-up call(s), then as many interleaved "
-            f"rounds as fit (at least {MIN_REPS}); cases whose calls do not fit, and heavy ones, are measured "
-            f"once per provider")
+    return (
+        f"timing: budget {args.budget:.0f} s per case: {args.warmup} warm-up call(s), then as many interleaved "
+        f"rounds as fit (at least {MIN_REPS}); cases whose calls do not fit, and heavy ones, are measured "
+        f"once per provider"
+    )
 
 
 def bench_main(mod, argv: Optional[Sequence[str]] = None) -> List[Result]:
@@ -139,12 +155,22 @@ def run_and_report(mod, args, progress: Optional[Progress] = None) -> List[Resul
     env = environment(args.device, getattr(args, "threads", None))
     csv_path = write_csv(stem + ".csv", mod.NAME, results, env, getattr(mod, "BASELINE", None))
     print(f"[{mod.NAME}] wrote {csv_path}")
-    meta = dict(env, bench=mod.NAME, module=_module_name(mod), argv=sys.argv[1:], budget=args.budget,
-                full=bool(getattr(args, "full", False)), quick=bool(args.quick), reps=args.reps,
-                warmup=args.warmup, wall_s=round(time.time() - t0, 1),
-                loadavg_start=" ".join(f"{x:.2f}" for x in load0), flops_formula=formula,
-                peak_gflops=next((r.peak_gflops for r in results if r.peak_gflops), None),
-                cores=os.cpu_count())
+    meta = dict(
+        env,
+        bench=mod.NAME,
+        module=_module_name(mod),
+        argv=sys.argv[1:],
+        budget=args.budget,
+        full=bool(getattr(args, "full", False)),
+        quick=bool(args.quick),
+        reps=args.reps,
+        warmup=args.warmup,
+        wall_s=round(time.time() - t0, 1),
+        loadavg_start=" ".join(f"{x:.2f}" for x in load0),
+        flops_formula=formula,
+        peak_gflops=next((r.peak_gflops for r in results if r.peak_gflops), None),
+        cores=os.cpu_count(),
+    )
     with open(stem + ".json", "w") as f:
         json.dump(meta, f, indent=1)
     if not args.no_plot:

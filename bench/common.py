@@ -48,26 +48,78 @@ Output: a printed table per bench; ``bench/results/<name>[-quick].csv`` with one
 provider) (see :data:`CSV_FIELDS`), ``.png`` and ``.json`` (how the run was made). A case marked
 ``heavy`` (tens of seconds per call) is measured once per provider in the default run.
 """
+
 from __future__ import annotations
 
 import sys
 
-from bench.cli import (DEFAULT_BUDGET, QUICK_BUDGET, RESULTS_DIR, bench_main, describe_timing,
-                       finish_args, make_parser, parse_mem, results_stem, run_and_report)
-from bench.measure import (matmul_gflops, time_fn)
+from bench.cli import (
+    DEFAULT_BUDGET,
+    QUICK_BUDGET,
+    RESULTS_DIR,
+    bench_main,
+    describe_timing,
+    finish_args,
+    make_parser,
+    parse_mem,
+    results_stem,
+    run_and_report,
+)
+from bench.measure import matmul_gflops, time_fn
 from bench.plots import plot, provider_colour
-from bench.runner import (MAX_REPS, MIN_REPS, ROOT, Progress, matmul_peak,
-                          plan_timing, run_bench, select_cases)
-from bench.spec import (MIB, Case, Result, Unavailable, floor_outputs, flops_attention, flops_neighborhood,
-                        flops_rollout, nbytes)
+from bench.runner import MAX_REPS, MIN_REPS, ROOT, Progress, matmul_peak, plan_timing, run_bench, select_cases
+from bench.spec import (
+    MIB,
+    Case,
+    Result,
+    Unavailable,
+    floor_outputs,
+    flops_attention,
+    flops_neighborhood,
+    flops_rollout,
+    nbytes,
+)
 from bench.tables import CSV_FIELDS, cpu_model, environment, git_commit, print_table, time_ratio, write_csv
 
 __all__ = [
-    "CSV_FIELDS", "Case", "DEFAULT_BUDGET", "MAX_REPS", "MIB", "MIN_REPS", "Progress", "QUICK_BUDGET", "RESULTS_DIR",
-    "ROOT", "Result", "Unavailable", "bench_main", "cpu_model", "describe_timing", "environment", "finish_args",
-    "floor_outputs", "flops_attention", "flops_neighborhood", "flops_rollout", "git_commit", "make_parser",
-    "matmul_gflops", "matmul_peak", "nbytes", "parse_mem", "plan_timing", "plot", "print_table", "provider_colour",
-    "results_stem", "run_and_report", "run_bench", "select_cases", "time_fn", "time_ratio", "write_csv",
+    "CSV_FIELDS",
+    "Case",
+    "DEFAULT_BUDGET",
+    "MAX_REPS",
+    "MIB",
+    "MIN_REPS",
+    "Progress",
+    "QUICK_BUDGET",
+    "RESULTS_DIR",
+    "ROOT",
+    "Result",
+    "Unavailable",
+    "bench_main",
+    "cpu_model",
+    "describe_timing",
+    "environment",
+    "finish_args",
+    "floor_outputs",
+    "flops_attention",
+    "flops_neighborhood",
+    "flops_rollout",
+    "git_commit",
+    "make_parser",
+    "matmul_gflops",
+    "matmul_peak",
+    "nbytes",
+    "parse_mem",
+    "plan_timing",
+    "plot",
+    "print_table",
+    "provider_colour",
+    "results_stem",
+    "run_and_report",
+    "run_bench",
+    "select_cases",
+    "time_fn",
+    "time_ratio",
+    "write_csv",
 ]
 
 if __name__ == "__main__":

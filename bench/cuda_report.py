@@ -9,6 +9,7 @@ each architecture (no GPU, no torch headers needed). ``ptxas -v`` gives register
 
 :func:`rows` is what ``bench/kernel_report.py`` calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,15 @@ def instantiations() -> List[str]:
             for unit in ("true", "false"):
                 for k in KERNELS:
                     for rpb in ("true", "false"):
-                        lines.append(f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {rpb}, {unit}>"
-                                     f"(const dcal::na2d_cuda::Params<{ctype}>);")
+                        lines.append(
+                            f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {rpb}, {unit}>"
+                            f"(const dcal::na2d_cuda::Params<{ctype}>);"
+                        )
                 for k in BIAS_KERNELS:
-                    lines.append(f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {unit}>"
-                                 f"(const dcal::na2d_cuda::Params<{ctype}>);")
+                    lines.append(
+                        f"template __global__ void dcal::na2d_cuda::{k}<{ctype}, {d}, {unit}>"
+                        f"(const dcal::na2d_cuda::Params<{ctype}>);"
+                    )
     return lines
 
 
@@ -97,8 +102,21 @@ def compile_arch(arch: int, nvcc: str, workdir: str) -> List[dict]:
     src = os.path.join(workdir, "na2d_instances.cu")
     with open(src, "w") as f:
         f.write('#include "na2d_kernels.cuh"\n' + "\n".join(instantiations()) + "\n")
-    cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v",
-           "-I", CSRC, "-o", os.path.join(workdir, f"na2d_sm{arch}.cubin"), src]
+    cmd = [
+        nvcc,
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-O3",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "-Xptxas",
+        "-v",
+        "-I",
+        CSRC,
+        "-o",
+        os.path.join(workdir, f"na2d_sm{arch}.cubin"),
+        src,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed for sm_{arch}:\n{res.stderr[-4000:]}")
@@ -114,12 +132,21 @@ def compile_arch(arch: int, nvcc: str, workdir: str) -> List[dict]:
         dtype = next((k for k, v in DTYPES.items() if v == ctype), ctype)
         name = kernel.replace("_kernel", "")
         config = f"D<={d}" + ("" if rpb is None else f" rpb={rpb}") + f" unit_d={unit}"
-        rows.append({
-            "name": name, "kernel": name, "arch": e["arch"], "dtype": dtype, "config": config,
-            "label": {"dtype": dtype, "head_dim": d, **({} if rpb is None else {"rpb": rpb}), "unit_d": unit},
-            "num_warps": THREADS // 32, "regs": e["regs"], "spill_bytes": e["spill_bytes"],
-            "shared": e["shared"], "cubin_bytes": cubin,
-        })
+        rows.append(
+            {
+                "name": name,
+                "kernel": name,
+                "arch": e["arch"],
+                "dtype": dtype,
+                "config": config,
+                "label": {"dtype": dtype, "head_dim": d, **({} if rpb is None else {"rpb": rpb}), "unit_d": unit},
+                "num_warps": THREADS // 32,
+                "regs": e["regs"],
+                "spill_bytes": e["spill_bytes"],
+                "shared": e["shared"],
+                "cubin_bytes": cubin,
+            }
+        )
     order = {k: i for i, k in enumerate(KERNELS + BIAS_KERNELS)}
     rows.sort(key=lambda r: (order.get(r["name"] + "_kernel", 99), r["dtype"], r["label"]["head_dim"], r["config"]))
     return rows
@@ -148,8 +175,10 @@ def main(argv=None) -> int:
     print(head)
     print("-" * len(head))
     for r in res:
-        print(f"{r['kernel']:<18} {r['arch']:<6} {r['dtype']:<9} {r['config']:<30} {r['regs']:>5} "
-              f"{r['spill_bytes']:>7} {r['shared']:>7}")
+        print(
+            f"{r['kernel']:<18} {r['arch']:<6} {r['dtype']:<9} {r['config']:<30} {r['regs']:>5} "
+            f"{r['spill_bytes']:>7} {r['shared']:>7}"
+        )
     spills = [r for r in res if r["spill_bytes"]]
     print(f"\n{len(res)} kernel instantiations; {len(spills)} with spills")
     return 1 if spills or not res else 0

@@ -17,6 +17,7 @@ materialised; :func:`block_mask` builds one from any mask_mod, chunk by chunk (t
 that both agree).
 On CPU flex runs forward only (PyTorch has no CPU backward for it); on CUDA forward and backward.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -72,8 +73,15 @@ def kv_len(X: int, Y: int, kernel_size: int, border: str) -> int:
     return (X + 2 * r) * (Y + 2 * r) if border == "zero" else X * Y
 
 
-def block_mask(mask_mod: Callable, q_len: int, kv_len_: int, device="cpu", block: int = BLOCK,
-               chunk_rows: int = 4096, kv_span: Optional[Callable] = None):
+def block_mask(
+    mask_mod: Callable,
+    q_len: int,
+    kv_len_: int,
+    device="cpu",
+    block: int = BLOCK,
+    chunk_rows: int = 4096,
+    kv_span: Optional[Callable] = None,
+):
     """A ``BlockMask`` (partial and full blocks) from a batch- and head-independent mask_mod,
     evaluated on ``chunk_rows`` queries at a time. ``kv_span(q0, q1) -> (lo, hi)``: the keys the
     queries q0..q1-1 can see lie in [lo, hi) (default: all), so only that band is evaluated."""
@@ -93,8 +101,8 @@ def block_mask(mask_mod: Callable, q_len: int, kv_len_: int, device="cpu", block
         padded = torch.zeros(rows * block, (b_hi - b_lo) * block, dtype=torch.bool)
         padded[: q1 - q0, : kv.numel()] = m  # out-of-range positions count as masked: such blocks stay partial
         tiles = padded.view(rows, block, b_hi - b_lo, block)
-        any_b[q0 // block: q0 // block + rows, b_lo:b_hi] = tiles.any(dim=3).any(dim=1)
-        all_b[q0 // block: q0 // block + rows, b_lo:b_hi] = tiles.all(dim=3).all(dim=1)
+        any_b[q0 // block : q0 // block + rows, b_lo:b_hi] = tiles.any(dim=3).any(dim=1)
+        all_b[q0 // block : q0 // block + rows, b_lo:b_hi] = tiles.all(dim=3).all(dim=1)
     partial = any_b & ~all_b
 
     def idx(mat):
@@ -104,8 +112,9 @@ def block_mask(mask_mod: Callable, q_len: int, kv_len_: int, device="cpu", block
 
     kvn, kvi = idx(partial)
     fkvn, fkvi = idx(all_b)
-    return BlockMask.from_kv_blocks(kvn, kvi, fkvn, fkvi, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(q_len, kv_len_))
+    return BlockMask.from_kv_blocks(
+        kvn, kvi, fkvn, fkvi, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q_len, kv_len_)
+    )
 
 
 def _segments(n_flat: int, width: int, block: int):
@@ -154,8 +163,9 @@ def na_block_mask(X: int, Y: int, kernel_size: int, border: str, device="cpu", b
 
     kvn, kvi = idx(partial)
     fkvn, fkvi = idx(full)
-    return BlockMask.from_kv_blocks(kvn, kvi, fkvn, fkvi, BLOCK_SIZE=block, mask_mod=na_mask_mod(X, Y, k, border),
-                                    seq_lengths=(n_q, n_kv))
+    return BlockMask.from_kv_blocks(
+        kvn, kvi, fkvn, fkvi, BLOCK_SIZE=block, mask_mod=na_mask_mod(X, Y, k, border), seq_lengths=(n_q, n_kv)
+    )
 
 
 def flex_fn(compiled: bool = True):

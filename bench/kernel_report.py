@@ -5,6 +5,7 @@ registers, spill bytes and shared memory per configuration. Spills are defects.
     python -m bench.kernel_report [--arch 80 90] [--filter pwca] [--csv PATH] [--no-cuda-cpp]
     python -m bench.kernel_report --roofline [--dtype float16 bfloat16]   (see bench/roofline.py)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def print_table(rows, out=sys.stdout):
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
-        print(f"{r['name']:<24} {r['arch']:<6} {_fmt_label(r.get('label', {})):<58} {r.get('num_warps', ''):>5} "
-              f"{r['regs']:>5} {r['spill_bytes']:>7} {r['shared']:>7}", file=out)
+        print(
+            f"{r['name']:<24} {r['arch']:<6} {_fmt_label(r.get('label', {})):<58} {r.get('num_warps', ''):>5} "
+            f"{r['regs']:>5} {r['spill_bytes']:>7} {r['shared']:>7}",
+            file=out,
+        )
 
 
 def main(argv=None):
@@ -48,9 +52,12 @@ def main(argv=None):
     p.add_argument("--filter", default=None, help="only kernels whose name contains this")
     p.add_argument("--csv", default=os.path.join("bench", "results", "kernel_report.csv"))
     p.add_argument("--no-cuda-cpp", action="store_true", help="skip the CUDA C++ kernels")
-    p.add_argument("--roofline", action="store_true",
-                   help="instead: FLOPs, bytes, arithmetic intensity and occupancy of the Triton PWCA and "
-                        "neighborhood kernels at the DCAL and BEV sizes on an H100")
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="instead: FLOPs, bytes, arithmetic intensity and occupancy of the Triton PWCA and "
+        "neighborhood kernels at the DCAL and BEV sizes on an H100",
+    )
     p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], help="dtypes of --roofline")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -67,11 +74,29 @@ def main(argv=None):
         rows += cuda_cpp_rows(a.arch)
     print_table(rows)
     spills = [r for r in rows if r["spill_bytes"]]
-    print(f"\n{len(rows)} kernel configurations compiled in {time.time() - t0:.0f} s; "
-          f"{len(spills)} with spills" + (": " + ", ".join(f"{r['name']}[{r['arch']} {_fmt_label(r.get('label', {}))}]" for r in spills) if spills else ""))
+    print(
+        f"\n{len(rows)} kernel configurations compiled in {time.time() - t0:.0f} s; "
+        f"{len(spills)} with spills"
+        + (
+            ": " + ", ".join(f"{r['name']}[{r['arch']} {_fmt_label(r.get('label', {}))}]" for r in spills)
+            if spills
+            else ""
+        )
+    )
     if a.csv:
         os.makedirs(os.path.dirname(a.csv) or ".", exist_ok=True)
-        keys = ["name", "arch", "config", "num_warps", "num_stages", "regs", "spill_bytes", "stack", "shared", "cubin_bytes"]
+        keys = [
+            "name",
+            "arch",
+            "config",
+            "num_warps",
+            "num_stages",
+            "regs",
+            "spill_bytes",
+            "stack",
+            "shared",
+            "cubin_bytes",
+        ]
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()

@@ -15,6 +15,7 @@ lines it appends to ``spec["out"]``. Three kinds (``spec["what"]``):
   (at least ``min_reps``, at most ``max_reps``), judged from the rounds done so far.
 * ``"peak"``: the machine's matmul speed: the best fp32 GEMM of several (:func:`matmul_gflops`).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -81,8 +82,9 @@ def _is_oom(e: BaseException) -> bool:
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
     msg = str(e)
-    return isinstance(e, RuntimeError) and ("not enough memory" in msg or "can't allocate memory" in msg
-                                            or "out of memory" in msg.lower())
+    return isinstance(e, RuntimeError) and (
+        "not enough memory" in msg or "can't allocate memory" in msg or "out of memory" in msg.lower()
+    )
 
 
 def _short(e: BaseException, limit: int = 160) -> str:
@@ -198,16 +200,18 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
         a = torch.randn(n, n, generator=g).to(device=device, dtype=tdt)
         b = torch.randn(n, n, generator=g).to(device=device, dtype=tdt)
         c = torch.empty(n, n, device=device, dtype=tdt)
-        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * n ** 3, reps, True)
+        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * n**3, reps, True)
         name = f"torch.mm {n}^3"
         return dict(r, n=n, dtype=str(tdt).replace("torch.", ""), source=name, candidates={name: r["gflops"]})
     cands: Dict[str, float] = {}
     detail: Dict[str, float] = {}
-    for size in ((n,) if n else MM_SIZES):
+    for size in (n,) if n else MM_SIZES:
         a = torch.randn(size, size, generator=g)
         b = torch.randn(size, size, generator=g)
         c = torch.empty(size, size)
-        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * size ** 3, reps if size <= 2048 else 3, False)
+        r = _median_gflops(
+            lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * size**3, reps if size <= 2048 else 3, False
+        )
         cands[f"MKL sgemm (torch.mm {size}^3)"] = r["gflops"]
         detail[f"MKL sgemm (torch.mm {size}^3)"] = r["median_ms"]
         del a, b, c
@@ -217,8 +221,9 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
 
         if _ext.HAS_EXTENSION and hasattr(_ext._C, "cpu_peak"):
             for m_, n_, k_ in BLOCK_SHAPES:
-                cands[f"oneDNN brgemm [{m_}x{k_}]@[{k_}x{n_}] x{torch.get_num_threads()} threads"] = \
-                    _ext._C.cpu_peak("brgemm", m_, n_, k_, 0.5)
+                cands[f"oneDNN brgemm [{m_}x{k_}]@[{k_}x{n_}] x{torch.get_num_threads()} threads"] = _ext._C.cpu_peak(
+                    "brgemm", m_, n_, k_, 0.5
+                )
             lanes = _ext._C.cpu_fma_lanes()
             if lanes:
                 out["fma_gflops"] = _ext._C.cpu_peak("fma", 1, 1, 1, 0.3)
@@ -227,9 +232,17 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
         out["extension_error"] = f"{type(e).__name__}: {e}"
     best = max(cands, key=cands.get)
     size = int(re.search(r"(\d+)\^3", best).group(1)) if "^3" in best else None
-    return dict(out, gflops=cands[best], source=best, candidates=cands, n=size,
-                median_ms=detail.get(best), dtype="float32", clock_mhz=_cpu_clock_mhz(),
-                threads=torch.get_num_threads())
+    return dict(
+        out,
+        gflops=cands[best],
+        source=best,
+        candidates=cands,
+        n=size,
+        median_ms=detail.get(best),
+        dtype="float32",
+        clock_mhz=_cpu_clock_mhz(),
+        threads=torch.get_num_threads(),
+    )
 
 
 def peak_description(p: Dict[str, Any]) -> str:
@@ -241,12 +254,16 @@ def peak_description(p: Dict[str, Any]) -> str:
     if others:
         text += "; others: " + ", ".join(f"{k} {v:.1f}" for k, v in others.items())
     if p.get("fma_gflops"):
-        text += (f"; FMA peak (measured, {p['fma_lanes']}-lane fp32 FMA on {p.get('threads', '?')} threads): "
-                 f"{p['fma_gflops']:.1f} GFLOP/s")
+        text += (
+            f"; FMA peak (measured, {p['fma_lanes']}-lane fp32 FMA on {p.get('threads', '?')} threads): "
+            f"{p['fma_gflops']:.1f} GFLOP/s"
+        )
         if p.get("clock_mhz"):
             per_unit = p["clock_mhz"] * 1e-3 * p["fma_lanes"] * 2 * p.get("threads", 1)
-            text += (f" = {p['fma_gflops'] / per_unit:.2f} FMA/cycle/core at the nominal "
-                     f"{p['clock_mhz']:.0f} MHz ({per_unit:.1f} GFLOP/s per FMA unit)")
+            text += (
+                f" = {p['fma_gflops'] / per_unit:.2f} FMA/cycle/core at the nominal "
+                f"{p['clock_mhz']:.0f} MHz ({per_unit:.1f} GFLOP/s per FMA unit)"
+            )
     return text
 
 
@@ -297,8 +314,14 @@ def _worker(spec: Dict[str, Any]) -> None:
         if spec["what"] == "memory":
             try:
                 peak, call_ms = _measure_peak(fn, cuda)
-                emit(provider=name, event="done", status="ok", peak_bytes=peak, call_ms=call_ms,
-                     first_ms=first_ms if first_ms is not None else call_ms)
+                emit(
+                    provider=name,
+                    event="done",
+                    status="ok",
+                    peak_bytes=peak,
+                    call_ms=call_ms,
+                    first_ms=first_ms if first_ms is not None else call_ms,
+                )
             except BaseException as e:
                 emit(provider=name, event="done", status="OOM" if _is_oom(e) else f"error: {_short(e)}")
             del fns[name], fn
@@ -312,8 +335,15 @@ def _worker(spec: Dict[str, Any]) -> None:
             emit(provider=name, event="done", status=failed[name])
         else:
             t = times[name]
-            emit(provider=name, event="done", status="ok", median_ms=statistics.median(t), min_ms=min(t),
-                 max_ms=max(t), times_ms=t)
+            emit(
+                provider=name,
+                event="done",
+                status="ok",
+                median_ms=statistics.median(t),
+                min_ms=min(t),
+                max_ms=max(t),
+                times_ms=t,
+            )
 
 
 def _mmap_every_allocation():

@@ -24,6 +24,7 @@ and at the BEV models' B 2, 256 channels, 256x256, forward and forward+backward,
 mask at 128x128. ``--quick``: 2 heads, 32 channels, maps 16 and 24. Memory floor: the output (+ the
 three gradients for fwd+bwd).
 """
+
 from __future__ import annotations
 
 import sys
@@ -45,11 +46,18 @@ def _case(B, H, C, M, mode, device, dtype, border="zero"):
     shape = (B, C, M, M)
     tag = "" if border == "zero" else f"-{border}"
     return Case(
-        name=f"B{B}-C{C}-{M}x{M}{tag}-{mode}", params=dict(B=B, H=H, C=C, X=M, Y=M, ks=KERNEL, border=border),
-        dtype=dtype, device=device, mode=mode, flops=flops_neighborhood(B, H, M, M, KERNEL, C // H, mode), x=M,
-        group=f"C{C} B{B} {border} {mode}", floor_bytes=floor_outputs(shape, dtype, mode, [shape] * 3),
+        name=f"B{B}-C{C}-{M}x{M}{tag}-{mode}",
+        params=dict(B=B, H=H, C=C, X=M, Y=M, ks=KERNEL, border=border),
+        dtype=dtype,
+        device=device,
+        mode=mode,
+        flops=flops_neighborhood(B, H, M, M, KERNEL, C // H, mode),
+        x=M,
+        group=f"C{C} B{B} {border} {mode}",
+        floor_bytes=floor_outputs(shape, dtype, mode, [shape] * 3),
         heavy=(mode != "fwd" and B * C * M * M >= HEAVY_ELEMENTS and not device.startswith("cuda")),
-        baseline="" if border == "zero" else "natten")
+        baseline="" if border == "zero" else "natten",
+    )
 
 
 def cases(quick: bool, device: str, full: bool = False):
@@ -95,7 +103,7 @@ def unfold_na(q, k, v, heads: int, ks: int):
     kk = F.unfold(k, ks, padding=ks // 2).view(B, heads, D, ks * ks, X * Y)
     vv = F.unfold(v, ks, padding=ks // 2).view(B, heads, D, ks * ks, X * Y)
     qq = q.reshape(B, heads, D, 1, X * Y)
-    attn = (qq * kk).sum(dim=2, keepdim=True) * D ** -0.5  # [B, heads, 1, ks*ks, X*Y]
+    attn = (qq * kk).sum(dim=2, keepdim=True) * D**-0.5  # [B, heads, 1, ks*ks, X*Y]
     attn = attn.softmax(dim=3)
     out = (attn * vv).sum(dim=3)  # [B, heads, D, X*Y]
     return out.reshape(B, C, X, Y)
@@ -116,7 +124,8 @@ def dcal_na(q, k, v, heads: int, ks: int, border: str = "zero"):
     import dcal.ops
 
     out = dcal.ops.neighborhood_attention2d(
-        _heads(q, heads), _heads(k, heads), _heads(v, heads), kernel_size=ks, border=border, backend="cpp")
+        _heads(q, heads), _heads(k, heads), _heads(v, heads), kernel_size=ks, border=border, backend="cpp"
+    )
     return _channels(out, q.shape)
 
 
@@ -129,13 +138,16 @@ def _step(case: Case, inputs, fn):
     q, k, v, dout = inputs
     heads, ks = case.params["H"], case.params["ks"]
     if case.mode == "fwd":
+
         def run():
             with torch.no_grad():
                 return fn(q, k, v, heads, ks)
     else:
+
         def run():
             out = fn(q, k, v, heads, ks)
             return torch.autograd.grad(out, (q, k, v), dout)
+
     return run
 
 
@@ -167,6 +179,7 @@ def natten(case, inputs):
         def heads_last(t):  # [B, C, X, Y] -> [B, X, Y, H, D]
             B, C, X, Y = t.shape
             return t.view(B, heads, C // heads, X, Y).permute(0, 3, 4, 1, 2)
+
         out = nat.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size=ks)
         B, C, X, Y = q.shape
         return out.permute(0, 3, 4, 1, 2).reshape(B, C, X, Y)

@@ -5,6 +5,7 @@ take the next free one by name); an axis turns logarithmic where the values on i
 than ``LOG_RATIO``; a group with a single size is drawn as bars (one per provider), a sweep as lines.
 Providers that ran out of memory or failed are marked on the memory panel.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,25 @@ LOG_RATIO = 10.0
 
 # Seeds' code greys, PyTorch blues/greens, compiled variants lighter, peers purple/brown, ours red.
 _FIXED = {
-    "naive": "#7f7f7f", "unfold": "#7f7f7f", "original": "#7f7f7f", "materialising": "#7f7f7f",
-    "reference": "#bcbd22", "compiled": "#aec7e8", "unfold_compiled": "#aec7e8",
-    "sdpa_cat": "#1f77b4", "sdpa_merge": "#2ca02c", "flex": "#9467bd", "flex_clamp": "#c5b0d5",
-    "natten": "#8c564b", "dcal": "#d62728", "fused": "#d62728", "dcal_clamp": "#ff9896",
-    "cpp": "#d62728", "cpp_lse": "#ff9896", "triton": "#ff7f0e", "triton_lse": "#ffbb78",
+    "naive": "#7f7f7f",
+    "unfold": "#7f7f7f",
+    "original": "#7f7f7f",
+    "materialising": "#7f7f7f",
+    "reference": "#bcbd22",
+    "compiled": "#aec7e8",
+    "unfold_compiled": "#aec7e8",
+    "sdpa_cat": "#1f77b4",
+    "sdpa_merge": "#2ca02c",
+    "flex": "#9467bd",
+    "flex_clamp": "#c5b0d5",
+    "natten": "#8c564b",
+    "dcal": "#d62728",
+    "fused": "#d62728",
+    "dcal_clamp": "#ff9896",
+    "cpp": "#d62728",
+    "cpp_lse": "#ff9896",
+    "triton": "#ff7f0e",
+    "triton_lse": "#ffbb78",
 }
 _SPARE = ["#17becf", "#e377c2", "#9edae5", "#f7b6d2", "#98df8a", "#c49c94", "#dbdb8d", "#393b79"]
 
@@ -57,9 +72,17 @@ def _bars(ax, rs_by_p: Dict[str, List[Result]], providers, what: str) -> List[fl
         elif r is not None:  # placed in axes height, so it shows on log axes too
             from matplotlib.transforms import blended_transform_factory
 
-            ax.text(i, 0.03, "OOM" if r.status == "OOM" else r.status.split(":")[0], rotation=90, ha="center",
-                    va="bottom", fontsize=7, color=colour, transform=blended_transform_factory(ax.transData,
-                                                                                              ax.transAxes))
+            ax.text(
+                i,
+                0.03,
+                "OOM" if r.status == "OOM" else r.status.split(":")[0],
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color=colour,
+                transform=blended_transform_factory(ax.transData, ax.transAxes),
+            )
     ax.set_xticks(range(len(providers)))
     ax.set_xticklabels(providers, rotation=30, ha="right", fontsize=7)
     return vals
@@ -85,8 +108,9 @@ def _lines(ax, rs_by_p: Dict[str, List[Result]], providers, what: str) -> List[f
                 vals += ys
             for r in rs_by_p.get(p, []):
                 if r.status == "OOM":
-                    ax.annotate(f"{p}: OOM", (r.case.x, 0), textcoords="offset points", xytext=(0, 5), fontsize=7,
-                                color=colour)
+                    ax.annotate(
+                        f"{p}: OOM", (r.case.x, 0), textcoords="offset points", xytext=(0, 5), fontsize=7, color=colour
+                    )
     return vals
 
 
@@ -128,11 +152,9 @@ def plot(path: str, name: str, results: List[Result], x_label: str = "case.x") -
             for ax in axes[gi]:
                 ax.set_xlabel(x_label)
     handles = [Patch(color=provider_colour(p), label=p) for p in providers]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(providers), 8), fontsize=8,
-               bbox_to_anchor=(0.5, 1.0))
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(providers), 8), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.8 * len(groups))))  # room for the legend
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-

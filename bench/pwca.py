@@ -20,6 +20,7 @@ keys at 448 px), forward and forward+backward, fp32 on CPU, fp16 on GPU; ``--ful
 tokens over 197 / 577 / 785 / 1025 (224 / 384 / 448 / 512 px, ViT patch 16 + CLS). ``--quick``:
 2 heads, D 32, tokens 33 and 65. Memory floor: the output (+ the five gradients for fwd+bwd).
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,10 +52,19 @@ def cases(quick: bool, device: str, full: bool = False):
     for mode in ("fwd", "fwd+bwd"):
         for n, px in sweep:
             shape = (B, H, n, D)
-            out.append(Case(
-                name=f"N{n}-{mode}", params=dict(B=B, H=H, N=n, D=D, px=px), dtype=dtype, device=device,
-                mode=mode, flops=flops_attention(B, H, n, 2 * n, D, mode), x=n, group=mode,
-                floor_bytes=floor_outputs(shape, dtype, mode, [shape] * 5)))
+            out.append(
+                Case(
+                    name=f"N{n}-{mode}",
+                    params=dict(B=B, H=H, N=n, D=D, px=px),
+                    dtype=dtype,
+                    device=device,
+                    mode=mode,
+                    flops=flops_attention(B, H, n, 2 * n, D, mode),
+                    x=n,
+                    group=mode,
+                    floor_bytes=floor_outputs(shape, dtype, mode, [shape] * 5),
+                )
+            )
     return out
 
 
@@ -97,13 +107,16 @@ def _step(case: Case, inputs, fn):
     """The timed callable: forward only (no graph) or forward + backward to all five inputs."""
     q, k1, v1, k2, v2, dout = inputs
     if case.mode == "fwd":
+
         def run():
             with torch.no_grad():
                 return fn(q, k1, v1, k2, v2)
     else:
+
         def run():
             out = fn(q, k1, v1, k2, v2)
             return torch.autograd.grad(out, (q, k1, v1, k2, v2), dout)
+
     return run
 
 
@@ -145,8 +158,14 @@ def dcal_default(case, inputs):
     return _step(case, inputs, lambda *a: dcal.ops.pwca_attention(*a))
 
 
-PROVIDERS = {"naive": naive, "sdpa_cat": sdpa_cat, "sdpa_merge": sdpa_merge, "compiled": compiled, "flex": flex,
-             "dcal": dcal_default}
+PROVIDERS = {
+    "naive": naive,
+    "sdpa_cat": sdpa_cat,
+    "sdpa_merge": sdpa_merge,
+    "compiled": compiled,
+    "flex": flex,
+    "dcal": dcal_default,
+}
 
 
 if __name__ == "__main__":

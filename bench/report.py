@@ -17,6 +17,7 @@ or ``summary.md`` (or the headline figures) differs from what the CSVs give. The
 headline figures (between :data:`HEAD_START` and :data:`HEAD_END`, ``--guide``) are rewritten from
 three rows of a default run (:data:`HEADLINES`) and left alone when the CSVs do not hold them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,30 @@ HEAD_END = "<!-- bench-headline:end -->"
 # (bench, case, our provider, the other provider, the figure's wording): {ours} {other} are peak
 # memories, {mem} {time} our ratios to the other provider.
 HEADLINES = (
-    ("neighborhood", "B1-C128-128x128-fwd+bwd", "dcal", "unfold",
-     "**BEV block, 128x128 map, 128 channels, forward + backward**: {ours} of peak memory where `F.unfold` "
-     "takes {other} ({mem}), in {time} its time."),
-    ("train_step", "B2-448px", "fused", "materialising",
-     "**DCAL ViT-B/16 training step at 448 px** (SA + GLCA + PWCA, batch 2): {mem} the peak memory ({ours} "
-     "against {other}) and {time} the time of the same model with materialised attention."),
-    ("rollout", "N785-L12", "cpp", "compiled",
-     "**Rollout over 12 blocks of 785 tokens**: {ours} beyond the inputs where the compiled dense rollout "
-     "takes {other} ({mem}), in {time} its time."),
+    (
+        "neighborhood",
+        "B1-C128-128x128-fwd+bwd",
+        "dcal",
+        "unfold",
+        "**BEV block, 128x128 map, 128 channels, forward + backward**: {ours} of peak memory where `F.unfold` "
+        "takes {other} ({mem}), in {time} its time.",
+    ),
+    (
+        "train_step",
+        "B2-448px",
+        "fused",
+        "materialising",
+        "**DCAL ViT-B/16 training step at 448 px** (SA + GLCA + PWCA, batch 2): {mem} the peak memory ({ours} "
+        "against {other}) and {time} the time of the same model with materialised attention.",
+    ),
+    (
+        "rollout",
+        "N785-L12",
+        "cpp",
+        "compiled",
+        "**Rollout over 12 blocks of 785 tokens**: {ours} beyond the inputs where the compiled dense rollout "
+        "takes {other} ({mem}), in {time} its time.",
+    ),
 )
 # The project's targets for a row, shown beside the measured figures.
 TARGETS = {
@@ -60,7 +76,7 @@ TARGETS = {
     ("pwca", "N785-fwd+bwd"): "<= 0.7x time, <= 0.6x memory of sdpa_cat; >= 70% of peak",
     ("neighborhood", "B1-C128-128x128-fwd"): ">= 35% of peak; faster than unfold_compiled and flex",
     ("neighborhood", "B1-C128-128x128-fwd+bwd"): "<= 0.03x memory of unfold; >= 30% of peak; faster than "
-                                                 "unfold_compiled",
+    "unfold_compiled",
     ("neighborhood", "B2-C256-256x256-fwd"): ">= 35% of peak; faster than unfold_compiled and flex",
     ("neighborhood", "B2-C256-256x256-fwd+bwd"): "completes in <= 2 GiB; >= 30% of peak",
     ("neighborhood", "B1-C128-64x64-clamp-fwd"): ">= 10x faster than natten",
@@ -113,7 +129,7 @@ def _x(v: Optional[float]) -> str:
 def _status_short(r: dict) -> str:
     s = r["status"]
     if s.startswith("skipped:"):
-        return "skipped (" + s[len("skipped:"):].strip() + ")"
+        return "skipped (" + s[len("skipped:") :].strip() + ")"
     return s
 
 
@@ -161,29 +177,40 @@ def readme_rows(name: str, rows: List[dict], meta: dict) -> List[str]:
         mem = "<br>".join(f"{r['provider']} {_mib(_f(r['peak_mib']))}" for r in ours if _f(r["peak_mib"]) is not None)
         floor = _f(c["floor_mib"])
         mem = (mem or "-") + (f" (floor {_mib(floor)})" if floor is not None else "")
-        others_txt = "<br>".join(
-            _one(r, False) + (f", {_mib(_f(r['peak_mib']))}" if r["status"] == "ok" and r["peak_mib"] else "")
-            for r in others) or "-"
+        others_txt = (
+            "<br>".join(
+                _one(r, False) + (f", {_mib(_f(r['peak_mib']))}" if r["status"] == "ok" and r["peak_mib"] else "")
+                for r in others
+            )
+            or "-"
+        )
         base = c.get("baseline") or ""
         ratio = "<br>".join(
-            f"{r['provider']}: {_x(_f(r['time_vs_base']))} time" + (
-                f", {_x(_f(r['mem_vs_base']))} memory" if _f(r["mem_vs_base"]) is not None else "")
-            for r in ours if _f(r["time_vs_base"]) is not None)
+            f"{r['provider']}: {_x(_f(r['time_vs_base']))} time"
+            + (f", {_x(_f(r['mem_vs_base']))} memory" if _f(r["mem_vs_base"]) is not None else "")
+            for r in ours
+            if _f(r["time_vs_base"]) is not None
+        )
         ratio = (ratio + f" (vs {base})") if ratio else ""
         ok_others = [r for r in others if r["status"] == "ok" and _f(r["median_ms"]) and r["provider"] != base]
         fastest = min(ok_others, key=lambda r: _f(r["median_ms"]), default=None)
         ok_ours = [r for r in ours if r["status"] == "ok" and _f(r["median_ms"])]
         if fastest is not None and ok_ours:
             vs = "<br>".join(
-                f"{r['provider']}: {_x(_f(r['median_ms']) / _f(fastest['median_ms']))} time" + (
+                f"{r['provider']}: {_x(_f(r['median_ms']) / _f(fastest['median_ms']))} time"
+                + (
                     f", {_x(_f(r['peak_mib']) / _f(fastest['peak_mib']))} memory"
-                    if _f(r["peak_mib"]) is not None and _f(fastest["peak_mib"]) else "")
-                for r in ok_ours)
+                    if _f(r["peak_mib"]) is not None and _f(fastest["peak_mib"])
+                    else ""
+                )
+                for r in ok_ours
+            )
             ratio = (ratio + "<br>" if ratio else "") + vs + f" (vs the fastest other, {fastest['provider']})"
         ratio = ratio or "-"
         target = TARGETS.get((name, case), "")
-        lines.append(f"| {what} | {ours_txt} | {mem} | {others_txt} | {ratio} | {target} | "
-                     f"{_command(name, case, meta)} |")
+        lines.append(
+            f"| {what} | {ours_txt} | {mem} | {others_txt} | {ratio} | {target} | {_command(name, case, meta)} |"
+        )
     return lines
 
 
@@ -191,12 +218,14 @@ def _commit_text(commit: str) -> str:
     """A commit as the page shows it: ``abc123 (clean)`` or ``abc123 with uncommitted changes``
     (the bench marks a working tree with changes to tracked files as ``abc123+dirty``)."""
     if commit.endswith("+dirty"):
-        return f"{commit[:-len('+dirty')]} with uncommitted changes (dirty)"
+        return f"{commit[: -len('+dirty')]} with uncommitted changes (dirty)"
     return f"{commit} (clean)" if commit and commit not in ("?", "unknown") else "unknown"
 
 
 def dirty_commits(loaded) -> List[str]:
-    return sorted({r.get("commit", "") for _, rows, _ in loaded for r in rows if r.get("commit", "").endswith("+dirty")})
+    return sorted(
+        {r.get("commit", "") for _, rows, _ in loaded for r in rows if r.get("commit", "").endswith("+dirty")}
+    )
 
 
 def _run_text(metas) -> str:
@@ -216,14 +245,18 @@ def _peak_name(source: str) -> str:
 def header(loaded) -> List[str]:
     metas = [m for _, _, m in loaded if m]
     rows0 = loaded[0][1][0] if loaded and loaded[0][1] else {}
-    dates = (sorted({m.get("date", "") for m in metas if m.get("date")})
-             or sorted({r.get("date", "") for _, rs, _ in loaded for r in rs[:1]}))
+    dates = sorted({m.get("date", "") for m in metas if m.get("date")}) or sorted(
+        {r.get("date", "") for _, rs, _ in loaded for r in rs[:1]}
+    )
     commits = sorted({m.get("commit", "") for m in metas if m.get("commit")}) or [rows0.get("commit", "?")]
     commit_txt = ", ".join(_commit_text(c) for c in commits)
     loads = [f"{m['bench']} {m.get('loadavg_start', '?')} -> {m.get('loadavg', '?')}" for m in metas]
     sources = {n: rs[0].get("peak_source", "") for n, rs, _ in loaded if rs}
-    peaks = [f"{m['bench']} {m['peak_gflops']:.0f}{_peak_name(sources.get(m['bench'], ''))}"
-             for m in metas if m.get("peak_gflops")]
+    peaks = [
+        f"{m['bench']} {m['peak_gflops']:.0f}{_peak_name(sources.get(m['bench'], ''))}"
+        for m in metas
+        if m.get("peak_gflops")
+    ]
     walls = [m.get("wall_s") for m in metas if m.get("wall_s") is not None]
     budget = sorted({str(m.get("budget")) for m in metas})
     lines = [
@@ -247,13 +280,21 @@ def header(loaded) -> List[str]:
 def readme_block(loaded) -> str:
     hs = header(loaded)
     lines = [START, ""] + [h + "  " for h in hs[:-1]] + hs[-1:] + [""]  # two spaces: a markdown line break
-    lines += ["| case | ours: time, GFLOP/s (% of peak) | ours: peak memory (floor) | others: time, memory | "
-              "ratio to the baseline | target | command |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| case | ours: time, GFLOP/s (% of peak) | ours: peak memory (floor) | others: time, memory | "
+        "ratio to the baseline | target | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rows, meta in loaded:
         lines += readme_rows(name, rows, meta)
     pngs = ", ".join(f"`bench/results/{_stem(name, meta)}.png`" for name, _, meta in loaded)
-    lines += ["", "Plots (one colour per provider; log axes where providers differ by orders of magnitude), drawn "
-              f"from the CSVs by `python -m bench.report`: {pngs}; every row: `bench/results/summary.md`.", "", END]
+    lines += [
+        "",
+        "Plots (one colour per provider; log axes where providers differ by orders of magnitude), drawn "
+        f"from the CSVs by `python -m bench.report`: {pngs}; every row: `bench/results/summary.md`.",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -268,11 +309,14 @@ def summary(loaded) -> str:
         lines.append(f"![{name}]({_stem(name, meta)}.png)")
         for case, rs in _by_case(rows).items():
             c = rs[0]
-            lines += ["", f"### {case} ({c['mode']}, {c['dtype']}, {c['shape']}; floor {_mib(_f(c['floor_mib']))}; "
-                          f"baseline {c.get('baseline') or '-'}; {_command(name, case, meta)})", "",
-                      "| provider | median | min..max ms | reps | GFLOP/s | % peak | peak MiB | t/base | m/base "
-                      "| status |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"### {case} ({c['mode']}, {c['dtype']}, {c['shape']}; floor {_mib(_f(c['floor_mib']))}; "
+                f"baseline {c.get('baseline') or '-'}; {_command(name, case, meta)})",
+                "",
+                "| provider | median | min..max ms | reps | GFLOP/s | % peak | peak MiB | t/base | m/base | status |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in rs:
                 share = _f(r["share_of_peak"])
                 spread = f"{_f(r['min_ms']):.1f}..{_f(r['max_ms']):.1f}" if r["min_ms"] else "-"
@@ -281,7 +325,8 @@ def summary(loaded) -> str:
                     f"{r['gflops'] or '-'} | {'-' if share is None else f'{100 * share:.1f}'} | "
                     f"{r['peak_mib'] or '-'} | "
                     f"{r['time_vs_base'] or '-'} | {r['mem_vs_base'] or '-'} | "
-                    f"{_status_short(r)}{' (' + r['note'] + ')' if r.get('note') else ''} |")
+                    f"{_status_short(r)}{' (' + r['note'] + ')' if r.get('note') else ''} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -306,17 +351,22 @@ def headline_block(loaded) -> Optional[str]:
         ok = t["status"] == "ok" and _f(t["peak_mib"]) and _f(t["median_ms"])
         mem = _x(_f(o["peak_mib"]) / _f(t["peak_mib"])) if ok else t["status"]
         time = _x(_f(o["median_ms"]) / _f(t["median_ms"])) if ok else "-"
-        figure = text.format(ours=_mib(_f(o["peak_mib"])), other=_mib(_f(t["peak_mib"])) if ok else _status_short(t),
-                             mem=mem, time=time)
-        items.append(textwrap.fill(f"- {figure}", 100, subsequent_indent="  ", break_on_hyphens=False)
-                     + f"\n  {_command(bench, case, meta)}")
+        figure = text.format(
+            ours=_mib(_f(o["peak_mib"])), other=_mib(_f(t["peak_mib"])) if ok else _status_short(t), mem=mem, time=time
+        )
+        items.append(
+            textwrap.fill(f"- {figure}", 100, subsequent_indent="  ", break_on_hyphens=False)
+            + f"\n  {_command(bench, case, meta)}"
+        )
         used.append((o, meta))
     dates = sorted({m.get("date", "") for _, m in used if m.get("date")})
     commits = sorted({r.get("commit", "") for r, _ in used if r.get("commit")})
     r0 = used[0][0]
-    intro = (f"Measured by `make bench` on {' / '.join(dates) or '?'} on {r0.get('device_name', '?')}, "
-             f"{r0.get('threads', '?')} threads, commit {', '.join(_commit_text(c) for c in commits)}; each figure "
-             f"with the command that measures it alone ([all rows](docs/results.md)).")
+    intro = (
+        f"Measured by `make bench` on {' / '.join(dates) or '?'} on {r0.get('device_name', '?')}, "
+        f"{r0.get('threads', '?')} threads, commit {', '.join(_commit_text(c) for c in commits)}; each figure "
+        f"with the command that measures it alone ([all rows](docs/results.md))."
+    )
     return "\n".join([HEAD_START, textwrap.fill(intro, 100, break_on_hyphens=False), ""] + items + [HEAD_END])
 
 
@@ -324,7 +374,7 @@ def replace_between(text: str, start: str, end: str, block: str, what: str) -> s
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
         raise ValueError(f"{what} has no generated block: add the lines\n{start}\n{end}\nwhere it goes")
-    return text[:i] + block + text[j + len(end):]
+    return text[:i] + block + text[j + len(end) :]
 
 
 def _stem(name: str, meta: dict) -> str:
@@ -343,8 +393,12 @@ def plots(loaded, results_dir: str) -> List[str]:
     for name, rows, meta in loaded:
         try:
             mod = importlib.import_module(f"bench.{name}")
-            run = SimpleNamespace(quick=bool(meta.get("quick")), full=bool(meta.get("full")), cases=None,
-                                  device=rows[0].get("device", "cpu"))
+            run = SimpleNamespace(
+                quick=bool(meta.get("quick")),
+                full=bool(meta.get("full")),
+                cases=None,
+                device=rows[0].get("device", "cpu"),
+            )
             known = {c.name: c for c in select_cases(mod, run)}
         except Exception as e:  # an old CSV of a bench that changed: plot what the rows say
             print(f"[{name}] cases unavailable ({type(e).__name__}: {e}); plotting each case alone", file=sys.stderr)
@@ -356,13 +410,24 @@ def plots(loaded, results_dir: str) -> List[str]:
             if floor is not None and not case.floor_bytes:
                 case.floor_bytes = floor * MIB
             peak = _f(r.get("peak_mib"))
-            results.append(Result(case, r["provider"], status=r["status"], median_ms=_f(r.get("median_ms")),
-                                  min_ms=_f(r.get("min_ms")), max_ms=_f(r.get("max_ms")),
-                                  peak_bytes=None if peak is None else int(peak * MIB),
-                                  reps=int(_f(r.get("reps")) or 0), note=r.get("note", ""),
-                                  flops=_f(r.get("flops")), peak_gflops=_f(r.get("peak_gflops"))))
-        path = plot(os.path.join(results_dir, _stem(name, meta) + ".png"), name, results,
-                    getattr(mod, "X_LABEL", "case.x"))
+            results.append(
+                Result(
+                    case,
+                    r["provider"],
+                    status=r["status"],
+                    median_ms=_f(r.get("median_ms")),
+                    min_ms=_f(r.get("min_ms")),
+                    max_ms=_f(r.get("max_ms")),
+                    peak_bytes=None if peak is None else int(peak * MIB),
+                    reps=int(_f(r.get("reps")) or 0),
+                    note=r.get("note", ""),
+                    flops=_f(r.get("flops")),
+                    peak_gflops=_f(r.get("peak_gflops")),
+                )
+            )
+        path = plot(
+            os.path.join(results_dir, _stem(name, meta) + ".png"), name, results, getattr(mod, "X_LABEL", "case.x")
+        )
         if path:
             written.append(path)
     return written
@@ -371,15 +436,29 @@ def plots(loaded, results_dir: str) -> List[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=RESULTS_DIR, help="directory of the CSVs (default bench/results)")
-    p.add_argument("--page", "--readme", dest="page", default=PAGE,
-                   help="the markdown file holding the results block (default docs/results.md)")
-    p.add_argument("--quick", action="store_true",
-                   help="use the --quick CSVs (<name>-quick.csv) even when a default run's CSVs exist")
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if the page's table or summary.md differs from the CSVs")
+    p.add_argument(
+        "--page",
+        "--readme",
+        dest="page",
+        default=PAGE,
+        help="the markdown file holding the results block (default docs/results.md)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="use the --quick CSVs (<name>-quick.csv) even when a default run's CSVs exist",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the page's table or summary.md differs from the CSVs",
+    )
     p.add_argument("--no-plot", action="store_true", help="do not redraw the plots")
-    p.add_argument("--guide", default=README,
-                   help="the file holding the headline figures block (default README.md); 'none' to leave it")
+    p.add_argument(
+        "--guide",
+        default=README,
+        help="the file holding the headline figures block (default README.md); 'none' to leave it",
+    )
     a = p.parse_args(argv)
     loaded = load(a.results, quick=a.quick)
     if not loaded and not a.quick:
@@ -390,8 +469,11 @@ def main(argv=None) -> int:
         print(f"no bench CSVs in {a.results}: run `python -m bench` (make bench) first", file=sys.stderr)
         return 1
     for c in dirty_commits(loaded):
-        print(f"note: figures measured at {c}, a working tree with uncommitted changes: commit, rerun "
-              "`python -m bench` and this report for figures a reader can reproduce", file=sys.stderr)
+        print(
+            f"note: figures measured at {c}, a working tree with uncommitted changes: commit, rerun "
+            "`python -m bench` and this report for figures a reader can reproduce",
+            file=sys.stderr,
+        )
     with open(a.page) as f:
         text = f.read()
     new = replace_block(text, readme_block(loaded))
@@ -400,22 +482,30 @@ def main(argv=None) -> int:
     files = [(a.page, text, new), (path, open(path).read() if os.path.exists(path) else None, new_summary)]
     head = headline_block(loaded) if a.guide != "none" else None
     if head is None and a.guide != "none":
-        print(f"{a.guide}: headline figures left as they are (the CSVs hold no default-run rows of "
-              f"{', '.join(f'{b} {c}' for b, c, *_ in HEADLINES)})", file=sys.stderr)
+        print(
+            f"{a.guide}: headline figures left as they are (the CSVs hold no default-run rows of "
+            f"{', '.join(f'{b} {c}' for b, c, *_ in HEADLINES)})",
+            file=sys.stderr,
+        )
     elif head is not None:
         with open(a.guide) as f:
             guide = f.read()
         files.append((a.guide, guide, replace_between(guide, HEAD_START, HEAD_END, head, a.guide)))
     if a.check:
         stale = [f for f, old, new_text in files if old != new_text]
-        print("results table and summary are up to date with the CSVs" if not stale else
-              f"out of date with the CSVs: {', '.join(stale)}; run python -m bench.report")
+        print(
+            "results table and summary are up to date with the CSVs"
+            if not stale
+            else f"out of date with the CSVs: {', '.join(stale)}; run python -m bench.report"
+        )
         return 1 if stale else 0
     for f, old, new_text in files:
         with open(f, "w") as out:
             out.write(new_text)
-    print(f"wrote the results table of {a.page} ({len(loaded)} benches), {path}"
-          + (f" and the headline figures of {a.guide}" if head is not None else ""))
+    print(
+        f"wrote the results table of {a.page} ({len(loaded)} benches), {path}"
+        + (f" and the headline figures of {a.guide}" if head is not None else "")
+    )
     if not a.no_plot:
         for png in plots(loaded, a.results):
             print(f"drew {png}")

@@ -22,6 +22,7 @@ Cases: ViT-B/16 (12 blocks, 12 heads, D 64, batch 2) at 448 px (785 tokens, DCAL
 D 32, tokens 33 and 65. After the table the script checks the memory target (docs/performance.md) at the ViT's shape: the
 fused rollout's extra memory at most 1/20 of the dense reference's.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,9 +49,20 @@ def cases(quick: bool, device: str, full: bool = False):
     else:
         B, H, D, L, sweep = 2, 12, 64, 12, (SWEEP if full else SEEDS)
     dtype = "float16" if cuda else "float32"
-    return [Case(name=f"N{n}-L{L}", params=dict(B=B, H=H, N=n, D=D, L=L), dtype=dtype, device=device, mode="fwd",
-                 flops=flops_rollout(B, H, n, D, L), x=n, group="fwd",
-                 floor_bytes=nbytes((B, n), "float32")) for n in sweep]
+    return [
+        Case(
+            name=f"N{n}-L{L}",
+            params=dict(B=B, H=H, N=n, D=D, L=L),
+            dtype=dtype,
+            device=device,
+            mode="fwd",
+            flops=flops_rollout(B, H, n, D, L),
+            x=n,
+            group="fwd",
+            floor_bytes=nbytes((B, n), "float32"),
+        )
+        for n in sweep
+    ]
 
 
 def describe(device: str) -> str:
@@ -71,8 +83,10 @@ def make_inputs(case: Case):
         q = torch.randn(shape, generator=g).to(device=case.device, dtype=case.torch_dtype())
         k = torch.randn(shape, generator=g).to(device=case.device, dtype=case.torch_dtype())
         # One head at a time: the benchmark's own setup must not hold a [B, H, N, N] tensor.
-        lse = torch.stack([torch.logsumexp((q[:, h].float() @ k[:, h].float().transpose(-1, -2)) * scale, -1)
-                           for h in range(p["H"])], dim=1)
+        lse = torch.stack(
+            [torch.logsumexp((q[:, h].float() @ k[:, h].float().transpose(-1, -2)) * scale, -1) for h in range(p["H"])],
+            dim=1,
+        )
         qs.append(q), ks.append(k), lses.append(lse)
     return qs, ks, lses
 
@@ -95,6 +109,7 @@ def _no_grad(fn):
     def run():
         with torch.no_grad():
             return fn()
+
     return run
 
 
@@ -132,6 +147,7 @@ def _fused(backend: str, with_lse: bool):
             raise Unavailable(str(e))
         lse_arg = lses if with_lse else None
         return lambda: dcal.ops.attention_rollout(qs, ks, lses=lse_arg, backend=backend)
+
     return provider
 
 
@@ -158,8 +174,10 @@ def check_goal(results) -> None:
             continue
         ratio = r.peak_bytes / base.peak_bytes
         verdict = "meets" if ratio <= GOAL_RATIO else "MISSES"
-        print(f"[rollout] {GOAL_CASE} {prov}: extra memory {r.peak_bytes / 2**20:.2f} MiB vs reference "
-              f"{base.peak_bytes / 2**20:.2f} MiB = 1/{1 / max(ratio, 1e-12):.0f}; {verdict} the goal <= 1/20")
+        print(
+            f"[rollout] {GOAL_CASE} {prov}: extra memory {r.peak_bytes / 2**20:.2f} MiB vs reference "
+            f"{base.peak_bytes / 2**20:.2f} MiB = 1/{1 / max(ratio, 1e-12):.0f}; {verdict} the goal <= 1/20"
+        )
 
 
 if __name__ == "__main__":

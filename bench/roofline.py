@@ -22,14 +22,26 @@ Per kernel:
   memory (228 KiB per SM, 1 KiB reserved per CTA), threads (2048) and the 32-CTA limit; resident
   warps / 64, and the waves of the grid over 132 SMs.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-H100 = dict(name="H100 SXM", tflops=990.0, tbps=3.35, smem_sm=228 * 1024, smem_reserved=1024, regs_sm=65536,
-            sms=132, max_warps=64, max_ctas=32, max_threads=2048, cc=90)
+H100 = dict(
+    name="H100 SXM",
+    tflops=990.0,
+    tbps=3.35,
+    smem_sm=228 * 1024,
+    smem_reserved=1024,
+    regs_sm=65536,
+    sms=132,
+    max_warps=64,
+    max_ctas=32,
+    max_threads=2048,
+    cc=90,
+)
 DCAL = dict(B=8, H=12, NQ=785, NK1=785, NK2=785, D=64)
 BEV = dict(B=2, H=4, X=256, Y=256, D=64, KS=7, rpb=True)
 
@@ -84,30 +96,71 @@ def pwca_launches(dtype, s=DCAL, cc: int = 90) -> List[Launch]:
     nq = math.ceil(NQ / t.block_m)
     f = 4.0 * NQ * NK * D * BH
     exec_f = 4.0 * nq * t.block_m * NK * bd * BH  # padded query rows and head dim computed too
-    out.append(Launch("pwca", "pwca_fwd", nq * BH, t.num_warps, t.num_stages,
-                      dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, HAS_SEG2=True, DOT_PREC=cfg.dot_prec),
-                      f, exec_f, BH * (2 * qbytes + 2 * kvbytes + NQ * 4),
-                      BH * (2 * qbytes + nq * 2 * kvbytes + NQ * 4)))
+    out.append(
+        Launch(
+            "pwca",
+            "pwca_fwd",
+            nq * BH,
+            t.num_warps,
+            t.num_stages,
+            dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, HAS_SEG2=True, DOT_PREC=cfg.dot_prec),
+            f,
+            exec_f,
+            BH * (2 * qbytes + 2 * kvbytes + NQ * 4),
+            BH * (2 * qbytes + nq * 2 * kvbytes + NQ * 4),
+        )
+    )
     t = cfg.pre
-    out.append(Launch("pwca", "pwca_bwd_preprocess", math.ceil(NQ / t.block_m) * BH, t.num_warps, t.num_stages,
-                      dict(BLOCK_M=t.block_m, BLOCK_D=bd, HAS_DLSE=False), 0.0, 2.0 * NQ * D * BH,
-                      BH * (2 * qbytes + NQ * 4), BH * (2 * qbytes + NQ * 4)))
+    out.append(
+        Launch(
+            "pwca",
+            "pwca_bwd_preprocess",
+            math.ceil(NQ / t.block_m) * BH,
+            t.num_warps,
+            t.num_stages,
+            dict(BLOCK_M=t.block_m, BLOCK_D=bd, HAS_DLSE=False),
+            0.0,
+            2.0 * NQ * D * BH,
+            BH * (2 * qbytes + NQ * 4),
+            BH * (2 * qbytes + NQ * 4),
+        )
+    )
     t = cfg.dkdv
     for nk in (NK1, NK2):  # one launch per segment
         nkb = math.ceil(nk / t.block_n)
         seg = nk * D * e
         # per key block: recomputed S = QK^T, dP = dO V^T, dV += P^T dO, dK += dS^T Q: 4 matmuls;
         # useful: dV and dK (S and dP are the dq kernel's), so fwd + bwd useful = 4 + 6 + 4 = 3.5x fwd
-        out.append(Launch("pwca", "pwca_bwd_dkdv", nkb * BH, t.num_warps, t.num_stages,
-                          dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, DOT_PREC=cfg.dot_prec),
-                          4.0 * NQ * nk * D * BH, 8.0 * NQ * nkb * t.block_n * bd * BH,
-                          BH * (2 * qbytes + NQ * 8 + 4 * seg), BH * (nkb * (2 * qbytes + NQ * 8) + 4 * seg)))
+        out.append(
+            Launch(
+                "pwca",
+                "pwca_bwd_dkdv",
+                nkb * BH,
+                t.num_warps,
+                t.num_stages,
+                dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, DOT_PREC=cfg.dot_prec),
+                4.0 * NQ * nk * D * BH,
+                8.0 * NQ * nkb * t.block_n * bd * BH,
+                BH * (2 * qbytes + NQ * 8 + 4 * seg),
+                BH * (nkb * (2 * qbytes + NQ * 8) + 4 * seg),
+            )
+        )
     t = cfg.dq
     nq = math.ceil(NQ / t.block_m)
-    out.append(Launch("pwca", "pwca_bwd_dq", nq * BH, t.num_warps, t.num_stages,
-                      dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, HAS_SEG2=True, DOT_PREC=cfg.dot_prec),
-                      6.0 * NQ * NK * D * BH, 6.0 * nq * t.block_m * NK * bd * BH,
-                      BH * (3 * qbytes + NQ * 8 + 2 * kvbytes), BH * (3 * qbytes + NQ * 8 + nq * 2 * kvbytes)))
+    out.append(
+        Launch(
+            "pwca",
+            "pwca_bwd_dq",
+            nq * BH,
+            t.num_warps,
+            t.num_stages,
+            dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=bd, HAS_SEG2=True, DOT_PREC=cfg.dot_prec),
+            6.0 * NQ * NK * D * BH,
+            6.0 * nq * t.block_m * NK * bd * BH,
+            BH * (3 * qbytes + NQ * 8 + 2 * kvbytes),
+            BH * (3 * qbytes + NQ * 8 + nq * 2 * kvbytes),
+        )
+    )
     return out
 
 
@@ -141,12 +194,36 @@ def na2d_launches(dtype, s=BEV) -> List[Launch]:
             # useful: forward S and PV; backward 2.5x that, split as dq (S, dP, dQ) + dkdv (dV, dK);
             # the dkdv kernel's recomputed S and dP count as executed only
             useful = {"na2d_fwd": 4.0, "na2d_bwd_dq": 6.0, "na2d_bwd_dkdv": 4.0}[kernel] * KS * KS * D * n * BH
-            out.append(Launch("neighborhood", kernel, tiles * BH, c["num_warps"], c["num_stages"], dict(consts),
-                              useful, 2.0 * mult * pairs_exec * bd * BH, BH * reads_min, BH * tiles * per_tile))
+            out.append(
+                Launch(
+                    "neighborhood",
+                    kernel,
+                    tiles * BH,
+                    c["num_warps"],
+                    c["num_stages"],
+                    dict(consts),
+                    useful,
+                    2.0 * mult * pairs_exec * bd * BH,
+                    BH * reads_min,
+                    BH * tiles * per_tile,
+                )
+            )
     bm = delta_block_m(bd)
-    out.insert(1, Launch("neighborhood", "na2d_bwd_delta", math.ceil(BH * n / bm), 4, 1,
-                         dict(BLOCK_M=bm, BLOCK_D=bd), 0.0, 2.0 * n * D * BH,
-                         BH * (2 * mapbytes + n * 4), BH * (2 * mapbytes + n * 4)))
+    out.insert(
+        1,
+        Launch(
+            "neighborhood",
+            "na2d_bwd_delta",
+            math.ceil(BH * n / bm),
+            4,
+            1,
+            dict(BLOCK_M=bm, BLOCK_D=bd),
+            0.0,
+            2.0 * n * D * BH,
+            BH * (2 * mapbytes + n * 4),
+            BH * (2 * mapbytes + n * 4),
+        ),
+    )
     return out
 
 
@@ -188,24 +265,30 @@ def attach_ptxas(launches: List[Launch], dtype, cc: int = 90) -> List[str]:
 
 def table(launches: List[Launch], gpu=H100) -> List[str]:
     ridge = gpu["tflops"] * 1e12 / (gpu["tbps"] * 1e12)
-    hdr = (f"{'kernel':<20}{'grid':>7}{'warps':>6}{'regs':>5}{'smem KiB':>9}{'CTA/SM':>7}{'limit':>8}{'occ':>5}"
-           f"{'waves':>6}{'useful GF':>10}{'exec GF':>9}{'MB min':>8}{'MB tiled':>9}{'AI min':>7}{'AI tiled':>9}"
-           f"{'t_flop us':>10}{'t_mem us':>9}")
+    hdr = (
+        f"{'kernel':<20}{'grid':>7}{'warps':>6}{'regs':>5}{'smem KiB':>9}{'CTA/SM':>7}{'limit':>8}{'occ':>5}"
+        f"{'waves':>6}{'useful GF':>10}{'exec GF':>9}{'MB min':>8}{'MB tiled':>9}{'AI min':>7}{'AI tiled':>9}"
+        f"{'t_flop us':>10}{'t_mem us':>9}"
+    )
     lines = [hdr, "-" * len(hdr)]
     for l in launches:
         if l.regs is not None:
             occ = occupancy(l.regs, l.smem, l.num_warps, gpu)
             waves = l.grid / (gpu["sms"] * max(occ["ctas_per_sm"], 1))
-            occ_txt = (f"{l.regs:>5}{l.smem / 1024:>9.1f}{occ['ctas_per_sm']:>7}{occ['limit']:>8}"
-                       f"{occ['occupancy']:>5.2f}{waves:>6.1f}")
+            occ_txt = (
+                f"{l.regs:>5}{l.smem / 1024:>9.1f}{occ['ctas_per_sm']:>7}{occ['limit']:>8}"
+                f"{occ['occupancy']:>5.2f}{waves:>6.1f}"
+            )
         else:
             occ_txt = f"{'?':>5}{'?':>9}{'?':>7}{'?':>8}{'?':>5}{'?':>6}"
         t_flop = l.exec_flops / (gpu["tflops"] * 1e12) * 1e6
         t_mem_lo, t_mem_hi = l.bytes_min / (gpu["tbps"] * 1e12) * 1e6, l.bytes_tiled / (gpu["tbps"] * 1e12) * 1e6
-        lines.append(f"{l.kernel:<20}{l.grid:>7}{l.num_warps:>6}{occ_txt}{l.useful_flops / 1e9:>10.1f}"
-                     f"{l.exec_flops / 1e9:>9.1f}{l.bytes_min / 1e6:>8.1f}{l.bytes_tiled / 1e6:>9.1f}"
-                     f"{l.useful_flops / l.bytes_min:>7.0f}{l.useful_flops / l.bytes_tiled:>9.0f}"
-                     f"{t_flop:>10.1f}{t_mem_lo:>4.0f}-{t_mem_hi:<4.0f}")
+        lines.append(
+            f"{l.kernel:<20}{l.grid:>7}{l.num_warps:>6}{occ_txt}{l.useful_flops / 1e9:>10.1f}"
+            f"{l.exec_flops / 1e9:>9.1f}{l.bytes_min / 1e6:>8.1f}{l.bytes_tiled / 1e6:>9.1f}"
+            f"{l.useful_flops / l.bytes_min:>7.0f}{l.useful_flops / l.bytes_tiled:>9.0f}"
+            f"{t_flop:>10.1f}{t_mem_lo:>4.0f}-{t_mem_hi:<4.0f}"
+        )
     tot_u = sum(l.useful_flops for l in launches)
     tot_e = sum(l.exec_flops for l in launches)
     t_lo = t_hi = 0.0  # each launch bound by the slower of its compute and its memory time
@@ -214,28 +297,39 @@ def table(launches: List[Launch], gpu=H100) -> List[str]:
         t_lo += max(t_f, l.bytes_min / (gpu["tbps"] * 1e12))
         t_hi += max(t_f, l.bytes_tiled / (gpu["tbps"] * 1e12))
     best = tot_u / t_lo / 1e12
-    lines.append(f"total: useful {tot_u / 1e9:.1f} GFLOP, executed {tot_e / 1e9:.1f} GFLOP ({tot_e / tot_u:.2f}x); "
-                 f"launches bound {t_lo * 1e6:.0f}-{t_hi * 1e6:.0f} us -> at most {best:.0f} useful TFLOP/s "
-                 f"({best / gpu['tflops']:.0%} of peak) if every launch ran at the peak rate of its bound; "
-                 f"ridge {ridge:.0f} FLOP/B")
+    lines.append(
+        f"total: useful {tot_u / 1e9:.1f} GFLOP, executed {tot_e / 1e9:.1f} GFLOP ({tot_e / tot_u:.2f}x); "
+        f"launches bound {t_lo * 1e6:.0f}-{t_hi * 1e6:.0f} us -> at most {best:.0f} useful TFLOP/s "
+        f"({best / gpu['tflops']:.0%} of peak) if every launch ran at the peak rate of its bound; "
+        f"ridge {ridge:.0f} FLOP/B"
+    )
     return lines
 
 
 def report(dtypes=("float16", "bfloat16"), compile_kernels: bool = True, gpu=H100) -> str:
     import torch
 
-    out = [f"Roofline on paper: {gpu['name']} ({gpu['tflops']:.0f} TFLOP/s dense fp16/bf16, {gpu['tbps']} TB/s HBM, "
-           f"{gpu['smem_sm'] // 1024} KiB smem and {gpu['regs_sm'] // 1024}K registers per SM, {gpu['sms']} SMs); "
-           f"registers and shared memory from ptxas for sm_{gpu['cc']}.",
-           "AI: useful FLOP per byte (min: each tensor moved once; tiled: every program reads its tiles, no L2 "
-           "reuse). t_flop: executed FLOPs at peak; t_mem: bytes min-tiled at full bandwidth."]
+    out = [
+        f"Roofline on paper: {gpu['name']} ({gpu['tflops']:.0f} TFLOP/s dense fp16/bf16, {gpu['tbps']} TB/s HBM, "
+        f"{gpu['smem_sm'] // 1024} KiB smem and {gpu['regs_sm'] // 1024}K registers per SM, {gpu['sms']} SMs); "
+        f"registers and shared memory from ptxas for sm_{gpu['cc']}.",
+        "AI: useful FLOP per byte (min: each tensor moved once; tiled: every program reads its tiles, no L2 "
+        "reuse). t_flop: executed FLOPs at peak; t_mem: bytes min-tiled at full bandwidth.",
+    ]
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        for title, launches in ((f"PWCA, DCAL size (B {DCAL['B']}, {DCAL['NQ']} x ({DCAL['NK1']} + {DCAL['NK2']}), "
-                                 f"{DCAL['H']} heads, D {DCAL['D']}), {dtype_name}", pwca_launches(dtype)),
-                                (f"Neighborhood attention, BEV size (B {BEV['B']}, {BEV['X']}x{BEV['Y']}, "
-                                 f"{BEV['H'] * BEV['D']} ch, {BEV['H']} heads, k {BEV['KS']}, rpb), {dtype_name}",
-                                 na2d_launches(dtype))):
+        for title, launches in (
+            (
+                f"PWCA, DCAL size (B {DCAL['B']}, {DCAL['NQ']} x ({DCAL['NK1']} + {DCAL['NK2']}), "
+                f"{DCAL['H']} heads, D {DCAL['D']}), {dtype_name}",
+                pwca_launches(dtype),
+            ),
+            (
+                f"Neighborhood attention, BEV size (B {BEV['B']}, {BEV['X']}x{BEV['Y']}, "
+                f"{BEV['H'] * BEV['D']} ch, {BEV['H']} heads, k {BEV['KS']}, rpb), {dtype_name}",
+                na2d_launches(dtype),
+            ),
+        ):
             out += ["", title]
             if compile_kernels:
                 for msg in attach_ptxas(launches, dtype, gpu["cc"]):

@@ -25,6 +25,7 @@ What :func:`run_bench` does for every case of a bench module:
 * Peak: once per bench and dtype, a process measures the machine's matmul speed
   (:func:`bench.measure.matmul_gflops`); every row's GFLOP/s is shown as a share of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,8 +74,14 @@ def _spawn(spec: Dict[str, Any], args, cuda: bool, timeout: Optional[float] = No
         fd, path = tempfile.mkstemp(prefix="dcal-bench-", suffix=suffix)
         os.close(fd)
         paths.append(path)
-    spec = dict(spec, out=paths[0], log=paths[1], max_mem=args.max_mem, threads=getattr(args, "threads", None),
-                sys_path=list(sys.path))
+    spec = dict(
+        spec,
+        out=paths[0],
+        log=paths[1],
+        max_mem=args.max_mem,
+        threads=getattr(args, "threads", None),
+        sys_path=list(sys.path),
+    )
     proc = _context().Process(target=_child_main, args=(spec,), daemon=True)
     proc.start()
     t0, killed = time.time(), None
@@ -99,8 +106,9 @@ def _spawn(spec: Dict[str, Any], args, cuda: bool, timeout: Optional[float] = No
     return records, log, proc.exitcode, killed
 
 
-def _run_child(module: str, case: Case, providers: Sequence[str], what: str, args,
-               **extra) -> Dict[str, Dict[str, Any]]:
+def _run_child(
+    module: str, case: Case, providers: Sequence[str], what: str, args, **extra
+) -> Dict[str, Dict[str, Any]]:
     """Runs the worker in a fresh process; returns provider -> final record. A provider that
     was running when the process died (signal, cap, timeout) gets OOM or an error; the providers
     after it are run again in a new process. ``extra`` goes into the worker's spec (warmup,
@@ -108,8 +116,9 @@ def _run_child(module: str, case: Case, providers: Sequence[str], what: str, arg
     results: Dict[str, Dict[str, Any]] = {}
     todo = list(providers)
     while todo:
-        spec = dict(module=module, case=dataclasses.asdict(case), providers=todo, what=what,
-                    warmup=args.warmup, reps=args.reps)
+        spec = dict(
+            module=module, case=dataclasses.asdict(case), providers=todo, what=what, warmup=args.warmup, reps=args.reps
+        )
         spec.update(extra)
         timeout = args.timeout * (HEAVY_TIMEOUT_FACTOR if case.heavy else 1)
         records, log, returncode, killed = _spawn(spec, args, case.device.startswith("cuda"), timeout)
@@ -144,8 +153,9 @@ def _run_child(module: str, case: Case, providers: Sequence[str], what: str, arg
 
 def matmul_peak(args, device: str, dtype: str) -> Optional[Dict[str, Any]]:
     """The machine's matmul speed now, measured in a fresh process like the cases (same threads)."""
-    records, log, returncode, killed = _spawn(dict(what="peak", device=device, dtype=dtype), args,
-                                              device.startswith("cuda"))
+    records, log, returncode, killed = _spawn(
+        dict(what="peak", device=device, dtype=dtype), args, device.startswith("cuda")
+    )
     done = [r for r in records if r.get("event") == "done"]
     if not done:
         print(f"(matmul peak not measured: {killed or log.strip().splitlines()[-1:] or returncode})")
@@ -174,8 +184,15 @@ def select_cases(mod, args) -> List[Case]:
     return [c for c in out if any(c.name == s if s in names else s in c.name for s in args.cases)]
 
 
-def plan_timing(call_s: Optional[Sequence[float]], budget: Optional[float], warmup: int, heavy: bool = False,
-                elapsed: float = 0.0, min_reps: int = MIN_REPS, max_reps: int = MAX_REPS) -> Dict[str, Any]:
+def plan_timing(
+    call_s: Optional[Sequence[float]],
+    budget: Optional[float],
+    warmup: int,
+    heavy: bool = False,
+    elapsed: float = 0.0,
+    min_reps: int = MIN_REPS,
+    max_reps: int = MAX_REPS,
+) -> Dict[str, Any]:
     """How to time a case, from one measured call per provider (seconds, ``None`` if unknown).
 
     Returns ``{"mode": "fixed"}`` (no budget: ``--reps`` rounds), ``{"mode": "single"}`` (one call
@@ -188,14 +205,22 @@ def plan_timing(call_s: Optional[Sequence[float]], budget: Optional[float], warm
     if call_s is None:  # no memory pass: the timing process judges from its own rounds
         if heavy:
             return {"mode": "rounds", "round_budget": 0.0, "min_reps": 1, "max_reps": 1}
-        return {"mode": "rounds", "round_budget": max(budget - elapsed, 0.0), "min_reps": min_reps,
-                "max_reps": max_reps}
+        return {
+            "mode": "rounds",
+            "round_budget": max(budget - elapsed, 0.0),
+            "min_reps": min_reps,
+            "max_reps": max_reps,
+        }
     per_round = float(sum(call_s))
     if heavy or per_round * (warmup + min_reps) > budget:
         return {"mode": "single"}
     left = budget - elapsed - per_round * warmup
-    return {"mode": "rounds", "round_budget": max(left, per_round * min_reps), "min_reps": min_reps,
-            "max_reps": max_reps}
+    return {
+        "mode": "rounds",
+        "round_budget": max(left, per_round * min_reps),
+        "min_reps": min_reps,
+        "max_reps": max_reps,
+    }
 
 
 class Progress:
@@ -210,8 +235,10 @@ class Progress:
         elapsed = time.time() - self.t0
         left = self.total - self.done
         est = elapsed / self.done * left
-        line = (f"[{bench}] case {self.done}/{self.total} {case.name}: {seconds:.0f} s ({how}); "
-                f"elapsed {_mmss(elapsed)}, about {_mmss(est)} left")
+        line = (
+            f"[{bench}] case {self.done}/{self.total} {case.name}: {seconds:.0f} s ({how}); "
+            f"elapsed {_mmss(elapsed)}, about {_mmss(est)} left"
+        )
         print(line, flush=True)
         return line
 
@@ -243,8 +270,11 @@ def run_bench(mod, args, progress: Optional[Progress] = None) -> List[Result]:
     for case in cases:
         t_case = time.time()
         load1 = os.getloadavg()[0]
-        print(f"[{mod.NAME}] {case.name}: {case.shape()} {case.dtype} {case.device}"
-              + (f"; budget {budget:.0f} s" if budget is not None else ""), flush=True)
+        print(
+            f"[{mod.NAME}] {case.name}: {case.shape()} {case.dtype} {case.device}"
+            + (f"; budget {budget:.0f} s" if budget is not None else ""),
+            flush=True,
+        )
         single = budget is not None and case.heavy
         warmup = 0 if single else args.warmup
         mem: Dict[str, Dict[str, Any]] = {}
@@ -258,8 +288,14 @@ def run_bench(mod, args, progress: Optional[Progress] = None) -> List[Result]:
         if plan["mode"] == "single":
             for p in runnable:
                 ms = mem[p]["call_ms"]
-                tim[p] = dict(status="ok", median_ms=ms, min_ms=ms, max_ms=ms, times_ms=[ms],
-                              note="1 call (heavy)" if case.heavy else "1 call (over budget)")
+                tim[p] = dict(
+                    status="ok",
+                    median_ms=ms,
+                    min_ms=ms,
+                    max_ms=ms,
+                    times_ms=[ms],
+                    note="1 call (heavy)" if case.heavy else "1 call (over budget)",
+                )
             how = "1 call per provider"
         elif runnable:
             extra = {} if plan["mode"] == "fixed" else {k: v for k, v in plan.items() if k != "mode"}
@@ -275,11 +311,23 @@ def run_bench(mod, args, progress: Optional[Progress] = None) -> List[Result]:
                 status = t.get("status", "ok")
             times = t.get("times_ms")
             peak = peaks.get((case.device, _peak_dtype(case.device, case.dtype)))
-            results.append(Result(
-                case, p, status, t.get("median_ms"), t.get("min_ms"), t.get("max_ms"), m.get("peak_bytes"), times,
-                reps=len(times) if times else 0, note=t.get("note", ""),
-                flops=flops_for(case, p) if flops_for else None,
-                peak_gflops=peak["gflops"] if peak else None, load1=load1,
-                peak_text=peak_description(peak) if peak else ""))
+            results.append(
+                Result(
+                    case,
+                    p,
+                    status,
+                    t.get("median_ms"),
+                    t.get("min_ms"),
+                    t.get("max_ms"),
+                    m.get("peak_bytes"),
+                    times,
+                    reps=len(times) if times else 0,
+                    note=t.get("note", ""),
+                    flops=flops_for(case, p) if flops_for else None,
+                    peak_gflops=peak["gflops"] if peak else None,
+                    load1=load1,
+                    peak_text=peak_description(peak) if peak else "",
+                )
+            )
         progress.case_done(mod.NAME, case, time.time() - t_case, how)
     return results

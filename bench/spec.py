@@ -2,6 +2,7 @@
 
 Nothing here measures; :mod:`bench.runner` does, :mod:`bench.tables` and :mod:`bench.plots` show.
 """
+
 from __future__ import annotations
 
 import math
@@ -117,8 +118,9 @@ def flops_attention(batch: int, heads: int, nq: int, nk: int, head_dim: int, mod
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
-def flops_neighborhood(batch: int, heads: int, x: int, y: int, kernel_size: int, head_dim: int,
-                       mode: str = "fwd") -> float:
+def flops_neighborhood(
+    batch: int, heads: int, x: int, y: int, kernel_size: int, head_dim: int, mode: str = "fwd"
+) -> float:
     """4*k*k*D per query and head forward (logits and weighted sum over the k x k window);
     fwd+bwd 3.5x that. Border positions count as a full window (the useful work of the zero
     border; the mask border does a little less)."""

@@ -23,6 +23,7 @@ same device, measured in the same run).
 
 Self-contained: it needs timm (and dcal), not the rest of ``bench``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,7 +123,7 @@ def _sgemm(device: str) -> float:
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / statistics.median(times[1:])
+    return 2 * 2048**3 / statistics.median(times[1:])
 
 
 def main(argv=None) -> dict:
@@ -143,35 +144,52 @@ def main(argv=None) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     runs = {p: [] for p in PROVIDERS}
     for r in range(args.reps):
-        for p in (PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]):
+        for p in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
             cmd = [sys.executable, "-m", "bench.timm_step", "--provider", p] + [
-                a for k, v in vars(args).items() if k not in ("provider", "reps", "csv")
-                for a in (f"--{k.replace('_', '-')}", str(v))]
+                a
+                for k, v in vars(args).items()
+                if k not in ("provider", "reps", "csv")
+                for a in (f"--{k.replace('_', '-')}", str(v))
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise RuntimeError(f"{p} step failed:\n{out.stderr[-2000:]}")
             runs[p].append(json.loads(out.stdout.strip().splitlines()[-1]))
     sgemm = _sgemm(args.device)
-    print(f"{args.model} img {args.img_size} batch {args.batch} {args.dtype} on {args.device}, "
-          f"{args.reps} interleaved step(s) per provider; sgemm {sgemm / 1e9:.1f} GFLOP/s")
+    print(
+        f"{args.model} img {args.img_size} batch {args.batch} {args.dtype} on {args.device}, "
+        f"{args.reps} interleaved step(s) per provider; sgemm {sgemm / 1e9:.1f} GFLOP/s"
+    )
     print(f"{'provider':<8} {'median s':>9} {'min s':>8} {'GFLOP/s':>8} {'of sgemm':>8} {'peak MiB':>9} {'loss':>8}")
     rows = {}
     for p in PROVIDERS:
         t = [x["seconds"] for x in runs[p]]
         med, peak = statistics.median(t), statistics.median(x["peak"] for x in runs[p])
         rate = runs[p][0]["flops"] / med
-        rows[p] = dict(median_s=med, min_s=min(t), gflops=rate / 1e9, of_sgemm=rate / sgemm, peak_mib=peak / 2 ** 20,
-                       loss=runs[p][0]["loss"])
-        print(f"{p:<8} {med:>9.2f} {min(t):>8.2f} {rate / 1e9:>8.1f} {rate / sgemm:>8.1%} {peak / 2 ** 20:>9.1f} "
-              f"{rows[p]['loss']:>8.4f}")
-    print(f"dcal / timm: time {rows['dcal']['median_s'] / rows['timm']['median_s']:.2f}x, "
-          f"peak memory {rows['dcal']['peak_mib'] / max(rows['timm']['peak_mib'], 1e-9):.2f}x")
+        rows[p] = dict(
+            median_s=med,
+            min_s=min(t),
+            gflops=rate / 1e9,
+            of_sgemm=rate / sgemm,
+            peak_mib=peak / 2**20,
+            loss=runs[p][0]["loss"],
+        )
+        print(
+            f"{p:<8} {med:>9.2f} {min(t):>8.2f} {rate / 1e9:>8.1f} {rate / sgemm:>8.1%} {peak / 2**20:>9.1f} "
+            f"{rows[p]['loss']:>8.4f}"
+        )
+    print(
+        f"dcal / timm: time {rows['dcal']['median_s'] / rows['timm']['median_s']:.2f}x, "
+        f"peak memory {rows['dcal']['peak_mib'] / max(rows['timm']['peak_mib'], 1e-9):.2f}x"
+    )
     if args.csv:
         with open(args.csv, "w") as f:
             f.write("provider,model,img_size,batch,dtype,device,median_s,min_s,gflops,of_sgemm,peak_mib,loss\n")
             for p, r in rows.items():
-                f.write(f"{p},{args.model},{args.img_size},{args.batch},{args.dtype},{args.device},{r['median_s']:.4f},"
-                        f"{r['min_s']:.4f},{r['gflops']:.2f},{r['of_sgemm']:.4f},{r['peak_mib']:.1f},{r['loss']:.6f}\n")
+                f.write(
+                    f"{p},{args.model},{args.img_size},{args.batch},{args.dtype},{args.device},{r['median_s']:.4f},"
+                    f"{r['min_s']:.4f},{r['gflops']:.2f},{r['of_sgemm']:.4f},{r['peak_mib']:.1f},{r['loss']:.6f}\n"
+                )
     return rows
 
 

@@ -25,6 +25,7 @@ Providers (same model, same seed, only the attention backend differs):
 Cases: CPU batch 2; GPU batches 8 and 16; 448 px (785 tokens). ``--quick``: a 2-block, width-64
 model at 64 px, batch 2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,10 @@ from bench.common import Case, Unavailable, bench_main, nbytes
 NAME = "train_step"
 BASELINE = "materialising"
 X_LABEL = "batch"
-FLOPS = ("matmuls of one step: per block 2*N*C*C*12 (qkv, proj, MLP) + 4*N*N*C (SA), the same with 2N keys for "
-         "PWCA, GLCA on 1 + 10% queries, the patch embedding; forward x3 for forward + backward")
+FLOPS = (
+    "matmuls of one step: per block 2*N*C*C*12 (qkv, proj, MLP) + 4*N*N*C (SA), the same with 2N keys for "
+    "PWCA, GLCA on 1 + 10% queries, the patch embedding; forward x3 for forward + backward"
+)
 
 VIT_B = dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 QUICK = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
@@ -63,17 +66,36 @@ def cases(quick: bool, device: str):
     p = QUICK if quick else VIT_B
     batches = (2,) if quick or not cuda else (8, 16)
     n = (p["img_size"] // p["patch_size"]) ** 2 + 1
-    return [Case(name=f"B{b}-{p['img_size']}px", params=dict(B=b, **p, tokens=n), dtype="float32", device=device,
-                 mode="fwd+bwd", flops=_flops(b, p), x=b, group="train step",
-                 floor_bytes=nbytes((_param_count(p),), "float32"), heavy=not cuda and not quick) for b in batches]
+    return [
+        Case(
+            name=f"B{b}-{p['img_size']}px",
+            params=dict(B=b, **p, tokens=n),
+            dtype="float32",
+            device=device,
+            mode="fwd+bwd",
+            flops=_flops(b, p),
+            x=b,
+            group="train step",
+            floor_bytes=nbytes((_param_count(p),), "float32"),
+            heavy=not cuda and not quick,
+        )
+        for b in batches
+    ]
 
 
 @functools.lru_cache(maxsize=None)
 def _param_count_of(img_size, patch_size, embed_dim, depth, num_heads) -> int:
     from dcal.models import DCALConfig, DCALViT
 
-    cfg = DCALConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                     num_classes=200, ablation="full")
+    cfg = DCALConfig(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=200,
+        ablation="full",
+    )
     return sum(t.numel() for t in DCALViT(cfg).parameters())
 
 

@@ -34,8 +34,8 @@ namespace cpu {
 
 // Row-major C[M, N] = alpha op(A) op(B) + beta C. BLAS is column-major, where a row-major matrix
 // reads as its transpose: C^T = op(B)^T op(A)^T, so the operands swap and the flags stay.
-inline void gemm(char ta, char tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-                 int ldb, float beta, float* C, int ldc) {
+inline void gemm(char ta, char tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
+                 float beta, float* C, int ldc) {
   sgemm_(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 inline void gemm(char ta, char tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,

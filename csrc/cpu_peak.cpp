@@ -98,8 +98,8 @@ double cpu_peak(const std::string& kind, int64_t M, int64_t N, int64_t K, double
     if (brg)
       cpu::mm(M, N, K, A, K, B, N, C, N, false);
     else
-      cpu::gemm('N', 'N', static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f, A,
-                static_cast<int>(K), B, static_cast<int>(N), 0.0f, C, static_cast<int>(N));
+      cpu::gemm('N', 'N', static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f, A, static_cast<int>(K),
+                B, static_cast<int>(N), 0.0f, C, static_cast<int>(N));
   };
   auto fill = [](std::vector<float>& v) {
     for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(static_cast<int>(i % 17) - 8) * 0.0625f;

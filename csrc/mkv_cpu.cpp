@@ -65,7 +65,9 @@ using cpu::transpose;
 
 DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
 DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
-DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) { return cpu::exp_scale_sum_vec(s, n, a, c); }
+DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) {
+  return cpu::exp_scale_sum_vec(s, n, a, c);
+}
 DCAL_CPU_CLONES double exp_scale_sum(double* s, int64_t n, double a, double c) {
   return cpu::exp_scale_sum_vec(s, n, a, c);
 }
@@ -114,8 +116,8 @@ void check_inputs(const char* op, const at::Tensor& q, const std::vector<Seg>& s
   TORCH_CHECK(q.dim() == 4, op, ": q must be [B, H, Nq, D], got ", q.sizes());
   for (const auto& s : segs) {
     for (const at::Tensor* t : {&s.k, &s.v}) {
-      TORCH_CHECK(t->dim() == 4 && t->size(0) == q.size(0) && t->size(1) == q.size(1) && t->size(3) == q.size(3),
-                  op, ": k/v must be [B, H, Nk, D] matching q ", q.sizes(), ", got ", t->sizes());
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == q.size(0) && t->size(1) == q.size(1) && t->size(3) == q.size(3), op,
+                  ": k/v must be [B, H, Nk, D] matching q ", q.sizes(), ", got ", t->sizes());
       TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), op,
                   ": k/v must have q's dtype and device");
     }
@@ -287,8 +289,8 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mkv_fwd_cpu(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1,
-                                               const std::optional<at::Tensor>& k2,
-                                               const std::optional<at::Tensor>& v2, double scale) {
+                                               const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2,
+                                               double scale) {
   const auto segs = segments(k1, v1, k2, v2);
   check_inputs("mkv_fwd", q, segs);
   const at::Tensor qc = blas_ready(q);
@@ -301,10 +303,10 @@ std::tuple<at::Tensor, at::Tensor> mkv_fwd_cpu(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
-std::vector<at::Tensor> mkv_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
-                                    const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1,
-                                    const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2,
-                                    const at::Tensor& out, const at::Tensor& lse, double scale) {
+std::vector<at::Tensor> mkv_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                                    const at::Tensor& k1, const at::Tensor& v1, const std::optional<at::Tensor>& k2,
+                                    const std::optional<at::Tensor>& v2, const at::Tensor& out, const at::Tensor& lse,
+                                    double scale) {
   const auto segs = segments(k1, v1, k2, v2);
   check_inputs("mkv_bwd", q, segs);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "mkv_bwd: dout and out must be shaped as q");

@@ -147,19 +147,23 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
                                                 int64_t border, double scale, int64_t dilation);
 // Returns (dq, dk, dv, drpb) with dq, dk, dv in the dim order of q, k, v; drpb is contiguous, [0]
 // when rpb is undefined.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale, int64_t dilation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        const c10::optional<at::Tensor>& rpb,
+                                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                                        int64_t kernel_size, int64_t border,
+                                                                        double scale, int64_t dilation);
 
 #ifdef DCAL_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
                                                  int64_t border, double scale, int64_t dilation);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale, int64_t dilation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(const at::Tensor& dout, const at::Tensor& q,
+                                                                         const at::Tensor& k, const at::Tensor& v,
+                                                                         const c10::optional<at::Tensor>& rpb,
+                                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                                         int64_t kernel_size, int64_t border,
+                                                                         double scale, int64_t dilation);
 #endif
 
 }  // namespace dcal

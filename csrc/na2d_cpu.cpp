@@ -215,7 +215,7 @@ void bwd_dq_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t> q
         const int si = window_start(i, static_cast<int>(X), ks, g.border, g.dil);
         for (int j = 0; j < Y; ++j) {
           const int64_t tok = map + i * Y + j;
-          load(qbuf.data(), q.at(bh, H, i, j), D, q.sd);        // [D]
+          load(qbuf.data(), q.at(bh, H, i, j), D, q.sd);         // [D]
           load(dobuf.data(), dout.at(bh, H, i, j), D, dout.sd);  // [D]
           const A dl = dot(dobuf.data(), out.at(bh, H, i, j), D, out.sd);
           delta[tok] = dl;
@@ -300,8 +300,14 @@ na2d_simd::Geo simd_geo(const Geometry& g) { return {g.B, g.H, g.X, g.Y, g.D, g.
 at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border, int64_t dilation) {
-  return Geometry{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4), static_cast<int>(kernel_size),
-                  static_cast<int>(border), static_cast<int>(dilation)};
+  return Geometry{q.size(0),
+                  q.size(1),
+                  q.size(2),
+                  q.size(3),
+                  q.size(4),
+                  static_cast<int>(kernel_size),
+                  static_cast<int>(border),
+                  static_cast<int>(dilation)};
 }
 
 void check_cpu(const at::Tensor& q, const char* op) {
@@ -365,7 +371,8 @@ void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::
   TORCH_CHECK(out.sizes() == q.sizes(), "na2d_bwd: out has shape ", out.sizes(), "; expected the shape of q ",
               q.sizes());
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), "na2d_bwd: dout (",
-              dout.scalar_type(), ") and out (", out.scalar_type(), ") must have the dtype of q (", q.scalar_type(), ")");
+              dout.scalar_type(), ") and out (", out.scalar_type(), ") must have the dtype of q (", q.scalar_type(),
+              ")");
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4), "na2d_bwd: lse has shape ", lse.sizes(),
               "; expected [B, H, X, Y] = ", q.sizes().slice(0, 4));
   TORCH_CHECK(lse.scalar_type() == stat_type(q.scalar_type()), "na2d_bwd: lse has dtype ", lse.scalar_type(),
@@ -386,8 +393,9 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(stat_type(q.scalar_type())));
   const Geometry g = geometry(q, kernel_size, border, dilation);
   bool fast = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: the SIMD kernels
-  if (fast) {  // a non-finite v would reach queries outside its windows (all_finite)
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite", [&] { fast = all_finite(strided<scalar_t>(v), v); });
+  if (fast) {                                    // a non-finite v would reach queries outside its windows (all_finite)
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite",
+                               [&] { fast = all_finite(strided<scalar_t>(v), v); });
   }
   if (fast) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
@@ -406,10 +414,12 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale, int64_t dilation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        const c10::optional<at::Tensor>& rpb,
+                                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                                        int64_t kernel_size, int64_t border,
+                                                                        double scale, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   check_cpu(q, "na2d_bwd");
@@ -437,8 +447,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
       na2d_simd::bwd(simd_geo(g), strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
                      strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
-                     lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk), strided_out<scalar_t>(dv),
-                     has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
+                     lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk),
+                     strided_out<scalar_t>(dv), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
+                     static_cast<scalar_t>(scale));
     });
     if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
     auto drpb = at::zeros({g.H, R, R}, opts);

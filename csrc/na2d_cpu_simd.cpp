@@ -39,8 +39,8 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -260,8 +260,7 @@ DCAL_AI void dots2_n(const T* a0, const T* a1, const T* b, int64_t W, int64_t D,
 }
 
 template <typename T>
-DCAL_AI void dots2(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, int nc, vec_t<T>* out0,
-                   vec_t<T>* out1) {
+DCAL_AI void dots2(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, int nc, vec_t<T>* out0, vec_t<T>* out1) {
   for (int c0 = 0; c0 < nc; c0 += 4)
     with_block<4>(nc - c0, [&](auto n) DCAL_LAMBDA_AI {
       dots2_n<T, decltype(n)::value>(a0, a1, b + c0, W, D, out0 + c0, out1 + c0);
@@ -269,8 +268,8 @@ DCAL_AI void dots2(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, i
 }
 
 template <typename T, int DB>
-DCAL_AI void wacc2_n(int n, const vec_t<T>* w0, const vec_t<T>* w1, const T* b, int64_t W, int64_t d0,
-                     vec_t<T>* o0, vec_t<T>* o1) {
+DCAL_AI void wacc2_n(int n, const vec_t<T>* w0, const vec_t<T>* w1, const T* b, int64_t W, int64_t d0, vec_t<T>* o0,
+                     vec_t<T>* o1) {
   vec_t<T> acc0[DB], acc1[DB];
 #pragma GCC unroll 16
   for (int e = 0; e < DB; ++e) {
@@ -509,21 +508,21 @@ struct KeyRow {
 // inline, so it is compiled inside the x86-64 clones of fwd_tasks / bwd_tasks.
 template <typename T>
 struct Work {
-  int64_t W, row;               // row: one staged [D][W] row
-  int PAD, nb, RK;              // nb: lane blocks of the widest slice row; RK: ring slots
+  int64_t W, row;                // row: one staged [D][W] row
+  int PAD, nb, RK;               // nb: lane blocks of the widest slice row; RK: ring slots
   std::vector<T> K, V, Qt, dOt;  // K, V: ring of RK transposed rows; Qt, dOt: the pair's rows
-  std::vector<T> dK, dV;        // backward: ring of transposed key-row gradient accumulators
-  std::vector<T> P, dS;         // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair
-  std::vector<T> delta, lse;    // backward: [W] per query column, one query row
-  int coff, NCR;                // column offsets -coff .. coff kept in the rows of P and dS
-  AlignedBuf<vec_t<T>> S, dP;   // [kPair][nb][ks][2ks-1] logit-shaped vectors of the pair
-  AlignedBuf<vec_t<T>> o, bias; // o: [kPair][nb][D] output-shaped vectors; bias: [2ks-1]^2 sums
-  AlignedBuf<mask_t<T>> valid;  // [nb][2ks-1] lanes of each block's column offsets
-  std::vector<int> cmin, nc;    // [nb] first column offset and offset count of each block
+  std::vector<T> dK, dV;         // backward: ring of transposed key-row gradient accumulators
+  std::vector<T> P, dS;          // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair
+  std::vector<T> delta, lse;     // backward: [W] per query column, one query row
+  int coff, NCR;                 // column offsets -coff .. coff kept in the rows of P and dS
+  AlignedBuf<vec_t<T>> S, dP;    // [kPair][nb][ks][2ks-1] logit-shaped vectors of the pair
+  AlignedBuf<vec_t<T>> o, bias;  // o: [kPair][nb][D] output-shaped vectors; bias: [2ks-1]^2 sums
+  AlignedBuf<mask_t<T>> valid;   // [nb][2ks-1] lanes of each block's column offsets
+  std::vector<int> cmin, nc;     // [nb] first column offset and offset count of each block
   std::vector<const T*> wp, bp;
-  std::vector<int> slot, us;    // ring slot -> key row; [kPair][ks] window rows taken
-  std::vector<KeyRow> keys;     // [ks + kPair - 1] key rows of a pair's windows
-  std::vector<int> klo, khi;    // [nb] column offsets reaching each key block (backward)
+  std::vector<int> slot, us;  // ring slot -> key row; [kPair][ks] window rows taken
+  std::vector<KeyRow> keys;   // [ks + kPair - 1] key rows of a pair's windows
+  std::vector<int> klo, khi;  // [nb] column offsets reaching each key block (backward)
 
   Work(const Geo& g, bool backward) {
     constexpr int L = Vec<T>::L;
@@ -761,8 +760,7 @@ DCAL_AI void fwd_rows(const FwdArgs<T>& a, int64_t sl, int ia, int ib, Work<T>& 
     pair_wsum(w, q, ks, nbr, D, S, S + sblk, &Work<T>::vrow);
     for (int p = 0; p < q.np; ++p)
       for (int b = 0; b < nbr; ++b)
-        store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), g, s, i0 + p, b * L,
-                    a.out);
+        store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), g, s, i0 + p, b * L, a.out);
   }
 }
 
@@ -896,8 +894,7 @@ DCAL_AI void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
     pair_wsum(w, q, ks, nbr, D, S, S + sblk, &Work<T>::krow);  // dQ = scale * dS @ K
     for (int p = 0; p < q.np; ++p)
       for (int b = 0; b < nbr; ++b)
-        store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), g, s, i0 + p, b * L,
-                    a.dq);
+        store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), g, s, i0 + p, b * L, a.dq);
   }
   for (int sl_ = 0; sl_ < w.RK; ++sl_)
     if (w.slot[sl_] != INT_MIN) flush(sl_);
@@ -977,9 +974,8 @@ void bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, co
          const float* lse, Out<float> dq, Out<float> dk, Out<float> dv, float* bias_part, float scale) {
   bwd_impl(g, dout, q, k, v, rpb, out, lse, dq, dk, dv, bias_part, scale);
 }
-void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb,
-         In<double> out, const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part,
-         double scale) {
+void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb, In<double> out,
+         const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part, double scale) {
   bwd_impl(g, dout, q, k, v, rpb, out, lse, dq, dk, dv, bias_part, scale);
 }
 

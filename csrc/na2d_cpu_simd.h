@@ -31,9 +31,8 @@ void fwd(const Geo& g, In<double> q, In<double> k, In<double> v, const double* r
 // bias-gradient sums (written whole), or null without rpb. lse contiguous [B, H, X, Y].
 void bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, const float* rpb, In<float> out,
          const float* lse, Out<float> dq, Out<float> dk, Out<float> dv, float* bias_part, float scale);
-void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb,
-         In<double> out, const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part,
-         double scale);
+void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb, In<double> out,
+         const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part, double scale);
 
 }  // namespace na2d_simd
 }  // namespace dcal

@@ -19,15 +19,15 @@
 
 // Runtime flags and sizes become template arguments (the static_switch.h habit of
 // flash-attention); each macro runs its last argument, a lambda, with NAME a constant.
-#define NA2D_BOOL_SWITCH(COND, NAME, ...)  \
-  [&] {                                    \
-    if (COND) {                            \
-      constexpr bool NAME = true;          \
-      return __VA_ARGS__();                \
-    } else {                               \
-      constexpr bool NAME = false;         \
-      return __VA_ARGS__();                \
-    }                                      \
+#define NA2D_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                   \
+    if (COND) {                           \
+      constexpr bool NAME = true;         \
+      return __VA_ARGS__();               \
+    } else {                              \
+      constexpr bool NAME = false;        \
+      return __VA_ARGS__();               \
+    }                                     \
   }()
 
 // Head dims 16..128 (multiples of 8) run in the smallest bucket that holds them; lanes skip the
@@ -49,24 +49,24 @@
     }                                     \
   }()
 
-#define NA2D_DTYPE_SWITCH(DTYPE, NAME, ...)                                                  \
-  [&] {                                                                                      \
-    switch (DTYPE) {                                                                         \
-      case at::kFloat: {                                                                     \
-        using NAME = float;                                                                  \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      case at::kHalf: {                                                                      \
-        using NAME = __half;                                                                 \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      case at::kBFloat16: {                                                                  \
-        using NAME = __nv_bfloat16;                                                          \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      default:                                                                               \
+#define NA2D_DTYPE_SWITCH(DTYPE, NAME, ...)                                                               \
+  [&] {                                                                                                   \
+    switch (DTYPE) {                                                                                      \
+      case at::kFloat: {                                                                                  \
+        using NAME = float;                                                                               \
+        return __VA_ARGS__();                                                                             \
+      }                                                                                                   \
+      case at::kHalf: {                                                                                   \
+        using NAME = __half;                                                                              \
+        return __VA_ARGS__();                                                                             \
+      }                                                                                                   \
+      case at::kBFloat16: {                                                                               \
+        using NAME = __nv_bfloat16;                                                                       \
+        return __VA_ARGS__();                                                                             \
+      }                                                                                                   \
+      default:                                                                                            \
         TORCH_CHECK(false, "na2d: dtype ", DTYPE, " not supported on CUDA (float32, float16, bfloat16)"); \
-    }                                                                                        \
+    }                                                                                                     \
   }()
 
 namespace dcal {
@@ -182,15 +182,17 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
-    int64_t border, double scale, int64_t dilation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(const at::Tensor& dout, const at::Tensor& q,
+                                                                         const at::Tensor& k, const at::Tensor& v,
+                                                                         const c10::optional<at::Tensor>& rpb,
+                                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                                         int64_t kernel_size, int64_t border,
+                                                                         double scale, int64_t dilation) {
   const Inputs in = checked_inputs("na2d_bwd", q, k, v, rpb, kernel_size, border, scale, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const auto lc = lse.contiguous();  // [B, H, X, Y] fp32: small, and contiguous when it comes from the forward
-  auto dq = empty_in_order_of(q);  // the dim orders of q, k, v
+  auto dq = empty_in_order_of(q);    // the dim orders of q, k, v
   auto dk = empty_in_order_of(k);
   auto dv = empty_in_order_of(v);
   auto delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));

@@ -38,11 +38,11 @@
 namespace dcal {
 namespace na2d_cuda {
 
-constexpr int kGroup = 8;                     // lanes per query (or key)
-constexpr int kThreads = 128;                 // threads per block
+constexpr int kGroup = 8;      // lanes per query (or key)
+constexpr int kThreads = 128;  // threads per block
 // Kernels say __launch_bounds__(kThreads, 1): with the block size alone, ptxas for sm_90 caps
 // registers for full occupancy and spills a few bytes; one block per SM lets it keep them.
-constexpr int kItems = kThreads / kGroup;     // queries (or keys) per block
+constexpr int kItems = kThreads / kGroup;  // queries (or keys) per block
 
 // Element strides of a [B, H, X, Y, D] view (0 along a broadcast dimension).
 struct Strides {
@@ -55,18 +55,18 @@ struct Params {
   const T* q;
   const T* k;
   const T* v;
-  const T* rpb;   // [H, 2*ks-1, 2*ks-1] contiguous, or null
-  const T* out;   // forward output (backward input)
+  const T* rpb;  // [H, 2*ks-1, 2*ks-1] contiguous, or null
+  const T* out;  // forward output (backward input)
   const T* dout;
   Strides sq, sk, sv, sout, sdo;  // of q, k, v, out (forward output or backward input), dout
   Strides sdq, sdk, sdv;          // of the gradients
-  T* o;           // forward output, strides sout
-  float* lse;     // [B, H, X, Y] contiguous
-  float* delta;   // [B, H, X, Y] contiguous, rowsum(dO * O)
-  T* dq;          // gradients [B, H, X, Y, D], strides sdq, sdk, sdv
+  T* o;                           // forward output, strides sout
+  float* lse;                     // [B, H, X, Y] contiguous
+  float* delta;                   // [B, H, X, Y] contiguous, rowsum(dO * O)
+  T* dq;                          // gradients [B, H, X, Y, D], strides sdq, sdk, sdv
   T* dk;
   T* dv;
-  float* drpb;    // [H, 2*ks-1, 2*ks-1]
+  float* drpb;  // [H, 2*ks-1, 2*ks-1]
   int B, H, X, Y, D, ks, border, dil;
   float scale;
 };
@@ -91,16 +91,20 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Lanes of the calling thread's group inside its warp.
-__device__ __forceinline__ unsigned group_mask() {
-  return 0xffu << ((threadIdx.x & 31) & ~(kGroup - 1));
-}
+__device__ __forceinline__ unsigned group_mask() { return 0xffu << ((threadIdx.x & 31) & ~(kGroup - 1)); }
 
 // Sum over the group's lanes. Every lane ends with the same bits (float addition commutes, and
 // the butterfly pairs the same partial sums on every lane).
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dq_kernel(const Params<T
   const T* vb = p.v + map_offset(p.sv, t.b, t.h);
 
   float qv[kE], dov[kE], dqv[kE];
-  load_slice<kE>(qv, p.q + map_offset(p.sq, t.b, t.h) + pos_offset(p.sq, i, j), sq_d, lane, E);  // [E] of q
+  load_slice<kE>(qv, p.q + map_offset(p.sq, t.b, t.h) + pos_offset(p.sq, i, j), sq_d, lane, E);         // [E] of q
   load_slice<kE>(dov, p.dout + map_offset(p.sdo, t.b, t.h) + pos_offset(p.sdo, i, j), sdo_d, lane, E);  // [E] of dO
 #pragma unroll
   for (int e = 0; e < kE; ++e) dqv[e] = 0.f;
@@ -311,8 +315,8 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_dkdv_kernel(const Params
   }
   store_slice<kE>(p.dk + map_offset(p.sdk, t.b, t.h) + pos_offset(p.sdk, ki, kj), head_stride<kUnitD>(p.sdk), dkv,
                   p.scale, lane, E);
-  store_slice<kE>(p.dv + map_offset(p.sdv, t.b, t.h) + pos_offset(p.sdv, ki, kj), head_stride<kUnitD>(p.sdv), dvv,
-                  1.f, lane, E);
+  store_slice<kE>(p.dv + map_offset(p.sdv, t.b, t.h) + pos_offset(p.sdv, ki, kj), head_stride<kUnitD>(p.sdv), dvv, 1.f,
+                  lane, E);
 }
 
 // Backward pass 3 (with a bias): grid (R*R, H); block (entry, h) sums dS of that bias entry over
@@ -343,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) na2d_bwd_drpb_kernel(const Params
     float s = bias, dp = 0.f;
     if (on) {
       float qx[kE], dox[kE];
-      load_slice<kE>(qx, p.q + map_offset(p.sq, b, h) + pos_offset(p.sq, i, j), sq_d, lane, E);          // [E] of q
+      load_slice<kE>(qx, p.q + map_offset(p.sq, b, h) + pos_offset(p.sq, i, j), sq_d, lane, E);         // [E] of q
       load_slice<kE>(dox, p.dout + map_offset(p.sdo, b, h) + pos_offset(p.sdo, i, j), sdo_d, lane, E);  // [E] of dO
       const T* krow = p.k + map_offset(p.sk, b, h) + pos_offset(p.sk, ki, kj);
       const T* vrow = p.v + map_offset(p.sv, b, h) + pos_offset(p.sv, ki, kj);

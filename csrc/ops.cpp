@@ -23,9 +23,15 @@ bool built_with_cuda() {
 TORCH_LIBRARY(dcal, m) {
   // --- registration: schemas ---
   m.def("mkv_fwd(Tensor q, Tensor k1, Tensor v1, Tensor? k2, Tensor? v2, float scale) -> (Tensor out, Tensor lse)");
-  m.def("mkv_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k1, Tensor v1, Tensor? k2, Tensor? v2, Tensor out, Tensor lse, float scale) -> Tensor[]");
-  m.def("na2d_fwd(Tensor q, Tensor k, Tensor v, Tensor? rpb, int kernel_size, int border, float scale, int dilation=1) -> (Tensor out, Tensor lse)");
-  m.def("na2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, int kernel_size, int border, float scale, int dilation=1) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drpb)");
+  m.def(
+      "mkv_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k1, Tensor v1, Tensor? k2, Tensor? v2, Tensor out, Tensor "
+      "lse, float scale) -> Tensor[]");
+  m.def(
+      "na2d_fwd(Tensor q, Tensor k, Tensor v, Tensor? rpb, int kernel_size, int border, float scale, int dilation=1) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "na2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, int kernel_size, int "
+      "border, float scale, int dilation=1) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drpb)");
   m.def("rollout(Tensor[] qs, Tensor[] ks, Tensor[] lses, float scale, float residual) -> Tensor");
 }
 

@@ -57,7 +57,9 @@ struct AccOf<double> {
 
 DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
 DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
-DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) { return cpu::exp_scale_sum_vec(s, n, a, c); }
+DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) {
+  return cpu::exp_scale_sum_vec(s, n, a, c);
+}
 DCAL_CPU_CLONES double exp_scale_sum(double* s, int64_t n, double a, double c) {
   return cpu::exp_scale_sum_vec(s, n, a, c);
 }
@@ -194,8 +196,8 @@ void rollout_kernel(const std::vector<at::Tensor>& qs, const std::vector<at::Ten
   for (int64_t b = 0; b < B; ++b) rp[b * N] = acc_t(1);
   for (int64_t l = L - 1; l >= 0; --l) {
     const acc_t* lse = lses.empty() ? nullptr : lses[l].const_data_ptr<acc_t>();
-    vec_attn_step<scalar_t, acc_t>(view_of<scalar_t>(qs[l]), view_of<scalar_t>(ks[l]), lse, rp, pp, B, H, N, D,
-                                   chunks, sc);
+    vec_attn_step<scalar_t, acc_t>(view_of<scalar_t>(qs[l]), view_of<scalar_t>(ks[l]), lse, rp, pp, B, H, N, D, chunks,
+                                   sc);
     // Mean over heads (and chunks) in a fixed order, then the residual mix; each r_j depends
     // only on the old r_j.
     at::parallel_for(0, B * N, 1024, [&](int64_t begin, int64_t end) {
@@ -229,8 +231,8 @@ at::Tensor rollout_cpu(at::TensorList qs, at::TensorList ks, at::TensorList lses
       TORCH_CHECK_VALUE(t->device().is_cpu(), "rollout: ", name, "[", i, "] must be a CPU tensor, got ", t->device());
       TORCH_CHECK_TYPE(t->scalar_type() == dtype, "rollout: ", name, "[", i, "] has dtype ", t->scalar_type(),
                        " but qs[0] has ", dtype);
-      TORCH_CHECK_VALUE(t->sizes() == ref.sizes(), "rollout: ", name, "[", i, "] has shape ", t->sizes(),
-                        "; expected ", ref.sizes(), " like qs[0]");
+      TORCH_CHECK_VALUE(t->sizes() == ref.sizes(), "rollout: ", name, "[", i, "] has shape ", t->sizes(), "; expected ",
+                        ref.sizes(), " like qs[0]");
     }
   }
   const int64_t B = ref.size(0), H = ref.size(1), N = ref.size(2), D = ref.size(3);
@@ -240,8 +242,8 @@ at::Tensor rollout_cpu(at::TensorList qs, at::TensorList ks, at::TensorList lses
   std::vector<at::Tensor> lse_acc;
   for (size_t i = 0; i < lses.size(); ++i) {
     TORCH_CHECK_VALUE(lses[i].device().is_cpu(), "rollout: lses[", i, "] must be a CPU tensor");
-    TORCH_CHECK_VALUE(lses[i].sizes() == ref.sizes().slice(0, 3), "rollout: lses[", i, "] has shape ",
-                      lses[i].sizes(), "; expected [B, H, N] = ", ref.sizes().slice(0, 3));
+    TORCH_CHECK_VALUE(lses[i].sizes() == ref.sizes().slice(0, 3), "rollout: lses[", i, "] has shape ", lses[i].sizes(),
+                      "; expected [B, H, N] = ", ref.sizes().slice(0, 3));
     TORCH_CHECK_TYPE(at::isFloatingType(lses[i].scalar_type()), "rollout: lses[", i, "] must be floating");
     lse_acc.push_back(lses[i].to(acc_type).contiguous());  // O(B*H*N)
   }
@@ -255,9 +257,8 @@ at::Tensor rollout_cpu(at::TensorList qs, at::TensorList ks, at::TensorList lses
   at::Tensor r = at::empty({B, N}, ref.options().dtype(acc_type));
   if (B == 0 || N == 0) return r;
   TORCH_CHECK_VALUE(H >= 1, "rollout: qs[0] has no heads (shape ", ref.sizes(), ")");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "dcal_rollout_cpu", [&] {
-    rollout_kernel<scalar_t>(q_in, k_in, lse_acc, r, scale, residual);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "dcal_rollout_cpu",
+                                 [&] { rollout_kernel<scalar_t>(q_in, k_in, lse_acc, r, scale, residual); });
   return r;
 }
 

@@ -3,6 +3,7 @@
 Importing dcal never fails because the extension is missing: ``HAS_EXTENSION`` tells whether it
 loaded, and :func:`require` raises an ImportError that says how to build it.
 """
+
 from __future__ import annotations
 
 import torch  # noqa: F401  (the extension links against libtorch)
@@ -26,8 +27,11 @@ except ImportError as e:  # pragma: no cover - depends on the build
     HAS_EXTENSION = False
     # A missing file reads "cannot import name '_C' from partially initialized module 'dcal'":
     # say what it is instead. A file that does not load (another torch) keeps its own message.
-    EXTENSION_ERROR = (str(e) if importlib.util.find_spec("dcal._C") is not None
-                       else "no dcal._C in this install: it was built without the extension")
+    EXTENSION_ERROR = (
+        str(e)
+        if importlib.util.find_spec("dcal._C") is not None
+        else "no dcal._C in this install: it was built without the extension"
+    )
 
 
 def built_with_cuda() -> bool:
@@ -46,6 +50,8 @@ def status() -> str:
     if HAS_EXTENSION:
         cuda = "with" if built_with_cuda() else "without"
         return f"dcal._C loaded ({cuda} CUDA kernels): backends triton, cpp, sdpa, reference"
-    return (f"dcal._C not available ({EXTENSION_ERROR}): the 'cpp' backend is unavailable; triton (CUDA, or CPU "
-            f"tensors under TRITON_INTERPRET=1), sdpa and reference run. To build it: a C++20 compiler and "
-            f"`pip install --no-build-isolation .` from the repository or an sdist (docs/install.md)")
+    return (
+        f"dcal._C not available ({EXTENSION_ERROR}): the 'cpp' backend is unavailable; triton (CUDA, or CPU "
+        f"tensors under TRITON_INTERPRET=1), sdpa and reference run. To build it: a C++20 compiler and "
+        f"`pip install --no-build-isolation .` from the repository or an sdist (docs/install.md)"
+    )

@@ -13,6 +13,7 @@ The checkpoint is one the training loop wrote (``checkpoints/best.pt``, ``step-*
 the run's config, from which the model and the input preprocessing are rebuilt. Nothing is
 downloaded. Drawing needs matplotlib (the ``bench`` extra).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def load_run(checkpoint: str, overrides: Sequence[str] = ()):
     except ValueError as e:
         raise VisualizeError(f"--checkpoint: {e}") from None
     if not isinstance(state, dict) or "model" not in state or not state.get("config"):
-        raise VisualizeError(f"--checkpoint: {checkpoint} is not a checkpoint of python -m dcal.train "
-                             "(no model and config in it)")
+        raise VisualizeError(
+            f"--checkpoint: {checkpoint} is not a checkpoint of python -m dcal.train (no model and config in it)"
+        )
     cfg = C.from_dict(state["config"], list(overrides))
     task = build_task(cfg, seed=cfg.train.seed)
     model = task.model_factory()
@@ -124,8 +126,9 @@ def dcal_vit_views(model, x: Tensor) -> Dict[str, Any]:
     if any(t is None for t in lses):
         lses = None
     backend = None if c.backend == "sdpa" else c.backend
-    r = ops.attention_rollout(qs, ks, lses=lses, scale=model.blocks[0].attn.scale, residual=c.rollout_residual,
-                              backend=backend)
+    r = ops.attention_rollout(
+        qs, ks, lses=lses, scale=model.blocks[0].attn.scale, residual=c.rollout_residual, backend=backend
+    )
     local = model.glca_index(stats)[:, 1:] - 1 if "glca" in c.branches else None
     out = model(x)
     # eval: the sum of the softmaxes of the SA and GLCA heads (PWCA runs in training only)
@@ -133,8 +136,16 @@ def dcal_vit_views(model, x: Tensor) -> Dict[str, Any]:
     return {"rollout": r[:, 1:].reshape(x.shape[0], c.grid, c.grid), "local": local, "probs": probs}
 
 
-def draw_dcal_vit(path: str, image: Tensor, rollout: Tensor, local: Optional[Tensor], probs: Tensor,
-                  classes: List[str], title: str, label: Optional[str] = None) -> None:
+def draw_dcal_vit(
+    path: str,
+    image: Tensor,
+    rollout: Tensor,
+    local: Optional[Tensor],
+    probs: Tensor,
+    classes: List[str],
+    title: str,
+    label: Optional[str] = None,
+) -> None:
     """One picture: the image, the image under the rollout heat map with GLCA's local queries
     outlined, and the top-5 classes."""
     from matplotlib.figure import Figure
@@ -152,19 +163,28 @@ def draw_dcal_vit(path: str, image: Tensor, rollout: Tensor, local: Optional[Ten
     ax_img.imshow(rgb, interpolation="nearest" if S <= 64 else "bilinear")
     ax_img.set_title("input" + (f" (label: {label})" if label is not None else ""), fontsize=10)
     ax_map.imshow(rgb, interpolation="nearest" if S <= 64 else "bilinear")
-    im = ax_map.imshow(heat.numpy(), cmap="inferno", alpha=0.55, extent=(-0.5, S - 0.5, S - 0.5, -0.5),
-                       interpolation="bilinear", vmin=0, vmax=1)
+    im = ax_map.imshow(
+        heat.numpy(),
+        cmap="inferno",
+        alpha=0.55,
+        extent=(-0.5, S - 0.5, S - 0.5, -0.5),
+        interpolation="bilinear",
+        vmin=0,
+        vmax=1,
+    )
     bar = fig.colorbar(im, ax=ax_map, fraction=0.046, pad=0.03)
     bar.set_ticks([0, 1])
     bar.set_ticklabels([f"{lo.item():.3g}", f"{hi.item():.3g}"])
     if local is not None:
         for idx in local.tolist():
             row, col = divmod(int(idx), grid)
-            ax_map.add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False,
-                                       edgecolor="cyan", lw=1.6))
+            ax_map.add_patch(
+                Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False, edgecolor="cyan", lw=1.6)
+            )
     n_local = 0 if local is None else len(local)
-    ax_map.set_title(f"attention rollout; GLCA's {n_local} local queries" if n_local else "attention rollout",
-                     fontsize=10)
+    ax_map.set_title(
+        f"attention rollout; GLCA's {n_local} local queries" if n_local else "attention rollout", fontsize=10
+    )
     for ax in (ax_img, ax_map):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -223,7 +243,7 @@ def bev_cell_attention(body, x: Tensor, cell: Tuple[int, int]) -> Tensor:
                 if not inside and attn.border == "mask":
                     continue
                 key = kk[:, :, a, b] if inside else torch.zeros(H, D)
-                s = (q * key).sum(-1) * D ** -0.5
+                s = (q * key).sum(-1) * D**-0.5
                 if attn.rpb is not None:
                     s = s + attn.rpb[:, a - i + k - 1, b - j + k - 1]
                 logits.append(s)
@@ -293,14 +313,30 @@ def _parse_cell(text: Optional[str]) -> Optional[Tuple[int, int]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcal.visualize", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by python -m dcal.train")
-    p.add_argument("--images", nargs="*", default=[], metavar="IMG",
-                   help="image files (DCAL ViT) or [C, X, Y] maps as .pt/.npy (BEV)")
-    p.add_argument("--val", type=int, action="append", default=[], metavar="N",
-                   help="also draw the N-th sample of the run's validation set (repeatable)")
+    p.add_argument(
+        "--images",
+        nargs="*",
+        default=[],
+        metavar="IMG",
+        help="image files (DCAL ViT) or [C, X, Y] maps as .pt/.npy (BEV)",
+    )
+    p.add_argument(
+        "--val",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="also draw the N-th sample of the run's validation set (repeatable)",
+    )
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--cell", default=None, help="BEV: the query cell X,Y (default: the map's centre)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the run's config, e.g. --set data.root=/data/CUB_200_2011")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's config, e.g. --set data.root=/data/CUB_200_2011",
+    )
     args = p.parse_args(argv)
     try:
         if not args.images and not args.val:
@@ -344,16 +380,23 @@ def run(args) -> List[str]:
         c = model.config
         for name, x, y in inputs:
             if tuple(x.shape) != (c.in_chans, c.img_size, c.img_size):
-                raise VisualizeError(f"{name}: the model takes [{c.in_chans}, {c.img_size}, {c.img_size}], "
-                                     f"got {tuple(x.shape)}")
+                raise VisualizeError(
+                    f"{name}: the model takes [{c.in_chans}, {c.img_size}, {c.img_size}], got {tuple(x.shape)}"
+                )
             v = dcal_vit_views(model, x[None])
             path = os.path.join(args.out, f"{name}.png")
             top = v["probs"][0].argmax().item()
-            draw_dcal_vit(path, _display(x, cfg), v["rollout"][0], None if v["local"] is None else v["local"][0],
-                          v["probs"][0], classes,
-                          f"{name}: predicted {classes[top] if top < len(classes) else top} "
-                          f"({os.path.basename(args.checkpoint)})",
-                          label=None if y is None else classes[y])
+            draw_dcal_vit(
+                path,
+                _display(x, cfg),
+                v["rollout"][0],
+                None if v["local"] is None else v["local"][0],
+                v["probs"][0],
+                classes,
+                f"{name}: predicted {classes[top] if top < len(classes) else top} "
+                f"({os.path.basename(args.checkpoint)})",
+                label=None if y is None else classes[y],
+            )
             written.append(path)
     elif is_bev:
         for name, x, _ in inputs:
@@ -364,8 +407,9 @@ def run(args) -> List[str]:
             draw_bev(path, maps, c, x[0], f"{name}: attention of the query at cell {c[0]},{c[1]}, per layer and head")
             written.append(path)
     else:
-        raise VisualizeError(f"--checkpoint: pictures are drawn for model.name dcal_vit and bev, not "
-                             f"{cfg.model['name']!r}")
+        raise VisualizeError(
+            f"--checkpoint: pictures are drawn for model.name dcal_vit and bev, not {cfg.model['name']!r}"
+        )
     return written
 
 

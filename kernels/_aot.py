@@ -5,6 +5,7 @@ function, its argument types, constexpr values, warps, stages, a label). The com
 ``dcal.testing.aot`` reads them; this module depends on nothing, so kernel files need only torch
 and triton.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

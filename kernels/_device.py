@@ -8,6 +8,7 @@ its launches in :func:`on_device_of`; the CUDA C++ path guards the same way in C
 
 Torch only, like the other helpers of the kernel modules.
 """
+
 from __future__ import annotations
 
 import contextlib

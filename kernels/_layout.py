@@ -15,6 +15,7 @@ size-1 dims in its fake and real implementations.
 
 Torch only: imported by the kernels, the C++ ops' fake implementations and the reference backend.
 """
+
 from __future__ import annotations
 
 from typing import List

@@ -1,5 +1,6 @@
 """A tiny real Triton kernel used to prove the GPU-proof harness (interpreter run, ahead-of-time
 compilation, ptxas report) end to end: row-wise logsumexp of a [M, N] matrix in fp32."""
+
 import torch
 import triton
 import triton.language as tl
@@ -35,9 +36,22 @@ def aot_specs():
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         for bn in (128, 1024):
-            specs.append(KernelSpec(
-                name="probe_row_lse", kernel=_row_lse_kernel,
-                signature={"x_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_m": "i32",
-                           "BLOCK_N": "constexpr"},
-                constexprs={"BLOCK_N": bn}, num_warps=4, num_stages=1, label={"dtype": dt, "BLOCK_N": bn}))
+            specs.append(
+                KernelSpec(
+                    name="probe_row_lse",
+                    kernel=_row_lse_kernel,
+                    signature={
+                        "x_ptr": f"*{dt}",
+                        "out_ptr": "*fp32",
+                        "M": "i32",
+                        "N": "i32",
+                        "stride_m": "i32",
+                        "BLOCK_N": "constexpr",
+                    },
+                    constexprs={"BLOCK_N": bn},
+                    num_warps=4,
+                    num_stages=1,
+                    label={"dtype": dt, "BLOCK_N": bn},
+                )
+            )
     return specs

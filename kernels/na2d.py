@@ -32,6 +32,7 @@ by 16, a unit head-dim stride); the AOT specs compile the unit-stride form and, 
 form. Scores are kept in log2 units (scale and rpb pre-multiplied by log2 e) so the softmax runs
 on exp2.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -140,8 +141,9 @@ def _inverse_halo(a, b, n, border, KS: tl.constexpr):
 
 
 @triton.jit
-def _tile_halo(x0, y0, nx, ny, border, KS: tl.constexpr, TILE_X: tl.constexpr, TILE_Y: tl.constexpr,
-               INVERSE: tl.constexpr):
+def _tile_halo(
+    x0, y0, nx, ny, border, KS: tl.constexpr, TILE_X: tl.constexpr, TILE_Y: tl.constexpr, INVERSE: tl.constexpr
+):
     """The tile's halo on its sub-grid as (lo_x, lo_y, width, size): the keys its queries'
     windows cover (INVERSE: the queries whose windows cover its keys); size 0 for an empty tile."""
     bx = tl.minimum(x0 + TILE_X, nx) - 1
@@ -182,12 +184,45 @@ def _member(kx, ky, sx, sy, KS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_fwd_kernel(
-    Q, K, V, RPB, O, LSE,
-    sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
-    so_b, so_h, so_x, so_y, so_d,
-    X, Y, H, D, dil, border, qk_scale,
-    KS: tl.constexpr, HAS_RPB: tl.constexpr,
-    TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    RPB,
+    O,
+    LSE,
+    sq_b,
+    sq_h,
+    sq_x,
+    sq_y,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_x,
+    sk_y,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_x,
+    sv_y,
+    sv_d,
+    so_b,
+    so_h,
+    so_x,
+    so_y,
+    so_d,
+    X,
+    Y,
+    H,
+    D,
+    dil,
+    border,
+    qk_scale,
+    KS: tl.constexpr,
+    HAS_RPB: tl.constexpr,
+    TILE_X: tl.constexpr,
+    TILE_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     P: tl.constexpr = 2 * KS - 1
     bh = tl.program_id(1)
@@ -201,8 +236,7 @@ def _na2d_fwd_kernel(
     Kb = K + _bh_base(bh, H, sk_b, sk_h)
     Vb = V + _bh_base(bh, H, sv_b, sv_h)
     # [BQ, BD]
-    q = tl.load(_row_ptrs(Q + _bh_base(bh, H, sq_b, sq_h), qpx, qpy, sq_x, sq_y, sq_d, offs_d),
-                mask=qd_mask, other=0.0)
+    q = tl.load(_row_ptrs(Q + _bh_base(bh, H, sq_b, sq_h), qpx, qpy, sq_x, sq_y, sq_d, offs_d), mask=qd_mask, other=0.0)
 
     # [BQ] window starts, and the rpb offset of each query (its key's part is added per chunk)
     sx = _win_start(qjx, nx, border, KS)
@@ -244,8 +278,11 @@ def _na2d_fwd_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     # out [B, H, X, Y, D] through its strides; lse [B, H, X, Y] contiguous
-    tl.store(_row_ptrs(O + _bh_base(bh, H, so_b, so_h), qpx, qpy, so_x, so_y, so_d, offs_d),
-             out.to(O.dtype.element_ty), mask=qd_mask)
+    tl.store(
+        _row_ptrs(O + _bh_base(bh, H, so_b, so_h), qpx, qpy, so_x, so_y, so_d, offs_d),
+        out.to(O.dtype.element_ty),
+        mask=qd_mask,
+    )
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     q_row = tl.where(q_ok, qpx * Y + qpy, 0)
     tl.store(LSE + bh.to(tl.int64) * X * Y + q_row, lse, mask=q_ok)
@@ -256,10 +293,25 @@ def _na2d_fwd_kernel(
 
 @triton.jit(do_not_specialize=["X", "Y", "D"])
 def _na2d_bwd_delta_kernel(
-    O, DO, DELTA,
-    so_b, so_h, so_x, so_y, so_d, sdo_b, sdo_h, sdo_x, sdo_y, sdo_d,
-    X, Y, H, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    so_b,
+    so_h,
+    so_x,
+    so_y,
+    so_d,
+    sdo_b,
+    sdo_h,
+    sdo_x,
+    sdo_y,
+    sdo_d,
+    X,
+    Y,
+    H,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) for BLOCK_M positions of one (batch, head); delta is contiguous."""
     bh = tl.program_id(1)
@@ -270,21 +322,65 @@ def _na2d_bwd_delta_kernel(
     py = tl.where(m_ok, offs_m % Y, 0)
     mask = m_ok[:, None] & (offs_d < D)[None, :]
     # [BM, BD]
-    o = tl.load(_row_ptrs(O + _bh_base(bh, H, so_b, so_h), px, py, so_x, so_y, so_d, offs_d),
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(_row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), px, py, sdo_x, sdo_y, sdo_d, offs_d),
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(_row_ptrs(O + _bh_base(bh, H, so_b, so_h), px, py, so_x, so_y, so_d, offs_d), mask=mask, other=0.0).to(
+        tl.float32
+    )
+    do = tl.load(
+        _row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), px, py, sdo_x, sdo_y, sdo_d, offs_d), mask=mask, other=0.0
+    ).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * X * Y + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
 @triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_bwd_dq_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
-    sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
-    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d, sdq_b, sdq_h, sdq_x, sdq_y, sdq_d,
-    X, Y, H, D, dil, border, qk_scale, scale,
-    KS: tl.constexpr, HAS_RPB: tl.constexpr,
-    TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    RPB,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DRPB,
+    sq_b,
+    sq_h,
+    sq_x,
+    sq_y,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_x,
+    sk_y,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_x,
+    sv_y,
+    sv_d,
+    sdo_b,
+    sdo_h,
+    sdo_x,
+    sdo_y,
+    sdo_d,
+    sdq_b,
+    sdq_h,
+    sdq_x,
+    sdq_y,
+    sdq_d,
+    X,
+    Y,
+    H,
+    D,
+    dil,
+    border,
+    qk_scale,
+    scale,
+    KS: tl.constexpr,
+    HAS_RPB: tl.constexpr,
+    TILE_X: tl.constexpr,
+    TILE_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     P: tl.constexpr = 2 * KS - 1
     bh = tl.program_id(1)
@@ -298,10 +394,10 @@ def _na2d_bwd_dq_kernel(
     Kb = K + _bh_base(bh, H, sk_b, sk_h)
     Vb = V + _bh_base(bh, H, sv_b, sv_h)
     # [BQ, BD]
-    q = tl.load(_row_ptrs(Q + _bh_base(bh, H, sq_b, sq_h), qpx, qpy, sq_x, sq_y, sq_d, offs_d),
-                mask=qd_mask, other=0.0)
-    do = tl.load(_row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), qpx, qpy, sdo_x, sdo_y, sdo_d, offs_d),
-                 mask=qd_mask, other=0.0)
+    q = tl.load(_row_ptrs(Q + _bh_base(bh, H, sq_b, sq_h), qpx, qpy, sq_x, sq_y, sq_d, offs_d), mask=qd_mask, other=0.0)
+    do = tl.load(
+        _row_ptrs(DO + _bh_base(bh, H, sdo_b, sdo_h), qpx, qpy, sdo_x, sdo_y, sdo_d, offs_d), mask=qd_mask, other=0.0
+    )
     # [BQ]; lse and delta are contiguous
     q_row = tl.where(q_ok, qpx * Y + qpy, 0)
     sbase = bh.to(tl.int64) * X * Y
@@ -342,18 +438,68 @@ def _na2d_bwd_dq_kernel(
             # zero-mode off-map pairs are members too: their bias gets its gradient here
             tl.atomic_add(DRPB + b_off, ds, mask=member)
 
-    tl.store(_row_ptrs(DQ + _bh_base(bh, H, sdq_b, sdq_h), qpx, qpy, sdq_x, sdq_y, sdq_d, offs_d),
-             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    tl.store(
+        _row_ptrs(DQ + _bh_base(bh, H, sdq_b, sdq_h), qpx, qpy, sdq_x, sdq_y, sdq_d, offs_d),
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
 
 
 @triton.jit(do_not_specialize=["X", "Y", "D", "dil", "border"])
 def _na2d_bwd_dkdv_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
-    sq_b, sq_h, sq_x, sq_y, sq_d, sk_b, sk_h, sk_x, sk_y, sk_d, sv_b, sv_h, sv_x, sv_y, sv_d,
-    sdo_b, sdo_h, sdo_x, sdo_y, sdo_d, sdk_b, sdk_h, sdk_x, sdk_y, sdk_d, sdv_b, sdv_h, sdv_x, sdv_y, sdv_d,
-    X, Y, H, D, dil, border, qk_scale, scale,
-    KS: tl.constexpr, HAS_RPB: tl.constexpr,
-    TILE_X: tl.constexpr, TILE_Y: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    RPB,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sq_b,
+    sq_h,
+    sq_x,
+    sq_y,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_x,
+    sk_y,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_x,
+    sv_y,
+    sv_d,
+    sdo_b,
+    sdo_h,
+    sdo_x,
+    sdo_y,
+    sdo_d,
+    sdk_b,
+    sdk_h,
+    sdk_x,
+    sdk_y,
+    sdk_d,
+    sdv_b,
+    sdv_h,
+    sdv_x,
+    sdv_y,
+    sdv_d,
+    X,
+    Y,
+    H,
+    D,
+    dil,
+    border,
+    qk_scale,
+    scale,
+    KS: tl.constexpr,
+    HAS_RPB: tl.constexpr,
+    TILE_X: tl.constexpr,
+    TILE_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     P: tl.constexpr = 2 * KS - 1
     bh = tl.program_id(1)
@@ -367,10 +513,8 @@ def _na2d_bwd_dkdv_kernel(
     Qb = Q + _bh_base(bh, H, sq_b, sq_h)
     DOb = DO + _bh_base(bh, H, sdo_b, sdo_h)
     # [BK, BD]
-    k = tl.load(_row_ptrs(K + _bh_base(bh, H, sk_b, sk_h), kpx, kpy, sk_x, sk_y, sk_d, offs_d),
-                mask=kd_mask, other=0.0)
-    v = tl.load(_row_ptrs(V + _bh_base(bh, H, sv_b, sv_h), kpx, kpy, sv_x, sv_y, sv_d, offs_d),
-                mask=kd_mask, other=0.0)
+    k = tl.load(_row_ptrs(K + _bh_base(bh, H, sk_b, sk_h), kpx, kpy, sk_x, sk_y, sk_d, offs_d), mask=kd_mask, other=0.0)
+    v = tl.load(_row_ptrs(V + _bh_base(bh, H, sv_b, sv_h), kpx, kpy, sv_x, sv_y, sv_d, offs_d), mask=kd_mask, other=0.0)
     sbase = bh.to(tl.int64) * X * Y
 
     k_boff = h * P * P + (KS - 1) * P + (KS - 1) + (kjx * P + kjy)
@@ -410,10 +554,16 @@ def _na2d_bwd_dkdv_kernel(
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
 
     # dk, dv [B, H, X, Y, D] through their strides
-    tl.store(_row_ptrs(DK + _bh_base(bh, H, sdk_b, sdk_h), kpx, kpy, sdk_x, sdk_y, sdk_d, offs_d),
-             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(_row_ptrs(DV + _bh_base(bh, H, sdv_b, sdv_h), kpx, kpy, sdv_x, sdv_y, sdv_d, offs_d),
-             dv.to(DV.dtype.element_ty), mask=kd_mask)
+    tl.store(
+        _row_ptrs(DK + _bh_base(bh, H, sdk_b, sdk_h), kpx, kpy, sdk_x, sdk_y, sdk_d, offs_d),
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=kd_mask,
+    )
+    tl.store(
+        _row_ptrs(DV + _bh_base(bh, H, sdv_b, sdv_h), kpx, kpy, sdv_x, sdv_y, sdv_d, offs_d),
+        dv.to(DV.dtype.element_ty),
+        mask=kd_mask,
+    )
 
 
 # ----------------------------------------------------------------------------- launch choices
@@ -463,8 +613,11 @@ def pack_config(config) -> List[int]:
 def unpack_config(values) -> Dict[str, object]:
     values = [int(x) for x in values]
     n = len(_CFG_KEYS)
-    return {"BLOCK_D": values[0], "fwd": dict(zip(_CFG_KEYS, values[1:1 + n])),
-            "bwd": dict(zip(_CFG_KEYS, values[1 + n:1 + 2 * n]))}
+    return {
+        "BLOCK_D": values[0],
+        "fwd": dict(zip(_CFG_KEYS, values[1 : 1 + n])),
+        "bwd": dict(zip(_CFG_KEYS, values[1 + n : 1 + 2 * n])),
+    }
 
 
 def _launch(kernel, grid, args, consts, cfg):
@@ -497,8 +650,9 @@ def _check(q, kernel_size: int, border: str, dilation: int) -> None:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
 
 
-def na2d_fwd(q, k, v, rpb, kernel_size: int, border: str, scale: float,
-             config=None, dilation: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def na2d_fwd(
+    q, k, v, rpb, kernel_size: int, border: str, scale: float, config=None, dilation: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """out [B, H, X, Y, D] (dtype of q, in q's dim order) and lse [B, H, X, Y] (fp32, natural
     log, contiguous). q, k, v may be any strided views of [B, H, X, Y, D]; they are read in place."""
     _check(q, kernel_size, border, dilation)
@@ -510,12 +664,34 @@ def na2d_fwd(q, k, v, rpb, kernel_size: int, border: str, scale: float,
     lse = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
     grid = (_tiles(X, Y, dilation, cfg), B * H)
     _launch(
-        _na2d_fwd_kernel, grid,
-        (q, k, v, rpb_t, out, lse, *_strides(q, k, v, out),
-         X, Y, H, D, dilation, BORDER_CODES[border], float(scale) * _LOG2E),
-        dict(KS=kernel_size, HAS_RPB=rpb is not None, TILE_X=cfg["TILE_X"], TILE_Y=cfg["TILE_Y"],
-             BLOCK_N=cfg["BLOCK_N"], BLOCK_D=config["BLOCK_D"]),
-        cfg)
+        _na2d_fwd_kernel,
+        grid,
+        (
+            q,
+            k,
+            v,
+            rpb_t,
+            out,
+            lse,
+            *_strides(q, k, v, out),
+            X,
+            Y,
+            H,
+            D,
+            dilation,
+            BORDER_CODES[border],
+            float(scale) * _LOG2E,
+        ),
+        dict(
+            KS=kernel_size,
+            HAS_RPB=rpb is not None,
+            TILE_X=cfg["TILE_X"],
+            TILE_Y=cfg["TILE_Y"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=config["BLOCK_D"],
+        ),
+        cfg,
+    )
     return out, lse
 
 
@@ -524,8 +700,22 @@ def delta_block_m(bd: int) -> int:
     return max(16, 2048 // bd)
 
 
-def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale: float,
-             config=None, need_drpb: bool = True, dlse=None, dilation: int = 1):
+def na2d_bwd(
+    dout,
+    q,
+    k,
+    v,
+    rpb,
+    out,
+    lse,
+    kernel_size: int,
+    border: str,
+    scale: float,
+    config=None,
+    need_drpb: bool = True,
+    dlse=None,
+    dilation: int = 1,
+):
     """(dq, dk, dv, drpb) with drpb [H, 2k-1, 2k-1] in the dtype of rpb, or None without rpb
     (or when not needed). ``dlse``: optional gradient arriving on the lse output. dout, q, k, v
     and out may be any strided views; dq, dk, dv take the dim order of q, k, v."""
@@ -538,9 +728,13 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
     rpb_t = rpb.contiguous() if has_rpb else q
     delta = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
     bm = delta_block_m(bd)
-    _launch(_na2d_bwd_delta_kernel, (triton.cdiv(X * Y, bm), B * H),
-            (out, dout, delta, *_strides(out, dout), X, Y, H, D),
-            dict(BLOCK_M=bm, BLOCK_D=bd), dict(num_warps=4, num_stages=1))
+    _launch(
+        _na2d_bwd_delta_kernel,
+        (triton.cdiv(X * Y, bm), B * H),
+        (out, dout, delta, *_strides(out, dout), X, Y, H, D),
+        dict(BLOCK_M=bm, BLOCK_D=bd),
+        dict(num_warps=4, num_stages=1),
+    )
     if dlse is not None:
         # d lse / d logit = p, so a gradient on lse enters every ds exactly like -delta
         delta = delta - dlse.to(torch.float32)
@@ -554,12 +748,20 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
     tiles = dict(TILE_X=cfg["TILE_X"], TILE_Y=cfg["TILE_Y"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd)
     strides = _strides(q, k, v, dout)
     scalars = (X, Y, H, D, dilation, bc, qk_scale, float(scale))
-    _launch(_na2d_bwd_dq_kernel, grid,
-            (q, k, v, rpb_t, dout, lse, delta, dq, drpb, *strides, *_strides(dq), *scalars),
-            dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles), cfg)
-    _launch(_na2d_bwd_dkdv_kernel, grid,
-            (q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, *_strides(dk, dv), *scalars),
-            dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles), cfg)
+    _launch(
+        _na2d_bwd_dq_kernel,
+        grid,
+        (q, k, v, rpb_t, dout, lse, delta, dq, drpb, *strides, *_strides(dq), *scalars),
+        dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles),
+        cfg,
+    )
+    _launch(
+        _na2d_bwd_dkdv_kernel,
+        grid,
+        (q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, *_strides(dk, dv), *scalars),
+        dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles),
+        cfg,
+    )
     return dq, dk, dv, (drpb.to(rpb.dtype) if has_rpb and need_drpb else None)
 
 
@@ -568,8 +770,16 @@ def na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size: int, border: str, scale:
 
 _TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _TILE_KEYS = ("TILE_X", "TILE_Y", "BLOCK_N")
-_SCALARS = {"X": "i32", "Y": "i32", "H": "i32", "D": "i32", "dil": "i32", "border": "i32",
-            "qk_scale": "fp32", "scale": "fp32"}
+_SCALARS = {
+    "X": "i32",
+    "Y": "i32",
+    "H": "i32",
+    "D": "i32",
+    "dil": "i32",
+    "border": "i32",
+    "qk_scale": "fp32",
+    "scale": "fp32",
+}
 _STATS = ("LSE", "DELTA", "DRPB")  # fp32 buffers
 
 
@@ -606,19 +816,34 @@ def aot_specs(kernel_sizes=(7,)) -> List[KernelSpec]:
         for bd in (16, 32, 64, 128):
             config = launch_config(bd, dtype)
             for unit_d in (True, False):
-                specs.append(_spec("na2d_bwd_delta", _na2d_bwd_delta_kernel, tt,
-                                   {"BLOCK_M": delta_block_m(bd), "BLOCK_D": bd}, {"num_warps": 4, "num_stages": 1},
-                                   {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": delta_block_m(bd)}, unit_d))
+                specs.append(
+                    _spec(
+                        "na2d_bwd_delta",
+                        _na2d_bwd_delta_kernel,
+                        tt,
+                        {"BLOCK_M": delta_block_m(bd), "BLOCK_D": bd},
+                        {"num_warps": 4, "num_stages": 1},
+                        {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": delta_block_m(bd)},
+                        unit_d,
+                    )
+                )
             for ks in kernel_sizes:
                 for has_rpb in (False, True):
-                    for name, kernel, part in (("na2d_fwd", _na2d_fwd_kernel, "fwd"),
-                                               ("na2d_bwd_dq", _na2d_bwd_dq_kernel, "bwd"),
-                                               ("na2d_bwd_dkdv", _na2d_bwd_dkdv_kernel, "bwd")):
+                    for name, kernel, part in (
+                        ("na2d_fwd", _na2d_fwd_kernel, "fwd"),
+                        ("na2d_bwd_dq", _na2d_bwd_dq_kernel, "bwd"),
+                        ("na2d_bwd_dkdv", _na2d_bwd_dkdv_kernel, "bwd"),
+                    ):
                         cfg = config[part]
-                        consts = {"KS": ks, "HAS_RPB": has_rpb, "BLOCK_D": bd,
-                                  **{n: cfg[n] for n in _TILE_KEYS}}
-                        label = {"dtype": tt, "BLOCK_D": bd, "KS": ks, "rpb": has_rpb,
-                                 "tile": f"{cfg['TILE_X']}x{cfg['TILE_Y']}", "BLOCK_N": cfg["BLOCK_N"]}
-                        for unit_d in ((True, False) if has_rpb else (True,)):
+                        consts = {"KS": ks, "HAS_RPB": has_rpb, "BLOCK_D": bd, **{n: cfg[n] for n in _TILE_KEYS}}
+                        label = {
+                            "dtype": tt,
+                            "BLOCK_D": bd,
+                            "KS": ks,
+                            "rpb": has_rpb,
+                            "tile": f"{cfg['TILE_X']}x{cfg['TILE_Y']}",
+                            "BLOCK_N": cfg["BLOCK_N"],
+                        }
+                        for unit_d in (True, False) if has_rpb else (True,):
                             specs.append(_spec(name, kernel, tt, consts, cfg, label, unit_d))
     return specs

@@ -18,6 +18,7 @@ a power of two (BLOCK_D) with masks; token counts need not be multiples of the t
 fp16/bf16 operands as they are and accumulate in fp32; fp32 inputs use IEEE fp32 dots (no TF32),
 so fp32 results are exact to rounding.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,6 +28,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
 # launches go through wrap_triton so torch.compile can trace them (a no-op under the interpreter)
 from torch.library import wrap_triton
 
@@ -61,15 +63,30 @@ def _row_ptrs(base, b, h, s_b, s_h, s_n, offs, offs_d):
 
 
 @triton.jit
-def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys, qk_scale,
-                 offs_d, d_mask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_segment(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    n_keys,
+    qk_scale,
+    offs_d,
+    d_mask,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(0, n_keys, BLOCK_N):
         offs_n = start_n + offs_n0
         n_mask = offs_n < n_keys
         # [BD, BN]: keys are loaded transposed so the dot needs no permute
-        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        kT = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
+        )
         # [BM, BD] @ [BD, BN] -> [BM, BN], in log2 units
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
         # keys past the segment's end are padding, not zero logits
@@ -80,8 +97,9 @@ def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         # [BN, BD]
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        )
         # [BM, BN] @ [BN, BD] -> [BM, BD]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
@@ -90,12 +108,42 @@ def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys,
 
 @triton.jit(do_not_specialize=["NQ", "NK1", "NK2"])
 def _pwca_fwd_kernel(
-    Q, K1, V1, K2, V2, O, LSE,
-    sq_b, sq_h, sq_n, sk1_b, sk1_h, sk1_n, sv1_b, sv1_h, sv1_n,
-    sk2_b, sk2_h, sk2_n, sv2_b, sv2_h, sv2_n, so_b, so_h, so_n,
-    H, NQ, NK1, NK2, D, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SEG2: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q,
+    K1,
+    V1,
+    K2,
+    V2,
+    O,
+    LSE,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk1_b,
+    sk1_h,
+    sk1_n,
+    sv1_b,
+    sv1_h,
+    sv1_n,
+    sk2_b,
+    sk2_h,
+    sk2_n,
+    sv2_b,
+    sv2_h,
+    sv2_n,
+    so_b,
+    so_h,
+    so_n,
+    H,
+    NQ,
+    NK1,
+    NK2,
+    D,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SEG2: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
@@ -104,15 +152,46 @@ def _pwca_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K1 + b * sk1_b + h * sk1_h, V1 + b * sv1_b + h * sv1_h,
-                                 sk1_n, sv1_n, NK1, qk_scale, offs_d, d_mask, BLOCK_N, DOT_PREC)
+    acc, m_i, l_i = _fwd_segment(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K1 + b * sk1_b + h * sk1_h,
+        V1 + b * sv1_b + h * sv1_h,
+        sk1_n,
+        sv1_n,
+        NK1,
+        qk_scale,
+        offs_d,
+        d_mask,
+        BLOCK_N,
+        DOT_PREC,
+    )
     if HAS_SEG2:
         # the same running max and sum continue over the second segment: one softmax over both
-        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K2 + b * sk2_b + h * sk2_h, V2 + b * sv2_b + h * sv2_h,
-                                     sk2_n, sv2_n, NK2, qk_scale, offs_d, d_mask, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_segment(
+            acc,
+            m_i,
+            l_i,
+            q,
+            K2 + b * sk2_b + h * sk2_h,
+            V2 + b * sv2_b + h * sv2_h,
+            sk2_n,
+            sv2_n,
+            NK2,
+            qk_scale,
+            offs_d,
+            d_mask,
+            BLOCK_N,
+            DOT_PREC,
+        )
     acc = acc / l_i[:, None]
-    tl.store(_row_ptrs(O, b, h, so_b, so_h, so_n, offs_m, offs_d), acc.to(O.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(
+        _row_ptrs(O, b, h, so_b, so_h, so_n, offs_m, offs_d),
+        acc.to(O.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
     # stored in natural log (the public statistic); the kernels work in log2
     tl.store(LSE + bh * NQ + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
 
@@ -122,10 +201,22 @@ def _pwca_fwd_kernel(
 
 @triton.jit(do_not_specialize=["NQ"])
 def _pwca_bwd_preprocess(
-    O, DO, DLSE, DELTA,
-    so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
-    H, NQ, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+    O,
+    DO,
+    DLSE,
+    DELTA,
+    so_b,
+    so_h,
+    so_n,
+    sdo_b,
+    sdo_h,
+    sdo_n,
+    H,
+    NQ,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
@@ -143,11 +234,41 @@ def _pwca_bwd_preprocess(
 
 @triton.jit(do_not_specialize=["NQ", "NK"])
 def _pwca_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-    H, NQ, NK, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sdo_b,
+    sdo_h,
+    sdo_n,
+    sdk_b,
+    sdk_h,
+    sdk_n,
+    sdv_b,
+    sdv_h,
+    sdv_n,
+    H,
+    NQ,
+    NK,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # One segment's key block against every query. The probabilities use the lse over *all*
     # segments, so each segment's dK/dV comes out exact without seeing the other segment.
@@ -167,8 +288,9 @@ def _pwca_bwd_dkdv_kernel(
         offs_m = start_m + offs_m0
         m_mask = offs_m < NQ
         # [BD, BM]
-        qT = tl.load(q_base + offs_m[None, :] * sq_n + offs_d[:, None],
-                     mask=m_mask[None, :] & d_mask[:, None], other=0.0)
+        qT = tl.load(
+            q_base + offs_m[None, :] * sq_n + offs_d[:, None], mask=m_mask[None, :] & d_mask[:, None], other=0.0
+        )
         # [BM]
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
@@ -178,8 +300,9 @@ def _pwca_bwd_dkdv_kernel(
         # padded query columns must add nothing
         pT = tl.where(m_mask[None, :], pT, 0.0)
         # [BM, BD]
-        do = tl.load(do_base + offs_m[:, None] * sdo_n + offs_d[None, :],
-                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        do = tl.load(
+            do_base + offs_m[:, None] * sdo_n + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
+        )
         # [BN, BM] @ [BM, BD] -> [BN, BD]
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         # [BN, BD] @ [BD, BM] -> [BN, BM]
@@ -193,8 +316,23 @@ def _pwca_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_segment(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, n_keys, qk_scale,
-                offs_d, d_mask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_segment(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    n_keys,
+    qk_scale,
+    offs_d,
+    d_mask,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(0, n_keys, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -218,12 +356,47 @@ def _dq_segment(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, n_k
 
 @triton.jit(do_not_specialize=["NQ", "NK1", "NK2"])
 def _pwca_bwd_dq_kernel(
-    Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ,
-    sq_b, sq_h, sq_n, sk1_b, sk1_h, sk1_n, sv1_b, sv1_h, sv1_n,
-    sk2_b, sk2_h, sk2_n, sv2_b, sv2_h, sv2_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
-    H, NQ, NK1, NK2, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SEG2: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q,
+    K1,
+    V1,
+    K2,
+    V2,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk1_b,
+    sk1_h,
+    sk1_n,
+    sv1_b,
+    sv1_h,
+    sv1_n,
+    sk2_b,
+    sk2_h,
+    sk2_n,
+    sv2_b,
+    sv2_h,
+    sv2_n,
+    sdo_b,
+    sdo_h,
+    sdo_n,
+    sdq_b,
+    sdq_h,
+    sdq_n,
+    H,
+    NQ,
+    NK1,
+    NK2,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SEG2: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
@@ -236,11 +409,41 @@ def _pwca_bwd_dq_kernel(
     lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_segment(dq, q, do, lse, delta, K1 + b * sk1_b + h * sk1_h, V1 + b * sv1_b + h * sv1_h,
-                     sk1_n, sv1_n, NK1, qk_scale, offs_d, d_mask, BLOCK_N, DOT_PREC)
+    dq = _dq_segment(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K1 + b * sk1_b + h * sk1_h,
+        V1 + b * sv1_b + h * sv1_h,
+        sk1_n,
+        sv1_n,
+        NK1,
+        qk_scale,
+        offs_d,
+        d_mask,
+        BLOCK_N,
+        DOT_PREC,
+    )
     if HAS_SEG2:
-        dq = _dq_segment(dq, q, do, lse, delta, K2 + b * sk2_b + h * sk2_h, V2 + b * sv2_b + h * sv2_h,
-                         sk2_n, sv2_n, NK2, qk_scale, offs_d, d_mask, BLOCK_N, DOT_PREC)
+        dq = _dq_segment(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K2 + b * sk2_b + h * sk2_h,
+            V2 + b * sv2_b + h * sv2_h,
+            sk2_n,
+            sv2_n,
+            NK2,
+            qk_scale,
+            offs_d,
+            d_mask,
+            BLOCK_N,
+            DOT_PREC,
+        )
     dq = dq * scale
     tl.store(_row_ptrs(DQ, b, h, sdq_b, sdq_h, sdq_n, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=mask)
 
@@ -352,7 +555,7 @@ def _pwca_fwd(q, k1, v1, k2, v2, scale, config):
         k2, v2 = _rows(k2), _rows(v2)
     _check(q, [(k1, v1)] + ([(k2, v2)] if two else []))
     B, H, NQ, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     cfg = config or config_for(q)
     t = cfg.fwd
     out = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
@@ -360,11 +563,32 @@ def _pwca_fwd(q, k1, v1, k2, v2, scale, config):
     k2_, v2_ = (k2, v2) if two else (k1, v1)  # never read when HAS_SEG2 is False
     grid = (triton.cdiv(NQ, t.block_m), B * H)
     wrap_triton(_pwca_fwd_kernel)[grid](
-        q, k1, v1, k2_, v2_, out, lse,
-        *_bhn(q), *_bhn(k1), *_bhn(v1), *_bhn(k2_), *_bhn(v2_), *_bhn(out),
-        H, NQ, k1.shape[2], k2_.shape[2] if two else 0, D, scale * LOG2E,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=cfg.block_d, HAS_SEG2=two, DOT_PREC=cfg.dot_prec,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        q,
+        k1,
+        v1,
+        k2_,
+        v2_,
+        out,
+        lse,
+        *_bhn(q),
+        *_bhn(k1),
+        *_bhn(v1),
+        *_bhn(k2_),
+        *_bhn(v2_),
+        *_bhn(out),
+        H,
+        NQ,
+        k1.shape[2],
+        k2_.shape[2] if two else 0,
+        D,
+        scale * LOG2E,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_D=cfg.block_d,
+        HAS_SEG2=two,
+        DOT_PREC=cfg.dot_prec,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return out, lse
 
@@ -382,7 +606,7 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
     if two:
         k2, v2 = _rows(k2), _rows(v2)
     B, H, NQ, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     cfg = config or config_for(q)
     lse = lse.contiguous()
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
@@ -391,8 +615,20 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
 
     t = cfg.pre
     wrap_triton(_pwca_bwd_preprocess)[(triton.cdiv(NQ, t.block_m), B * H)](
-        out, dout, dlse_, delta, *_bhn(out), *_bhn(dout), H, NQ, D,
-        BLOCK_M=t.block_m, BLOCK_D=cfg.block_d, HAS_DLSE=has_dlse, num_warps=t.num_warps, num_stages=t.num_stages,
+        out,
+        dout,
+        dlse_,
+        delta,
+        *_bhn(out),
+        *_bhn(dout),
+        H,
+        NQ,
+        D,
+        BLOCK_M=t.block_m,
+        BLOCK_D=cfg.block_d,
+        HAS_DLSE=has_dlse,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
 
     segs = [(k1, v1)] + ([(k2, v2)] if two else [])
@@ -403,11 +639,31 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
         dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
         dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=v.device)
         wrap_triton(_pwca_bwd_dkdv_kernel)[(triton.cdiv(NK, t.block_n), B * H)](
-            q, k, v, dout, lse, delta, dk, dv,
-            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-            H, NQ, NK, D, scale,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=cfg.block_d, DOT_PREC=cfg.dot_prec,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            *_bhn(q),
+            *_bhn(k),
+            *_bhn(v),
+            *_bhn(dout),
+            *_bhn(dk),
+            *_bhn(dv),
+            H,
+            NQ,
+            NK,
+            D,
+            scale,
+            BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n,
+            BLOCK_D=cfg.block_d,
+            DOT_PREC=cfg.dot_prec,
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
         )
         grads += [dk, dv]
 
@@ -415,11 +671,35 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
     k2_, v2_ = (k2, v2) if two else (k1, v1)
     wrap_triton(_pwca_bwd_dq_kernel)[(triton.cdiv(NQ, t.block_m), B * H)](
-        q, k1, v1, k2_, v2_, dout, lse, delta, dq,
-        *_bhn(q), *_bhn(k1), *_bhn(v1), *_bhn(k2_), *_bhn(v2_), *_bhn(dout), *_bhn(dq),
-        H, NQ, k1.shape[2], k2_.shape[2] if two else 0, D, scale,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=cfg.block_d, HAS_SEG2=two, DOT_PREC=cfg.dot_prec,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        q,
+        k1,
+        v1,
+        k2_,
+        v2_,
+        dout,
+        lse,
+        delta,
+        dq,
+        *_bhn(q),
+        *_bhn(k1),
+        *_bhn(v1),
+        *_bhn(k2_),
+        *_bhn(v2_),
+        *_bhn(dout),
+        *_bhn(dq),
+        H,
+        NQ,
+        k1.shape[2],
+        k2_.shape[2] if two else 0,
+        D,
+        scale,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_D=cfg.block_d,
+        HAS_SEG2=two,
+        DOT_PREC=cfg.dot_prec,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     if not two:
         grads += [None, None]
@@ -464,8 +744,17 @@ def aot_specs(ccs=(80, 90)):
         if key in seen:
             return
         seen.add(key)
-        specs.append(KernelSpec(name=name, kernel=kernel, signature=sig, constexprs=dict(consts),
-                             num_warps=tile.num_warps, num_stages=tile.num_stages, label=dict(label)))
+        specs.append(
+            KernelSpec(
+                name=name,
+                kernel=kernel,
+                signature=sig,
+                constexprs=dict(consts),
+                num_warps=tile.num_warps,
+                num_stages=tile.num_stages,
+                label=dict(label),
+            )
+        )
 
     for cc in ccs:
         for dtype, tt in _TT.items():
@@ -475,25 +764,43 @@ def aot_specs(ccs=(80, 90)):
                 base = dict(dtype=tt, BLOCK_D=block_d)
                 for two in (False, True):
                     t = cfg.fwd
-                    add("pwca_fwd", _pwca_fwd_kernel,
+                    add(
+                        "pwca_fwd",
+                        _pwca_fwd_kernel,
                         dict(Q=tt, K1=tt, V1=tt, K2=tt, V2=tt, O=tt, LSE=f32),
-                        dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, HAS_SEG2=two,
-                             DOT_PREC=cfg.dot_prec), t,
-                        dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SEG2=two))
+                        dict(
+                            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, HAS_SEG2=two, DOT_PREC=cfg.dot_prec
+                        ),
+                        t,
+                        dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SEG2=two),
+                    )
                     t = cfg.dq
-                    add("pwca_bwd_dq", _pwca_bwd_dq_kernel,
+                    add(
+                        "pwca_bwd_dq",
+                        _pwca_bwd_dq_kernel,
                         dict(Q=tt, K1=tt, V1=tt, K2=tt, V2=tt, DO=tt, LSE=f32, DELTA=f32, DQ=tt),
-                        dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, HAS_SEG2=two,
-                             DOT_PREC=cfg.dot_prec), t,
-                        dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SEG2=two))
+                        dict(
+                            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, HAS_SEG2=two, DOT_PREC=cfg.dot_prec
+                        ),
+                        t,
+                        dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SEG2=two),
+                    )
                     t = cfg.pre
-                    add("pwca_bwd_preprocess", _pwca_bwd_preprocess,
+                    add(
+                        "pwca_bwd_preprocess",
+                        _pwca_bwd_preprocess,
                         dict(O=tt, DO=tt, DLSE=f32, DELTA=f32),
-                        dict(BLOCK_M=t.block_m, BLOCK_D=block_d, HAS_DLSE=two), t,
-                        dict(base, BLOCK_M=t.block_m, HAS_DLSE=two))
+                        dict(BLOCK_M=t.block_m, BLOCK_D=block_d, HAS_DLSE=two),
+                        t,
+                        dict(base, BLOCK_M=t.block_m, HAS_DLSE=two),
+                    )
                 t = cfg.dkdv
-                add("pwca_bwd_dkdv", _pwca_bwd_dkdv_kernel,
+                add(
+                    "pwca_bwd_dkdv",
+                    _pwca_bwd_dkdv_kernel,
                     dict(Q=tt, K=tt, V=tt, DO=tt, LSE=f32, DELTA=f32, DK=tt, DV=tt),
-                    dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, DOT_PREC=cfg.dot_prec), t,
-                    dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n))
+                    dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, DOT_PREC=cfg.dot_prec),
+                    t,
+                    dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n),
+                )
     return specs

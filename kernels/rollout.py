@@ -17,6 +17,7 @@ Memory beyond the inputs: the [B, H, N] logsumexps and two [B, N] vectors.
 The first step (block L) has ``r = e_0``: only query row 0 carries weight, so both kernels get
 ``NQ = 1`` and the step costs O(N) instead of O(N^2).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -31,10 +32,23 @@ from ._device import on_device_of
 
 @triton.jit(do_not_specialize=["H", "N", "NQ", "D"])
 def _rollout_lse_kernel(
-    Q, K, LSE,
-    sqb, sqh, sqn, skb, skh, skn,
-    H, N, NQ, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    H,
+    N,
+    NQ,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -45,15 +59,21 @@ def _rollout_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     # [BLOCK_M, BLOCK_D]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=(offs_m[:, None] < NQ) & mask_d[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+        mask=(offs_m[:, None] < NQ) & mask_d[None, :],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         kn = start + offs_n
         # [BLOCK_N, BLOCK_D]
-        k = tl.load(K + b * skb + h * skh + kn[:, None] * skn + offs_d[None, :],
-                    mask=(kn[:, None] < N) & mask_d[None, :], other=0.0)
+        k = tl.load(
+            K + b * skb + h * skh + kn[:, None] * skn + offs_d[None, :],
+            mask=(kn[:, None] < N) & mask_d[None, :],
+            other=0.0,
+        )
         # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]; "ieee": exact fp32, no tf32
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(kn[None, :] < N, s, float("-inf"))
@@ -68,10 +88,27 @@ def _rollout_lse_kernel(
 
 @triton.jit(do_not_specialize=["H", "N", "NQ", "D"])
 def _rollout_vec_kernel(
-    Q, K, LSE, R_IN, R_OUT,
-    sqb, sqh, sqn, skb, skh, skn,
-    H, N, NQ, D, scale, mix, keep,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    R_IN,
+    R_OUT,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    H,
+    N,
+    NQ,
+    D,
+    scale,
+    mix,
+    keep,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -83,14 +120,20 @@ def _rollout_vec_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in range(0, H):
         # [BLOCK_N, BLOCK_D]
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = tl.load(
+            K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         for start in range(0, NQ, BLOCK_M):
             offs_m = start + offs_m0
             mask_m = offs_m < NQ
             # [BLOCK_M, BLOCK_D]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             # [BLOCK_M]
             lse = tl.load(LSE + (b * H + h) * N + offs_m, mask=mask_m, other=0.0)
             r = tl.load(R_IN + b * N + offs_m, mask=mask_m, other=0.0)
@@ -122,12 +165,24 @@ def block_d(head_dim: int) -> int:
 # The lse kernel keeps a q tile for the whole key loop; the vec kernel keeps a k tile over the
 # head and query loops.
 _LSE_TILES = {
-    (False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 4), (False, 128): (64, 32, 4),
-    (True, 16): (64, 64, 4), (True, 32): (64, 64, 4), (True, 64): (64, 32, 4), (True, 128): (32, 32, 8),
+    (False, 16): (64, 64, 4),
+    (False, 32): (64, 64, 4),
+    (False, 64): (64, 64, 4),
+    (False, 128): (64, 32, 4),
+    (True, 16): (64, 64, 4),
+    (True, 32): (64, 64, 4),
+    (True, 64): (64, 32, 4),
+    (True, 128): (32, 32, 8),
 }
 _VEC_TILES = {
-    (False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 4), (False, 128): (64, 32, 4),
-    (True, 16): (32, 32, 4), (True, 32): (32, 32, 4), (True, 64): (32, 32, 4), (True, 128): (16, 32, 4),
+    (False, 16): (64, 64, 4),
+    (False, 32): (64, 64, 4),
+    (False, 64): (64, 64, 4),
+    (False, 128): (64, 32, 4),
+    (True, 16): (32, 32, 4),
+    (True, 32): (32, 32, 4),
+    (True, 64): (32, 32, 4),
+    (True, 128): (16, 32, 4),
 }
 
 
@@ -194,13 +249,49 @@ def rollout_fwd(
                 meta, opts = _launch_args(lcfg)
                 grid = (triton.cdiv(nq, meta["BLOCK_M"]), B * H)
                 wrap(_rollout_lse_kernel)[grid](
-                    q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    H, N, nq, D, float(scale), BLOCK_D=bd, **meta, **opts)
+                    q,
+                    k,
+                    lse,
+                    q.stride(0),
+                    q.stride(1),
+                    q.stride(2),
+                    k.stride(0),
+                    k.stride(1),
+                    k.stride(2),
+                    H,
+                    N,
+                    nq,
+                    D,
+                    float(scale),
+                    BLOCK_D=bd,
+                    **meta,
+                    **opts,
+                )
             meta, opts = _launch_args(vcfg)
             grid = (triton.cdiv(N, meta["BLOCK_N"]), B)
             wrap(_rollout_vec_kernel)[grid](
-                q, k, lse, r, r_next, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                H, N, nq, D, float(scale), float(mix), float(keep), BLOCK_D=bd, **meta, **opts)
+                q,
+                k,
+                lse,
+                r,
+                r_next,
+                q.stride(0),
+                q.stride(1),
+                q.stride(2),
+                k.stride(0),
+                k.stride(1),
+                k.stride(2),
+                H,
+                N,
+                nq,
+                D,
+                float(scale),
+                float(mix),
+                float(keep),
+                BLOCK_D=bd,
+                **meta,
+                **opts,
+            )
             r, r_next = r_next, r
     return r
 
@@ -215,17 +306,61 @@ def aot_specs() -> List[KernelSpec]:
     for dtype, ty in DTYPES.items():
         for bd in BLOCK_DS:
             cfg = lse_config(dtype, bd)
-            sig = {"Q": f"*{ty}", "K": f"*{ty}", "LSE": "*fp32", **strides,
-                   "H": "i32", "N": "i32", "NQ": "i32", "D": "i32", "scale": "fp32",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+            sig = {
+                "Q": f"*{ty}",
+                "K": f"*{ty}",
+                "LSE": "*fp32",
+                **strides,
+                "H": "i32",
+                "N": "i32",
+                "NQ": "i32",
+                "D": "i32",
+                "scale": "fp32",
+                "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr",
+                "BLOCK_D": "constexpr",
+            }
             const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
-            specs.append(KernelSpec("rollout_lse", _rollout_lse_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
-                                 label={"dtype": ty, **const}))
+            specs.append(
+                KernelSpec(
+                    "rollout_lse",
+                    _rollout_lse_kernel,
+                    sig,
+                    const,
+                    cfg["num_warps"],
+                    cfg["num_stages"],
+                    label={"dtype": ty, **const},
+                )
+            )
             cfg = vec_config(dtype, bd)
-            sig = {"Q": f"*{ty}", "K": f"*{ty}", "LSE": "*fp32", "R_IN": "*fp32", "R_OUT": "*fp32", **strides,
-                   "H": "i32", "N": "i32", "NQ": "i32", "D": "i32", "scale": "fp32", "mix": "fp32", "keep": "fp32",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+            sig = {
+                "Q": f"*{ty}",
+                "K": f"*{ty}",
+                "LSE": "*fp32",
+                "R_IN": "*fp32",
+                "R_OUT": "*fp32",
+                **strides,
+                "H": "i32",
+                "N": "i32",
+                "NQ": "i32",
+                "D": "i32",
+                "scale": "fp32",
+                "mix": "fp32",
+                "keep": "fp32",
+                "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr",
+                "BLOCK_D": "constexpr",
+            }
             const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
-            specs.append(KernelSpec("rollout_vec", _rollout_vec_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
-                                 label={"dtype": ty, **const}))
+            specs.append(
+                KernelSpec(
+                    "rollout_vec",
+                    _rollout_vec_kernel,
+                    sig,
+                    const,
+                    cfg["num_warps"],
+                    cfg["num_stages"],
+                    label={"dtype": ty, **const},
+                )
+            )
     return specs

@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET mus
 any kernel module is imported (triton picks the interpreter when a kernel is decorated), so it is
 set here, before the test modules are collected.
 """
+
 import os
 
 if "TRITON_INTERPRET" not in os.environ:

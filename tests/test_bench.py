@@ -4,6 +4,7 @@
 The runner forks a fresh process per measurement, so these tests check what crosses the process
 boundary: times, peak memory, OOM/error/skip statuses, the CSV, the plot and the command line.
 """
+
 import csv
 import json
 import os
@@ -18,7 +19,7 @@ import bench.common as common
 
 # A bench module written to a temporary directory: providers with known time and memory, and
 # each way a provider can fail.
-TOY = textwrap.dedent('''
+TOY = textwrap.dedent("""
     import os, signal, time
     import torch
     from bench.common import Case, Unavailable
@@ -58,7 +59,7 @@ TOY = textwrap.dedent('''
 
     PROVIDERS = dict(sleep=sleep, alloc32=alloc32, oom=oom, over_cap=over_cap, killed=killed,
                      fails=fails, missing=missing)
-''')
+""")
 
 
 @pytest.fixture
@@ -79,8 +80,23 @@ def _rows(path):
 
 def test_runner_measures_and_reports_every_outcome(toy_module, tmp_path, capsys):
     out = tmp_path / "results"
-    results = common.bench_main(toy_module, ["--quick", "--reps", "3", "--warmup", "1", "--max-mem", "256M",
-                                             "--threads", "1", "--out", str(out), "--no-peak"])
+    results = common.bench_main(
+        toy_module,
+        [
+            "--quick",
+            "--reps",
+            "3",
+            "--warmup",
+            "1",
+            "--max-mem",
+            "256M",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--no-peak",
+        ],
+    )
     by = {r.provider: r for r in results}
     assert [r.provider for r in results] == list(toy_module.PROVIDERS)
 
@@ -102,8 +118,14 @@ def test_runner_measures_and_reports_every_outcome(toy_module, tmp_path, capsys)
     assert [r["provider"] for r in rows] == list(toy_module.PROVIDERS)
     assert set(rows[0]) == set(common.CSV_FIELDS)
     r = rows[1]
-    assert (r["bench"], r["case"], r["dtype"], r["shape"], r["device"], r["threads"]) == \
-        ("toy", "n32", "float32", "n=32", "cpu", "1")
+    assert (r["bench"], r["case"], r["dtype"], r["shape"], r["device"], r["threads"]) == (
+        "toy",
+        "n32",
+        "float32",
+        "n=32",
+        "cpu",
+        "1",
+    )
     assert r["torch"] == torch.__version__ and r["commit"] and r["device_name"]
     assert 30 <= float(r["peak_mib"]) <= 40
     assert rows[0]["time_vs_base"] == "1.0000"
@@ -118,7 +140,7 @@ def test_runner_measures_and_reports_every_outcome(toy_module, tmp_path, capsys)
 
 
 def test_parse_mem_and_flops():
-    assert common.parse_mem("8G") == 8 * 1024 ** 3
+    assert common.parse_mem("8G") == 8 * 1024**3
     assert common.parse_mem("512M") == 512 * common.MIB
     assert common.parse_mem("100") == 100 * common.MIB
     with pytest.raises(ValueError, match="--max-mem"):
@@ -174,21 +196,40 @@ def test_pwca_providers_compute_the_same_attention(provider, mode):
 
 def test_pwca_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "results"
-    results = common.bench_main(pwca, ["--quick", "--cases", "N33", "--providers", *FAST_PROVIDERS, "--reps", "2",
-                                       "--warmup", "1", "--threads", "1", "--out", str(out), "--no-plot", "--no-peak"])
+    results = common.bench_main(
+        pwca,
+        [
+            "--quick",
+            "--cases",
+            "N33",
+            "--providers",
+            *FAST_PROVIDERS,
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--no-plot",
+            "--no-peak",
+        ],
+    )
     assert len(results) == 2 * len(FAST_PROVIDERS)
     for r in results:
         assert r.status == "ok", (r.case.name, r.provider, r.status)
         assert r.median_ms > 0 and r.peak_bytes is not None and r.tflops > 0
     rows = _rows(out / "pwca-quick.csv")
-    assert {(r["case"], r["provider"]) for r in rows} == \
-        {(c, p) for c in ("N33-fwd", "N33-fwd+bwd") for p in FAST_PROVIDERS}
+    assert {(r["case"], r["provider"]) for r in rows} == {
+        (c, p) for c in ("N33-fwd", "N33-fwd+bwd") for p in FAST_PROVIDERS
+    }
     assert all(float(r["flops"]) > 0 for r in rows)
 
 
 # ----------------------------------------------------------------------------- budgets, peaks, floors
 
-BUDGET_TOY = textwrap.dedent('''
+BUDGET_TOY = textwrap.dedent("""
     import time
     import torch
     from bench.common import Case
@@ -213,7 +254,7 @@ BUDGET_TOY = textwrap.dedent('''
         return lambda: time.sleep(2 * s)
 
     PROVIDERS = dict(fast=fast, slow=slow)
-''')
+""")
 
 
 @pytest.fixture
@@ -325,11 +366,16 @@ def test_flops_and_floors():
 def test_plot_keeps_one_colour_per_provider(tmp_path):
     case_a = common.Case("a", {}, x=1, group="single")
     cases_b = [common.Case(f"b{n}", {}, x=n, group="sweep") for n in (1, 2, 4)]
-    results = [common.Result(case_a, "dcal", median_ms=1.0, min_ms=0.9, max_ms=1.1, peak_bytes=2 * common.MIB),
-               common.Result(case_a, "naive", median_ms=500.0, min_ms=400, max_ms=600, peak_bytes=900 * common.MIB),
-               common.Result(case_a, "unfold", status="OOM")]
-    results += [common.Result(c, p, median_ms=m * c.x, min_ms=m * c.x, max_ms=m * c.x, peak_bytes=common.MIB)
-                for c in cases_b for p, m in (("dcal", 1.0), ("naive", 300.0))]
+    results = [
+        common.Result(case_a, "dcal", median_ms=1.0, min_ms=0.9, max_ms=1.1, peak_bytes=2 * common.MIB),
+        common.Result(case_a, "naive", median_ms=500.0, min_ms=400, max_ms=600, peak_bytes=900 * common.MIB),
+        common.Result(case_a, "unfold", status="OOM"),
+    ]
+    results += [
+        common.Result(c, p, median_ms=m * c.x, min_ms=m * c.x, max_ms=m * c.x, peak_bytes=common.MIB)
+        for c in cases_b
+        for p, m in (("dcal", 1.0), ("naive", 300.0))
+    ]
     assert common.provider_colour("dcal") == common.provider_colour("dcal") != common.provider_colour("naive")
     assert common.provider_colour("some_new_provider") == common.provider_colour("some_new_provider")
     path = common.plot(str(tmp_path / "p.png"), "toy", results)
@@ -337,6 +383,7 @@ def test_plot_keeps_one_colour_per_provider(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bench.report
+
 
 def _write_results(d, rows, meta):
     import csv as _csv
@@ -353,19 +400,66 @@ def _write_results(d, rows, meta):
 def test_report_regenerates_the_readme_block(tmp_path):
     import bench.report as report
 
-    base = dict(bench="pwca", case="N785-fwd+bwd", mode="fwd+bwd", dtype="float32", shape="B=2 N=785",
-                device="cpu", device_name="Some CPU (2 cores)", torch="2.14.1", commit="abc123", threads="2",
-                date="2026-12-02 10:00 UTC", flops="2.65e+10", floor_mib="27.60", baseline="sdpa_cat")
-    rows = [dict(base, provider="sdpa_cat", median_ms="1118.7", min_ms="1100", max_ms="1200", reps="5",
-                 gflops="23.7", peak_gflops="36.4", share_of_peak="0.651", peak_mib="52.50", time_vs_base="1.0000",
-                 mem_vs_base="1.0000", status="ok"),
-            dict(base, provider="dcal", median_ms="900.0", min_ms="890", max_ms="950", reps="5", gflops="29.4",
-                 peak_gflops="36.4", share_of_peak="0.808", peak_mib="27.70", time_vs_base="0.8000",
-                 mem_vs_base="0.5300", status="ok"),
-            dict(base, provider="flex", status="skipped: FlexAttention has no CPU backward")]
-    meta = dict(bench="pwca", date="2026-12-02 10:00 UTC", commit="abc123", loadavg_start="1.00 1.00 1.00",
-                loadavg="2.00 1.50 1.20", peak_gflops=36.4, budget=20.0, wall_s=90.0,
-                flops_formula="4*Nq*Nk*D per head forward")
+    base = dict(
+        bench="pwca",
+        case="N785-fwd+bwd",
+        mode="fwd+bwd",
+        dtype="float32",
+        shape="B=2 N=785",
+        device="cpu",
+        device_name="Some CPU (2 cores)",
+        torch="2.14.1",
+        commit="abc123",
+        threads="2",
+        date="2026-12-02 10:00 UTC",
+        flops="2.65e+10",
+        floor_mib="27.60",
+        baseline="sdpa_cat",
+    )
+    rows = [
+        dict(
+            base,
+            provider="sdpa_cat",
+            median_ms="1118.7",
+            min_ms="1100",
+            max_ms="1200",
+            reps="5",
+            gflops="23.7",
+            peak_gflops="36.4",
+            share_of_peak="0.651",
+            peak_mib="52.50",
+            time_vs_base="1.0000",
+            mem_vs_base="1.0000",
+            status="ok",
+        ),
+        dict(
+            base,
+            provider="dcal",
+            median_ms="900.0",
+            min_ms="890",
+            max_ms="950",
+            reps="5",
+            gflops="29.4",
+            peak_gflops="36.4",
+            share_of_peak="0.808",
+            peak_mib="27.70",
+            time_vs_base="0.8000",
+            mem_vs_base="0.5300",
+            status="ok",
+        ),
+        dict(base, provider="flex", status="skipped: FlexAttention has no CPU backward"),
+    ]
+    meta = dict(
+        bench="pwca",
+        date="2026-12-02 10:00 UTC",
+        commit="abc123",
+        loadavg_start="1.00 1.00 1.00",
+        loadavg="2.00 1.50 1.20",
+        peak_gflops=36.4,
+        budget=20.0,
+        wall_s=90.0,
+        flops_formula="4*Nq*Nk*D per head forward",
+    )
     _write_results(tmp_path / "results", rows, meta)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Results\n\nintro\n\n{report.START}\nold typed table\n{report.END}\n\n## Next\n")
@@ -373,12 +467,20 @@ def test_report_regenerates_the_readme_block(tmp_path):
     assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old typed table" not in text and text.startswith("# x\n\n## Results\n\nintro\n") and "## Next" in text
-    block = text[text.index(report.START):text.index(report.END)]
-    for want in ("Some CPU (2 cores)", "2026-12-02 10:00 UTC", "abc123", "1.00 1.00 1.00 -> 2.00 1.50 1.20",
-                 "pwca 36 GFLOP/s", "dcal 900.0 ms, 29 GFLOP/s (81% of peak)", "floor 27.6 MiB",
-                 "dcal: 0.80x time, 0.53x memory (vs sdpa_cat)",
-                 "`python -m bench.pwca --cases N785-fwd+bwd`", "skipped (FlexAttention has no CPU backward)",
-                 "4*Nq*Nk*D per head forward"):
+    block = text[text.index(report.START) : text.index(report.END)]
+    for want in (
+        "Some CPU (2 cores)",
+        "2026-12-02 10:00 UTC",
+        "abc123",
+        "1.00 1.00 1.00 -> 2.00 1.50 1.20",
+        "pwca 36 GFLOP/s",
+        "dcal 900.0 ms, 29 GFLOP/s (81% of peak)",
+        "floor 27.6 MiB",
+        "dcal: 0.80x time, 0.53x memory (vs sdpa_cat)",
+        "`python -m bench.pwca --cases N785-fwd+bwd`",
+        "skipped (FlexAttention has no CPU backward)",
+        "4*Nq*Nk*D per head forward",
+    ):
         assert want in block, want
     assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme), "--check"]) == 0
     summary = (tmp_path / "results" / "summary.md").read_text()
@@ -407,7 +509,7 @@ def test_flex_block_mask_matches_the_window_rule(border):
         assert (dense.sum(-1) == want_keys).all()
     nq, nk = -(-X * Y // block), -(-nkv // block)
     pad = torch.zeros(nq * block, nk * block, dtype=torch.bool)
-    pad[:X * Y, :nkv] = dense
+    pad[: X * Y, :nkv] = dense
     tiles = pad.view(nq, block, nk, block)
     any_b, all_b = tiles.any(3).any(1), tiles.all(3).all(1)
     got = bm.to_dense()[0, 0].bool()  # blocks flex visits (partial or full)
@@ -418,8 +520,7 @@ def test_flex_block_mask_matches_the_window_rule(border):
         full[i, bm.full_kv_indices[0, 0, i, :n].long()] = True
     assert torch.equal(full, all_b)
     # the generic builder (any mask_mod, chunked, banded) agrees, with a band of key rows per chunk
-    generic = fx.block_mask(mm, X * Y, nkv, block=block, chunk_rows=3 * block,
-                            kv_span=lambda q0, q1: (0, nkv))
+    generic = fx.block_mask(mm, X * Y, nkv, block=block, chunk_rows=3 * block, kv_span=lambda q0, q1: (0, nkv))
     assert torch.equal(generic.to_dense(), bm.to_dense())
     assert torch.equal(generic.full_kv_num_blocks, bm.full_kv_num_blocks)
 
@@ -450,6 +551,7 @@ def test_flex_pwca_and_refusals():
 
 # ----------------------------------------------------------------------------- roofline on paper
 
+
 def test_roofline_counts_and_occupancy():
     from bench import roofline as rl
 
@@ -473,8 +575,9 @@ def test_roofline_counts_and_occupancy():
 
     specs = all_specs()
     for launch in rl.pwca_launches(torch.float16) + rl.na2d_launches(torch.bfloat16):
-        assert rl.find_spec(launch, torch.float16 if launch.op == "pwca" else torch.bfloat16, specs) is not None, \
+        assert rl.find_spec(launch, torch.float16 if launch.op == "pwca" else torch.bfloat16, specs) is not None, (
             launch.kernel
+        )
     lines = rl.table(rl.pwca_launches(torch.float16))
     assert lines[-1].startswith("total: useful") and "?" in lines[2]  # not compiled here: occupancy unknown
 
@@ -492,8 +595,11 @@ def test_neighborhood_providers_follow_the_case_border():
         q, k, v, _ = nbh.make_inputs(case)
         H = case.params["H"]
         want = dcal.ops.neighborhood_attention2d(
-            *(nbh._heads(t.double(), H) for t in (q, k, v)), kernel_size=case.params["ks"], border=border,
-            backend="reference")
+            *(nbh._heads(t.double(), H) for t in (q, k, v)),
+            kernel_size=case.params["ks"],
+            border=border,
+            backend="reference",
+        )
         want = nbh._channels(want, q.shape)
         torch.testing.assert_close(nbh.dcal(case, (q, k, v, None))().double(), want, atol=1e-5, rtol=1e-5)
         if border == "zero":

@@ -1,6 +1,7 @@
 """bench.report on the repository's own CSVs: the results page and summary.md are what the kept
 CSVs give (so a clone can check them), the commit and a dirty tree are stated, the --quick
 CSVs stand in only when no default run is there, and the plots are drawn from the CSVs."""
+
 from __future__ import annotations
 
 import csv
@@ -19,27 +20,57 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_repository_results_page_matches_its_csvs():
-    r = subprocess.run([sys.executable, "-m", "bench.report", "--check"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.report", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, f"docs/results.md or bench/results/summary.md is stale:\n{r.stdout}\n{r.stderr}"
     assert "up to date" in r.stdout
 
 
 def _csv(d, name, commit, quick, rows=()):
     stem = d / (name + ("-quick" if quick else ""))
-    row = dict(bench=name, case="N33-fwd", provider="dcal", mode="fwd", dtype="float32", shape="B=1 N=33",
-               device="cpu", device_name="Some CPU (2 cores)", torch="2.14.1", commit=commit, threads="2",
-               date="2026-12-03 08:13 UTC", flops="557568", median_ms="6.5", min_ms="6.0", max_ms="7.0", reps="3",
-               gflops="0.08", peak_gflops="197", share_of_peak="0.0004", peak_mib="0.03", floor_mib="0.01",
-               status="ok")
+    row = dict(
+        bench=name,
+        case="N33-fwd",
+        provider="dcal",
+        mode="fwd",
+        dtype="float32",
+        shape="B=1 N=33",
+        device="cpu",
+        device_name="Some CPU (2 cores)",
+        torch="2.14.1",
+        commit=commit,
+        threads="2",
+        date="2026-12-03 08:13 UTC",
+        flops="557568",
+        median_ms="6.5",
+        min_ms="6.0",
+        max_ms="7.0",
+        reps="3",
+        gflops="0.08",
+        peak_gflops="197",
+        share_of_peak="0.0004",
+        peak_mib="0.03",
+        floor_mib="0.01",
+        status="ok",
+    )
     d.mkdir(parents=True, exist_ok=True)
     with open(str(stem) + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows or [{}]:
             w.writerow({k: dict(row, **r).get(k, "") for k in CSV_FIELDS})
-    meta = dict(bench=name, date=row["date"], commit=commit, quick=quick, budget=3.0 if quick else 20.0,
-                wall_s=10.0, loadavg_start="1 1 1", loadavg="2 2 2", peak_gflops=197.0)
+    meta = dict(
+        bench=name,
+        date=row["date"],
+        commit=commit,
+        quick=quick,
+        budget=3.0 if quick else 20.0,
+        wall_s=10.0,
+        loadavg_start="1 1 1",
+        loadavg="2 2 2",
+        peak_gflops=197.0,
+    )
     (d / (stem.name + ".json")).write_text(json.dumps(meta))
 
 
@@ -100,14 +131,24 @@ def test_plots_drawn_from_the_csvs(tmp_path):
 def test_headline_figures_of_the_guide(tmp_path, capsys):
     res = tmp_path / "results"
     rows = {  # (case, provider, median ms, peak MiB, status)
-        "neighborhood": [("B1-C128-128x128-fwd+bwd", "dcal", "109.4", "34.1", "ok"),
-                         ("B1-C128-128x128-fwd+bwd", "unfold", "3162.1", "1600", "ok")],
-        "train_step": [("B2-448px", "fused", "32980", "2193", "ok"), ("B2-448px", "materialising", "48710", "5020", "ok")],
+        "neighborhood": [
+            ("B1-C128-128x128-fwd+bwd", "dcal", "109.4", "34.1", "ok"),
+            ("B1-C128-128x128-fwd+bwd", "unfold", "3162.1", "1600", "ok"),
+        ],
+        "train_step": [
+            ("B2-448px", "fused", "32980", "2193", "ok"),
+            ("B2-448px", "materialising", "48710", "5020", "ok"),
+        ],
         "rollout": [("N785-L12", "cpp", "966.2", "0.24", "ok"), ("N785-L12", "compiled", "1254.3", "70.7", "ok")],
     }
     for name, rs in rows.items():
-        _csv(res, name, "0123456789ab", quick=False,
-             rows=[dict(case=c, provider=p, median_ms=t, peak_mib=m, status=st) for c, p, t, m, st in rs])
+        _csv(
+            res,
+            name,
+            "0123456789ab",
+            quick=False,
+            rows=[dict(case=c, provider=p, median_ms=t, peak_mib=m, status=st) for c, p, t, m, st in rs],
+        )
     page, guide = _page(tmp_path), tmp_path / "README.md"
     guide.write_text(f"# dcal\n\n## What it buys\n\n{report.HEAD_START}\nhand-written\n{report.HEAD_END}\n\n## Next\n")
     args = ["--results", str(res), "--page", str(page), "--no-plot", "--guide", str(guide)]
@@ -118,10 +159,13 @@ def test_headline_figures_of_the_guide(tmp_path, capsys):
     assert "hand-written" not in text and text.startswith("# dcal\n\n## What it buys\n\n") and "## Next" in text
     assert max(len(line) for line in text.splitlines() if not line.startswith("<!--")) <= 100
     flat = " ".join(text.split())  # the figures are wrapped at 100 columns
-    for want in ("34.1 MiB of peak memory where `F.unfold` takes 1600 MiB (0.02x), in 0.03x its time",
-                 "0.44x the peak memory (2193 MiB against 5020 MiB) and 0.68x the time",
-                 "0.24 MiB beyond the inputs where the compiled dense rollout takes 70.7 MiB (1/295), in 0.77x",
-                 "`python -m bench.rollout --cases N785-L12`", "commit 0123456789ab (clean)"):
+    for want in (
+        "34.1 MiB of peak memory where `F.unfold` takes 1600 MiB (0.02x), in 0.03x its time",
+        "0.44x the peak memory (2193 MiB against 5020 MiB) and 0.68x the time",
+        "0.24 MiB beyond the inputs where the compiled dense rollout takes 70.7 MiB (1/295), in 0.77x",
+        "`python -m bench.rollout --cases N785-L12`",
+        "commit 0123456789ab (clean)",
+    ):
         assert want in flat, want
     assert report.main(args + ["--check"]) == 0
     # a run without one of the rows leaves the figures alone and says so

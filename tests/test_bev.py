@@ -5,6 +5,7 @@ the original unfold BEV block (written out below, exact to 1e-10 in fp64) and ag
 definition (its window and rpb index formulas, written out below; and NATTEN itself when it is
 installed). Tests pass whichever backend the chain picks on this machine.
 """
+
 import copy
 
 import pytest
@@ -47,7 +48,7 @@ class UnfoldLocalAttention(nn.Module):
         q = self.q_conv(x).reshape(B, H, D, 1, X * Y)
         k = F.unfold(self.k_conv(x), ks, padding=ks // 2).reshape(B, H, D, ks * ks, X * Y)
         v = F.unfold(self.v_conv(x), ks, padding=ks // 2).reshape(B, H, D, ks * ks, X * Y)
-        attn = ((q * k).sum(2, keepdim=True) * D ** -0.5).softmax(dim=3)  # [B, H, 1, ks*ks, X*Y]
+        attn = ((q * k).sum(2, keepdim=True) * D**-0.5).softmax(dim=3)  # [B, H, 1, ks*ks, X*Y]
         out = (attn * v).sum(3).reshape(B, C, X, Y)
         return x + self.out_conv(out)
 
@@ -68,14 +69,14 @@ def natten_forward(sd, x, num_heads, ks):
     B, X, Y, C = x.shape
     D = C // num_heads
     qkv = F.linear(x, sd["qkv.weight"], sd["qkv.bias"]).reshape(B, X, Y, 3, num_heads, D).permute(3, 0, 4, 1, 2, 5)
-    q, k, v = qkv[0] * D ** -0.5, qkv[1], qkv[2]
+    q, k, v = qkv[0] * D**-0.5, qkv[1], qkv[2]
     out = torch.zeros_like(q)
     for i in range(X):
         si, pi = _natten_window_start(i, X, ks), _natten_pb_start(i, X, ks)
         for j in range(Y):
             sj, pj = _natten_window_start(j, Y, ks), _natten_pb_start(j, Y, ks)
-            kw, vw = k[:, :, si:si + ks, sj:sj + ks], v[:, :, si:si + ks, sj:sj + ks]  # [B, H, ks, ks, D]
-            logits = torch.einsum("bhd,bhuvd->bhuv", q[:, :, i, j], kw) + sd["rpb"][:, pi:pi + ks, pj:pj + ks]
+            kw, vw = k[:, :, si : si + ks, sj : sj + ks], v[:, :, si : si + ks, sj : sj + ks]  # [B, H, ks, ks, D]
+            logits = torch.einsum("bhd,bhuvd->bhuv", q[:, :, i, j], kw) + sd["rpb"][:, pi : pi + ks, pj : pj + ks]
             p = logits.flatten(2).softmax(-1).view_as(logits)
             out[:, :, i, j] = torch.einsum("bhuv,bhuvd->bhd", p, vw)
     out = out.permute(0, 2, 3, 1, 4).reshape(B, X, Y, C)
@@ -234,11 +235,16 @@ def test_lga_reproduces_unfold_block_fp64(case):
     got = _fwd_bwd(ours, x)
     # Gradients of the q/k/v convs are the row blocks of the qkv conv's gradient.
     got_split = {
-        "out": got["out"], "grad x": got["grad x"],
-        "grad q_conv.weight": got["grad qkv.weight"][:C], "grad k_conv.weight": got["grad qkv.weight"][C:2 * C],
-        "grad v_conv.weight": got["grad qkv.weight"][2 * C:], "grad q_conv.bias": got["grad qkv.bias"][:C],
-        "grad k_conv.bias": got["grad qkv.bias"][C:2 * C], "grad v_conv.bias": got["grad qkv.bias"][2 * C:],
-        "grad out_conv.weight": got["grad proj.weight"], "grad out_conv.bias": got["grad proj.bias"],
+        "out": got["out"],
+        "grad x": got["grad x"],
+        "grad q_conv.weight": got["grad qkv.weight"][:C],
+        "grad k_conv.weight": got["grad qkv.weight"][C : 2 * C],
+        "grad v_conv.weight": got["grad qkv.weight"][2 * C :],
+        "grad q_conv.bias": got["grad qkv.bias"][:C],
+        "grad k_conv.bias": got["grad qkv.bias"][C : 2 * C],
+        "grad v_conv.bias": got["grad qkv.bias"][2 * C :],
+        "grad out_conv.weight": got["grad proj.weight"],
+        "grad out_conv.bias": got["grad proj.bias"],
     }
     assert set(got_split) == set(want)
     _compare(got_split, want, torch.float64, 1e-10, 0.0)
@@ -251,7 +257,8 @@ def test_convert_unfold_state_dict_single_qkv_conv_and_names():
     fused = {  # the variant of the unfold block with one qkv conv and another output name
         "to_qkv.weight": torch.cat([sd["q_conv.weight"], sd["k_conv.weight"], sd["v_conv.weight"]]),
         "to_qkv.bias": torch.cat([sd["q_conv.bias"], sd["k_conv.bias"], sd["v_conv.bias"]]),
-        "to_out.weight": sd["out_conv.weight"], "to_out.bias": sd["out_conv.bias"],
+        "to_out.weight": sd["out_conv.weight"],
+        "to_out.bias": sd["out_conv.bias"],
     }
     a = convert_unfold_state_dict(sd)
     b = convert_unfold_state_dict(fused, qkv="to_qkv", out="to_out")

@@ -3,6 +3,7 @@ output unwritten, to raise, and to kill its process. The patches reach the worke
 (a file every worker runs before its cases). One run of the command on a tiny subset (a few
 cases, fp32/fp64, no Triton, no benchmarks) is shared by the tests below.
 """
+
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-INJECT = textwrap.dedent('''
+INJECT = textwrap.dedent("""
     import os
     import torch
     from dcal.ops import _dispatch
@@ -43,7 +44,7 @@ INJECT = textwrap.dedent('''
 
     patch("multi_kv_attention", "cpp", cpp)
     patch("multi_kv_attention", "sdpa", sdpa)
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +55,34 @@ def broken_run(tmp_path_factory):
     inject = d / "inject.py"
     inject.write_text(INJECT)
     out = d / "report"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               DCAL_CHECK_COMPILE_BACKEND="aot_eager")
-    cmd = [sys.executable, "-m", "dcal.check", "--quick", "--device", "cpu", "--no-bench", "--out", str(out),
-           "--ops", "attention", "--only", "Nq37", "--backends", "cpp", "sdpa", "--dtypes", "float32", "float64",
-           "--inject", str(inject)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        DCAL_CHECK_COMPILE_BACKEND="aot_eager",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dcal.check",
+        "--quick",
+        "--device",
+        "cpu",
+        "--no-bench",
+        "--out",
+        str(out),
+        "--ops",
+        "attention",
+        "--only",
+        "Nq37",
+        "--backends",
+        "cpp",
+        "sdpa",
+        "--dtypes",
+        "float32",
+        "float64",
+        "--inject",
+        str(inject),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(d))
     report = json.loads((out / "report.json").read_text())
     return res, report, (out / "report.md").read_text()
@@ -80,8 +104,11 @@ def test_exactly_the_broken_cases_fail_or_error(broken_run):
     errors = {_key(r) for r in cases if r["status"] == "error"}
     # the shifted forward fails, eager and compiled, and so does the unwritten one; their
     # gradients pass
-    assert fails == {("pwca_attention", "cpp", "float32", "out"), ("pwca_attention", "cpp", "float32", "compile"),
-                     ("pwca_attention", "sdpa", "float64", "out")}, fails
+    assert fails == {
+        ("pwca_attention", "cpp", "float32", "out"),
+        ("pwca_attention", "cpp", "float32", "compile"),
+        ("pwca_attention", "sdpa", "float64", "out"),
+    }, fails
     assert errors == {
         ("pwca_attention", "cpp", "float64", "run"),  # the process died
         ("pwca_attention", "sdpa", "float32", "run"),
@@ -100,7 +127,9 @@ def test_everything_else_ran_and_passed(broken_run):
     runs after the crash ran in a new worker."""
     _, report, _ = broken_run
     passed = {_key(r) for r in report["cases"] if r["status"] == "pass"}
-    expected = {("pwca_attention", "cpp", "float32", c) for c in ("lse", "dq", "dk1", "dv1", "dk2", "dv2", "determinism")}
+    expected = {
+        ("pwca_attention", "cpp", "float32", c) for c in ("lse", "dq", "dk1", "dv1", "dk2", "dv2", "determinism")
+    }
     expected |= {("pwca_attention", "sdpa", "float64", c) for c in ("lse", "dq", "dk1", "dv1", "dk2", "dv2")}
     assert passed == expected, passed ^ expected
     rows = [(r["id"], r["check"]) for r in report["cases"]]
@@ -168,16 +197,20 @@ def test_gpu_duration_estimate_within_targets():
 def test_sanitizer_log_parsing():
     from dcal.check.cli import sanitizer_findings
 
-    clean = "========= ERROR SUMMARY: 0 errors\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 3 warnings)\n"
+    clean = (
+        "========= ERROR SUMMARY: 0 errors\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 3 warnings)\n"
+    )
     assert sanitizer_findings(clean)[1] == []
-    bad = ("========= Invalid __global__ read of size 2 bytes\n=========     at _pwca_fwd_kernel+0x1a0\n"
-           "========= ERROR SUMMARY: 1 error\n")
+    bad = (
+        "========= Invalid __global__ read of size 2 bytes\n=========     at _pwca_fwd_kernel+0x1a0\n"
+        "========= ERROR SUMMARY: 1 error\n"
+    )
     assert len(sanitizer_findings(bad)[1]) == 2
     race = "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n"
     assert sanitizer_findings(race)[1]
 
 
-FAKE_SANITIZER = textwrap.dedent('''
+FAKE_SANITIZER = textwrap.dedent("""
     import subprocess, sys
     # stand-in for compute-sanitizer: [--tool T --error-exitcode N --print-limit M] command...
     tool, cmd = sys.argv[2], sys.argv[7:]
@@ -188,7 +221,7 @@ FAKE_SANITIZER = textwrap.dedent('''
     else:
         print("========= ERROR SUMMARY: 0 errors")
     sys.exit(rc)
-''')
+""")
 
 
 def test_sanitize_wraps_each_family_and_reads_the_tool(tmp_path):
@@ -202,8 +235,17 @@ def test_sanitize_wraps_each_family_and_reads_the_tool(tmp_path):
     tool = tmp_path / "fake-sanitizer"
     tool.write_text(f"#!{sys.executable}\n" + FAKE_SANITIZER)
     tool.chmod(0o755)
-    a = argparse.Namespace(device="cpu", quick=True, ops=["rollout"], only=["N33"], backends=["cpp"], dtypes=None,
-                           inject=None, tier=None, no_compile=False)
+    a = argparse.Namespace(
+        device="cpu",
+        quick=True,
+        ops=["rollout"],
+        only=["N33"],
+        backends=["cpp"],
+        dtypes=None,
+        inject=None,
+        tier=None,
+        no_compile=False,
+    )
     env = cli.child_env("cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env["PYTHONPATH"]
     rows = cli.sanitize(a, env, str(tmp_path), time.time() + 300, tool_path=str(tool))
@@ -220,22 +262,49 @@ def test_sanitize_wraps_each_family_and_reads_the_tool(tmp_path):
 
 
 def _check(args, tmp_path, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               DCAL_CHECK_COMPILE_BACKEND="aot_eager")
-    cmd = [sys.executable, "-m", "dcal.check", "--quick", "--device", "cpu", "--no-bench", "--out", str(tmp_path / "out"),
-           *args]
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        DCAL_CHECK_COMPILE_BACKEND="aot_eager",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dcal.check",
+        "--quick",
+        "--device",
+        "cpu",
+        "--no-bench",
+        "--out",
+        str(tmp_path / "out"),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path))
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--ops", "nonsense"], ["attention", "neighborhood", "rollout", "pwca_attention", "multi_kv_attention",
-                             "neighborhood_attention2d", "attention_rollout", "pwca (= pwca_attention)"]),
-    (["--ops", "attention", "bogus"], ["--ops bogus", "attention_rollout"]),
-    (["--dtypes", "float8"], ["float32", "float64", "bfloat16"]),
-    (["--dtypes", "float16"], ["not checked on cpu", "float32, float64, bfloat16"]),  # a CUDA dtype
-    (["--ops", "rollout", "--only", "no-such-case"], ["no case", "attention_rollout B1 H2 N33"]),
-    (["--ops", "rollout", "--backends", "sdpa"], ["--backends sdpa", "attention_rollout: triton cpp"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (
+            ["--ops", "nonsense"],
+            [
+                "attention",
+                "neighborhood",
+                "rollout",
+                "pwca_attention",
+                "multi_kv_attention",
+                "neighborhood_attention2d",
+                "attention_rollout",
+                "pwca (= pwca_attention)",
+            ],
+        ),
+        (["--ops", "attention", "bogus"], ["--ops bogus", "attention_rollout"]),
+        (["--dtypes", "float8"], ["float32", "float64", "bfloat16"]),
+        (["--dtypes", "float16"], ["not checked on cpu", "float32, float64, bfloat16"]),  # a CUDA dtype
+        (["--ops", "rollout", "--only", "no-such-case"], ["no case", "attention_rollout B1 H2 N33"]),
+        (["--ops", "rollout", "--backends", "sdpa"], ["--backends sdpa", "attention_rollout: triton cpp"]),
+    ],
+)
 def test_a_filter_that_selects_nothing_is_exit_2_in_one_line(args, names, tmp_path):
     res = _check(args, tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -263,12 +332,29 @@ def test_a_report_with_no_passing_case_is_never_passed():
     from dcal.check import report as REPORT
 
     def md(cases):
-        return REPORT.markdown(dict(env={"device": "cpu"}, run=dict(argv=[], device="cpu", wall_seconds=0, cpu_seconds=0),
-                                    cases=cases, bench=[]))
+        return REPORT.markdown(
+            dict(
+                env={"device": "cpu"},
+                run=dict(argv=[], device="cpu", wall_seconds=0, cpu_seconds=0),
+                cases=cases,
+                bench=[],
+            )
+        )
 
     def case(status):
-        return dict(op="pwca_attention", backend="cpp", dtype="float32", shape="B1", check="out", status=status,
-                    max_err=None, tol=None, seconds=None, detail="", id="x")
+        return dict(
+            op="pwca_attention",
+            backend="cpp",
+            dtype="float32",
+            shape="B1",
+            check="out",
+            status=status,
+            max_err=None,
+            tol=None,
+            seconds=None,
+            detail="",
+            id="x",
+        )
 
     for cases in ([], [case("skip")], [case("skip"), case("skip")]):
         head = md(cases).splitlines()[0]

@@ -1,5 +1,6 @@
 """The cuda:1 case of ``python -m dcal.check``: skipped with its reason on a machine with fewer
 than two GPUs (run for real where there are two), in the worker-row format the report reads."""
+
 import json
 import subprocess
 import sys
@@ -9,15 +10,28 @@ import torch
 
 from dcal.check import multigpu
 
-ROW_FIELDS = ("op", "backend", "device", "dtype", "shape", "check", "status", "max_err", "tol", "seconds",
-              "detail", "id")
+ROW_FIELDS = (
+    "op",
+    "backend",
+    "device",
+    "dtype",
+    "shape",
+    "check",
+    "status",
+    "max_err",
+    "tol",
+    "seconds",
+    "detail",
+    "id",
+)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() >= 2, reason="two GPUs: runs for real")
 def test_cuda1_case_is_skipped_with_the_reason(tmp_path):
     out = tmp_path / "rows.jsonl"
-    res = subprocess.run([sys.executable, "-m", "dcal.check.multigpu", "--out", str(out)], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "dcal.check.multigpu", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["op"] for r in rows] == list(multigpu.CASES)

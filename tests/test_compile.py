@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) through every multi-key/value backend that registers its kernels
 as custom ops: one graph, no break, forward and backward equal to eager."""
+
 import pytest
 import torch
 

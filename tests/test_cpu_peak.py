@@ -1,5 +1,6 @@
 """The peak the CPU bench divides by (bench.measure.matmul_gflops, dcal._C.cpu_peak) and the CPU
 kernels' sign handling of the scale folded into the exponent."""
+
 import pytest
 import torch
 
@@ -19,11 +20,14 @@ def test_cpu_peak_kinds(one_thread):
     assert (f == 0.0) if lanes == 0 else (0.01 < f < 1e5)
 
 
-@pytest.mark.parametrize("args, match", [
-    (("gemm", 2, 2, 2, 0.01), "kind must be"),
-    (("brgemm", 0, 2, 2, 0.01), "M, N, K must be >= 1"),
-    (("sgemm", 2, 2, 2, 0.0), "seconds must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("gemm", 2, 2, 2, 0.01), "kind must be"),
+        (("brgemm", 0, 2, 2, 0.01), "M, N, K must be >= 1"),
+        (("sgemm", 2, 2, 2, 0.0), "seconds must be positive"),
+    ],
+)
 def test_cpu_peak_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         _ext._C.cpu_peak(*args)
@@ -54,8 +58,9 @@ def test_mkv_scale_not_positive_fp64(scale):
     ref = reference.multi_kv_attention(q, [(k1, v1), (k2, v2)], scale=scale)
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=0)
     do = torch.randn(out.shape, dtype=out.dtype, generator=g)
-    for a, b in zip(torch.autograd.grad(out, (q, k1, v1, k2, v2), do),
-                    torch.autograd.grad(ref, (q, k1, v1, k2, v2), do)):
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k1, v1, k2, v2), do), torch.autograd.grad(ref, (q, k1, v1, k2, v2), do)
+    ):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 

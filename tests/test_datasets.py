@@ -1,6 +1,7 @@
 """Image datasets as users have them on disk, each on a tiny fake in its real format: an image
 folder (train/val), Stanford Cars (devkit .mat annotations) and FGVC-Aircraft (images_* lists);
 missing files are one line naming the file expected."""
+
 import os
 import sys
 
@@ -103,8 +104,10 @@ def test_stanford_cars(tmp_path, test_in_devkit):
     assert val.samples[0][0].endswith(os.path.join("cars_test", "00001.jpg"))
 
 
-@pytest.mark.parametrize("missing", ["devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
-                                     "cars_test_annos_withlabels.mat", "cars_train/00002.jpg"])
+@pytest.mark.parametrize(
+    "missing",
+    ["devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat", "cars_train/00002.jpg"],
+)
 def test_stanford_cars_missing_file(tmp_path, missing):
     pytest.importorskip("scipy")
     make_cars(str(tmp_path))
@@ -130,8 +133,11 @@ def make_aircraft(root):
     os.makedirs(data, exist_ok=True)
     with open(os.path.join(data, "variants.txt"), "w") as f:
         f.write("\n".join(variants) + "\n")
-    lists = {"train": [("1025794", "Cessna 172"), ("1340192", "707-320"), ("0056978", "F/A-18")],
-             "val": [("2213948", "A300B4")], "test": [("0062764", "F/A-18"), ("1109413", "Cessna 172")]}
+    lists = {
+        "train": [("1025794", "Cessna 172"), ("1340192", "707-320"), ("0056978", "F/A-18")],
+        "val": [("2213948", "A300B4")],
+        "test": [("0062764", "F/A-18"), ("1109413", "Cessna 172")],
+    }
     lists["trainval"] = lists["train"] + lists["val"]
     for split, rows in lists.items():
         with open(os.path.join(data, f"images_variant_{split}.txt"), "w") as f:
@@ -153,8 +159,7 @@ def test_fgvc_aircraft(tmp_path):
         build_data(spec("aircraft", tmp_path, val_split="testing"), seed=0)
 
 
-@pytest.mark.parametrize("missing", ["data/variants.txt", "data/images_variant_test.txt",
-                                     "data/images/1340192.jpg"])
+@pytest.mark.parametrize("missing", ["data/variants.txt", "data/images_variant_test.txt", "data/images/1340192.jpg"])
 def test_fgvc_aircraft_missing_file(tmp_path, missing):
     make_aircraft(str(tmp_path))
     os.remove(tmp_path / missing)
@@ -179,8 +184,10 @@ def test_cli_missing_file_is_one_line(tmp_path, capsys):
     make_aircraft(str(tmp_path / "air"))
     os.remove(tmp_path / "air" / "data" / "images_variant_trainval.txt")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{name: mlp, hidden: 8}}\ndata: {{name: aircraft, root: {tmp_path / 'air'}, resize: 20, "
-                   "crop: 16}\ntrain: {epochs: 1, effective_batch: 2, micro_batch: 2, progress: false}\n")
+    cfg.write_text(
+        f"model: {{name: mlp, hidden: 8}}\ndata: {{name: aircraft, root: {tmp_path / 'air'}, resize: 20, "
+        "crop: 16}\ntrain: {epochs: 1, effective_batch: 2, micro_batch: 2, progress: false}\n"
+    )
     assert main(["--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "images_variant_trainval.txt" in err[0] and err[0].startswith("error:")
@@ -192,8 +199,10 @@ def test_cli_trains_on_a_folder(tmp_path):
 
     make_folder(str(tmp_path / "imgs"))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{name: mlp, hidden: 8}}\ndata: {{name: folder, root: {tmp_path / 'imgs'}, resize: 20, "
-                   "crop: 16}\ntrain: {epochs: 1, effective_batch: 3, micro_batch: 3, progress: false, threads: 1}\n")
+    cfg.write_text(
+        f"model: {{name: mlp, hidden: 8}}\ndata: {{name: folder, root: {tmp_path / 'imgs'}, resize: 20, "
+        "crop: 16}\ntrain: {epochs: 1, effective_batch: 3, micro_batch: 3, progress: false, threads: 1}\n"
+    )
     n = torch.get_num_threads()
     try:
         assert main(["--config", str(cfg), "--out", str(tmp_path / "o")]) == 0

@@ -1,5 +1,6 @@
 """DCAL ViT on a tiny config: against a plain, materialising ViT written here, across backends,
 with checkpointing, the loss, a short training run and the JAX npz loader."""
+
 import math
 
 import numpy as np
@@ -13,8 +14,9 @@ from dcal.models.dcal_vit import derangement
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-            glca_ratio=0.25, drop_path_rate=0.0)  # 16 patches + CLS, D 16, R 4
+TINY = dict(
+    img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, glca_ratio=0.25, drop_path_rate=0.0
+)  # 16 patches + CLS, D 16, R 4
 
 
 def tiny(ablation="full", dtype=torch.float64, seed=0, **kw):
@@ -39,13 +41,19 @@ def plain_block(sd, pre, x, heads, pair=None, query_index=None):
     D = C // heads
     h = _ln(sd, pre + "norm1", x)
     kvt = h if pair is None else torch.cat([h, _ln(sd, pre + "norm1", pair)], 1)
-    qkv = lambda t: F.linear(t, sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"]).view(B, t.shape[1], 3, heads, D).permute(2, 0, 3, 1, 4)
+    qkv = lambda t: (
+        F.linear(t, sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"])
+        .view(B, t.shape[1], 3, heads, D)
+        .permute(2, 0, 3, 1, 4)
+    )
     q, (_, k, v) = qkv(h)[0], qkv(kvt)
     if query_index is not None:
         q = q.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, D))
         x = x.gather(1, query_index[..., None].expand(-1, -1, C))
-    p = ((q * D ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-    x = x + F.linear((p @ v).transpose(1, 2).reshape(B, -1, C), sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
+    p = ((q * D**-0.5) @ k.transpose(-2, -1)).softmax(-1)
+    x = x + F.linear(
+        (p @ v).transpose(1, 2).reshape(B, -1, C), sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"]
+    )
     m = F.gelu(F.linear(_ln(sd, pre + "norm2", x), sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]))
     return x + F.linear(m, sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"]), p.mean(1)
 
@@ -53,7 +61,11 @@ def plain_block(sd, pre, x, heads, pair=None, query_index=None):
 def plain_forward(model, x, perm=None):
     """All branches of the DCAL ViT, written out densely (dense rollout included)."""
     c, sd = model.config, dict(model.named_parameters())
-    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=c.patch_size).flatten(2).transpose(1, 2)
+    t = (
+        F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=c.patch_size)
+        .flatten(2)
+        .transpose(1, 2)
+    )
     h0 = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), t], 1) + sd["pos_embed"]
     h, hidden, roll = h0, [], None
     for i in range(c.depth):
@@ -82,9 +94,20 @@ PERM = torch.tensor([2, 0, 1])
 
 def test_state_dict_has_timm_vit_names():
     keys = set(tiny("sa").state_dict())
-    for k in ["patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
-              "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.bias",
-              "blocks.1.norm2.bias", "norm.weight", "head.weight"]:
+    for k in [
+        "patch_embed.proj.weight",
+        "cls_token",
+        "pos_embed",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.proj.weight",
+        "blocks.1.mlp.fc1.weight",
+        "blocks.1.mlp.fc2.bias",
+        "blocks.1.norm2.bias",
+        "norm.weight",
+        "head.weight",
+    ]:
         assert k in keys
     assert not any(k.startswith("glca") for k in keys) and "loss_weights" not in keys
 
@@ -117,6 +140,7 @@ def _need(backend, dtype):
     if backend in (None, "reference"):
         return
     from dcal.ops._dispatch import Call, choose
+
     ops = ["multi_kv_attention"] + ([] if backend == "sdpa" else ["attention_rollout"])  # sdpa: automatic rollout
     for op in ops:
         try:
@@ -126,8 +150,11 @@ def _need(backend, dtype):
 
 
 # (backend, dtype, atol, rtol): fp64 where the backend takes it; Triton (interpreter) in fp32.
-BACKEND_TOLS = [(None, torch.float64, 1e-10, 1e-9), ("sdpa", torch.float64, 1e-10, 1e-9),
-                ("triton", torch.float32, 1e-5, 1e-4)]
+BACKEND_TOLS = [
+    (None, torch.float64, 1e-10, 1e-9),
+    ("sdpa", torch.float64, 1e-10, 1e-9),
+    ("triton", torch.float32, 1e-5, 1e-4),
+]
 
 
 @pytest.mark.parametrize("backend,dtype,atol,rtol", BACKEND_TOLS, ids=["default-fp64", "sdpa-fp64", "triton-fp32"])
@@ -152,8 +179,11 @@ def test_reference_and_default_backend_agree(ablation, backend, dtype, atol, rto
 
 
 # Triton on CPU runs in the interpreter, whose bf16 tl.dot is wrong (triton 3.8): fp16 there.
-@pytest.mark.parametrize("backend,dtype", [(None, torch.bfloat16), ("triton", torch.float16)],
-                         ids=["backend-None-bf16", "backend-triton-fp16"])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [(None, torch.bfloat16), ("triton", torch.float16)],
+    ids=["backend-None-bf16", "backend-triton-fp16"],
+)
 def test_autocast_error_within_reference_error(backend, dtype):
     """Under low-precision autocast the logits' error vs fp32 is at most 2x that of the reference backend."""
     _need(backend, torch.float32)
@@ -166,7 +196,9 @@ def test_autocast_error_within_reference_error(backend, dtype):
     for k in ref32:
         err = (got[backend][k].float() - ref32[k]).abs().max().item()
         ref_err = (got["reference"][k].float() - ref32[k]).abs().max().item()
-        assert err <= 2 * ref_err + 1e-2 * ref32[k].abs().max().item(), f"{k}: {err:.3g} vs reference bf16 {ref_err:.3g}"
+        assert err <= 2 * ref_err + 1e-2 * ref32[k].abs().max().item(), (
+            f"{k}: {err:.3g} vs reference bf16 {ref_err:.3g}"
+        )
 
 
 def test_pwca_and_glca_use_sa_weights():
@@ -183,7 +215,9 @@ def test_pwca_and_glca_use_sa_weights():
         m.blocks[0].attn.qkv.weight[0, 0] -= 0.5
         m.glca_block.mlp.fc2.bias[0] += 0.5  # one channel: a uniform shift would vanish in the LayerNorm
     moved = m(x, perm=PERM)
-    assert torch.allclose(moved["sa"], base["sa"], atol=1e-12) and torch.allclose(moved["pwca"], base["pwca"], atol=1e-12)
+    assert torch.allclose(moved["sa"], base["sa"], atol=1e-12) and torch.allclose(
+        moved["pwca"], base["pwca"], atol=1e-12
+    )
     assert (moved["glca"] - base["glca"]).abs().max() > 1e-6
 
 
@@ -312,10 +346,16 @@ def jax_arrays(grid=4, C=32, H=2, p=8, depth=2, mlp=128, seed=0):
     """Random weights in the key layout and shapes of the JAX ViT-B_16.npz release."""
     rng = np.random.default_rng(seed)
     r = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
-    a = {"embedding/kernel": r(p, p, 3, C), "embedding/bias": r(C), "cls": r(1, 1, C),
-         "Transformer/posembed_input/pos_embedding": r(1, 1 + grid * grid, C),
-         "Transformer/encoder_norm/scale": 1 + r(C), "Transformer/encoder_norm/bias": r(C),
-         "head/kernel": r(C, 1000), "head/bias": r(1000)}
+    a = {
+        "embedding/kernel": r(p, p, 3, C),
+        "embedding/bias": r(C),
+        "cls": r(1, 1, C),
+        "Transformer/posembed_input/pos_embedding": r(1, 1 + grid * grid, C),
+        "Transformer/encoder_norm/scale": 1 + r(C),
+        "Transformer/encoder_norm/bias": r(C),
+        "head/kernel": r(C, 1000),
+        "head/bias": r(1000),
+    }
     for i in range(depth):
         b, att = f"Transformer/encoderblock_{i}/", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
         for n in ("query", "key", "value"):
@@ -341,8 +381,10 @@ def jax_forward(a, x, depth=2):
     for i in range(depth):
         b, att = f"Transformer/encoderblock_{i}/", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
         z = ln(h, b + "LayerNorm_0")
-        q, kk, v = (torch.einsum("bnc,chd->bhnd", z, t[f"{att}{n}/kernel"]) + t[f"{att}{n}/bias"][None, :, None]
-                    for n in ("query", "key", "value"))
+        q, kk, v = (
+            torch.einsum("bnc,chd->bhnd", z, t[f"{att}{n}/kernel"]) + t[f"{att}{n}/bias"][None, :, None]
+            for n in ("query", "key", "value")
+        )
         o = ((q * q.shape[-1] ** -0.5) @ kk.transpose(-2, -1)).softmax(-1) @ v
         h = h + torch.einsum("bhnd,hdc->bnc", o, t[att + "out/kernel"]) + t[att + "out/bias"]
         z = F.gelu(ln(h, b + "LayerNorm_2") @ t[b + "MlpBlock_3/Dense_0/kernel"] + t[b + "MlpBlock_3/Dense_0/bias"])
@@ -382,12 +424,16 @@ def test_npz_resizes_pos_grid_and_copies_glca(tmp_path):
     assert torch.equal(m.glca_norm.weight, m.norm.weight)
 
 
-@pytest.mark.parametrize("edit,key", [
-    ("drop", "Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"),
-    ("drop", "cls"),
-    ("shape", "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"),
-    ("shape", "embedding/kernel"),
-], ids=["missing-mlp-bias", "missing-cls", "shape-query", "shape-embedding"])
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        ("drop", "Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"),
+        ("drop", "cls"),
+        ("shape", "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"),
+        ("shape", "embedding/kernel"),
+    ],
+    ids=["missing-mlp-bias", "missing-cls", "shape-query", "shape-embedding"],
+)
 def test_npz_errors_name_the_key(tmp_path, edit, key):
     a = jax_arrays()
     if edit == "drop":

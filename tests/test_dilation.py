@@ -2,6 +2,7 @@
 (dilated ``F.unfold`` for zero, per-query brute force for mask, NATTEN's own window-start rule
 and NATTEN's forward for clamp), then every CPU backend against the reference in fp64, forward,
 logsumexp and every gradient, and the bad-input errors."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,7 +32,7 @@ def unfold_na_dilated(q, k, v, ks, dil, rpb, scale):
     qq = q.permute(0, 1, 4, 2, 3).reshape(B, H, D, 1, X * Y)
     logits = (qq * ku).sum(2) * scale  # [B, H, ks*ks, XY]
     if rpb is not None:  # window step (a - r, b - r) -> rpb index (a - r + ks - 1, b - r + ks - 1)
-        logits = logits + rpb[:, r:r + ks, r:r + ks].reshape(H, ks * ks, 1)
+        logits = logits + rpb[:, r : r + ks, r : r + ks].reshape(H, ks * ks, 1)
     p = logits.softmax(2)
     return (p.unsqueeze(2) * vu).sum(3).view(B, H, D, X, Y).permute(0, 1, 3, 4, 2)
 
@@ -118,7 +119,9 @@ def test_clamp_matches_natten_forward(ks, dil):
     X, Y = ks * dil + 3, ks * dil + 1
     q, k, v = (torch.randn(1, 2, X, Y, 16, generator=g) for _ in range(3))
     heads_last = lambda t: t.permute(0, 2, 3, 1, 4).contiguous()  # noqa: E731  NATTEN: [B, X, Y, H, D]
-    theirs = natten.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size=ks, dilation=dil).permute(0, 3, 1, 2, 4)
+    theirs = natten.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size=ks, dilation=dil).permute(
+        0, 3, 1, 2, 4
+    )
     for backend in ["reference"] + (["cpp"] if _ext.HAS_EXTENSION else []):
         ours = ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border="clamp", dilation=dil, backend=backend)
         torch.testing.assert_close(ours, theirs, atol=2e-6, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
@@ -132,7 +135,7 @@ CASES = [
     ("zero", 5, 3, 7, 16, True),
     ("mask", 5, 3, 7, 16, False),
     ("clamp", 5, 3, 15, 16, True),
-    ("zero", 3, 4, 5, 6, True),   # dilated window larger than the map
+    ("zero", 3, 4, 5, 6, True),  # dilated window larger than the map
     ("mask", 3, 4, 5, 6, True),
     ("clamp", 3, 2, 6, 7, True),  # clamp on a map exactly kernel_size * dilation
 ]
@@ -147,14 +150,17 @@ def test_cpp_fp64_matches_reference(case):
     rpb = rand(2, 2 * ks - 1, 2 * ks - 1, gen=g).requires_grad_() if with_rpb else None
     inputs = [q, k, v] + ([rpb] if with_rpb else [])
     dout = rand(2, 2, X, Y, 8, gen=g)
-    ref, ref_lse = reference.neighborhood_attention2d(q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.4,
-                                                      dilation=dil, return_lse=True)
+    ref, ref_lse = reference.neighborhood_attention2d(
+        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.4, dilation=dil, return_lse=True
+    )
     ref_grads = torch.autograd.grad(ref, inputs, dout)
     from dcal.ops._cpp_na2d import BORDER_IDS
+
     out, lse = torch.ops.dcal.na2d_fwd(q, k, v, rpb, ks, BORDER_IDS[border], 0.4, dil)
     torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
-    got = ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.4, dilation=dil,
-                                       backend="cpp")
+    got = ops.neighborhood_attention2d(
+        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.4, dilation=dil, backend="cpp"
+    )
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
     grads = torch.autograd.grad(got, inputs, dout)
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
@@ -167,7 +173,8 @@ def test_cpp_gradcheck_dilated():
     q, k, v = (rand(1, 1, 7, 6, 4, gen=g).requires_grad_() for _ in range(3))
     rpb = rand(1, 5, 5, gen=g).requires_grad_()
     fn = lambda q, k, v, rpb: ops.neighborhood_attention2d(  # noqa: E731
-        q, k, v, kernel_size=3, border="zero", rpb=rpb, dilation=2, backend="cpp")
+        q, k, v, kernel_size=3, border="zero", rpb=rpb, dilation=2, backend="cpp"
+    )
     assert torch.autograd.gradcheck(fn, (q, k, v, rpb))
 
 

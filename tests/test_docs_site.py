@@ -6,6 +6,7 @@ Needs mkdocs-material + mkdocstrings[python] (the ``docs`` extra) and Chromium (
 ``chromium``). Locally they may be absent (the test is then skipped, saying which); under CI
 (``CI=true``) their absence is a failure.
 """
+
 from __future__ import annotations
 
 import functools
@@ -82,7 +83,7 @@ def _signature_text(text: str, name: str):
         while i < len(text) and depth:
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        found.append(text[m.end():i - 1])
+        found.append(text[m.end() : i - 1])
     return found
 
 
@@ -106,8 +107,14 @@ def site(tmp_path_factory):
     _need("mkdocstrings[python]", importlib.util.find_spec("mkdocstrings_handlers") is not None)
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", os.path.join(ROOT, "mkdocs.yml"),
-                        "-d", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", os.path.join(ROOT, "mkdocs.yml"), "-d", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, f"mkdocs build --strict failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return out
 
@@ -131,9 +138,19 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def _dump_dom(url: str, profile) -> str:
     chromium = _chromium()
     _need("chromium", chromium is not None)
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--dump-dom", url]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+        url,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip(), f"chromium failed on {url}: {r.stderr[-2000:]}"
     return r.stdout
@@ -147,9 +164,15 @@ def _text(dom: str) -> str:
 def test_public_objects_found():
     objs = dict(public_objects())
     # the list the site is checked against is not empty and holds the main entry points
-    for name in ("dcal.ops.pwca_attention", "dcal.ops.neighborhood_attention2d", "dcal.ops.attention_rollout",
-                 "dcal.nn.PWCAAttention", "dcal.nn.LocalGraphAttention", "dcal.models.DCALViT",
-                 "dcal.train.Trainer"):
+    for name in (
+        "dcal.ops.pwca_attention",
+        "dcal.ops.neighborhood_attention2d",
+        "dcal.ops.attention_rollout",
+        "dcal.nn.PWCAAttention",
+        "dcal.nn.LocalGraphAttention",
+        "dcal.models.DCALViT",
+        "dcal.train.Trainer",
+    ):
         assert name in objs, name
 
 

@@ -10,6 +10,7 @@
 * a bias parameter in another dtype than q (bf16 parameter policy, fp16 autocast): its gradient
   comes back in the parameter's dtype and equals an fp64 computation.
 """
+
 import copy
 import os
 import socket
@@ -29,8 +30,18 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 def _vit(ablation="full"):
     torch.manual_seed(0)
-    return DCALViT(DCALConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                              drop_path_rate=0.0, ablation=ablation))
+    return DCALViT(
+        DCALConfig(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            num_classes=5,
+            drop_path_rate=0.0,
+            ablation=ablation,
+        )
+    )
 
 
 def _batch():
@@ -53,15 +64,24 @@ class Images(torch.utils.data.Dataset):
 def _train_cfg(**kw):
     from dcal.train.config import TrainConfig
 
-    base = dict(epochs=2, effective_batch=8, micro_batch=2, base_lr=0.05, warmup_epochs=0.0, progress=False,
-                threads=1, clip_grad=1.0)
+    base = dict(
+        epochs=2,
+        effective_batch=8,
+        micro_batch=2,
+        base_lr=0.05,
+        warmup_epochs=0.0,
+        progress=False,
+        threads=1,
+        clip_grad=1.0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _full_params(model):
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
 
 
 class _CountDcalOps(torch.utils._python_dispatch.TorchDispatchMode):
@@ -114,9 +134,13 @@ def _gradients_case(rank, res):
         dist.all_reduce(total)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         res[f"grad_{mode}"] = {
-            "loss": float(total) / WORLD, "loss_ref": float(loss_ref.detach()), "recomputed_dcal_ops": count.n,
+            "loss": float(total) / WORLD,
+            "loss_ref": float(loss_ref.detach()),
+            "recomputed_dcal_ops": count.n,
             "max_diff": {n: float((grads[n] - grads_ref[n]).abs().max()) for n in grads_ref},
-            "missing": sorted(set(grads_ref) - set(grads)), "sharded": type(model).__name__}
+            "missing": sorted(set(grads_ref) - set(grads)),
+            "sharded": type(model).__name__,
+        }
 
 
 def _trainer_case(rank, tmp, res):
@@ -124,22 +148,33 @@ def _trainer_case(rank, tmp, res):
 
     # uninterrupted run (sharded checkpoints at steps 2 and 4), then one resumed from step 2
     model = _vit("sa_glca")
-    t = Trainer(model, model.loss, Images(), Images(8, seed=4), _train_cfg(strategy="fsdp", save_every_steps=2),
-                out_dir=os.path.join(tmp, "a"))
+    t = Trainer(
+        model,
+        model.loss,
+        Images(),
+        Images(8, seed=4),
+        _train_cfg(strategy="fsdp", save_every_steps=2),
+        out_dir=os.path.join(tmp, "a"),
+    )
     hist = t.fit()
     final = _full_params(t.model)
     model_b = _vit("sa_glca")
     with torch.no_grad():  # different starting weights: the resume must overwrite them
         for p in model_b.parameters():
             p.add_(1.0)
-    t_b = Trainer(model_b, model_b.loss, Images(), Images(8, seed=4), _train_cfg(strategy="fsdp"),
-                  out_dir=os.path.join(tmp, "b"))
+    t_b = Trainer(
+        model_b, model_b.loss, Images(), Images(8, seed=4), _train_cfg(strategy="fsdp"), out_dir=os.path.join(tmp, "b")
+    )
     hist_b = t_b.fit(resume=os.path.join(tmp, "a", "checkpoints", "step-00000002.pt"))
     resumed = _full_params(t_b.model)
     if rank == 0:
-        res["trainer"] = {"hist": hist, "hist_b": hist_b, "final": final,
-                          "resume_equal": {n: bool(torch.equal(final[n], resumed[n])) for n in final},
-                          "files": sorted(os.listdir(os.path.join(tmp, "a", "checkpoints")))}
+        res["trainer"] = {
+            "hist": hist,
+            "hist_b": hist_b,
+            "final": final,
+            "resume_equal": {n: bool(torch.equal(final[n], resumed[n])) for n in final},
+            "files": sorted(os.listdir(os.path.join(tmp, "a", "checkpoints"))),
+        }
 
 
 def _bias_dtype_case(rank, res):
@@ -153,6 +188,7 @@ def _bias_dtype_case(rank, res):
     fully_shard(model.blocks[0], mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     seen = {}
+
     def record(mod, inputs, output):
         seen["q"] = output.dtype
 
@@ -167,9 +203,13 @@ def _bias_dtype_case(rank, res):
     rpb = model.blocks[0].rpb
     g = rpb.grad.full_tensor()
     want = ref.blocks[0].rpb.grad.float()  # the same x on both processes: FSDP's mean is one process's
-    res["bias"] = {"q_dtype": str(seen["q"]), "rpb_dtype_in_forward": str(seen["rpb_in_forward"]),
-                   "param_dtype": str(rpb.dtype), "grad_dtype": str(rpb.grad.dtype),
-                   "rel_err": float((g - want).norm() / want.norm())}
+    res["bias"] = {
+        "q_dtype": str(seen["q"]),
+        "rpb_dtype_in_forward": str(seen["rpb_in_forward"]),
+        "param_dtype": str(rpb.dtype),
+        "grad_dtype": str(rpb.grad.dtype),
+        "rel_err": float((g - want).norm() / want.norm()),
+    }
 
 
 def _worker(rank, port, tmp):
@@ -250,12 +290,14 @@ def test_trainer_fsdp_equals_one_process_and_resumes_exactly(results, tmp_path):
 def test_config_refusals():
     from dcal.train.config import TrainConfig
 
-    for kw, key in [(dict(strategy="zero"), "train.strategy"),
-                    (dict(strategy="fsdp", amp="fp16"), "train.amp"),
-                    (dict(strategy="fsdp", micro_batch="auto"), "train.micro_batch"),
-                    (dict(strategy="fsdp", micro_batch=2, grad_checkpointing=True), "train.grad_checkpointing"),
-                    (dict(strategy="fsdp", micro_batch=2, fsdp_checkpointing="some"), "train.fsdp_checkpointing"),
-                    (dict(fsdp_param_dtype="bf16"), "train.strategy")]:
+    for kw, key in [
+        (dict(strategy="zero"), "train.strategy"),
+        (dict(strategy="fsdp", amp="fp16"), "train.amp"),
+        (dict(strategy="fsdp", micro_batch="auto"), "train.micro_batch"),
+        (dict(strategy="fsdp", micro_batch=2, grad_checkpointing=True), "train.grad_checkpointing"),
+        (dict(strategy="fsdp", micro_batch=2, fsdp_checkpointing="some"), "train.fsdp_checkpointing"),
+        (dict(fsdp_param_dtype="bf16"), "train.strategy"),
+    ]:
         with pytest.raises(ValueError, match=key):
             TrainConfig(**kw).validate()
 

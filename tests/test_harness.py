@@ -1,4 +1,5 @@
 """The GPU-proof harness (docs/design.md), packaging and dispatch, on a tiny real Triton kernel."""
+
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_probe_kernel_compiles_to_sm80_sm90_cubins():
 
 def test_compiler_refuses_a_mixed_dtype_dot(tmp_path):
     """The AOT path really runs the compiler: a dot of fp32 by fp16 operands is refused."""
-    code = r'''
+    code = r"""
 import triton, triton.language as tl
 from dcal.testing.aot import AOTSpec, compile_spec
 @triton.jit
@@ -51,7 +52,7 @@ except Exception as e:
     print("REFUSED", type(e).__name__)
 else:
     print("ACCEPTED")
-'''
+"""
     script = tmp_path / "bad_kernel.py"  # triton wants @jit functions in a file
     script.write_text(code)
     out = subprocess.run([sys.executable, str(script)], env=ENV_NO_INTERP, capture_output=True, text=True, timeout=300)
@@ -59,8 +60,14 @@ else:
 
 
 def test_kernel_report_prints_table():
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--filter", "probe", "--no-cuda-cpp", "--csv", ""],
-                         cwd=ROOT, env=ENV_NO_INTERP, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_report", "--filter", "probe", "--no-cuda-cpp", "--csv", ""],
+        cwd=ROOT,
+        env=ENV_NO_INTERP,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("probe_row_lse")]
     assert len(lines) == 12  # 3 dtypes x 2 block sizes x 2 archs

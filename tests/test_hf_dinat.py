@@ -5,6 +5,7 @@ written here from NATTEN 0.14-0.17's CPU kernels (get_window_start / get_pb_star
 the module forward of transformers 4.x (heads-first [B, H, X, Y, D] maps). fp64, forward and every
 parameter gradient to 1e-10.
 """
+
 import copy
 import math
 import types
@@ -26,7 +27,8 @@ TOL = 1e-10
 def get_window_start(index, length, kernel_size, neighborhood_size, dilation):
     if dilation <= 1:
         return max(index - neighborhood_size, 0) + (index + neighborhood_size >= length) * (
-            length - index - neighborhood_size - 1)
+            length - index - neighborhood_size - 1
+        )
     ni = index - neighborhood_size * dilation
     if ni < 0:
         return index % dilation
@@ -42,8 +44,11 @@ def get_window_start(index, length, kernel_size, neighborhood_size, dilation):
 
 def get_pb_start(index, length, kernel_size, neighborhood_size, dilation):
     if dilation <= 1:
-        return neighborhood_size + (index < neighborhood_size) * (neighborhood_size - index) + (
-            index + neighborhood_size >= length) * (length - index - 1 - neighborhood_size)
+        return (
+            neighborhood_size
+            + (index < neighborhood_size) * (neighborhood_size - index)
+            + (index + neighborhood_size >= length) * (length - index - 1 - neighborhood_size)
+        )
     if index - neighborhood_size * dilation < 0:
         return kernel_size - 1 - (index // dilation)
     if index + neighborhood_size * dilation >= length:
@@ -89,6 +94,7 @@ def natten2dav(attn, value, kernel_size, dilation):
 
 def reference_forward(self, hidden_states, output_attentions=False):
     """transformers 4.x's NeighborhoodAttention.forward."""
+
     def transpose_for_scores(x):
         x = x.view(x.size()[:-1] + (self.num_attention_heads, self.attention_head_size))
         return x.permute(0, 3, 1, 2, 4)
@@ -111,8 +117,17 @@ def reference_forward(self, hidden_states, output_attentions=False):
 
 CONFIGS = {
     # two stages, dilation 1 and 2; stage 2's 5x6 map is padded by HF to the 6x6 dilated window
-    "k3": (dict(embed_dim=32, depths=[2, 2], num_heads=[2, 4], kernel_size=3, dilations=[[1, 2], [2, 1]],
-                layer_scale_init_value=0.5), (40, 48)),
+    "k3": (
+        dict(
+            embed_dim=32,
+            depths=[2, 2],
+            num_heads=[2, 4],
+            kernel_size=3,
+            dilations=[[1, 2], [2, 1]],
+            layer_scale_init_value=0.5,
+        ),
+        (40, 48),
+    ),
     # kernel 5 with dilation 2 on an odd-sized 11x13 map: every border case of the sub-grids
     "k5": (dict(embed_dim=32, depths=[2], num_heads=[2], kernel_size=5, dilations=[[2, 1]]), (44, 52)),
 }
@@ -179,6 +194,7 @@ def test_dinat_forward_backward_equal_windowed_reference(name, fused_calls):
     assert {c[3] for c in fused_calls} == {"clamp"}
     assert {c[2] for c in fused_calls} == {d for ds in cfg["dilations"] for d in ds}
     from dcal import ops
+
     q = torch.zeros(fused_calls[0][0], dtype=torch.float64)
     assert ops.chosen_backend("neighborhood_attention2d", q) == "cpp"
 

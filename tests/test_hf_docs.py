@@ -1,5 +1,6 @@
 """Every python code block of docs/huggingface.md, and of the README's Hugging Face section when
 the README has one, runs as written (tiny random models, nothing downloaded)."""
+
 import pathlib
 import re
 
@@ -35,8 +36,12 @@ def test_docs_block_runs(i, capsys):
     exec(compile(DOC_BLOCKS[i], f"docs/huggingface.md[block {i}]", "exec"), {"__name__": "__docs__"})
     out = capsys.readouterr().out
     # the printed shapes are the ones the comments promise
-    promised = [size for line in DOC_BLOCKS[i].splitlines() if "print(" in line and "# " in line
-                for size in re.findall(r"torch\.Size\(\[[^\]]*\]\)", line.split("# ", 1)[1])]
+    promised = [
+        size
+        for line in DOC_BLOCKS[i].splitlines()
+        if "print(" in line and "# " in line
+        for size in re.findall(r"torch\.Size\(\[[^\]]*\]\)", line.split("# ", 1)[1])
+    ]
     assert " ".join(promised) in out
 
 

@@ -6,6 +6,7 @@ transformers' eager attention computes its softmax in float32 even for float64 i
 exact fp64 attention (its own "sdpa" included). The fixture ``fp64_eager`` lets that softmax
 run in float64 for float64 inputs, so eager is an fp64 truth and 1e-10 is a meaningful bound.
 """
+
 import pytest
 import torch
 
@@ -76,8 +77,16 @@ def _images(b=2, size=16, seed=0):
 
 def _vit(cls_name="ViTForImageClassification", config_name="ViTConfig", **extra):
     torch.manual_seed(0)
-    cfg = getattr(transformers, config_name)(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=48, num_labels=3, **extra)
+    cfg = getattr(transformers, config_name)(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        num_labels=3,
+        **extra,
+    )
     return getattr(transformers, cls_name)(cfg).double()
 
 
@@ -88,8 +97,9 @@ def test_register_adds_dcal_to_both_interfaces():
     hfd.register()  # idempotent
     assert ALL_ATTENTION_FUNCTIONS["dcal"] is hfd.dcal_attention_forward
     assert ALL_MASK_ATTENTION_FUNCTIONS["dcal"] is hfd.dcal_mask
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32)
+    cfg = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     cfg._attn_implementation = "dcal"
     assert transformers.ViTModel(cfg).config._attn_implementation == "dcal"
 
@@ -102,8 +112,16 @@ def test_vision_models_equal_eager(family, fp64_eager, fused_calls):
         model = _vit("DeiTForImageClassification", "DeiTConfig")
     else:
         torch.manual_seed(0)
-        cfg = transformers.Dinov2Config(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, mlp_ratio=2, num_labels=3, layerscale_value=0.5)
+        cfg = transformers.Dinov2Config(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            num_labels=3,
+            layerscale_value=0.5,
+        )
         model = transformers.Dinov2ForImageClassification(cfg).double()
     model.train()  # attention dropout is 0: the fused path runs in training too
     _compare(model, {"pixel_values": _images()})
@@ -113,10 +131,18 @@ def test_vision_models_equal_eager(family, fp64_eager, fused_calls):
 
 def _clip(family):
     torch.manual_seed(0)
-    text = dict(vocab_size=50, eos_token_id=49, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=12)
-    vision = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=2)
+    text = dict(
+        vocab_size=50,
+        eos_token_id=49,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+    )
+    vision = dict(
+        image_size=16, patch_size=4, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
     if family == "clip":
         cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
         return transformers.CLIPModel(cfg).double()
@@ -200,8 +226,9 @@ def test_rollout_equals_eager_rollout_from_maps(family, fp64_eager, fused_calls)
         model = _vit().eval()
     else:
         torch.manual_seed(0)
-        cfg = transformers.Dinov2Config(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3,
-                                        num_attention_heads=2, mlp_ratio=2)
+        cfg = transformers.Dinov2Config(
+            image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2
+        )
         model = transformers.Dinov2Model(cfg).double().eval()
     x = _images(2)
     model.set_attn_implementation("eager")
@@ -280,9 +307,13 @@ def test_bad_keyword_arguments_refused(fused_calls):
     model = _vit().eval()
     model.set_attn_implementation("dcal")
     x = _images(3)
-    for bad, msg in [(torch.tensor([0, 1]), "length"), (torch.tensor([0, 1, 3]), "outside"),
-                     (torch.tensor([0.0, 1.0, 2.0]), "integer"), ([0, 1, 2], "integer"),
-                     (torch.zeros(3, 1, dtype=torch.long), "1-D")]:
+    for bad, msg in [
+        (torch.tensor([0, 1]), "length"),
+        (torch.tensor([0, 1, 3]), "outside"),
+        (torch.tensor([0.0, 1.0, 2.0]), "integer"),
+        ([0, 1, 2], "integer"),
+        (torch.zeros(3, 1, dtype=torch.long), "1-D"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             model(pixel_values=x, dcal_pair=bad)
     with pytest.raises(ValueError, match="collect_rollout"):
@@ -323,8 +354,7 @@ def test_attention_options_for_modules_that_drop_model_kwargs(fp64_eager, fused_
     with hfd.attention_options(dcal_pair=pair):
         out, grads = _run(model, "dcal", {"pixel_values": x})
         # the hand-written PWCA reads the pair from its kwargs: give it them through a wrapper
-        AttentionInterface.register("test_eager_pwca_ctx",
-                                    lambda *a, **k: _eager_pwca(*a, **k, dcal_pair=pair))
+        AttentionInterface.register("test_eager_pwca_ctx", lambda *a, **k: _eager_pwca(*a, **k, dcal_pair=pair))
         ref_out, ref_grads = _run(model, "test_eager_pwca_ctx", {"pixel_values": x})
     assert len(fused_calls) == 2 and all(n == 2 for _, n, _ in fused_calls)
     assert max((a - b).abs().max().item() for a, b in zip(out, ref_out)) <= TOL
@@ -383,7 +413,9 @@ def test_rollouts_of_two_stacks():
     with torch.no_grad(), hfd.collect_rollout() as r, hfd.attention_options(dcal_rollout=True):
         model(input_ids=ids, pixel_values=_images(2))
     rollouts = r.rollouts
-    assert {k: tuple(t.shape) for k, t in rollouts.items()} == {"SiglipVisionConfig": (2, 16),
-                                                                 "SiglipTextConfig": (2, 7)}
+    assert {k: tuple(t.shape) for k, t in rollouts.items()} == {
+        "SiglipVisionConfig": (2, 16),
+        "SiglipTextConfig": (2, 7),
+    }
     with pytest.raises(RuntimeError, match="rollouts"):
         r.rollout

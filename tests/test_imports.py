@@ -2,6 +2,7 @@
 inside a function): no circles, data flows one way (docs/design.md, code layout: dcal.train -> dcal.models ->
 dcal.nn -> dcal.ops -> backends), kernel files depend on torch and triton only, and production
 code never imports test, benchmark or verification code."""
+
 from __future__ import annotations
 
 import ast
@@ -167,6 +168,10 @@ def test_kernel_files_depend_on_torch_and_triton_only():
 
 def test_production_code_never_imports_tests_or_bench():
     _, graph = _graph()
-    bad = [f"{n} -> {d}" for n, (_, outer) in graph.items() for d in outer if d in ("tests", "bench", "pytest")
-           and not n.startswith(TOOLING)]
+    bad = [
+        f"{n} -> {d}"
+        for n, (_, outer) in graph.items()
+        for d in outer
+        if d in ("tests", "bench", "pytest") and not n.startswith(TOOLING)
+    ]
     assert not bad, bad

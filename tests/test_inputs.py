@@ -9,6 +9,7 @@ Also here (in process): the regressions behind the table (NaN rows on sdpa, the 
 reference's gradients, fp16 on CPU taking the fused C++ kernels) and that an empty result calls
 no backend kernel.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,61 +40,112 @@ def _mkv_cases():
     q4 = "t(1, 2, 5, 16)"
     kv = "[(t(1, 2, 3, 16), t(1, 2, 3, 16))]"
     c = [
-        ("zero-heads-bf16", "q = t(2, 0, 5, 16, dtype=torch.bfloat16); res = " + MKV + "(q, [(q, q)], backend=BACKEND)",
-         ("empty", (2, 0, 5, 16))),
+        (
+            "zero-heads-bf16",
+            "q = t(2, 0, 5, 16, dtype=torch.bfloat16); res = " + MKV + "(q, [(q, q)], backend=BACKEND)",
+            ("empty", (2, 0, 5, 16)),
+        ),
         ("zero-heads", "q = t(2, 0, 5, 16); res = " + MKV + "(q, [(q, q)], backend=BACKEND)", ("empty", (2, 0, 5, 16))),
         ("zero-batch", "q = t(0, 2, 5, 16); res = " + MKV + "(q, [(q, q)], backend=BACKEND)", ("empty", (0, 2, 5, 16))),
-        ("zero-queries-grads",
-         textwrap.dedent("""
+        (
+            "zero-queries-grads",
+            textwrap.dedent("""
             q = t(1, 2, 0, 16).requires_grad_(); k = t(1, 2, 4, 16).requires_grad_(); v = t(1, 2, 4, 16).requires_grad_()
             res, lse = ops.multi_kv_attention(q, [(k, v)], backend=BACKEND, return_lse=True)
             assert lse.shape == (1, 2, 0)
             g = torch.autograd.grad(res.sum() + lse.sum(), [q, k, v])
             assert [tuple(x.shape) for x in g] == [(1, 2, 0, 16), (1, 2, 4, 16), (1, 2, 4, 16)]
-            assert all(bool((x == 0).all()) for x in g)"""), ("empty", (1, 2, 0, 16))),
-        ("one-segment-without-keys",
-         textwrap.dedent("""
+            assert all(bool((x == 0).all()) for x in g)"""),
+            ("empty", (1, 2, 0, 16)),
+        ),
+        (
+            "one-segment-without-keys",
+            textwrap.dedent("""
             q = t(1, 2, 5, 16, dtype=torch.float64).requires_grad_(); k = t(1, 2, 4, 16, dtype=torch.float64)
             e = t(1, 2, 0, 16, dtype=torch.float64).requires_grad_()
             res = ops.multi_kv_attention(q, [(k, k), (e, e)], backend=BACKEND)
             want = ops.multi_kv_attention(q, [(k, k)], backend="reference")
             assert torch.allclose(res, want, atol=1e-9, rtol=0)
             g = torch.autograd.grad(res.sum(), [e])
-            assert g[0].shape == (1, 2, 0, 16)"""), ("ok",)),
-        ("no-key-at-all", "q = t(1, 2, 5, 16); e = t(1, 2, 0, 16); res = " + MKV + "(q, [(e, e), (e, e)], backend=BACKEND)",
-         ("raises", "ValueError", "kv")),
-        ("headdim0-scale-none", "q = t(2, 3, 5, 0); res = " + MKV + "(q, [(q, q)], backend=BACKEND)",
-         ("raises", "ValueError", "head dim")),
-        ("headdim0-scale-given", "q = t(2, 3, 5, 0); res = " + MKV + "(q, [(q, q)], scale=0.5, backend=BACKEND)",
-         ("raises", "ValueError", "q has head dim 0")),
-        ("scale-nan", f"res = {MKV}({q4}, {kv}, scale=float('nan'), backend=BACKEND)", ("raises", "ValueError", "scale")),
-        ("scale-inf", f"res = {MKV}({q4}, {kv}, scale=float('inf'), backend=BACKEND)", ("raises", "ValueError", "scale")),
-        ("scale--inf", f"res = {MKV}({q4}, {kv}, scale=-float('inf'), backend=BACKEND)",
-         ("raises", "ValueError", "scale")),
-        ("scale-overflows-fp32", f"res = {MKV}({q4}, {kv}, scale=1e39, backend=BACKEND)",
-         ("raises", "ValueError", "scale")),
+            assert g[0].shape == (1, 2, 0, 16)"""),
+            ("ok",),
+        ),
+        (
+            "no-key-at-all",
+            "q = t(1, 2, 5, 16); e = t(1, 2, 0, 16); res = " + MKV + "(q, [(e, e), (e, e)], backend=BACKEND)",
+            ("raises", "ValueError", "kv"),
+        ),
+        (
+            "headdim0-scale-none",
+            "q = t(2, 3, 5, 0); res = " + MKV + "(q, [(q, q)], backend=BACKEND)",
+            ("raises", "ValueError", "head dim"),
+        ),
+        (
+            "headdim0-scale-given",
+            "q = t(2, 3, 5, 0); res = " + MKV + "(q, [(q, q)], scale=0.5, backend=BACKEND)",
+            ("raises", "ValueError", "q has head dim 0"),
+        ),
+        (
+            "scale-nan",
+            f"res = {MKV}({q4}, {kv}, scale=float('nan'), backend=BACKEND)",
+            ("raises", "ValueError", "scale"),
+        ),
+        (
+            "scale-inf",
+            f"res = {MKV}({q4}, {kv}, scale=float('inf'), backend=BACKEND)",
+            ("raises", "ValueError", "scale"),
+        ),
+        (
+            "scale--inf",
+            f"res = {MKV}({q4}, {kv}, scale=-float('inf'), backend=BACKEND)",
+            ("raises", "ValueError", "scale"),
+        ),
+        (
+            "scale-overflows-fp32",
+            f"res = {MKV}({q4}, {kv}, scale=1e39, backend=BACKEND)",
+            ("raises", "ValueError", "scale"),
+        ),
         ("scale-str", f"res = {MKV}({q4}, {kv}, scale='0.1', backend=BACKEND)", ("raises", "TypeError", "scale")),
         ("scale-bool", f"res = {MKV}({q4}, {kv}, scale=True, backend=BACKEND)", ("raises", "TypeError", "scale")),
-        ("q-int", f"res = {MKV}(torch.ones(1, 2, 5, 16, dtype=torch.int64), {kv}, backend=BACKEND)",
-         ("raises", "TypeError", "q")),
+        (
+            "q-int",
+            f"res = {MKV}(torch.ones(1, 2, 5, 16, dtype=torch.int64), {kv}, backend=BACKEND)",
+            ("raises", "TypeError", "q"),
+        ),
         ("q-sparse", f"res = {MKV}({q4}.to_sparse(), {kv}, backend=BACKEND)", ("raises", "TypeError", "q")),
         ("q-3d", f"res = {MKV}(t(2, 5, 16), {kv}, backend=BACKEND)", ("raises", "ValueError", "q")),
         ("q-none", f"res = {MKV}(None, {kv}, backend=BACKEND)", ("raises", "TypeError", "q")),
         ("kv-tensor", f"res = {MKV}({q4}, {q4}, backend=BACKEND)", ("raises", "TypeError", "kv")),
         ("kv-empty", f"res = {MKV}({q4}, [], backend=BACKEND)", ("raises", "ValueError", "kv")),
         ("kv-generator-of-non-pairs", f"res = {MKV}({q4}, [1, 2], backend=BACKEND)", ("raises", "TypeError", "kv[0]")),
-        ("k-heads", f"res = {MKV}({q4}, [(t(1, 3, 3, 16), t(1, 3, 3, 16))], backend=BACKEND)",
-         ("raises", "ValueError", "kv[0][0] (k)")),
-        ("v-length", f"res = {MKV}({q4}, [(t(1, 2, 3, 16), t(1, 2, 4, 16))], backend=BACKEND)",
-         ("raises", "ValueError", "kv[0][1] (v)")),
-        ("k-dtype", f"res = {MKV}({q4}, [(t(1, 2, 3, 16, dtype=torch.float64), t(1, 2, 3, 16))], backend=BACKEND)",
-         ("raises", "TypeError", "kv[0][0] (k)")),
-        ("return-lse-str", f"res = {MKV}({q4}, {kv}, return_lse='yes', backend=BACKEND)",
-         ("raises", "TypeError", "return_lse")),
-        ("nan-inputs-run", textwrap.dedent(f"""
+        (
+            "k-heads",
+            f"res = {MKV}({q4}, [(t(1, 3, 3, 16), t(1, 3, 3, 16))], backend=BACKEND)",
+            ("raises", "ValueError", "kv[0][0] (k)"),
+        ),
+        (
+            "v-length",
+            f"res = {MKV}({q4}, [(t(1, 2, 3, 16), t(1, 2, 4, 16))], backend=BACKEND)",
+            ("raises", "ValueError", "kv[0][1] (v)"),
+        ),
+        (
+            "k-dtype",
+            f"res = {MKV}({q4}, [(t(1, 2, 3, 16, dtype=torch.float64), t(1, 2, 3, 16))], backend=BACKEND)",
+            ("raises", "TypeError", "kv[0][0] (k)"),
+        ),
+        (
+            "return-lse-str",
+            f"res = {MKV}({q4}, {kv}, return_lse='yes', backend=BACKEND)",
+            ("raises", "TypeError", "return_lse"),
+        ),
+        (
+            "nan-inputs-run",
+            textwrap.dedent(f"""
             q = {q4}; q[0, 1, 2, 3] = float('nan'); k = t(1, 2, 3, 16); k[0, 0, 1, 1] = float('inf')
             res = ops.multi_kv_attention(q, [(k, k)], backend=BACKEND)
-            assert torch.isnan(res[0, 1, 2]).all()"""), ("ok",)),
+            assert torch.isnan(res[0, 1, 2]).all()"""),
+            ("ok",),
+        ),
     ]
     out = []
     for cid, code, want in c:
@@ -106,53 +158,109 @@ def _na_cases():
     x5 = "t(1, 2, 6, 7, 16)"
     qkv = f"{x5}, {x5}, {x5}"
     c = [
-        ("zero-batch", f"q = t(0, 2, 6, 7, 16); res = {NA}(q, q, q, kernel_size=3, backend=BACKEND)",
-         ("empty", (0, 2, 6, 7, 16))),
-        ("zero-heads", f"q = t(2, 0, 6, 7, 16); res = {NA}(q, q, q, kernel_size=3, backend=BACKEND)",
-         ("empty", (2, 0, 6, 7, 16))),
-        ("zero-rows-clamp", f"q = t(1, 2, 0, 7, 16); res = {NA}(q, q, q, kernel_size=3, border='clamp', backend=BACKEND)",
-         ("empty", (1, 2, 0, 7, 16))),
-        ("zero-cols-grads", textwrap.dedent(f"""
+        (
+            "zero-batch",
+            f"q = t(0, 2, 6, 7, 16); res = {NA}(q, q, q, kernel_size=3, backend=BACKEND)",
+            ("empty", (0, 2, 6, 7, 16)),
+        ),
+        (
+            "zero-heads",
+            f"q = t(2, 0, 6, 7, 16); res = {NA}(q, q, q, kernel_size=3, backend=BACKEND)",
+            ("empty", (2, 0, 6, 7, 16)),
+        ),
+        (
+            "zero-rows-clamp",
+            f"q = t(1, 2, 0, 7, 16); res = {NA}(q, q, q, kernel_size=3, border='clamp', backend=BACKEND)",
+            ("empty", (1, 2, 0, 7, 16)),
+        ),
+        (
+            "zero-cols-grads",
+            textwrap.dedent(f"""
             q = t(1, 2, 5, 0, 8).requires_grad_(); rpb = t(2, 5, 5).requires_grad_()
             res = {NA}(q, q, q, kernel_size=3, rpb=rpb, backend=BACKEND)
             g = torch.autograd.grad(res.sum(), [q, rpb])
-            assert g[1].shape == (2, 5, 5) and bool((g[1] == 0).all())"""), ("empty", (1, 2, 5, 0, 8))),
-        ("headdim0", f"q = t(1, 2, 6, 7, 0); res = {NA}(q, q, q, kernel_size=3, backend=BACKEND)",
-         ("raises", "ValueError", "head dim")),
-        ("headdim0-scale", f"q = t(1, 2, 6, 7, 0); res = {NA}(q, q, q, kernel_size=3, scale=1.0, backend=BACKEND)",
-         ("raises", "ValueError", "head dim")),
-        ("ks-huge", f"res = {NA}({qkv}, kernel_size=2**15 + 1, backend=BACKEND)", ("raises", "ValueError", "kernel_size")),
+            assert g[1].shape == (2, 5, 5) and bool((g[1] == 0).all())"""),
+            ("empty", (1, 2, 5, 0, 8)),
+        ),
+        (
+            "headdim0",
+            f"q = t(1, 2, 6, 7, 0); res = {NA}(q, q, q, kernel_size=3, backend=BACKEND)",
+            ("raises", "ValueError", "head dim"),
+        ),
+        (
+            "headdim0-scale",
+            f"q = t(1, 2, 6, 7, 0); res = {NA}(q, q, q, kernel_size=3, scale=1.0, backend=BACKEND)",
+            ("raises", "ValueError", "head dim"),
+        ),
+        (
+            "ks-huge",
+            f"res = {NA}({qkv}, kernel_size=2**15 + 1, backend=BACKEND)",
+            ("raises", "ValueError", "kernel_size"),
+        ),
         ("ks-negative", f"res = {NA}({qkv}, kernel_size=-3, backend=BACKEND)", ("raises", "ValueError", "kernel_size")),
         ("ks-even", f"res = {NA}({qkv}, kernel_size=4, backend=BACKEND)", ("raises", "ValueError", "kernel_size")),
         ("ks-float", f"res = {NA}({qkv}, kernel_size=3.0, backend=BACKEND)", ("raises", "TypeError", "kernel_size")),
-        ("ks-numpy-ok", f"import numpy as np; res = {NA}({qkv}, kernel_size=np.int64(3), backend=BACKEND)",
-         ("ok",)),
-        ("dilation-0", f"res = {NA}({qkv}, kernel_size=3, dilation=0, backend=BACKEND)",
-         ("raises", "ValueError", "dilation")),
-        ("dilation-huge", f"res = {NA}({qkv}, kernel_size=3, dilation=2**15, backend=BACKEND)",
-         ("raises", "ValueError", "dilation")),
-        ("dilation-none", f"res = {NA}({qkv}, kernel_size=3, dilation=None, backend=BACKEND)",
-         ("raises", "TypeError", "dilation")),
-        ("border-none", f"res = {NA}({qkv}, kernel_size=3, border=None, backend=BACKEND)",
-         ("raises", "ValueError", "border")),
-        ("border-list", f"res = {NA}({qkv}, kernel_size=3, border=['zero'], backend=BACKEND)",
-         ("raises", "ValueError", "border")),
-        ("clamp-small", f"res = {NA}({qkv}, kernel_size=5, dilation=2, border='clamp', backend=BACKEND)",
-         ("raises", "ValueError", "clamp")),
-        ("rpb-int", f"res = {NA}({qkv}, kernel_size=3, rpb=torch.zeros(2, 5, 5, dtype=torch.int32), backend=BACKEND)",
-         ("raises", "TypeError", "rpb")),
+        ("ks-numpy-ok", f"import numpy as np; res = {NA}({qkv}, kernel_size=np.int64(3), backend=BACKEND)", ("ok",)),
+        (
+            "dilation-0",
+            f"res = {NA}({qkv}, kernel_size=3, dilation=0, backend=BACKEND)",
+            ("raises", "ValueError", "dilation"),
+        ),
+        (
+            "dilation-huge",
+            f"res = {NA}({qkv}, kernel_size=3, dilation=2**15, backend=BACKEND)",
+            ("raises", "ValueError", "dilation"),
+        ),
+        (
+            "dilation-none",
+            f"res = {NA}({qkv}, kernel_size=3, dilation=None, backend=BACKEND)",
+            ("raises", "TypeError", "dilation"),
+        ),
+        (
+            "border-none",
+            f"res = {NA}({qkv}, kernel_size=3, border=None, backend=BACKEND)",
+            ("raises", "ValueError", "border"),
+        ),
+        (
+            "border-list",
+            f"res = {NA}({qkv}, kernel_size=3, border=['zero'], backend=BACKEND)",
+            ("raises", "ValueError", "border"),
+        ),
+        (
+            "clamp-small",
+            f"res = {NA}({qkv}, kernel_size=5, dilation=2, border='clamp', backend=BACKEND)",
+            ("raises", "ValueError", "clamp"),
+        ),
+        (
+            "rpb-int",
+            f"res = {NA}({qkv}, kernel_size=3, rpb=torch.zeros(2, 5, 5, dtype=torch.int32), backend=BACKEND)",
+            ("raises", "TypeError", "rpb"),
+        ),
         ("rpb-2d", f"res = {NA}({qkv}, kernel_size=3, rpb=t(5, 5), backend=BACKEND)", ("raises", "ValueError", "rpb")),
         ("rpb-list", f"res = {NA}({qkv}, kernel_size=3, rpb=[[0.0]], backend=BACKEND)", ("raises", "TypeError", "rpb")),
-        ("scale-nan", f"res = {NA}({qkv}, kernel_size=3, scale=float('nan'), backend=BACKEND)",
-         ("raises", "ValueError", "scale")),
-        ("v-shape", f"res = {NA}({x5}, {x5}, t(1, 2, 6, 6, 16), kernel_size=3, backend=BACKEND)",
-         ("raises", "ValueError", "v")),
-        ("k-int", f"res = {NA}({x5}, torch.ones(1, 2, 6, 7, 16, dtype=torch.int64), {x5}, kernel_size=3, backend=BACKEND)",
-         ("raises", "TypeError", "k")),
-        ("nan-inputs-run", textwrap.dedent(f"""
+        (
+            "scale-nan",
+            f"res = {NA}({qkv}, kernel_size=3, scale=float('nan'), backend=BACKEND)",
+            ("raises", "ValueError", "scale"),
+        ),
+        (
+            "v-shape",
+            f"res = {NA}({x5}, {x5}, t(1, 2, 6, 6, 16), kernel_size=3, backend=BACKEND)",
+            ("raises", "ValueError", "v"),
+        ),
+        (
+            "k-int",
+            f"res = {NA}({x5}, torch.ones(1, 2, 6, 7, 16, dtype=torch.int64), {x5}, kernel_size=3, backend=BACKEND)",
+            ("raises", "TypeError", "k"),
+        ),
+        (
+            "nan-inputs-run",
+            textwrap.dedent(f"""
             q = {x5}; q[0, 1, 2, 3, 4] = float('nan')
             res = {NA}(q, {x5}, {x5}, kernel_size=3, backend=BACKEND)
-            assert torch.isnan(res[0, 1, 2, 3]).all() and int(torch.isnan(res).sum()) == 16"""), ("ok",)),
+            assert torch.isnan(res[0, 1, 2, 3]).all() and int(torch.isnan(res).sum()) == 16"""),
+            ("ok",),
+        ),
     ]
     return [(f"na-{cid}-{b}", code, want, b) for cid, code, want in c for b in CPU_OTHER]
 
@@ -164,20 +272,40 @@ def _rollout_cases():
         ("zero-batch", f"q = t(0, 2, 5, 16); res = {RO}([q], [q], backend=BACKEND)", ("empty", (0, 5))),
         ("zero-heads", f"q = t(1, 0, 5, 16); res = {RO}([q], [q], backend=BACKEND)", ("raises", "ValueError", "qs[0]")),
         ("headdim0", f"q = t(1, 2, 5, 0); res = {RO}([q], [q], backend=BACKEND)", ("raises", "ValueError", "qs[0]")),
-        ("lses-int", f"res = {RO}([{q}], [{q}], lses=[torch.zeros(1, 2, 5, dtype=torch.int64)], backend=BACKEND)",
-         ("raises", "TypeError", "lses[0]")),
-        ("lses-shape", f"res = {RO}([{q}], [{q}], lses=[t(1, 2, 4)], backend=BACKEND)", ("raises", "ValueError", "lses[0]")),
+        (
+            "lses-int",
+            f"res = {RO}([{q}], [{q}], lses=[torch.zeros(1, 2, 5, dtype=torch.int64)], backend=BACKEND)",
+            ("raises", "TypeError", "lses[0]"),
+        ),
+        (
+            "lses-shape",
+            f"res = {RO}([{q}], [{q}], lses=[t(1, 2, 4)], backend=BACKEND)",
+            ("raises", "ValueError", "lses[0]"),
+        ),
         ("lses-tensor", f"res = {RO}([{q}], [{q}], lses=t(1, 2, 5), backend=BACKEND)", ("raises", "TypeError", "lses")),
         ("qs-empty", f"res = {RO}([], [], backend=BACKEND)", ("raises", "ValueError", "qs")),
         ("qs-tensor", f"res = {RO}({q}, [{q}], backend=BACKEND)", ("raises", "TypeError", "qs")),
         ("ks-none", f"res = {RO}([{q}], None, backend=BACKEND)", ("raises", "TypeError", "ks")),
-        ("ks-dtype", f"res = {RO}([{q}], [t(1, 2, 5, 16, dtype=torch.float64)], backend=BACKEND)",
-         ("raises", "TypeError", "ks[0]")),
-        ("scale-nan", f"res = {RO}([{q}], [{q}], scale=float('nan'), backend=BACKEND)", ("raises", "ValueError", "scale")),
-        ("residual-nan", f"res = {RO}([{q}], [{q}], residual=float('nan'), backend=BACKEND)",
-         ("raises", "ValueError", "residual")),
-        ("residual-str", f"res = {RO}([{q}], [{q}], residual='0.5', backend=BACKEND)",
-         ("raises", "ValueError", "residual")),
+        (
+            "ks-dtype",
+            f"res = {RO}([{q}], [t(1, 2, 5, 16, dtype=torch.float64)], backend=BACKEND)",
+            ("raises", "TypeError", "ks[0]"),
+        ),
+        (
+            "scale-nan",
+            f"res = {RO}([{q}], [{q}], scale=float('nan'), backend=BACKEND)",
+            ("raises", "ValueError", "scale"),
+        ),
+        (
+            "residual-nan",
+            f"res = {RO}([{q}], [{q}], residual=float('nan'), backend=BACKEND)",
+            ("raises", "ValueError", "residual"),
+        ),
+        (
+            "residual-str",
+            f"res = {RO}([{q}], [{q}], residual='0.5', backend=BACKEND)",
+            ("raises", "ValueError", "residual"),
+        ),
     ]
     return [(f"rollout-{cid}-{b}", code, want, b) for cid, code, want in c for b in CPU_OTHER]
 
@@ -193,8 +321,16 @@ def _explain_cases():
             (f"{name}-no-tensor", f"res = {fn}('pwca_attention')", ("raises", "TypeError", "tensors")),
             (f"{name}-list", f"res = {fn}('attention_rollout', [{q}, {q}])", ("raises", "TypeError", "tensors")),
             (f"{name}-not-tensor", f"res = {fn}('neighborhood_attention2d', 3)", ("raises", "TypeError", "tensors[0]")),
-            (f"{name}-0dim", f"res = {fn}('pwca_attention', torch.tensor(1.0))", ("raises", "ValueError", "tensors[0]")),
-            (f"{name}-backend", f"res = {fn}('pwca_attention', {q}, backend='fast')", ("raises", "ValueError", "backend")),
+            (
+                f"{name}-0dim",
+                f"res = {fn}('pwca_attention', torch.tensor(1.0))",
+                ("raises", "ValueError", "tensors[0]"),
+            ),
+            (
+                f"{name}-backend",
+                f"res = {fn}('pwca_attention', {q}, backend='fast')",
+                ("raises", "ValueError", "backend"),
+            ),
         ]
     return [(cid, code, want, None) for cid, code, want in c]
 
@@ -203,7 +339,7 @@ CASES = _mkv_cases() + _na_cases() + _rollout_cases() + _explain_cases()
 
 # ----------------------------------------------------------------------------- the worker
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, tempfile, traceback
 cases_file, out_file, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import torch
@@ -233,7 +369,7 @@ for i in range(first, len(cases)):
     sys.stdout.flush(); os.dup2(real_fd1, 1)
     cap.seek(0); res["stdout"] = cap.read().decode(errors="replace")
     record(res)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +382,9 @@ def table_results(tmp_path_factory):
     worker.write_text(WORKER)
     results, first = {}, 0
     while first < len(CASES):
-        proc = subprocess.run([sys.executable, str(worker), str(cases_file), str(out_file), str(first)],
-                              capture_output=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(worker), str(cases_file), str(out_file), str(first)], capture_output=True, timeout=600
+        )
         started = None
         for line in out_file.read_text().splitlines():
             rec = json.loads(line)
@@ -259,8 +396,11 @@ def table_results(tmp_path_factory):
         if proc.returncode == 0 and len(results) >= len(CASES):
             break
         crashed = started if started is not None else first
-        results[crashed] = {"status": "crashed", "returncode": proc.returncode,
-                            "stderr": proc.stderr.decode(errors="replace")[-2000:]}
+        results[crashed] = {
+            "status": "crashed",
+            "returncode": proc.returncode,
+            "stderr": proc.stderr.decode(errors="replace")[-2000:],
+        }
         out_file.write_text("")
         first = crashed + 1
     return results
@@ -288,9 +428,11 @@ def test_table_detects_a_crash_and_a_print(tmp_path):
     reported as such, and the cases after them still run."""
     import dcal  # noqa: F401  (the worker imports it)
 
-    cases = [["dies", "import os; os.kill(os.getpid(), 8)", None],
-             ["prints", "import ctypes; ctypes.CDLL(None).puts(b'MKL says hi'); res = None", None],
-             ["fine", "res = torch.zeros(0)", None]]
+    cases = [
+        ["dies", "import os; os.kill(os.getpid(), 8)", None],
+        ["prints", "import ctypes; ctypes.CDLL(None).puts(b'MKL says hi'); res = None", None],
+        ["fine", "res = torch.zeros(0)", None],
+    ]
     cf, of, w = tmp_path / "c.json", tmp_path / "r.jsonl", tmp_path / "w.py"
     cf.write_text(json.dumps(cases))
     w.write_text(WORKER)
@@ -361,7 +503,7 @@ def test_fp16_on_cpu_takes_the_fused_cpp_kernels():
     out = ops.multi_kv_attention(qh, [(kh, vh)])
     want = ops.multi_kv_attention(qh.float(), [(kh.float(), vh.float())], backend="cpp")
     assert out.dtype == torch.float16 and torch.equal(out, want.half())
-    dq, = torch.autograd.grad(out, [qh], torch.ones_like(out))
+    (dq,) = torch.autograd.grad(out, [qh], torch.ones_like(out))
     assert dq.dtype == torch.float16
     xo = ops.neighborhood_attention2d(x.half(), x.half(), x.half(), kernel_size=3)
     xw = ops.neighborhood_attention2d(x.half().float(), x.half().float(), x.half().float(), kernel_size=3)

@@ -1,5 +1,6 @@
 """The memory budget as a user sees it: ``--max-memory`` bounds the process's peak (resident set
 on CPU), refusals are one line before any work, and the predictor against measured peaks."""
+
 import json
 import os
 import re
@@ -13,8 +14,18 @@ from dcal.train import config as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-SHORT = ["--set", "train.progress=false", "--set", "train.epochs=1", "--set", "train.max_steps=2",
-         "--set", "data.val_size=40", "--set", "data.train_size=256"]
+SHORT = [
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.max_steps=2",
+    "--set",
+    "data.val_size=40",
+    "--set",
+    "data.train_size=256",
+]
 
 
 def env():
@@ -43,8 +54,17 @@ def test_bare_number_under_a_mebibyte_is_refused(tmp_path, capsys, value):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("value, expected", [("16GB", 16 * 2**30), ("200MB", 200 * 2**20), ("512MiB", 512 * 2**20),
-                                             ("1.5g", int(1.5 * 2**30)), (2**20, 2**20), ("1048576", 2**20)])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("16GB", 16 * 2**30),
+        ("200MB", 200 * 2**20),
+        ("512MiB", 512 * 2**20),
+        ("1.5g", int(1.5 * 2**30)),
+        (2**20, 2**20),
+        ("1048576", 2**20),
+    ],
+)
 def test_budget_units(value, expected):
     assert C.parse_bytes(value, "--max-memory") == expected
 
@@ -70,8 +90,14 @@ def test_fixed_micro_batch_is_checked_against_the_budget(tmp_path, capsys):
 
 
 def run_train(out, *args):
-    r = subprocess.run([sys.executable, "-m", "dcal.train", "--config", DEMO, "--out", str(out), *SHORT, *args],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "dcal.train", "--config", DEMO, "--out", str(out), *SHORT, *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stderr
 
@@ -84,8 +110,17 @@ def test_chosen_micro_batch_peak_is_within_the_budget(tmp_path):
     # a budget that leaves room for about half the demo's group
     budget = held + 40
     # two epochs: an evaluation (and the drawing of curves.png) between the steps
-    err = run_train(tmp_path / "b", "--max-memory", f"{budget}MiB", "--micro-batch", "auto",
-                    "--set", "train.epochs=2", "--set", "train.max_steps=0")
+    err = run_train(
+        tmp_path / "b",
+        "--max-memory",
+        f"{budget}MiB",
+        "--micro-batch",
+        "auto",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.max_steps=0",
+    )
     chosen = int(re.search(r"memory: micro-batch (\d+) of 64", err).group(1))
     assert 1 <= chosen < 64, err
     assert "within the budget" in err, err
@@ -98,8 +133,14 @@ def test_chosen_micro_batch_peak_is_within_the_budget(tmp_path):
 
 
 def test_autobatch_cli_table_and_refusals():
-    r = subprocess.run([sys.executable, "-m", "dcal.train.autobatch", "--config", DEMO, "--micro-batch", "4,8",
-                        "--max-memory", "1MB"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "dcal.train.autobatch", "--config", DEMO, "--micro-batch", "4,8", "--max-memory", "1MB"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr and not r.stdout.lstrip().startswith("{"), (r.stdout, r.stderr)
     lines = r.stdout.strip().splitlines()
@@ -107,8 +148,14 @@ def test_autobatch_cli_table_and_refusals():
     body = [line.split() for line in lines[3:]]
     assert [b[0] for b in body] == ["4", "8"] and all(b[-1] == "no" for b in body)
     assert float(body[0][2]) < float(body[1][2])  # resident prediction grows with the micro-batch
-    r = subprocess.run([sys.executable, "-m", "dcal.train.autobatch", "--config", DEMO, "--micro-batch", "0"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "dcal.train.autobatch", "--config", DEMO, "--micro-batch", "0"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     one_error_line(r.stderr, "--micro-batch")
 

@@ -1,6 +1,7 @@
 """The "cpp" backend of multi_kv_attention (csrc/mkv_cpu.cpp): a FlashAttention-2 CPU kernel over
 one or two key/value segments, checked against the reference (out, lse and every gradient,
 including a loss on lse), plus opcheck and gradcheck (torch.compile: tests/test_compile.py)."""
+
 import pytest
 import torch
 
@@ -113,8 +114,10 @@ def test_fp32_within_reference_error(shape):
     """fp32 kernel error vs the fp64 truth <= 2x (out, lse) / 3x (grads) the fp32 reference's own."""
     q64, kv64 = make(*shape)
     scale = shape[-1] ** -0.5
-    q32, kv32 = [t.detach().float().requires_grad_() for t in [q64]][0], [
-        tuple(t.detach().float().requires_grad_() for t in p) for p in kv64]
+    q32, kv32 = (
+        [t.detach().float().requires_grad_() for t in [q64]][0],
+        [tuple(t.detach().float().requires_grad_() for t in p) for p in kv64],
+    )
     in64 = [q64] + [t for p in kv64 for t in p]
     in32 = [q32] + [t for p in kv32 for t in p]
     tout, tlse = reference.multi_kv_attention(q64, kv64, scale=scale, return_lse=True)
@@ -160,15 +163,18 @@ def test_no_tensor_saved_when_no_grad_needed():
 
 def test_kernel_rejects_what_it_cannot_run():
     q, kv = make(1, 1, 4, 3, None, 16, requires_grad=False)
-    (k, v), = kv
+    ((k, v),) = kv
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.dcal.mkv_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, 0.25)
     with pytest.raises(RuntimeError, match="same, nonzero length"):
         torch.ops.dcal.mkv_fwd(q, k, v[:, :, :2], None, None, 0.25)
 
 
-@pytest.mark.parametrize("dtype,want", [(torch.float32, "cpp"), (torch.float64, "cpp"), (torch.bfloat16, "sdpa")],
-                         ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,want",
+    [(torch.float32, "cpp"), (torch.float64, "cpp"), (torch.bfloat16, "sdpa")],
+    ids=["fp32", "fp64", "bf16"],
+)
 def test_cpu_default_chain(dtype, want, monkeypatch):
     monkeypatch.delenv("DCAL_BACKEND", raising=False)
     q = torch.randn(1, 2, 9, 16, dtype=dtype)

@@ -6,6 +6,7 @@ a tolerance row; bf16 by the rule of the suite: the kernel's error against an fp
 at most 2x (forward) / 3x (gradients) the error of the reference itself run in bf16, plus a
 small floor. The reference is computed once per case.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,12 +47,12 @@ CASES = [
     ("zero", 9, 1, 2, 9, 13, 5, True),
     ("mask", 9, 1, 2, 9, 13, 5, True),
     ("clamp", 9, 1, 2, 9, 13, 5, True),
-    ("zero", 7, 2, 2, 5, 4, 16, True),   # map smaller than the window
+    ("zero", 7, 2, 2, 5, 4, 16, True),  # map smaller than the window
     ("mask", 7, 2, 2, 5, 4, 16, True),
     ("zero", 9, 1, 1, 5, 4, 8, True),
     ("mask", 9, 1, 1, 5, 4, 8, False),
-    ("zero", 3, 1, 1, 1, 3, 8, True),    # a single row
-    ("mask", 5, 1, 1, 1, 1, 8, True),    # a single pixel
+    ("zero", 3, 1, 1, 1, 3, 8, True),  # a single row
+    ("mask", 5, 1, 1, 1, 1, 8, True),  # a single pixel
     ("clamp", 5, 1, 2, 5, 5, 24, True),  # clamp on a map exactly the window's size
     ("zero", 7, 1, 1, 113, 203, 4, True),
     ("clamp", 7, 1, 1, 113, 203, 4, True),
@@ -74,7 +75,9 @@ def _inputs(case, dtype, seed=0):
 
 def _grads(fn, q, k, v, rpb, do):
     """(out, lse, dq, dk, dv, drpb) of fn, computed in the inputs' dtype."""
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)] + ([rpb.detach().requires_grad_()] if rpb is not None else [])
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)] + (
+        [rpb.detach().requires_grad_()] if rpb is not None else []
+    )
     out, lse = fn(*leaves[:3], leaves[3] if rpb is not None else None)
     grads = torch.autograd.grad(out, leaves, do)
     drpb = grads[3] if rpb is not None else None
@@ -84,7 +87,8 @@ def _grads(fn, q, k, v, rpb, do):
 def _ref_fn(case, scale, dil=1):
     border, ks = case[0], case[1]
     return lambda q, k, v, rpb: reference.neighborhood_attention2d(
-        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=scale, dilation=dil, return_lse=True)
+        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=scale, dilation=dil, return_lse=True
+    )
 
 
 def _cpp_fn(case, scale, dil=1):
@@ -124,7 +128,9 @@ FAST_CASES = [c for c in CASES if c[4] * c[5] < 1000]
 
 
 @pytest.mark.parametrize("which", ("out",) + GRADS)
-@pytest.mark.parametrize("dtype,atol,rtol", [pytest.param(*row, id=str(row[0]).replace("torch.", "")) for row in TOLERANCES])
+@pytest.mark.parametrize(
+    "dtype,atol,rtol", [pytest.param(*row, id=str(row[0]).replace("torch.", "")) for row in TOLERANCES]
+)
 @pytest.mark.parametrize("case", FAST_CASES[::2], ids=_case_id)
 def test_fp32_matches_reference(case, dtype, atol, rtol, which):
     ours, ref, _ = _results(case, dtype)
@@ -146,7 +152,8 @@ def test_bf16_within_reference_error(case, which):
     err, ref_err = _max_err(ours[which], ref[which]), _max_err(ref_low[which], ref[which])
     scale = ref[which].abs().max().item()
     assert err <= factor * ref_err + BF16_FLOOR * max(scale, 1.0), (
-        f"{which}: kernel error {err:.3e} vs reference-in-bf16 error {ref_err:.3e}")
+        f"{which}: kernel error {err:.3e} vs reference-in-bf16 error {ref_err:.3e}"
+    )
 
 
 def test_strided_inputs():
@@ -163,7 +170,8 @@ def test_strided_inputs():
     ours = torch.ops.dcal.na2d_bwd(do, q, k, v, rpb, out, lse, 5, BORDER_IDS["zero"], 0.4)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, rpb)]
     theirs = torch.autograd.grad(
-        reference.neighborhood_attention2d(*leaves[:3], kernel_size=5, rpb=leaves[3], scale=0.4), leaves, do)
+        reference.neighborhood_attention2d(*leaves[:3], kernel_size=5, rpb=leaves[3], scale=0.4), leaves, do
+    )
     for name, a, b in zip(GRADS, ours, theirs):
         assert _max_err(a, b) <= FP64_TOL, name
 
@@ -174,7 +182,8 @@ def test_gradcheck_public_op(border):
     q, k, v = (torch.randn(1, 1, 4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     rpb = torch.randn(1, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
     fn = lambda q, k, v, rpb: ops.neighborhood_attention2d(  # noqa: E731
-        q, k, v, kernel_size=3, border=border, rpb=rpb, backend="cpp")
+        q, k, v, kernel_size=3, border=border, rpb=rpb, backend="cpp"
+    )
     assert torch.autograd.gradcheck(fn, (q, k, v, rpb))
 
 
@@ -188,8 +197,18 @@ def test_opcheck(with_rpb):
     with torch.no_grad():
         out, lse = torch.ops.dcal.na2d_fwd(*args)
     do = torch.randn(out.shape, generator=g)
-    bargs = (do, q.detach(), k.detach(), v.detach(), None if rpb is None else rpb.detach(), out, lse, 3,
-             BORDER_IDS["mask"], 0.35)
+    bargs = (
+        do,
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        None if rpb is None else rpb.detach(),
+        out,
+        lse,
+        3,
+        BORDER_IDS["mask"],
+        0.35,
+    )
     torch.library.opcheck(torch.ops.dcal.na2d_bwd.default, bargs)
 
 
@@ -208,8 +227,11 @@ def test_torch_compile_fullgraph():
 
     torch._dynamo.reset()
     fn = torch.compile(
-        lambda q, k, v, rpb: ops.neighborhood_attention2d(q, k, v, kernel_size=5, border="zero", rpb=rpb, backend="cpp"),
-        fullgraph=True)
+        lambda q, k, v, rpb: ops.neighborhood_attention2d(
+            q, k, v, kernel_size=5, border="zero", rpb=rpb, backend="cpp"
+        ),
+        fullgraph=True,
+    )
     g = torch.Generator().manual_seed(4)
     for step in range(2):  # the second call must reuse the first graph
         q, k, v = (torch.randn(1, 2, 7, 9, 16, generator=g, requires_grad=True) for _ in range(3))
@@ -262,8 +284,9 @@ def test_rpb_gradient_off_map_zero_mode():
         assert (drpb[border][:, [0, 4]] == 0).all() and (drpb[border][:, :, [0, 4]] == 0).all()
 
 
-@pytest.mark.skipif(not shutil.which("nvcc") and not os.path.exists("/usr/local/cuda-13.0/bin/nvcc"),
-                    reason="nvcc not found")
+@pytest.mark.skipif(
+    not shutil.which("nvcc") and not os.path.exists("/usr/local/cuda-13.0/bin/nvcc"), reason="nvcc not found"
+)
 def test_cuda_kernels_compiled_in():
     if torch.version.cuda is None:
         pytest.skip("torch has no CUDA build")
@@ -272,6 +295,7 @@ def test_cuda_kernels_compiled_in():
         assert not os.environ.get("CI"), "torch has CUDA and nvcc is present, but CI built dcal._C without CUDA"
         pytest.skip("dcal._C was built with DCAL_NO_CUDA=1; rebuild without it to check the CUDA kernels")
     import dcal._C  # noqa: F401
+
     for op in ("dcal::na2d_fwd", "dcal::na2d_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"
@@ -310,6 +334,7 @@ def test_c_op_errors_name_the_argument():
 
 
 # ----------------------------------------------------------------------------- layouts and dilation
+
 
 def _layout(t, layout):
     """The values of contiguous [B, H, X, Y, D] ``t`` as a [B, H, X, Y, D] view of another storage:
@@ -406,14 +431,36 @@ def cuda_emulator(tmp_path_factory):
     import subprocess
 
     cxx = shutil.which("g++")
-    inc = next((os.path.join(h, "include") for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", "/usr/local/cuda")
-                if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))), None)
+    inc = next(
+        (
+            os.path.join(h, "include")
+            for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", "/usr/local/cuda")
+            if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))
+        ),
+        None,
+    )
     if cxx is None or inc is None:
         pytest.skip("g++ or the CUDA headers (cuda_fp16.h) not found")
     here = os.path.dirname(os.path.abspath(__file__))
     lib = str(tmp_path_factory.mktemp("na2d_emu") / "libna2d_emu.so")
-    subprocess.run([cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-I", os.path.join(here, "..", "csrc"), "-I", inc,
-                    os.path.join(here, "na2d_cuda_emu.cpp"), "-o", lib], check=True, capture_output=True)
+    subprocess.run(
+        [
+            cxx,
+            "-O1",
+            "-std=c++20",
+            "-shared",
+            "-fPIC",
+            "-I",
+            os.path.join(here, "..", "csrc"),
+            "-I",
+            inc,
+            os.path.join(here, "na2d_cuda_emu.cpp"),
+            "-o",
+            lib,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return ctypes.CDLL(lib)
 
 
@@ -426,7 +473,7 @@ def test_cuda_kernels_emulated(cuda_emulator, c):
     import ctypes
 
     (border, ks, B, H, X, Y, D, with_rpb), dil, layout = c
-    scale = D ** -0.5 * 1.3
+    scale = D**-0.5 * 1.3
     q, k, v, rpb, do = _inputs(c[0], torch.float32, seed=10)
     views = [_layout(t, layout) for t in (q, k, v)]
     dov = do[:1].expand(do.shape)  # batch stride 0
@@ -443,9 +490,25 @@ def test_cuda_kernels_emulated(cuda_emulator, c):
     outv = _layout(out, "heads_last")
     dq, dk, dv, delta = like(views[0]), like(views[1]), like(views[2]), nan(B, H, X, Y)
     drpb = None if rpb is None else nan(*rpb.shape)
-    cuda_emulator.emu_bwd(geo, ctypes.c_float(scale), *qkv, ptr(rpb), ptr(outv), strides(outv), ptr(dov), strides(dov),
-                          ptr(lse), ptr(delta), ptr(dq), strides(dq), ptr(dk), strides(dk), ptr(dv), strides(dv),
-                          ptr(drpb))
+    cuda_emulator.emu_bwd(
+        geo,
+        ctypes.c_float(scale),
+        *qkv,
+        ptr(rpb),
+        ptr(outv),
+        strides(outv),
+        ptr(dov),
+        strides(dov),
+        ptr(lse),
+        ptr(delta),
+        ptr(dq),
+        strides(dq),
+        ptr(dk),
+        strides(dk),
+        ptr(dv),
+        strides(dv),
+        ptr(drpb),
+    )
     ref = _grads(_ref_fn(c[0], scale, dil), *(None if t is None else t.double() for t in (q, k, v, rpb, dov)))
     ours = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, drpb=drpb)
     for which in ("out", "lse") + GRADS:
@@ -456,6 +519,7 @@ def test_cuda_kernels_emulated(cuda_emulator, c):
 
 
 # ----------------------------------------------------------------------------- CUDA twins
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -476,7 +540,9 @@ def test_cuda_matches_reference(case, dtype):
             assert err <= 2e-5 * max(1.0, ref[which].abs().max().item()), which
         else:
             factor = 2.0 if which in ("out", "lse") else 3.0
-            assert err <= factor * _max_err(ref_low[which], ref[which]) + 2e-3 * max(1.0, ref[which].abs().max().item()), which
+            assert err <= factor * _max_err(ref_low[which], ref[which]) + 2e-3 * max(
+                1.0, ref[which].abs().max().item()
+            ), which
 
 
 @pytest.mark.cuda
@@ -506,6 +572,7 @@ def test_cuda_public_op_dilated_channels_first():
     torch.cuda.synchronize()
     floor = out.numel() * out.element_size() + B * H * X * Y * 4  # out + lse
     assert torch.cuda.max_memory_allocated() - base <= 1.1 * floor
-    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=5, border="clamp",
-                                             dilation=2)
+    ref = reference.neighborhood_attention2d(
+        q.double(), k.double(), v.double(), kernel_size=5, border="clamp", dilation=2
+    )
     assert _max_err(out, ref) <= 2e-5 * max(1.0, ref.abs().max().item())

@@ -6,6 +6,7 @@ every border mode, with and without dilation; outputs and gradients in their inp
 and a check that the kernels allocate nothing but their outputs (the allocator's own record of the
 call, through torch.profiler).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -77,8 +78,14 @@ def test_layout_matches_reference(layout, case):
     assert out.stride() == empty_in_order_of(q).stride() and lse.is_contiguous()
     leaves = [t.detach().requires_grad_() for t in (q, k, v)] + ([rpb.clone().requires_grad_()] if with_rpb else [])
     ref, ref_lse = reference.neighborhood_attention2d(
-        *leaves[:3], kernel_size=ks, border=border, rpb=leaves[3] if with_rpb else None, scale=scale,
-        dilation=dil, return_lse=True)
+        *leaves[:3],
+        kernel_size=ks,
+        border=border,
+        rpb=leaves[3] if with_rpb else None,
+        scale=scale,
+        dilation=dil,
+        return_lse=True,
+    )
     assert (out - ref).abs().max().item() <= FP64_TOL
     assert (lse - ref_lse).abs().max().item() <= FP64_TOL
     ref_grads = torch.autograd.grad(ref, leaves, do)
@@ -126,4 +133,5 @@ def test_no_input_copy(layout):
 
     bwd_bytes = _allocated_bytes(bwd)
     assert bwd_bytes <= 1.1 * 3 * qbytes + stat_bytes + (1 << 20), (
-        f"backward allocated {bwd_bytes} bytes, gradients are {3 * qbytes}")
+        f"backward allocated {bwd_bytes} bytes, gradients are {3 * qbytes}"
+    )

@@ -6,6 +6,7 @@ the register blocks (1, 3, 13), odd row counts (query rows go in pairs), dilatio
 row bands split over threads. fp64 against the reference to 1e-9 (output and every gradient),
 fp32 at the suite's tolerance, and results independent of the thread count bit for bit.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,14 +20,14 @@ pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C is not b
 
 # (border, kernel_size, dilation, X, Y, D)
 CASES = [
-    ("clamp", 13, 1, 15, 17, 3),   # offsets -12..12 at the borders: four chunks of logits
+    ("clamp", 13, 1, 15, 17, 3),  # offsets -12..12 at the borders: four chunks of logits
     ("clamp", 11, 1, 11, 23, 13),  # map exactly the window's height
-    ("zero", 11, 1, 7, 9, 1),      # window larger than the map, head dim 1
+    ("zero", 11, 1, 7, 9, 1),  # window larger than the map, head dim 1
     ("mask", 13, 1, 5, 16, 13),
-    ("zero", 3, 1, 3, 7, 8),       # one partial lane block
-    ("mask", 5, 1, 5, 8, 9),       # exactly one fp32 block
-    ("clamp", 5, 1, 9, 9, 16),     # one full block and a one-lane tail
-    ("clamp", 7, 2, 17, 31, 5),    # dilated sub-grids of unequal size
+    ("zero", 3, 1, 3, 7, 8),  # one partial lane block
+    ("mask", 5, 1, 5, 8, 9),  # exactly one fp32 block
+    ("clamp", 5, 1, 9, 9, 16),  # one full block and a one-lane tail
+    ("clamp", 7, 2, 17, 31, 5),  # dilated sub-grids of unequal size
     ("mask", 3, 3, 10, 19, 12),
     ("zero", 5, 2, 13, 12, 7),
 ]
@@ -45,8 +46,9 @@ def _run(fn, q, k, v, rpb, ks, border, dil):
     return (out, *torch.autograd.grad(out, (q, k, v, rpb), dout))
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float64, 1e-9, 1e-9), (torch.float32, 2e-5, 1e-4)],
-                         ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "dtype,atol,rtol", [(torch.float64, 1e-9, 1e-9), (torch.float32, 2e-5, 1e-4)], ids=["fp64", "fp32"]
+)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-k{c[1]}-d{c[2]}-{c[3]}x{c[4]}-D{c[5]}" for c in CASES])
 def test_matches_reference(case, dtype, atol, rtol):
     border, ks, dil, X, Y, D = case
@@ -66,8 +68,11 @@ def test_thread_count_does_not_change_a_bit():
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(_run(lambda *a, **kw: ops.neighborhood_attention2d(*a, backend="cpp", **kw),
-                                q, k, v, rpb, 7, "clamp", 1))
+            results.append(
+                _run(
+                    lambda *a, **kw: ops.neighborhood_attention2d(*a, backend="cpp", **kw), q, k, v, rpb, 7, "clamp", 1
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

@@ -10,6 +10,7 @@ exactly (size-1 and broadcast dims included), and the modules hand the op's outp
 projection as a view, so the [B, C, X, Y] interface allocates no more than the output (+ the
 gradients).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,10 @@ from dcal.kernels._layout import dim_order, empty_in_order_of
 from dcal.ops import reference
 
 needs_ext = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C is not built")
-needs_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 
 if _ext.HAS_EXTENSION:
@@ -52,8 +55,12 @@ def _views(layout, B, H, X, Y, D, g, dtype=torch.float64):
 
 
 # the memory order of each layout as a permutation of [B, H, X, Y, D]
-MEMORY_ORDER = {"contiguous": (0, 1, 2, 3, 4), "heads_last": (0, 2, 3, 1, 4), "qkv_slice": (0, 2, 3, 1, 4),
-                "channels_first": (0, 1, 4, 2, 3)}
+MEMORY_ORDER = {
+    "contiguous": (0, 1, 2, 3, 4),
+    "heads_last": (0, 2, 3, 1, 4),
+    "qkv_slice": (0, 2, 3, 1, 4),
+    "channels_first": (0, 1, 4, 2, 3),
+}
 
 
 def _dense_in(t, layout):
@@ -62,16 +69,19 @@ def _dense_in(t, layout):
 
 
 def _check_rule(name, t, like, layout):
-    assert t.stride() == empty_in_order_of(like).stride(), f"{name}: strides {t.stride()}, rule gives " \
-        f"{empty_in_order_of(like).stride()} for input strides {like.stride()}"
+    assert t.stride() == empty_in_order_of(like).stride(), (
+        f"{name}: strides {t.stride()}, rule gives {empty_in_order_of(like).stride()} for input strides {like.stride()}"
+    )
     assert _dense_in(t, layout), f"{name}: strides {t.stride()} are not a dense {layout} layout"
 
 
 # ----------------------------------------------------------------------------- the rule itself
 
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 4), (1, 1, 5, 7, 4), (2, 3, 1, 7, 4), (1, 2, 5, 1, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 5, 7, 4), (1, 1, 5, 7, 4), (2, 3, 1, 7, 4), (1, 2, 5, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
 def test_rule_keeps_the_layout(layout, shape):
     """Every layout (also with size-1 dims) maps to the dense tensor of its own memory order."""
     q = _views(layout, *shape, torch.Generator().manual_seed(0))[0]
@@ -128,11 +138,16 @@ def test_cpp_tiled_layouts(layout, case):
     assert ours["lse"].is_contiguous() and ours["drpb"].is_contiguous()
     leaves = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
     leaves += [rpb.clone().requires_grad_()] if with_rpb else []
-    ref, ref_lse = reference.neighborhood_attention2d(*leaves[:3], kernel_size=ks, border=border,
-                                                      rpb=leaves[3] if with_rpb else None, scale=0.37,
-                                                      dilation=dil, return_lse=True)
-    want = dict(zip(("out", "lse", "dq", "dk", "dv", "drpb"),
-                    (ref, ref_lse) + torch.autograd.grad(ref, leaves, do)))
+    ref, ref_lse = reference.neighborhood_attention2d(
+        *leaves[:3],
+        kernel_size=ks,
+        border=border,
+        rpb=leaves[3] if with_rpb else None,
+        scale=0.37,
+        dilation=dil,
+        return_lse=True,
+    )
+    want = dict(zip(("out", "lse", "dq", "dk", "dv", "drpb"), (ref, ref_lse) + torch.autograd.grad(ref, leaves, do)))
     for name, w in want.items():
         err = (ours[name] - w).abs().max().item()
         assert err <= FP64_TOL, f"{name}: max error {err:.3e}"
@@ -176,8 +191,9 @@ EXTRA_INPUTS = {
     "b1h1-heads_last": lambda g: _views("heads_last", 1, 1, 5, 6, 16, g),
     "b1-channels_first": lambda g: _views("channels_first", 1, 2, 5, 1, 16, g),
     "y1-qkv_slice": lambda g: _views("qkv_slice", 2, 2, 5, 1, 16, g),
-    "broadcast-batch": lambda g: tuple(torch.randn(1, 2, 5, 6, 16, generator=g, dtype=torch.float64)
-                                       .expand(2, 2, 5, 6, 16) for _ in range(3)),
+    "broadcast-batch": lambda g: tuple(
+        torch.randn(1, 2, 5, 6, 16, generator=g, dtype=torch.float64).expand(2, 2, 5, 6, 16) for _ in range(3)
+    ),
 }
 FAKE_INPUTS = {**{lay: (lambda g, lay=lay: _views(lay, 2, 2, 5, 6, 16, g)) for lay in LAYOUTS}, **EXTRA_INPUTS}
 
@@ -219,28 +235,52 @@ def test_cpp_opcheck_strided(layout):
     torch.library.opcheck(torch.ops.dcal.na2d_fwd.default, args)
     with torch.no_grad():
         out, lse = torch.ops.dcal.na2d_fwd(*args)
-    bargs = (torch.randn(out.shape, generator=g), q.detach(), k.detach(), v.detach(), rpb.detach(), out, lse, 3,
-             BORDER_IDS["clamp"], 0.35)
+    bargs = (
+        torch.randn(out.shape, generator=g),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        rpb.detach(),
+        out,
+        lse,
+        3,
+        BORDER_IDS["clamp"],
+        0.35,
+    )
     torch.library.opcheck(torch.ops.dcal.na2d_bwd.default, bargs)
 
 
 # ----------------------------------------------------------------------------- every backend, public op
 
-def _public(layout, backend, device="cpu", dtype=torch.float64, B=1, H=2, X=6, Y=7, D=16, ks=3, border="clamp", dil=1,
-            grad_layout=True):
+
+def _public(
+    layout,
+    backend,
+    device="cpu",
+    dtype=torch.float64,
+    B=1,
+    H=2,
+    X=6,
+    Y=7,
+    D=16,
+    ks=3,
+    border="clamp",
+    dil=1,
+    grad_layout=True,
+):
     g = torch.Generator().manual_seed(25)
     q, k, v = (t.to(device).requires_grad_() for t in _views(layout, B, H, X, Y, D, g, dtype))
     rpb = torch.randn(H, 2 * ks - 1, 2 * ks - 1, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
     do = torch.randn(B, H, X, Y, D, generator=g, dtype=torch.float64)
-    out = ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.3, dilation=dil,
-                                       backend=backend)
+    out = ops.neighborhood_attention2d(
+        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.3, dilation=dil, backend=backend
+    )
     grads = torch.autograd.grad(out, (q, k, v, rpb), do.to(device, dtype))
     checked = (("out", out, q), ("dq", grads[0], q), ("dk", grads[1], k), ("dv", grads[2], v))
     for name, t, like in checked if grad_layout else checked[:1]:
         _check_rule(name, t, like, layout)
     rs = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, rpb)]
-    ref = reference.neighborhood_attention2d(*rs[:3], kernel_size=ks, border=border, rpb=rs[3], scale=0.3,
-                                             dilation=dil)
+    ref = reference.neighborhood_attention2d(*rs[:3], kernel_size=ks, border=border, rpb=rs[3], scale=0.3, dilation=dil)
     want = (ref,) + torch.autograd.grad(ref, rs, do)
     return (out,) + grads, want
 

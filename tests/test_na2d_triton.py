@@ -5,6 +5,7 @@ Each case runs the kernels once (forward + backward, cached) and is then checked
 output: forward, lse, dq, dk, dv, drpb each get their own test id. fp32 is judged tightly
 against an fp64 reference; fp16/bf16 against the reference's own error at that precision.
 """
+
 import os
 import zlib
 
@@ -15,7 +16,8 @@ from dcal.ops import reference
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
-    reason="needs CUDA or TRITON_INTERPRET=1")
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 
@@ -32,8 +34,9 @@ OUTPUTS = ("out", "lse", "dq", "dk", "dv", "drpb")
 def _case_id(c):
     dtype, border, X, Y, ks, D, rpb = c[:7]
     dil = c[7] if len(c) > 7 else 1
-    return (f"{str(dtype)[6:]}-{border}-{X}x{Y}-k{ks}-d{D}-{'rpb' if rpb else 'norpb'}"
-            + (f"-dil{dil}" if dil != 1 else ""))
+    return f"{str(dtype)[6:]}-{border}-{X}x{Y}-k{ks}-d{D}-{'rpb' if rpb else 'norpb'}" + (
+        f"-dil{dil}" if dil != 1 else ""
+    )
 
 
 def _cases():
@@ -60,8 +63,14 @@ def _cases():
     cases.append((torch.float16, "clamp", 7, 9, 3, 16, True, 2))
     # The interpreter multiplies the raw bits of bf16 dot operands (triton issue #11584, not
     # supported upstream), so bf16 runs on CUDA only; the AOT test compiles its kernels.
-    cases.append(pytest.param((torch.bfloat16, "zero", 9, 11, 7, 40, True), marks=pytest.mark.skipif(
-        DEVICE == "cpu", reason="the Triton interpreter does not support bf16 tl.dot (triton issue #11584)")))
+    cases.append(
+        pytest.param(
+            (torch.bfloat16, "zero", 9, 11, 7, 40, True),
+            marks=pytest.mark.skipif(
+                DEVICE == "cpu", reason="the Triton interpreter does not support bf16 tl.dot (triton issue #11584)"
+            ),
+        )
+    )
     return cases
 
 
@@ -86,8 +95,9 @@ def _inputs(case):
 def _reference(q, k, v, rpb, dout, ks, border, scale, dtype, dil=1):
     """Reference outputs and gradients computed in ``dtype`` (inputs rounded to it first)."""
     ts = [t.to(dtype).requires_grad_() if t is not None else None for t in (q, k, v, rpb)]
-    out, lse = reference.neighborhood_attention2d(ts[0], ts[1], ts[2], kernel_size=ks, border=border, rpb=ts[3],
-                                                  scale=scale, dilation=dil, return_lse=True)
+    out, lse = reference.neighborhood_attention2d(
+        ts[0], ts[1], ts[2], kernel_size=ks, border=border, rpb=ts[3], scale=scale, dilation=dil, return_lse=True
+    )
     leaves = [t for t in ts if t is not None]
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     res = {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
@@ -116,9 +126,11 @@ def _results(case):
         dtype, border, X, Y, ks, D, use_rpb = case[:7]
         dil = _dil(case)
         q, k, v, rpb, dout = _inputs(case)
-        scale = D ** -0.5
-        r = {"ref": _reference(q, k, v, rpb, dout, ks, border, scale, torch.float64, dil),
-             "ker": _kernel(q, k, v, rpb, dout, ks, border, scale, dtype, dil)}
+        scale = D**-0.5
+        r = {
+            "ref": _reference(q, k, v, rpb, dout, ks, border, scale, torch.float64, dil),
+            "ker": _kernel(q, k, v, rpb, dout, ks, border, scale, dtype, dil),
+        }
         if dtype != torch.float32:
             # the reference's own error at this precision, vs the fp64 truth
             r["low"] = _reference(q, k, v, rpb, dout, ks, border, scale, dtype, dil)
@@ -145,8 +157,9 @@ def test_na2d_triton_vs_reference(case, what, nan_empty):
         own = (r["low"][what] - ref).abs().max().item()
         mult = FWD_X if what in ("out", "lse") else GRAD_X
         bound = mult * own + FLOOR[dtype]
-        assert err <= bound, (f"{what}: max error {err:.3e} > {mult} x reference {dtype} error {own:.3e}"
-                              f" + {FLOOR[dtype]}")
+        assert err <= bound, (
+            f"{what}: max error {err:.3e} > {mult} x reference {dtype} error {own:.3e} + {FLOOR[dtype]}"
+        )
 
 
 def test_na2d_public_op_backend_triton(nan_empty):
@@ -156,8 +169,9 @@ def test_na2d_public_op_backend_triton(nan_empty):
     q, k, v, rpb, _ = _inputs((torch.float32, "mask", 6, 7, 5, 24, True))
     q, k, v, rpb = (t.float().to(DEVICE) for t in (q, k, v, rpb))
     out = dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=5, border="mask", rpb=rpb, backend="triton")
-    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=5, border="mask",
-                                             rpb=rpb.double())
+    ref = reference.neighborhood_attention2d(
+        q.double(), k.double(), v.double(), kernel_size=5, border="mask", rpb=rpb.double()
+    )
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-5, rtol=1e-4)
 
 
@@ -171,8 +185,9 @@ def test_na2d_triton_lse_gradient():
     out, lse = na2d_fwd_triton(*ts, 3, "clamp", 0.25, pack_config(launch_config(16, torch.float32)))
     got = torch.autograd.grad((out.sum() + (lse * 0.7).sum()), ts)
     rs = [t.detach().double().requires_grad_() for t in ts]
-    rout, rlse = reference.neighborhood_attention2d(*rs[:3], kernel_size=3, border="clamp", rpb=rs[3], scale=0.25,
-                                                    return_lse=True)
+    rout, rlse = reference.neighborhood_attention2d(
+        *rs[:3], kernel_size=3, border="clamp", rpb=rs[3], scale=0.25, return_lse=True
+    )
     want = torch.autograd.grad((rout.sum() + (rlse * 0.7).sum()), rs)
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
         torch.testing.assert_close(a.double().cpu(), b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
@@ -185,8 +200,9 @@ def test_na2d_triton_no_grad_saves_nothing():
     q, k, v = (t.float().to(DEVICE) for t in (q, k, v))
     out = na2d_triton(q, k, v, None, 3, "zero", 0.25)
     assert out.grad_fn is None
-    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=3, border="zero",
-                                             scale=0.25)
+    ref = reference.neighborhood_attention2d(
+        q.double(), k.double(), v.double(), kernel_size=3, border="zero", scale=0.25
+    )
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-5, rtol=1e-4)
 
 
@@ -201,8 +217,9 @@ def test_na2d_triton_opcheck():
         # Tracing a triton_op decomposes it into its kernel launches; the interpreter's kernels
         # cannot take the traced (fake) tensors, so this part runs only on CUDA.
         tests = tests[:3]
-    torch.library.opcheck(na2d_fwd_triton, (*ts, 3, "zero", 0.25, pack_config(launch_config(16, torch.float32))),
-                          test_utils=tests)
+    torch.library.opcheck(
+        na2d_fwd_triton, (*ts, 3, "zero", 0.25, pack_config(launch_config(16, torch.float32))), test_utils=tests
+    )
 
 
 def test_na2d_aot_specs_cover_launch_choices():
@@ -210,9 +227,19 @@ def test_na2d_aot_specs_cover_launch_choices():
     from dcal.kernels import na2d
 
     specs = na2d.aot_specs()
-    seen = {(s.name, s.label.get("dtype"), s.constexprs.get("BLOCK_D"), s.constexprs.get("HAS_RPB"),
-             s.constexprs.get("TILE_X"), s.constexprs.get("TILE_Y"), s.constexprs.get("BLOCK_N"), s.num_warps)
-            for s in specs}
+    seen = {
+        (
+            s.name,
+            s.label.get("dtype"),
+            s.constexprs.get("BLOCK_D"),
+            s.constexprs.get("HAS_RPB"),
+            s.constexprs.get("TILE_X"),
+            s.constexprs.get("TILE_Y"),
+            s.constexprs.get("BLOCK_N"),
+            s.num_warps,
+        )
+        for s in specs
+    }
     for dtype, tt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for d in range(16, 129, 8):
             c = na2d.launch_config(d, dtype)
@@ -235,8 +262,11 @@ def test_na2d_aot_compile_no_spills():
         parts = pool.map(lambda cc: aot.compile_in_subprocess(modules=("dcal.kernels.na2d",), archs=(cc,)), (80, 90))
         rows = [r for part in parts for r in part]
     assert len(rows) == 2 * len(na2d.aot_specs())
-    spills = [f"{r['name']} {r['arch']} {r['label']} warps={r['num_warps']}: {r['regs']} regs, "
-              f"{r['spill_bytes']} B spilled" for r in rows if r["spill_bytes"] > 0]
+    spills = [
+        f"{r['name']} {r['arch']} {r['label']} warps={r['num_warps']}: {r['regs']} regs, {r['spill_bytes']} B spilled"
+        for r in rows
+        if r["spill_bytes"] > 0
+    ]
     assert not spills, "configurations that spill:\n" + "\n".join(spills)
     for r in rows:
         assert r["cubin_bytes"] > 0 and r["regs"] <= 255, r
@@ -280,21 +310,25 @@ def test_na2d_triton_strided_layouts_in_place(kind, dil, nan_empty, monkeypatch)
 
     seen = []
     real_launch = K._launch
-    monkeypatch.setattr(K, "_launch",
-                        lambda kernel, grid, args, *a: seen.append(args) or real_launch(kernel, grid, args, *a))
+    monkeypatch.setattr(
+        K, "_launch", lambda kernel, grid, args, *a: seen.append(args) or real_launch(kernel, grid, args, *a)
+    )
     out, lse = na2d_fwd_triton(q, k, v, rpb, ks, border, 0.3, K.pack_config(K.launch_config(D, torch.float32)), dil)
     grads = torch.autograd.grad(out, (q, k, v, rpb), dout)
     passed = [a for args in seen for a in args if isinstance(a, torch.Tensor)]
     for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
-        assert any(a is t or (a.data_ptr() == t.data_ptr() and a.stride() == t.stride()) for a in passed), \
+        assert any(a is t or (a.data_ptr() == t.data_ptr() and a.stride() == t.stride()) for a in passed), (
             f"{name} ({kind}) was copied before reaching the kernels"
+        )
 
     rs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, rpb)]
-    rout = reference.neighborhood_attention2d(*rs[:3], kernel_size=ks, border=border, rpb=rs[3], scale=0.3,
-                                              dilation=dil)
+    rout = reference.neighborhood_attention2d(
+        *rs[:3], kernel_size=ks, border=border, rpb=rs[3], scale=0.3, dilation=dil
+    )
     want = torch.autograd.grad(rout, rs, dout.double().cpu())
     # out and dq in q's dim order, dk in k's, dv in v's
     from dcal.kernels._layout import empty_in_order_of
+
     for t, like in zip((out,) + tuple(grads[:3]), (q, q, k, v)):
         assert t.stride() == empty_in_order_of(like).stride()
     _, atol, rtol = TOL_FP32
@@ -312,6 +346,7 @@ def test_na2d_public_op_dilation_routes_to_triton(nan_empty):
     q, k, v = _layout("heads_last", 1, 2, 8, 7, 16, g)
     q, k, v = (t.to(DEVICE) for t in (q, k, v))
     out = dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=3, border="clamp", dilation=2, backend="triton")
-    ref = reference.neighborhood_attention2d(q.double(), k.double(), v.double(), kernel_size=3, border="clamp",
-                                             dilation=2)
+    ref = reference.neighborhood_attention2d(
+        q.double(), k.double(), v.double(), kernel_size=3, border="clamp", dilation=2
+    )
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-5, rtol=1e-4)

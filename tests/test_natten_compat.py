@@ -1,6 +1,7 @@
 """dcal.nn.NeighborhoodAttention2D as a drop-in for NATTEN 0.21's module (constructor, strict
 state dict, forward; dilation 1 and 2, kernel 3/5/7), and the modules' q/k/v handed to the op as
 strided views of the projection output (no copy)."""
+
 import pytest
 import torch
 
@@ -9,7 +10,10 @@ from dcal.nn import LocalGraphAttention, NeighborhoodAttention2D
 
 natten = pytest.importorskip("natten")
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]  # NATTEN on CPU
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]  # NATTEN on CPU
 
 
 def _natten(C, H, ks, dil, **kw):
@@ -38,8 +42,17 @@ def test_state_dict_loads_strictly_and_forward_matches(ks, dil):
     x = torch.randn(1, X, Y, C, generator=torch.Generator().manual_seed(1))
     want = _natten_forward(theirs, x)
     # NATTEN's constructor, NATTEN's semantics spelled out, state dict loaded strictly ...
-    ours = NeighborhoodAttention2D(embed_dim=C, num_heads=H, kernel_size=ks, dilation=dil, qkv_bias=True,
-                                   qk_scale=None, proj_drop=0.0, border="clamp", rel_pos_bias=False)
+    ours = NeighborhoodAttention2D(
+        embed_dim=C,
+        num_heads=H,
+        kernel_size=ks,
+        dilation=dil,
+        qkv_bias=True,
+        qk_scale=None,
+        proj_drop=0.0,
+        border="clamp",
+        rel_pos_bias=False,
+    )
     result = ours.load_state_dict(theirs.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     # ... or everything read from the NATTEN module.
@@ -120,7 +133,7 @@ def test_lga_passes_views_of_the_conv_output(monkeypatch, norm):
     for i, t in enumerate((q, k, v)):
         assert t.shape == (B, H, X, Y, D)
         assert t.untyped_storage().data_ptr() == conv_out.untyped_storage().data_ptr(), "q/k/v must be views"
-        assert torch.equal(t, conv_out[:, i * C:(i + 1) * C].reshape(B, H, D, X, Y).permute(0, 1, 3, 4, 2))
+        assert torch.equal(t, conv_out[:, i * C : (i + 1) * C].reshape(B, H, D, X, Y).permute(0, 1, 3, 4, 2))
         if norm is None:
             assert t.stride() == (3 * C * X * Y, D * X * Y, Y, 1, X * Y)
 

@@ -2,6 +2,7 @@
 (no copy in or out), the rpb NATTEN's fused kernels lack (against a plain windowed loop written
 here), gradients, refusals; neighborhood_attention2d's layout= keyword; and the module's NATTEN
 constructor / strict-load behaviour."""
+
 import warnings
 
 import pytest
@@ -12,7 +13,10 @@ from dcal.nn import NeighborhoodAttention2D
 
 natten = pytest.importorskip("natten")
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]  # NATTEN on CPU
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]  # NATTEN on CPU
 
 
 def _natten_na2d(q, k, v, ks, dil=1, scale=None):
@@ -71,7 +75,7 @@ def test_na2d_reads_views_in_place_and_returns_heads_last(monkeypatch):
 
     monkeypatch.setattr(ops, "choose", spy)
     out = ops.na2d(q, k, v, ks)
-    (q_, k_, v_), = seen
+    ((q_, k_, v_),) = seen
     for t, src in ((q_, q), (k_, k), (v_, v)):
         assert t.shape == (B, H, X, Y, D)
         assert t.data_ptr() == src.data_ptr() and t.stride() == src.permute(0, 3, 1, 2, 4).stride(), "a view"
@@ -128,8 +132,9 @@ def test_na2d_rpb_forward_and_gradients_equal_a_windowed_loop(ks, dil):
     # no rpb: the loop agrees with NATTEN itself, so the loop's window rule is NATTEN's
     with torch.no_grad():
         q32, k32, v32 = (t.float() for t in (q, k, v))
-        torch.testing.assert_close(_windowed(q32, k32, v32, ks, dil, None, D ** -0.5),
-                                   _natten_na2d(q32, k32, v32, ks, dil), atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(
+            _windowed(q32, k32, v32, ks, dil, None, D**-0.5), _natten_na2d(q32, k32, v32, ks, dil), atol=2e-6, rtol=2e-6
+        )
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -167,8 +172,13 @@ def test_layout_heads_last_equals_heads_first_on_permuted_tensors():
     rpb = _rand(H, 2 * ks - 1, 2 * ks - 1, seed=4)
     for border in ("zero", "mask", "clamp"):
         last = ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border=border, rpb=rpb, layout="heads_last")
-        first = ops.neighborhood_attention2d(*(t.permute(0, 3, 1, 2, 4).contiguous() for t in (q, k, v)),
-                                             kernel_size=ks, border=border, rpb=rpb, layout="heads_first")
+        first = ops.neighborhood_attention2d(
+            *(t.permute(0, 3, 1, 2, 4).contiguous() for t in (q, k, v)),
+            kernel_size=ks,
+            border=border,
+            rpb=rpb,
+            layout="heads_first",
+        )
         assert last.shape == (B, X, Y, H, D) and last.is_contiguous()
         torch.testing.assert_close(last, first.permute(0, 2, 3, 1, 4), atol=0, rtol=0)
 
@@ -183,8 +193,9 @@ def test_heads_last_tensors_read_as_heads_first_warn():
         warnings.simplefilter("error")
         ops.neighborhood_attention2d(q, q, q, kernel_size=7, layout="heads_first")  # explicit: silent
         ops.neighborhood_attention2d(q, q, q, kernel_size=7, layout="heads_last")
-        ops.neighborhood_attention2d(q.permute(0, 3, 1, 2, 4), q.permute(0, 3, 1, 2, 4), q.permute(0, 3, 1, 2, 4),
-                                     kernel_size=7)  # real heads-first: 4 heads on 16x16, no warning
+        ops.neighborhood_attention2d(
+            q.permute(0, 3, 1, 2, 4), q.permute(0, 3, 1, 2, 4), q.permute(0, 3, 1, 2, 4), kernel_size=7
+        )  # real heads-first: 4 heads on 16x16, no warning
     with pytest.raises(ValueError, match="kernel_size\\*dilation"):  # clamp refuses the 4-wide "map"
         ops.neighborhood_attention2d(q, q, q, kernel_size=7, border="clamp", layout="heads_first")
 

@@ -8,6 +8,7 @@ checked.
 A NaN in one key reaches every query whose softmax holds that key (all queries for multi-kv
 attention, the key's inverse neighbourhood for neighborhood attention); a NaN in one query only
 its own row."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,11 @@ def _assert_same_pattern(got, ref, what, tol, wider=False):
     torch.testing.assert_close(got[~bad_ref], ref[~bad_ref], atol=tol, rtol=tol)
 
 
-POISONS = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf"),
-           pytest.param(float("-inf"), id="-inf")]
+POISONS = [
+    pytest.param(float("nan"), id="nan"),
+    pytest.param(float("inf"), id="inf"),
+    pytest.param(float("-inf"), id="-inf"),
+]
 WHERE = ["q", "k", "v"]
 
 
@@ -98,12 +102,18 @@ def test_neighborhood_propagates(backend, border, where, poison):
     args = [t[n].to(dt).requires_grad_() for n in ("q", "k", "v", "rpb")]
     ref_args = [t[n].clone().requires_grad_() for n in ("q", "k", "v", "rpb")]
     out = ops.neighborhood_attention2d(*args[:3], kernel_size=3, border=border, rpb=args[3], backend=backend)
-    ref = ops.neighborhood_attention2d(*ref_args[:3], kernel_size=3, border=border, rpb=ref_args[3],
-                                       backend="reference")
+    ref = ops.neighborhood_attention2d(
+        *ref_args[:3], kernel_size=3, border=border, rpb=ref_args[3], backend="reference"
+    )
     # a -inf bias is a mask, not a poison: the key leaves the softmax and every output stays finite
     masks = where == "rpb" and poison == float("-inf")
-    _assert_same_pattern(out.detach().double(), ref.detach(), f"{'clean' if masks else 'poisoned'} {backend} {border} out",
-                         _tol(backend), wider)
+    _assert_same_pattern(
+        out.detach().double(),
+        ref.detach(),
+        f"{'clean' if masks else 'poisoned'} {backend} {border} out",
+        _tol(backend),
+        wider,
+    )
     assert torch.isfinite(ref).all() == masks
     if backend == "triton":
         return  # its backward's handling of non-finite inputs is not specified (docs/design.md, known limits)

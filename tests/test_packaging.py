@@ -3,6 +3,7 @@ venvs, is `make wheel-check` / .ci/wheel-check, run by CI): the wheel's package 
 package in the tree, the sdist holds every source file the build and the tests need, and
 setup.py installs without the extension when there is no compiler, unless the extension is
 required."""
+
 import os
 import pathlib
 import shutil
@@ -29,17 +30,26 @@ def _tracked(*dirs):
             return files
     except (OSError, subprocess.CalledProcessError):
         pass
-    return [str(p.relative_to(ROOT)) for d in dirs for p in (ROOT / d).rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".o", ".pyc")]
+    return [
+        str(p.relative_to(ROOT))
+        for d in dirs
+        for p in (ROOT / d).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".o", ".pyc")
+    ]
 
 
 def test_every_package_of_the_tree_is_in_the_wheel():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(cfg["packages"])
-    found = {"dcal." + ".".join(p.parent.relative_to(ROOT / "dcal").parts) if p.parent != ROOT / "dcal" else "dcal"
-             for p in (ROOT / "dcal").rglob("__init__.py") if "kernels" not in p.parts}
-    found |= {"dcal.kernels" + "".join("." + x for x in p.parent.relative_to(ROOT / "kernels").parts)
-              for p in (ROOT / "kernels").rglob("__init__.py")}
+    found = {
+        "dcal." + ".".join(p.parent.relative_to(ROOT / "dcal").parts) if p.parent != ROOT / "dcal" else "dcal"
+        for p in (ROOT / "dcal").rglob("__init__.py")
+        if "kernels" not in p.parts
+    }
+    found |= {
+        "dcal.kernels" + "".join("." + x for x in p.parent.relative_to(ROOT / "kernels").parts)
+        for p in (ROOT / "kernels").rglob("__init__.py")
+    }
     assert found <= listed, f"packages missing from pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
     assert cfg["package-dir"]["dcal.kernels"] == "kernels"
 
@@ -52,8 +62,13 @@ def test_sdist_holds_every_source_file(tmp_path):
     # which would hide a file missing from MANIFEST.in
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=IGNORE)
-    res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(src)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     (sdist,) = tmp_path.glob("dcal-*.tar.gz")
     with tarfile.open(sdist) as tf:
@@ -69,8 +84,14 @@ def _setup_build_ext(tmp_path, **env):
     shutil.copytree(ROOT, src, ignore=IGNORE)
     e = {k: v for k, v in os.environ.items() if k not in ("DCAL_REQUIRE_EXTENSION", "DCAL_NO_EXTENSION")}
     e.update(DCAL_NO_CUDA="1", CC="false", CXX="false", **env)
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=e, capture_output=True,
-                          text=True, timeout=600), src
+    return subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=src,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ), src
 
 
 def test_no_compiler_installs_without_the_extension_and_says_so(tmp_path):

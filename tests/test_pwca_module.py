@@ -1,4 +1,5 @@
 """dcal.nn.PWCAAttention against a plain, materialising timm-style attention module."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,11 @@ SHAPE_IDS = [f"C{c}-H{h}-N{n}-Np{p}" for c, h, n, p in SHAPES]
 def timm_state_dict(dim, bias=True, seed=0):
     """The parameters of timm's ViT ``Attention`` (qkv, proj; q_norm/k_norm hold none)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {"qkv.weight": torch.randn(3 * dim, dim, generator=g) * dim ** -0.5,
-          "proj.weight": torch.randn(dim, dim, generator=g) * dim ** -0.5,
-          "proj.bias": torch.randn(dim, generator=g) * 0.1}
+    sd = {
+        "qkv.weight": torch.randn(3 * dim, dim, generator=g) * dim**-0.5,
+        "proj.weight": torch.randn(dim, dim, generator=g) * dim**-0.5,
+        "proj.bias": torch.randn(dim, generator=g) * 0.1,
+    }
     if bias:
         sd["qkv.bias"] = torch.randn(3 * dim, generator=g) * 0.1
     return sd
@@ -35,7 +38,7 @@ def plain_attention(sd, heads, x, kv_tokens, drop=None):
     qkv_x = F.linear(x, w, b).view(B, N, 3, heads, D).permute(2, 0, 3, 1, 4)
     qkv_kv = F.linear(kv_tokens, w, b).view(B, kv_tokens.shape[1], 3, heads, D).permute(2, 0, 3, 1, 4)
     q, k, v = qkv_x[0], qkv_kv[1], qkv_kv[2]
-    s = (q * D ** -0.5) @ k.transpose(-2, -1)
+    s = (q * D**-0.5) @ k.transpose(-2, -1)
     p = s.softmax(-1)
     if drop is not None:
         p = drop(p)
@@ -77,7 +80,9 @@ def _run_both(backend, dtype, shape, with_pair, query_index=False):
     ref = plain_attention(sdr, H, xr, xr if pr is None else torch.cat([xr, pr], 1))[0]
     if idx is not None:
         ref = ref.gather(1, idx[..., None].expand(-1, -1, C))
-    want = [ref] + list(_grads(ref, [xr] + ([pr] if with_pair else []) + [sdr["qkv.weight"], sdr["qkv.bias"], sdr["proj.weight"]]))
+    want = [ref] + list(
+        _grads(ref, [xr] + ([pr] if with_pair else []) + [sdr["qkv.weight"], sdr["qkv.bias"], sdr["proj.weight"]])
+    )
     return got, want
 
 
@@ -109,12 +114,17 @@ def test_bf16_error_within_plain_bf16_error(backend, mode):
     shape = SHAPES[0]
     with_pair = mode == "pwca"
     got, _ = _run_both(backend, torch.bfloat16, shape, with_pair)
-    lp, ref32 = _run_both("reference", torch.bfloat16, shape, with_pair)[1], _run_both("reference", torch.float32, shape, with_pair)[1]
+    lp, ref32 = (
+        _run_both("reference", torch.bfloat16, shape, with_pair)[1],
+        _run_both("reference", torch.float32, shape, with_pair)[1],
+    )
     for i, (name, a, b, r) in enumerate(zip(_names(with_pair), got, lp, ref32)):
         err = (a.float() - r).abs().max().item()
         ref_err = (b.float() - r).abs().max().item()
         factor = 2.0 if i == 0 else 3.0
-        assert err <= factor * ref_err + 1e-2 * r.abs().max().item(), f"{name}: err {err:.3g} vs plain bf16 {ref_err:.3g}"
+        assert err <= factor * ref_err + 1e-2 * r.abs().max().item(), (
+            f"{name}: err {err:.3g} vs plain bf16 {ref_err:.3g}"
+        )
 
 
 def test_timm_state_dict_round_trip():
@@ -168,15 +178,19 @@ def test_attn_dropout_is_applied_in_training():
     torch.testing.assert_close(m(x, pair=pair), no_drop, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda m: m(torch.randn(2, 5, 16)), "x must be"),
-    (lambda m: m(torch.randn(2, 5)), "x must be"),
-    (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(3, 5, 32)), "pair must be"),
-    (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(2, 5, 16)), "pair must be"),
-    (lambda m: m(torch.randn(2, 5, 32), query_index=torch.tensor([[0, 5], [1, 2]])), "query_index"),
-    (lambda m: m(torch.randn(2, 5, 32), query_index=torch.zeros(2, 2)), "query_index"),
-    (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(2, 5, 32), return_rollout=True), "return_rollout"),
-], ids=["x-width", "x-rank", "pair-batch", "pair-width", "index-range", "index-dtype", "rollout-with-pair"])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: m(torch.randn(2, 5, 16)), "x must be"),
+        (lambda m: m(torch.randn(2, 5)), "x must be"),
+        (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(3, 5, 32)), "pair must be"),
+        (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(2, 5, 16)), "pair must be"),
+        (lambda m: m(torch.randn(2, 5, 32), query_index=torch.tensor([[0, 5], [1, 2]])), "query_index"),
+        (lambda m: m(torch.randn(2, 5, 32), query_index=torch.zeros(2, 2)), "query_index"),
+        (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(2, 5, 32), return_rollout=True), "return_rollout"),
+    ],
+    ids=["x-width", "x-rank", "pair-batch", "pair-width", "index-range", "index-dtype", "rollout-with-pair"],
+)
 def test_bad_input_raises(call, match):
     m = PWCAAttention(32, 2)
     with pytest.raises(ValueError, match=match):

@@ -5,6 +5,7 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (set in co
 shapes stay small (B=1, H=2). The ahead-of-time compilation test runs in a subprocess without
 the interpreter.
 """
+
 import os
 from typing import NamedTuple, Tuple
 
@@ -15,8 +16,7 @@ import dcal.ops as ops
 from dcal.ops import reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 
@@ -30,11 +30,14 @@ class Tol(NamedTuple):
     rtol: float
 
 
-TOLS = {t.dtype: t for t in (
-    Tol(torch.float32, 1e-5, 1e-5),
-    Tol(torch.float16, 1e-5, 1e-4),
-    Tol(torch.bfloat16, 1e-4, 1e-3),
-)}
+TOLS = {
+    t.dtype: t
+    for t in (
+        Tol(torch.float32, 1e-5, 1e-5),
+        Tol(torch.float16, 1e-5, 1e-4),
+        Tol(torch.bfloat16, 1e-4, 1e-3),
+    )
+}
 FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
 NAMES = ("q", "k1", "v1", "k2", "v2")
 
@@ -52,10 +55,28 @@ class Case(NamedTuple):
 
 # Each shape once per dtype, head dims rotated: odd token counts (1, 5, 37, 130 against tiles of
 # 16..128), one and two segments, a short and a long first segment.
-CASES = [Case(nq, segs, d, torch.float32) for nq, segs, d in [
-    (1, (5, 130), 16), (37, (130, 5), 40), (130, (5, 130), 64), (37, (130,), 64), (130, (5,), 16), (37, (5, 130), 40)]]
-CASES += [Case(nq, segs, d, torch.float16) for nq, segs, d in [
-    (1, (5, 130), 40), (37, (130, 5), 64), (130, (5, 130), 16), (37, (130,), 16), (130, (5,), 40), (1, (130,), 64)]]
+CASES = [
+    Case(nq, segs, d, torch.float32)
+    for nq, segs, d in [
+        (1, (5, 130), 16),
+        (37, (130, 5), 40),
+        (130, (5, 130), 64),
+        (37, (130,), 64),
+        (130, (5,), 16),
+        (37, (5, 130), 40),
+    ]
+]
+CASES += [
+    Case(nq, segs, d, torch.float16)
+    for nq, segs, d in [
+        (1, (5, 130), 40),
+        (37, (130, 5), 64),
+        (130, (5, 130), 16),
+        (37, (130,), 16),
+        (130, (5,), 40),
+        (1, (130,), 64),
+    ]
+]
 if not INTERPRET:  # triton 3.8's interpreter gets tl.dot of bf16 operands wrong, so bf16 runs on GPUs only
     CASES += [Case(37, (5, 130), 40, torch.bfloat16), Case(37, (130,), 64, torch.bfloat16)]
 IDS = [c.id for c in CASES]
@@ -91,7 +112,7 @@ def _run(case):
     if case in _RESULTS:
         return _RESULTS[case]
     ts, dout, dlse = _inputs(case)
-    scale = case.d ** -0.5 * 1.3  # not the default, so a dropped scale shows
+    scale = case.d**-0.5 * 1.3  # not the default, so a dropped scale shows
     xs = [t.to(DEVICE).requires_grad_() for t in ts]
     kv = list(zip(xs[1::2], xs[2::2]))
     out, lse = ops.multi_kv_attention(xs[0], kv, scale=scale, return_lse=True, backend="triton")
@@ -215,8 +236,11 @@ def test_opcheck():
     with torch.no_grad():
         out, lse = pwca_fwd_triton(q, k1, v1, None, None, 0.3)
     dout = torch.randn(out.shape, generator=g).to(DEVICE)
-    torch.library.opcheck(pwca_bwd_triton, (dout, None, q.detach(), k1.detach(), v1.detach(), None, None, out, lse, 0.3),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        pwca_bwd_triton,
+        (dout, None, q.detach(), k1.detach(), v1.detach(), None, None, out, lse, 0.3),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_compile_fullgraph():
@@ -280,7 +304,6 @@ def test_triton_op_traces_into_kernels():
         assert arg in graph, arg
 
 
-
 @pytest.mark.slow
 def test_aot_compile_all_specs():
     """Every launchable configuration compiles for sm_80 and sm_90 (no GPU needed); the D=64
@@ -294,7 +317,9 @@ def test_aot_compile_all_specs():
     kernels = ("pwca_fwd", "pwca_bwd_dq", "pwca_bwd_dkdv", "pwca_bwd_preprocess")
     # ~170 compilations: one subprocess per kernel, as many at a time as there are cores
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        parts = pool.map(lambda k: compile_in_subprocess(modules=("dcal.kernels.pwca",), archs=(80, 90), name_filter=k), kernels)
+        parts = pool.map(
+            lambda k: compile_in_subprocess(modules=("dcal.kernels.pwca",), archs=(80, 90), name_filter=k), kernels
+        )
         rows = [r for part in parts for r in part]
     assert len(rows) == 2 * n_specs
     names = {r["name"] for r in rows}

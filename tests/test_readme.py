@@ -3,6 +3,7 @@
 A block may be skipped only when it needs a GPU, and only by an HTML comment on the line right
 before it: ``<!-- readme-test: skip (needs a GPU) -->``; on a machine with CUDA it runs anyway.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def python_blocks(text: str):
     out = []
     for m in FENCE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
-        before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         skip = SKIP.search(before)
         out.append((line, m.group(1), skip.group("why").strip() if skip else None))
     return out
@@ -45,8 +46,7 @@ def test_readme_has_examples():
     blocks = _blocks()
     # one example per use: PWCA, the unfold conversion, neighborhood attention, rollout, DCAL ViT
     assert len(blocks) >= 5, f"README.md has {len(blocks)} python blocks; expected the five examples"
-    for what in ("PWCAAttention", "from_unfold_state_dict", "neighborhood_attention2d", "attention_rollout",
-                 "DCALViT"):
+    for what in ("PWCAAttention", "from_unfold_state_dict", "neighborhood_attention2d", "attention_rollout", "DCALViT"):
         assert any(what in code for _, code, _ in blocks), f"no README example uses {what}"
 
 
@@ -65,9 +65,15 @@ def test_readme_block_runs(line, code, skip, tmp_path):
     if skip and not torch.cuda.is_available():
         pytest.skip(f"README.md line {line}: {skip}")
     # a block written for torchrun (the FSDP2 example) runs as a one-process gloo group
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
     env.pop("TRITON_INTERPRET", None)  # as a user runs it: the automatic backend chain
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env=env)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, f"README.md block at line {line} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"

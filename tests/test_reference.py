@@ -1,4 +1,5 @@
 """The reference ops against independent formulas (not against themselves), and fp64 gradcheck."""
+
 import itertools
 import math
 
@@ -56,7 +57,7 @@ def unfold_na(q, k, v, ks, rpb, scale):
     logits = (qq * ku).sum(2) * scale  # [B, H, ks*ks, XY]
     if rpb is not None:
         # window offset (a - r, b - r) -> rpb index (a - r + ks - 1, b - r + ks - 1)
-        sub = rpb[:, r:r + ks, r:r + ks].reshape(H, ks * ks, 1)
+        sub = rpb[:, r : r + ks, r : r + ks].reshape(H, ks * ks, 1)
         logits = logits + sub
     p = logits.softmax(2)
     out = (p.unsqueeze(2) * vu).sum(3)  # [B, H, D, XY]
@@ -108,8 +109,9 @@ def test_na_matches_brute_force(border, X, Y, ks):
     torch.manual_seed(3)
     q, k, v = rand(1, 2, X, Y, 4), rand(1, 2, X, Y, 4), rand(1, 2, X, Y, 4)
     rpb = rand(2, 2 * ks - 1, 2 * ks - 1)
-    got, lse = reference.neighborhood_attention2d(q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.5,
-                                                  return_lse=True)
+    got, lse = reference.neighborhood_attention2d(
+        q, k, v, kernel_size=ks, border=border, rpb=rpb, scale=0.5, return_lse=True
+    )
     torch.testing.assert_close(got, brute_na(q, k, v, ks, border, rpb, 0.5), atol=1e-12, rtol=1e-12)
     assert lse.shape == (1, 2, X, Y) and torch.isfinite(lse).all()
 
@@ -135,7 +137,7 @@ def test_rollout_matches_explicit_product(L, N, residual):
     qs = [rand(B, H, N, D) for _ in range(L)]
     ks = [rand(B, H, N, D) for _ in range(L)]
     got = reference.attention_rollout(qs, ks, residual=residual)
-    scale = D ** -0.5
+    scale = D**-0.5
     for b in range(B):
         prod = torch.eye(N, dtype=DT)
         for q, k in zip(qs, ks):  # S_1 first: prod = S_l @ prod
@@ -144,8 +146,9 @@ def test_rollout_matches_explicit_product(L, N, residual):
         torch.testing.assert_close(got[b], prod[0], atol=1e-12, rtol=1e-12)
     # with the blocks' logsumexps given, the same result
     lses = [torch.logsumexp(q @ k.transpose(-1, -2) * scale, -1) for q, k in zip(qs, ks)]
-    torch.testing.assert_close(reference.attention_rollout(qs, ks, lses=lses, residual=residual), got,
-                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        reference.attention_rollout(qs, ks, lses=lses, residual=residual), got, atol=1e-12, rtol=1e-12
+    )
     assert math.isclose(float(got.sum(-1)[0]), 1.0, rel_tol=1e-12)  # rows of S stay stochastic
 
 

@@ -1,5 +1,6 @@
 """Attention rollout (docs/contract.md, attention_rollout): the C++ CPU backend and the Triton backend against the dense
 reference and against an explicit product of the S matrices written here."""
+
 import os
 
 import pytest
@@ -71,8 +72,9 @@ def explicit_product(qs, ks, scale, residual):
 
 
 def truth(qs, ks, scale, residual):
-    return reference.attention_rollout([q.double().cpu() for q in qs], [k.double().cpu() for k in ks],
-                                       scale=scale, residual=residual)
+    return reference.attention_rollout(
+        [q.double().cpu() for q in qs], [k.double().cpu() for k in ks], scale=scale, residual=residual
+    )
 
 
 def assert_low_precision(out, qs, ks, lses, scale, residual):
@@ -93,7 +95,7 @@ def assert_low_precision(out, qs, ks, lses, scale, residual):
 @pytest.mark.parametrize("B,H,N,D,L", CPP_SHAPES)
 def test_cpp_fp64_vs_reference_and_product(B, H, N, D, L, residual, with_lse):
     qs, ks = make_inputs(B, H, N, D, L, torch.float64)
-    scale = D ** -0.5
+    scale = D**-0.5
     lses = exact_lses(qs, ks, scale) if with_lse else None
     out = ops.attention_rollout(qs, ks, lses=lses, residual=residual, backend="cpp")
     assert out.shape == (B, N) and out.dtype == torch.float64 and not out.requires_grad
@@ -110,7 +112,7 @@ def test_cpp_fp64_vs_reference_and_product(B, H, N, D, L, residual, with_lse):
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 def test_cpp_vs_reference(dtype, atol, rtol, B, H, N, D, L, with_lse):
     qs, ks = make_inputs(B, H, N, D, L, dtype)
-    scale = D ** -0.5
+    scale = D**-0.5
     lses = exact_lses(qs, ks, scale) if with_lse else None
     out = ops.attention_rollout(qs, ks, lses=lses, backend="cpp")
     assert out.shape == (B, N) and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -122,7 +124,7 @@ def test_cpp_vs_reference(dtype, atol, rtol, B, H, N, D, L, with_lse):
 @pytest.mark.parametrize("B,H,N,D,L", CPP_SHAPES[1:4])
 def test_cpp_bf16(B, H, N, D, L, with_lse):
     qs, ks = make_inputs(B, H, N, D, L, torch.bfloat16)
-    scale = D ** -0.5
+    scale = D**-0.5
     lses = exact_lses(qs, ks, scale) if with_lse else None
     out = ops.attention_rollout(qs, ks, lses=lses, backend="cpp")
     assert out.dtype == torch.float32
@@ -138,7 +140,7 @@ def test_cpp_strided_views_of_qkv():
     qs, ks = [t[0] for t in qkvs], [t[1] for t in qkvs]
     assert not qs[0].is_contiguous()
     out = ops.attention_rollout(qs, ks, backend="cpp")
-    torch.testing.assert_close(out, truth(qs, ks, D ** -0.5, 0.5), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out, truth(qs, ks, D**-0.5, 0.5), atol=1e-9, rtol=1e-9)
 
 
 @needs_ext
@@ -157,7 +159,7 @@ def test_cpp_bf16_strided_views_read_in_place():
 def test_cpp_given_and_recomputed_lses_agree():
     """The one-pass row normalisation (no lses) and the given-lse path compute the same thing."""
     qs, ks = make_inputs(1, 2, 130, 24, 3, torch.float64)
-    lses = exact_lses(qs, ks, 24 ** -0.5)
+    lses = exact_lses(qs, ks, 24**-0.5)
     a = ops.attention_rollout(qs, ks, backend="cpp")
     b = ops.attention_rollout(qs, ks, lses=lses, backend="cpp")
     torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
@@ -228,7 +230,9 @@ def test_cpp_meta_and_compile():
     qs, ks = make_inputs(2, 3, 17, 16, 2, torch.float32)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=2):
-        fn = torch.compile(lambda a, b: torch.ops.dcal.rollout(a, b, [], 0.25, 0.5), fullgraph=True, backend="aot_eager")
+        fn = torch.compile(
+            lambda a, b: torch.ops.dcal.rollout(a, b, [], 0.25, 0.5), fullgraph=True, backend="aot_eager"
+        )
         torch.testing.assert_close(fn(qs, ks), torch.ops.dcal.rollout(qs, ks, [], 0.25, 0.5), atol=0, rtol=0)
 
 
@@ -245,7 +249,7 @@ TRITON_DEVICES = [
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_fp32(device, B, H, N, D, L, with_lse, nan_empty):
     qs, ks = make_inputs(B, H, N, D, L, torch.float32, device)
-    scale = D ** -0.5
+    scale = D**-0.5
     lses = exact_lses(qs, ks, scale) if with_lse else None
     out = ops.attention_rollout(qs, ks, lses=lses, residual=0.3, backend="triton")
     assert out.shape == (B, N) and out.dtype == torch.float32 and out.device.type == device
@@ -254,8 +258,9 @@ def test_triton_fp32(device, B, H, N, D, L, with_lse, nan_empty):
 
 @pytest.mark.parametrize("with_lse", [False, True], ids=["recompute", "given-lse"])
 @pytest.mark.parametrize("B,H,N,D,L", TRITON_SHAPES[1:3])
-@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)],
-                         ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)], ids=["fp16", "bf16"]
+)
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_low_precision(device, dtype, B, H, N, D, L, with_lse, nan_empty):
     if device == "cpu" and dtype == torch.bfloat16:
@@ -263,7 +268,7 @@ def test_triton_low_precision(device, dtype, B, H, N, D, L, with_lse, nan_empty)
         # while loads are exact); bf16 is proven by compilation here and by the CUDA twin.
         pytest.skip("the Triton interpreter's bf16 tl.dot is wrong; bf16 runs on CUDA and is AOT-compiled")
     qs, ks = make_inputs(B, H, N, D, L, dtype, device)
-    scale = D ** -0.5
+    scale = D**-0.5
     lses = exact_lses(qs, ks, scale) if with_lse else None
     out = ops.attention_rollout(qs, ks, lses=lses, backend="triton")
     assert out.dtype == torch.float32
@@ -289,8 +294,18 @@ def test_triton_launches_only_declared_configs():
     """Every (dtype, head dim) the launcher accepts maps to a configuration in aot_specs()."""
     from dcal.kernels import rollout as kr
 
-    declared = {(s.name, s.label["dtype"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_D"],
-                 s.num_warps, s.num_stages) for s in kr.aot_specs()}
+    declared = {
+        (
+            s.name,
+            s.label["dtype"],
+            s.constexprs["BLOCK_M"],
+            s.constexprs["BLOCK_N"],
+            s.constexprs["BLOCK_D"],
+            s.num_warps,
+            s.num_stages,
+        )
+        for s in kr.aot_specs()
+    }
     assert len(declared) == 2 * 3 * 4
     for dtype, ty in kr.DTYPES.items():
         for D in range(16, 129, 8):

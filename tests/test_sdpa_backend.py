@@ -1,5 +1,6 @@
 """The "sdpa" backend (exact merge of per-segment fused SDPA through logsumexps) and the custom-op
 pattern it sets: opcheck, fake/meta shapes (torch.compile fullgraph: tests/test_compile.py)."""
+
 import pytest
 import torch
 
@@ -37,7 +38,9 @@ def test_sdpa_matches_reference_fp64(shape):
     rout, rlse = reference.multi_kv_attention(q, kv, return_lse=True)
     torch.testing.assert_close(out, rout, atol=1e-9, rtol=0)
     torch.testing.assert_close(lse, rlse, atol=1e-9, rtol=0)
-    for name, g, rg in zip(["dq", "dk1", "dv1", "dk2", "dv2"], _grads(out, lse, inputs, 1), _grads(rout, rlse, inputs, 1)):
+    for name, g, rg in zip(
+        ["dq", "dk1", "dv1", "dk2", "dv2"], _grads(out, lse, inputs, 1), _grads(rout, rlse, inputs, 1)
+    ):
         torch.testing.assert_close(g, rg, atol=1e-9, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
@@ -54,8 +57,13 @@ def test_sdpa_grads_without_lse_use_fast_path():
 def test_more_than_two_segments_merge_exactly():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 2, 6, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    kv = [(torch.randn(1, 2, n, 16, dtype=torch.float64, generator=g, requires_grad=True),
-           torch.randn(1, 2, n, 16, dtype=torch.float64, generator=g, requires_grad=True)) for n in (3, 4, 5)]
+    kv = [
+        (
+            torch.randn(1, 2, n, 16, dtype=torch.float64, generator=g, requires_grad=True),
+            torch.randn(1, 2, n, 16, dtype=torch.float64, generator=g, requires_grad=True),
+        )
+        for n in (3, 4, 5)
+    ]
     out, lse = ops.multi_kv_attention(q, kv, return_lse=True, backend="sdpa")
     rout, rlse = reference.multi_kv_attention(q, kv, return_lse=True)
     torch.testing.assert_close(out, rout, atol=1e-9, rtol=0)

@@ -7,6 +7,7 @@ one graph without a recompile.
 Each check runs in a fresh interpreter (what is imported depends on the whole process) and
 measures ``import torch`` in that same process, so a slow shared machine moves both numbers.
 """
+
 import json
 import os
 import subprocess
@@ -23,8 +24,14 @@ BUDGET_S = 1.5
 def _run(code: str, env=None, timeout=600) -> dict:
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -61,13 +68,16 @@ def test_help_within_budget_of_import_torch(module):
     """)
     assert got["code"] in (0, None) and "usage:" in got["text"], got
     assert not got["inductor"]
-    assert got["help_s"] < BUDGET_S, f"python -m {module} --help took {got['help_s']:.2f} s after import torch ({got['torch_s']:.2f} s)"
+    assert got["help_s"] < BUDGET_S, (
+        f"python -m {module} --help took {got['help_s']:.2f} s after import torch ({got['torch_s']:.2f} s)"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter path; on a GPU test_pwca_triton compiles it")
 def test_first_triton_call_inside_compile_traces_in_one_graph():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    got = _run("""
+    got = _run(
+        """
         import json, sys, torch
         import dcal.ops as ops
         assert "dcal.ops._triton_pwca" not in sys.modules  # not loaded yet: the compiled call loads it
@@ -82,7 +92,9 @@ def test_first_triton_call_inside_compile_traces_in_one_graph():
         err = max((a - ref(q, k1, v1, k2, v2)).abs().max().item(), (eager - a).abs().max().item(),
                   (b - ref(q * 2, k1, v1, k2, v2)).abs().max().item())
         print(json.dumps(dict(err=err, loaded="dcal.ops._triton_pwca" in sys.modules)))
-    """, env=env)
+    """,
+        env=env,
+    )
     assert got["loaded"]
     assert got["err"] < 1e-5, got
 
@@ -108,7 +120,8 @@ def test_triton_ops_can_be_defined_while_torch_compile_traces():
     """On a GPU the first Triton call may come from a compiled function: defining the triton_ops
     (which imports torch._inductor) inside the trace works and registers them."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    got = _run("""
+    got = _run(
+        """
         import json, sys, torch
         from dcal.ops import _dispatch
         impls = [_dispatch._IMPLS[(op, "triton")] for op in ("neighborhood_attention2d", "attention_rollout")]
@@ -126,7 +139,9 @@ def test_triton_ops_can_be_defined_while_torch_compile_traces():
                               registered=[torch._C._dispatch_has_kernel_for_dispatch_key(f"dcal::{n}", "CPU") or
                                           torch._C._dispatch_has_kernel_for_dispatch_key(f"dcal::{n}", "CompositeExplicitAutograd")
                                           for n in names])))
-    """, env=env)
+    """,
+        env=env,
+    )
     assert got["out"] == [2.0, 2.0]
     assert got["triton_ops"] == ["dcal::na2d_bwd_triton", "dcal::na2d_fwd_triton", "dcal::rollout_triton"]
     assert all(got["registered"]), got

@@ -1,5 +1,6 @@
 """DCALViT loads timm ViT checkpoints (state dict, .safetensors; any image size) and is in timm's
 registry. Random timm models saved to tmp_path: nothing is downloaded."""
+
 import pytest
 import torch
 
@@ -72,7 +73,11 @@ def test_training_checkpoint_wrapper_and_ddp_prefix():
 BAD = [
     ("layer_scale", lambda: _timm_vit(48, init_values=1e-5).state_dict(), r"cannot take: \['blocks.0.ls1.gamma'"),
     ("deeper", lambda: _timm_vit(48, depth=3).state_dict(), "blocks.2"),
-    ("missing", lambda: {k: v for k, v in _timm_vit(48).state_dict().items() if k != "norm.weight"}, "misses.*norm.weight"),
+    (
+        "missing",
+        lambda: {k: v for k, v in _timm_vit(48).state_dict().items() if k != "norm.weight"},
+        "misses.*norm.weight",
+    ),
     ("width", lambda: _timm_vit(48, embed_dim=32, num_heads=2).state_dict(), "pos_embed|shape"),
 ]
 
@@ -99,17 +104,27 @@ def test_create_model_pretrained_from_local_file(tmp_path):
     theirs = _timm_vit(32)
     path = tmp_path / "vit.safetensors"
     safetensors_torch.save_file(theirs.state_dict(), str(path))
-    model = timm.create_model("dcal_vit_base_patch16_448", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              num_classes=10, img_size=32, **SMALL)
+    model = timm.create_model(
+        "dcal_vit_base_patch16_448",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        num_classes=10,
+        img_size=32,
+        **SMALL,
+    )
     assert torch.equal(model.head.weight, theirs.head.weight)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(pretrained=True), "nothing is downloaded"),
-    (dict(global_pool="avg"), "global_pool"),
-    (dict(drop_rate=0.1), "drop_rate"),
-    (dict(class_token=False), r"unknown arguments \['class_token'\]"),
-], ids=["pretrained_without_file", "avg_pool", "drop_rate", "unknown"])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(pretrained=True), "nothing is downloaded"),
+        (dict(global_pool="avg"), "global_pool"),
+        (dict(drop_rate=0.1), "drop_rate"),
+        (dict(class_token=False), r"unknown arguments \['class_token'\]"),
+    ],
+    ids=["pretrained_without_file", "avg_pool", "drop_rate", "unknown"],
+)
 def test_create_model_refusals(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         timm.create_model("dcal_vit_base_patch16_448", device="meta", **kwargs)

@@ -5,6 +5,7 @@ whole timm / torchvision ViTs (random weights, no download).
 Whole-model tests run at batch 1 and a small input (48 px: 3x3 patches + CLS = 10 tokens) with the
 architecture otherwise unchanged (same widths, depths, heads, patch size), in fp64.
 """
+
 import copy
 from functools import partial
 
@@ -47,8 +48,12 @@ def _grads(module, out, seed=3, **inputs):
 
 
 def _assert_same(got, want, what):
-    bad = [n for n in want if (got[n] is None) != (want[n] is None)
-           or (want[n] is not None and not torch.allclose(got[n], want[n], atol=ATOL, rtol=RTOL))]
+    bad = [
+        n
+        for n in want
+        if (got[n] is None) != (want[n] is None)
+        or (want[n] is not None and not torch.allclose(got[n], want[n], atol=ATOL, rtol=RTOL))
+    ]
     assert not bad, f"{what}: {bad[:5]} differ"
 
 
@@ -122,8 +127,9 @@ MHA_CALLS = ["self", "cross", "attn_mask_bool", "attn_mask_float_3d", "key_paddi
 def test_fused_mha_matches_torch(call):
     B, L, S, E, H = 2, 7, 5, 32, 4
     torch.manual_seed(0)
-    theirs = nn.MultiheadAttention(E, H, dropout=0.4 if call == "dropout_train" else 0.0,
-                                   batch_first=call != "seq_first").double()
+    theirs = nn.MultiheadAttention(
+        E, H, dropout=0.4 if call == "dropout_train" else 0.0, batch_first=call != "seq_first"
+    ).double()
     with torch.no_grad():
         theirs.in_proj_bias.normal_()
         theirs.out_proj.bias.normal_()
@@ -169,7 +175,7 @@ def _random_model(factory):
     with torch.no_grad():
         for p in model.parameters():
             std = p[0].numel() ** -0.5 if p.dim() >= 2 else 0.5
-            p.uniform_(-std * 3 ** 0.5, std * 3 ** 0.5, generator=g)
+            p.uniform_(-std * 3**0.5, std * 3**0.5, generator=g)
     return model.train()
 
 
@@ -253,13 +259,19 @@ def test_converter_refuses_bad_backend():
 BAD_CALLS = [
     ("mask_shape", lambda m, x: m(x, attn_mask=torch.ones(2, 4, 9, 8, dtype=torch.bool)), "attn_mask must broadcast"),
     ("mask_dtype", lambda m, x: m(x, attn_mask=torch.ones(9, 9, dtype=torch.int64)), "attn_mask must be a bool"),
-    ("mask_pair_width", lambda m, x: m(x, attn_mask=torch.ones(9, 9, dtype=torch.bool), pair=x),
-     r"attn_mask must broadcast .*\[2, 4, 9, 18\]"),
+    (
+        "mask_pair_width",
+        lambda m, x: m(x, attn_mask=torch.ones(9, 9, dtype=torch.bool), pair=x),
+        r"attn_mask must broadcast .*\[2, 4, 9, 18\]",
+    ),
     ("causal_pair", lambda m, x: m(x, is_causal=True, pair=x), "is_causal"),
     ("causal_and_mask", lambda m, x: m(x, attn_mask=torch.ones(9, 9, dtype=torch.bool), is_causal=True), "is_causal"),
     ("causal_not_bool", lambda m, x: m(x, is_causal=1), "is_causal"),
-    ("rollout_mask", lambda m, x: m(x, attn_mask=torch.ones(9, 9, dtype=torch.bool), return_rollout=True),
-     "return_rollout"),
+    (
+        "rollout_mask",
+        lambda m, x: m(x, attn_mask=torch.ones(9, 9, dtype=torch.bool), return_rollout=True),
+        "return_rollout",
+    ),
 ]
 
 

@@ -1,6 +1,7 @@
 """The training loop: accumulation, resume, atomic checkpoints, AMP, skipped steps, OOM retry,
 optimiser groups, schedule, configs and data. Small stand-in models, CPU, fp64 where exactness
 is asserted."""
+
 import json
 import math
 import os
@@ -57,8 +58,17 @@ def ce(out, y):
 
 
 def cfg(**kw):
-    base = dict(epochs=1, effective_batch=8, micro_batch=8, base_lr=0.5, warmup_epochs=0.5, clip_grad=1.0,
-                weight_decay=0.05, progress=False, seed=3)
+    base = dict(
+        epochs=1,
+        effective_batch=8,
+        micro_batch=8,
+        base_lr=0.5,
+        warmup_epochs=0.5,
+        clip_grad=1.0,
+        weight_decay=0.05,
+        progress=False,
+        seed=3,
+    )
     base.update(kw)
     return C.TrainConfig(**base)
 
@@ -154,8 +164,9 @@ def test_resume_is_exact(tmp_path, stop_after):
     kw = dict(n=21, epochs=2, effective_batch=6, micro_batch=4)
     straight = train(out_dir=str(tmp_path / "a"), model=Net(dropout=0.2), **kw)
     steps_per_epoch = straight.groups_per_epoch
-    first = train(out_dir=str(tmp_path / "b"), model=Net(dropout=0.2),
-                  max_steps=steps_per_epoch + (stop_after - 3), **kw)
+    first = train(
+        out_dir=str(tmp_path / "b"), model=Net(dropout=0.2), max_steps=steps_per_epoch + (stop_after - 3), **kw
+    )
     assert first.step == steps_per_epoch + (stop_after - 3)
     latest = ckpt.CheckpointDir(str(tmp_path / "b")).latest()
     # a differently initialised model: everything must come from the checkpoint
@@ -163,7 +174,8 @@ def test_resume_is_exact(tmp_path, stop_after):
     assert second.step == straight.step == 2 * steps_per_epoch
     assert_same(params(second.model), params(straight.model))
     assert second.optimizer.state_dict()["state"][0]["exp_avg"].equal(
-        straight.optimizer.state_dict()["state"][0]["exp_avg"])
+        straight.optimizer.state_dict()["state"][0]["exp_avg"]
+    )
     rows = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
     straight_rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
     assert rows[-1]["train_loss"] == pytest.approx(straight_rows[-1]["train_loss"], rel=1e-12)
@@ -357,19 +369,26 @@ def test_cosine_warmup():
     s = CosineWarmup(1.0, 0.0, warmup=4, total=14)
     lrs = [s.lr(i) for i in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5) and lrs[13] == pytest.approx(
-        0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    assert (
+        lrs[4] == pytest.approx(1.0)
+        and lrs[9] == pytest.approx(0.5)
+        and lrs[13] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    )
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"train": {"epochz": 3}}, "train.epochz"),
-    ({"train": {"amp": "fp8"}}, "train.amp"),
-    ({"train": {"micro_batch": 0}}, "train.micro_batch"),
-    ({"train": {"max_memory": "lots"}}, "train.max_memory"),
-    ({"train": {"effective_batch": 2.5}}, "train.effective_batch"),
-    ({"optim": {}}, "optim"),
-], ids=["unknown_key", "bad_amp", "zero_micro", "bad_memory", "float_batch", "unknown_section"])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"train": {"epochz": 3}}, "train.epochz"),
+        ({"train": {"amp": "fp8"}}, "train.amp"),
+        ({"train": {"micro_batch": 0}}, "train.micro_batch"),
+        ({"train": {"max_memory": "lots"}}, "train.max_memory"),
+        ({"train": {"effective_batch": 2.5}}, "train.effective_batch"),
+        ({"optim": {}}, "optim"),
+    ],
+    ids=["unknown_key", "bad_amp", "zero_micro", "bad_memory", "float_batch", "unknown_section"],
+)
 def test_config_rejects_bad_keys_and_values(raw, key):
     raw = {"model": {"name": "mlp"}, "data": {"name": "synthetic"}, **raw}
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -377,8 +396,10 @@ def test_config_rejects_bad_keys_and_values(raw, key):
 
 
 def test_config_overrides_and_sizes():
-    c = C.from_dict({"model": {"name": "mlp"}, "data": {"name": "synthetic"}},
-                    ["train.epochs=3", "train.amp=bf16", "model.hidden=5", "train.max_memory=1.5GB"])
+    c = C.from_dict(
+        {"model": {"name": "mlp"}, "data": {"name": "synthetic"}},
+        ["train.epochs=3", "train.amp=bf16", "model.hidden=5", "train.max_memory=1.5GB"],
+    )
     assert c.train.epochs == 3 and c.train.amp == "bf16" and c.model["hidden"] == 5
     assert C.parse_bytes(c.train.max_memory) == int(1.5 * 2**30)
     assert C.parse_bytes("512MiB") == 512 * 2**20 and C.parse_bytes(2**20) == 2**20
@@ -388,7 +409,9 @@ def test_config_overrides_and_sizes():
         C.from_dict({"model": {"name": "mlp"}, "data": {"name": "synthetic"}}, ["epochs=3"])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cub_vitb16_448.yaml", "bev_demo.yaml", "clip_demo.yaml", "fewshot_demo.yaml"])
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "cub_vitb16_448.yaml", "bev_demo.yaml", "clip_demo.yaml", "fewshot_demo.yaml"]
+)
 def test_shipped_configs_parse(name):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
     c = C.load(path)

@@ -1,6 +1,7 @@
 """The CLI end to end in subprocesses: a smoke run, config errors, resume, DDP under torchrun
 (2 gloo processes equal 1 process with the same global batch), and the memory prediction of the
 demo model against a measured CPU peak."""
+
 import json
 import math
 import os
@@ -17,8 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     "model": {"name": "mlp", "hidden": 16},
     "data": {"name": "synthetic", "img_size": 16, "num_classes": 4, "train_size": 44, "val_size": 20},
-    "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 2, "base_lr": 0.05, "progress": False,
-              "threads": 1, "seed": 1},
+    "train": {
+        "epochs": 1,
+        "effective_batch": 8,
+        "micro_batch": 2,
+        "base_lr": 0.05,
+        "progress": False,
+        "threads": 1,
+        "seed": 1,
+    },
 }
 
 
@@ -29,8 +37,15 @@ def env():
 
 
 def run(args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "dcal.train", *args], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "dcal.train", *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def write_config(tmp_path, cfg, name="c.yaml"):
@@ -81,14 +96,18 @@ def test_cli_resume_continues_exactly(tmp_path):
     assert rows(straight)[-1]["train_loss"] == resumed[-1]["train_loss"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "train.epochz=2"], "train.epochz"),
-    (["--set", "train.amp=fp8"], "train.amp"),
-    (["--set", "model.hiden=3"], "model.hiden"),
-    (["--set", "data.img_sise=3"], "data.img_sise"),
-    (["--set", "model.name=resnet"], "model.name"),
-    (["--max-memory", "sixteen"], "--max-memory"),
-], ids=["train_key", "train_value", "model_key", "data_key", "model_name", "memory"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "train.epochz=2"], "train.epochz"),
+        (["--set", "train.amp=fp8"], "train.amp"),
+        (["--set", "model.hiden=3"], "model.hiden"),
+        (["--set", "data.img_sise=3"], "data.img_sise"),
+        (["--set", "model.name=resnet"], "model.name"),
+        (["--max-memory", "sixteen"], "--max-memory"),
+    ],
+    ids=["train_key", "train_value", "model_key", "data_key", "model_name", "memory"],
+)
 def test_cli_rejects_bad_config(tmp_path, capsys, args, message):
     from dcal.train.__main__ import main
 
@@ -111,10 +130,31 @@ def test_ddp_two_processes_equal_one(tmp_path):
     r1 = run(["--config", cfg, "--out", one])
     assert r1.returncode == 0, r1.stderr
     r2 = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         "-m", "dcal.train", "--config", cfg, "--out", two],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dcal.train",
+            "--config",
+            cfg,
+            "--out",
+            two,
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     s1, s2 = final_state(one), final_state(two)
     assert s2["world"] == 2 and s1["world"] == 1 and s1["step"] == s2["step"] == 6
@@ -131,9 +171,25 @@ def test_meta_prediction_matches_measured_cpu_peak_of_demo_model():
     pytest.importorskip("dcal.models", reason="needs dcal.models").DCALViT
     # predicted: tensors on fake inputs plus glibc's heap overhead; measured: the peak resident set
     # of a fresh process (no allocator setting): within 15%, printed as a table without warnings
-    r = subprocess.run([sys.executable, "-m", "dcal.train.autobatch", "--config", "configs/demo.yaml",
-                        "--micro-batch", "32", "--max-memory", "64GB", "--measure"], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcal.train.autobatch",
+            "--config",
+            "configs/demo.yaml",
+            "--micro-batch",
+            "32",
+            "--max-memory",
+            "64GB",
+            "--measure",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Warning" not in r.stderr, r.stderr
     lines = r.stdout.strip().splitlines()

@@ -2,6 +2,7 @@
 status 2, one line on stderr starting with ``error:`` that names the key, no traceback, nothing
 written into ``--out`` (a folder that did not exist is not created; one that held a run is left as
 it was). Most rows call the CLI's ``main`` in-process; a few run the real command line."""
+
 import os
 import shutil
 import subprocess
@@ -18,18 +19,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP = {
     "model": {"name": "mlp", "hidden": 16},
     "data": {"name": "synthetic", "img_size": 16, "num_classes": 4, "train_size": 44, "val_size": 20},
-    "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 2, "base_lr": 0.05, "progress": False,
-              "threads": 1, "seed": 1},
+    "train": {
+        "epochs": 1,
+        "effective_batch": 8,
+        "micro_batch": 2,
+        "base_lr": 0.05,
+        "progress": False,
+        "threads": 1,
+        "seed": 1,
+    },
 }
 VIT = {
-    "model": {"name": "dcal_vit", "img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
-              "mlp_ratio": 2.0, "drop_path_rate": 0.0},
+    "model": {
+        "name": "dcal_vit",
+        "img_size": 16,
+        "patch_size": 4,
+        "embed_dim": 16,
+        "depth": 1,
+        "num_heads": 2,
+        "mlp_ratio": 2.0,
+        "drop_path_rate": 0.0,
+    },
     "data": {"name": "synthetic", "img_size": 16, "num_classes": 4, "train_size": 44, "val_size": 20},
     "train": MLP["train"],
 }
 TIMM = {
-    "model": {"name": "timm", "timm_name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 16, "depth": 1,
-              "num_heads": 2},
+    "model": {
+        "name": "timm",
+        "timm_name": "vit_tiny_patch16_224",
+        "patch_size": 4,
+        "embed_dim": 16,
+        "depth": 1,
+        "num_heads": 2,
+    },
     "data": VIT["data"],
     "train": MLP["train"],
 }
@@ -45,8 +67,9 @@ def timm_file(tmp_path, embed_dim=16):
     from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
 
-    m = VisionTransformer(img_size=16, patch_size=4, embed_dim=embed_dim, depth=1, num_heads=2, mlp_ratio=2.0,
-                          num_classes=4)
+    m = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=embed_dim, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=4
+    )
     p = tmp_path / f"vit{embed_dim}.safetensors"
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(p))
     return str(p)
@@ -87,8 +110,12 @@ ROWS = [
     ("bad_amp", MLP, ["--set", "train.amp=fp8"], ["train.amp"]),
     ("unknown_model_key", MLP, ["--set", "model.hiden=3"], ["model.hiden"]),
     ("unknown_data_key", MLP, ["--set", "data.img_sise=3"], ["data.img_sise"]),
-    ("unknown_model_name", MLP, ["--set", "model.name=resnet"], ["model.name", "dcal_vit", "timm", "open_clip",
-                                                                  "protonet", "clip", "bev", "mlp"]),
+    (
+        "unknown_model_name",
+        MLP,
+        ["--set", "model.name=resnet"],
+        ["model.name", "dcal_vit", "timm", "open_clip", "protonet", "clip", "bev", "mlp"],
+    ),
     ("memory_word", MLP, ["--max-memory", "sixteen"], ["--max-memory"]),
     ("img_size_mismatch", VIT, ["--set", "data.img_size=48"], ["model.img_size", "16", "48"]),
     ("classes_fewer_than_data", VIT, ["--set", "model.num_classes=3"], ["model.num_classes", "3", "4"]),
@@ -97,8 +124,12 @@ ROWS = [
     ("micro_zero", MLP, ["--micro-batch", "0"], ["train.micro_batch"]),
     ("epochs_zero", MLP, ["--set", "train.epochs=0"], ["train.epochs"]),
     ("effective_negative", MLP, ["--set", "train.effective_batch=-1"], ["train.effective_batch"]),
-    ("effective_above_dataset", MLP, ["--set", "train.effective_batch=64", "--set", "train.micro_batch=8"],
-     ["train.effective_batch", "44"]),
+    (
+        "effective_above_dataset",
+        MLP,
+        ["--set", "train.effective_batch=64", "--set", "train.micro_batch=8"],
+        ["train.effective_batch", "44"],
+    ),
     ("warmup_longer_than_run", MLP, ["--set", "train.warmup_epochs=3"], ["train.warmup_epochs", "train.epochs"]),
     ("min_lr_above_peak", MLP, ["--set", "train.min_lr=0.5"], ["train.min_lr"]),
     ("betas_one", MLP, ["--set", "train.betas=[0.9]"], ["train.betas"]),
@@ -117,37 +148,102 @@ ROWS = [
     ("cub_root_missing", {**MLP, "data": {"name": "cub", "root": "/nonexistent/CUB_200_2011"}}, [], ["data.root"]),
     # a validation folder may lack a training class (labels follow the training folder), but a class
     # the training folder does not have cannot be scored
-    ("val_class_not_in_train", {**MLP, "data": {"name": "imagefolder", "resize": 18, "crop": 16}},
-     lambda t: ["--set", f"data.root={image_folder(t, val_classes=('a', 'd'))}", "--set", "train.effective_batch=4"],
-     ["data.root", "'d'"]),
-    ("pretrained_missing", VIT, ["--set", "model.pretrained=/nonexistent/ViT-B_16.npz"],
-     ["model.pretrained", "does not exist"]),
-    ("pretrained_unknown_kind", VIT, lambda t: ["--set", f"model.pretrained={junk(t, 'w.txt')}"],
-     ["model.pretrained", "unknown kind"]),
-    ("pretrained_unreadable_safetensors", VIT, lambda t: ["--set", f"model.pretrained={junk(t, 'w.safetensors')}"],
-     ["model.pretrained", "cannot be read"]),
-    ("pretrained_unreadable_pth", VIT, lambda t: ["--set", f"model.pretrained={junk(t, 'w.pth')}"],
-     ["model.pretrained", "cannot be read"]),
-    ("pretrained_unreadable_npz", VIT, lambda t: ["--set", f"model.pretrained={junk(t, 'w.npz')}"],
-     ["model.pretrained", "cannot be read"]),
-    ("pretrained_wrong_width", VIT, lambda t: ["--set", f"model.pretrained={timm_file(t, 32)}"],
-     ["model.pretrained", "model.embed_dim", "32", "16"]),
-    ("pretrained_wrong_depth", VIT, lambda t: ["--set", f"model.pretrained={timm_file(t)}", "--set", "model.depth=2"],
-     ["model.pretrained", "model.depth"]),
-    ("pretrained_wrong_patch", VIT, lambda t: ["--set", f"model.pretrained={timm_file(t)}", "--set",
-                                               "model.patch_size=8"], ["model.pretrained", "model.patch_size"]),
-    ("pretrained_folder_without_config", VIT, lambda t: ["--set", f"model.pretrained={hf_folder(t, config=False)}"],
-     ["model.pretrained", "config.json"]),
-    ("pretrained_folder_not_vit", VIT, lambda t: ["--set", f"model.pretrained={hf_folder(t, 'bert')}"],
-     ["model.pretrained", "model_type"]),
-    ("pretrained_for_mlp_of_a_vit", MLP, lambda t: ["--set", f"model.pretrained={timm_file(t)}"],
-     ["model.pretrained", "is not in the model"]),
+    (
+        "val_class_not_in_train",
+        {**MLP, "data": {"name": "imagefolder", "resize": 18, "crop": 16}},
+        lambda t: ["--set", f"data.root={image_folder(t, val_classes=('a', 'd'))}", "--set", "train.effective_batch=4"],
+        ["data.root", "'d'"],
+    ),
+    (
+        "pretrained_missing",
+        VIT,
+        ["--set", "model.pretrained=/nonexistent/ViT-B_16.npz"],
+        ["model.pretrained", "does not exist"],
+    ),
+    (
+        "pretrained_unknown_kind",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={junk(t, 'w.txt')}"],
+        ["model.pretrained", "unknown kind"],
+    ),
+    (
+        "pretrained_unreadable_safetensors",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={junk(t, 'w.safetensors')}"],
+        ["model.pretrained", "cannot be read"],
+    ),
+    (
+        "pretrained_unreadable_pth",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={junk(t, 'w.pth')}"],
+        ["model.pretrained", "cannot be read"],
+    ),
+    (
+        "pretrained_unreadable_npz",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={junk(t, 'w.npz')}"],
+        ["model.pretrained", "cannot be read"],
+    ),
+    (
+        "pretrained_wrong_width",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={timm_file(t, 32)}"],
+        ["model.pretrained", "model.embed_dim", "32", "16"],
+    ),
+    (
+        "pretrained_wrong_depth",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={timm_file(t)}", "--set", "model.depth=2"],
+        ["model.pretrained", "model.depth"],
+    ),
+    (
+        "pretrained_wrong_patch",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={timm_file(t)}", "--set", "model.patch_size=8"],
+        ["model.pretrained", "model.patch_size"],
+    ),
+    (
+        "pretrained_folder_without_config",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={hf_folder(t, config=False)}"],
+        ["model.pretrained", "config.json"],
+    ),
+    (
+        "pretrained_folder_not_vit",
+        VIT,
+        lambda t: ["--set", f"model.pretrained={hf_folder(t, 'bert')}"],
+        ["model.pretrained", "model_type"],
+    ),
+    (
+        "pretrained_for_mlp_of_a_vit",
+        MLP,
+        lambda t: ["--set", f"model.pretrained={timm_file(t)}"],
+        ["model.pretrained", "is not in the model"],
+    ),
     ("timm_without_name", {**TIMM, "model": {"name": "timm"}}, [], ["model.timm_name"]),
-    ("timm_unknown_name", TIMM, ["--set", "model.timm_name=vit_tiny_patch16_2244"], ["model.timm_name",
-                                                                                     "vit_tiny_patch16_224"]),
-    ("timm_not_a_vit", TIMM, ["--set", "model.timm_name=resnet18", "--set", "model.patch_size=null",
-                              "--set", "model.embed_dim=null", "--set", "model.depth=null",
-                              "--set", "model.num_heads=null"], ["model.timm_name", "not a ViT"]),
+    (
+        "timm_unknown_name",
+        TIMM,
+        ["--set", "model.timm_name=vit_tiny_patch16_2244"],
+        ["model.timm_name", "vit_tiny_patch16_224"],
+    ),
+    (
+        "timm_not_a_vit",
+        TIMM,
+        [
+            "--set",
+            "model.timm_name=resnet18",
+            "--set",
+            "model.patch_size=null",
+            "--set",
+            "model.embed_dim=null",
+            "--set",
+            "model.depth=null",
+            "--set",
+            "model.num_heads=null",
+        ],
+        ["model.timm_name", "not a ViT"],
+    ),
     ("timm_unknown_key", TIMM, ["--set", "model.foo=1"], ["model.foo"]),
     ("timm_img_size_mismatch", TIMM, ["--set", "model.img_size=32"], ["model.img_size"]),
     ("missing_config_file", None, [], ["config file", "--config"]),
@@ -202,8 +298,15 @@ def test_mistake_is_one_line_before_any_work(tmp_path, capsys, base, extra, word
 
 
 def snapshot(folder):
-    return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)),
-                   os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, fs in os.walk(folder) for f in fs)
+    return sorted(
+        (
+            os.path.relpath(os.path.join(d, f), folder),
+            os.path.getsize(os.path.join(d, f)),
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -219,12 +322,18 @@ RUN_ROWS = [
     ("out_holds_a_run", [], ["--out", "metrics.jsonl", "--resume", "--overwrite", ".old-"]),
     ("resume_changes_the_model", ["--resume", "--set", "model.hidden=8"], ["model.hidden", "16", "8"]),
     ("resume_changes_the_data", ["--resume", "--set", "data.num_classes=5"], ["data.num_classes", "4", "5"]),
-    ("resume_changes_the_batch", ["--resume", "--set", "train.effective_batch=4", "--set", "train.micro_batch=2"],
-     ["train.effective_batch", "8", "4"]),
+    (
+        "resume_changes_the_batch",
+        ["--resume", "--set", "train.effective_batch=4", "--set", "train.micro_batch=2"],
+        ["train.effective_batch", "8", "4"],
+    ),
     ("resume_bad_path", ["--resume", "/nonexistent/step-1.pt"], ["--resume", "does not exist"]),
     ("resume_from_another_run", ["--resume", "OTHER"], ["--resume", "not a checkpoint of the run in --out"]),
-    ("eval_checkpoint_of_other_model", ["--eval-only", "--checkpoint", "BEST", "--set", "model.hidden=8"],
-     ["--checkpoint", "model.hidden"]),
+    (
+        "eval_checkpoint_of_other_model",
+        ["--eval-only", "--checkpoint", "BEST", "--set", "model.hidden=8"],
+        ["--checkpoint", "model.hidden"],
+    ),
 ]
 
 
@@ -235,11 +344,11 @@ def test_mistake_about_an_existing_run_leaves_it_as_it_was(finished_run, capsys,
     other = os.path.join(os.path.dirname(out), "elsewhere.pt")
     if "OTHER" in extra and not os.path.exists(other):
         shutil.copyfile(os.path.join(out, "checkpoints", "best.pt"), other)
-    extra = [os.path.join(out, "checkpoints", "best.pt") if a == "BEST" else other if a == "OTHER" else a
-             for a in extra]
+    extra = [
+        os.path.join(out, "checkpoints", "best.pt") if a == "BEST" else other if a == "OTHER" else a for a in extra
+    ]
     capsys.readouterr()
-    assert main(["--config", cfg, "--out", out, "--set", "train.max_steps=2", "--set", "train.epochs=2",
-                 *extra]) == 2
+    assert main(["--config", cfg, "--out", out, "--set", "train.max_steps=2", "--set", "train.epochs=2", *extra]) == 2
     _one_error_line(capsys.readouterr().err, words)
     assert snapshot(out) == before
     assert not any(n.startswith("out.old-") for n in os.listdir(os.path.dirname(out)))
@@ -255,8 +364,14 @@ def _env():
 def test_real_command_line(tmp_path, row):
     base, extra, words = next(r[1:] for r in ROWS if r[0] == row)
     out = str(tmp_path / "out")
-    r = subprocess.run([sys.executable, "-m", "dcal.train", *_argv(tmp_path, base, extra, out)], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "dcal.train", *_argv(tmp_path, base, extra, out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     _one_error_line(r.stderr, words)
     assert not os.path.exists(out)

@@ -1,6 +1,7 @@
 """Exact accumulation of losses that couple the samples of a batch (contrastive, episodic):
 fp64 against the whole batch, the naive split shown to differ, dropout masks reproduced in the
 re-run, AMP, 2-process gloo DDP against one process, and the refusals of bad input."""
+
 import os
 import socket
 
@@ -20,8 +21,20 @@ EOT = 9
 
 def tiny_clip(dropout=0.0, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    c = CLIPConfig(embed_dim=16, img_size=8, patch_size=4, vision_width=16, vision_depth=1, vision_heads=1,
-                   vocab_size=EOT + 1, context_length=5, text_width=16, text_depth=1, text_heads=1, dropout=dropout)
+    c = CLIPConfig(
+        embed_dim=16,
+        img_size=8,
+        patch_size=4,
+        vision_width=16,
+        vision_depth=1,
+        vision_heads=1,
+        vocab_size=EOT + 1,
+        context_length=5,
+        text_width=16,
+        text_depth=1,
+        text_heads=1,
+        dropout=dropout,
+    )
     return CLIP(c).to(dtype)
 
 
@@ -88,9 +101,15 @@ def naive_episodes(model, loss, x, y, parts):
     for e in range(x.shape[0]):
         sup, qry = x[e, : N * K].view(N, K, *x.shape[2:]), x[e, N * K :].view(N, Q, *x.shape[2:])
         for p in range(parts):
-            xs = torch.cat([sup[:, p * K // parts : (p + 1) * K // parts].flatten(0, 1),
-                            qry[:, p * Q // parts : (p + 1) * Q // parts].flatten(0, 1)])
-            ys = torch.cat([torch.arange(N).repeat_interleave(K // parts), torch.arange(N).repeat_interleave(Q // parts)])
+            xs = torch.cat(
+                [
+                    sup[:, p * K // parts : (p + 1) * K // parts].flatten(0, 1),
+                    qry[:, p * Q // parts : (p + 1) * Q // parts].flatten(0, 1),
+                ]
+            )
+            ys = torch.cat(
+                [torch.arange(N).repeat_interleave(K // parts), torch.arange(N).repeat_interleave(Q // parts)]
+            )
             (sub.episode_loss(model(xs), ys) / (parts * x.shape[0])).backward()
     return grads(model)
 
@@ -183,9 +202,12 @@ def test_open_clip_model_exact_accumulation():
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
     model = open_clip.create_model(
-        "ViT-B-32", pretrained=None, embed_dim=16,
+        "ViT-B-32",
+        pretrained=None,
+        embed_dim=16,
         vision_cfg={"image_size": 8, "layers": 1, "width": 32, "patch_size": 4, "head_width": 16},
-        text_cfg={"context_length": 5, "vocab_size": EOT + 1, "width": 32, "heads": 2, "layers": 1}).double()
+        text_cfg={"context_length": 5, "vocab_size": EOT + 1, "width": 32, "heads": 2, "layers": 1},
+    ).double()
     loss = ClipLoss()
     inputs, target = pairs(8)
     ref_value, ref = full_batch(model, loss, inputs, target)
@@ -211,8 +233,17 @@ class PairSet(torch.utils.data.Dataset):
 
 
 def tcfg(**kw):
-    base = dict(epochs=1, effective_batch=8, micro_batch=3, base_lr=0.5, warmup_epochs=0.0, clip_grad=None,
-                weight_decay=0.0, progress=False, seed=3)
+    base = dict(
+        epochs=1,
+        effective_batch=8,
+        micro_batch=3,
+        base_lr=0.5,
+        warmup_epochs=0.0,
+        clip_grad=None,
+        weight_decay=0.0,
+        progress=False,
+        seed=3,
+    )
     base.update(kw)
     return C.TrainConfig(**base)
 
@@ -252,8 +283,11 @@ def test_refusals_before_any_work():
     with pytest.raises(ValueError, match=r"train\.micro_batch: 'auto' is not supported"):
         Trainer(tiny_clip(), ClipLoss(), poisoned, None, tcfg(micro_batch="auto"))
     episodic = PrototypicalLoss(5, 5, 15)
-    with pytest.raises(ValueError, match=r"train\.micro_batch \(7\) must divide the episode's query set "
-                                         r"\(n_way \* q_query = 5 \* 15 = 75\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train\.micro_batch \(7\) must divide the episode's query set "
+        r"\(n_way \* q_query = 5 \* 15 = 75\)",
+    ):
         Trainer(tiny_proto(), episodic, poisoned, None, tcfg(effective_batch=1, micro_batch=7))
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
     with pytest.raises(ValueError, match=r"model: 1 is a BatchNorm2d.*without BatchNorm"):
@@ -264,7 +298,9 @@ def test_episode_sampler():
     from dcal.train.data import SyntheticFewShot
 
     base = SyntheticFewShot(num_classes=6, per_class=7, img_size=12, cell=3)
-    with pytest.raises(ValueError, match=r"k_shot \+ q_query = 5 \+ 3 = 8 samples per class, but class \d holds only 7"):
+    with pytest.raises(
+        ValueError, match=r"k_shot \+ q_query = 5 \+ 3 = 8 samples per class, but class \d holds only 7"
+    ):
         Episodes(base, n_way=3, k_shot=5, q_query=3, episodes=4)
     with pytest.raises(ValueError, match=r"n_way \(7\) exceeds the number of classes in the dataset \(6\)"):
         Episodes(base, n_way=7, k_shot=1, q_query=1, episodes=4)
@@ -311,8 +347,9 @@ def _trainer_grads(trainer, batch, n_group):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -326,8 +363,9 @@ def _ddp_worker(rank, world, port, out_dir):
         results["clip"] = _trainer_grads(t, ((data.img[mine], data.tok[mine]), data.y[mine]), 8)
         # episodic: 2 episodes, one per process; DDP's mean over processes is the mean over episodes
         eps = EpisodeSet(2)
-        t = Trainer(tiny_proto(), PrototypicalLoss(3, 2, 4, vic_weight=0.5), eps, None,
-                    tcfg(effective_batch=2, micro_batch=4))
+        t = Trainer(
+            tiny_proto(), PrototypicalLoss(3, 2, 4, vic_weight=0.5), eps, None, tcfg(effective_batch=2, micro_batch=4)
+        )
         results["episodes"] = _trainer_grads(t, (eps.x[rank : rank + 1], eps.y[rank : rank + 1]), 2)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -354,11 +392,36 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIP_SMOKE = ["--set", "data.train_size=66", "--set", "data.val_size=24", "--set", "train.effective_batch=16",
-              "--set", "train.micro_batch=6", "--set", "model.vision_depth=1", "--set", "model.text_depth=1",
-              "--set", "train.epochs=1", "--set", "train.progress=false"]
-FEWSHOT_SMOKE = ["--set", "data.episodes_per_epoch=4", "--set", "data.val_episodes=2", "--set", "model.hidden=16",
-                 "--set", "train.epochs=1", "--set", "train.progress=false"]
+CLIP_SMOKE = [
+    "--set",
+    "data.train_size=66",
+    "--set",
+    "data.val_size=24",
+    "--set",
+    "train.effective_batch=16",
+    "--set",
+    "train.micro_batch=6",
+    "--set",
+    "model.vision_depth=1",
+    "--set",
+    "model.text_depth=1",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.progress=false",
+]
+FEWSHOT_SMOKE = [
+    "--set",
+    "data.episodes_per_epoch=4",
+    "--set",
+    "data.val_episodes=2",
+    "--set",
+    "model.hidden=16",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.progress=false",
+]
 
 
 def _rows(out):
@@ -367,8 +430,9 @@ def _rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-@pytest.mark.parametrize("config, args", [("clip_demo.yaml", CLIP_SMOKE), ("fewshot_demo.yaml", FEWSHOT_SMOKE)],
-                         ids=["clip", "fewshot"])
+@pytest.mark.parametrize(
+    "config, args", [("clip_demo.yaml", CLIP_SMOKE), ("fewshot_demo.yaml", FEWSHOT_SMOKE)], ids=["clip", "fewshot"]
+)
 def test_demo_config_smoke(tmp_path, config, args):
     from dcal.train.__main__ import main
 
@@ -388,11 +452,17 @@ def test_open_clip_config_smoke(tmp_path):
 
     from dcal.train.__main__ import main
 
-    cfg = {"model": {"name": "open_clip", "arch": "ViT-B-32", "embed_dim": 16,
-                     "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-                     "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
-           "data": {"name": "synthetic_captions", "img_size": 16, "train_size": 34, "val_size": 12},
-           "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 3, "progress": False, "threads": 1}}
+    cfg = {
+        "model": {
+            "name": "open_clip",
+            "arch": "ViT-B-32",
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+        "data": {"name": "synthetic_captions", "img_size": 16, "train_size": 34, "val_size": 12},
+        "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 3, "progress": False, "threads": 1},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     n = torch.get_num_threads()
@@ -416,8 +486,9 @@ def test_coupled_resume_is_exact(tmp_path):
         assert main(["--config", cfg, "--out", str(tmp_path / "b"), *args, "--resume"]) == 0
     finally:
         torch.set_num_threads(n)
-    a, b = (torch.load(sorted((tmp_path / d / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
-            for d in ("a", "b"))
+    a, b = (
+        torch.load(sorted((tmp_path / d / "checkpoints").glob("step-*.pt"))[-1], weights_only=True) for d in ("a", "b")
+    )
     assert a["step"] == b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -1,6 +1,7 @@
 """model.pretrained: random timm ViTs, Hugging Face ViTs and JAX-layout .npz files saved to tmp_path
 (nothing is downloaded) load through the CLI's builders; in fp64 the loaded model's forward equals
 the source model's where the architectures coincide."""
+
 import os
 
 import numpy as np
@@ -35,13 +36,27 @@ def cfg_for(model, img_size=32, num_classes=10, **extra):
 
 
 def dcal_cfg(path, img_size=32, num_classes=10, ablation="sa", mlp_ratio=2.0, **kw):
-    return cfg_for({"name": "dcal_vit", "ablation": ablation, "mlp_ratio": mlp_ratio, "drop_path_rate": 0.0,
-                    "pretrained": str(path), **ARCH, **kw}, img_size, num_classes)
+    return cfg_for(
+        {
+            "name": "dcal_vit",
+            "ablation": ablation,
+            "mlp_ratio": mlp_ratio,
+            "drop_path_rate": 0.0,
+            "pretrained": str(path),
+            **ARCH,
+            **kw,
+        },
+        img_size,
+        num_classes,
+    )
 
 
 def timm_cfg(path, img_size=32, num_classes=10, **kw):
-    return cfg_for({"name": "timm", "timm_name": "vit_tiny_patch16_224", "mlp_ratio": 2.0, "pretrained": str(path),
-                    **ARCH, **kw}, img_size, num_classes)
+    return cfg_for(
+        {"name": "timm", "timm_name": "vit_tiny_patch16_224", "mlp_ratio": 2.0, "pretrained": str(path), **ARCH, **kw},
+        img_size,
+        num_classes,
+    )
 
 
 def build(cfg):
@@ -91,7 +106,7 @@ def test_other_image_size_and_classes_resize_and_reinitialise_the_head(tmp_path)
     sd = model.state_dict()
     for k, v in src.state_dict().items():
         if k.startswith("blocks.1."):
-            assert torch.equal(sd["glca_block." + k[len("blocks.1."):]], v), k  # GLCA starts as the last block
+            assert torch.equal(sd["glca_block." + k[len("blocks.1.") :]], v), k  # GLCA starts as the last block
         if not k.startswith(("head.", "pos_embed")):
             assert torch.equal(sd[k], v), k
 
@@ -111,9 +126,17 @@ def test_model_name_timm_with_fused_attention_equals_timm(tmp_path):
 
 def hf_vit(tmp_path, num_labels=10, eps=1e-6, classifier=True, seed=0):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 image_size=32, patch_size=8, num_labels=num_labels, layer_norm_eps=eps,
-                                 qkv_bias=True)
+    cfg = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=num_labels,
+        layer_norm_eps=eps,
+        qkv_bias=True,
+    )
     torch.manual_seed(seed)
     cls = transformers.ViTForImageClassification if classifier else transformers.ViTModel
     m = cls(cfg)
@@ -144,8 +167,10 @@ def test_hugging_face_vit_model_without_classifier_and_other_eps(tmp_path):
     assert "layer_norm_eps 1e-12" in report  # told, not hidden
     sd, hf = model.state_dict(), safetensors_torch.load_file(str(folder / "model.safetensors"))
     a = "encoder.layer.0.attention.attention."
-    assert torch.equal(sd["blocks.0.attn.qkv.weight"],
-                       torch.cat([hf[a + "query.weight"], hf[a + "key.weight"], hf[a + "value.weight"]]))
+    assert torch.equal(
+        sd["blocks.0.attn.qkv.weight"],
+        torch.cat([hf[a + "query.weight"], hf[a + "key.weight"], hf[a + "value.weight"]]),
+    )
     assert torch.equal(sd["blocks.1.mlp.fc2.weight"], hf["encoder.layer.1.output.dense.weight"])
 
 
@@ -155,10 +180,16 @@ def timm_to_npz(m, path, pre_logits=True):
     C = sd["cls_token"].shape[-1]
     H = m.blocks[0].attn.num_heads
     D = C // H
-    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0), "embedding/bias": sd["patch_embed.proj.bias"],
-         "cls": sd["cls_token"], "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
-         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
-         "head/kernel": sd["head.weight"].T, "head/bias": sd["head.bias"]}
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+    }
     if pre_logits:
         w["pre_logits/kernel"], w["pre_logits/bias"] = np.zeros((C, C), np.float32), np.zeros(C, np.float32)
     for i in range(len(m.blocks)):
@@ -173,8 +204,14 @@ def timm_to_npz(m, path, pre_logits=True):
         w[a + "out/bias"] = sd[b + "attn.proj.bias"]
         for src_name, dst in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
             w[f"{p}{dst}/scale"], w[f"{p}{dst}/bias"] = sd[f"{b}{src_name}.weight"], sd[f"{b}{src_name}.bias"]
-        w[p + "MlpBlock_3/Dense_0/kernel"], w[p + "MlpBlock_3/Dense_0/bias"] = sd[b + "mlp.fc1.weight"].T, sd[b + "mlp.fc1.bias"]
-        w[p + "MlpBlock_3/Dense_1/kernel"], w[p + "MlpBlock_3/Dense_1/bias"] = sd[b + "mlp.fc2.weight"].T, sd[b + "mlp.fc2.bias"]
+        w[p + "MlpBlock_3/Dense_0/kernel"], w[p + "MlpBlock_3/Dense_0/bias"] = (
+            sd[b + "mlp.fc1.weight"].T,
+            sd[b + "mlp.fc1.bias"],
+        )
+        w[p + "MlpBlock_3/Dense_1/kernel"], w[p + "MlpBlock_3/Dense_1/bias"] = (
+            sd[b + "mlp.fc2.weight"].T,
+            sd[b + "mlp.fc2.bias"],
+        )
     np.savez(path, **w)
     return path
 
@@ -192,10 +229,16 @@ def test_jax_npz_equals_timm_forward(tmp_path, name):
     torch.testing.assert_close(got, want.softmax(-1) if name == "dcal_vit" else want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("key, value, word", [
-    ("embed_dim", 64, "model.embed_dim"), ("depth", 3, "model.depth"), ("patch_size", 4, "model.patch_size"),
-    ("num_heads", 4, "model.num_heads"), ("mlp_ratio", 4.0, "model.mlp_ratio"),
-])
+@pytest.mark.parametrize(
+    "key, value, word",
+    [
+        ("embed_dim", 64, "model.embed_dim"),
+        ("depth", 3, "model.depth"),
+        ("patch_size", 4, "model.patch_size"),
+        ("num_heads", 4, "model.num_heads"),
+        ("mlp_ratio", 4.0, "model.mlp_ratio"),
+    ],
+)
 @pytest.mark.parametrize("fmt", ["safetensors", "hf", "npz"])
 def test_wrong_architecture_is_one_line_naming_the_key_and_leaves_the_model(tmp_path, key, value, word, fmt):
     if fmt == "hf":
@@ -207,9 +250,18 @@ def test_wrong_architecture_is_one_line_naming_the_key_and_leaves_the_model(tmp_
     if key == "num_heads" and fmt == "safetensors":
         pytest.skip("a timm state dict does not record the head count (qkv is one matrix)")
     kw = {**ARCH, key: value}
-    task = build_task(cfg_for({"name": "dcal_vit", "ablation": "sa", "mlp_ratio": 2.0, "pretrained": str(path),
-                               **{k: v for k, v in kw.items() if k != "mlp_ratio"},
-                               **({"mlp_ratio": value} if key == "mlp_ratio" else {})}))
+    task = build_task(
+        cfg_for(
+            {
+                "name": "dcal_vit",
+                "ablation": "sa",
+                "mlp_ratio": 2.0,
+                "pretrained": str(path),
+                **{k: v for k, v in kw.items() if k != "mlp_ratio"},
+                **({"mlp_ratio": value} if key == "mlp_ratio" else {}),
+            }
+        )
+    )
     model = task.model_factory()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PretrainedError) as e:
@@ -224,10 +276,18 @@ def test_cli_prints_the_report_and_trains(tmp_path, capsys):
     from dcal.train.__main__ import main
 
     path = save_timm(timm_vit(img_size=32, num_classes=4), tmp_path, "safetensors")
-    cfg = {"model": {"name": "dcal_vit", "ablation": "full", "mlp_ratio": 2.0, "drop_path_rate": 0.0,
-                     "pretrained": str(path), **ARCH},
-           "data": {"name": "synthetic", "img_size": 32, "num_classes": 10, "train_size": 16, "val_size": 8},
-           "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 8, "progress": False, "threads": 1}}
+    cfg = {
+        "model": {
+            "name": "dcal_vit",
+            "ablation": "full",
+            "mlp_ratio": 2.0,
+            "drop_path_rate": 0.0,
+            "pretrained": str(path),
+            **ARCH,
+        },
+        "data": {"name": "synthetic", "img_size": 32, "num_classes": 10, "train_size": 16, "val_size": 8},
+        "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 8, "progress": False, "threads": 1},
+    }
     c = tmp_path / "c.yaml"
     c.write_text(yaml.safe_dump(cfg))
     out = str(tmp_path / "run")
@@ -243,11 +303,13 @@ def test_dcal_vit_load_pretrained_reads_a_hugging_face_folder(tmp_path):
     from dcal.models import DCALConfig, DCALViT
 
     src, folder = hf_vit(tmp_path)
-    model = DCALViT(DCALConfig(img_size=32, num_classes=10, ablation="sa", mlp_ratio=2.0, drop_path_rate=0.0,
-                               **ARCH)).eval()
+    model = DCALViT(
+        DCALConfig(img_size=32, num_classes=10, ablation="sa", mlp_ratio=2.0, drop_path_rate=0.0, **ARCH)
+    ).eval()
     report = model.load_pretrained(str(folder))
     assert report["skipped"] == [] and "head.weight" in report["loaded"]
     x = x_of()
     with torch.no_grad():
-        torch.testing.assert_close(model.double()(x), src.double()(pixel_values=x).logits.softmax(-1),
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            model.double()(x), src.double()(pixel_values=x).logits.softmax(-1), rtol=1e-10, atol=1e-12
+        )

@@ -1,6 +1,7 @@
 """One run per --out folder (refusal, --overwrite moves the old run aside, --resume compares the
 configs, a finished run says so), --eval-only (top-1 / top-5 / per-class CSV without touching
 the run) and rounded console metrics."""
+
 import csv
 import json
 import os
@@ -14,8 +15,15 @@ from dcal.train.__main__ import main
 TINY = {
     "model": {"name": "mlp", "hidden": 16},
     "data": {"name": "synthetic", "img_size": 16, "num_classes": 4, "train_size": 44, "val_size": 20},
-    "train": {"epochs": 1, "effective_batch": 8, "micro_batch": 2, "base_lr": 0.05, "progress": False,
-              "threads": 1, "seed": 1},
+    "train": {
+        "epochs": 1,
+        "effective_batch": 8,
+        "micro_batch": 2,
+        "base_lr": 0.05,
+        "progress": False,
+        "threads": 1,
+        "seed": 1,
+    },
 }
 
 
@@ -62,8 +70,10 @@ def test_resume_lists_changed_settings_and_finished_run_exits_0(tmp_path, capsys
     out = str(tmp_path / "run")
     assert main(["--config", cfg, "--out", out, "--set", "train.max_steps=2"]) == 0
     capsys.readouterr()
-    assert main(["--config", cfg, "--out", out, "--resume", "--set", "train.base_lr=0.1",
-                 "--set", "train.keep_last=3"]) == 0
+    assert (
+        main(["--config", cfg, "--out", out, "--resume", "--set", "train.base_lr=0.1", "--set", "train.keep_last=3"])
+        == 0
+    )
     err = capsys.readouterr().err
     changed = [l for l in err.splitlines() if l.startswith("resuming with changed settings:")]
     assert len(changed) == 1, err
@@ -72,14 +82,32 @@ def test_resume_lists_changed_settings_and_finished_run_exits_0(tmp_path, capsys
     assert rows(out)[-1]["step"] == 6 and rows(out)[-1]["epoch"] == 0
     before = sorted(os.listdir(out)), open(os.path.join(out, "metrics.jsonl")).read()
     capsys.readouterr()
-    assert main(["--config", cfg, "--out", out, "--resume", "--set", "train.base_lr=0.1",
-                 "--set", "train.keep_last=3"]) == 0
+    assert (
+        main(["--config", cfg, "--out", out, "--resume", "--set", "train.base_lr=0.1", "--set", "train.keep_last=3"])
+        == 0
+    )
     cap = capsys.readouterr()
     assert "is finished (epoch 1 of 1, step 6, best val_acc" in cap.out and "raise train.epochs" in cap.out, cap
     assert (sorted(os.listdir(out)), open(os.path.join(out, "metrics.jsonl")).read()) == before
     # more epochs continue the finished run
-    assert main(["--config", cfg, "--out", out, "--resume", "--set", "train.epochs=2", "--set", "train.base_lr=0.1",
-                 "--set", "train.keep_last=3"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                cfg,
+                "--out",
+                out,
+                "--resume",
+                "--set",
+                "train.epochs=2",
+                "--set",
+                "train.base_lr=0.1",
+                "--set",
+                "train.keep_last=3",
+            ]
+        )
+        == 0
+    )
     assert rows(out)[-1]["epoch"] == 1 and rows(out)[-1]["step"] == 12
 
 
@@ -170,14 +198,23 @@ def test_fine_tune_from_a_previous_run_then_resume_without_the_pretrained_file(t
 def test_config_comparison_refuses_model_and_data_keys_and_lists_the_rest():
     from dcal.train.rundir import compare_configs
 
-    saved = {"model": {"name": "dcal_vit", "depth": 3}, "data": {"name": "synthetic", "num_classes": 10},
-             "train": {"epochs": 5, "base_lr": 0.008}}
-    same = {"model": {"name": "dcal_vit", "depth": 3, "drop_path_rate": 0.1, "pretrained": "vit.npz"},
-            "data": {"name": "synthetic", "num_classes": 10}, "train": {"epochs": 10, "base_lr": 0.008}}
+    saved = {
+        "model": {"name": "dcal_vit", "depth": 3},
+        "data": {"name": "synthetic", "num_classes": 10},
+        "train": {"epochs": 5, "base_lr": 0.008},
+    }
+    same = {
+        "model": {"name": "dcal_vit", "depth": 3, "drop_path_rate": 0.1, "pretrained": "vit.npz"},
+        "data": {"name": "synthetic", "num_classes": 10},
+        "train": {"epochs": 10, "base_lr": 0.008},
+    }
     refused, changed = compare_configs(saved, same)  # a default written out, a pretrained start: no change
-    assert refused == [] and changed == ["model.pretrained: (unset) -> \"vit.npz\"", "train.epochs: 5 -> 10"]
-    other = {"model": {"name": "dcal_vit", "depth": 4}, "data": {"name": "synthetic", "num_classes": 12},
-             "train": {"epochs": 5, "base_lr": 0.008, "effective_batch": 32}}
+    assert refused == [] and changed == ['model.pretrained: (unset) -> "vit.npz"', "train.epochs: 5 -> 10"]
+    other = {
+        "model": {"name": "dcal_vit", "depth": 4},
+        "data": {"name": "synthetic", "num_classes": 12},
+        "train": {"epochs": 5, "base_lr": 0.008, "effective_batch": 32},
+    }
     refused, changed = compare_configs(saved, other)
     assert refused == ["data.num_classes: 10 -> 12", "model.depth: 3 -> 4", "train.effective_batch: 16 -> 32"]
     assert changed == []

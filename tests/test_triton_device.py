@@ -5,6 +5,7 @@ No GPU is needed: the launchers run on fake tensors placed on cuda:1 while "cuda
 recorder of the device current at that moment (instead of a launch). Without the guard in
 ``kernels/_device.py`` every launch would see cuda:0.
 """
+
 import contextlib
 
 import pytest
@@ -45,6 +46,7 @@ class _Recorder:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
                     rec.launches.append((getattr(kernel, "__name__", repr(kernel)), rec.current[-1]))
+
                 return run
 
         return Launch()

@@ -1,5 +1,6 @@
 """Bad input: every public op rejects it before doing any work, with a ValueError/TypeError that
 names the argument and what was expected."""
+
 import pytest
 import torch
 
@@ -27,15 +28,33 @@ CASES_MKV = [
     ("k-rank", lambda: ops.multi_kv_attention(t(*Q4), [(t(2, 3, 16), t(1, 2, 3, 16))]), ValueError, "kv[0][0] (k)"),
     ("heads-mismatch", lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 3, 3, 16), t(1, 3, 3, 16))]), ValueError, "heads"),
     ("batch-mismatch", lambda: ops.multi_kv_attention(t(*Q4), [(t(2, 2, 3, 16), t(2, 2, 3, 16))]), ValueError, "batch"),
-    ("headdim-mismatch", lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 2, 3, 8), t(1, 2, 3, 8))]), ValueError, "head dim"),
-    ("kv-length", lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 2, 3, 16), t(1, 2, 4, 16))]), ValueError, "same length"),
+    (
+        "headdim-mismatch",
+        lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 2, 3, 8), t(1, 2, 3, 8))]),
+        ValueError,
+        "head dim",
+    ),
+    (
+        "kv-length",
+        lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 2, 3, 16), t(1, 2, 4, 16))]),
+        ValueError,
+        "same length",
+    ),
     ("mixed-dtype", lambda: ops.multi_kv_attention(t(*Q4), [kv(dtype=torch.float64)]), TypeError, "dtype"),
-    ("mixed-device", lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 2, 3, 16).to("meta"), t(1, 2, 3, 16))]),
-     ValueError, "kv[0][0] (k)"),
+    (
+        "mixed-device",
+        lambda: ops.multi_kv_attention(t(*Q4), [(t(1, 2, 3, 16).to("meta"), t(1, 2, 3, 16))]),
+        ValueError,
+        "kv[0][0] (k)",
+    ),
     ("scale-type", lambda: ops.multi_kv_attention(t(*Q4), [kv()], scale="x"), TypeError, "scale"),
     ("backend-unknown", lambda: ops.multi_kv_attention(t(*Q4), [kv()], backend="cuda"), ValueError, "backend"),
-    ("pwca-v2-length", lambda: ops.pwca_attention(t(*Q4), *kv(), t(1, 2, 3, 16), t(1, 2, 2, 16)), ValueError,
-     "kv[1][1] (v)"),
+    (
+        "pwca-v2-length",
+        lambda: ops.pwca_attention(t(*Q4), *kv(), t(1, 2, 3, 16), t(1, 2, 2, 16)),
+        ValueError,
+        "kv[1][1] (v)",
+    ),
 ]
 
 X5 = (1, 2, 6, 7, 16)
@@ -46,19 +65,51 @@ CASES_NA = [
     ("v-dtype", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5, dtype=torch.float64)), TypeError, "v"),
     ("k-device", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5).to("meta"), t(*X5)), ValueError, "k"),
     ("ks-even", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=4), ValueError, "kernel_size"),
-    ("ks-small", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=1), ValueError, "kernel_size"),
-    ("ks-float", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=7.0), TypeError, "kernel_size"),
+    (
+        "ks-small",
+        lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=1),
+        ValueError,
+        "kernel_size",
+    ),
+    (
+        "ks-float",
+        lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=7.0),
+        TypeError,
+        "kernel_size",
+    ),
     ("border", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), border="reflect"), ValueError, "border"),
-    ("clamp-small-map", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=7, border="clamp"),
-     ValueError, "clamp"),
-    ("rpb-shape", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=3, rpb=t(2, 3, 3)),
-     ValueError, "rpb"),
-    ("rpb-heads", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=3, rpb=t(3, 5, 5)),
-     ValueError, "rpb"),
-    ("rpb-dtype", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=3,
-                                                       rpb=t(2, 5, 5, dtype=torch.float64)), TypeError, "rpb"),
-    ("backend-unknown", lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), backend="natten"), ValueError,
-     "backend"),
+    (
+        "clamp-small-map",
+        lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=7, border="clamp"),
+        ValueError,
+        "clamp",
+    ),
+    (
+        "rpb-shape",
+        lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=3, rpb=t(2, 3, 3)),
+        ValueError,
+        "rpb",
+    ),
+    (
+        "rpb-heads",
+        lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), kernel_size=3, rpb=t(3, 5, 5)),
+        ValueError,
+        "rpb",
+    ),
+    (
+        "rpb-dtype",
+        lambda: ops.neighborhood_attention2d(
+            t(*X5), t(*X5), t(*X5), kernel_size=3, rpb=t(2, 5, 5, dtype=torch.float64)
+        ),
+        TypeError,
+        "rpb",
+    ),
+    (
+        "backend-unknown",
+        lambda: ops.neighborhood_attention2d(t(*X5), t(*X5), t(*X5), backend="natten"),
+        ValueError,
+        "backend",
+    ),
 ]
 
 CASES_ROLLOUT = [
@@ -77,9 +128,13 @@ def _ids(cases):
     return [c[0] for c in cases]
 
 
-@pytest.mark.parametrize("name,call,exc,needle", CASES_MKV + CASES_NA + CASES_ROLLOUT,
-                         ids=["mkv-" + i for i in _ids(CASES_MKV)] + ["na-" + i for i in _ids(CASES_NA)]
-                         + ["rollout-" + i for i in _ids(CASES_ROLLOUT)])
+@pytest.mark.parametrize(
+    "name,call,exc,needle",
+    CASES_MKV + CASES_NA + CASES_ROLLOUT,
+    ids=["mkv-" + i for i in _ids(CASES_MKV)]
+    + ["na-" + i for i in _ids(CASES_NA)]
+    + ["rollout-" + i for i in _ids(CASES_ROLLOUT)],
+)
 def test_bad_input_raises_naming_argument(name, call, exc, needle):
     with pytest.raises(exc) as info:
         call()

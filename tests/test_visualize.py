@@ -1,6 +1,7 @@
 """Pictures: ``python -m dcal.visualize`` on a tiny random checkpoint of the demo model and of the
 BEV model, the numbers the pictures are drawn from against the reference ops, and curves.png
 after an evaluation."""
+
 import os
 import subprocess
 import sys
@@ -50,9 +51,26 @@ def demo_images(tmp_path):
 def test_cli_writes_one_png_per_image(tmp_path, demo_images):
     ckpt, _, _ = random_checkpoint(tmp_path, "demo.yaml")
     out = tmp_path / "pics"
-    r = subprocess.run([sys.executable, "-m", "dcal.visualize", "--checkpoint", ckpt, "--images", *demo_images,
-                        "--val", "2", "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcal.visualize",
+            "--checkpoint",
+            ckpt,
+            "--images",
+            *demo_images,
+            "--val",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Warning" not in r.stderr, r.stderr
     written = sorted(os.listdir(out))
@@ -160,9 +178,11 @@ def test_curves_png_after_an_evaluation(tmp_path):
 
     n = torch.get_num_threads()
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {name: mlp, hidden: 8}\ndata: {name: synthetic, img_size: 16, num_classes: 3, "
-                   "train_size: 24, val_size: 6}\ntrain: {epochs: 2, effective_batch: 8, micro_batch: 4, "
-                   "progress: false, threads: 1}\n")
+    cfg.write_text(
+        "model: {name: mlp, hidden: 8}\ndata: {name: synthetic, img_size: 16, num_classes: 3, "
+        "train_size: 24, val_size: 6}\ntrain: {epochs: 2, effective_batch: 8, micro_batch: 4, "
+        "progress: false, threads: 1}\n"
+    )
     try:
         assert main(["--config", str(cfg), "--out", str(tmp_path / "o")]) == 0
     finally:
@@ -196,9 +216,13 @@ def test_image_folder_run_uses_its_validation_transform_and_class_names(tmp_path
             os.makedirs(tmp_path / "imgs" / split / c)
             rgb = np.random.default_rng(len(c)).integers(0, 255, (40, 50, 3), dtype=np.uint8)
             Image.fromarray(rgb).save(tmp_path / "imgs" / split / c / "0.jpg")
-    cfg = C.from_dict({"model": {"name": "dcal_vit", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-                       "data": {"name": "folder", "root": str(tmp_path / "imgs"), "resize": 36, "crop": 32},
-                       "train": {}})
+    cfg = C.from_dict(
+        {
+            "model": {"name": "dcal_vit", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+            "data": {"name": "folder", "root": str(tmp_path / "imgs"), "resize": 36, "crop": 32},
+            "train": {},
+        }
+    )
     model = build_task(cfg).model_factory()
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, tmp_path / "c.pt")
     _, run_cfg, val, classes = load_run(str(tmp_path / "c.pt"))

@@ -15,6 +15,7 @@ TFLOP/s are computed from a FLOP count written out per case (attention: 4*B*H*Nq
 x3.5 with backward), and their share of the device's matmul peak, measured by the ``peak``
 group in the same run (a large matmul in the same dtype).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,13 +76,31 @@ def peak_mib(fn: Callable, device: str) -> Optional[float]:
     return peak / 2**20
 
 
-def compare(case: str, flops: float, dtype: str, providers: Dict[str, Callable[[], Callable]], device: str,
-            rounds: int, warmup: int) -> List[dict]:
+def compare(
+    case: str,
+    flops: float,
+    dtype: str,
+    providers: Dict[str, Callable[[], Callable]],
+    device: str,
+    rounds: int,
+    warmup: int,
+) -> List[dict]:
     """Build, warm up, measure memory, then time ``rounds`` interleaved rounds of every provider."""
     rows, fns = {}, {}
     for name, make in providers.items():
-        r = dict(case=case, provider=name, dtype=dtype, ms=None, peak_mib=None, tflops=None, share=None,
-                 status="ok", detail="", flops=flops, device=device)
+        r = dict(
+            case=case,
+            provider=name,
+            dtype=dtype,
+            ms=None,
+            peak_mib=None,
+            tflops=None,
+            share=None,
+            status="ok",
+            detail="",
+            flops=flops,
+            device=device,
+        )
         rows[name] = r
         try:
             fn = make()
@@ -94,7 +113,10 @@ def compare(case: str, flops: float, dtype: str, providers: Dict[str, Callable[[
         except torch.cuda.OutOfMemoryError as e:
             r.update(status="oom", detail=str(e).splitlines()[0][:200])
         except Exception as e:  # noqa: BLE001  (a provider's failure is its row's result)
-            r.update(status="error", detail=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            r.update(
+                status="error",
+                detail=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+            )
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -115,8 +137,12 @@ def compare(case: str, flops: float, dtype: str, providers: Dict[str, Callable[[
     for name, ts in times.items():
         if ts and rows[name]["status"] == "ok":
             ms = statistics.median(ts)
-            rows[name].update(ms=round(ms, 4), tflops=float(f"{flops / (ms * 1e-3) / 1e12:.4g}") if flops else None,
-                              spread=[round(min(ts), 4), round(max(ts), 4)], rounds=len(ts))
+            rows[name].update(
+                ms=round(ms, 4),
+                tflops=float(f"{flops / (ms * 1e-3) / 1e12:.4g}") if flops else None,
+                spread=[round(min(ts), 4), round(max(ts), 4)],
+                rounds=len(ts),
+            )
     fns.clear()
     return list(rows.values())
 
@@ -124,13 +150,16 @@ def compare(case: str, flops: float, dtype: str, providers: Dict[str, Callable[[
 def _step(fn, inputs: List[torch.Tensor], dout=None):
     """A timed call: forward only (dout None, no graph) or forward + backward to every input."""
     if dout is None:
+
         def run():
             with torch.no_grad():
                 return fn(*inputs)
     else:
+
         def run():
             out = fn(*inputs)
             return torch.autograd.grad(out, inputs, dout)
+
     return run
 
 
@@ -154,8 +183,15 @@ def sdpa_kernel_used(q, k, v) -> str:
         F.scaled_dot_product_attention(q, k, v)
         _sync(q.device.type)
     names = {e.name for e in prof.events()}
-    picked = sorted(n for n in names if n.startswith("aten::_scaled_dot_product") or n.startswith("aten::_efficient")
-                    or n.startswith("aten::_flash") or "cudnn" in n.lower() and "attention" in n.lower())
+    picked = sorted(
+        n
+        for n in names
+        if n.startswith("aten::_scaled_dot_product")
+        or n.startswith("aten::_efficient")
+        or n.startswith("aten::_flash")
+        or "cudnn" in n.lower()
+        and "attention" in n.lower()
+    )
     can = []
     for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         try:
@@ -190,12 +226,13 @@ def bench_pwca(device, quick, rounds, warmup, dtype):
 
         def naive_fn(q, k1, v1, k2, v2):
             k, v = torch.cat([k1, k2], -2), torch.cat([v1, v2], -2)
-            return torch.softmax((q @ k.transpose(-1, -2)) * D ** -0.5, -1) @ v
+            return torch.softmax((q @ k.transpose(-1, -2)) * D**-0.5, -1) @ v
 
         def make(fn):
             def m():
                 ts, dout = inputs()
                 return _step(fn, ts, dout)
+
             return m
 
         def make_dcal():
@@ -212,16 +249,21 @@ def bench_pwca(device, quick, rounds, warmup, dtype):
         except Exception as e:  # noqa: BLE001
             rows_detail["sdpa_cat"] = f"kernel probe failed: {type(e).__name__}: {e}"[:200]
         del ts0, kcat, vcat
+
         def flex_p():
             if grad and device != "cuda":
                 raise Unavailable("FlexAttention has no CPU backward")
-            return make(lambda q, k1, v1, k2, v2: flex(q, torch.cat([k1, k2], -2), torch.cat([v1, v2], -2),
-                                                      scale=D ** -0.5))()
+            return make(
+                lambda q, k1, v1, k2, v2: flex(q, torch.cat([k1, k2], -2), torch.cat([v1, v2], -2), scale=D**-0.5)
+            )()
 
         provs = {
             "dcal": make_dcal,
-            "sdpa_cat": make(lambda q, k1, v1, k2, v2: F.scaled_dot_product_attention(
-                q, torch.cat([k1, k2], -2), torch.cat([v1, v2], -2), scale=D ** -0.5)),
+            "sdpa_cat": make(
+                lambda q, k1, v1, k2, v2: F.scaled_dot_product_attention(
+                    q, torch.cat([k1, k2], -2), torch.cat([v1, v2], -2), scale=D**-0.5
+                )
+            ),
             "flex_cat": flex_p,
             "naive": make(naive_fn),
         }
@@ -243,7 +285,10 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
         B, H, X, D = 2, 4, 256, 64
         modes = ("fwd+bwd",) if quick else ("fwd", "fwd+bwd")
     else:
-        (B, H, X, D), modes = ((1, 2, 24, 16) if quick else (1, 4, 64, 32)), (("fwd+bwd",) if quick else ("fwd", "fwd+bwd"))
+        (B, H, X, D), modes = (
+            ((1, 2, 24, 16) if quick else (1, 4, 64, 32)),
+            (("fwd+bwd",) if quick else ("fwd", "fwd+bwd")),
+        )
     Y, C, r = X, H * D, ks // 2
     tdt = getattr(torch, dtype)
     rows = []
@@ -255,7 +300,9 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
         def dcal_p():
             ts = [_rand((B, H, X, Y, D), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, H, X, Y, D), tdt, device, 9) if grad else None
-            return _step(lambda q, k, v: dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border="zero"), ts, dout)
+            return _step(
+                lambda q, k, v: dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border="zero"), ts, dout
+            )
 
         def unfold_p():
             ts = [_rand((B, C, X, Y), tdt, device, s, grad) for s in range(3)]
@@ -264,8 +311,9 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
             def unfold_na(q, k, v):
                 kk = F.unfold(k, ks, padding=r).view(B, H, D, ks * ks, X * Y)
                 vv = F.unfold(v, ks, padding=r).view(B, H, D, ks * ks, X * Y)
-                attn = (q.reshape(B, H, D, 1, X * Y) * kk).sum(2, keepdim=True) * D ** -0.5
+                attn = (q.reshape(B, H, D, 1, X * Y) * kk).sum(2, keepdim=True) * D**-0.5
                 return (attn.softmax(3) * vv).sum(3).reshape(B, C, X, Y)
+
             return _step(unfold_na, ts, dout)
 
         def flex_p():
@@ -273,11 +321,14 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
 
             if grad and device != "cuda":
                 raise Unavailable("FlexAttention has no CPU backward")
+
             def window(b, h, qi, ki):  # border "mask": the centred window, off-map keys left out
                 return ((qi // Y - ki // Y).abs() <= r) & ((qi % Y - ki % Y).abs() <= r)
+
             # _compile: evaluate the mask block by block instead of materialising [X*Y, X*Y]
-            mask = create_block_mask(window, B=None, H=None, Q_LEN=X * Y, KV_LEN=X * Y, device=device,
-                                     _compile=device == "cuda")
+            mask = create_block_mask(
+                window, B=None, H=None, Q_LEN=X * Y, KV_LEN=X * Y, device=device, _compile=device == "cuda"
+            )
             flex = torch.compile(flex_attention, dynamic=False)
             ts = [_rand((B, H, X * Y, D), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, H, X * Y, D), tdt, device, 9) if grad else None
@@ -294,11 +345,15 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
             dout = _rand((B, X, Y, H, D), tdt, device, 9) if grad else None
             return _step(lambda q, k, v: natten.na2d(q, k, v, kernel_size=ks), ts, dout)
 
-        provs = {"dcal (zero)": dcal_p, "unfold (zero)": unfold_p, "flex block mask (mask)": flex_p,
-                 "natten (clamp)": natten_p}
+        provs = {
+            "dcal (zero)": dcal_p,
+            "unfold (zero)": unfold_p,
+            "flex block mask (mask)": flex_p,
+            "natten (clamp)": natten_p,
+        }
         rows += compare(case, flops, dtype, provs, device, rounds, warmup)
         ch = dcal.ops.chosen_backend("neighborhood_attention2d", torch.empty(1, 1, 1, 1, D, device=device, dtype=tdt))
-        for row in rows[-len(provs):]:
+        for row in rows[-len(provs) :]:
             if row["provider"].startswith("dcal"):
                 row["detail"] = f"backend {ch}; " + row["detail"]
     return rows
@@ -318,14 +373,14 @@ def bench_rollout(device, quick, rounds, warmup, dtype):
     tdt = getattr(torch, dtype)
     qs = [_rand((B, H, N, D), tdt, device, 2 * i) for i in range(L)]
     ks = [_rand((B, H, N, D), tdt, device, 2 * i + 1) for i in range(L)]
-    lses = [torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * D ** -0.5, -1) for q, k in zip(qs, ks)]
+    lses = [torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * D**-0.5, -1) for q, k in zip(qs, ks)]
     case = f"rollout B{B} H{H} N{N} D{D} L{L} {dtype}"
     flops = 2.0 * L * B * H * N * N * D
     ch = dcal.ops.chosen_backend("attention_rollout", qs[0])
     provs = {
-        "dcal (lses given)": lambda: (lambda: dcal.ops.attention_rollout(qs, ks, lses=lses)),
-        "dcal (recomputed)": lambda: (lambda: dcal.ops.attention_rollout(qs, ks)),
-        "dense reference": lambda: (lambda: reference.attention_rollout(qs, ks)),
+        "dcal (lses given)": lambda: lambda: dcal.ops.attention_rollout(qs, ks, lses=lses),
+        "dcal (recomputed)": lambda: lambda: dcal.ops.attention_rollout(qs, ks),
+        "dense reference": lambda: lambda: reference.attention_rollout(qs, ks),
     }
     rows = compare(case, flops, dtype, provs, device, rounds, warmup)
     for r in rows:
@@ -386,12 +441,20 @@ def bench_train(device, quick, rounds, warmup, dtype):
                         scaler.step(opt)
                         scaler.update()
                         return loss.detach()
+
                     return step
+
                 return m
 
-            rows += compare(case, vit_step_flops(B, p), dt, {"fused (default chain)": make(None),
-                                                             "materialising (reference)": make("reference")},
-                            device, rounds, warmup)
+            rows += compare(
+                case,
+                vit_step_flops(B, p),
+                dt,
+                {"fused (default chain)": make(None), "materialising (reference)": make("reference")},
+                device,
+                rounds,
+                warmup,
+            )
     return rows
 
 
@@ -400,17 +463,29 @@ def bench_train(device, quick, rounds, warmup, dtype):
 
 def bench_peak(device, quick, rounds, warmup, dtypes):
     rows = []
-    n = (8192 if device == "cuda" else (768 if quick else 2048))
+    n = 8192 if device == "cuda" else (768 if quick else 2048)
     for dt in dtypes:
         tdt = getattr(torch, dt)
         a, b = _rand((n, n), tdt, device, 0), _rand((n, n), tdt, device, 1)
-        rows += compare(f"matmul {n}^3 {dt}", 2.0 * n ** 3, dt, {"torch.matmul": lambda: (lambda: a @ b)}, device,
-                        max(rounds, 5), warmup)
+        rows += compare(
+            f"matmul {n}^3 {dt}",
+            2.0 * n**3,
+            dt,
+            {"torch.matmul": lambda: lambda: a @ b},
+            device,
+            max(rounds, 5),
+            warmup,
+        )
     return rows
 
 
-GROUPS = {"peak": bench_peak, "pwca": bench_pwca, "neighborhood": bench_neighborhood, "rollout": bench_rollout,
-          "train": bench_train}
+GROUPS = {
+    "peak": bench_peak,
+    "pwca": bench_pwca,
+    "neighborhood": bench_neighborhood,
+    "rollout": bench_rollout,
+    "train": bench_train,
+}
 
 
 def bench_dtypes(device: str) -> Tuple[str, ...]:
@@ -442,9 +517,21 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001  (the group's set-up failed: one error row)
                 tb = traceback.extract_tb(e.__traceback__)
                 where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
-                rows = [dict(case=group, provider="(set-up)", ms=None, peak_mib=None, tflops=None, share=None,
-                             status="error", detail=f"{type(e).__name__}: {e}"[:300] + where,
-                             flops=None, device=a.device, dtype=None)]
+                rows = [
+                    dict(
+                        case=group,
+                        provider="(set-up)",
+                        ms=None,
+                        peak_mib=None,
+                        tflops=None,
+                        share=None,
+                        status="error",
+                        detail=f"{type(e).__name__}: {e}"[:300] + where,
+                        flops=None,
+                        device=a.device,
+                        dtype=None,
+                    )
+                ]
             for r in rows:
                 f.write(json.dumps(r) + "\n")
             f.write(json.dumps({"group_done": group}) + "\n")

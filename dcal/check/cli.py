@@ -6,6 +6,7 @@ under compute-sanitizer), the benchmarks (one subprocess per group), then ``DIR/
 and ``DIR/report.md``. Exit status 1 when any case fails or errors; 2 when the filters select
 nothing or no case passed (nothing was checked); 0 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def _run(cmd: List[str], env, log_path: str, timeout: float, prefix: Optional[Li
     """Run a child in its own process group; (returncode or None on timeout, seconds)."""
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
-        proc = subprocess.Popen((prefix or []) + cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            (prefix or []) + cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -73,8 +75,20 @@ def _row_from_id(rid: str, status: str, detail: str, check: str = "run") -> dict
     op, backend, dtype, shape = (parts + ["?"] * 4)[:4]
     if len(parts) > 4:
         check = parts[4]
-    return dict(op=op, backend=backend, device=None, dtype=dtype, shape=shape, check=check, status=status,
-                max_err=None, tol=None, seconds=None, detail=detail, id=rid)
+    return dict(
+        op=op,
+        backend=backend,
+        device=None,
+        dtype=dtype,
+        shape=shape,
+        check=check,
+        status=status,
+        max_err=None,
+        tol=None,
+        seconds=None,
+        detail=detail,
+        id=rid,
+    )
 
 
 def _describe_rc(rc) -> str:
@@ -88,16 +102,28 @@ def _describe_rc(rc) -> str:
     return f"exit status {rc}"
 
 
-def run_family(family: str, a, env, workdir: str, deadline: float, prefix=None, tag: str = "",
-               env_out: Optional[str] = None) -> List[dict]:
+def run_family(
+    family: str, a, env, workdir: str, deadline: float, prefix=None, tag: str = "", env_out: Optional[str] = None
+) -> List[dict]:
     """All runs of one family; a run that kills its worker is recorded and the worker restarted."""
     name = f"{family}{tag}"
     out, skipf, log = (os.path.join(workdir, f"{name}.{ext}") for ext in ("jsonl", "skip", "log"))
     for p in (out, skipf):
         if os.path.exists(p):
             os.remove(p)
-    cmd = [sys.executable, "-m", "dcal.check.worker", "--family", family, "--device", a.device, "--out", out,
-           "--skip", skipf]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dcal.check.worker",
+        "--family",
+        family,
+        "--device",
+        a.device,
+        "--out",
+        out,
+        "--skip",
+        skipf,
+    ]
     if a.quick:
         cmd.append("--quick")
     for flag, val in (("--ops", a.ops), ("--only", a.only), ("--backends", a.backends), ("--dtypes", a.dtypes)):
@@ -122,11 +148,16 @@ def run_family(family: str, a, env, workdir: str, deadline: float, prefix=None, 
         ended = {e["id"] for e in events if e["event"] == "end"}
         dead = [i for i in started if i not in ended and i not in {r["id"] for r in crashed_rows}]
         if plan is None:  # the worker died before planning (import error, bad filter, ...)
-            crashed_rows.append(_row_from_id(f"{family}|*|*|*", "error",
-                                             f"worker {_describe_rc(rc)} before running any case: {_tail(log)}"))
+            crashed_rows.append(
+                _row_from_id(
+                    f"{family}|*|*|*", "error", f"worker {_describe_rc(rc)} before running any case: {_tail(log)}"
+                )
+            )
             break
         for rid in dead:
-            crashed_rows.append(_row_from_id(rid, "error", f"worker process {_describe_rc(rc)} during this run: {_tail(log)}"))
+            crashed_rows.append(
+                _row_from_id(rid, "error", f"worker process {_describe_rc(rc)} during this run: {_tail(log)}")
+            )
         done = ended | {r["id"] for r in crashed_rows}
         remaining = [i for i in plan if i not in done]
         if not remaining:
@@ -137,8 +168,11 @@ def run_family(family: str, a, env, workdir: str, deadline: float, prefix=None, 
             break
         if (rc == 0 and not dead) or len(started) == n_started:  # ended early, or died before any run
             for rid in remaining:
-                crashed_rows.append(_row_from_id(rid, "error", f"not run: the worker {_describe_rc(rc)} before "
-                                                               f"reaching it: {_tail(log)}"))
+                crashed_rows.append(
+                    _row_from_id(
+                        rid, "error", f"not run: the worker {_describe_rc(rc)} before reaching it: {_tail(log)}"
+                    )
+                )
             break
         n_started = len(started)
         with open(skipf, "w") as f:
@@ -179,23 +213,41 @@ def sanitize(a, env, workdir, deadline, tool_path: Optional[str] = None) -> List
     dtype = "float16" if a.device == "cuda" else "float32"
 
     def skip(why):
-        return [dict(op="(all)", backend="triton+cpp", device=a.device, dtype=dtype, shape="tiny subset",
-                     check=f"sanitize:{tool}", status="skip", max_err=None, tol=None, seconds=None, detail=why,
-                     id=f"sanitize|{tool}") for tool in ("memcheck", "racecheck")]
+        return [
+            dict(
+                op="(all)",
+                backend="triton+cpp",
+                device=a.device,
+                dtype=dtype,
+                shape="tiny subset",
+                check=f"sanitize:{tool}",
+                status="skip",
+                max_err=None,
+                tol=None,
+                seconds=None,
+                detail=why,
+                id=f"sanitize|{tool}",
+            )
+            for tool in ("memcheck", "racecheck")
+        ]
+
     if tool_path is None:
         if a.device != "cuda":
             return skip("compute-sanitizer checks CUDA kernels; this run is on CPU")
         tool_path = find_sanitizer()
         if not tool_path:
-            return skip("compute-sanitizer not found (on the PATH, $CUDA_HOME/bin or /usr/local/cuda/bin); "
-                        "it ships with the CUDA toolkit")
+            return skip(
+                "compute-sanitizer not found (on the PATH, $CUDA_HOME/bin or /usr/local/cuda/bin); "
+                "it ships with the CUDA toolkit"
+            )
     rows = []
     # without the caching allocator every tensor is its own allocation, so an access past a
     # tensor's end is outside any allocation and memcheck sees it
     env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     backends = [b for b in ("triton", "cpp") if not a.backends or b in a.backends]
-    sub = argparse.Namespace(**{**vars(a), "quick": False, "backends": backends, "dtypes": [dtype],
-                                "tier": G.TINY, "no_compile": True})
+    sub = argparse.Namespace(
+        **{**vars(a), "quick": False, "backends": backends, "dtypes": [dtype], "tier": G.TINY, "no_compile": True}
+    )
     for tool in ("memcheck", "racecheck"):
         prefix = [tool_path, "--tool", tool, "--error-exitcode", "86", "--print-limit", "20"]
         for family in G.FAMILIES:
@@ -214,9 +266,22 @@ def sanitize(a, env, workdir, deadline, tool_path: Optional[str] = None) -> List
                 detail += "; " + " | ".join(hazards[:5])
             if bad:
                 detail += f"; {len(bad)} runs failed/errored under the tool (see {os.path.basename(log)})"
-            rows.append(dict(op=family, backend="triton+cpp", device=a.device, dtype=dtype, shape="tiny subset",
-                             check=f"sanitize:{tool}", status=status, max_err=None, tol=None,
-                             seconds=round(time.perf_counter() - t0, 2), detail=detail[:800], id=f"{family}|sanitize|{tool}"))
+            rows.append(
+                dict(
+                    op=family,
+                    backend="triton+cpp",
+                    device=a.device,
+                    dtype=dtype,
+                    shape="tiny subset",
+                    check=f"sanitize:{tool}",
+                    status=status,
+                    max_err=None,
+                    tol=None,
+                    seconds=round(time.perf_counter() - t0, 2),
+                    detail=detail[:800],
+                    id=f"{family}|sanitize|{tool}",
+                )
+            )
     return rows
 
 
@@ -248,9 +313,13 @@ def run_bench(a, env, workdir, deadline) -> List[dict]:
     if os.path.exists(out):
         os.remove(out)
     family_of = {"pwca": "attention", "neighborhood": "neighborhood", "rollout": "rollout"}
-    groups = [g for g in ("peak", "pwca", "neighborhood", "rollout", "train")
-              if not a.ops or g in ("peak", "train")
-              or any(o in (g, family_of[g]) or G.FAMILY.get(o) == family_of[g] for o in a.ops)]
+    groups = [
+        g
+        for g in ("peak", "pwca", "neighborhood", "rollout", "train")
+        if not a.ops
+        or g in ("peak", "train")
+        or any(o in (g, family_of[g]) or G.FAMILY.get(o) == family_of[g] for o in a.ops)
+    ]
     failed: List[dict] = []
     while groups:
         cmd = [sys.executable, "-m", "dcal.check.bench", "--device", a.device, "--out", out, "--group", *groups]
@@ -265,9 +334,21 @@ def run_bench(a, env, workdir, deadline) -> List[dict]:
         if not rest:
             break
         dead = next((g for g in started if g not in done and g in rest), rest[0])
-        failed.append(dict(case=dead, provider="(group)", ms=None, peak_mib=None, tflops=None, share=None, status="error",
-                           detail=f"bench process {_describe_rc(rc)} in this group: {_tail(log)}", device=a.device,
-                           dtype=None, flops=None))
+        failed.append(
+            dict(
+                case=dead,
+                provider="(group)",
+                ms=None,
+                peak_mib=None,
+                tflops=None,
+                share=None,
+                status="error",
+                detail=f"bench process {_describe_rc(rc)} in this group: {_tail(log)}",
+                device=a.device,
+                dtype=None,
+                flops=None,
+            )
+        )
         groups = [g for g in rest if g != dead]
         if rc is None or time.time() >= deadline:
             break
@@ -286,22 +367,34 @@ def run_bench(a, env, workdir, deadline) -> List[dict]:
 def parse(argv=None):
     from dcal import _ext
 
-    p = argparse.ArgumentParser(prog="python -m dcal.check", description=__doc__.splitlines()[0],
-                                epilog=f"This install: {_ext.status()}.")
+    p = argparse.ArgumentParser(
+        prog="python -m dcal.check", description=__doc__.splitlines()[0], epilog=f"This install: {_ext.status()}."
+    )
     p.add_argument("--quick", action="store_true", help="the short run (GPU target: 3 minutes; CPU: TINY cases)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--out", default="dcal-check", help="directory for report.md, report.json and the logs")
     p.add_argument("--no-bench", action="store_true", help="correctness only")
     p.add_argument("--sanitize", action="store_true", help="also run the tiny GPU subset under compute-sanitizer")
-    p.add_argument("--ops", nargs="+", default=None,
-                   help="families (attention, neighborhood, rollout) or op names (pwca = pwca_attention)")
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        help="families (attention, neighborhood, rollout) or op names (pwca = pwca_attention)",
+    )
     p.add_argument("--only", nargs="+", default=None, help="cases whose 'op shape' text contains one of these")
     p.add_argument("--backends", nargs="+", default=None, choices=G.BACKENDS_UNDER_TEST)
-    p.add_argument("--dtypes", nargs="+", default=None, help="cpu: float32 float64 bfloat16; cuda: float32 float16 bfloat16")
-    p.add_argument("--inject", default=None,
-                   help="TESTING THE CHECKER ONLY: a Python file every worker runs before its cases (e.g. to "
-                        "patch a backend and see the report catch it); the report says it was used")
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default 1800 on CUDA, 900 on CPU)")
+    p.add_argument(
+        "--dtypes", nargs="+", default=None, help="cpu: float32 float64 bfloat16; cuda: float32 float16 bfloat16"
+    )
+    p.add_argument(
+        "--inject",
+        default=None,
+        help="TESTING THE CHECKER ONLY: a Python file every worker runs before its cases (e.g. to "
+        "patch a backend and see the report catch it); the report says it was used",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds for the whole run (default 1800 on CUDA, 900 on CPU)"
+    )
     a = p.parse_args(argv)
     a.device = a.device or _default_device()
     if a.device == "cuda":
@@ -350,8 +443,12 @@ def main(argv=None) -> int:
         cases += multigpu.run_from_driver(a, env, workdir, deadline)
     rc = 0
     if not os.path.exists(env_path):  # no worker ran, or none got that far
-        rc, _ = _run([sys.executable, "-m", "dcal.check.env", "--device", a.device, "--out", env_path], env,
-                     os.path.join(workdir, "env.log"), 300)
+        rc, _ = _run(
+            [sys.executable, "-m", "dcal.check.env", "--device", a.device, "--out", env_path],
+            env,
+            os.path.join(workdir, "env.log"),
+            300,
+        )
     try:
         envblock = json.load(open(env_path))
     except (OSError, json.JSONDecodeError):
@@ -367,19 +464,32 @@ def main(argv=None) -> int:
     for quick in (True, False):
         secs, counts = G.estimate_gpu_seconds(quick)
         est["quick" if quick else "full"] = dict(seconds=round(secs), **counts)
-    run = dict(argv=sys.argv[1:] if argv is None else list(argv), device=a.device, quick=a.quick,
-               wall_seconds=round(wall, 1), cpu_seconds=round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 1),
-               gpu_estimate=est)
+    run = dict(
+        argv=sys.argv[1:] if argv is None else list(argv),
+        device=a.device,
+        quick=a.quick,
+        wall_seconds=round(wall, 1),
+        cpu_seconds=round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 1),
+        gpu_estimate=est,
+    )
     data = dict(env=envblock, run=run, cases=cases, bench=bench)
     REPORT.write(a.out, data)
     failed = [r for r in cases if r["status"] in ("fail", "error")]
     verdict = REPORT.verdict(cases)
-    print(f"[dcal.check] {verdict}: {REPORT.count(cases)}; wall {wall:.0f} s, CPU {run['cpu_seconds']:.0f} s; "
-          f"report: {os.path.join(a.out, 'report.md')}", flush=True)
+    print(
+        f"[dcal.check] {verdict}: {REPORT.count(cases)}; wall {wall:.0f} s, CPU {run['cpu_seconds']:.0f} s; "
+        f"report: {os.path.join(a.out, 'report.md')}",
+        flush=True,
+    )
     for r in failed[:20]:
-        print(f"  {r['status'].upper():5} {r['op']} {r['backend']} {r['dtype']} {r['shape']} {r['check']}: {r['detail'][:160]}")
+        print(
+            f"  {r['status'].upper():5} {r['op']} {r['backend']} {r['dtype']} {r['shape']} {r['check']}: {r['detail'][:160]}"
+        )
     if verdict == REPORT.NOTHING:
-        print("python -m dcal.check: error: no case passed or failed (every selected run was skipped, or none was "
-              "selected): nothing was checked", file=sys.stderr)
+        print(
+            "python -m dcal.check: error: no case passed or failed (every selected run was skipped, or none was "
+            "selected): nothing was checked",
+            file=sys.stderr,
+        )
         return 2
     return 1 if failed else 0

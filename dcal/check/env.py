@@ -5,6 +5,7 @@ CUDA runtime and driver), the GPU (name, capability, memory), the host, whether 
 loaded, whether its CUDA kernels are compiled in and which device kernels each ``dcal::`` op has,
 and the backend chain of every op for every dtype of the device (``dcal.ops.explain``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,13 @@ def collect(device: str) -> dict:
     env["cuda_available"] = torch.cuda.is_available()
     if device == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                   gpu_count=torch.cuda.device_count(), sm_count=p.multi_processor_count)
+        env.update(
+            gpu=p.name,
+            capability=f"{p.major}.{p.minor}",
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            gpu_count=torch.cuda.device_count(),
+            sm_count=p.multi_processor_count,
+        )
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
         env["driver"] = smi[0].strip() if smi else "unknown (nvidia-smi not found)"
         try:

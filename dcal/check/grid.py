@@ -12,6 +12,7 @@ Tiers (``RUN_TIER`` maps a run to the highest tier it includes)::
     FULL   every GPU run                                      (the models' sizes: DCAL, BEV, rollout)
     LARGE  GPU without --quick                                (batch 16, other borders, > 2**31 elements)
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,17 +24,27 @@ TINY, SMALL, FULL, LARGE = 0, 1, 2, 3
 TIER_NAMES = {TINY: "tiny", SMALL: "small", FULL: "full", LARGE: "large"}
 
 # Public op name -> op family (one worker subprocess per family) and dispatch op name.
-FAMILY = {"pwca_attention": "attention", "multi_kv_attention": "attention",
-          "neighborhood_attention2d": "neighborhood", "attention_rollout": "rollout"}
-DISPATCH_OP = {"pwca_attention": "multi_kv_attention", "multi_kv_attention": "multi_kv_attention",
-               "neighborhood_attention2d": "neighborhood_attention2d", "attention_rollout": "attention_rollout"}
+FAMILY = {
+    "pwca_attention": "attention",
+    "multi_kv_attention": "attention",
+    "neighborhood_attention2d": "neighborhood",
+    "attention_rollout": "rollout",
+}
+DISPATCH_OP = {
+    "pwca_attention": "multi_kv_attention",
+    "multi_kv_attention": "multi_kv_attention",
+    "neighborhood_attention2d": "neighborhood_attention2d",
+    "attention_rollout": "attention_rollout",
+}
 FAMILIES = ("attention", "neighborhood", "rollout")
 BACKENDS_UNDER_TEST = ("triton", "cpp", "sdpa")
 DTYPES = {"cpu": ("float32", "float64", "bfloat16"), "cuda": ("float32", "float16", "bfloat16")}
 
 # Why bf16 Triton is not run by the CPU interpreter.
-INTERPRETER_BF16 = ("Triton 3.8's interpreter computes tl.dot of bf16 operands wrongly (triton issue #11584); "
-                    "bf16 Triton is checked on a GPU only")
+INTERPRETER_BF16 = (
+    "Triton 3.8's interpreter computes tl.dot of bf16 operands wrongly (triton issue #11584); "
+    "bf16 Triton is checked on a GPU only"
+)
 
 
 @dataclass(frozen=True)
@@ -260,24 +271,33 @@ def resolve_filters(device: str, quick: bool, ops=None, only=None, dtypes=None, 
     if ops:
         bad = [o for o in ops if o not in op_choices()]
         if bad:
-            return ops, (f"--ops {' '.join(bad)}: no such op or family; valid: {', '.join(FAMILIES)} (families), "
-                         f"{', '.join(FAMILY)} (ops), " + ", ".join(f"{a} (= {o})" for a, o in OP_ALIASES.items()))
+            return ops, (
+                f"--ops {' '.join(bad)}: no such op or family; valid: {', '.join(FAMILIES)} (families), "
+                f"{', '.join(FAMILY)} (ops), " + ", ".join(f"{a} (= {o})" for a, o in OP_ALIASES.items())
+            )
         ops = list(dict.fromkeys(OP_ALIASES.get(o, o) for o in ops))
     if dtypes:
         valid = run_dtypes(device, quick, run_tier(device, quick) if tier is None else tier)
         bad = [d for d in dtypes if d not in valid]
         if bad:
-            why = (" (a --quick run on cuda checks bfloat16 only; drop --quick for the others)"
-                   if device == "cuda" and quick and all(d in DTYPES[device] for d in bad) else "")
+            why = (
+                " (a --quick run on cuda checks bfloat16 only; drop --quick for the others)"
+                if device == "cuda" and quick and all(d in DTYPES[device] for d in bad)
+                else ""
+            )
             return ops, f"--dtypes {' '.join(bad)}: not checked on {device}{why}; valid: {', '.join(valid)}"
     cases = select(device, quick, ops, only, tier)
     if dtypes:
         cases = [c for c in cases if any(d in dtypes for d in case_dtypes(c, device, quick))]
     if not cases:
-        what = " ".join(f"{flag} {' '.join(v)}" for flag, v in (("--ops", ops), ("--only", only), ("--dtypes", dtypes)) if v)
+        what = " ".join(
+            f"{flag} {' '.join(v)}" for flag, v in (("--ops", ops), ("--only", only), ("--dtypes", dtypes)) if v
+        )
         examples = "; ".join(f"{c.op} {c.shape_str()}" for c in select(device, quick, ops, None, tier)[:3])
-        return ops, (f"{what}: no case of the {TIER_NAMES[run_tier(device, quick) if tier is None else tier]} grid on "
-                     f"{device} matches (--only matches text of 'op shape', e.g. {examples or 'none for these ops'})")
+        return ops, (
+            f"{what}: no case of the {TIER_NAMES[run_tier(device, quick) if tier is None else tier]} grid on "
+            f"{device} matches (--only matches text of 'op shape', e.g. {examples or 'none for these ops'})"
+        )
     if backends:
         from dcal.ops._dispatch import ORDER
 
@@ -317,13 +337,20 @@ def select(device: str, quick: bool, ops=None, only=None, tier=None) -> List[Cas
 # at B 8 bf16) and ~60 s in the full run (B 8 and 16, bf16 and fp16, both modes). The report prints the estimate next to the measured wall
 # time, so the constants can be corrected after the first GPU run.
 START_S, JIT_S, COMPILE_S = 8.0, 3.0, 10.0
-CASE_S = {TINY: {"*": 0.2}, SMALL: {"*": 0.3}, FULL: {"attention": 1.0, "neighborhood": 8.0, "rollout": 1.0},
-          LARGE: {"attention": 4.0, "neighborhood": 3.0, "rollout": 1.0}}
+CASE_S = {
+    TINY: {"*": 0.2},
+    SMALL: {"*": 0.3},
+    FULL: {"attention": 1.0, "neighborhood": 8.0, "rollout": 1.0},
+    LARGE: {"attention": 4.0, "neighborhood": 3.0, "rollout": 1.0},
+}
 FLEX_S, BENCH_RUN_S = 20.0, {True: 15.0, False: 60.0}
 FLEX_COMPILES = {True: 2, False: 4}
 # Backends that claim CUDA for each op (for the estimate only; the run asks dcal.ops itself).
-CUDA_BACKENDS = {"multi_kv_attention": ("triton", "sdpa"), "neighborhood_attention2d": ("triton", "cpp"),
-                 "attention_rollout": ("triton",)}
+CUDA_BACKENDS = {
+    "multi_kv_attention": ("triton", "sdpa"),
+    "neighborhood_attention2d": ("triton", "cpp"),
+    "attention_rollout": ("triton",),
+}
 
 
 def head_class(d: int) -> int:
@@ -344,7 +371,12 @@ def estimate_gpu_seconds(quick: bool, bench: bool = True) -> Tuple[float, Dict[s
                 per = CASE_S[c.tier].get(c.family, CASE_S[c.tier].get("*"))
                 secs += per * (2 if c.det and determinism_promise(c.op, b, "cuda") else 1)
                 if b == "triton":
-                    flags = (len(c.s.get("Nk", ())) > 1, c.kw.get("border"), bool(c.kw.get("rpb")), c.kw.get("with_lse"))
+                    flags = (
+                        len(c.s.get("Nk", ())) > 1,
+                        c.kw.get("border"),
+                        bool(c.kw.get("rpb")),
+                        c.kw.get("with_lse"),
+                    )
                     jit.add((DISPATCH_OP[c.op], dt, head_class(c.s["D"]), flags))
             cb = compile_backends("cuda", quick)
             if c.tier == TINY and (cb is None or b in cb):
@@ -352,12 +384,16 @@ def estimate_gpu_seconds(quick: bool, bench: bool = True) -> Tuple[float, Dict[s
     secs += JIT_S * len(jit) + COMPILE_S * len(compiles)
     if bench:
         secs += START_S + FLEX_S * FLEX_COMPILES[quick] + BENCH_RUN_S[quick]
-    return secs, {"cases": len(cases), "runs": runs, "triton_specialisations": len(jit), "compile_checks": len(compiles)}
+    return secs, {
+        "cases": len(cases),
+        "runs": runs,
+        "triton_specialisations": len(jit),
+        "compile_checks": len(compiles),
+    }
 
 
 def fmt_minutes(s: float) -> str:
     return f"{s / 60:.1f} min"
-
 
 
 __all__ = ["Case", "GRID", "select", "tolerance", "determinism_promise", "estimate_gpu_seconds"]

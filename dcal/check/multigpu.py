@@ -11,6 +11,7 @@ cleanly. With fewer than two GPUs every case is reported as skipped, with the re
 ``python -m dcal.check.multigpu --out rows.jsonl`` (run by the driver in a subprocess) writes one
 JSON row per case, in the rows format of :mod:`dcal.check.worker`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,29 @@ import time
 from typing import Dict, List
 
 CASES = ("pwca_attention", "neighborhood_attention2d", "attention_rollout")
-SHAPES = {"pwca_attention": "B2 H3 Nq37 Nk37+29 D64", "neighborhood_attention2d": "B2 H2 13x17 D32 k7 clamp rpb",
-          "attention_rollout": "L3 B2 H3 N37 D64"}
+SHAPES = {
+    "pwca_attention": "B2 H3 Nq37 Nk37+29 D64",
+    "neighborhood_attention2d": "B2 H2 13x17 D32 k7 clamp rpb",
+    "attention_rollout": "L3 B2 H3 N37 D64",
+}
 TOL = 3e-2  # float16 kernels against the float32 reference, relative to the reference's largest magnitude
 
 
 def _row(op: str, status: str, max_err=None, seconds=None, detail: str = "") -> Dict:
-    return dict(op=op, backend="triton", device="cuda:1", dtype="float16", shape=SHAPES[op], check="cuda:1",
-                status=status, max_err=max_err, tol=TOL if max_err is not None else None, seconds=seconds,
-                detail=detail, id=f"{op}|triton|float16|{SHAPES[op]}|cuda:1")
+    return dict(
+        op=op,
+        backend="triton",
+        device="cuda:1",
+        dtype="float16",
+        shape=SHAPES[op],
+        check="cuda:1",
+        status=status,
+        max_err=max_err,
+        tol=TOL if max_err is not None else None,
+        seconds=seconds,
+        detail=detail,
+        id=f"{op}|triton|float16|{SHAPES[op]}|cuda:1",
+    )
 
 
 def _inputs(op: str, dev, dtype):
@@ -85,15 +100,24 @@ def run_case(op: str, device: str = "cuda:1") -> Dict:
     if cuda:
         torch.cuda.synchronize(dev)
     if cuda and torch.cuda.current_device() != 0:
-        return _row(op, "fail", seconds=time.perf_counter() - t0,
-                    detail=f"the op left cuda:{torch.cuda.current_device()} current; cuda:0 was")
+        return _row(
+            op,
+            "fail",
+            seconds=time.perf_counter() - t0,
+            detail=f"the op left cuda:{torch.cuda.current_device()} current; cuda:0 was",
+        )
     wrong = [str(a.device) for a, _ in outs if a.device != dev]
     if wrong:
         return _row(op, "fail", seconds=time.perf_counter() - t0, detail=f"outputs on {wrong}, inputs on {dev}")
     errs = [_err(a, b) for a, b in outs]
     worst = max(errs)
-    return _row(op, "pass" if worst <= TOL else "fail", max_err=worst, seconds=time.perf_counter() - t0,
-                detail="forward" + (" and gradients" if len(outs) > 1 else "") + " on cuda:1 with cuda:0 current")
+    return _row(
+        op,
+        "pass" if worst <= TOL else "fail",
+        max_err=worst,
+        seconds=time.perf_counter() - t0,
+        detail="forward" + (" and gradients" if len(outs) > 1 else "") + " on cuda:1 with cuda:0 current",
+    )
 
 
 def rows() -> List[Dict]:
@@ -102,8 +126,9 @@ def rows() -> List[Dict]:
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n < 2:
-        why = f"needs a second GPU (cuda:1); {n} visible" + (" (CUDA_VISIBLE_DEVICES)" if os.environ.get(
-            "CUDA_VISIBLE_DEVICES") is not None else "")
+        why = f"needs a second GPU (cuda:1); {n} visible" + (
+            " (CUDA_VISIBLE_DEVICES)" if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else ""
+        )
         return [_row(op, "skip", detail=why) for op in CASES]
     out = []
     for op in CASES:
@@ -125,9 +150,13 @@ def run_from_driver(a, env, workdir: str, deadline: float) -> List[Dict]:
         os.remove(out)
     with open(log, "a") as f:
         try:
-            rc = subprocess.run([sys.executable, "-m", "dcal.check.multigpu", "--out", out], env=env, stdout=f,
-                                stderr=subprocess.STDOUT, timeout=max(1.0, min(600.0, deadline - time.time()))
-                                ).returncode
+            rc = subprocess.run(
+                [sys.executable, "-m", "dcal.check.multigpu", "--out", out],
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=max(1.0, min(600.0, deadline - time.time())),
+            ).returncode
             what = f"exited with status {rc}"
         except subprocess.TimeoutExpired:
             rc, what = None, "timed out"

@@ -13,6 +13,7 @@ so an unwritten output shows; the ``reference`` backend on the same rounded inpu
 truth) and in the case's dtype (PyTorch's own error), sliced per batch (and head) so the truth of
 the models' sizes fits; one row per output and gradient judged by :func:`grid.tolerance`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,28 @@ class Writer:
 
 
 def row(run, check, status, max_err=None, tol=None, seconds=None, detail=""):
-    return dict(op=run["op"], backend=run["backend"], device=run["device"], dtype=run["dtype"], shape=run["shape"],
-                check=check, status=status, max_err=max_err, tol=tol, seconds=seconds, detail=detail, id=run["id"])
+    return dict(
+        op=run["op"],
+        backend=run["backend"],
+        device=run["device"],
+        dtype=run["dtype"],
+        shape=run["shape"],
+        check=check,
+        status=status,
+        max_err=max_err,
+        tol=tol,
+        seconds=seconds,
+        detail=detail,
+        id=run["id"],
+    )
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(family: str, device: str, quick: bool, ops=None, only=None, backends=None, dtypes=None, tier=None) -> List[dict]:
+def plan(
+    family: str, device: str, quick: bool, ops=None, only=None, backends=None, dtypes=None, tier=None
+) -> List[dict]:
     """Every (case, backend, dtype) run of this family, plus one torch.compile run per backend."""
     from dcal.ops import _dispatch
 
@@ -65,8 +80,19 @@ def plan(family: str, device: str, quick: bool, ops=None, only=None, backends=No
                 if dtypes and dt not in dtypes:
                     continue
                 rid = f"{c.op}|{b}|{dt}|{c.shape_str()}"
-                runs.append(dict(id=rid, kind="grid", case=c, op=c.op, backend=b, device=device, dtype=dt,
-                                 shape=c.shape_str(), why=_skip_reason(c, b, dt, device)))
+                runs.append(
+                    dict(
+                        id=rid,
+                        kind="grid",
+                        case=c,
+                        op=c.op,
+                        backend=b,
+                        device=device,
+                        dtype=dt,
+                        shape=c.shape_str(),
+                        why=_skip_reason(c, b, dt, device),
+                    )
+                )
     # torch.compile(fullgraph=True) of each op once per backend (pwca_attention is multi_kv_attention
     # with two segments): its first TINY case without extras, in the first dtype the backend runs.
     seen = set()
@@ -74,15 +100,26 @@ def plan(family: str, device: str, quick: bool, ops=None, only=None, backends=No
     for r in list(runs):
         c = r["case"]
         key = (G.DISPATCH_OP[c.op], r["backend"])
-        if (key in seen or c.tier != G.TINY or r["why"] or "dilation" in c.kw
-                or (cbackends is not None and r["backend"] not in cbackends)):
+        if (
+            key in seen
+            or c.tier != G.TINY
+            or r["why"]
+            or "dilation" in c.kw
+            or (cbackends is not None and r["backend"] not in cbackends)
+        ):
             continue
         seen.add(key)
-        runs.append(dict(r, id=r["id"] + "|compile", kind="compile", why=_compile_skip_reason(family, r["backend"], device)))
+        runs.append(
+            dict(r, id=r["id"] + "|compile", kind="compile", why=_compile_skip_reason(family, r["backend"], device))
+        )
     return runs
 
 
-TRITON_OPS = {"attention": "dcal::pwca_fwd_triton", "neighborhood": "dcal::na2d_fwd_triton", "rollout": "dcal::rollout_triton"}
+TRITON_OPS = {
+    "attention": "dcal::pwca_fwd_triton",
+    "neighborhood": "dcal::na2d_fwd_triton",
+    "rollout": "dcal::rollout_triton",
+}
 
 
 def _compile_skip_reason(family: str, backend: str, device: str) -> Optional[str]:
@@ -100,8 +137,10 @@ def _compile_skip_reason(family: str, backend: str, device: str) -> Optional[str
     _dispatch.preload(lazy=True)  # the Triton ops are defined on first use
     name = TRITON_OPS[family]
     if name in triton_ops_to_kernels:
-        return (f"{name} is a triton_op also under TRITON_INTERPRET=1: torch.compile runs its body on fake "
-                "tensors, which the interpreter cannot launch; compiled on a GPU only")
+        return (
+            f"{name} is a triton_op also under TRITON_INTERPRET=1: torch.compile runs its body on fake "
+            "tensors, which the interpreter cannot launch; compiled on a GPU only"
+        )
     return None
 
 
@@ -111,8 +150,9 @@ def _skip_reason(c: G.Case, backend: str, dtype: str, device: str) -> Optional[s
     why = G.unsupported_kwargs(c)
     if why:
         return why
-    probe = torch.empty((1,) * (3 if c.family != "neighborhood" else 4) + (c.s["D"],), dtype=getattr(torch, dtype),
-                        device=device)
+    probe = torch.empty(
+        (1,) * (3 if c.family != "neighborhood" else 4) + (c.s["D"],), dtype=getattr(torch, dtype), device=device
+    )
     why = _claim(c, backend, probe)
     if why:
         return why
@@ -197,6 +237,7 @@ def nan_poison(backend: str):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
                 t.fill_(float("nan"))
             return t
+
         torch.empty = lambda *a, **k: poison(real[0](*a, **k))
         torch.empty_like = lambda *a, **k: poison(real[1](*a, **k))
         torch.Tensor.new_empty = lambda self, *a, **k: poison(real[2](self, *a, **k))
@@ -207,8 +248,11 @@ def nan_poison(backend: str):
         return
     import torch.utils.deterministic as det
 
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            det.fill_uninitialized_memory)
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        det.fill_uninitialized_memory,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -289,7 +333,7 @@ def _attn_inputs(c: G.Case, dtype, device):
         kv = [(rnd(B, H, n, D), rnd(B, H, n, D)) for n in s["Nk"]]
     dout = rnd(B, H, Nq, D)
     dlse = torch.randn(B, H, Nq, generator=g, device=device, dtype=torch.float32)
-    return q, kv, dout, dlse, D ** -0.5 * 1.3  # not the default scale, so a dropped scale shows
+    return q, kv, dout, dlse, D**-0.5 * 1.3  # not the default scale, so a dropped scale shows
 
 
 def _attn_call(op, q, kv, scale, backend):
@@ -380,7 +424,7 @@ def _na_inputs(c: G.Case, dtype, device):
     rpb = rnd(H, 2 * ks - 1, 2 * ks - 1) if kw.get("rpb") else None
     dout = rnd(B, H, X, Y, D)
     opkw = {k_: v_ for k_, v_ in kw.items() if k_ != "rpb"}
-    return q, k, v, rpb, dout, opkw, D ** -0.5 * 1.3
+    return q, k, v, rpb, dout, opkw, D**-0.5 * 1.3
 
 
 def _na_run(q, k, v, rpb, dout, opkw, scale, backend, grads, fn=None):
@@ -398,7 +442,9 @@ def _na_run(q, k, v, rpb, dout, opkw, scale, backend, grads, fn=None):
     elif backend == "reference":
         call = lambda a, b, c_, r: reference.neighborhood_attention2d(a, b, c_, rpb=r, scale=scale, **opkw)
     else:
-        call = lambda a, b, c_, r: dcal.ops.neighborhood_attention2d(a, b, c_, rpb=r, scale=scale, backend=backend, **opkw)
+        call = lambda a, b, c_, r: dcal.ops.neighborhood_attention2d(
+            a, b, c_, rpb=r, scale=scale, backend=backend, **opkw
+        )
     with torch.set_grad_enabled(grads):
         out = call(xq, xk, xv, xr)
         res = {"out": out.detach()}
@@ -435,7 +481,7 @@ def judge_neighborhood(run, inputs, mine, seconds):
     drpb = {"truth": None, "low": None}
     for b in batches:
         for h0, h1 in _chunks(H, hper):
-            sl = lambda t: t[b:b + 1, h0:h1]
+            sl = lambda t: t[b : b + 1, h0:h1]
             r = rpb[h0:h1] if rpb is not None else None
             args = [sl(q), sl(k), sl(v), r, sl(dout)]
             truth = _na_run(*[a.double() if a is not None else None for a in args], opkw, scale, "reference", c.grads)
@@ -475,16 +521,24 @@ def _ro_inputs(c: G.Case, dtype, device):
     qs = [(torch.randn(B, H, N, D, generator=g, device=device, dtype=torch.float32) * 2).to(dtype) for _ in range(L)]
     ks = [torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype) for _ in range(L)]
     if c.packed:  # the same values as views of [B, N, 2, H, D] projections
-        packed = [torch.stack([q, k], 2).permute(0, 3, 2, 1, 4).contiguous().permute(2, 0, 3, 1, 4) for q, k in zip(qs, ks)]
+        packed = [
+            torch.stack([q, k], 2).permute(0, 3, 2, 1, 4).contiguous().permute(2, 0, 3, 1, 4) for q, k in zip(qs, ks)
+        ]
         qs, ks = [p_[0] for p_ in packed], [p_[1] for p_ in packed]
     lses = None
     if c.kw.get("with_lse"):
         stat = torch.float64 if dtype == torch.float64 else torch.float32
         lses = []
         for q, k in zip(qs, ks):  # per batch: the setup must not hold [B, H, N, N] in fp64
-            lses.append(torch.cat([torch.logsumexp(q[b:b + 1].double() @ k[b:b + 1].double().transpose(-1, -2)
-                                                   * D ** -0.5, -1) for b in range(B)]).to(stat))
-    return qs, ks, lses, D ** -0.5
+            lses.append(
+                torch.cat(
+                    [
+                        torch.logsumexp(q[b : b + 1].double() @ k[b : b + 1].double().transpose(-1, -2) * D**-0.5, -1)
+                        for b in range(B)
+                    ]
+                ).to(stat)
+            )
+    return qs, ks, lses, D**-0.5
 
 
 def run_rollout(run, fn=None):
@@ -510,20 +564,27 @@ def judge_rollout(run, inputs, mine, seconds):
     B = qs[0].shape[0]
     m = Meter()
     low_needed = qs[0].dtype != torch.float64
-    for b in (list(c.sample) if c.sample else range(B)):
-        sl = lambda ts: None if ts is None else [t[b:b + 1] for t in ts]
+    for b in list(c.sample) if c.sample else range(B):
+        sl = lambda ts: None if ts is None else [t[b : b + 1] for t in ts]
         truth = reference.attention_rollout([q.double() for q in sl(qs)], [k.double() for k in sl(ks)], scale=scale)
         low = reference.attention_rollout(sl(qs), sl(ks), lses=sl(lses), scale=scale) if low_needed else None
-        m.add(mine["out"][b:b + 1], truth, low)
-    extra = "" if mine["out"].dtype in (torch.float32, torch.float64) else f"; output dtype {mine['out'].dtype}, expected fp32"
+        m.add(mine["out"][b : b + 1], truth, low)
+    extra = (
+        ""
+        if mine["out"].dtype in (torch.float32, torch.float64)
+        else f"; output dtype {mine['out'].dtype}, expected fp32"
+    )
     r = _judge(run, "out", m, seconds, extra)
     if extra:
         r["status"] = "fail"
     return [r]
 
 
-FAMILY_FNS = {"attention": (run_attention, judge_attention), "neighborhood": (run_neighborhood, judge_neighborhood),
-              "rollout": (run_rollout, judge_rollout)}
+FAMILY_FNS = {
+    "attention": (run_attention, judge_attention),
+    "neighborhood": (run_neighborhood, judge_neighborhood),
+    "rollout": (run_rollout, judge_rollout),
+}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -540,7 +601,9 @@ def _equal_rows(run, a, b, promise, seconds):
             bad.append(n)
             diff = max(diff, (a[n].double() - b[n].double()).abs().nan_to_num(float("inf")).max().item())
     if bad:
-        return row(run, "determinism", "fail", diff, 0.0, seconds, f"two runs differ in {', '.join(bad)} (promised: {promise})")
+        return row(
+            run, "determinism", "fail", diff, 0.0, seconds, f"two runs differ in {', '.join(bad)} (promised: {promise})"
+        )
     return row(run, "determinism", "pass", 0.0, 0.0, seconds, f"bit-identical over two runs: {', '.join(names)}")
 
 
@@ -553,12 +616,16 @@ def _compiled_fn(run):
     cbackend = os.environ.get("DCAL_CHECK_COMPILE_BACKEND", "inductor")
     if run["case"].family == "attention":
         if op == G.PW:
-            f = lambda q, kv: dcal.ops.pwca_attention(q, *kv[0], *kv[1], scale=run["scale"], return_lse=True, backend=backend)
+            f = lambda q, kv: dcal.ops.pwca_attention(
+                q, *kv[0], *kv[1], scale=run["scale"], return_lse=True, backend=backend
+            )
         else:
             f = lambda q, kv: dcal.ops.multi_kv_attention(q, kv, scale=run["scale"], return_lse=True, backend=backend)
     elif run["case"].family == "neighborhood":
         opkw = {k: v for k, v in run["case"].kw.items() if k != "rpb"}
-        f = lambda q, k, v, r: dcal.ops.neighborhood_attention2d(q, k, v, rpb=r, scale=run["scale"], backend=backend, **opkw)
+        f = lambda q, k, v, r: dcal.ops.neighborhood_attention2d(
+            q, k, v, rpb=r, scale=run["scale"], backend=backend, **opkw
+        )
     else:
         f = lambda qs, ks, lses: dcal.ops.attention_rollout(qs, ks, lses=lses, scale=run["scale"], backend=backend)
     return torch.compile(f, fullgraph=True, backend=cbackend), cbackend
@@ -585,8 +652,10 @@ def execute(run) -> List[dict]:
         worst = max(rows, key=lambda r: (r["status"] != "pass", (r["max_err"] or 0) / max(r["tol"] or 1e-30, 1e-30)))
         failed = [r["check"] for r in rows if r["status"] not in ("pass", "skip")]
         status = "fail" if failed else "pass"
-        detail = (f"torch.compile(fullgraph=True, backend={cbackend!r}), second call without recompiling; "
-                  f"worst: {worst['check']}" + (f"; failing: {', '.join(failed)}" if failed else ""))
+        detail = (
+            f"torch.compile(fullgraph=True, backend={cbackend!r}), second call without recompiling; "
+            f"worst: {worst['check']}" + (f"; failing: {', '.join(failed)}" if failed else "")
+        )
         del again
         return [row(run, "compile", status, worst["max_err"], worst["tol"], seconds, detail)]
     res = runner(run)
@@ -675,8 +744,15 @@ def main(argv=None) -> int:
         try:
             rows = execute(r)
         except Exception as e:  # the case's verdict, not the worker's end
-            rows = [row(r, "run" if r["kind"] == "grid" else "compile", "error", seconds=round(time.perf_counter() - t0, 3),
-                        detail=_error_detail(e))]
+            rows = [
+                row(
+                    r,
+                    "run" if r["kind"] == "grid" else "compile",
+                    "error",
+                    seconds=round(time.perf_counter() - t0, 3),
+                    detail=_error_detail(e),
+                )
+            ]
         for x in rows:
             write(event="row", **x)
         write(event="end", id=r["id"])

@@ -26,6 +26,7 @@ projections with ``view(...).transpose(1, 2)`` into ``[B, Y, X, H, D]`` before t
 which reads the width as heads; it never ran (the functions it calls were gone); this module
 keeps the original layout.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -48,7 +49,8 @@ def _removed(name: str):
     def fn(*args, **kwargs):
         raise RuntimeError(
             f"natten.functional.{name} was removed in NATTEN 0.17.5, so transformers' DiNAT attention cannot run "
-            f"as written; convert the model first: dcal.integrations.transformers.use_dcal_neighborhood(model)")
+            f"as written; convert the model first: dcal.integrations.transformers.use_dcal_neighborhood(model)"
+        )
 
     fn.__name__ = name
     return fn
@@ -114,8 +116,17 @@ def _clamp_windows(length: int, kernel_size: int, dilation: int, device) -> tupl
     return keys, rel
 
 
-def windowed_neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int,
-                                    dilation: int, scale: float, dropout: float = 0.0, training: bool = False):
+def windowed_neighborhood_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: int,
+    dilation: int,
+    scale: float,
+    dropout: float = 0.0,
+    training: bool = False,
+):
     """Materialising clamp-border neighborhood attention (NATTEN <= 0.17.4's natten2dqkrpb +
     softmax + dropout + natten2dav) on [B, H, X, Y, D]: returns ``(out [B, H, X, Y, D], probs
     [B, H, X, Y, k*k])``. Used where the maps are asked for or attention dropout is on; holds
@@ -163,28 +174,44 @@ class DcalNeighborhoodAttention(nn.Module):
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return (f"heads={self.num_attention_heads}, head_dim={self.attention_head_size}, kernel_size={self.kernel_size}, "
-                f"dilation={self.dilation}, border=clamp, backend={self.backend}")
+        return (
+            f"heads={self.num_attention_heads}, head_dim={self.attention_head_size}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, border=clamp, backend={self.backend}"
+        )
 
     def forward(self, hidden_states: Tensor, output_attentions: Optional[bool] = False):
         if hidden_states.dim() != 4 or hidden_states.shape[-1] != self.all_head_size:
             raise ValueError(f"hidden_states must be [B, X, Y, {self.all_head_size}], got {tuple(hidden_states.shape)}")
         B, X, Y, _ = hidden_states.shape
         H, D = self.num_attention_heads, self.attention_head_size
-        q, k, v = (proj(hidden_states).view(B, X, Y, H, D).permute(0, 3, 1, 2, 4)
-                   for proj in (self.query, self.key, self.value))
-        scale = D ** -0.5
+        q, k, v = (
+            proj(hidden_states).view(B, X, Y, H, D).permute(0, 3, 1, 2, 4)
+            for proj in (self.query, self.key, self.value)
+        )
+        scale = D**-0.5
         p = float(self.dropout.p) if self.training else 0.0
         probs = None
         if output_attentions or p > 0.0:
             if X < self.kernel_size * self.dilation or Y < self.kernel_size * self.dilation:
-                raise ValueError(f"the map ({X}x{Y}) must be at least kernel_size*dilation = "
-                                 f"{self.kernel_size * self.dilation} per axis (NATTEN's clamp window)")
-            out, probs = windowed_neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation, scale,
-                                                         dropout=p, training=self.training)
+                raise ValueError(
+                    f"the map ({X}x{Y}) must be at least kernel_size*dilation = "
+                    f"{self.kernel_size * self.dilation} per axis (NATTEN's clamp window)"
+                )
+            out, probs = windowed_neighborhood_attention(
+                q, k, v, self.rpb, self.kernel_size, self.dilation, scale, dropout=p, training=self.training
+            )
         else:
-            out = ops.neighborhood_attention2d(q, k, v, kernel_size=self.kernel_size, border="clamp", rpb=self.rpb,
-                                               scale=scale, dilation=self.dilation, backend=self.backend)
+            out = ops.neighborhood_attention2d(
+                q,
+                k,
+                v,
+                kernel_size=self.kernel_size,
+                border="clamp",
+                rpb=self.rpb,
+                scale=scale,
+                dilation=self.dilation,
+                backend=self.backend,
+            )
         context = out.permute(0, 2, 3, 1, 4).reshape(B, X, Y, H * D)
         return (context, probs) if output_attentions else (context,)
 
@@ -200,13 +227,17 @@ def use_dcal_neighborhood(model: nn.Module, *, backend: Optional[str] = None) ->
     mod = sys.modules.get(_MODULE)
     hf_cls = getattr(mod, "NeighborhoodAttention", None)
     if hf_cls is None:
-        raise ValueError("use_dcal_neighborhood: the model holds no HF DiNAT NeighborhoodAttention "
-                         "(transformers' modeling_dinat is not loaded; build the model after load_dinat())")
+        raise ValueError(
+            "use_dcal_neighborhood: the model holds no HF DiNAT NeighborhoodAttention "
+            "(transformers' modeling_dinat is not loaded; build the model after load_dinat())"
+        )
 
     def replace(name, m):
         if type(m) is not hf_cls:
-            raise TypeError(f"use_dcal_neighborhood: {name or 'model'} is a {type(m).__module__}.{type(m).__qualname__}, "
-                            f"a subclass of HF's NeighborhoodAttention whose forward may differ; it cannot be mapped")
+            raise TypeError(
+                f"use_dcal_neighborhood: {name or 'model'} is a {type(m).__module__}.{type(m).__qualname__}, "
+                f"a subclass of HF's NeighborhoodAttention whose forward may differ; it cannot be mapped"
+            )
         return DcalNeighborhoodAttention(m, backend=backend)
 
     if isinstance(model, hf_cls):

@@ -47,6 +47,7 @@ transformers' output-capturing state as well, so it is honoured for such modules
 HF DiNAT (whose own path needs NATTEN <= 0.17.4) runs on dcal through :func:`load_dinat` and
 :func:`use_dcal_neighborhood` (see :mod:`dcal.integrations.dinat`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,8 @@ try:
     from transformers.modeling_utils import AttentionInterface
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "dcal.integrations.transformers needs transformers >= 5 (pip install 'dcal[hf]'); "
-        f"importing it failed: {e}") from e
+        f"dcal.integrations.transformers needs transformers >= 5 (pip install 'dcal[hf]'); importing it failed: {e}"
+    ) from e
 
 from dcal.integrations.dinat import DcalNeighborhoodAttention, load_dinat, use_dcal_neighborhood  # noqa: E402
 
@@ -119,12 +120,20 @@ class RolloutCollector:
             return  # re-run of the forward inside backward (activation checkpointing)
         config = getattr(module, "config", None)
         key = id(config) if config is not None else ("shape", tuple(q.shape))
-        stack = self._stacks.setdefault(key, {"name": type(config).__name__ if config is not None else "attention",
-                                              "records": [], "modules": set(), "config": config})
+        stack = self._stacks.setdefault(
+            key,
+            {
+                "name": type(config).__name__ if config is not None else "attention",
+                "records": [],
+                "modules": set(),
+                "config": config,
+            },
+        )
         if id(module) in stack["modules"]:
             raise RuntimeError(
                 f"dcal_rollout: the attention module {type(module).__name__} already recorded into this "
-                f"RolloutCollector (a second forward?); use a fresh collector per forward or call clear()")
+                f"RolloutCollector (a second forward?); use a fresh collector per forward or call clear()"
+            )
         stack["modules"].add(id(module))
         stack["records"].append((q.detach(), k.detach(), None if lse is None else lse.detach(), float(scale)))
 
@@ -135,11 +144,18 @@ class RolloutCollector:
         recs = stack["records"]
         scales = {r[3] for r in recs}
         if len(scales) != 1:
-            raise ValueError(f"dcal_rollout: the blocks of {stack['name']} use different scales {sorted(scales)}; "
-                             f"the rollout takes one")
+            raise ValueError(
+                f"dcal_rollout: the blocks of {stack['name']} use different scales {sorted(scales)}; "
+                f"the rollout takes one"
+            )
         lses = [r[2] for r in recs]
-        return ops.attention_rollout([r[0] for r in recs], [r[1] for r in recs], scale=scales.pop(),
-                                     lses=None if any(l is None for l in lses) else lses, residual=self.residual)
+        return ops.attention_rollout(
+            [r[0] for r in recs],
+            [r[1] for r in recs],
+            scale=scales.pop(),
+            lses=None if any(l is None for l in lses) else lses,
+            residual=self.residual,
+        )
 
     @property
     def rollouts(self) -> dict:
@@ -157,12 +173,16 @@ class RolloutCollector:
     def rollout(self) -> Tensor:
         """The CLS row of the attention rollout, [B, N] fp32 (the only recorded stack)."""
         if not self._stacks:
-            raise RuntimeError("dcal_rollout: nothing was recorded; run the model with dcal_rollout=True inside "
-                               "collect_rollout() (or dcal_rollout=collector) and attn_implementation='dcal'")
+            raise RuntimeError(
+                "dcal_rollout: nothing was recorded; run the model with dcal_rollout=True inside "
+                "collect_rollout() (or dcal_rollout=collector) and attn_implementation='dcal'"
+            )
         if len(self._stacks) > 1:
             names = [s["name"] for s in self._stacks.values()]
-            raise RuntimeError(f"dcal_rollout: records of {len(names)} attention stacks ({', '.join(names)}); "
-                               f"read collector.rollouts (a dict) instead of collector.rollout")
+            raise RuntimeError(
+                f"dcal_rollout: records of {len(names)} attention stacks ({', '.join(names)}); "
+                f"read collector.rollouts (a dict) instead of collector.rollout"
+            )
         return self._rollout_of(next(iter(self._stacks.values())))
 
 
@@ -218,9 +238,11 @@ def _collector(value) -> Optional[RolloutCollector]:
     if value is True:
         active = _ACTIVE.get()
         if active is None:
-            raise ValueError("dcal_rollout=True needs a collector: `with dcal.integrations.transformers."
-                             "collect_rollout() as r: model(..., dcal_rollout=True)`, then r.rollout; or pass "
-                             "dcal_rollout=RolloutCollector()")
+            raise ValueError(
+                "dcal_rollout=True needs a collector: `with dcal.integrations.transformers."
+                "collect_rollout() as r: model(..., dcal_rollout=True)`, then r.rollout; or pass "
+                "dcal_rollout=RolloutCollector()"
+            )
         return active
     raise ValueError(f"dcal_rollout must be True, False, None or a RolloutCollector, got {type(value).__name__}")
 
@@ -229,11 +251,18 @@ def _collector(value) -> Optional[RolloutCollector]:
 
 
 def _pair_index(pair, batch: int, device) -> Tensor:
-    if not isinstance(pair, Tensor) or pair.dim() != 1 or pair.dtype.is_floating_point or pair.dtype.is_complex \
-            or pair.dtype == torch.bool:
+    if (
+        not isinstance(pair, Tensor)
+        or pair.dim() != 1
+        or pair.dtype.is_floating_point
+        or pair.dtype.is_complex
+        or pair.dtype == torch.bool
+    ):
         what = f"a {pair.dim()}-D {pair.dtype} tensor" if isinstance(pair, Tensor) else type(pair).__name__
-        raise ValueError(f"dcal_pair must be a 1-D integer tensor of length B={batch} (the pair of each image, e.g. "
-                         f"a permutation of the batch), got {what}")
+        raise ValueError(
+            f"dcal_pair must be a 1-D integer tensor of length B={batch} (the pair of each image, e.g. "
+            f"a permutation of the batch), got {what}"
+        )
     if pair.shape[0] != batch:
         raise ValueError(f"dcal_pair has length {pair.shape[0]}; expected the batch size B={batch}")
     if batch and (int(pair.min()) < 0 or int(pair.max()) >= batch):
@@ -283,31 +312,38 @@ def dcal_attention_forward(
         if kwargs.get(name) is not None:
             raise NotImplementedError(
                 f"attn_implementation='dcal' does not support {name}= (got {kwargs[name]!r} from "
-                f"{type(module).__name__}); use attn_implementation='sdpa' or 'eager' for this model")
+                f"{type(module).__name__}); use attn_implementation='sdpa' or 'eager' for this model"
+            )
     options = {**(_OPTIONS.get() or {}), **{n: kwargs[n] for n in _OPTION_NAMES if n in kwargs}}
     pair = options.get("dcal_pair")
     collector = _collector(options.get("dcal_rollout"))
     backend = options.get("dcal_backend")
     output_attentions = bool(kwargs.get("output_attentions", False)) or _capturing_attentions()
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(f"dcal attention expects query, key, value [B, H, S, D]; got {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"dcal attention expects query, key, value [B, H, S, D]; got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
     B, H, Sq, D = query.shape
     if key.shape[1] != H:
         if H % key.shape[1] != 0:
             raise ValueError(f"query has {H} heads, key {key.shape[1]}: not a grouped-query layout")
         key, value = _repeat_kv(key, H // key.shape[1]), _repeat_kv(value, H // value.shape[1])
-    scale = D ** -0.5 if scaling is None else float(scaling)
+    scale = D**-0.5 if scaling is None else float(scaling)
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     is_causal = bool(Sq > 1 and attention_mask is None and is_causal)
     if pair is not None:
         if attention_mask is not None or is_causal:
-            raise ValueError("dcal_pair (PWCA) with an attention mask or causal attention is not supported: the "
-                             "pair's keys have no place in the mask")
+            raise ValueError(
+                "dcal_pair (PWCA) with an attention mask or causal attention is not supported: the "
+                "pair's keys have no place in the mask"
+            )
         if collector is not None:
-            raise ValueError("dcal_rollout with dcal_pair is not supported: the rollout is defined on "
-                             "self-attention; run the self-attention forward for it")
+            raise ValueError(
+                "dcal_rollout with dcal_pair is not supported: the rollout is defined on "
+                "self-attention; run the self-attention forward for it"
+            )
         idx = _pair_index(pair, B, query.device)
         if key.shape[0] != B:
             raise ValueError(f"dcal_pair needs keys with the batch of the queries ({B}), got {key.shape[0]}")
@@ -318,8 +354,10 @@ def dcal_attention_forward(
         # as transformers' "sdpa": a causal prefill over a longer (empty static) cache sees its own keys
         key, value = key[:, :, :Sq], value[:, :, :Sq]
     if collector is not None and (attention_mask is not None or is_causal):
-        raise ValueError("dcal_rollout with an attention mask or causal attention is not supported: the rollout "
-                         "assumes full self-attention")
+        raise ValueError(
+            "dcal_rollout with an attention mask or causal attention is not supported: the rollout "
+            "assumes full self-attention"
+        )
 
     weights = None
     if output_attentions:
@@ -332,12 +370,12 @@ def dcal_attention_forward(
     elif attention_mask is not None or is_causal or dropout > 0.0:
         k_all = torch.cat([s[0] for s in segments], dim=2) if len(segments) > 1 else key
         v_all = torch.cat([s[1] for s in segments], dim=2) if len(segments) > 1 else value
-        out = F.scaled_dot_product_attention(query, k_all, v_all, attn_mask=attention_mask, dropout_p=dropout,
-                                             is_causal=is_causal, scale=scale)
+        out = F.scaled_dot_product_attention(
+            query, k_all, v_all, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scale
+        )
         lse = None  # attention_rollout recomputes it
     else:
-        res = ops.multi_kv_attention(query, segments, scale=scale, return_lse=collector is not None,
-                                     backend=backend)
+        res = ops.multi_kv_attention(query, segments, scale=scale, return_lse=collector is not None, backend=backend)
         out, lse = res if collector is not None else (res, None)
     if collector is not None:
         collector._record(module, query, key, lse, scale)

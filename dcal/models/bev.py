@@ -9,6 +9,7 @@ residual) followed by a pointwise MLP (1x1 convs) with a pre-norm residual::
 [B, C, X, Y] in, [B, C, X, Y] out; the output is the residual stream itself (no final norm), so
 the module drops in where the unfold stack of the original BEV models sat. Memory is linear in pixels.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,11 +35,21 @@ class ConvMlp(nn.Module):
 
 
 class BEVBlock(nn.Module):
-    def __init__(self, channels: int, num_heads: int, kernel_size: int, mlp_ratio: float, border: str,
-                 rel_pos_bias: bool, norm: Optional[str], backend: Optional[str]):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        kernel_size: int,
+        mlp_ratio: float,
+        border: str,
+        rel_pos_bias: bool,
+        norm: Optional[str],
+        backend: Optional[str],
+    ):
         super().__init__()
-        self.attn = LocalGraphAttention(channels, num_heads, kernel_size, border, rel_pos_bias, norm=norm,
-                                        backend=backend)
+        self.attn = LocalGraphAttention(
+            channels, num_heads, kernel_size, border, rel_pos_bias, norm=norm, backend=backend
+        )
         self.norm = make_norm2d(norm, channels)
         self.mlp = ConvMlp(channels, max(1, round(channels * mlp_ratio)))
 
@@ -61,9 +72,18 @@ class BEVGraphModule(nn.Module):
     activations (``torch.utils.checkpoint``, ``use_reentrant=False``).
     """
 
-    def __init__(self, channels: int, num_layers: int = 3, num_heads: int = 4, kernel_size: int = 7,
-                 mlp_ratio: float = 2.0, border: str = "zero", rel_pos_bias: bool = True,
-                 norm: Optional[str] = "layer", backend: Optional[str] = None):
+    def __init__(
+        self,
+        channels: int,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        kernel_size: int = 7,
+        mlp_ratio: float = 2.0,
+        border: str = "zero",
+        rel_pos_bias: bool = True,
+        norm: Optional[str] = "layer",
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -72,7 +92,8 @@ class BEVGraphModule(nn.Module):
         self.channels = channels
         self.blocks = nn.ModuleList(
             BEVBlock(channels, num_heads, kernel_size, float(mlp_ratio), border, rel_pos_bias, norm, backend)
-            for _ in range(num_layers))
+            for _ in range(num_layers)
+        )
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -8,6 +8,7 @@ loop run either model. The text is pooled at its end-of-text token, which, as in
 largest id of the vocabulary (``text.argmax(-1)``). No BatchNorm anywhere: every output row depends
 on its own input row only, which exact accumulation of a batch-coupled loss needs.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,10 @@ class CLIPConfig:
     def __post_init__(self):
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
-        for w, h, name in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
+        for w, h, name in (
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ):
             if w % h:
                 raise ValueError(f"{name}_width ({w}) must be divisible by {name}_heads ({h})")
 
@@ -74,8 +78,11 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, causal: bool, backend=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = (CausalSelfAttention(dim, num_heads, drop) if causal
-                     else PWCAAttention(dim, num_heads, qkv_bias=True, proj_drop=drop, backend=backend))
+        self.attn = (
+            CausalSelfAttention(dim, num_heads, drop)
+            if causal
+            else PWCAAttention(dim, num_heads, qkv_bias=True, proj_drop=drop, backend=backend)
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
@@ -93,8 +100,10 @@ class ImageEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(c.in_chans, c.vision_width, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.vision_width))
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, c.vision_width) * 0.02)
-        self.blocks = nn.ModuleList(Block(c.vision_width, c.vision_heads, c.mlp_ratio, c.dropout, False, c.backend)
-                                    for _ in range(c.vision_depth))
+        self.blocks = nn.ModuleList(
+            Block(c.vision_width, c.vision_heads, c.mlp_ratio, c.dropout, False, c.backend)
+            for _ in range(c.vision_depth)
+        )
         self.norm = nn.LayerNorm(c.vision_width)
         self.proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
 
@@ -114,15 +123,17 @@ class TextEncoder(nn.Module):
         self.context_length = c.context_length
         self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
         self.pos_embed = nn.Parameter(torch.randn(1, c.context_length, c.text_width) * 0.01)
-        self.blocks = nn.ModuleList(Block(c.text_width, c.text_heads, c.mlp_ratio, c.dropout, True)
-                                    for _ in range(c.text_depth))
+        self.blocks = nn.ModuleList(
+            Block(c.text_width, c.text_heads, c.mlp_ratio, c.dropout, True) for _ in range(c.text_depth)
+        )
         self.norm = nn.LayerNorm(c.text_width)
         self.proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
 
     def forward(self, text: Tensor) -> Tensor:
         if text.dim() != 2 or text.shape[1] > self.context_length:
-            raise ValueError(f"text must be [B, L] token ids with L <= context_length={self.context_length}, "
-                             f"got {tuple(text.shape)}")
+            raise ValueError(
+                f"text must be [B, L] token ids with L <= context_length={self.context_length}, got {tuple(text.shape)}"
+            )
         x = self.token_embed(text) + self.pos_embed[:, : text.shape[1]]
         for blk in self.blocks:
             x = blk(x)

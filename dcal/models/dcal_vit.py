@@ -19,6 +19,7 @@ through the same SA blocks, as in the paper. The pair is another image of the ba
 is paired with itself when B > 1); its hidden states are not detached, so the PWCA loss also
 reaches the SA stream of the paired image.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,7 +90,7 @@ class DCALConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid ** 2
+        return self.grid**2
 
     @property
     def num_local_queries(self) -> int:
@@ -136,8 +137,12 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x, pair=None, return_rollout=False, query_index=None):
-        y = self.attn(self.norm1(x), pair=None if pair is None else self.norm1(pair), return_rollout=return_rollout,
-                      query_index=query_index)
+        y = self.attn(
+            self.norm1(x),
+            pair=None if pair is None else self.norm1(pair),
+            return_rollout=return_rollout,
+            query_index=query_index,
+        )
         y, stats = y if return_rollout else (y, None)
         if query_index is not None:
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -266,8 +271,9 @@ class DCALViT(nn.Module):
         if any(t is None for t in lses):  # attention dropout ran on SDPA, which keeps no lse
             lses = None
         backend = None if self.config.backend == "sdpa" else self.config.backend
-        r = ops.attention_rollout(qs, ks, lses=lses, scale=self.blocks[0].attn.scale,
-                                  residual=self.config.rollout_residual, backend=backend)  # [B, N]
+        r = ops.attention_rollout(
+            qs, ks, lses=lses, scale=self.blocks[0].attn.scale, residual=self.config.rollout_residual, backend=backend
+        )  # [B, N]
         top = r[:, 1:].topk(self.config.num_local_queries, dim=1).indices + 1
         return torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)
 

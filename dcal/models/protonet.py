@@ -7,6 +7,7 @@ the micro-batch). ``backbone="resnet"``: a small ResNet of the same kind (two 3x
 residual per stage). The episodic loss and its VIC regulariser are
 :class:`dcal.train.coupled.PrototypicalLoss`.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -24,8 +25,9 @@ class ConvBlock(nn.Sequential):
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), _norm(cout), nn.ReLU(),
-                                  nn.Conv2d(cout, cout, 3, padding=1), _norm(cout))
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1), _norm(cout), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), _norm(cout)
+        )
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.out = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
 

@@ -10,6 +10,7 @@ Keyword arguments are :class:`DCALConfig` fields (``img_size``, ``num_classes``,
 timm ViT checkpoint, ``pretrained_cfg_overlay=dict(file="vit.safetensors")`` (any image size; see
 :meth:`DCALViT.load_timm`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,14 +47,23 @@ def build(arch: str, pretrained: bool = False, pretrained_cfg_overlay=None, devi
     with torch.device(device) if device is not None else _nullcontext():
         model = DCALViT(config)
     model.pretrained_cfg = model.default_cfg = dict(
-        architecture=arch, input_size=(config.in_chans, config.img_size, config.img_size), interpolation="bicubic",
-        crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_classes=config.num_classes,
-        first_conv="patch_embed.proj", classifier="head")
+        architecture=arch,
+        input_size=(config.in_chans, config.img_size, config.img_size),
+        interpolation="bicubic",
+        crop_pct=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        num_classes=config.num_classes,
+        first_conv="patch_embed.proj",
+        classifier="head",
+    )
     if pretrained:
         path = (pretrained_cfg_overlay or {}).get("file")
         if not path:
-            raise ValueError(f"{arch} has no released weights and nothing is downloaded: pass a local timm ViT "
-                             f"checkpoint as pretrained_cfg_overlay=dict(file=path)")
+            raise ValueError(
+                f"{arch} has no released weights and nothing is downloaded: pass a local timm ViT "
+                f"checkpoint as pretrained_cfg_overlay=dict(file=path)"
+            )
         model.load_timm(path)
     return model
 
@@ -79,6 +89,7 @@ def _register() -> bool:
     from timm.models import register_model
 
     for arch in ARCHS:
+
         def entry(pretrained: bool = False, _arch=arch, **kwargs) -> DCALViT:
             return build(_arch, pretrained=pretrained, **kwargs)
 

@@ -14,6 +14,7 @@ which :class:`dcal.models.DCALViT` shares. Nothing is downloaded; transformers i
 
 Hugging Face ViTs default to ``layer_norm_eps=1e-12``; the DCAL ViT uses 1e-6 (timm's).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,17 +39,21 @@ def hf_vit_to_timm(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
     (query/key/value concatenated into ``qkv``); returns (state dict, keys left out: pooler)."""
     out, skipped, qkv = {}, [], {}
     for key, v in sd.items():
-        k = key[len("vit."):] if key.startswith("vit.") else key
+        k = key[len("vit.") :] if key.startswith("vit.") else key
         if k.startswith("pooler."):
             skipped.append(key)
             continue
         if k.startswith("classifier."):
-            out["head." + k[len("classifier."):]] = v
+            out["head." + k[len("classifier.") :]] = v
             continue
-        simple = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-                  "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-                  "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-                  "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+        simple = {
+            "embeddings.cls_token": "cls_token",
+            "embeddings.position_embeddings": "pos_embed",
+            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+            "layernorm.weight": "norm.weight",
+            "layernorm.bias": "norm.bias",
+        }
         if k in simple:
             out[simple[k]] = v
             continue
@@ -70,7 +75,6 @@ def hf_vit_to_timm(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
             raise ValueError(f"encoder.layer.{i}.attention.attention.{missing[0]}.{kind} is missing")
         out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
     return out, sorted(skipped)
-
 
 
 def read_hf_vit(folder: str) -> Tuple[Dict[str, torch.Tensor], List[str], dict]:

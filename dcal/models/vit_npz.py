@@ -17,6 +17,7 @@ The position grid g x g is resized to the model's grid with bicubic interpolatio
 (``align_corners=False, antialias=True``, as timm's ``resample_abs_pos_embed``); the CLS entry is
 kept. The GLCA block (own weights) starts as a copy of the last SA block.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,13 +65,16 @@ def load_vit_npz(model, path: str) -> None:
     if model.blocks[0].attn.qkv.bias is None:
         raise ValueError("the JAX checkpoint has query/key/value biases; build the model with qkv_bias=True")
     with np.load(path, allow_pickle=False) as w:
+
         def get(key, shape):
             if key not in w.files:
                 raise ValueError(f"{path}: key {key!r} is missing (expected shape {shape})")
             a = w[key]
             if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"{path}: key {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
-                                 f"for embed_dim={C}, num_heads={H}, patch_size={p}")
+                raise ValueError(
+                    f"{path}: key {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
+                    f"for embed_dim={C}, num_heads={H}, patch_size={p}"
+                )
             return torch.from_numpy(np.ascontiguousarray(a))
 
         sd = {
@@ -94,23 +98,25 @@ def load_vit_npz(model, path: str) -> None:
             # JAX kernels are [in, out]; torch Linear weights are [out, in].
             qkv_w = [get(f"{att}{n}/kernel", (C, H, D)).reshape(C, C).t() for n in ("query", "key", "value")]
             qkv_b = [get(f"{att}{n}/bias", (H, D)).reshape(C) for n in ("query", "key", "value")]
-            sd.update({
-                dst + "norm1.weight": get(pre + "LayerNorm_0/scale", (C,)),
-                dst + "norm1.bias": get(pre + "LayerNorm_0/bias", (C,)),
-                dst + "attn.qkv.weight": torch.cat(qkv_w, 0),
-                dst + "attn.qkv.bias": torch.cat(qkv_b, 0),
-                dst + "attn.proj.weight": get(att + "out/kernel", (H, D, C)).reshape(C, C).t(),
-                dst + "attn.proj.bias": get(att + "out/bias", (C,)),
-                dst + "norm2.weight": get(pre + "LayerNorm_2/scale", (C,)),
-                dst + "norm2.bias": get(pre + "LayerNorm_2/bias", (C,)),
-                dst + "mlp.fc1.weight": get(pre + "MlpBlock_3/Dense_0/kernel", (C, hidden)).t(),
-                dst + "mlp.fc1.bias": get(pre + "MlpBlock_3/Dense_0/bias", (hidden,)),
-                dst + "mlp.fc2.weight": get(pre + "MlpBlock_3/Dense_1/kernel", (hidden, C)).t(),
-                dst + "mlp.fc2.bias": get(pre + "MlpBlock_3/Dense_1/bias", (C,)),
-            })
+            sd.update(
+                {
+                    dst + "norm1.weight": get(pre + "LayerNorm_0/scale", (C,)),
+                    dst + "norm1.bias": get(pre + "LayerNorm_0/bias", (C,)),
+                    dst + "attn.qkv.weight": torch.cat(qkv_w, 0),
+                    dst + "attn.qkv.bias": torch.cat(qkv_b, 0),
+                    dst + "attn.proj.weight": get(att + "out/kernel", (H, D, C)).reshape(C, C).t(),
+                    dst + "attn.proj.bias": get(att + "out/bias", (C,)),
+                    dst + "norm2.weight": get(pre + "LayerNorm_2/scale", (C,)),
+                    dst + "norm2.bias": get(pre + "LayerNorm_2/bias", (C,)),
+                    dst + "mlp.fc1.weight": get(pre + "MlpBlock_3/Dense_0/kernel", (C, hidden)).t(),
+                    dst + "mlp.fc1.bias": get(pre + "MlpBlock_3/Dense_0/bias", (hidden,)),
+                    dst + "mlp.fc2.weight": get(pre + "MlpBlock_3/Dense_1/kernel", (hidden, C)).t(),
+                    dst + "mlp.fc2.bias": get(pre + "MlpBlock_3/Dense_1/bias", (C,)),
+                }
+            )
     if hasattr(model, "glca_block"):
         last = f"blocks.{c.depth - 1}."
-        sd.update({"glca_block." + k[len(last):]: v for k, v in sd.items() if k.startswith(last)})
+        sd.update({"glca_block." + k[len(last) :]: v for k, v in sd.items() if k.startswith(last)})
         sd["glca_norm.weight"], sd["glca_norm.bias"] = sd["norm.weight"], sd["norm.bias"]
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -124,6 +130,7 @@ def npz_to_timm(w) -> tuple:
     num_heads)``. ``pre_logits`` (the ImageNet-21k representation layer, unused by a fine-tuned
     model) is skipped. The head is ``head.weight`` [classes, C] / ``head.bias``.
     Raises ValueError naming the key when one is missing or of an unexpected rank."""
+
     def get(key, ndim):
         if key not in w:
             raise ValueError(f"key {key!r} is missing (not a JAX ViT release)")
@@ -150,28 +157,39 @@ def npz_to_timm(w) -> tuple:
         q = get(att + "query/kernel", 3)  # [C, H, D]
         heads = q.shape[1]
         qkv_w = [get(f"{att}{n}/kernel", 3).reshape(C, -1).t() for n in ("query", "key", "value")]
-        sd.update({
-            dst + "norm1.weight": get(pre + "LayerNorm_0/scale", 1),
-            dst + "norm1.bias": get(pre + "LayerNorm_0/bias", 1),
-            dst + "attn.qkv.weight": torch.cat(qkv_w, 0),
-            dst + "attn.proj.weight": get(att + "out/kernel", 3).reshape(-1, C).t(),
-            dst + "attn.proj.bias": get(att + "out/bias", 1),
-            dst + "norm2.weight": get(pre + "LayerNorm_2/scale", 1),
-            dst + "norm2.bias": get(pre + "LayerNorm_2/bias", 1),
-            dst + "mlp.fc1.weight": get(pre + "MlpBlock_3/Dense_0/kernel", 2).t(),
-            dst + "mlp.fc1.bias": get(pre + "MlpBlock_3/Dense_0/bias", 1),
-            dst + "mlp.fc2.weight": get(pre + "MlpBlock_3/Dense_1/kernel", 2).t(),
-            dst + "mlp.fc2.bias": get(pre + "MlpBlock_3/Dense_1/bias", 1),
-        })
+        sd.update(
+            {
+                dst + "norm1.weight": get(pre + "LayerNorm_0/scale", 1),
+                dst + "norm1.bias": get(pre + "LayerNorm_0/bias", 1),
+                dst + "attn.qkv.weight": torch.cat(qkv_w, 0),
+                dst + "attn.proj.weight": get(att + "out/kernel", 3).reshape(-1, C).t(),
+                dst + "attn.proj.bias": get(att + "out/bias", 1),
+                dst + "norm2.weight": get(pre + "LayerNorm_2/scale", 1),
+                dst + "norm2.bias": get(pre + "LayerNorm_2/bias", 1),
+                dst + "mlp.fc1.weight": get(pre + "MlpBlock_3/Dense_0/kernel", 2).t(),
+                dst + "mlp.fc1.bias": get(pre + "MlpBlock_3/Dense_0/bias", 1),
+                dst + "mlp.fc2.weight": get(pre + "MlpBlock_3/Dense_1/kernel", 2).t(),
+                dst + "mlp.fc2.bias": get(pre + "MlpBlock_3/Dense_1/bias", 1),
+            }
+        )
         if att + "query/bias" in w:
-            sd[dst + "attn.qkv.bias"] = torch.cat([get(f"{att}{n}/bias", 2).reshape(-1)
-                                                   for n in ("query", "key", "value")], 0)
+            sd[dst + "attn.qkv.bias"] = torch.cat(
+                [get(f"{att}{n}/bias", 2).reshape(-1) for n in ("query", "key", "value")], 0
+            )
     if "head/kernel" in w:
         sd["head.weight"] = get("head/kernel", 2).t()
         sd["head.bias"] = get("head/bias", 1)
     sd = {k: v.contiguous() for k, v in sd.items()}
-    known = {"embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
-             "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias", "head/kernel", "head/bias"}
+    known = {
+        "embedding/kernel",
+        "embedding/bias",
+        "cls",
+        "Transformer/posembed_input/pos_embedding",
+        "Transformer/encoder_norm/scale",
+        "Transformer/encoder_norm/bias",
+        "head/kernel",
+        "head/bias",
+    }
     skipped = sorted(k for k in w if k not in known and not k.startswith("Transformer/encoderblock_"))
     unknown = [k for k in skipped if not k.startswith("pre_logits/")]
     if unknown:

@@ -15,6 +15,7 @@ block (own weights) starts as a copy of the last SA block, ``glca_norm`` as ``no
 model cannot take (layer scale ``ls1.gamma``, ``fc_norm``, ``reg_token``, ``dist_token``, qk-norm
 weights, ...) raise naming them: nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def read_state_dict(source: Source) -> Dict[str, torch.Tensor]:
             try:
                 from safetensors.torch import load_file
             except ImportError as e:  # pragma: no cover - safetensors is in the compat extra
-                raise ImportError(f"{path}: reading .safetensors needs the safetensors package "
-                                  f"(pip install 'dcal[compat]')") from e
+                raise ImportError(
+                    f"{path}: reading .safetensors needs the safetensors package (pip install 'dcal[compat]')"
+                ) from e
             sd = load_file(path, device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -48,7 +50,7 @@ def read_state_dict(source: Source) -> Dict[str, torch.Tensor]:
         if "pos_embed" not in sd and isinstance(sd.get(wrapper), Mapping):
             sd = dict(sd[wrapper])
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -66,36 +68,45 @@ def load_timm_vit(model, source: Source, *, load_head: Optional[bool] = None) ->
     own = {k for k in params if not k.startswith(("glca_", "loss_weights"))}
     unexpected = sorted(set(sd) - own)
     if unexpected:
-        raise ValueError(f"checkpoint keys the DCAL ViT cannot take: {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} (layer scale, registers, qk-norm, "
-                         f"fc_norm or another architecture)")
+        raise ValueError(
+            f"checkpoint keys the DCAL ViT cannot take: {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''} (layer scale, registers, qk-norm, "
+            f"fc_norm or another architecture)"
+        )
     head_keys = {"head.weight", "head.bias"}
     missing = sorted(own - set(sd) - head_keys)
     if missing:
-        raise ValueError(f"checkpoint misses {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                         f"(expected a timm ViT with depth={c.depth}, qkv_bias={c.qkv_bias})")
+        raise ValueError(
+            f"checkpoint misses {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"(expected a timm ViT with depth={c.depth}, qkv_bias={c.qkv_bias})"
+        )
     if "pos_embed" in sd:
         pos = sd["pos_embed"]
         n = pos.shape[1] - 1 if pos.dim() == 3 else -1
-        if n < 1 or int(n ** 0.5) ** 2 != n or pos.shape[-1] != c.embed_dim:
-            raise ValueError(f"pos_embed has shape {tuple(pos.shape)}, expected [1, 1 + g*g, {c.embed_dim}] "
-                             f"(a class token and a square grid)")
+        if n < 1 or int(n**0.5) ** 2 != n or pos.shape[-1] != c.embed_dim:
+            raise ValueError(
+                f"pos_embed has shape {tuple(pos.shape)}, expected [1, 1 + g*g, {c.embed_dim}] "
+                f"(a class token and a square grid)"
+            )
         sd["pos_embed"] = resample_pos_embed(pos, c.grid)
     head_ok = all(k in sd and sd[k].shape == params[k].shape for k in head_keys)
     if load_head and not head_ok:
         got = {k: tuple(sd[k].shape) for k in head_keys if k in sd}
-        raise ValueError(f"load_head=True but the checkpoint's head {got or 'is missing'} does not fit "
-                         f"num_classes={c.num_classes}")
+        raise ValueError(
+            f"load_head=True but the checkpoint's head {got or 'is missing'} does not fit num_classes={c.num_classes}"
+        )
     use_head = head_ok if load_head is None else bool(load_head)
     skipped = [] if use_head else sorted(head_keys & set(sd))
     sd = {k: v for k, v in sd.items() if k not in skipped}
     for k, v in sd.items():
         if tuple(v.shape) != tuple(params[k].shape):
-            raise ValueError(f"checkpoint key {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)} "
-                             f"(embed_dim={c.embed_dim}, num_heads={c.num_heads}, patch_size={c.patch_size})")
+            raise ValueError(
+                f"checkpoint key {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)} "
+                f"(embed_dim={c.embed_dim}, num_heads={c.num_heads}, patch_size={c.patch_size})"
+            )
     if hasattr(model, "glca_block"):
         last = f"blocks.{c.depth - 1}."
-        sd.update({"glca_block." + k[len(last):]: v for k, v in sd.items() if k.startswith(last)})
+        sd.update({"glca_block." + k[len(last) :]: v for k, v in sd.items() if k.startswith(last)})
         sd["glca_norm.weight"], sd["glca_norm.bias"] = sd["norm.weight"], sd["norm.bias"]
         if use_head:
             sd["glca_head.weight"], sd["glca_head.bias"] = sd["head.weight"], sd["head.bias"]

@@ -1,4 +1,5 @@
 """One-line conversion of a model's attention to the fused modules of :mod:`dcal.nn`."""
+
 from __future__ import annotations
 
 import logging
@@ -22,14 +23,18 @@ def _replacement(name: str, mod: nn.Module, backend: Optional[str]) -> Optional[
     timm_attn = _timm_attention()
     if timm_attn is not None and isinstance(mod, timm_attn):
         if type(mod) is not timm_attn:
-            raise TypeError(f"fuse_attention: {name or 'model'} is a {type(mod).__module__}.{type(mod).__qualname__}, "
-                            f"a subclass of timm's Attention whose forward or parameters may differ; it cannot "
-                            f"be mapped (only timm.layers.Attention itself is)")
+            raise TypeError(
+                f"fuse_attention: {name or 'model'} is a {type(mod).__module__}.{type(mod).__qualname__}, "
+                f"a subclass of timm's Attention whose forward or parameters may differ; it cannot "
+                f"be mapped (only timm.layers.Attention itself is)"
+            )
         return PWCAAttention.from_timm(mod, backend=backend)
     if isinstance(mod, nn.MultiheadAttention):
         if type(mod) is not nn.MultiheadAttention:
-            raise TypeError(f"fuse_attention: {name or 'model'} is a {type(mod).__module__}.{type(mod).__qualname__}, "
-                            f"a subclass of nn.MultiheadAttention; it cannot be mapped")
+            raise TypeError(
+                f"fuse_attention: {name or 'model'} is a {type(mod).__module__}.{type(mod).__qualname__}, "
+                f"a subclass of nn.MultiheadAttention; it cannot be mapped"
+            )
         try:
             return FusedMultiheadAttention.from_mha(mod, backend=backend)
         except ValueError as e:
@@ -50,8 +55,9 @@ def _unconverted_attention(model: nn.Module) -> str:
     return ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def fuse_attention(model: nn.Module, *, backend: Optional[str] = None,
-                   return_count: bool = False) -> Union[nn.Module, Tuple[nn.Module, int]]:
+def fuse_attention(
+    model: nn.Module, *, backend: Optional[str] = None, return_count: bool = False
+) -> Union[nn.Module, Tuple[nn.Module, int]]:
     """Swap every attention module of ``model`` for its fused counterpart, in place, and return
     the model (the model itself if it is one such module: then the returned module replaces it).
     With ``return_count=True`` it returns ``(model, n)``, ``n`` the number of modules converted
@@ -107,5 +113,7 @@ def _done(model: nn.Module, result: nn.Module, n: int, return_count: bool):
             f"fuse_attention converted no module of {what}: it converts timm's Attention (with timm imported) "
             f"and torch.nn.MultiheadAttention only; "
             + (f"attention-like modules left as they were: {found}" if found else "the model has no attention module"),
-            UserWarning, stacklevel=3)
+            UserWarning,
+            stacklevel=3,
+        )
     return (result, n) if return_count else result

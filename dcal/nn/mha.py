@@ -1,4 +1,5 @@
 """``nn.MultiheadAttention`` (self- and cross-attention, no weights returned) over :mod:`dcal.ops`."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -34,8 +35,17 @@ class FusedMultiheadAttention(nn.Module):
     ``add_zero_attn``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False, device=None, dtype=None, backend: Optional[str] = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
@@ -57,14 +67,23 @@ class FusedMultiheadAttention(nn.Module):
     def from_mha(cls, mha: nn.MultiheadAttention, backend: Optional[str] = None) -> "FusedMultiheadAttention":
         """The fused module sharing ``mha``'s parameter tensors (no copy)."""
         if not mha._qkv_same_embed_dim:
-            raise ValueError(f"nn.MultiheadAttention with kdim={mha.kdim} / vdim={mha.vdim} != embed_dim="
-                             f"{mha.embed_dim} (separate q/k/v projections) is not supported")
+            raise ValueError(
+                f"nn.MultiheadAttention with kdim={mha.kdim} / vdim={mha.vdim} != embed_dim="
+                f"{mha.embed_dim} (separate q/k/v projections) is not supported"
+            )
         if mha.bias_k is not None or mha.bias_v is not None:
             raise ValueError("nn.MultiheadAttention with add_bias_kv=True is not supported")
         if mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_zero_attn=True is not supported")
-        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
-                  batch_first=mha.batch_first, device="meta", backend=backend)
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+            device="meta",
+            backend=backend,
+        )
         new.in_proj_weight, new.in_proj_bias, new.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
         new.train(mha.training)
         return new
@@ -77,17 +96,28 @@ class FusedMultiheadAttention(nn.Module):
         bs = (None, None, None) if b is None else b.split(E)
         return tuple(_split(F.linear(t, wi, bi), 1, H)[0] for t, wi, bi in zip((query, key, value), w.split(E), bs))
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> Tuple[Tensor, None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[Tensor, None]:
         if need_weights:
-            raise ValueError("need_weights=True: the fused attention never holds the attention weights; "
-                             "call with need_weights=False")
+            raise ValueError(
+                "need_weights=True: the fused attention never holds the attention weights; call with need_weights=False"
+            )
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be batched and 3-D with {self.embed_dim} features "
-                                 f"({'[B, L, E]' if self.batch_first else '[L, B, E]'}), got {got}")
+                raise ValueError(
+                    f"{name} must be batched and 3-D with {self.embed_dim} features "
+                    f"({'[B, L, E]' if self.batch_first else '[L, B, E]'}), got {got}"
+                )
         if not self.batch_first:  # keep self-attention recognisable: one transposed tensor, one projection
             qk, kv = query is key, key is value
             query = query.transpose(0, 1)
@@ -95,8 +125,10 @@ class FusedMultiheadAttention(nn.Module):
             value = key if kv else value.transpose(0, 1)
         B, L, S = query.shape[0], query.shape[1], key.shape[1]
         if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
-            raise ValueError(f"key and value must share batch and length with query's batch {B}: "
-                             f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+            raise ValueError(
+                f"key and value must share batch and length with query's batch {B}: "
+                f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
         if is_causal and attn_mask is None:
             raise ValueError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too")
         q, k, v = self._project(query, key, value)
@@ -119,8 +151,10 @@ class FusedMultiheadAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
-                f"backend={self.backend!r}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+            f"backend={self.backend!r}"
+        )
 
 
 def _split(t: Tensor, parts: int, num_heads: int):

@@ -53,6 +53,7 @@ softmax over the k*k window, 1x1 out conv, residual): :class:`LocalGraphAttentio
   :func:`convert_unfold_state_dict` does this renaming (other source names can be passed), and
   :meth:`LocalGraphAttention.from_unfold_state_dict` builds the module from such a state dict.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,12 +92,31 @@ def _make_rpb(num_heads: int, kernel_size: int) -> nn.Parameter:
     return rpb
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int, border: str,
-            scale: Optional[float], backend: Optional[str], dilation: int = 1) -> Tensor:
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: int,
+    border: str,
+    scale: Optional[float],
+    backend: Optional[str],
+    dilation: int = 1,
+) -> Tensor:
     # Under autocast q is fp16/bf16 while the table stays fp32; the op wants one dtype.
     rpb = None if rpb is None else rpb.to(q.dtype)
-    return neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
-                                    dilation=dilation, backend=backend, layout="heads_first")
+    return neighborhood_attention2d(
+        q,
+        k,
+        v,
+        kernel_size=kernel_size,
+        border=border,
+        rpb=rpb,
+        scale=scale,
+        dilation=dilation,
+        backend=backend,
+        layout="heads_first",
+    )
 
 
 class NeighborhoodAttention2D(nn.Module):
@@ -135,14 +155,28 @@ class NeighborhoodAttention2D(nn.Module):
     [B, X, Y, C] for the output projection: no copy either way.
     """
 
-    def __init__(self, dim: Optional[int] = None, num_heads: Optional[int] = None, kernel_size=7,
-                 border: Optional[str] = None, rel_pos_bias: Optional[bool] = None, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, proj_drop: float = 0.0, backend: Optional[str] = None, *,
-                 dilation=1, embed_dim: Optional[int] = None, stride=1, is_causal=False):
+    def __init__(
+        self,
+        dim: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        kernel_size=7,
+        border: Optional[str] = None,
+        rel_pos_bias: Optional[bool] = None,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        proj_drop: float = 0.0,
+        backend: Optional[str] = None,
+        *,
+        dilation=1,
+        embed_dim: Optional[int] = None,
+        stride=1,
+        is_causal=False,
+    ):
         super().__init__()
         if (dim is None) == (embed_dim is None):
-            raise ValueError(f"pass the channels once, as dim or embed_dim (NATTEN's name); got dim={dim!r}, "
-                             f"embed_dim={embed_dim!r}")
+            raise ValueError(
+                f"pass the channels once, as dim or embed_dim (NATTEN's name); got dim={dim!r}, embed_dim={embed_dim!r}"
+            )
         natten_ctor = embed_dim is not None  # NATTEN's signature: NATTEN's function by default
         dim = dim if embed_dim is None else embed_dim
         if border is None:
@@ -177,39 +211,55 @@ class NeighborhoodAttention2D(nn.Module):
             raise ValueError(f"attn_drop={attn_drop.p}: attention dropout is not supported by the fused op")
         rpb = getattr(module, "rpb", None)
         w = module.qkv.weight
-        new = cls(embed_dim=module.qkv.in_features, num_heads=module.num_heads, kernel_size=module.kernel_size,
-                  border="clamp", rel_pos_bias=rpb is not None, qkv_bias=module.qkv.bias is not None,
-                  qk_scale=float(module.scale), proj_drop=module.proj_drop.p, backend=backend,
-                  dilation=getattr(module, "dilation", 1), stride=getattr(module, "stride", 1),
-                  is_causal=getattr(module, "is_causal", False))
+        new = cls(
+            embed_dim=module.qkv.in_features,
+            num_heads=module.num_heads,
+            kernel_size=module.kernel_size,
+            border="clamp",
+            rel_pos_bias=rpb is not None,
+            qkv_bias=module.qkv.bias is not None,
+            qk_scale=float(module.scale),
+            proj_drop=module.proj_drop.p,
+            backend=backend,
+            dilation=getattr(module, "dilation", 1),
+            stride=getattr(module, "stride", 1),
+            is_causal=getattr(module, "is_causal", False),
+        )
         new.to(device=w.device, dtype=w.dtype).load_state_dict(module.state_dict(), strict=True)
         return new.train(module.training)
 
     def _natten_hint(self, prefix: str = "") -> str:
-        return (f"the state dict has no '{prefix}rpb' but this module has a relative position bias "
-                f"(rel_pos_bias=True, border={self.border!r}); a NATTEN >= 0.18 NeighborhoodAttention2D has "
-                "none and uses the clamp border. To compute what that NATTEN module computes, use "
-                "NeighborhoodAttention2D.from_natten(natten_module), or construct with border=\"clamp\", "
-                "rel_pos_bias=False (what NATTEN's constructor, NeighborhoodAttention2D(embed_dim=..., ...), "
-                "gives by default)")
+        return (
+            f"the state dict has no '{prefix}rpb' but this module has a relative position bias "
+            f"(rel_pos_bias=True, border={self.border!r}); a NATTEN >= 0.18 NeighborhoodAttention2D has "
+            "none and uses the clamp border. To compute what that NATTEN module computes, use "
+            'NeighborhoodAttention2D.from_natten(natten_module), or construct with border="clamp", '
+            "rel_pos_bias=False (what NATTEN's constructor, NeighborhoodAttention2D(embed_dim=..., ...), "
+            "gives by default)"
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; a strict load of weights without the ``rpb`` this module
         has (a NATTEN >= 0.18 state dict) raises before anything is copied, saying what to do."""
         if strict and self.rpb is not None and "rpb" not in state_dict and "qkv.weight" in state_dict:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-                               f'Missing key(s) in state_dict: "rpb": {self._natten_hint()}')
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                f'Missing key(s) in state_dict: "rpb": {self._natten_hint()}'
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # Loaded as part of a model (or non-strictly): torch does not tell this module whether
         # the load is strict, so a missing table is reported by a warning next to torch's error.
         if self.rpb is not None and prefix + "rpb" not in state_dict and prefix + "qkv.weight" in state_dict:
-            warnings.warn(f"{self._natten_hint(prefix)}; the rpb keeps its current (random) values",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{self._natten_hint(prefix)}; the rpb keeps its current (random) values", UserWarning, stacklevel=2
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.dim:
@@ -225,9 +275,11 @@ class NeighborhoodAttention2D(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
-                f"dilation={self.dilation}, border={self.border!r}, rel_pos_bias={self.rpb is not None}, "
-                f"backend={self.backend!r}")
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, border={self.border!r}, rel_pos_bias={self.rpb is not None}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -280,9 +332,17 @@ class LocalGraphAttention(nn.Module):
     map (channels-first, or channels-last after the per-pixel LayerNorm): no copy either way.
     """
 
-    def __init__(self, channels: int, num_heads: int = 4, kernel_size: int = 7, border: str = "zero",
-                 rel_pos_bias: bool = True, norm: Optional[str] = "layer", qkv_bias: bool = True,
-                 backend: Optional[str] = None):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 4,
+        kernel_size: int = 7,
+        border: str = "zero",
+        rel_pos_bias: bool = True,
+        norm: Optional[str] = "layer",
+        qkv_bias: bool = True,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         _check_common("channels", channels, num_heads, kernel_size, border, backend)
         self.channels, self.num_heads, self.head_dim = channels, num_heads, channels // num_heads
@@ -306,23 +366,40 @@ class LocalGraphAttention(nn.Module):
         return x + self.proj(out)
 
     @classmethod
-    def from_unfold_state_dict(cls, state_dict: Mapping[str, Tensor], num_heads: int, kernel_size: int = 7,
-                               *, names: Optional[Dict[str, str]] = None, backend: Optional[str] = None,
-                               **kwargs) -> "LocalGraphAttention":
+    def from_unfold_state_dict(
+        cls,
+        state_dict: Mapping[str, Tensor],
+        num_heads: int,
+        kernel_size: int = 7,
+        *,
+        names: Optional[Dict[str, str]] = None,
+        backend: Optional[str] = None,
+        **kwargs,
+    ) -> "LocalGraphAttention":
         """The block that computes exactly what the unfold block with these weights computes
         (``border="zero", rel_pos_bias=False, norm=None``). ``names`` overrides the source module
         names (keys "q", "k", "v", "out", "qkv"); see :func:`convert_unfold_state_dict`."""
         sd = convert_unfold_state_dict(state_dict, **(names or {}))
         channels = sd["proj.weight"].shape[0]
         kwargs.setdefault("border", "zero")
-        mod = cls(channels, num_heads, kernel_size, rel_pos_bias=False, norm=None,
-                  qkv_bias="qkv.bias" in sd, backend=backend, **kwargs)
+        mod = cls(
+            channels,
+            num_heads,
+            kernel_size,
+            rel_pos_bias=False,
+            norm=None,
+            qkv_bias="qkv.bias" in sd,
+            backend=backend,
+            **kwargs,
+        )
         mod.to(sd["proj.weight"].dtype).load_state_dict(sd)  # cast first: loading copies into the params' dtype
         return mod
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
-                f"border={self.border!r}, rel_pos_bias={self.rpb is not None}, backend={self.backend!r}")
+        return (
+            f"channels={self.channels}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"border={self.border!r}, rel_pos_bias={self.rpb is not None}, backend={self.backend!r}"
+        )
 
 
 def _conv1x1(w: Tensor, name: str) -> Tensor:
@@ -333,8 +410,15 @@ def _conv1x1(w: Tensor, name: str) -> Tensor:
     return w
 
 
-def convert_unfold_state_dict(state_dict: Mapping[str, Tensor], *, q: str = "q_conv", k: str = "k_conv",
-                              v: str = "v_conv", out: str = "out_conv", qkv: str = "qkv") -> Dict[str, Tensor]:
+def convert_unfold_state_dict(
+    state_dict: Mapping[str, Tensor],
+    *,
+    q: str = "q_conv",
+    k: str = "k_conv",
+    v: str = "v_conv",
+    out: str = "out_conv",
+    qkv: str = "qkv",
+) -> Dict[str, Tensor]:
     """Rename an unfold BEV block's state dict to :class:`LocalGraphAttention`'s names.
 
     The source holds either three 1x1 convs ``{q}``, ``{k}``, ``{v}`` or one ``{qkv}`` conv with
@@ -351,8 +435,9 @@ def convert_unfold_state_dict(state_dict: Mapping[str, Tensor], *, q: str = "q_c
     else:
         missing = [f"{n}.weight" for n in (q, k, v) if f"{n}.weight" not in sd]
         if missing:
-            raise KeyError(f"state_dict has neither {qkv}.weight nor {missing}; pass the source names "
-                           f"(q=, k=, v=, out= or qkv=)")
+            raise KeyError(
+                f"state_dict has neither {qkv}.weight nor {missing}; pass the source names (q=, k=, v=, out= or qkv=)"
+            )
         res["qkv.weight"] = torch.cat([_conv1x1(sd[f"{n}.weight"], f"{n}.weight") for n in (q, k, v)], 0)
         biases = [sd.get(f"{n}.bias") for n in (q, k, v)]
         if any(b is not None for b in biases):
@@ -365,6 +450,8 @@ def convert_unfold_state_dict(state_dict: Mapping[str, Tensor], *, q: str = "q_c
     c = res["proj.weight"].shape[0]
     res["proj.bias"] = sd.get(f"{out}.bias", res["proj.weight"].new_zeros(c))
     if tuple(res["qkv.weight"].shape[:2]) != (3 * c, c):
-        raise ValueError(f"q/k/v weights give a qkv weight of shape {tuple(res['qkv.weight'].shape)}; "
-                         f"expected [{3 * c}, {c}, 1, 1] for {c} channels")
+        raise ValueError(
+            f"q/k/v weights give a qkv weight of shape {tuple(res['qkv.weight'].shape)}; "
+            f"expected [{3 * c}, {c}, 1, 1] for {c} channels"
+        )
     return res

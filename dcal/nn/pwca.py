@@ -1,4 +1,5 @@
 """Drop-in ViT attention with pair-wise cross-attention (docs/contract.md, Modules), over :mod:`dcal.ops`."""
+
 from __future__ import annotations
 
 from typing import Optional, Type
@@ -65,15 +66,30 @@ class PWCAAttention(nn.Module):
     With ``attn_drop=0`` (the ViT default) or in eval, and no mask, the fused ops run.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, backend: Optional[str] = None, *, attn_head_dim: Optional[int] = None,
-                 dim_out: Optional[int] = None, qk_norm: bool = False, scale_norm: bool = False,
-                 proj_bias: bool = True, gated: bool = False, norm_layer: Optional[Type[nn.Module]] = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: Optional[str] = None,
+        *,
+        attn_head_dim: Optional[int] = None,
+        dim_out: Optional[int] = None,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        gated: bool = False,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if not isinstance(qkv_bias, bool):
-            raise ValueError(f"qkv_bias must be a bool, got {qkv_bias!r} (timm's attn_head_dim / dim_out are "
-                             f"keyword arguments here)")
+            raise ValueError(
+                f"qkv_bias must be a bool, got {qkv_bias!r} (timm's attn_head_dim / dim_out are keyword arguments here)"
+            )
         if attn_head_dim is None and dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when attn_head_dim is None")
         if (qk_norm or scale_norm) and norm_layer is None:
@@ -85,7 +101,7 @@ class PWCAAttention(nn.Module):
         self.head_dim = attn_head_dim or dim // num_heads
         self.attn_dim = num_heads * self.head_dim
         self.dim_out = dim_out or dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.backend = backend
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -101,12 +117,21 @@ class PWCAAttention(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, N, {self.dim}] (dim={self.dim}), got {got}")
         if pair is not None:
-            if not isinstance(pair, Tensor) or pair.dim() != 3 or pair.shape[0] != x.shape[0] or pair.shape[-1] != self.dim:
+            if (
+                not isinstance(pair, Tensor)
+                or pair.dim() != 3
+                or pair.shape[0] != x.shape[0]
+                or pair.shape[-1] != self.dim
+            ):
                 got = tuple(pair.shape) if isinstance(pair, Tensor) else type(pair).__name__
                 raise ValueError(f"pair must be [B, Np, {self.dim}] with the batch of x {tuple(x.shape)}, got {got}")
         if query_index is not None:
-            if not isinstance(query_index, Tensor) or query_index.dtype != torch.int64 or query_index.dim() != 2 \
-                    or query_index.shape[0] != x.shape[0]:
+            if (
+                not isinstance(query_index, Tensor)
+                or query_index.dtype != torch.int64
+                or query_index.dim() != 2
+                or query_index.shape[0] != x.shape[0]
+            ):
                 raise ValueError(f"query_index must be an int64 [B, R] tensor with B={x.shape[0]}")
             if query_index.numel() and (query_index.min() < 0 or query_index.max() >= x.shape[1]):
                 raise ValueError(f"query_index values must lie in [0, {x.shape[1]})")
@@ -118,14 +143,26 @@ class PWCAAttention(nn.Module):
             B, N = x.shape[:2]
             _check_mask(attn_mask, (B, self.num_heads, N, N + (0 if pair is None else pair.shape[1])))
         if is_causal and (pair is not None or query_index is not None or attn_mask is not None):
-            raise ValueError("is_causal=True needs plain self-attention without attn_mask (pair=None, "
-                             "query_index=None, attn_mask=None); pass the mask you mean as attn_mask instead")
+            raise ValueError(
+                "is_causal=True needs plain self-attention without attn_mask (pair=None, "
+                "query_index=None, attn_mask=None); pass the mask you mean as attn_mask instead"
+            )
         if return_rollout and (attn_mask is not None or is_causal):
-            raise ValueError("return_rollout=True needs unmasked attention (attn_mask=None, is_causal=False): "
-                             "the rollout is defined over full attention maps")
+            raise ValueError(
+                "return_rollout=True needs unmasked attention (attn_mask=None, is_causal=False): "
+                "the rollout is defined over full attention maps"
+            )
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *,
-                pair: Optional[Tensor] = None, return_rollout: bool = False, query_index: Optional[Tensor] = None):
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        *,
+        pair: Optional[Tensor] = None,
+        return_rollout: bool = False,
+        query_index: Optional[Tensor] = None,
+    ):
         self._check(x, pair, query_index, return_rollout, attn_mask, is_causal)
         B, N, C = x.shape
         A = self.attn_dim
@@ -169,15 +206,22 @@ class PWCAAttention(nn.Module):
                     m = attn_mask.expand(q.shape[0], attn_mask.shape[1], -1, -1)
                     idx = query_index[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3])
                     attn_mask = m.gather(2, idx)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                              scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+        )
 
     @classmethod
     def from_timm(cls, attn: nn.Module, backend: Optional[str] = None) -> "PWCAAttention":
         """The fused module holding ``attn``'s own submodules (same parameter tensors, no copy),
         for a timm ``Attention`` (exactly that class; see :func:`dcal.nn.fuse_attention`)."""
-        new = cls(attn.qkv.in_features, attn.num_heads, attn_head_dim=attn.head_dim,
-                  dim_out=attn.proj.out_features, backend=backend, device="meta")
+        new = cls(
+            attn.qkv.in_features,
+            attn.num_heads,
+            attn_head_dim=attn.head_dim,
+            dim_out=attn.proj.out_features,
+            backend=backend,
+            device="meta",
+        )
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
             if hasattr(attn, name):  # older timm releases have no norm / gate
                 setattr(new, name, getattr(attn, name))

@@ -20,6 +20,7 @@ one that is 0 in float32, for inputs other than float64) makes every logit 0 and
 read. NaN and inf in the inputs propagate as in the reference on every CPU backend. Outputs and
 gradients are dense in the dim order of their input (out and dq like q, dk like k, dv like v).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -111,7 +112,8 @@ def multi_kv_attention(
     if B * H * Nq == 0:  # the empty result, on every backend, without a kernel
         inputs = [q] + [t for pair in kv + no_keys for t in pair]
         out, lse = R.empty_result(
-            (lambda: R.empty_in_order(q), lambda: q.new_empty((B, H, Nq), dtype=_stat_dtype(q.dtype))), inputs)
+            (lambda: R.empty_in_order(q), lambda: q.new_empty((B, H, Nq), dtype=_stat_dtype(q.dtype))), inputs
+        )
         return (out, lse) if return_lse else out
     unread, q0 = [], q
     if scale == 0.0:  # logits are 0 whatever q and k hold: they are not read (zero gradients)
@@ -256,8 +258,13 @@ def neighborhood_attention2d(
     q, k, v, heads_last = _to_heads_first(q, k, v, layout, kernel_size, dilation)
     ks, border, scale, dil = V.na2d_args(q, k, v, kernel_size, border, rpb, scale, dilation, BORDERS)
     scale = V.resolve_scale(scale, q.shape[-1])
-    call = Call("neighborhood_attention2d", q.device, q.dtype, q.shape[-1],
-                attrs={"kernel_size": ks, "border": border, "dilation": dil})
+    call = Call(
+        "neighborhood_attention2d",
+        q.device,
+        q.dtype,
+        q.shape[-1],
+        attrs={"kernel_size": ks, "border": border, "dilation": dil},
+    )
     _, fn = choose(call, backend)
     if q.numel() == 0:  # B, H, X or Y = 0 (D >= 1 is checked): the empty result, without a kernel
         (out,) = R.empty_result((lambda: R.empty_in_order(q),), [q, k, v, rpb], contiguous=(False, False, False, True))

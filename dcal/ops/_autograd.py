@@ -8,6 +8,7 @@ Every fused backward is first-order only. :func:`once_differentiable` makes a se
 differentiation through it raise a clear error naming the op (as ``torch.autograd.function.
 once_differentiable`` does), instead of the silent zeros an unregistered backward op would give.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,9 +41,11 @@ def once_differentiable(op_name: str, backend: str):
     (``create_graph=True`` with inputs that need gradients) its outputs lead to a node that raises
     at the second backward, naming the op."""
 
-    msg = (f"dcal: {op_name} (backend {backend!r}) has a first-order backward only: differentiating it twice "
-           f"(create_graph=True, double backward, gradient penalty, Hessian-vector product) is not supported; "
-           f"{DOUBLE_BACKWARD_HINT}")
+    msg = (
+        f"dcal: {op_name} (backend {backend!r}) has a first-order backward only: differentiating it twice "
+        f"(create_graph=True, double backward, gradient penalty, Hessian-vector product) is not supported; "
+        f"{DOUBLE_BACKWARD_HINT}"
+    )
 
     def wrap(backward):
         def finish(ctx, *grads):

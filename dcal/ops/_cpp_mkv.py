@@ -5,6 +5,7 @@ The ops' schemas and CPU kernels are registered by the extension (``csrc/ops.cpp
 adds the exact fake (meta) implementations and the autograd every multi_kv backend shares
 (:func:`dcal.ops._autograd.register_mkv_autograd`): the backward is the ``dcal::mkv_bwd`` op. The lse gradient is folded into the kernel's delta.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ def _(q, k1, v1, k2, v2, scale):
 def _(dout, dlse, q, k1, v1, k2, v2, out, lse, scale):
     res = [torch.empty_like(q, memory_format=torch.contiguous_format)]
     for k, v in _segments(k1, v1, k2, v2):
-        res += [torch.empty_like(k, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format)]
+        res += [
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+        ]
     return res
 
 

@@ -9,6 +9,7 @@ backend entry point :func:`na2d_cpp`. Only q, k, v, rpb, the output and the logs
 for backward, and nothing when no input needs a gradient. The logsumexp output is a statistic,
 not differentiable.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,23 +55,26 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, saved, dout, dlse):
     q, k, v, rpb, out, lse = saved
     dq, dk, dv, drpb = torch.ops.dcal.na2d_bwd(
-        dout, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.border, ctx.scale, ctx.dilation)
+        dout, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.border, ctx.scale, ctx.dilation
+    )
     return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None, None
 
 
 torch.library.register_autograd("dcal::na2d_fwd", _backward, setup_context=_setup_context)
 
 
-def na2d_cpp(q: Tensor, k: Tensor, v: Tensor, rpb, kernel_size: int, border: str, scale: float,
-             dilation: int = 1) -> Tensor:
+def na2d_cpp(
+    q: Tensor, k: Tensor, v: Tensor, rpb, kernel_size: int, border: str, scale: float, dilation: int = 1
+) -> Tensor:
     """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, H, X, Y, D] out.
 
     float16 on CPU runs the float32 kernels on float32 copies (linear memory, the copies keep
     the inputs' dim order) and casts the output (and the gradients) back to float16."""
     if q.dtype == torch.float16 and q.device.type == "cpu":
         c = lambda t: None if t is None else t.float()  # noqa: E731
-        out, _ = torch.ops.dcal.na2d_fwd(c(q), c(k), c(v), c(rpb), int(kernel_size), BORDER_IDS[border], float(scale),
-                                         int(dilation))
+        out, _ = torch.ops.dcal.na2d_fwd(
+            c(q), c(k), c(v), c(rpb), int(kernel_size), BORDER_IDS[border], float(scale), int(dilation)
+        )
         return out.half()
     out, _ = torch.ops.dcal.na2d_fwd(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale), int(dilation))
     return out

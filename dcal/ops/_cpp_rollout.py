@@ -5,6 +5,7 @@ adds the fake (meta) implementation, so the op works on the meta device and unde
 ``torch.compile``, and the backend entry point of :mod:`dcal.ops._dispatch`. Rollout has no
 gradient (docs/contract.md, attention_rollout), so no autograd is registered.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -27,12 +28,14 @@ def _(qs, ks, lses, scale, residual):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=_out_dtype(q.dtype))
 
 
-def rollout_cpp(qs: Sequence[Tensor], ks: Sequence[Tensor], lses: Optional[Sequence[Tensor]], scale: float,
-                residual: float) -> Tensor:
+def rollout_cpp(
+    qs: Sequence[Tensor], ks: Sequence[Tensor], lses: Optional[Sequence[Tensor]], scale: float, residual: float
+) -> Tensor:
     """Backend entry point (contract of :mod:`dcal.ops._dispatch`): [B, N] fp32 (fp64 for fp64).
     float16 runs the float32 kernel on float32 copies of the blocks (linear memory)."""
     with torch.no_grad():
         if qs[0].dtype == torch.float16:
             qs, ks = [q.float() for q in qs], [k.float() for k in ks]
-        return torch.ops.dcal.rollout(list(qs), list(ks), [] if lses is None else list(lses), float(scale),
-                                      float(residual))
+        return torch.ops.dcal.rollout(
+            list(qs), list(ks), [] if lses is None else list(lses), float(scale), float(residual)
+        )

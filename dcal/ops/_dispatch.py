@@ -10,6 +10,7 @@ Implementation contracts (all differentiable unless noted):
   neighborhood_attention2d:  fn(q, k, v, rpb, kernel_size, border, scale, dilation) -> out; rpb may be None
   attention_rollout:         fn(qs, ks, lses, scale, residual) -> [B, N] fp32 (no grad); lses may be None
 """
+
 from __future__ import annotations
 
 import importlib
@@ -173,8 +174,13 @@ def check_reference(call: Call) -> Optional[str]:
 _IMPLS: Dict[Tuple[str, str], Impl] = {}
 
 
-def register(op: str, backend: str, target: str, check: Callable[[Call], Optional[str]],
-             loader: Optional[Callable[[], Callable]] = None) -> None:
+def register(
+    op: str,
+    backend: str,
+    target: str,
+    check: Callable[[Call], Optional[str]],
+    loader: Optional[Callable[[], Callable]] = None,
+) -> None:
     _IMPLS[(op, backend)] = Impl(op, backend, target, check, loader)
 
 

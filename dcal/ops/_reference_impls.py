@@ -1,4 +1,5 @@
 """The reference ops under the backend implementation contracts of :mod:`dcal.ops._dispatch`."""
+
 from dcal.kernels._layout import empty_in_order_of
 from dcal.ops import reference
 
@@ -9,8 +10,9 @@ def mkv_reference(q, k1, v1, k2, v2, scale):
 
 
 def na2d_reference(q, k, v, rpb, kernel_size, border, scale, dilation=1):
-    out = reference.neighborhood_attention2d(q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale,
-                                             dilation=dilation)
+    out = reference.neighborhood_attention2d(
+        q, k, v, kernel_size=kernel_size, border=border, rpb=rpb, scale=scale, dilation=dilation
+    )
     # in q's dim order, as every other backend returns it (the copy is differentiable)
     want = empty_in_order_of(q, dtype=out.dtype)
     return out if want.stride() == out.stride() else want.copy_(out)

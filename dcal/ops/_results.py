@@ -11,6 +11,7 @@ dims by decreasing stride, ties in logical order, broadcast dims outermost); sta
 comparison); others get one copy of the tensor concerned (linear memory). Dims of size 1 have no
 place in memory, so a result that differs only in their strides is re-strided without a copy.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -84,8 +85,10 @@ class _EmptyResult(torch.autograd.Function):
     @staticmethod
     def forward(ctx, specs, contiguous, *inputs):
         # gradients: zeros in each input's dim order (contiguous for the inputs flagged so: rpb)
-        ctx.metas = [(x.shape, list(range(x.dim())) if c else dim_order(x), x.dtype, x.device)
-                     if isinstance(x, Tensor) else None for x, c in zip(inputs, contiguous)]
+        ctx.metas = [
+            (x.shape, list(range(x.dim())) if c else dim_order(x), x.dtype, x.device) if isinstance(x, Tensor) else None
+            for x, c in zip(inputs, contiguous)
+        ]
         return tuple(fn() for fn in specs)
 
     @staticmethod

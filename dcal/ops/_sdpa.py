@@ -23,6 +23,7 @@ This file is also the pattern for every dcal custom op: ``torch.library.custom_o
 ``register_autograd`` whose backward is itself a custom op, and only inputs, output and the
 logsumexp saved for backward.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -56,11 +57,24 @@ def _seg_fwd(q, k, v, scale) -> Tuple[Tensor, Tensor]:
 def _seg_bwd(dout, q, k, v, out, lse, scale) -> Tuple[Tensor, Tensor, Tensor]:
     if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, False, scale=scale)
+            dout, q, k, v, out, lse, 0.0, False, scale=scale
+        )
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, torch.empty(0, device=q.device, dtype=q.dtype), out, lse.contiguous(), seed, seed, 0.0,
-        [True, True, True, False], False, scale=scale)
+        dout,
+        q,
+        k,
+        v,
+        torch.empty(0, device=q.device, dtype=q.dtype),
+        out,
+        lse.contiguous(),
+        seed,
+        seed,
+        0.0,
+        [True, True, True, False],
+        False,
+        scale=scale,
+    )
     return dq, dk, dv
 
 
@@ -109,11 +123,13 @@ def _exact_fwd(q, k1, v1, k2, v2, scale):
     sd = _stat_dtype(q.dtype)
     if _use_cpp(q):
         import dcal.ops._cpp_mkv  # noqa: F401  (registers the fake implementations)
+
         up = _exact_dtype(q.dtype)
         c = lambda t: None if t is None else t.to(up)  # noqa: E731
         out, lse = torch.ops.dcal.mkv_fwd(c(q), c(k1), c(v1), c(k2), c(v2), scale)
         return out.to(q.dtype).contiguous(), lse.to(sd).contiguous()
     from dcal.ops import reference
+
     out, lse = reference.multi_kv_attention(q, _segments(k1, v1, k2, v2), scale=scale, return_lse=True)
     return out.contiguous(), lse.to(sd).contiguous()
 
@@ -126,10 +142,12 @@ def _exact_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale) -> List[Tensor]:
         grads = torch.ops.dcal.mkv_bwd(c(dout), c(dlse), c(q), c(k1), c(v1), c(k2), c(v2), c(out), c(lse), scale)
         return [g.to(q.dtype) for g in grads]
     from dcal.ops import reference
+
     with torch.enable_grad():
         ins = [t.detach().requires_grad_() for t in [q] + [x for kv in segs for x in kv]]
-        o, l = reference.multi_kv_attention(ins[0], [(ins[1 + 2 * i], ins[2 + 2 * i]) for i in range(len(segs))],
-                                            scale=scale, return_lse=True)
+        o, l = reference.multi_kv_attention(
+            ins[0], [(ins[1 + 2 * i], ins[2 + 2 * i]) for i in range(len(segs))], scale=scale, return_lse=True
+        )
         outs, gs = [o], [dout]
         if dlse is not None:
             outs.append(l)
@@ -165,7 +183,9 @@ def mkv_sdpa_fwd(
 
 @mkv_sdpa_fwd.register_fake
 def _(q, k1, v1, k2, v2, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_stat_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[:3], dtype=_stat_dtype(q.dtype)
+    )
 
 
 @torch.library.custom_op("dcal::mkv_sdpa_bwd", mutates_args=())

@@ -10,6 +10,7 @@ q, k, v (and dout) are read through their strides, never copied, so any view of
 out, dq, dk, dv take the dim order of q, q, k, v (:func:`dcal.kernels._layout.empty_in_order_of`,
 the fakes' rule too).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -25,8 +26,15 @@ from dcal.ops._autograd import once_differentiable
 
 @triton_op("dcal::na2d_fwd_triton", mutates_args=())
 def na2d_fwd_triton(
-    q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: int, border: str, scale: float,
-    config: List[int], dilation: int = 1,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: int,
+    border: str,
+    scale: float,
+    config: List[int],
+    dilation: int = 1,
 ) -> Tuple[Tensor, Tensor]:
     return K.na2d_fwd(q, k, v, rpb, kernel_size, border, scale, K.unpack_config(config), dilation=dilation)
 
@@ -39,12 +47,37 @@ def _(q, k, v, rpb, kernel_size, border, scale, config, dilation=1):
 
 @triton_op("dcal::na2d_bwd_triton", mutates_args=())
 def na2d_bwd_triton(
-    dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], out: Tensor,
-    lse: Tensor, kernel_size: int, border: str, scale: float, config: List[int], need_drpb: bool,
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    kernel_size: int,
+    border: str,
+    scale: float,
+    config: List[int],
+    need_drpb: bool,
     dilation: int = 1,
 ) -> List[Tensor]:
-    dq, dk, dv, drpb = K.na2d_bwd(dout, q, k, v, rpb, out, lse, kernel_size, border, scale,
-                                  K.unpack_config(config), need_drpb=need_drpb, dlse=dlse, dilation=dilation)
+    dq, dk, dv, drpb = K.na2d_bwd(
+        dout,
+        q,
+        k,
+        v,
+        rpb,
+        out,
+        lse,
+        kernel_size,
+        border,
+        scale,
+        K.unpack_config(config),
+        need_drpb=need_drpb,
+        dlse=dlse,
+        dilation=dilation,
+    )
     return [dq, dk, dv] if drpb is None else [dq, dk, dv, drpb]
 
 

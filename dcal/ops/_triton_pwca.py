@@ -10,6 +10,7 @@ plain ``custom_op``s with an explicit fake; that is what lets CPU tests run ``op
 autograd through the same launchers. The backward is its own op; autograd saves only the inputs,
 the output and the fp32 logsumexp, and nothing when no input needs a gradient.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ implementation is registered explicitly instead of triton_op's default (the laun
 tensors): under TRITON_INTERPRET=1 the launcher would run the kernels on fake tensors' storage.
 Rollout has no gradient (docs/contract.md, attention_rollout), so no autograd is registered.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -29,9 +30,9 @@ def _(qs, ks, lses, scale, residual):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)
 
 
-def rollout_triton(qs: Sequence[Tensor], ks: Sequence[Tensor], lses: Optional[Sequence[Tensor]], scale: float,
-                   residual: float) -> Tensor:
+def rollout_triton(
+    qs: Sequence[Tensor], ks: Sequence[Tensor], lses: Optional[Sequence[Tensor]], scale: float, residual: float
+) -> Tensor:
     """Backend entry point (contract of :mod:`dcal.ops._dispatch`)."""
     with torch.no_grad():
-        return rollout_triton_op(list(qs), list(ks), [] if lses is None else list(lses), float(scale),
-                                 float(residual))
+        return rollout_triton_op(list(qs), list(ks), [] if lses is None else list(lses), float(scale), float(residual))

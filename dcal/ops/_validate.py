@@ -20,6 +20,7 @@ What is accepted (docs/inputs.md):
 - neighborhood attention: kernel_size odd in [3, 2**15), dilation in [1, 2**15), map sides
   below 2**30, clamp border needs a map of at least kernel_size * dilation per non-empty axis.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ OP_NAMES = ("multi_kv_attention", "pwca_attention", "attention_rollout", "neighb
 MAX_KERNEL = 1 << 15  # kernel_size and dilation bound (the C++/CUDA geometry is int32)
 MAX_SIDE = 1 << 30  # map side bound
 F32_MAX = float(torch.finfo(torch.float32).max)
-F32_ZERO = 2.0 ** -150  # below this a float rounds to 0 in float32 (half the smallest subnormal)
+F32_ZERO = 2.0**-150  # below this a float rounds to 0 in float32 (half the smallest subnormal)
 
 
 # ----------------------------------------------------------------------------- single arguments
@@ -78,15 +79,17 @@ def scale(value, dtype: Optional[torch.dtype] = None) -> Optional[float]:
         raise ValueError(f"scale must be a finite float or None (D ** -0.5), got {value}")
     if dtype is not None and dtype != torch.float64:
         if abs(value) > F32_MAX:
-            raise ValueError(f"scale {value} overflows float32, the precision {dtype} inputs are scaled in; "
-                             f"expected |scale| <= {F32_MAX:.4g}")
+            raise ValueError(
+                f"scale {value} overflows float32, the precision {dtype} inputs are scaled in; "
+                f"expected |scale| <= {F32_MAX:.4g}"
+            )
         if abs(value) < F32_ZERO:
             value = 0.0
     return value
 
 
 def resolve_scale(value: Optional[float], d: int) -> float:
-    return d ** -0.5 if value is None else value
+    return d**-0.5 if value is None else value
 
 
 def _int(value):
@@ -152,9 +155,12 @@ def segments(q: Tensor, kv: Sequence) -> list:
             if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
                 raise ValueError(
                     f"{n} has shape {tuple(t.shape)}; expected batch {B}, heads {H} and head dim {D} "
-                    f"as q {tuple(q.shape)} ([B, H, Nk, D])")
+                    f"as q {tuple(q.shape)} ([B, H, Nk, D])"
+                )
         if k.shape[2] != v.shape[2]:
-            raise ValueError(f"{kn} has {k.shape[2]} tokens but {vn} has {v.shape[2]}; k and v must have the same length")
+            raise ValueError(
+                f"{kn} has {k.shape[2]} tokens but {vn} has {v.shape[2]}; k and v must have the same length"
+            )
         out.append((k, v))
     return out
 
@@ -173,7 +179,8 @@ def mkv_args(q, kv, scale_, return_lse) -> Tuple[list, list, Optional[float]]:
     if not full and B * H * Nq > 0:
         raise ValueError(
             f"kv holds no key (every segment has Nk = 0: {[tuple(k.shape) for k, _ in kv]}); the softmax needs "
-            "at least one key in some segment")
+            "at least one key in some segment"
+        )
     return full, empty, s
 
 
@@ -201,14 +208,19 @@ def na2d_args(q, k, v, kernel_size_, border_, rpb, scale_, dilation_, borders):
         raise ValueError(
             f"border='clamp' needs a map of at least kernel_size*dilation x kernel_size*dilation "
             f"({ks * dil}x{ks * dil}: kernel_size {ks}, dilation {dil}), got {X}x{Y}; "
-            "use border='zero' or 'mask' for smaller maps")
+            "use border='zero' or 'mask' for smaller maps"
+        )
     if rpb is not None:
         if not isinstance(rpb, Tensor):
-            raise TypeError(f"rpb must be a tensor [H, 2*kernel_size-1, 2*kernel_size-1] or None, got {type(rpb).__name__}")
+            raise TypeError(
+                f"rpb must be a tensor [H, 2*kernel_size-1, 2*kernel_size-1] or None, got {type(rpb).__name__}"
+            )
         tensor("rpb", rpb, 3, "[H, 2*kernel_size-1, 2*kernel_size-1]")
         want = (H, 2 * ks - 1, 2 * ks - 1)
         if tuple(rpb.shape) != want:
-            raise ValueError(f"rpb must have shape {want} ([H, 2*kernel_size-1, 2*kernel_size-1]), got {tuple(rpb.shape)}")
+            raise ValueError(
+                f"rpb must have shape {want} ([H, 2*kernel_size-1, 2*kernel_size-1]), got {tuple(rpb.shape)}"
+            )
         same_kind("q", q, "rpb", rpb)
     return ks, bd, scale(scale_, q.dtype), dil
 
@@ -222,8 +234,10 @@ def rollout_args(qs, ks, lses, scale_, residual):
         raise TypeError(f"qs and ks must be sequences of [B, H, N, D] tensors (one per SA block); {name} is a tensor")
     for name, seq in (("qs", qs), ("ks", ks)):
         if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
-            raise TypeError(f"qs and ks must be sequences of [B, H, N, D] tensors (one per SA block); "
-                            f"{name} is a {type(seq).__name__}")
+            raise TypeError(
+                f"qs and ks must be sequences of [B, H, N, D] tensors (one per SA block); "
+                f"{name} is a {type(seq).__name__}"
+            )
     qs, ks = list(qs), list(ks)
     if len(qs) == 0:
         raise ValueError("qs must hold at least one [B, H, N, D] tensor")
@@ -279,11 +293,12 @@ def probe_tensor(op: str, tensors: tuple) -> Tensor:
         raise TypeError(f"tensors: pass at least one tensor of the {op} call (e.g. q), got none")
     t = tensors[0]
     if isinstance(t, (list, tuple)) and t and all(isinstance(x, Tensor) for x in t):
-        raise TypeError(f"tensors: pass the tensors themselves (e.g. explain({op!r}, q) or "
-                        f"explain({op!r}, *qs)), not a {type(t).__name__} of tensors")
+        raise TypeError(
+            f"tensors: pass the tensors themselves (e.g. explain({op!r}, q) or "
+            f"explain({op!r}, *qs)), not a {type(t).__name__} of tensors"
+        )
     if not isinstance(t, Tensor):
         raise TypeError(f"tensors[0] must be a torch.Tensor (e.g. q), got {type(t).__name__}")
     if t.dim() < 1:
         raise ValueError("tensors[0] must have a head dim (shape [..., D]), got a 0-dim tensor")
     return t
-

@@ -10,6 +10,7 @@ the default) or ``[B, X, Y, H, D]`` (``layout="heads_last"``). Both run on the s
 permuted views (no copy in, none out): the op takes any strides and writes its output in q's dim
 order, so a heads-last q gives a dense heads-last output.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,8 +32,9 @@ def one_value(name: str, value):
     module :class:`dcal.nn.NeighborhoodAttention2D` reads its NATTEN-style arguments with it too)."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name} must be an int or a pair of equal values (one value for both axes), "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{name} must be an int or a pair of equal values (one value for both axes), got {value!r}"
+            )
         value = value[0]
     return value
 
@@ -45,8 +47,9 @@ def _heads_last_tensor(name: str, t, ref: Optional[Tensor] = None) -> None:
             what = " (heads differ: grouped/multi-query attention is not supported; repeat k and v over heads)"
         elif t.shape[:4] == ref.shape[:4]:
             what = " (head dims differ: the op needs one head dim for q, k and v)"
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected the shape of query {tuple(ref.shape)} "
-                         f"[B, X, Y, H, D]{what}")
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}; expected the shape of query {tuple(ref.shape)} [B, X, Y, H, D]{what}"
+        )
 
 
 def na2d(
@@ -96,13 +99,25 @@ def na2d(
         raise ValueError(f"stride={stride!r} is not supported (only 1, NATTEN's default)")
     causal = is_causal if isinstance(is_causal, (tuple, list)) else (is_causal,)
     if any(c is not False and c != 0 for c in causal):
-        raise ValueError(f"is_causal={is_causal!r} is not supported: causal neighborhood attention is not "
-                         "implemented (only is_causal=False)")
+        raise ValueError(
+            f"is_causal={is_causal!r} is not supported: causal neighborhood attention is not "
+            "implemented (only is_causal=False)"
+        )
     dil = one_value("dilation", dilation)
     from dcal.ops import neighborhood_attention2d
 
-    return neighborhood_attention2d(query, key, value, kernel_size=ks, border="clamp", rpb=rpb, scale=scale,
-                                    dilation=dil, backend=backend, layout="heads_last")
+    return neighborhood_attention2d(
+        query,
+        key,
+        value,
+        kernel_size=ks,
+        border="clamp",
+        rpb=rpb,
+        scale=scale,
+        dilation=dil,
+        backend=backend,
+        layout="heads_last",
+    )
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -130,7 +145,10 @@ def to_heads_first(q: Tensor, k: Tensor, v: Tensor, layout: Optional[str], kerne
                 f"q of shape {tuple(q.shape)} is read as heads-first [B, H, X, Y, D]: {q.shape[1]} heads on a "
                 f"{q.shape[2]}x{q.shape[3]} map narrower than the {window}-wide window. If it is NATTEN's "
                 "heads-last [B, X, Y, H, D], pass layout='heads_last' (or use dcal.ops.na2d); pass "
-                "layout='heads_first' to silence this warning.", UserWarning, stacklevel=3)
+                "layout='heads_first' to silence this warning.",
+                UserWarning,
+                stacklevel=3,
+            )
     return q, k, v, False
 
 

@@ -7,6 +7,7 @@ attention, so its memory is quadratic (or ``kernel_size**2``-fold); use it on sm
 Computation happens in the dtype of the inputs (so the reference run in fp16 shows PyTorch's own
 fp16 error); logsumexps are returned in fp32, or fp64 for fp64 inputs.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scale(scale: Optional[float], head_dim: int) -> float:
-    return head_dim ** -0.5 if scale is None else float(scale)
+    return head_dim**-0.5 if scale is None else float(scale)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -9,6 +9,7 @@ runs ``ptxas -v`` on the PTX to read registers, spill bytes and shared memory.
 Must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the JIT objects
 that the compiler needs); :func:`compile_in_subprocess` takes care of that for tests.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -30,7 +31,9 @@ class AOTSpec(KernelSpec):
 
     def attrs(self) -> Dict[tuple, list]:
         names = list(self.signature)
-        aligned = self.aligned if self.aligned is not None else [n for n, t in self.signature.items() if t.startswith("*")]
+        aligned = (
+            self.aligned if self.aligned is not None else [n for n, t in self.signature.items() if t.startswith("*")]
+        )
         return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
@@ -61,8 +64,11 @@ def ptxas_stats(ptx: str) -> Dict[str, int]:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas_path(), "-v", f"-arch={target}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [ptxas_path(), "-v", f"-arch={target}", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     if out.returncode != 0:
         raise RuntimeError(f"ptxas failed for {target}:\n{out.stderr}")
     log = out.stdout + out.stderr
@@ -93,10 +99,12 @@ def compile_spec(spec: AOTSpec, cc: int) -> Dict[str, object]:
     from triton.compiler import ASTSource
 
     spec = AOTSpec.of(spec)
-    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
-                    attrs=spec.attrs())
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    src = ASTSource(
+        fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=spec.attrs()
+    )
+    k = triton.compile(
+        src, target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    )
     stats = ptxas_stats(k.asm["ptx"])
     shared = int(getattr(k.metadata, "shared", 0) or 0)
     return {
@@ -144,8 +152,9 @@ def compile_all(modules=KERNEL_MODULES, archs=(80, 90), name_filter: Optional[st
     return rows
 
 
-def compile_in_subprocess(modules=KERNEL_MODULES, archs=(80, 90), name_filter: Optional[str] = None,
-                          timeout: float = 1800) -> List[Dict[str, object]]:
+def compile_in_subprocess(
+    modules=KERNEL_MODULES, archs=(80, 90), name_filter: Optional[str] = None, timeout: float = 1800
+) -> List[Dict[str, object]]:
     """:func:`compile_all` in a fresh Python process with TRITON_INTERPRET removed (for tests, which
     run with the interpreter on)."""
     import json

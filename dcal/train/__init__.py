@@ -39,11 +39,25 @@ then accumulates them exactly with an embedding cache (:mod:`dcal.train.coupled`
 ``python -m dcal.train.autobatch --config C --micro-batch 8,16,32 --measure`` prints a table of the predicted
 and measured (CPU, peak RSS) memory of a training step per micro-batch.
 """
+
 from dcal.train.config import Config, TrainConfig, load as load_config, parse_bytes
 from dcal.train.coupled import ClipLoss, CoupledLoss, PrototypicalLoss, cached_backward
 from dcal.train.episodes import Episodes
 from dcal.train.trainer import CosineWarmup, Trainer, accuracy, param_groups, setup_distributed
 
-__all__ = ["Config", "TrainConfig", "load_config", "parse_bytes", "Trainer", "CosineWarmup", "accuracy",
-           "param_groups", "setup_distributed", "CoupledLoss", "ClipLoss", "PrototypicalLoss", "cached_backward",
-           "Episodes"]
+__all__ = [
+    "Config",
+    "TrainConfig",
+    "load_config",
+    "parse_bytes",
+    "Trainer",
+    "CosineWarmup",
+    "accuracy",
+    "param_groups",
+    "setup_distributed",
+    "CoupledLoss",
+    "ClipLoss",
+    "PrototypicalLoss",
+    "cached_backward",
+    "Episodes",
+]

@@ -10,6 +10,7 @@ the saved config must build the same model and data) or ``--overwrite`` (move it
 per-class accuracy) without training. Every mistake in the config or the command line stops the
 run before any work with one line naming the key and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,21 +29,42 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m dcal.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML file with model, data and train sections")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="output directory (metrics.jsonl, checkpoints/); required to train")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint path, or from the latest one in --out when no path is given")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--out holds another run: move it aside to OUT.old-<time> (nothing is deleted) and start anew")
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate --checkpoint on the validation set (top-1, top-5, per-class CSV); no training")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from a checkpoint path, or from the latest one in --out when no path is given",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds another run: move it aside to OUT.old-<time> (nothing is deleted) and start anew",
+    )
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate --checkpoint on the validation set (top-1, top-5, per-class CSV); no training",
+    )
     p.add_argument("--checkpoint", default=None, help="the checkpoint --eval-only evaluates")
-    p.add_argument("--max-memory", default=None,
-                   help="budget of the process's peak memory, e.g. 16GB, 200MB, 512MiB: the peak resident set (RSS) "
-                   "on CPU, torch.cuda.max_memory_allocated on GPU; picks the micro-batch when it is 'auto', "
-                   "refuses a fixed one predicted above it (same as --set train.max_memory=...)")
-    p.add_argument("--micro-batch", default=None, help="micro-batch size or 'auto' (same as --set train.micro_batch=...)")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="budget of the process's peak memory, e.g. 16GB, 200MB, 512MiB: the peak resident set (RSS) "
+        "on CPU, torch.cuda.max_memory_allocated on GPU; picks the micro-batch when it is 'auto', "
+        "refuses a fixed one predicted above it (same as --set train.max_memory=...)",
+    )
+    p.add_argument(
+        "--micro-batch", default=None, help="micro-batch size or 'auto' (same as --set train.micro_batch=...)"
+    )
     return p
 
 
@@ -108,8 +130,10 @@ def main(argv=None) -> int:
             resume, state = ckdir.latest_readable(warn=info)
             if resume is None:
                 what = f"none of the {len(found)} checkpoints" if found else "no checkpoint"
-                raise ValueError(f"--resume: {what} in {ckdir.dir} can be read; to start fresh, run again without "
-                                 f"--resume (or with a new --out)")
+                raise ValueError(
+                    f"--resume: {what} in {ckdir.dir} can be read; to start fresh, run again without "
+                    f"--resume (or with a new --out)"
+                )
         else:
             rundir.check_resume_target(args.out, resume)
             try:
@@ -133,8 +157,17 @@ def main(argv=None) -> int:
         if task.pretrained is not None and state is None:
             report = load_pretrained(model, task.pretrained)
         loss = task.loss if task.loss is not None else model.loss
-        trainer = Trainer(model, loss, task.train_set, task.val_set, cfg.train, out_dir=args.out,
-                          model_factory=task.model_factory, run_config=cfg.to_dict(), eval_fn=task.eval_fn)
+        trainer = Trainer(
+            model,
+            loss,
+            task.train_set,
+            task.val_set,
+            cfg.train,
+            out_dir=args.out,
+            model_factory=task.model_factory,
+            run_config=cfg.to_dict(),
+            eval_fn=task.eval_fn,
+        )
         trainer.plan_memory()  # a budget that cannot be met stops here, before anything is written
     except ValueError as e:
         return _err(str(e))
@@ -147,7 +180,11 @@ def main(argv=None) -> int:
     if changed:
         info(f"resuming with changed settings: {'; '.join(changed)}")
     if task.pretrained is not None:
-        info(report if report is not None else f"pretrained: not loaded ({task.pretrained}): the weights come from {resume}")
+        info(
+            report
+            if report is not None
+            else f"pretrained: not loaded ({task.pretrained}): the weights come from {resume}"
+        )
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.yaml"), "w") as f:

@@ -28,6 +28,7 @@ The budget (``--max-memory``) bounds what a user sees of the process (:func:`pla
 ``python -m dcal.train.autobatch --config C --micro-batch 8,16,32 [--max-memory 2GB] [--measure]``
 prints a table of the predicted (and measured, each in a fresh process) step peaks.
 """
+
 from __future__ import annotations
 
 import math
@@ -161,8 +162,10 @@ def predict_step(
     real = collate_fn([sample] * micro_batch)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        x, y = (fake_mode.from_tensor(t.to(device) if t.device != device else t) if isinstance(t, torch.Tensor)
-                else t for t in real)
+        x, y = (
+            fake_mode.from_tensor(t.to(device) if t.device != device else t) if isinstance(t, torch.Tensor) else t
+            for t in real
+        )
     # built for real, outside the fake mode: constructors may read values (``.tolist()`` of a
     # drop-path schedule); its parameters are then swapped for fake ones and its memory freed
     model = model_factory()
@@ -214,8 +217,9 @@ def predict_step(
     return result
 
 
-def predict_step_peak(model_factory: Callable[[], nn.Module], loss_fn: Callable, sample: Any, micro_batch: int,
-                      **kwargs) -> int:
+def predict_step_peak(
+    model_factory: Callable[[], nn.Module], loss_fn: Callable, sample: Any, micro_batch: int, **kwargs
+) -> int:
     """Predicted peak bytes of live tensors in a steady-state training step (see
     :func:`predict_step`, which takes the same arguments)."""
     return predict_step(model_factory, loss_fn, sample, micro_batch, **kwargs).tensors
@@ -252,9 +256,17 @@ def choose_micro_batch(
 
     def predict(b: int) -> int:
         if b not in steps:
-            p = predict_step(model_factory, loss_fn, sample, b, device=device, amp_dtype=amp_dtype,
-                             accumulate=2 if b < local_batch else 1, grad_checkpointing=grad_checkpointing,
-                             collate_fn=collate_fn)
+            p = predict_step(
+                model_factory,
+                loss_fn,
+                sample,
+                b,
+                device=device,
+                amp_dtype=amp_dtype,
+                accumulate=2 if b < local_batch else 1,
+                grad_checkpointing=grad_checkpointing,
+                collate_fn=collate_fn,
+            )
             steps[b] = p.resident if resident else p.tensors
         return steps[b]
 
@@ -268,8 +280,10 @@ def choose_micro_batch(
         held = f"{_mib(fixed_cost)} held before the first step and " if fixed_cost else ""
         band = f" (+{margin - 1:.0%} for the prediction's error)" if margin > 1 else ""
         need = fixed_cost + margin * steps[1]
-        raise ValueError(f"{key} {_mib(budget)} is too small: {held}a micro-batch of 1 predicted to peak at "
-                         f"{_mib(fixed_cost + steps[1])} in all{band}; give at least {math.ceil(need / 2**20) + 1}MiB")
+        raise ValueError(
+            f"{key} {_mib(budget)} is too small: {held}a micro-batch of 1 predicted to peak at "
+            f"{_mib(fixed_cost + steps[1])} in all{band}; give at least {math.ceil(need / 2**20) + 1}MiB"
+        )
     if local_batch == 1:
         return choice(1)
     per_sample = max(1, predict(2) - steps[1])
@@ -291,8 +305,9 @@ def _loss_of(model: nn.Module, loss_fn: Callable) -> Callable:
     return loss_fn
 
 
-def warm_step(model_factory: Callable[[], nn.Module], loss_fn: Callable, sample: Any,
-              collate_fn: Optional[Callable] = None) -> None:
+def warm_step(
+    model_factory: Callable[[], nn.Module], loss_fn: Callable, sample: Any, collate_fn: Optional[Callable] = None
+) -> None:
     """One real CPU training step (forward, backward, AdamW) on one sample of a throwaway model;
     the global random state is left as it was."""
     from dcal.train.data import collate
@@ -372,27 +387,45 @@ def plan(
         else:
             budget = torch.cuda.get_device_properties(device).total_memory
     common = dict(device=device, amp_dtype=amp_dtype, grad_checkpointing=grad_checkpointing, collate_fn=collate_fn)
-    what = ("the process's peak resident set (RSS)" if cpu else "torch.cuda.max_memory_allocated")
+    what = "the process's peak resident set (RSS)" if cpu else "torch.cuda.max_memory_allocated"
     if auto:
-        choice = choose_micro_batch(model_factory, loss_fn, sample, local_batch, budget, resident=cpu,
-                                    fixed_cost=baseline, margin=margin, key=key, **common)
+        choice = choose_micro_batch(
+            model_factory,
+            loss_fn,
+            sample,
+            local_batch,
+            budget,
+            resident=cpu,
+            fixed_cost=baseline,
+            margin=margin,
+            key=key,
+            **common,
+        )
         mb, peak = choice.micro_batch, choice.predicted_peak
-        msg = (f"memory: micro-batch {mb} of {local_batch} per process chosen for a budget of {_mib(budget)} "
-               f"on {what}: predicted step peak {_mib(peak)}")
+        msg = (
+            f"memory: micro-batch {mb} of {local_batch} per process chosen for a budget of {_mib(budget)} "
+            f"on {what}: predicted step peak {_mib(peak)}"
+        )
     else:
         mb = min(micro_batch, local_batch)
         p = predict_step(model_factory, loss_fn, sample, mb, accumulate=2 if mb < local_batch else 1, **common)
         step = p.resident if cpu else p.tensors
         peak = baseline + step
         if peak > budget:
-            raise ValueError(f"{key} {_mib(budget)} on {what}: train.micro_batch {mb} is predicted to peak at "
-                             f"{_mib(peak)}; lower train.micro_batch, use train.micro_batch=auto or raise the budget")
-        msg = (f"memory: micro-batch {mb} of {local_batch} per process, predicted step peak {_mib(peak)} "
-               f"within the budget of {_mib(budget)} on {what}")
+            raise ValueError(
+                f"{key} {_mib(budget)} on {what}: train.micro_batch {mb} is predicted to peak at "
+                f"{_mib(peak)}; lower train.micro_batch, use train.micro_batch=auto or raise the budget"
+            )
+        msg = (
+            f"memory: micro-batch {mb} of {local_batch} per process, predicted step peak {_mib(peak)} "
+            f"within the budget of {_mib(budget)} on {what}"
+        )
         if baseline + margin * step > budget:
-            msg = (f"warning: micro-batch {mb} is predicted to peak at {_mib(peak)}, under the budget of "
-                   f"{_mib(budget)} on {what}, but with the step's {margin - 1:.0%} error band above it: it may "
-                   "exceed the budget")
+            msg = (
+                f"warning: micro-batch {mb} is predicted to peak at {_mib(peak)}, under the budget of "
+                f"{_mib(budget)} on {what}, but with the step's {margin - 1:.0%} error band above it: it may "
+                "exceed the budget"
+            )
     if cpu:
         msg += f" ({_mib(baseline)} held before the first step)"
     return Plan(mb, budget, peak, baseline, measure, msg)
@@ -401,8 +434,9 @@ def plan(
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure_cpu_step_peak(model_factory, loss_fn_of, sample, micro_batch: int, accumulate: int = 2,
-                          steps: int = 2, collate_fn=None) -> int:
+def measure_cpu_step_peak(
+    model_factory, loss_fn_of, sample, micro_batch: int, accumulate: int = 2, steps: int = 2, collate_fn=None
+) -> int:
     """Measured peak of real CPU training steps, comparable to :func:`predict_step`'s
     ``resident``: the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs``)
     above its resident set before the model exists. Run it in a fresh process.
@@ -477,17 +511,21 @@ def _main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dcal.train.autobatch",
         description="Predicted (and with --measure, measured) peak memory of a training step of a config's model "
-                    "on the CPU, per micro-batch. Step peak: resident set (RSS) above the process's before the "
-                    "model exists (model, gradients, AdamW state, activations). With --max-memory, the process's "
-                    "predicted peak (resident set before the first step + step) is compared with the budget, as "
-                    "python -m dcal.train does.")
+        "on the CPU, per micro-batch. Step peak: resident set (RSS) above the process's before the "
+        "model exists (model, gradients, AdamW state, activations). With --max-memory, the process's "
+        "predicted peak (resident set before the first step + step) is compared with the budget, as "
+        "python -m dcal.train does.",
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--micro-batch", required=True, help="one or more micro-batches, comma-separated (8,16,32)")
     p.add_argument("--max-memory", default=None, help="budget of the process's peak RSS, like 2GB or 512MiB")
     p.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimiser step (default 2)")
-    p.add_argument("--measure", action="store_true",
-                   help="also run real CPU steps, each micro-batch in a fresh process, and measure the peak RSS")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run real CPU steps, each micro-batch in a fresh process, and measure the peak RSS",
+    )
     p.add_argument("--measure-one", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     err = lambda m: print(f"error: {m}", file=sys.stderr) or 2  # noqa: E731
@@ -503,16 +541,21 @@ def _main(argv=None) -> int:
     from dcal.train.coupled import CoupledLoss
 
     if isinstance(task.loss, CoupledLoss):
-        return err(f"the memory prediction covers per-sample losses; {type(task.loss).__name__} couples the batch "
-                   "(set train.micro_batch to a number)")
+        return err(
+            f"the memory prediction covers per-sample losses; {type(task.loss).__name__} couples the batch "
+            "(set train.micro_batch to a number)"
+        )
     sample = task.train_set[0]
 
     def loss_of(m):
         return task.loss if task.loss is not None else m.loss
 
     if args.measure_one is not None:
-        print(json.dumps(measure_cpu_step_peak(task.model_factory, loss_of, sample, args.measure_one,
-                                               accumulate=args.accumulate)))
+        print(
+            json.dumps(
+                measure_cpu_step_peak(task.model_factory, loss_of, sample, args.measure_one, accumulate=args.accumulate)
+            )
+        )
         return 0
     probe = task.model_factory()
     loss_fn = loss_of(probe)
@@ -532,8 +575,19 @@ def _main(argv=None) -> int:
         pred = predict_step(task.model_factory, loss_fn, sample, mb, accumulate=args.accumulate)
         row = [mb, f"{pred.tensors / 2**20:.1f}", f"{pred.resident / 2**20:.1f}"]
         if args.measure:
-            cmd = [sys.executable, "-m", "dcal.train.autobatch", "--config", args.config, "--micro-batch", str(mb),
-                   "--accumulate", str(args.accumulate), "--measure-one", str(mb)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dcal.train.autobatch",
+                "--config",
+                args.config,
+                "--micro-batch",
+                str(mb),
+                "--accumulate",
+                str(args.accumulate),
+                "--measure-one",
+                str(mb),
+            ]
             for item in args.set:
                 cmd += ["--set", item]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -550,11 +604,13 @@ def _main(argv=None) -> int:
         header += ["measured MiB", "error"]
     if budget is not None:
         header += ["process MiB", f"within {budget / 2**20:.0f} MiB"]
-    print(f"training step of {args.config} on the CPU, {args.accumulate} micro-batches per step; predicted: "
-          f"resident set above the process's before the model (tensors x{CPU_HEAP_OVERHEAD} below "
-          f"{CPU_HEAP_SMALL // 2**20} MiB for glibc's heap)" + (", measured: peak RSS in a fresh process"
-                                                                 if args.measure else "")
-          + (f"; process: + {baseline / 2**20:.1f} MiB held before the first step" if budget is not None else ""))
+    print(
+        f"training step of {args.config} on the CPU, {args.accumulate} micro-batches per step; predicted: "
+        f"resident set above the process's before the model (tensors x{CPU_HEAP_OVERHEAD} below "
+        f"{CPU_HEAP_SMALL // 2**20} MiB for glibc's heap)"
+        + (", measured: peak RSS in a fresh process" if args.measure else "")
+        + (f"; process: + {baseline / 2**20:.1f} MiB held before the first step" if budget is not None else "")
+    )
     print(_table(rows, header))
     return 0
 

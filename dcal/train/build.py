@@ -18,6 +18,7 @@ Data: ``synthetic`` (the embedded fine-grained set), ``folder`` = ``imagefolder`
 (N-way K-shot Q-query episodes of synthetic classes, validation on novel classes), ``episodes``
 (episodes over an ``imagefolder``: ``root/train`` and ``root/val`` hold disjoint classes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,20 +70,49 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
     kw = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
     if name == "synthetic_captions":
-        allowed = {"img_size": 32, "num_colours": 4, "num_shapes": 3, "train_size": 4000, "val_size": 600,
-                   "noise": 0.05, "context_length": 12}
+        allowed = {
+            "img_size": 32,
+            "num_colours": 4,
+            "num_shapes": 3,
+            "train_size": 4000,
+            "val_size": 600,
+            "noise": 0.05,
+            "context_length": 12,
+        }
         check_kwargs("data", kw, allowed)
         a = {**allowed, **kw}
-        common = dict(img_size=a["img_size"], num_colours=a["num_colours"], num_shapes=a["num_shapes"], seed=seed,
-                      noise=a["noise"], context_length=a["context_length"], tokenizer=tokenizer)
+        common = dict(
+            img_size=a["img_size"],
+            num_colours=a["num_colours"],
+            num_shapes=a["num_shapes"],
+            seed=seed,
+            noise=a["noise"],
+            context_length=a["context_length"],
+            tokenizer=tokenizer,
+        )
         train = D.SyntheticCaptions(a["train_size"], split="train", **common)
         val = D.SyntheticCaptions(a["val_size"], split="val", **common)
-        return train, val, {"num_classes": train.num_classes, "img_size": a["img_size"],
-                            "vocab_size": getattr(train.tokenizer, "vocab_size", None),
-                            "context_length": a["context_length"], "class_tokens": val.class_tokens()}
+        return (
+            train,
+            val,
+            {
+                "num_classes": train.num_classes,
+                "img_size": a["img_size"],
+                "vocab_size": getattr(train.tokenizer, "vocab_size", None),
+                "context_length": a["context_length"],
+                "class_tokens": val.class_tokens(),
+            },
+        )
     if name == "synthetic_fewshot":
-        allowed = {"img_size": 20, "cell": 3, "train_classes": 64, "val_classes": 16, "per_class": 30,
-                   "noise": 0.08, **EPISODE_KEYS}
+        allowed = {
+            "img_size": 20,
+            "cell": 3,
+            "train_classes": 64,
+            "val_classes": 16,
+            "per_class": 30,
+            "noise": 0.08,
+            **EPISODE_KEYS,
+        }
         check_kwargs("data", kw, allowed)
         a = {**allowed, **kw}
         common = dict(img_size=a["img_size"], cell=a["cell"], per_class=a["per_class"], noise=a["noise"], seed=seed)
@@ -101,15 +131,26 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
         val = D.image_folder(os.path.join(a["root"], "val"), D.ImageTransform(False, a["resize"], a["crop"]), seed)
         return _episodes(train, val, a, seed, {"img_size": a["crop"], "in_chans": 3})
     if name == "synthetic":
-        allowed = {"img_size": 64, "num_classes": 10, "train_size": 2000, "val_size": 500, "detail": None,
-                   "noise": 0.08}
+        allowed = {
+            "img_size": 64,
+            "num_classes": 10,
+            "train_size": 2000,
+            "val_size": 500,
+            "detail": None,
+            "noise": 0.08,
+        }
         check_kwargs("data", kw, allowed)
         a = {**allowed, **kw}
-        common = dict(img_size=a["img_size"], num_classes=a["num_classes"], detail=a["detail"], seed=seed,
-                      noise=a["noise"])
+        common = dict(
+            img_size=a["img_size"], num_classes=a["num_classes"], detail=a["detail"], seed=seed, noise=a["noise"]
+        )
         train = D.SyntheticFineGrained(a["train_size"], split="train", **common)
         val = D.SyntheticFineGrained(a["val_size"], split="val", **common)
-        return train, val, {"num_classes": a["num_classes"], "img_size": a["img_size"], "in_shape": (3, a["img_size"], a["img_size"])}
+        return (
+            train,
+            val,
+            {"num_classes": a["num_classes"], "img_size": a["img_size"], "in_shape": (3, a["img_size"], a["img_size"])},
+        )
     if name in D.IMAGE_DATASETS:
         allowed = {"root": None, "resize": 550, "crop": 448}
         if name == "aircraft":
@@ -125,22 +166,38 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
             if key in options and options[key] not in ("train", "val", "trainval", "test"):
                 raise ValueError(f"data.{key} must be train, val, trainval or test, got {options[key]!r}")
         train, val = D.image_dataset_splits(name, a["root"], tr, ev, seed, **options)
-        return train, val, {"num_classes": train.num_classes, "img_size": a["crop"], "in_shape": (3, a["crop"], a["crop"])}
+        return (
+            train,
+            val,
+            {"num_classes": train.num_classes, "img_size": a["crop"], "in_shape": (3, a["crop"], a["crop"])},
+        )
     if name == "bev_synthetic":
-        allowed = {"map_size": [32, 32], "in_channels": 4, "window": 5, "density": 0.05, "train_size": 512,
-                   "val_size": 128}
+        allowed = {
+            "map_size": [32, 32],
+            "in_channels": 4,
+            "window": 5,
+            "density": 0.05,
+            "train_size": 512,
+            "val_size": 128,
+        }
         check_kwargs("data", kw, allowed)
         a = {**allowed, **kw}
         if not (isinstance(a["map_size"], (list, tuple)) and len(a["map_size"]) == 2):
             raise ValueError(f"data.map_size must be [X, Y], got {a['map_size']!r}")
-        common = dict(map_size=a["map_size"], in_channels=a["in_channels"], window=a["window"], density=a["density"],
-                      seed=seed)
+        common = dict(
+            map_size=a["map_size"], in_channels=a["in_channels"], window=a["window"], density=a["density"], seed=seed
+        )
         train = D.SyntheticBEV(a["train_size"], split="train", **common)
         val = D.SyntheticBEV(a["val_size"], split="val", **common)
-        return train, val, {"num_classes": 3, "in_channels": a["in_channels"],
-                            "in_shape": (a["in_channels"], *a["map_size"])}
-    raise ValueError(f"unknown data.name {name!r}; expected synthetic, folder (= imagefolder), cub, cars, aircraft, "
-                     "bev_synthetic, synthetic_captions, synthetic_fewshot or episodes")
+        return (
+            train,
+            val,
+            {"num_classes": 3, "in_channels": a["in_channels"], "in_shape": (a["in_channels"], *a["map_size"])},
+        )
+    raise ValueError(
+        f"unknown data.name {name!r}; expected synthetic, folder (= imagefolder), cub, cars, aircraft, "
+        "bev_synthetic, synthetic_captions, synthetic_fewshot or episodes"
+    )
 
 
 # ----------------------------------------------------------------------------- models
@@ -186,7 +243,9 @@ def _open_clip():
     try:
         import open_clip
     except ImportError:
-        raise ValueError("model.name 'open_clip' needs the open_clip_torch package (pip install open_clip_torch)") from None
+        raise ValueError(
+            "model.name 'open_clip' needs the open_clip_torch package (pip install open_clip_torch)"
+        ) from None
     return open_clip
 
 
@@ -215,8 +274,10 @@ def _set_default(kw: Dict[str, Any], key: str, value, data_key: str) -> None:
     if value is None:
         return
     if key in kw and kw[key] != value:
-        raise ValueError(f"model.{key} is {kw[key]!r} but the data gives {value!r} ({data_key}); "
-                         f"leave model.{key} out to take the data's, or make them equal")
+        raise ValueError(
+            f"model.{key} is {kw[key]!r} but the data gives {value!r} ({data_key}); "
+            f"leave model.{key} out to take the data's, or make them equal"
+        )
     kw.setdefault(key, value)
 
 
@@ -228,8 +289,9 @@ def _build_clip(kw, facts, cfg, train_set, val_set) -> Task:
     from dcal.models import CLIP, CLIPConfig
     from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
 
-    allowed = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-               for f in dataclasses.fields(CLIPConfig)}
+    allowed = {
+        f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(CLIPConfig)
+    }
     check_kwargs("model", kw, allowed)
     for key in ("img_size", "vocab_size", "context_length"):
         _set_default(kw, key, facts.get(key), _data_key(cfg, key))
@@ -270,11 +332,14 @@ def _build_protonet(kw, facts, cfg, train_set, val_set) -> Task:
 def _build_dcal_vit(kw, facts, cfg, train_set, val_set) -> Task:
     from dcal.models import DCALConfig, DCALViT
 
-    allowed = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-               for f in dataclasses.fields(DCALConfig)}
+    allowed = {
+        f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(DCALConfig)
+    }
     check_kwargs("model", kw, allowed)
     _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
-    _set_default(kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop"))
+    _set_default(
+        kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop")
+    )
     if "logvar_clamp" in kw and isinstance(kw["logvar_clamp"], list):
         kw["logvar_clamp"] = tuple(kw["logvar_clamp"])
     try:
@@ -294,20 +359,25 @@ def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
         raise ValueError("model.name 'timm' needs the timm package (pip install timm)") from None
     name = kw.pop("timm_name", None)
     if not isinstance(name, str):
-        raise ValueError(f"model.timm_name is required for model.name 'timm' (a timm ViT such as "
-                         f"'vit_base_patch16_224'), got {name!r}")
+        raise ValueError(
+            f"model.timm_name is required for model.name 'timm' (a timm ViT such as "
+            f"'vit_base_patch16_224'), got {name!r}"
+        )
     if name not in timm.list_models():
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models("*vit*"), n=3)
-        raise ValueError(f"model.timm_name {name!r} is not a timm model"
-                         f"{'; close: ' + ', '.join(close) if close else ''}")
+        raise ValueError(
+            f"model.timm_name {name!r} is not a timm model{'; close: ' + ', '.join(close) if close else ''}"
+        )
     backend = kw.pop("backend", None)
     if "pretrained" in kw or "pretrained_cfg_overlay" in kw:
         raise ValueError("model.pretrained_cfg_overlay: nothing is downloaded; use model.pretrained: PATH")
     user_keys = set(kw)
     _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
-    _set_default(kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop"))
+    _set_default(
+        kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop")
+    )
 
     def make():
         from dcal.nn import fuse_attention
@@ -321,18 +391,24 @@ def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
     except TypeError as e:
         m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if m and m.group(1) not in user_keys:
-            raise ValueError(f"model.timm_name {name!r} is not a ViT (it takes no {m.group(1)}); model.name 'timm' "
-                             f"takes timm ViTs (vit_*, deit_*, ...)") from None
+            raise ValueError(
+                f"model.timm_name {name!r} is not a ViT (it takes no {m.group(1)}); model.name 'timm' "
+                f"takes timm ViTs (vit_*, deit_*, ...)"
+            ) from None
         if m:
             raise ValueError(f"unknown key model.{m.group(1)}: timm's {name} does not take it") from None
         raise _model_error(e) from None
     except (ValueError, AssertionError, RuntimeError) as e:
-        raise ValueError(f"model: timm's {name} refuses the model keys ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise ValueError(
+            f"model: timm's {name} refuses the model keys ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        ) from None
     from dcal.nn import PWCAAttention
 
     if not any(isinstance(m, PWCAAttention) for m in probe.modules()):
-        raise ValueError(f"model.timm_name {name!r} has no attention that dcal fuses (expected a timm ViT "
-                         f"built from timm's Attention)")
+        raise ValueError(
+            f"model.timm_name {name!r} has no attention that dcal fuses (expected a timm ViT "
+            f"built from timm's Attention)"
+        )
     return Task(make, cross_entropy, train_set, val_set)
 
 
@@ -340,13 +416,18 @@ def _build_bev(kw, facts, cfg, train_set, val_set) -> Task:
     from dcal.models import BEVGraphModule
 
     sig = inspect.signature(BEVGraphModule.__init__)
-    allowed = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
-               for p in sig.parameters.values() if p.name not in ("self", "channels")}
+    allowed = {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in sig.parameters.values()
+        if p.name not in ("self", "channels")
+    }
     allowed.update({"channels": 64, "in_channels": None, "num_classes": None})
     check_kwargs("model", kw, allowed)
     if "in_channels" not in facts:
-        raise ValueError(f"model.name 'bev' labels the cells of a map; it does not take data.name "
-                         f"{cfg.data['name']!r} (expected bev_synthetic)")
+        raise ValueError(
+            f"model.name 'bev' labels the cells of a map; it does not take data.name "
+            f"{cfg.data['name']!r} (expected bev_synthetic)"
+        )
     _set_default(kw, "in_channels", facts["in_channels"], _data_key(cfg, "in_channels"))
     _set_default(kw, "num_classes", facts["num_classes"], _data_key(cfg, "name"))
     try:
@@ -412,9 +493,11 @@ def build_task(cfg, seed: int = 0, weights_from_checkpoint: bool = False) -> Tas
         raise _data_error(e, cfg.data) from None
     kind = "captions" if "class_tokens" in facts else "episodes" if "n_way" in facts else "samples"
     if kind != MODEL_DATA.get(name, "samples"):
-        raise ValueError(f"model.name {name!r} does not train on data.name {cfg.data['name']!r}: contrastive models "
-                         "(clip, open_clip) take synthetic_captions, protonet takes episodes (synthetic_fewshot, "
-                         "episodes), the others samples")
+        raise ValueError(
+            f"model.name {name!r} does not train on data.name {cfg.data['name']!r}: contrastive models "
+            "(clip, open_clip) take synthetic_captions, protonet takes episodes (synthetic_fewshot, "
+            "episodes), the others samples"
+        )
     task = MODEL_BUILDERS[name](kw, facts, cfg, train_set, val_set)
     task.pretrained, task.facts = pretrained, facts
     return task

@@ -5,6 +5,7 @@ renamed over its final name (and the directory fsynced), so a crash at any momen
 the old or the new checkpoint, never a truncated one. Checkpoints hold only tensors, numbers,
 strings and containers, and are loaded with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,10 @@ def load(path: str, map_location="cpu") -> Dict[str, Any]:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnreadableCheckpoint(f"checkpoint {path!r} cannot be read ({reason})") from None
     except Exception as e:  # the restricted unpickler's own errors (weights_only)
-        raise UnreadableCheckpoint(f"checkpoint {path!r} cannot be read ({type(e).__name__}: "
-                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise UnreadableCheckpoint(
+            f"checkpoint {path!r} cannot be read ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
     if not isinstance(state, dict) or "step" not in state:
         raise UnreadableCheckpoint(f"checkpoint {path!r} is not a training checkpoint of dcal.train")
     return state
@@ -81,8 +84,12 @@ def rng_state() -> Dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -94,8 +101,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -7,6 +7,7 @@ overrides are parsed as YAML scalars (``--set train.epochs=3``, ``--set train.am
 The ``model`` and ``data`` sections name a builder (``name``); their other keys are that
 builder's keyword arguments and are checked by it (see :mod:`dcal.train.__main__`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,22 @@ STRATEGIES = ("ddp", "fsdp")
 CHECKPOINTING = ("none", "full", "selective")
 DEVICES = ("auto", "cpu", "cuda")
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -32,7 +47,8 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
-    list("-+0123456789"))
+    list("-+0123456789"),
+)
 
 
 def _yaml(text):
@@ -58,8 +74,10 @@ def parse_bytes(value: Union[str, int, float, None], key: str = "max_memory") ->
     if not n > 0:
         raise ValueError(f"{key} must be positive, got {value!r}")
     if not unit and n < 2**20:
-        raise ValueError(f"{key} {value!r} without a unit means {int(n)} bytes; give a unit "
-                         f"(like {value}GB or {value}MB) or at least 1 MiB")
+        raise ValueError(
+            f"{key} {value!r} without a unit means {int(n)} bytes; give a unit "
+            f"(like {value}GB or {value}MB) or at least 1 MiB"
+        )
     return int(n)
 
 
@@ -106,16 +124,27 @@ class TrainConfig:
 
         need("epochs", is_int(self.epochs) and self.epochs >= 1, "an integer >= 1")
         need("effective_batch", is_int(self.effective_batch) and self.effective_batch >= 1, "an integer >= 1")
-        need("micro_batch", self.micro_batch == "auto" or (is_int(self.micro_batch) and self.micro_batch >= 1),
-             "an integer >= 1 or 'auto'")
+        need(
+            "micro_batch",
+            self.micro_batch == "auto" or (is_int(self.micro_batch) and self.micro_batch >= 1),
+            "an integer >= 1 or 'auto'",
+        )
         if self.max_memory is not None:
             parse_bytes(self.max_memory, "train.max_memory")
         for key in ("base_lr", "min_lr", "weight_decay", "warmup_epochs"):
             need(key, is_num(getattr(self, key)) and getattr(self, key) >= 0, "a number >= 0")
-        need("betas", isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
-             and all(is_num(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)")
-        need("clip_grad", self.clip_grad is None or (is_num(self.clip_grad) and self.clip_grad > 0),
-             "a number > 0 or null")
+        need(
+            "betas",
+            isinstance(self.betas, (list, tuple))
+            and len(self.betas) == 2
+            and all(is_num(b) and 0 <= b < 1 for b in self.betas),
+            "two numbers in [0, 1)",
+        )
+        need(
+            "clip_grad",
+            self.clip_grad is None or (is_num(self.clip_grad) and self.clip_grad > 0),
+            "a number > 0 or null",
+        )
         need("amp", self.amp in AMP_MODES, f"one of {AMP_MODES}")
         need("device", self.device in DEVICES, f"one of {DEVICES}")
         for key in ("grad_checkpointing", "find_unused_parameters", "progress"):
@@ -128,12 +157,21 @@ class TrainConfig:
         need("fsdp_param_dtype", self.fsdp_param_dtype in (None, "bf16"), "null or 'bf16'")
         need("fsdp_checkpointing", self.fsdp_checkpointing in CHECKPOINTING, f"one of {CHECKPOINTING}")
         if self.strategy == "fsdp":
-            need("amp", self.amp != "fp16", "'none' or 'bf16' with strategy fsdp (fp16's GradScaler does not "
-                 "see sharded gradients)")
-            need("micro_batch", self.micro_batch != "auto", "a number with strategy fsdp ('auto' predicts "
-                 "unsharded memory)")
-            need("grad_checkpointing", not self.grad_checkpointing,
-                 "false with strategy fsdp (use train.fsdp_checkpointing: full or selective)")
+            need(
+                "amp",
+                self.amp != "fp16",
+                "'none' or 'bf16' with strategy fsdp (fp16's GradScaler does not see sharded gradients)",
+            )
+            need(
+                "micro_batch",
+                self.micro_batch != "auto",
+                "a number with strategy fsdp ('auto' predicts unsharded memory)",
+            )
+            need(
+                "grad_checkpointing",
+                not self.grad_checkpointing,
+                "false with strategy fsdp (use train.fsdp_checkpointing: full or selective)",
+            )
         elif self.fsdp_param_dtype is not None or self.fsdp_checkpointing != "none":
             need("strategy", False, "'fsdp' when fsdp_param_dtype or fsdp_checkpointing is set")
         return self
@@ -162,7 +200,9 @@ def _apply_set(raw: Dict[str, Any], item: str) -> None:
     try:
         value = _yaml(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"--set {key}: cannot parse value {text!r} ({getattr(e, 'problem', None) or 'not YAML'})") from None
+        raise ValueError(
+            f"--set {key}: cannot parse value {text!r} ({getattr(e, 'problem', None) or 'not YAML'})"
+        ) from None
     raw.setdefault(parts[0], {})
     if raw[parts[0]] is None:
         raw[parts[0]] = {}

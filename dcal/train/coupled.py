@@ -28,6 +28,7 @@ batch dimension (ndim >= 1) is per-sample, its first dimension the micro-batch's
 given its whole gradient in the last re-run (so under DDP every parameter has a gradient when the
 synchronising backward runs).
 """
+
 from __future__ import annotations
 
 import abc
@@ -40,8 +41,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["CoupledLoss", "ClipLoss", "PrototypicalLoss", "ZeroShotAccuracy", "EpisodeAccuracy", "clip_loss", "vic_regulariser", "prototype_logits",
-           "cached_backward", "check_model", "all_gather_with_grad"]
+__all__ = [
+    "CoupledLoss",
+    "ClipLoss",
+    "PrototypicalLoss",
+    "ZeroShotAccuracy",
+    "EpisodeAccuracy",
+    "clip_loss",
+    "vic_regulariser",
+    "prototype_logits",
+    "cached_backward",
+    "check_model",
+    "all_gather_with_grad",
+]
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -94,8 +106,9 @@ class CoupledLoss(abc.ABC):
 # ----------------------------------------------------------------------------- contrastive
 
 
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-              logit_bias: Optional[Tensor] = None) -> Tensor:
+def clip_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Optional[Tensor] = None
+) -> Tensor:
     """CLIP's symmetric InfoNCE: the mean of the image->text and text->image cross entropies of
     ``logit_scale * image_features @ text_features.T`` (+ ``logit_bias``), pair i matching pair i.
     Features [B, D] (normalised by the model), ``logit_scale`` the (already exponentiated) 0-d
@@ -111,12 +124,13 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 def _clip_parts(outputs: Any) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     if isinstance(outputs, dict):
-        return (outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
-                outputs.get("logit_bias"))
+        return (outputs["image_features"], outputs["text_features"], outputs["logit_scale"], outputs.get("logit_bias"))
     if isinstance(outputs, (tuple, list)) and len(outputs) in (3, 4):
         return outputs[0], outputs[1], outputs[2], (outputs[3] if len(outputs) == 4 else None)
-    raise ValueError("a CLIP model must return (image_features, text_features, logit_scale[, logit_bias]) or "
-                     f"open_clip's dict; got {type(outputs).__name__}")
+    raise ValueError(
+        "a CLIP model must return (image_features, text_features, logit_scale[, logit_bias]) or "
+        f"open_clip's dict; got {type(outputs).__name__}"
+    )
 
 
 class ClipLoss(CoupledLoss):
@@ -130,11 +144,14 @@ class ClipLoss(CoupledLoss):
     def check(self, *, batch: int, micro_batch: int, world: int = 1, dataset_size: Optional[int] = None) -> None:
         super().check(batch=batch, micro_batch=micro_batch, world=world, dataset_size=dataset_size)
         if batch < 2:
-            raise ValueError(f"effective_batch must be >= 2 for a contrastive loss (a batch of {batch} has no "
-                             "negatives)")
+            raise ValueError(
+                f"effective_batch must be >= 2 for a contrastive loss (a batch of {batch} has no negatives)"
+            )
         if dataset_size is not None and world == 1 and dataset_size % batch == 1:
-            raise ValueError(f"effective_batch: {dataset_size} samples in batches of {batch} leave a last batch of 1 "
-                             "sample, which has no negatives; change effective_batch or the dataset size")
+            raise ValueError(
+                f"effective_batch: {dataset_size} samples in batches of {batch} leave a last batch of 1 "
+                "sample, which has no negatives; change effective_batch or the dataset size"
+            )
 
     def batch_loss(self, outputs: Any, target: Any = None) -> Tensor:
         img, txt, scale, bias = _clip_parts(outputs)
@@ -185,8 +202,16 @@ class PrototypicalLoss(CoupledLoss):
     counts, and every query micro-batch is full).
     """
 
-    def __init__(self, n_way: int, k_shot: int, q_query: int, vic_weight: float = 0.1, variance: float = 1.0,
-                 invariance: float = 1.0, covariance: float = 0.04):
+    def __init__(
+        self,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        vic_weight: float = 0.1,
+        variance: float = 1.0,
+        invariance: float = 1.0,
+        covariance: float = 0.04,
+    ):
         for name, v in (("n_way", n_way), ("k_shot", k_shot), ("q_query", q_query)):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -210,22 +235,29 @@ class PrototypicalLoss(CoupledLoss):
     def check(self, *, batch: int, micro_batch: int, world: int = 1, dataset_size: Optional[int] = None) -> None:
         super().check(batch=batch, micro_batch=micro_batch, world=world, dataset_size=dataset_size)
         if self.query_size % micro_batch:
-            raise ValueError(f"micro_batch ({micro_batch}) must divide the episode's query set (n_way * q_query = "
-                             f"{self.n_way} * {self.q_query} = {self.query_size})")
+            raise ValueError(
+                f"micro_batch ({micro_batch}) must divide the episode's query set (n_way * q_query = "
+                f"{self.n_way} * {self.q_query} = {self.query_size})"
+            )
 
     def rows(self, inputs: Tensor) -> Tensor:
         if inputs.ndim < 2 or inputs.shape[1] != self.episode_size:
-            raise ValueError(f"episodes must be [E, n_way*(k_shot+q_query) = {self.episode_size}, ...], got "
-                             f"{tuple(inputs.shape)}")
+            raise ValueError(
+                f"episodes must be [E, n_way*(k_shot+q_query) = {self.episode_size}, ...], got {tuple(inputs.shape)}"
+            )
         return inputs.flatten(0, 1)
 
     def chunks(self, n_rows: int, micro_batch: int) -> List[Tuple[int, int]]:
         out, size = [], self.episode_size
         for e in range(0, n_rows, size):
-            out += [(e + s, min(e + s + micro_batch, e + self.support_size))
-                    for s in range(0, self.support_size, micro_batch)]
-            out += [(e + self.support_size + s, e + self.support_size + s + micro_batch)
-                    for s in range(0, self.query_size, micro_batch)]
+            out += [
+                (e + s, min(e + s + micro_batch, e + self.support_size))
+                for s in range(0, self.support_size, micro_batch)
+            ]
+            out += [
+                (e + self.support_size + s, e + self.support_size + s + micro_batch)
+                for s in range(0, self.query_size, micro_batch)
+            ]
         return out
 
     def episode_loss(self, z: Tensor, y: Tensor) -> Tensor:
@@ -324,9 +356,11 @@ def check_model(model: nn.Module) -> None:
     exact accumulation needs each row's output to depend on that row only."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(f"model: {name or type(model).__name__} is a {type(m).__name__}, whose statistics "
-                             "come from the micro-batch; exact accumulation of a coupled loss needs a model "
-                             "without BatchNorm (use GroupNorm or LayerNorm)")
+            raise ValueError(
+                f"model: {name or type(model).__name__} is a {type(m).__name__}, whose statistics "
+                "come from the micro-batch; exact accumulation of a coupled loss needs a model "
+                "without BatchNorm (use GroupNorm or LayerNorm)"
+            )
 
 
 def split_batch(x: Any, start: int, stop: int) -> Any:
@@ -358,8 +392,10 @@ def _leaves(out: Any, rows: int) -> Tuple[List[Tensor], Any, List[bool]]:
         if not isinstance(t, Tensor):
             raise ValueError(f"a coupled loss needs tensor outputs, the model returned a {type(t).__name__}")
         if t.ndim >= 1 and t.shape[0] != rows:
-            raise ValueError(f"model output of shape {tuple(t.shape)} for a micro-batch of {rows} rows: per-sample "
-                             "outputs must have the rows as their first dimension (0-d outputs are shared)")
+            raise ValueError(
+                f"model output of shape {tuple(t.shape)} for a micro-batch of {rows} rows: per-sample "
+                "outputs must have the rows as their first dimension (0-d outputs are shared)"
+            )
         per_row.append(t.ndim >= 1)
     return leaves, spec, per_row
 

@@ -7,6 +7,7 @@ never count against the training process's memory budget, and training goes on m
 :func:`finish` waits for the last drawing. Drawing needs matplotlib (the ``bench`` extra); without
 it the plot is skipped with one warning per process.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,8 +48,7 @@ def write_curves(out_dir: str, path: Optional[str] = None) -> Optional[str]:
         from matplotlib.figure import Figure
     except ImportError:
         if not _warned:
-            warnings.warn("curves.png is not drawn: matplotlib is not installed (pip install matplotlib)",
-                          stacklevel=2)
+            warnings.warn("curves.png is not drawn: matplotlib is not installed (pip install matplotlib)", stacklevel=2)
             _warned = True
         return None
     steps = _rows(os.path.join(out_dir, "steps.jsonl"))
@@ -71,12 +71,27 @@ def write_curves(out_dir: str, path: Optional[str] = None) -> Optional[str]:
 
     plot(axes[0, 0], s, [r.get("loss") for r in steps], "training loss", "loss", lw=0.8, color="tab:blue")
     if evals:
-        plot(axes[0, 0], [r["step"] for r in evals], [r.get("train_loss") for r in evals], "training loss", "loss",
-             marker="o", color="tab:orange", label="epoch mean")
+        plot(
+            axes[0, 0],
+            [r["step"] for r in evals],
+            [r.get("train_loss") for r in evals],
+            "training loss",
+            "loss",
+            marker="o",
+            color="tab:orange",
+            label="epoch mean",
+        )
         axes[0, 0].legend(fontsize=8)
     plot(axes[0, 1], s, [r.get("lr") for r in steps], "learning rate", "lr", color="tab:green")
-    plot(axes[1, 0], [r["step"] for r in evals], [r.get("val_acc") for r in evals], "validation accuracy",
-         "accuracy", marker="o", color="tab:red")
+    plot(
+        axes[1, 0],
+        [r["step"] for r in evals],
+        [r.get("val_acc") for r in evals],
+        "validation accuracy",
+        "accuracy",
+        marker="o",
+        color="tab:red",
+    )
     measure = next((r.get("memory_measure") for r in reversed(evals) if r.get("memory_measure")), None)
     label = {"peak_rss": "process peak RSS", "max_memory_allocated": "max_memory_allocated"}.get(measure, "peak")
     plot(axes[1, 1], s, [r.get("peak_mem_mb") for r in steps], f"peak memory ({label})", "MiB", color="tab:purple")
@@ -111,8 +126,13 @@ def start(out_dir: str, previous: Optional[subprocess.Popen] = None) -> Optional
     if not _have_matplotlib():
         return None
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    return subprocess.Popen([sys.executable, "-m", "dcal.train.curves", out_dir], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcal.train.curves", out_dir],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: Optional[subprocess.Popen]) -> Optional[str]:

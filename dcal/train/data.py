@@ -7,6 +7,7 @@ not of a global generator or of the DataLoader worker that loads the sample: the
 the same crop whatever ``num_workers`` is and whether or not the run was resumed, which is what
 makes ``--resume`` and DDP runs reproduce a single-process run exactly.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,15 @@ class ImageTransform:
     Works on a PIL image or a float [3, H, W] tensor in [0, 1]; returns a float [3, crop, crop].
     """
 
-    def __init__(self, train: bool, resize: int = 550, crop: int = 448, flip: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        train: bool,
+        resize: int = 550,
+        crop: int = 448,
+        flip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         if crop > resize:
             raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
         self.train, self.resize, self.crop, self.flip = train, int(resize), int(crop), flip
@@ -67,8 +75,9 @@ class ImageTransform:
         else:
             x = img.float()
             if x.shape[-2:] != (self.resize, self.resize):
-                x = torch.nn.functional.interpolate(x[None], size=(self.resize, self.resize), mode="bilinear",
-                                                    align_corners=False, antialias=True)[0]
+                x = torch.nn.functional.interpolate(
+                    x[None], size=(self.resize, self.resize), mode="bilinear", align_corners=False, antialias=True
+                )[0]
         slack = self.resize - self.crop
         if self.train:
             top = int(torch.randint(0, slack + 1, (1,), generator=g))
@@ -128,16 +137,14 @@ def cub200(root: str, split: str, transform: ImageTransform, seed: int = 0) -> I
     is_train = {r[0]: r[1] == "1" for r in _read_table(os.path.join(root, "train_test_split.txt"))}
     names_file = os.path.join(root, "classes.txt")
     n_cls = max(labels.values()) + 1
-    classes = ([r[1] for r in _read_table(names_file)] if os.path.isfile(names_file)
-               else [str(i) for i in range(n_cls)])
+    classes = [r[1] for r in _read_table(names_file)] if os.path.isfile(names_file) else [str(i) for i in range(n_cls)]
     want = split == "train"
     ids = sorted((i for i in paths if is_train.get(i) == want), key=int)
     samples = [(os.path.join(root, "images", paths[i]), labels[i]) for i in ids]
     return ImageList(samples, classes, transform, seed)
 
 
-def image_folder(root: str, transform: ImageTransform, seed: int = 0,
-                 classes: Optional[List[str]] = None) -> ImageList:
+def image_folder(root: str, transform: ImageTransform, seed: int = 0, classes: Optional[List[str]] = None) -> ImageList:
     """torchvision's ImageFolder layout: ``root/<class>/<image>``, classes in sorted order.
     ``classes``: the class list of the training split (a validation folder lacking a class keeps
     the training labels; one holding an unknown class is refused)."""
@@ -163,8 +170,9 @@ def image_folder(root: str, transform: ImageTransform, seed: int = 0,
     return ImageList(samples, classes, transform, seed)
 
 
-def folder_splits(root: str, train_transform: ImageTransform, val_transform: ImageTransform, seed: int = 0
-                  ) -> Tuple[ImageList, ImageList]:
+def folder_splits(
+    root: str, train_transform: ImageTransform, val_transform: ImageTransform, seed: int = 0
+) -> Tuple[ImageList, ImageList]:
     """``root/train/<class>/<image>`` and ``root/val/<class>/<image>``; the validation labels
     follow the training folder's classes."""
     if not os.path.isdir(root):
@@ -184,8 +192,9 @@ def _loadmat(path: str):
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise ValueError(f"reading {path} (Stanford Cars annotations, a .mat file) needs scipy: "
-                         "pip install scipy") from None
+        raise ValueError(
+            f"reading {path} (Stanford Cars annotations, a .mat file) needs scipy: pip install scipy"
+        ) from None
     try:
         return loadmat(path, squeeze_me=True)
     except Exception as e:  # a corrupt or non-MAT file
@@ -200,8 +209,10 @@ def stanford_cars(root: str, split: str, transform: ImageTransform, seed: int = 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not os.path.isdir(root):
-        raise ValueError(f"data.root {root!r} is not a directory (expected the Stanford Cars folder with devkit/, "
-                         "cars_train/, cars_test/)")
+        raise ValueError(
+            f"data.root {root!r} is not a directory (expected the Stanford Cars folder with devkit/, "
+            "cars_train/, cars_test/)"
+        )
     meta = _loadmat(_need_file(os.path.join(root, "devkit", "cars_meta.mat"), "Stanford Cars"))
     classes = [str(c) for c in np.atleast_1d(meta["class_names"]).tolist()]
     if split == "train":
@@ -226,8 +237,9 @@ def stanford_cars(root: str, split: str, transform: ImageTransform, seed: int = 
 AIRCRAFT_LEVELS = ("variant", "family", "manufacturer")
 
 
-def fgvc_aircraft(root: str, split: str, transform: ImageTransform, seed: int = 0,
-                  annotation: str = "variant") -> ImageList:
+def fgvc_aircraft(
+    root: str, split: str, transform: ImageTransform, seed: int = 0, annotation: str = "variant"
+) -> ImageList:
     """FGVC-Aircraft from its release: ``root/data/images/<id>.jpg``, ``root/data/images_<level>_<split>.txt``
     (lines ``<id> <name>``, the name may hold spaces) and ``root/data/<level>s.txt`` (the class
     names, one per line; ``variants.txt`` for 100 variants). ``split``: train, val, trainval,
@@ -254,8 +266,10 @@ def fgvc_aircraft(root: str, split: str, transform: ImageTransform, seed: int = 
                 continue
             parts = line.strip().split(" ", 1)
             if len(parts) != 2 or parts[1] not in index:
-                raise ValueError(f"{list_file} line {n}: expected '<image id> <{annotation} from "
-                                 f"{os.path.basename(names_file)}>', got {line.strip()!r}")
+                raise ValueError(
+                    f"{list_file} line {n}: expected '<image id> <{annotation} from "
+                    f"{os.path.basename(names_file)}>', got {line.strip()!r}"
+                )
             path = _need_file(os.path.join(data, "images", parts[0] + ".jpg"), "FGVC-Aircraft image")
             samples.append((path, index[parts[1]]))
     return ImageList(samples, classes, transform, seed)
@@ -264,8 +278,9 @@ def fgvc_aircraft(root: str, split: str, transform: ImageTransform, seed: int = 
 IMAGE_DATASETS = ("folder", "imagefolder", "cub", "cars", "aircraft")
 
 
-def image_dataset_splits(name: str, root: str, train_transform: ImageTransform, val_transform: ImageTransform,
-                         seed: int = 0, **options) -> Tuple[ImageList, ImageList]:
+def image_dataset_splits(
+    name: str, root: str, train_transform: ImageTransform, val_transform: ImageTransform, seed: int = 0, **options
+) -> Tuple[ImageList, ImageList]:
     """(train, validation) of an image dataset on disk: ``folder`` (= ``imagefolder``: ``root/train``,
     ``root/val``), ``cub`` (train / test), ``cars`` (Stanford Cars, train / test), ``aircraft``
     (FGVC-Aircraft; ``options``: ``annotation``, ``train_split`` (trainval), ``val_split`` (test)).
@@ -278,8 +293,10 @@ def image_dataset_splits(name: str, root: str, train_transform: ImageTransform, 
         return stanford_cars(root, "train", train_transform, seed), stanford_cars(root, "test", val_transform, seed)
     if name == "aircraft":
         level = options.get("annotation", "variant")
-        return (fgvc_aircraft(root, options.get("train_split", "trainval"), train_transform, seed, level),
-                fgvc_aircraft(root, options.get("val_split", "test"), val_transform, seed, level))
+        return (
+            fgvc_aircraft(root, options.get("train_split", "trainval"), train_transform, seed, level),
+            fgvc_aircraft(root, options.get("val_split", "test"), val_transform, seed, level),
+        )
     raise ValueError(f"unknown image dataset {name!r}; expected one of {IMAGE_DATASETS}")
 
 
@@ -301,8 +318,16 @@ class SyntheticFineGrained(EpochDataset):
     validation images differ); training adds a random flip per epoch.
     """
 
-    def __init__(self, size: int, img_size: int = 32, num_classes: int = 10, detail: Optional[int] = None,
-                 seed: int = 0, split: str = "train", noise: float = 0.05):
+    def __init__(
+        self,
+        size: int,
+        img_size: int = 32,
+        num_classes: int = 10,
+        detail: Optional[int] = None,
+        seed: int = 0,
+        split: str = "train",
+        noise: float = 0.05,
+    ):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if img_size < 16:
@@ -338,12 +363,15 @@ class SyntheticFineGrained(EpochDataset):
         S, d = self.img_size, self.detail
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
         label = int(torch.randint(0, self.num_classes, (1,), generator=g))
-        grey = lambda *shape: (torch.rand(1, *shape[1:], generator=g) * 0.6 + 0.2  # noqa: E731
-                               + (torch.rand(*shape, generator=g) - 0.5) * 0.2)
-        img = torch.nn.functional.interpolate(grey(3, 4, 4)[None], size=(S, S), mode="bilinear",
-                                              align_corners=False)[0]
-        yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
-                                indexing="ij")
+        grey = lambda *shape: (
+            torch.rand(1, *shape[1:], generator=g) * 0.6
+            + 0.2  # noqa: E731
+            + (torch.rand(*shape, generator=g) - 0.5) * 0.2
+        )
+        img = torch.nn.functional.interpolate(grey(3, 4, 4)[None], size=(S, S), mode="bilinear", align_corners=False)[0]
+        yy, xx = torch.meshgrid(
+            torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij"
+        )
         cy, cx = (torch.rand(2, generator=g) * 0.4 + 0.3) * S
         ry, rx = (torch.rand(2, generator=g) * 0.15 + 0.25) * S
         body = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
@@ -378,8 +406,16 @@ class SyntheticBEV(EpochDataset):
 
     num_classes = 3
 
-    def __init__(self, size: int, map_size: Sequence[int] = (32, 32), in_channels: int = 4, window: int = 5,
-                 density: float = 0.05, seed: int = 0, split: str = "train"):
+    def __init__(
+        self,
+        size: int,
+        map_size: Sequence[int] = (32, 32),
+        in_channels: int = 4,
+        window: int = 5,
+        density: float = 0.05,
+        seed: int = 0,
+        split: str = "train",
+    ):
         if window % 2 != 1 or window < 1:
             raise ValueError(f"window must be a positive odd number, got {window}")
         if split not in ("train", "val"):
@@ -428,11 +464,24 @@ def set_epoch(dataset, epoch: int) -> None:
 
 
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
-COLOUR_RGB = ((0.9, 0.1, 0.1), (0.1, 0.8, 0.1), (0.15, 0.25, 0.95), (0.9, 0.85, 0.1), (0.85, 0.1, 0.85),
-              (0.1, 0.85, 0.85))
+COLOUR_RGB = (
+    (0.9, 0.1, 0.1),
+    (0.1, 0.8, 0.1),
+    (0.15, 0.25, 0.95),
+    (0.9, 0.85, 0.1),
+    (0.85, 0.1, 0.85),
+    (0.1, 0.85, 0.85),
+)
 SHAPE_NAMES = ("square", "circle", "triangle", "cross")
-CAPTION_TEMPLATES = ("a photo of a {c} {s}", "a {c} {s}", "a picture of a {c} {s}", "the {c} {s}",
-                     "a {s} that is {c}", "a small {c} {s}", "a big {c} {s}")
+CAPTION_TEMPLATES = (
+    "a photo of a {c} {s}",
+    "a {c} {s}",
+    "a picture of a {c} {s}",
+    "the {c} {s}",
+    "a {s} that is {c}",
+    "a small {c} {s}",
+    "a big {c} {s}",
+)
 
 
 class WordTokenizer:
@@ -468,11 +517,23 @@ class SyntheticCaptions(EpochDataset):
     ``[n, L]`` ids (default: a :class:`WordTokenizer` of the captions' words, ``self.tokenizer``).
     """
 
-    def __init__(self, size: int, img_size: int = 32, num_colours: int = 4, num_shapes: int = 3, seed: int = 0,
-                 split: str = "train", noise: float = 0.05, tokenizer=None, context_length: int = 12):
+    def __init__(
+        self,
+        size: int,
+        img_size: int = 32,
+        num_colours: int = 4,
+        num_shapes: int = 3,
+        seed: int = 0,
+        split: str = "train",
+        noise: float = 0.05,
+        tokenizer=None,
+        context_length: int = 12,
+    ):
         if not 1 <= num_colours <= len(COLOUR_NAMES) or not 1 <= num_shapes <= len(SHAPE_NAMES):
-            raise ValueError(f"num_colours must be in 1..{len(COLOUR_NAMES)} and num_shapes in 1..{len(SHAPE_NAMES)}, "
-                             f"got {num_colours} and {num_shapes}")
+            raise ValueError(
+                f"num_colours must be in 1..{len(COLOUR_NAMES)} and num_shapes in 1..{len(SHAPE_NAMES)}, "
+                f"got {num_colours} and {num_shapes}"
+            )
         if num_colours * num_shapes < 2:
             raise ValueError("SyntheticCaptions needs at least 2 classes")
         if split not in ("train", "val"):
@@ -484,8 +545,9 @@ class SyntheticCaptions(EpochDataset):
         self.num_classes = num_colours * num_shapes
         self.offset = 0 if split == "train" else 10_000_000
         words = {w for t in CAPTION_TEMPLATES for w in t.split() if "{" not in w}
-        self.tokenizer = tokenizer or WordTokenizer(sorted(words | set(self.colours) | set(self.shapes)),
-                                                    context_length)
+        self.tokenizer = tokenizer or WordTokenizer(
+            sorted(words | set(self.colours) | set(self.shapes)), context_length
+        )
 
     def __len__(self) -> int:
         return self.size
@@ -508,8 +570,9 @@ class SyntheticCaptions(EpochDataset):
         shape = self.shapes[label % len(self.shapes)]
         bg = torch.rand(1, 1, 4, 4, generator=g) * 0.5 + 0.25
         img = torch.nn.functional.interpolate(bg, size=(S, S), mode="bilinear", align_corners=False)[0].expand(3, S, S)
-        yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
-                                indexing="ij")
+        yy, xx = torch.meshgrid(
+            torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij"
+        )
         r = float(torch.rand((), generator=g) * 0.15 + 0.15) * S
         cy, cx = (torch.rand(2, generator=g) * (S - 2 * r) + r).tolist()
         dy, dx = (yy - cy) / r, (xx - cx) / r
@@ -554,8 +617,16 @@ class SyntheticFewShot(EpochDataset):
     grey background, with brightness jitter and noise. ``per_class`` samples per class; sample
     ``i`` has label ``i % num_classes`` (``self.labels``)."""
 
-    def __init__(self, num_classes: int, per_class: int, img_size: int = 20, cell: int = 3, first_class: int = 0,
-                 seed: int = 0, noise: float = 0.08):
+    def __init__(
+        self,
+        num_classes: int,
+        per_class: int,
+        img_size: int = 20,
+        cell: int = 3,
+        first_class: int = 0,
+        seed: int = 0,
+        noise: float = 0.08,
+    ):
         if num_classes < 2 or per_class < 1:
             raise ValueError(f"num_classes must be >= 2 and per_class >= 1, got {num_classes} and {per_class}")
         if img_size < 4 * cell:

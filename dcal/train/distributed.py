@@ -34,6 +34,7 @@ written under a temporary name and renamed when complete, and the ``.pt`` is wri
 a crash leaves the previous checkpoint intact. Resuming needs the same strategy (any number of
 processes: the shards are re-split on load).
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,12 @@ STRATEGIES = ("ddp", "fsdp")
 CHECKPOINTING = ("none", "full", "selective")
 PARAM_DTYPES = {None: None, "bf16": torch.bfloat16}
 
-SAVE_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten._scaled_mm.default)
+SAVE_OPS = (
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,
+)
 
 
 def must_save(op) -> bool:
@@ -75,8 +80,9 @@ def _checkpointed_forward(forward, selective: bool, *args, **kwargs):
 
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=_context_fn if selective else noop_context_fn,
-                      **kwargs)
+    return checkpoint(
+        forward, *args, use_reentrant=False, context_fn=_context_fn if selective else noop_context_fn, **kwargs
+    )
 
 
 def blocks_of(model: nn.Module) -> List[nn.Module]:
@@ -98,21 +104,26 @@ def apply_checkpointing(blocks: List[nn.Module], mode: str) -> None:
         blk.forward = functools.partial(_checkpointed_forward, blk.forward, mode == "selective")
 
 
-def shard_model(model: nn.Module, *, param_dtype: Optional[str] = None, checkpointing: str = "none",
-                mesh=None) -> nn.Module:
+def shard_model(
+    model: nn.Module, *, param_dtype: Optional[str] = None, checkpointing: str = "none", mesh=None
+) -> nn.Module:
     """Checkpointing, ``fully_shard`` per block and on the root, forward methods registered (see
     the module docstring). Needs an initialised process group; returns ``model`` (changed in place)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if not dist.is_initialized():
-        raise ValueError("train.strategy 'fsdp' needs a process group: run under torchrun "
-                         "(torchrun --nproc-per-node N -m dcal.train ...)")
+        raise ValueError(
+            "train.strategy 'fsdp' needs a process group: run under torchrun "
+            "(torchrun --nproc-per-node N -m dcal.train ...)"
+        )
     if param_dtype not in PARAM_DTYPES:
         raise ValueError(f"train.fsdp_param_dtype must be one of {tuple(PARAM_DTYPES)}, got {param_dtype!r}")
     blocks = blocks_of(model)
     if not blocks:
-        raise ValueError(f"train.strategy 'fsdp': {type(model).__name__} has no blocks to shard (define "
-                         "fsdp_blocks() or keep the blocks in an nn.ModuleList)")
+        raise ValueError(
+            f"train.strategy 'fsdp': {type(model).__name__} has no blocks to shard (define "
+            "fsdp_blocks() or keep the blocks in an nn.ModuleList)"
+        )
     with torch.no_grad():  # fully_shard keeps each process's own values: start from rank 0's, as DDP does
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, 0)
@@ -154,8 +165,9 @@ def _model_optim_state(model, optimizer):
     return {"model": msd, "optimizer": osd}
 
 
-def save_checkpoint(ckpts, state: Dict[str, Any], model: nn.Module, optimizer, step: int, is_best: bool,
-                    is_main: bool) -> Optional[str]:
+def save_checkpoint(
+    ckpts, state: Dict[str, Any], model: nn.Module, optimizer, step: int, is_best: bool, is_main: bool
+) -> Optional[str]:
     """Every process: the sharded model and optimiser into ``step-<N>.dcp``; rank 0: the rest of
     ``state`` into ``step-<N>.pt`` (atomically, after the shards), ``best`` as copies, rotation.
     Returns the ``.pt`` path on rank 0."""

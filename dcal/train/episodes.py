@@ -7,6 +7,7 @@ as a function of ``(seed, epoch, i)`` only (so resume and DDP see the same episo
 K samples, class 1's, ...), then the query set in the same order. A batch of E episodes collates
 to ``[E, N*(K+Q), ...]``, the layout :class:`dcal.train.coupled.PrototypicalLoss` reads.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -33,8 +34,17 @@ class Episodes(EpochDataset):
     query) samples of ``dataset``. Raises ValueError at construction when the dataset cannot
     supply them (fewer than ``n_way`` classes, or no class of ``k_shot + q_query`` samples)."""
 
-    def __init__(self, dataset, n_way: int, k_shot: int, q_query: int, episodes: int, seed: int = 0,
-                 labels: Optional[Sequence[int]] = None, fixed: bool = False):
+    def __init__(
+        self,
+        dataset,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        episodes: int,
+        seed: int = 0,
+        labels: Optional[Sequence[int]] = None,
+        fixed: bool = False,
+    ):
         for name, v in (("n_way", n_way), ("k_shot", k_shot), ("q_query", q_query), ("episodes", episodes)):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -49,8 +59,10 @@ class Episodes(EpochDataset):
             raise ValueError(f"n_way ({n_way}) exceeds the number of classes in the dataset ({len(by_class)})")
         smallest = min(by_class, key=lambda c: len(by_class[c]))
         if len(by_class[smallest]) < need:
-            raise ValueError(f"k_shot + q_query = {k_shot} + {q_query} = {need} samples per class, but class "
-                             f"{smallest} holds only {len(by_class[smallest])}; lower k_shot or q_query")
+            raise ValueError(
+                f"k_shot + q_query = {k_shot} + {q_query} = {need} samples per class, but class "
+                f"{smallest} holds only {len(by_class[smallest])}; lower k_shot or q_query"
+            )
         self.dataset, self.n_way, self.k_shot, self.q_query = dataset, n_way, k_shot, q_query
         self.size, self.seed, self.fixed = int(episodes), seed, fixed
         self.classes = sorted(by_class)
@@ -77,7 +89,8 @@ class Episodes(EpochDataset):
         idx = self.indices(index)
         K = self.k_shot
         order = torch.cat([idx[:, :K].reshape(-1), idx[:, K:].reshape(-1)])
-        labels = torch.cat([torch.arange(self.n_way).repeat_interleave(K),
-                            torch.arange(self.n_way).repeat_interleave(self.q_query)])
+        labels = torch.cat(
+            [torch.arange(self.n_way).repeat_interleave(K), torch.arange(self.n_way).repeat_interleave(self.q_query)]
+        )
         xs = [self.dataset[int(i)][0] for i in order]
         return torch.stack(xs), labels

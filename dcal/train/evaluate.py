@@ -7,6 +7,7 @@ For dense predictions (``[B, C, X, Y]``, the BEV model) every cell counts as a s
 their own metric (zero-shot accuracy of a contrastive model, episode accuracy) report that metric
 as top-1; top-5 and per-class accuracy are then not defined and not reported.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,9 @@ def evaluate_checkpoint(cfg, checkpoint: str, out: Optional[str] = None, log=pri
         refused, _ = compare_configs({"model": w["config"].get("model", {})}, {"model": cfg.model})
         refused = [r for r in refused if r.startswith("model.")]
         if refused:
-            raise ValueError(f"--checkpoint {checkpoint} holds another model than the config builds: "
-                             f"{'; '.join(refused)}")
+            raise ValueError(
+                f"--checkpoint {checkpoint} holds another model than the config builds: {'; '.join(refused)}"
+            )
     task = build_task(cfg, seed=cfg.train.seed, weights_from_checkpoint=True)
     if task.val_set is None:
         raise ValueError(f"data.name {cfg.data['name']!r} has no validation set to evaluate on")
@@ -57,8 +59,10 @@ def evaluate_checkpoint(cfg, checkpoint: str, out: Optional[str] = None, log=pri
         if k not in own:
             raise ValueError(f"--checkpoint {checkpoint}: key {k!r} is not in the model the config builds")
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"--checkpoint {checkpoint}: key {k!r} has shape {list(v.shape)}, the config's model "
-                             f"has {list(own[k].shape)}")
+            raise ValueError(
+                f"--checkpoint {checkpoint}: key {k!r} has shape {list(v.shape)}, the config's model "
+                f"has {list(own[k].shape)}"
+            )
     missing = sorted(set(own) - set(w["model"]))
     if missing:
         raise ValueError(f"--checkpoint {checkpoint}: the model's {missing[0]!r} is missing")
@@ -81,8 +85,12 @@ def evaluate_checkpoint(cfg, checkpoint: str, out: Optional[str] = None, log=pri
     if coupled:
         bs = t.effective_batch
     n = len(task.val_set)
-    loader = DataLoader(task.val_set, batch_sampler=[list(range(i, min(i + bs, n))) for i in range(0, n, bs)],
-                        collate_fn=collate, num_workers=t.num_workers)
+    loader = DataLoader(
+        task.val_set,
+        batch_sampler=[list(range(i, min(i + bs, n))) for i in range(0, n, bs)],
+        collate_fn=collate,
+        num_workers=t.num_workers,
+    )
     correct1 = correct5 = count = 0.0
     per_class_n = per_class_ok = None
     k5 = None
@@ -114,8 +122,14 @@ def evaluate_checkpoint(cfg, checkpoint: str, out: Optional[str] = None, log=pri
                 per_class_ok = torch.zeros(C, dtype=torch.float64)
             per_class_n += torch.bincount(y.cpu(), minlength=C).double()
             per_class_ok += torch.bincount(y[hit1].cpu(), minlength=C).double()
-    result = {"checkpoint": checkpoint, "samples": int(count), "top1": correct1 / count if count else None,
-              "top5": None, "k": None, "csv": None}
+    result = {
+        "checkpoint": checkpoint,
+        "samples": int(count),
+        "top1": correct1 / count if count else None,
+        "top5": None,
+        "k": None,
+        "csv": None,
+    }
     if not coupled and count:
         result["top5"], result["k"] = correct5 / count, k5
         if out:
@@ -135,8 +149,15 @@ def evaluate_checkpoint(cfg, checkpoint: str, out: Optional[str] = None, log=pri
     what = f"top-1 {result['top1']:.3f}"
     if result["top5"] is not None:
         what += f", top-{result['k']} {result['top5']:.3f}"
-    tail = f"; per-class accuracy in {result['csv']}" if result["csv"] else \
-        " (the task's own metric; top-5 and per-class accuracy are not defined for it)" if coupled else ""
-    log(f"eval: {what} on {result['samples']} validation {'cells' if k5 and count > n else 'samples'} of "
-        f"data.name {cfg.data['name']!r}{tail}")
+    tail = (
+        f"; per-class accuracy in {result['csv']}"
+        if result["csv"]
+        else " (the task's own metric; top-5 and per-class accuracy are not defined for it)"
+        if coupled
+        else ""
+    )
+    log(
+        f"eval: {what} on {result['samples']} validation {'cells' if k5 and count > n else 'samples'} of "
+        f"data.name {cfg.data['name']!r}{tail}"
+    )
     return result

@@ -3,6 +3,7 @@
 The training loop reads the step's peak with :func:`cpu_peak_rss` after :func:`reset_cpu_peak`;
 :mod:`dcal.train.autobatch` measures real CPU steps with the same functions.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,5 @@
 """Optimiser pieces of the training loop: AdamW parameter groups and the cosine schedule."""
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,13 @@ class CosineWarmup:
         return self.floor + 0.5 * (self.peak - self.floor) * (1 + math.cos(math.pi * t))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"step_count": self.step_count, "peak": self.peak, "floor": self.floor, "warmup": self.warmup,
-                "total": self.total}
+        return {
+            "step_count": self.step_count,
+            "peak": self.peak,
+            "floor": self.floor,
+            "warmup": self.warmup,
+            "total": self.total,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])

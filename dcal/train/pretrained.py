@@ -21,6 +21,7 @@ as initialised and reported. Any other difference is an error naming the key.
 
     pretrained: loaded 164 tensors, skipped [head.bias, head.weight, pre_logits/bias, pre_logits/kernel] (head: 200 classes, reinitialised)
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,10 @@ def check_path(path) -> str:
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise _err(f"{path} is a folder without config.json (expected a Hugging Face ViT folder: "
-                       f"config.json + model.safetensors)")
+            raise _err(
+                f"{path} is a folder without config.json (expected a Hugging Face ViT folder: "
+                f"config.json + model.safetensors)"
+            )
         if not any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "pytorch_model.bin")):
             raise _err(f"{path} holds config.json but no model.safetensors or pytorch_model.bin")
         return path
@@ -93,7 +96,9 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:  # pragma: no cover - safetensors comes with timm / transformers
-            raise _err(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+            raise _err(
+                f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)"
+            ) from None
         try:
             return load_file(path, device="cpu")
         except Exception as e:
@@ -108,7 +113,7 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
         if isinstance(obj.get(wrapper), dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             obj = obj[wrapper]
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad or not obj:
         raise _err(f"{path} is not a state dict of tensors (key {bad[0]!r})" if bad else f"{path} holds no tensors")
@@ -142,8 +147,10 @@ def _read_hf(path: str) -> Source:
     if not isinstance(hf, dict):
         raise _err(f"{cfg_path} is not a JSON object")
     if hf.get("model_type") != "vit":
-        raise _err(f"{cfg_path} has model_type {hf.get('model_type')!r}; only Hugging Face ViT (model_type 'vit') "
-                   f"folders are read")
+        raise _err(
+            f"{cfg_path} has model_type {hf.get('model_type')!r}; only Hugging Face ViT (model_type 'vit') "
+            f"folders are read"
+        )
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
         raise _err(f"{cfg_path} has hidden_act {act!r}; the model's MLP uses the exact GELU ('gelu')")
@@ -195,8 +202,15 @@ def vit_arch(sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
     return arch
 
 
-_ARCH_KEY = {"embed_dim": "embed_dim", "in_chans": "in_chans", "patch_size": "patch_size", "depth": "depth",
-             "mlp_hidden": "mlp_ratio", "qkv_bias": "qkv_bias", "num_heads": "num_heads"}
+_ARCH_KEY = {
+    "embed_dim": "embed_dim",
+    "in_chans": "in_chans",
+    "patch_size": "patch_size",
+    "depth": "depth",
+    "mlp_hidden": "mlp_ratio",
+    "qkv_bias": "qkv_bias",
+    "num_heads": "num_heads",
+}
 _ARCH_WHAT = {"mlp_hidden": "MLP width", "qkv_bias": "qkv bias", "in_chans": "input channels"}
 
 
@@ -217,16 +231,20 @@ def check_arch(src: Source, model: nn.Module) -> None:
     if not mine:
         return
     if not theirs:
-        raise _err(f"{src.path} is not a ViT checkpoint (no patch_embed.proj.weight after mapping "
-                   f"{'its' if src.kind == 'state_dict' else 'the ' + src.kind} keys); the model is a ViT")
+        raise _err(
+            f"{src.path} is not a ViT checkpoint (no patch_embed.proj.weight after mapping "
+            f"{'its' if src.kind == 'state_dict' else 'the ' + src.kind} keys); the model is a ViT"
+        )
     for key in ("embed_dim", "patch_size", "in_chans", "depth", "num_heads", "mlp_hidden", "qkv_bias"):
         if key in mine and key in theirs and mine[key] != theirs[key]:
             what = _ARCH_WHAT.get(key, key)
             a, b = theirs[key], mine[key]
             if key == "qkv_bias":
                 a, b = bool(a), bool(b)
-            raise _err(f"{src.path} is a ViT with {what} {a}, the model has {b} (set model.{_ARCH_KEY[key]} "
-                       f"to match, or use another checkpoint)")
+            raise _err(
+                f"{src.path} is a ViT with {what} {a}, the model has {b} (set model.{_ARCH_KEY[key]} "
+                f"to match, or use another checkpoint)"
+            )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -238,15 +256,16 @@ def _resize_pos(sd, model) -> None:
         return
     prefix_model = own.shape[1] - _grid_tokens(model)
     n_src = pos.shape[1] - prefix_model if pos.dim() == 3 else -1
-    g = int(round(n_src ** 0.5)) if n_src > 0 else 0
+    g = int(round(n_src**0.5)) if n_src > 0 else 0
     if pos.dim() != 3 or g * g != n_src or pos.shape[-1] != own.shape[-1]:
         raise _err(f"pos_embed has shape {tuple(pos.shape)}, expected [1, {prefix_model} + g*g, {own.shape[-1]}]")
     from timm.layers import resample_abs_pos_embed
 
     gh = int(round(_grid_tokens(model) ** 0.5))
     grid = list(getattr(getattr(model, "patch_embed", None), "grid_size", None) or (gh, gh))
-    sd["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=grid, old_size=[g, g],
-                                             num_prefix_tokens=prefix_model).to(pos.dtype)
+    sd["pos_embed"] = resample_abs_pos_embed(
+        pos.float(), new_size=grid, old_size=[g, g], num_prefix_tokens=prefix_model
+    ).to(pos.dtype)
 
 
 def _grid_tokens(model) -> int:
@@ -272,14 +291,21 @@ def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, extra_s
     heads = set(_head_names(model))
     unexpected = sorted(set(sd) - set(own))
     if unexpected:
-        why = ("another ViT architecture (layer scale, registers, qk-norm, fc_norm ...)"
-               if "patch_embed.proj.weight" in own else f"the weights of another model than {type(model).__name__}")
-        raise _err(f"{path}: key {unexpected[0]!r} is not in the model"
-                   f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}: {why}")
+        why = (
+            "another ViT architecture (layer scale, registers, qk-norm, fc_norm ...)"
+            if "patch_embed.proj.weight" in own
+            else f"the weights of another model than {type(model).__name__}"
+        )
+        raise _err(
+            f"{path}: key {unexpected[0]!r} is not in the model"
+            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}: {why}"
+        )
     missing = sorted(k for k in set(own) - set(sd) - heads - set(OWN_ONLY))
     if missing:
-        raise _err(f"{path}: the model's {missing[0]!r} is missing"
-                   f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+        raise _err(
+            f"{path}: the model's {missing[0]!r} is missing"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+        )
     skipped = list(extra_skipped)
     take = {}
     for k, v in sd.items():
@@ -326,7 +352,7 @@ def load_pretrained(model: nn.Module, path) -> str:
         has = model.state_dict()
         if "glca_block.norm1.weight" in has:
             last = f"blocks.{c.depth - 1}."
-            sd.update({"glca_block." + k[len(last):]: v for k, v in sd.items() if k.startswith(last)})
+            sd.update({"glca_block." + k[len(last) :]: v for k, v in sd.items() if k.startswith(last)})
             for part in ("weight", "bias"):
                 if f"norm.{part}" in sd:
                     sd[f"glca_norm.{part}"] = sd[f"norm.{part}"]

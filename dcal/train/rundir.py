@@ -7,6 +7,7 @@ that changes the model or the data (every ``model.*`` and ``data.*`` key but a f
 change the math, and ``train.effective_batch``) is refused naming each key and both values; the
 other changes (epochs, lr, ...) are listed.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def check_new_run(out: str, overwrite: bool) -> Optional[str]:
     if not found:
         return None
     if not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume, "
-                         f"choose a new --out, or pass --overwrite to move it aside to {out}.old-<time>")
+        raise ValueError(
+            f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume, "
+            f"choose a new --out, or pass --overwrite to move it aside to {out}.old-<time>"
+        )
     return aside_name(out)
 
 
@@ -70,8 +73,10 @@ def check_resume_target(out: str, path: str) -> None:
     inside = os.path.dirname(os.path.abspath(path)) == os.path.abspath(CheckpointDir(out).dir)
     found = run_contents(out)
     if found and not inside and os.path.isfile(path):  # a missing path is reported by the loader
-        raise ValueError(f"--resume {path} is not a checkpoint of the run in --out {out} ({', '.join(found)}); "
-                         f"resume into a new --out, or give one of {CheckpointDir(out).dir}'s checkpoints")
+        raise ValueError(
+            f"--resume {path} is not a checkpoint of the run in --out {out} ({', '.join(found)}); "
+            f"resume into a new --out, or give one of {CheckpointDir(out).dir}'s checkpoints"
+        )
 
 
 def aside_name(out: str) -> str:
@@ -112,8 +117,11 @@ def _model_defaults(model: Dict[str, Any]) -> Dict[str, Any]:
 
     from dcal.models import DCALConfig
 
-    return {f"model.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
-            for f in dataclasses.fields(DCALConfig) if f.default is not dataclasses.MISSING}
+    return {
+        f"model.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
+        for f in dataclasses.fields(DCALConfig)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def compare_configs(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:
@@ -147,8 +155,10 @@ def check_resume(saved_cfg: Optional[Dict[str, Any]], current: Dict[str, Any], p
         return []
     refused, changed = compare_configs(saved_cfg, current)
     if refused:
-        raise ValueError(f"--resume: {path} was trained with another model or data; "
-                         f"{'; '.join(refused)} (resume with the saved values, or start a new run with a new --out)")
+        raise ValueError(
+            f"--resume: {path} was trained with another model or data; "
+            f"{'; '.join(refused)} (resume with the saved values, or start a new run with a new --out)"
+        )
     return changed
 
 
@@ -162,6 +172,8 @@ def finished(state: Dict[str, Any], train_cfg) -> bool:
 def finished_message(out: str, state: Dict[str, Any], train_cfg) -> str:
     best = state.get("best_metric")
     best = f", best val_acc {best:.3f}" if isinstance(best, float) else ""
-    how = ("raise train.epochs" if state.get("epoch", 0) >= train_cfg.epochs else "raise train.max_steps")
-    return (f"the run in {out} is finished (epoch {min(state.get('epoch', 0), train_cfg.epochs)} of "
-            f"{train_cfg.epochs}, step {state.get('step', 0)}{best}); nothing to do: {how} to train on")
+    how = "raise train.epochs" if state.get("epoch", 0) >= train_cfg.epochs else "raise train.max_steps"
+    return (
+        f"the run in {out} is finished (epoch {min(state.get('epoch', 0), train_cfg.epochs)} of "
+        f"{train_cfg.epochs}, step {state.get('step', 0)}{best}); nothing to do: {how} to train on"
+    )

@@ -23,6 +23,7 @@ cache (:func:`dcal.train.coupled.cached_backward`): the loss is that of the whol
 of the global group for a loss that gathers across processes), not a mean of micro-batch losses.
 ``micro_batch`` then counts the rows of one forward (images of an episode, image-text pairs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -136,17 +137,25 @@ class Trainer:
         self.is_main = self.rank == 0
         cfg = self.cfg
         if cfg.effective_batch % self.world:
-            raise ValueError(f"train.effective_batch ({cfg.effective_batch}) must be a multiple of the number "
-                             f"of processes ({self.world})")
+            raise ValueError(
+                f"train.effective_batch ({cfg.effective_batch}) must be a multiple of the number "
+                f"of processes ({self.world})"
+            )
         self.local_batch = cfg.effective_batch // self.world
         if self.coupled:
             # refused before any work: what the coupled loss cannot train on exactly
             if cfg.micro_batch == "auto":
-                raise ValueError(f"train.micro_batch: 'auto' is not supported with the coupled loss "
-                                 f"{type(loss_fn).__name__}; give the rows per forward as a number")
+                raise ValueError(
+                    f"train.micro_batch: 'auto' is not supported with the coupled loss "
+                    f"{type(loss_fn).__name__}; give the rows per forward as a number"
+                )
             try:
-                loss_fn.check(batch=cfg.effective_batch, micro_batch=cfg.micro_batch, world=self.world,
-                              dataset_size=len(train_set))
+                loss_fn.check(
+                    batch=cfg.effective_batch,
+                    micro_batch=cfg.micro_batch,
+                    world=self.world,
+                    dataset_size=len(train_set),
+                )
                 check_model(model)
             except ValueError as e:
                 raise ValueError(str(e) if str(e).startswith("model") else f"train.{e}") from None
@@ -169,38 +178,53 @@ class Trainer:
         self.ddp = None
         self.fsdp = cfg.strategy == "fsdp"
         if self.fsdp and self.coupled:
-            raise ValueError(f"train.strategy: 'fsdp' is not supported with the coupled loss {type(loss_fn).__name__} "
-                             "(its embedding cache is tested under DDP only); use strategy ddp")
+            raise ValueError(
+                f"train.strategy: 'fsdp' is not supported with the coupled loss {type(loss_fn).__name__} "
+                "(its embedding cache is tested under DDP only); use strategy ddp"
+            )
         if self.fsdp:  # FSDP2, in place: per-block fully_shard (dcal.train.distributed)
             distributed.shard_model(model, param_dtype=cfg.fsdp_param_dtype, checkpointing=cfg.fsdp_checkpointing)
             if getattr(loss_fn, "__self__", None) is model:  # model.loss: the FSDP-registered method
                 self.loss_fn = getattr(model, loss_fn.__name__)
         elif self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.local_rank] if use_cuda else None,
-                find_unused_parameters=cfg.find_unused_parameters)
+                model,
+                device_ids=[self.local_rank] if use_cuda else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
         self.forward_model = self.ddp if self.ddp is not None else self.model
         # the same initial weights everywhere (DDP also broadcasts them), but each process its own
         # stream for dropout and pairing
         torch.manual_seed(cfg.seed + self.rank)
 
         self.peak_lr = cfg.base_lr * cfg.effective_batch / 512
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=self.peak_lr,
-                                           betas=tuple(cfg.betas))
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=self.peak_lr, betas=tuple(cfg.betas)
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=False)
+        self.sampler = DistributedSampler(
+            train_set, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed, drop_last=False
+        )
         self.groups_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
-        self.schedule = CosineWarmup(self.peak_lr, cfg.min_lr, round(cfg.warmup_epochs * self.groups_per_epoch),
-                                     cfg.epochs * self.groups_per_epoch)
+        self.schedule = CosineWarmup(
+            self.peak_lr,
+            cfg.min_lr,
+            round(cfg.warmup_epochs * self.groups_per_epoch),
+            cfg.epochs * self.groups_per_epoch,
+        )
         self.ckpts = ckpt.CheckpointDir(out_dir, cfg.keep_last) if out_dir else None
 
         # progress, restored on resume
         self.epoch, self.group_in_epoch, self.step = 0, 0, 0
         self.skipped_steps, self.best_metric = 0, None
         self.epoch_loss_sum, self.epoch_samples, self.epoch_peak = 0.0, 0, 0
-        self.micro_batch: Optional[int] = (None if cfg.micro_batch == "auto" else cfg.micro_batch if self.coupled
-                                           else min(cfg.micro_batch, self.local_batch))
+        self.micro_batch: Optional[int] = (
+            None
+            if cfg.micro_batch == "auto"
+            else cfg.micro_batch
+            if self.coupled
+            else min(cfg.micro_batch, self.local_batch)
+        )
         self.predicted_peak: Optional[int] = None
         self.memory_budget: Optional[int] = None
         self._curves = None  # the child process drawing curves.png
@@ -232,9 +256,17 @@ class Trainer:
         gradient norm, peak memory, micro-batch and the effective batch."""
         if not (self.is_main and self.out_dir):
             return
-        row = {"step": self.step, "epoch": self.epoch, "loss": r["loss"], "lr": r["lr"],
-               "grad_norm": r["grad_norm"], "skipped": r["skipped"], "peak_mem_mb": round(r["peak"] / 2**20, 1),
-               "micro_batch": self.micro_batch, "effective_batch": self.cfg.effective_batch}
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": r["loss"],
+            "lr": r["lr"],
+            "grad_norm": r["grad_norm"],
+            "skipped": r["skipped"],
+            "peak_mem_mb": round(r["peak"] / 2**20, 1),
+            "micro_batch": self.micro_batch,
+            "effective_batch": self.cfg.effective_batch,
+        }
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, "steps.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -273,11 +305,21 @@ class Trainer:
             src = self.model
             self.model_factory = lambda: copy.deepcopy(src).cpu()
         with torch.random.fork_rng(devices=[]):  # the run's random stream is not the planner's
-            plan = autobatch.plan(self.model, self.model_factory, self.loss_fn, self.train_set[0], self.local_batch,
-                                  "auto" if self.micro_batch is None else self.micro_batch, budget,
-                                  device=self.device, amp_dtype=self.amp_dtype,
-                                  grad_checkpointing=cfg.grad_checkpointing, collate_fn=self.collate_fn,
-                                  world=self.world, key="train.max_memory (--max-memory)")
+            plan = autobatch.plan(
+                self.model,
+                self.model_factory,
+                self.loss_fn,
+                self.train_set[0],
+                self.local_batch,
+                "auto" if self.micro_batch is None else self.micro_batch,
+                budget,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                grad_checkpointing=cfg.grad_checkpointing,
+                collate_fn=self.collate_fn,
+                world=self.world,
+                key="train.max_memory (--max-memory)",
+            )
         self._memory_planned = True
         self.micro_batch, self.predicted_peak, self.memory_budget = plan.micro_batch, plan.predicted_peak, plan.budget
         if plan.message:
@@ -317,9 +359,19 @@ class Trainer:
         # a gathering loss is the global group's on every process (DDP's mean keeps it); otherwise
         # each process's loss is over its share and DDP's mean must weigh the shares
         weight = 1.0 if self.loss_fn.gather_across_ranks else n * self.world / n_group
-        value = cached_backward(self.model, self.loss_fn, x, y, self.micro_batch, forward_model=self.forward_model,
-                                ddp=self.ddp, amp_dtype=self.amp_dtype, scale=self.scaler.scale, weight=weight,
-                                device=self.device)
+        value = cached_backward(
+            self.model,
+            self.loss_fn,
+            x,
+            y,
+            self.micro_batch,
+            forward_model=self.forward_model,
+            ddp=self.ddp,
+            amp_dtype=self.amp_dtype,
+            scale=self.scaler.scale,
+            weight=weight,
+            device=self.device,
+        )
         return float(value) * n
 
     def train_step(self, batch, n_group: int) -> Dict[str, Any]:
@@ -339,15 +391,20 @@ class Trainer:
                 old = self.micro_batch
                 if self.coupled:
                     try:
-                        self.loss_fn.check(batch=self.cfg.effective_batch, micro_batch=max(1, old // 2),
-                                           world=self.world)
+                        self.loss_fn.check(
+                            batch=self.cfg.effective_batch, micro_batch=max(1, old // 2), world=self.world
+                        )
                     except ValueError:
-                        raise torch.OutOfMemoryError(f"out of memory with micro-batch {old}; half of it does not fit "
-                                                     f"{type(self.loss_fn).__name__}'s batch layout") from None
+                        raise torch.OutOfMemoryError(
+                            f"out of memory with micro-batch {old}; half of it does not fit "
+                            f"{type(self.loss_fn).__name__}'s batch layout"
+                        ) from None
                 self.micro_batch = max(1, old // 2)
                 self.oom_events.append({"step": self.step, "from": old, "to": self.micro_batch})
-                self.log(f"step {self.step}: out of memory with micro-batch {old}; retrying the same "
-                         f"{self.cfg.effective_batch}-sample group with micro-batch {self.micro_batch}")
+                self.log(
+                    f"step {self.step}: out of memory with micro-batch {old}; retrying the same "
+                    f"{self.cfg.effective_batch}-sample group with micro-batch {self.micro_batch}"
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # return the failed attempt's blocks before retrying
@@ -374,26 +431,43 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if skipped:
             self.skipped_steps += 1
-            self.log(f"step {self.step}: skipped, non-finite gradient norm ({float(norm)}); "
-                     f"{self.skipped_steps} skipped so far")
+            self.log(
+                f"step {self.step}: skipped, non-finite gradient norm ({float(norm)}); "
+                f"{self.skipped_steps} skipped so far"
+            )
         self.schedule.step_count += 1
         self.step += 1
         peak = self._read_peak()
         if self.memory_report is None and self.predicted_peak is not None:
             cpu = self.device.type == "cpu"
-            self.memory_report = {"micro_batch": self.micro_batch, "predicted_mb": self.predicted_peak / 2**20,
-                                  "measured_mb": peak / 2**20,
-                                  "measured": "max_memory_allocated" if not cpu else "peak RSS"}
+            self.memory_report = {
+                "micro_batch": self.micro_batch,
+                "predicted_mb": self.predicted_peak / 2**20,
+                "measured_mb": peak / 2**20,
+                "measured": "max_memory_allocated" if not cpu else "peak RSS",
+            }
             within = ""
             if self.memory_budget is not None:
                 self.memory_report["budget_mb"] = self.memory_budget / 2**20
-                within = (f", within the budget of {self.memory_budget / 2**20:.1f} MiB" if peak <= self.memory_budget
-                          else f", OVER the budget of {self.memory_budget / 2**20:.1f} MiB")
+                within = (
+                    f", within the budget of {self.memory_budget / 2**20:.1f} MiB"
+                    if peak <= self.memory_budget
+                    else f", OVER the budget of {self.memory_budget / 2**20:.1f} MiB"
+                )
             what = "the process's peak RSS" if cpu else "max_memory_allocated"
-            self.log(f"memory: first step peak {peak / 2**20:.1f} MiB measured ({what}), "
-                     f"predicted {self.predicted_peak / 2**20:.1f} MiB{within}")
-        return {"loss": loss_sum / n, "loss_sum": loss_sum, "n": n, "lr": lr, "grad_norm": float(norm),
-                "skipped": skipped, "peak": peak}
+            self.log(
+                f"memory: first step peak {peak / 2**20:.1f} MiB measured ({what}), "
+                f"predicted {self.predicted_peak / 2**20:.1f} MiB{within}"
+            )
+        return {
+            "loss": loss_sum / n,
+            "loss_sum": loss_sum,
+            "n": n,
+            "lr": lr,
+            "grad_norm": float(norm),
+            "skipped": skipped,
+            "peak": peak,
+        }
 
     # ------------------------------------------------------------------ evaluation
 
@@ -406,9 +480,13 @@ class Trainer:
         # so the metric is over the validation set exactly once
         idx = list(range(self.rank, len(self.val_set), self.world))
         bs = self.local_batch if self.coupled else (self.micro_batch or self.local_batch)
-        loader = DataLoader(self.val_set, batch_sampler=[idx[i : i + bs] for i in range(0, len(idx), bs)],
-                            collate_fn=self.collate_fn, num_workers=self.cfg.num_workers,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))
+        loader = DataLoader(
+            self.val_set,
+            batch_sampler=[idx[i : i + bs] for i in range(0, len(idx), bs)],
+            collate_fn=self.collate_fn,
+            num_workers=self.cfg.num_workers,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
         total = torch.zeros(2, dtype=torch.float64)
         for x, y in loader:
             x, y = _to(x, self.device), _to(y, self.device)
@@ -459,8 +537,9 @@ class Trainer:
             return None
         state = self.state_dict()
         if self.fsdp:  # sharded model and optimiser (torch.distributed.checkpoint), written by every process
-            return distributed.save_checkpoint(self.ckpts, state, self.model, self.optimizer, self.step, is_best,
-                                               self.is_main)
+            return distributed.save_checkpoint(
+                self.ckpts, state, self.model, self.optimizer, self.step, is_best, self.is_main
+            )
         return self.ckpts.save(state, self.step, is_best) if self.is_main else None
 
     def load(self, path: str, state: Optional[Dict[str, Any]] = None) -> None:
@@ -469,11 +548,15 @@ class Trainer:
         if state is None:
             state = ckpt.load(path, map_location="cpu")
         if state["effective_batch"] != self.cfg.effective_batch:
-            raise ValueError(f"checkpoint {path} was trained with effective_batch {state['effective_batch']}, "
-                             f"the config asks for {self.cfg.effective_batch}; resume needs the same")
+            raise ValueError(
+                f"checkpoint {path} was trained with effective_batch {state['effective_batch']}, "
+                f"the config asks for {self.cfg.effective_batch}; resume needs the same"
+            )
         if ("sharded" in state) != self.fsdp:
-            raise ValueError(f"checkpoint {path} was saved with train.strategy "
-                             f"{'fsdp' if 'sharded' in state else 'ddp'}; resume it with the same strategy")
+            raise ValueError(
+                f"checkpoint {path} was saved with train.strategy "
+                f"{'fsdp' if 'sharded' in state else 'ddp'}; resume it with the same strategy"
+            )
         if self.fsdp:
             distributed.load_checkpoint(path, state, self.model, self.optimizer)
         else:
@@ -501,13 +584,17 @@ class Trainer:
         # its own generator: making a loader must not draw from the global RNG, or a run resumed
         # mid-epoch would see a different random stream than the run it continues
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        loader = DataLoader(self.train_set, batch_sampler=groups[start_group:], collate_fn=self.collate_fn,
-                            num_workers=self.cfg.num_workers, generator=gen,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=groups[start_group:],
+            collate_fn=self.collate_fn,
+            num_workers=self.cfg.num_workers,
+            generator=gen,
+            pin_memory=self.device.type == "cuda",
+        )
         return loader, len(groups)
 
-    def fit(self, resume: Optional[str] = None, resume_state: Optional[Dict[str, Any]] = None
-            ) -> List[Dict[str, Any]]:
+    def fit(self, resume: Optional[str] = None, resume_state: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
         """Train for ``config.epochs`` epochs (from ``resume``, a checkpoint path, if given;
         ``resume_state``: its content when already read). Returns the rows written to ``metrics.jsonl``."""
         cfg = self.cfg
@@ -515,9 +602,11 @@ class Trainer:
             self.load(resume, resume_state)
         self.plan_memory()
         self.model.train()
-        self.log(f"training on {self.device} x{self.world}: effective batch {cfg.effective_batch} "
-                 f"({self.local_batch} per process, micro-batch {self.micro_batch}), peak lr {self.peak_lr:.3g}, "
-                 f"{self.groups_per_epoch} steps/epoch, amp {cfg.amp}")
+        self.log(
+            f"training on {self.device} x{self.world}: effective batch {cfg.effective_batch} "
+            f"({self.local_batch} per process, micro-batch {self.micro_batch}), peak lr {self.peak_lr:.3g}, "
+            f"{self.groups_per_epoch} steps/epoch, amp {cfg.amp}"
+        )
         stop = False
         while self.epoch < cfg.epochs and not stop:
             loader, n_groups = self._loader(self.epoch, self.group_in_epoch)
@@ -525,8 +614,14 @@ class Trainer:
             if self.is_main and cfg.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=n_groups, initial=self.group_in_epoch, desc=f"epoch {self.epoch}",
-                           dynamic_ncols=True, leave=False, file=sys.stderr)
+                bar = tqdm(
+                    total=n_groups,
+                    initial=self.group_in_epoch,
+                    desc=f"epoch {self.epoch}",
+                    dynamic_ncols=True,
+                    leave=False,
+                    file=sys.stderr,
+                )
             t0 = time.time()
             for batch in loader:
                 n_local = batch[1].shape[0] if isinstance(batch[1], Tensor) else len(batch[1])
@@ -538,8 +633,12 @@ class Trainer:
                 self.epoch_peak = max(self.epoch_peak, r["peak"])
                 self._write_step(r)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", mem=f"{r['peak'] / 2**20:.0f}M",
-                                    mb=self.micro_batch)
+                    bar.set_postfix(
+                        loss=f"{r['loss']:.4f}",
+                        lr=f"{r['lr']:.2e}",
+                        mem=f"{r['peak'] / 2**20:.0f}M",
+                        mb=self.micro_batch,
+                    )
                     bar.update(1)
                 if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
                     self.save()
@@ -568,11 +667,20 @@ class Trainer:
         val = None
         if final or (self.epoch + 1) % cfg.eval_every == 0:
             val = self.evaluate()
-            row = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "val_acc": val,
-                   "peak_mem_mb": round(self.epoch_peak / 2**20, 1), "effective_batch": cfg.effective_batch,
-                   "micro_batch": self.micro_batch, "world_size": self.world, "lr": self.schedule.lr(),
-                   "skipped_steps": self.skipped_steps, "epoch_seconds": round(seconds, 2),
-                   "memory_measure": "max_memory_allocated" if self.device.type == "cuda" else "peak_rss"}
+            row = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_loss": train_loss,
+                "val_acc": val,
+                "peak_mem_mb": round(self.epoch_peak / 2**20, 1),
+                "effective_batch": cfg.effective_batch,
+                "micro_batch": self.micro_batch,
+                "world_size": self.world,
+                "lr": self.schedule.lr(),
+                "skipped_steps": self.skipped_steps,
+                "epoch_seconds": round(seconds, 2),
+                "memory_measure": "max_memory_allocated" if self.device.type == "cuda" else "peak_rss",
+            }
             if self.memory_report is not None:
                 row["predicted_peak_mb"] = round(self.memory_report["predicted_mb"], 1)
                 row["measured_first_step_peak_mb"] = round(self.memory_report["measured_mb"], 1)
@@ -586,9 +694,11 @@ class Trainer:
 
                 self._curves = curves.start(self.out_dir, self._curves)  # drawn by a child process
             # rounded for reading; metrics.jsonl keeps the full values
-            self.log(f"epoch {self.epoch}: train_loss {train_loss:.4f}, val_acc "
-                     f"{'n/a' if val is None else f'{val:.3f}'}, peak_mem {self.epoch_peak / 2**20:.0f} MiB, "
-                     f"{seconds:.1f}s, skipped_steps {self.skipped_steps}")
+            self.log(
+                f"epoch {self.epoch}: train_loss {train_loss:.4f}, val_acc "
+                f"{'n/a' if val is None else f'{val:.3f}'}, peak_mem {self.epoch_peak / 2**20:.0f} MiB, "
+                f"{seconds:.1f}s, skipped_steps {self.skipped_steps}"
+            )
         is_best = val is not None and (self.best_metric is None or val > self.best_metric)
         if is_best:
             self.best_metric = val
