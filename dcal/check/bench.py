@@ -11,69 +11,41 @@ separate call after ``synchronize`` + ``empty_cache`` + ``reset_peak_memory_stat
 ``max_memory_allocated`` minus what was allocated before the call. On CPU time is
 ``perf_counter`` and peak memory is not measured here (``bench/`` does it per subprocess).
 
-TFLOP/s are computed from a FLOP count written out per case (attention: 4*B*H*Nq*Nk*D forward,
-x3.5 with backward), and their share of the device's matmul peak, measured by the ``peak``
-group in the same run (a large matmul in the same dtype).
+TFLOP/s are computed from the FLOP formulas of :mod:`dcal.testing.flops` (attention:
+4*B*H*Nq*Nk*D forward, x3.5 with backward), and their share of the device's matmul peak,
+measured by the ``peak`` group in the same run (a large matmul in the same dtype). Timing,
+peak memory, ``Unavailable`` and the peer implementations are the harness's (:mod:`dcal.testing`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
-import time
 import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-
-class Unavailable(Exception):
-    """The provider cannot run here (a skip with a reason, not an error)."""
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_once(fn: Callable, device: str) -> float:
-    """Milliseconds of one call."""
-    if device == "cuda":
-        stream = torch.cuda.current_stream()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        out = fn()
-        end.record(stream)
-        end.synchronize()
-        del out
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    out = fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    del out
-    return ms
+from dcal.testing.flops import (
+    flops_attention,
+    flops_matmul,
+    flops_neighborhood,
+    flops_rollout,
+    flops_vit_step,
+)
+from dcal.testing.measure import Unavailable, cuda_peak, sync, time_events_ms
+from dcal.testing.providers import naive_pwca, sdpa_cat_pwca, step, unfold_na
 
 
 def peak_mib(fn: Callable, device: str) -> Optional[float]:
+    """Peak memory of one call in MiB beyond what is allocated before it (CUDA only)."""
     if device != "cuda":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
+    return cuda_peak(fn)[0] / 2**20
 
 
 def compare(
@@ -105,7 +77,7 @@ def compare(
         try:
             fn = make()
             for _ in range(warmup):
-                time_once(fn, device)
+                time_events_ms(fn, device)
             r["peak_mib"] = peak_mib(fn, device)
             fns[name] = fn
         except Unavailable as e:
@@ -128,7 +100,7 @@ def compare(
             if rows[name]["status"] != "ok":
                 continue
             try:
-                times[name].append(time_once(fns[name], device))
+                times[name].append(time_events_ms(fns[name], device))
             except torch.cuda.OutOfMemoryError as e:
                 rows[name].update(status="oom", detail=str(e).splitlines()[0][:200])
                 torch.cuda.empty_cache()
@@ -145,22 +117,6 @@ def compare(
             )
     fns.clear()
     return list(rows.values())
-
-
-def _step(fn, inputs: List[torch.Tensor], dout=None):
-    """A timed call: forward only (dout None, no graph) or forward + backward to every input."""
-    if dout is None:
-
-        def run():
-            with torch.no_grad():
-                return fn(*inputs)
-    else:
-
-        def run():
-            out = fn(*inputs)
-            return torch.autograd.grad(out, inputs, dout)
-
-    return run
 
 
 def _rand(shape, dtype, device, seed, grad=False):
@@ -181,7 +137,7 @@ def sdpa_kernel_used(q, k, v) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if q.is_cuda else [])
     with torch.no_grad(), profile(activities=acts) as prof:
         F.scaled_dot_product_attention(q, k, v)
-        _sync(q.device.type)
+        sync(q.device.type)
     names = {e.name for e in prof.events()}
     picked = sorted(
         n
@@ -216,7 +172,7 @@ def bench_pwca(device, quick, rounds, warmup, dtype):
     flex = torch.compile(flex_attention, dynamic=False)
     for mode in modes:
         case = f"pwca B{B} H{H} {N}x({N}+{N}) D{D} {dtype} {mode}"
-        flops = 4.0 * B * H * N * 2 * N * D * (3.5 if mode != "fwd" else 1.0)
+        flops = flops_attention(B, H, N, 2 * N, D, mode)
         tdt = getattr(torch, dtype)
         grad = mode != "fwd"
 
@@ -224,14 +180,10 @@ def bench_pwca(device, quick, rounds, warmup, dtype):
             ts = [_rand((B, H, N, D), tdt, device, s, grad) for s in range(5)]
             return ts, (_rand((B, H, N, D), tdt, device, 9) if grad else None)
 
-        def naive_fn(q, k1, v1, k2, v2):
-            k, v = torch.cat([k1, k2], -2), torch.cat([v1, v2], -2)
-            return torch.softmax((q @ k.transpose(-1, -2)) * D**-0.5, -1) @ v
-
         def make(fn):
             def m():
                 ts, dout = inputs()
-                return _step(fn, ts, dout)
+                return step(fn, ts, dout)
 
             return m
 
@@ -239,7 +191,7 @@ def bench_pwca(device, quick, rounds, warmup, dtype):
             ts, dout = inputs()
             chosen = dcal.ops.chosen_backend("pwca_attention", ts[0])
             rows_detail["dcal"] = f"backend {chosen}"
-            return _step(lambda *a: dcal.ops.pwca_attention(*a), ts, dout)
+            return step(lambda *a: dcal.ops.pwca_attention(*a), ts, dout)
 
         rows_detail = {}
         ts0, _ = inputs()
@@ -259,13 +211,9 @@ def bench_pwca(device, quick, rounds, warmup, dtype):
 
         provs = {
             "dcal": make_dcal,
-            "sdpa_cat": make(
-                lambda q, k1, v1, k2, v2: F.scaled_dot_product_attention(
-                    q, torch.cat([k1, k2], -2), torch.cat([v1, v2], -2), scale=D**-0.5
-                )
-            ),
+            "sdpa_cat": make(lambda *a: sdpa_cat_pwca(*a, scale=D**-0.5)),
             "flex_cat": flex_p,
-            "naive": make(naive_fn),
+            "naive": make(lambda *a: naive_pwca(*a, scale=D**-0.5)),
         }
         res = compare(case, flops, dtype, provs, device, rounds, warmup)
         for r in res:
@@ -295,26 +243,19 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
     for mode in modes:
         grad = mode != "fwd"
         case = f"neighborhood B{B} C{C} (H{H} D{D}) {X}x{Y} k{ks} {dtype} {mode}"
-        flops = 4.0 * B * H * X * Y * ks * ks * D * (3.5 if grad else 1.0)
+        flops = flops_neighborhood(B, H, X, Y, ks, D, mode)
 
         def dcal_p():
             ts = [_rand((B, H, X, Y, D), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, H, X, Y, D), tdt, device, 9) if grad else None
-            return _step(
+            return step(
                 lambda q, k, v: dcal.ops.neighborhood_attention2d(q, k, v, kernel_size=ks, border="zero"), ts, dout
             )
 
         def unfold_p():
             ts = [_rand((B, C, X, Y), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, C, X, Y), tdt, device, 9) if grad else None
-
-            def unfold_na(q, k, v):
-                kk = F.unfold(k, ks, padding=r).view(B, H, D, ks * ks, X * Y)
-                vv = F.unfold(v, ks, padding=r).view(B, H, D, ks * ks, X * Y)
-                attn = (q.reshape(B, H, D, 1, X * Y) * kk).sum(2, keepdim=True) * D**-0.5
-                return (attn.softmax(3) * vv).sum(3).reshape(B, C, X, Y)
-
-            return _step(unfold_na, ts, dout)
+            return step(lambda q, k, v: unfold_na(q, k, v, H, ks), ts, dout)
 
         def flex_p():
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -332,7 +273,7 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
             flex = torch.compile(flex_attention, dynamic=False)
             ts = [_rand((B, H, X * Y, D), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, H, X * Y, D), tdt, device, 9) if grad else None
-            return _step(lambda q, k, v: flex(q, k, v, block_mask=mask), ts, dout)
+            return step(lambda q, k, v: flex(q, k, v, block_mask=mask), ts, dout)
 
         def natten_p():
             try:
@@ -343,7 +284,7 @@ def bench_neighborhood(device, quick, rounds, warmup, dtype):
                 raise Unavailable("NATTEN has no CPU backward")
             ts = [_rand((B, X, Y, H, D), tdt, device, s, grad) for s in range(3)]
             dout = _rand((B, X, Y, H, D), tdt, device, 9) if grad else None
-            return _step(lambda q, k, v: natten.na2d(q, k, v, kernel_size=ks), ts, dout)
+            return step(lambda q, k, v: natten.na2d(q, k, v, kernel_size=ks), ts, dout)
 
         provs = {
             "dcal (zero)": dcal_p,
@@ -375,7 +316,7 @@ def bench_rollout(device, quick, rounds, warmup, dtype):
     ks = [_rand((B, H, N, D), tdt, device, 2 * i + 1) for i in range(L)]
     lses = [torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * D**-0.5, -1) for q, k in zip(qs, ks)]
     case = f"rollout B{B} H{H} N{N} D{D} L{L} {dtype}"
-    flops = 2.0 * L * B * H * N * N * D
+    flops = flops_rollout(B, H, N, D, L)
     ch = dcal.ops.chosen_backend("attention_rollout", qs[0])
     provs = {
         "dcal (lses given)": lambda: lambda: dcal.ops.attention_rollout(qs, ks, lses=lses),
@@ -394,19 +335,6 @@ def bench_rollout(device, quick, rounds, warmup, dtype):
 
 VIT_B = dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 TINY_VIT = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
-
-
-def vit_step_flops(B: int, p: dict, glca_ratio: float = 0.1) -> float:
-    """Matmul FLOPs of one DCAL training step (SA + PWCA + GLCA forward, backward 2x)."""
-    C, L = p["embed_dim"], p["depth"]
-    P = (p["img_size"] // p["patch_size"]) ** 2
-    N, R = P + 1, math.ceil(glca_ratio * P) + 1
-    dense = lambda n: 2 * n * C * C * (3 + 1 + 8)
-    sa = dense(N) + 4 * N * N * C
-    pwca = dense(N) + 2 * N * C * 2 * C + 4 * N * 2 * N * C
-    glca = 2 * N * C * 2 * C + 2 * R * C * C * 10 + 4 * R * N * C
-    embed = 2 * P * C * 3 * p["patch_size"] ** 2
-    return 3.0 * B * (L * (sa + pwca) + glca + embed)
 
 
 def bench_train(device, quick, rounds, warmup, dtype):
@@ -448,7 +376,7 @@ def bench_train(device, quick, rounds, warmup, dtype):
 
             rows += compare(
                 case,
-                vit_step_flops(B, p),
+                flops_vit_step(B, p),
                 dt,
                 {"fused (default chain)": make(None), "materialising (reference)": make("reference")},
                 device,
@@ -469,7 +397,7 @@ def bench_peak(device, quick, rounds, warmup, dtypes):
         a, b = _rand((n, n), tdt, device, 0), _rand((n, n), tdt, device, 1)
         rows += compare(
             f"matmul {n}^3 {dt}",
-            2.0 * n**3,
+            flops_matmul(n, n, n),
             dt,
             {"torch.matmul": lambda: lambda: a @ b},
             device,

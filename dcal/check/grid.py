@@ -16,27 +16,23 @@ Tiers (``RUN_TIER`` maps a run to the highest tier it includes)::
 from __future__ import annotations
 
 import inspect
-import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+from dcal.testing import judging as T
+from dcal.testing.inputs import FAMILIES, FAMILY, PACKED
+from dcal.testing.inputs import Case as HarnessCase
 
 TINY, SMALL, FULL, LARGE = 0, 1, 2, 3
 TIER_NAMES = {TINY: "tiny", SMALL: "small", FULL: "full", LARGE: "large"}
 
-# Public op name -> op family (one worker subprocess per family) and dispatch op name.
-FAMILY = {
-    "pwca_attention": "attention",
-    "multi_kv_attention": "attention",
-    "neighborhood_attention2d": "neighborhood",
-    "attention_rollout": "rollout",
-}
+# Public op name -> op family (one worker subprocess per family): dcal.testing.inputs.FAMILY.
 DISPATCH_OP = {
     "pwca_attention": "multi_kv_attention",
     "multi_kv_attention": "multi_kv_attention",
     "neighborhood_attention2d": "neighborhood_attention2d",
     "attention_rollout": "attention_rollout",
 }
-FAMILIES = ("attention", "neighborhood", "rollout")
 BACKENDS_UNDER_TEST = ("triton", "cpp", "sdpa")
 DTYPES = {"cpu": ("float32", "float64", "bfloat16"), "cuda": ("float32", "float16", "bfloat16")}
 
@@ -48,68 +44,30 @@ INTERPRETER_BF16 = (
 
 
 @dataclass(frozen=True)
-class Case:
-    """One line of the grid.
+class Case(HarnessCase):
+    """One line of the grid: a :class:`dcal.testing.Case` (op, shape, kwargs, layout, grads)
+    plus when and how it runs.
 
-    shape: attention ``B, H, Nq, Nk`` (a tuple, one length per key/value segment), ``D``;
-    neighborhood ``B, H, X, Y, D``; rollout ``B, H, N, D, L``.
-    kwargs: keyword arguments of the op (neighborhood: kernel_size, border, dilation, ...;
-    ``rpb=True`` asks for a random relative position bias; rollout: ``with_lse=True`` passes the
-    blocks' logsumexps).
-    grads: check every gradient (False: forward only, for the cases that only fit that way).
+    tier: the smallest run that includes it.
     sample: compare only these batch indices (for the > 2**31-element cases, whose fp64 truth
     would not fit); None compares everything.
     det: also check bit-determinism (two runs) where the backend promises it.
     dtypes: restrict the case to these dtypes (None: the run's dtypes), e.g. the > 2**31 cases,
     whose point (64-bit offsets) does not depend on the dtype.
-    packed: the inputs are strided views of a packed projection (``[B, N, 3, H, D]`` permuted,
-    channels-last qkv for neighborhood attention), not contiguous tensors.
+    The layout ``packed`` (``packed=True`` in :func:`C`): the inputs are strided views of a packed
+    projection (``[B, N, 3, H, D]`` permuted, channels-last qkv for neighborhood attention).
     """
 
-    op: str
-    tier: int
-    shape: Tuple[Tuple[str, object], ...]
-    kwargs: Tuple[Tuple[str, object], ...] = ()
-    grads: bool = True
+    tier: int = TINY
     sample: Optional[Tuple[int, ...]] = None
     det: bool = False
     dtypes: Optional[Tuple[str, ...]] = None
-    packed: bool = False
-
-    @property
-    def s(self) -> Dict[str, object]:
-        return dict(self.shape)
-
-    @property
-    def kw(self) -> Dict[str, object]:
-        return dict(self.kwargs)
-
-    @property
-    def family(self) -> str:
-        return FAMILY[self.op]
-
-    def shape_str(self) -> str:
-        parts = ["packed"] if self.packed else []
-        for k, v in self.shape:
-            parts.append(f"{k}{'+'.join(map(str, v)) if isinstance(v, tuple) else v}")
-        for k, v in self.kwargs:
-            parts.append(k if v is True else f"{k}={v}")
-        return " ".join(parts)
-
-    def seed(self) -> int:
-        return zlib.crc32(f"{self.op} {self.shape_str()}".encode())
-
-    def numel(self) -> int:
-        """Elements of q (the largest input)."""
-        s = self.s
-        if self.family == "neighborhood":
-            return s["B"] * s["H"] * s["X"] * s["Y"] * s["D"]
-        n = s["Nq"] if self.family == "attention" else s["N"]
-        return s["B"] * s["H"] * n * s["D"]
 
 
 def C(op: str, tier: int, shape: Dict[str, object], kwargs: Optional[Dict[str, object]] = None, **opts) -> Case:
-    return Case(op, tier, tuple(shape.items()), tuple((kwargs or {}).items()), **opts)
+    if opts.pop("packed", False):
+        opts["layout"] = PACKED
+    return Case(op, tuple(shape.items()), tuple((kwargs or {}).items()), tier=tier, **opts)
 
 
 def A(B, H, Nq, Nk, D):
@@ -193,24 +151,14 @@ def determinism_promise(op: str, backend: str, device: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- tolerance rule
 
-# One rule for every dtype (flash-attention's): with T the fp64 truth and P PyTorch's own result
-# (the reference backend run in the case's dtype on the same rounded inputs),
-#     max|kernel - T| <= factor * max|P - T| + atol + rtol * max|T|,
-# factor 2 for the forward and the lse, 3 for gradients. In fp64 P is T itself, so the bound is
-# the absolute floor alone; in fp32 it is PyTorch's fp32 error (plus the floor).
-FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
-FLOORS = {  # dtype: (atol, rtol)
-    "float64": (1e-9, 1e-9),
-    "float32": (1e-5, 1e-5),
-    "float16": (1e-5, 1e-4),
-    "bfloat16": (1e-4, 1e-3),
-}
+# The judging rule and its floors live in dcal.testing.judging (flash-attention's rule: the
+# kernel's error against the fp64 truth at most 2x / 3x (forward / gradients) that of the
+# reference backend run in the case's dtype, plus a per-dtype floor atol + rtol * max|truth|).
 
 
 def tolerance(dtype: str, check: str, ref_err: float, truth_max: float) -> float:
-    atol, rtol = FLOORS[dtype]
-    factor = GRAD_FACTOR if check.startswith("d") else FWD_FACTOR
-    return factor * ref_err + atol + rtol * truth_max
+    """The bound of one row: ``check`` names the output or gradient (``d...``: a gradient)."""
+    return T.tolerance(dtype, ref_err, truth_max, grad=T.is_grad(check))
 
 
 # ----------------------------------------------------------------------------- selection

@@ -6,12 +6,13 @@ and ``end`` after it. The parent (:mod:`dcal.check.cli`) reads the file after th
 a run that started and did not end crashed the process; the parent records it as an error and
 starts a new worker on the runs that remain (``--skip``).
 
-Each run: inputs made on the device in the case's dtype; the kernel's forward and backward (the
-loss ``sum(out * dout) + sum(lse * dlse)``) with every fresh allocation NaN-filled
-(``torch.utils.deterministic.fill_uninitialized_memory``, which also reaches C++ ``at::empty``),
-so an unwritten output shows; the ``reference`` backend on the same rounded inputs in fp64 (the
-truth) and in the case's dtype (PyTorch's own error), sliced per batch (and head) so the truth of
-the models' sizes fits; one row per output and gradient judged by :func:`grid.tolerance`.
+Each run: inputs made on the device in the case's dtype and layout by the harness's builders
+(:meth:`dcal.testing.Case.inputs`); the kernel's forward and backward (the loss
+``sum(out * dout) + sum(lse * dlse)``) with every fresh allocation NaN-filled
+(:func:`dcal.testing.nan_poison`), so an unwritten output shows; the ``reference`` backend on
+the same rounded inputs in fp64 (the truth) and in the case's dtype (PyTorch's own error),
+sliced per batch (and head) so the truth of the models' sizes fits; one row per output and
+gradient judged by the rule of :mod:`dcal.testing.judging`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import runpy
 import sys
 import time
 import traceback
-import warnings
-from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 from dcal.check import grid as G
+from dcal.testing.poison import nan_poison
 
 
 # ----------------------------------------------------------------------------- output
@@ -219,51 +219,6 @@ def _reference_bytes(c: G.Case) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
-@contextmanager
-def nan_poison(backend: str):
-    """Fresh allocations are NaN-filled while the kernel runs, so an unwritten output shows.
-
-    For our kernels (triton, cpp) through ``torch.utils.deterministic.fill_uninitialized_memory``,
-    which also reaches C++ ``at::empty`` (it needs deterministic mode on; warn-only, and our
-    kernels do not look at it). For ``sdpa`` by patching ``torch.empty``/``empty_like``/
-    ``new_empty`` only: deterministic mode could change which SDPA kernel PyTorch picks.
-    """
-    import torch
-
-    if backend == "sdpa":
-        real = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-        def poison(t):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-                t.fill_(float("nan"))
-            return t
-
-        torch.empty = lambda *a, **k: poison(real[0](*a, **k))
-        torch.empty_like = lambda *a, **k: poison(real[1](*a, **k))
-        torch.Tensor.new_empty = lambda self, *a, **k: poison(real[2](self, *a, **k))
-        try:
-            yield
-        finally:
-            torch.empty, torch.empty_like, torch.Tensor.new_empty = real
-        return
-    import torch.utils.deterministic as det
-
-    prev = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        det.fill_uninitialized_memory,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        det.fill_uninitialized_memory = True
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-            det.fill_uninitialized_memory = prev[2]
-
-
 def _sync(device):
     import torch
 
@@ -318,24 +273,6 @@ def _chunks(n: int, size: int):
 # ----------------------------------------------------------------------------- attention
 
 
-def _attn_inputs(c: G.Case, dtype, device):
-    import torch
-
-    s = c.s
-    g = torch.Generator(device=device).manual_seed(c.seed())
-    B, H, Nq, D = s["B"], s["H"], s["Nq"], s["D"]
-    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
-    if c.packed:  # views of projections laid out [B, N, (2,) H, D], as models produce them
-        q = rnd(B, Nq, H, D).transpose(1, 2)
-        kv = [tuple(rnd(B, n, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)) for n in s["Nk"]]
-    else:
-        q = rnd(B, H, Nq, D)
-        kv = [(rnd(B, H, n, D), rnd(B, H, n, D)) for n in s["Nk"]]
-    dout = rnd(B, H, Nq, D)
-    dlse = torch.randn(B, H, Nq, generator=g, device=device, dtype=torch.float32)
-    return q, kv, dout, dlse, D**-0.5 * 1.3  # not the default scale, so a dropped scale shows
-
-
 def _attn_call(op, q, kv, scale, backend):
     import dcal.ops
     from dcal.ops import reference
@@ -372,7 +309,7 @@ def run_attention(run, fn=None) -> Dict[str, "object"]:
 
     c, device = run["case"], run["device"]
     dtype = getattr(torch, run["dtype"])
-    q, kv, dout, dlse, scale = _attn_inputs(c, dtype, device)
+    q, kv, dout, dlse, scale = c.inputs(dtype, device)
     with nan_poison(run["backend"]):
         mine = _attn_run(c.op, q, kv, dout, dlse, scale, run["backend"], c.grads, fn)
         _sync(device)
@@ -408,25 +345,6 @@ def _to(args, dtype):
 # ----------------------------------------------------------------------------- neighborhood
 
 
-def _na_inputs(c: G.Case, dtype, device):
-    import torch
-
-    s = c.s
-    g = torch.Generator(device=device).manual_seed(c.seed())
-    B, H, X, Y, D = s["B"], s["H"], s["X"], s["Y"], s["D"]
-    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
-    if c.packed:  # views of a channels-last qkv projection [B, X, Y, 3, H, D]
-        q, k, v = rnd(B, X, Y, 3, H, D).permute(3, 0, 4, 1, 2, 5).unbind(0)
-    else:
-        q, k, v = rnd(B, H, X, Y, D), rnd(B, H, X, Y, D), rnd(B, H, X, Y, D)
-    kw = c.kw
-    ks = kw.get("kernel_size", 7)
-    rpb = rnd(H, 2 * ks - 1, 2 * ks - 1) if kw.get("rpb") else None
-    dout = rnd(B, H, X, Y, D)
-    opkw = {k_: v_ for k_, v_ in kw.items() if k_ != "rpb"}
-    return q, k, v, rpb, dout, opkw, D**-0.5 * 1.3
-
-
 def _na_run(q, k, v, rpb, dout, opkw, scale, backend, grads, fn=None):
     import torch
     import dcal.ops
@@ -459,7 +377,7 @@ def run_neighborhood(run, fn=None):
 
     c, device = run["case"], run["device"]
     dtype = getattr(torch, run["dtype"])
-    q, k, v, rpb, dout, opkw, scale = _na_inputs(c, dtype, device)
+    q, k, v, rpb, dout, opkw, scale = c.inputs(dtype, device)
     with nan_poison(run["backend"]):
         mine = _na_run(q, k, v, rpb, dout, opkw, scale, run["backend"], c.grads, fn)
         _sync(device)
@@ -511,43 +429,13 @@ def judge_neighborhood(run, inputs, mine, seconds):
 # ----------------------------------------------------------------------------- rollout
 
 
-def _ro_inputs(c: G.Case, dtype, device):
-    import torch
-
-    s = c.s
-    g = torch.Generator(device=device).manual_seed(c.seed())
-    B, H, N, D, L = s["B"], s["H"], s["N"], s["D"], s["L"]
-    # spread 2 sharpens the softmax so blocks and heads differ
-    qs = [(torch.randn(B, H, N, D, generator=g, device=device, dtype=torch.float32) * 2).to(dtype) for _ in range(L)]
-    ks = [torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype) for _ in range(L)]
-    if c.packed:  # the same values as views of [B, N, 2, H, D] projections
-        packed = [
-            torch.stack([q, k], 2).permute(0, 3, 2, 1, 4).contiguous().permute(2, 0, 3, 1, 4) for q, k in zip(qs, ks)
-        ]
-        qs, ks = [p_[0] for p_ in packed], [p_[1] for p_ in packed]
-    lses = None
-    if c.kw.get("with_lse"):
-        stat = torch.float64 if dtype == torch.float64 else torch.float32
-        lses = []
-        for q, k in zip(qs, ks):  # per batch: the setup must not hold [B, H, N, N] in fp64
-            lses.append(
-                torch.cat(
-                    [
-                        torch.logsumexp(q[b : b + 1].double() @ k[b : b + 1].double().transpose(-1, -2) * D**-0.5, -1)
-                        for b in range(B)
-                    ]
-                ).to(stat)
-            )
-    return qs, ks, lses, D**-0.5
-
-
 def run_rollout(run, fn=None):
     import torch
     import dcal.ops
 
     c, device = run["case"], run["device"]
     dtype = getattr(torch, run["dtype"])
-    qs, ks, lses, scale = _ro_inputs(c, dtype, device)
+    qs, ks, lses, scale = c.inputs(dtype, device)
     call = fn or (lambda a, b, l_: dcal.ops.attention_rollout(a, b, lses=l_, scale=scale, backend=run["backend"]))
     with nan_poison(run["backend"]):
         out = call(qs, ks, lses)
