@@ -35,24 +35,14 @@ def one_thread():
 
 
 @pytest.fixture
-def nan_empty(monkeypatch):
+def nan_empty():
     """Fill floating ``torch.empty``/``empty_like``/``empty_permuted``/``new_empty`` results with
     NaN, so a kernel that skips a write to its output fails the test instead of passing on stale
-    zeros (``empty_permuted``: outputs laid out in their input's dim order)."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    real_empty_permuted = torch.empty_permuted
-    real_new_empty = torch.Tensor.new_empty
+    zeros (:func:`dcal.testing.poison_allocations`, which ``dcal.check`` uses too)."""
+    from dcal.testing import poison_allocations
 
-    def poison(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-    monkeypatch.setattr(torch, "empty_permuted", lambda *a, **k: poison(real_empty_permuted(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
-    yield
+    with poison_allocations():
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,12 +15,12 @@ from torch import nn
 
 from dcal.models import BEVGraphModule
 from dcal.nn import LocalGraphAttention, NeighborhoodAttention2D, convert_unfold_state_dict
+from dcal.testing import judge
 
 # (dtype, atol, rtol) of a module on the default backend vs the same module on the fp64 reference.
 TOLS = [(torch.float64, 1e-10, 1e-10), (torch.float32, 2e-5, 2e-5)]
-# bf16 is judged against the reference backend's own bf16 error: at most FWD_X (forward) or
-# GRAD_X (gradients) times it, plus an absolute floor.
-FWD_X, GRAD_X, LOW_FLOOR = 2.0, 3.0, 2e-3
+# bf16 is judged by the rule of dcal.testing.judging: at most 2x (forward) / 3x (gradients) the
+# reference backend's own bf16 error, plus the dtype's floor.
 
 
 def _id(case):
@@ -135,11 +135,9 @@ def _compare_low(got, ref_low, want):
     for name, w in want.items():
         if w is None:
             continue
-        k_err = (got[name].double() - w).abs().max().item()
-        r_err = (ref_low[name].double() - w).abs().max().item()
-        factor = FWD_X if name == "out" else GRAD_X
-        if not k_err <= factor * r_err + LOW_FLOOR * max(1.0, w.abs().max().item()):
-            bad.append(f"{name}: err {k_err:.3e} vs reference-in-bf16 err {r_err:.3e}")
+        v = judge(name, got[name], w, ref_low[name], dtype=torch.bfloat16, grad=name != "out")
+        if not v.ok:
+            bad.append(v.message())
     assert not bad, "; ".join(bad)
 
 

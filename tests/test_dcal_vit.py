@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dcal.models import DCALConfig, DCALViT
 from dcal.models.dcal_vit import derangement
+from dcal.testing import assert_close_to_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,10 +195,8 @@ def test_autocast_error_within_reference_error(backend, dtype):
         with torch.autocast("cpu", dtype=dtype):
             got[b] = tiny(dtype=torch.float32, backend=b).train()(x, perm=PERM)
     for k in ref32:
-        err = (got[backend][k].float() - ref32[k]).abs().max().item()
-        ref_err = (got["reference"][k].float() - ref32[k]).abs().max().item()
-        assert err <= 2 * ref_err + 1e-2 * ref32[k].abs().max().item(), (
-            f"{k}: {err:.3g} vs reference bf16 {ref_err:.3g}"
+        assert_close_to_reference(
+            k, got[backend][k].float(), ref32[k], got["reference"][k].float(), dtype=dtype, grad=False
         )
 
 

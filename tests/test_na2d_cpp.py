@@ -2,9 +2,9 @@
 the public op with ``backend="cpp"`` against ``dcal.ops.reference.neighborhood_attention2d``.
 
 fp64 must match the reference to 1e-9 (values, logsumexp, and each gradient separately); fp32 by
-a tolerance row; bf16 by the rule of the suite: the kernel's error against an fp32 reference is
-at most 2x (forward) / 3x (gradients) the error of the reference itself run in bf16, plus a
-small floor. The reference is computed once per case.
+a tolerance row; bf16 by the rule of dcal.testing.judging: the kernel's error against the fp64 reference is
+at most 2x (forward) / 3x (gradients) the error of the reference itself run in bf16, plus the
+dtype's floor. The reference is computed once per case.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import dcal.ops as ops
 from dcal import _ext
 from dcal.kernels._layout import empty_in_order_of
 from dcal.ops import reference
+from dcal.testing import assert_close_to_reference
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="dcal._C is not built")
 
@@ -29,7 +30,6 @@ if _ext.HAS_EXTENSION:
 FP64_TOL = 1e-9
 # (dtype, atol, rtol) against the fp64 reference
 TOLERANCES = [(torch.float32, 2e-6, 1e-5)]
-BF16_FLOOR = 2e-3  # absolute floor of the bf16 rule (a few bf16 ulps of O(1) values)
 GRADS = ("dq", "dk", "dv", "drpb")
 
 # (border, kernel_size, B, H, X, Y, D, with rpb): odd maps, kernel sizes 3/5/7/9 in every border
@@ -148,12 +148,7 @@ def test_bf16_within_reference_error(case, which):
         pytest.skip("case has no rpb")
     assert ours[which].dtype == torch.bfloat16
     assert ours["lse"].dtype == torch.float32
-    factor = 2.0 if which == "out" else 3.0
-    err, ref_err = _max_err(ours[which], ref[which]), _max_err(ref_low[which], ref[which])
-    scale = ref[which].abs().max().item()
-    assert err <= factor * ref_err + BF16_FLOOR * max(scale, 1.0), (
-        f"{which}: kernel error {err:.3e} vs reference-in-bf16 error {ref_err:.3e}"
-    )
+    assert_close_to_reference(which, ours[which], ref[which], ref_low[which], dtype=torch.bfloat16)
 
 
 def test_strided_inputs():
@@ -406,8 +401,7 @@ def _check_layout_case(c, dtype, device):
         elif dtype == torch.float32:
             assert err <= 2e-5 * big, f"{which}: max error {err:.3e}"
         else:
-            factor = 2.0 if which in ("out", "lse") else 3.0
-            assert err <= factor * _max_err(ref_low[which], ref[which]) + 2e-3 * big, which
+            assert_close_to_reference(which, ours[which], ref[which], ref_low[which], dtype=dtype)
 
 
 @pytest.mark.parametrize("c", LAYOUT_CASES, ids=_layout_id)
@@ -539,10 +533,7 @@ def test_cuda_matches_reference(case, dtype):
         if dtype == torch.float32:
             assert err <= 2e-5 * max(1.0, ref[which].abs().max().item()), which
         else:
-            factor = 2.0 if which in ("out", "lse") else 3.0
-            assert err <= factor * _max_err(ref_low[which], ref[which]) + 2e-3 * max(
-                1.0, ref[which].abs().max().item()
-            ), which
+            assert_close_to_reference(which, ours[which], ref[which], ref_low[which], dtype=dtype)
 
 
 @pytest.mark.cuda

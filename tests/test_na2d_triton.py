@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dcal.ops import reference
+from dcal.testing import assert_close_to_reference
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
@@ -23,10 +24,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 
 # (dtype, atol, rtol) for fp32 against fp64; low precision uses the FA criterion below.
 TOL_FP32 = (torch.float32, 2e-5, 1e-4)
-# Kernel error may be at most FWD_X (forward) / GRAD_X (gradients) times the error of the
-# reference run in the same low precision, plus an absolute floor.
-FWD_X, GRAD_X = 2.0, 3.0
-FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# fp16/bf16: the rule of dcal.testing.judging (2x / 3x the error of the reference run in the
+# same low precision, plus the dtype's floor).
 
 OUTPUTS = ("out", "lse", "dq", "dk", "dv", "drpb")
 
@@ -149,17 +148,11 @@ def test_na2d_triton_vs_reference(case, what, nan_empty):
     ref, ker = r["ref"][what], r["ker"][what]
     assert ker.shape == ref.shape
     assert torch.isfinite(ker).all(), f"{what}: non-finite values (a skipped write?)"
-    err = (ker - ref).abs().max().item()
     if dtype == torch.float32:
         _, atol, rtol = TOL_FP32
         torch.testing.assert_close(ker, ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
     else:
-        own = (r["low"][what] - ref).abs().max().item()
-        mult = FWD_X if what in ("out", "lse") else GRAD_X
-        bound = mult * own + FLOOR[dtype]
-        assert err <= bound, (
-            f"{what}: max error {err:.3e} > {mult} x reference {dtype} error {own:.3e} + {FLOOR[dtype]}"
-        )
+        assert_close_to_reference(what, ker, ref, r["low"][what], dtype=dtype)
 
 
 def test_na2d_public_op_backend_triton(nan_empty):

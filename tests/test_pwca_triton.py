@@ -14,31 +14,16 @@ import torch
 
 import dcal.ops as ops
 from dcal.ops import reference
+from dcal.testing import FLOORS, assert_close_to_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 
-class Tol(NamedTuple):
-    """fp32 is compared with the fp64 truth by ``allclose(atol, rtol)``. For fp16/bf16 the error
-    may be 2x (forward) / 3x (gradients) that of the reference run in that dtype, plus
-    ``atol + rtol * max|truth|`` as a floor."""
-
-    dtype: torch.dtype
-    atol: float
-    rtol: float
-
-
-TOLS = {
-    t.dtype: t
-    for t in (
-        Tol(torch.float32, 1e-5, 1e-5),
-        Tol(torch.float16, 1e-5, 1e-4),
-        Tol(torch.bfloat16, 1e-4, 1e-3),
-    )
-}
-FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
+# fp32 is compared with the fp64 truth by ``allclose`` at the fp32 floor; fp16/bf16 by the rule of
+# dcal.testing.judging (2x / 3x the reference's own error in that dtype, plus the dtype's floor).
+FP32 = FLOORS["float32"]
 NAMES = ("q", "k1", "v1", "k2", "v2")
 
 
@@ -125,32 +110,29 @@ def _run(case):
     return res
 
 
-def _assert_close(name, case, got, truth, low, factor):
-    tol = TOLS[case.dtype]
+def _assert_close(name, case, got, truth, low):
     assert got.dtype == (torch.float32 if name == "lse" else case.dtype), f"{name} has dtype {got.dtype}"
     assert torch.isfinite(got).all(), f"{name} has non-finite entries (an unwritten output?)"
-    got, truth = got.double(), truth.double()
-    err = (got - truth).abs().max().item()
     if low is None:
-        torch.testing.assert_close(got, truth, atol=tol.atol, rtol=tol.rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.double(), truth.double(), atol=FP32.atol, rtol=FP32.rtol, msg=lambda m: f"{name}: {m}"
+        )
         return
-    ref_err = (low.double() - truth).abs().max().item()
-    bound = factor * ref_err + tol.atol + tol.rtol * truth.abs().max().item()
-    assert err <= bound, f"{name}: max error {err:.3g} > {factor} x reference {case.dtype} error {ref_err:.3g} + floor"
+    assert_close_to_reference(name, got, truth, low, dtype=case.dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward(case, nan_empty):
     (out, _, _), (t_out, _, _), low = _run(case)
     assert out.shape == t_out.shape
-    _assert_close("out", case, out, t_out, None if low is None else low[0], FWD_FACTOR)
+    _assert_close("out", case, out, t_out, None if low is None else low[0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_lse(case, nan_empty):
     (_, lse, _), (_, t_lse, _), low = _run(case)
     assert lse.shape == t_lse.shape == (1, 2, case.nq)
-    _assert_close("lse", case, lse, t_lse, None if low is None else low[1], FWD_FACTOR)
+    _assert_close("lse", case, lse, t_lse, None if low is None else low[1])
 
 
 GRAD_PARAMS = [pytest.param(c, w, id=f"{c.id}-d{NAMES[w]}") for c in CASES for w in range(1 + 2 * len(c.segs))]
@@ -160,7 +142,7 @@ GRAD_PARAMS = [pytest.param(c, w, id=f"{c.id}-d{NAMES[w]}") for c in CASES for w
 def test_grad(case, which, nan_empty):
     (_, _, grads), (_, _, t_grads), low = _run(case)
     name = "d" + NAMES[which]
-    _assert_close(name, case, grads[which], t_grads[which], None if low is None else low[2][which], GRAD_FACTOR)
+    _assert_close(name, case, grads[which], t_grads[which], None if low is None else low[2][which])
 
 
 @pytest.mark.parametrize("use", ["out", "lse"])

@@ -8,6 +8,7 @@ import torch
 
 from dcal import ops
 from dcal.ops import reference
+from dcal.testing import TIGHT_FLOORS, assert_close_to_reference
 
 HAS_EXT = ops.HAS_EXTENSION
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="dcal._C is not built")
@@ -18,7 +19,6 @@ TOLS = [
     pytest.param(torch.float64, 1e-9, 1e-9, id="fp64"),
     pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
 ]
-FLOOR = 1e-7  # absolute floor of the low-precision comparison
 
 # (B, H, N, D, L): odd token counts first; the CPU kernel takes any head dim. It computes score
 # rows in blocks of 64 queries and splits a head's blocks into chunks when B*H < 32.
@@ -78,12 +78,11 @@ def truth(qs, ks, scale, residual):
 
 
 def assert_low_precision(out, qs, ks, lses, scale, residual):
-    """Kernel error vs the fp64 truth at most 2x that of the reference run at the inputs' precision."""
+    """Kernel error vs the fp64 truth at most 2x that of the reference run at the inputs'
+    precision, plus the tight floor (dcal.testing.judging)."""
     exact = truth(qs, ks, scale, residual)
     ref_lp = reference.attention_rollout(qs, ks, scale=scale, lses=lses, residual=residual).double().cpu()
-    ref_err = (ref_lp - exact).abs().max().item()
-    err = (out.double().cpu() - exact).abs().max().item()
-    assert err <= 2 * ref_err + FLOOR, f"error {err:.3e} > 2 x reference error {ref_err:.3e} + {FLOOR:.0e}"
+    assert_close_to_reference("out", out.cpu(), exact, ref_lp, dtype=qs[0].dtype, floors=TIGHT_FLOORS)
 
 
 # ----------------------------------------------------------------------------- C++ (CPU)
