@@ -20,9 +20,9 @@ What it checks (:mod:`dcal.check.grid` holds the table of cases, one line each):
   every dtype of the device (CUDA fp32/fp16/bf16, CPU fp32/fp64/bf16) x the grid's shapes: the
   forward, the logsumexp and every gradient (q, each k/v segment, rpb), against the ``reference``
   backend in fp64 on the same device, with every output NaN-filled before the call;
-* the judging rule (flash-attention's): ``max|kernel - truth| <= factor * max|reference in the
-  case's dtype - truth| + atol + rtol * max|truth|``, factor 2 forward / 3 gradients, floors
-  (atol, rtol) fp64 (1e-9, 1e-9), fp32 (1e-5, 1e-5), fp16 (1e-5, 1e-4), bf16 (1e-4, 1e-3);
+* the judging rule (flash-attention's) of :mod:`dcal.testing.judging`: ``max|kernel - truth| <=
+  factor * max|reference in the case's dtype - truth| + atol + rtol * max|truth|``, factor 2
+  forward / 3 gradients, floors (atol, rtol) per dtype in ``dcal.testing.judging.FLOORS``;
 * bit-determinism of two runs where a backend promises it (``grid.DETERMINISTIC``);
 * ``torch.compile(fullgraph=True)`` of each op once per backend, without a recompile;
 * ``--sanitize``: the tiny GPU subset under ``compute-sanitizer --tool memcheck`` / ``racecheck``.

@@ -7,6 +7,8 @@ import os
 from collections import Counter
 from typing import Dict, List
 
+from dcal.testing import judging as J
+
 STATUSES = ("pass", "fail", "error", "skip")
 PASSED, FAILED, NOTHING = "PASSED", "FAILED", "NOTHING CHECKED"
 
@@ -82,8 +84,9 @@ def markdown(data: Dict) -> str:
     L += [
         "",
         "Judging rule: `max|kernel - fp64 truth| <= factor * max|reference in the case's dtype - truth| + atol + "
-        "rtol * max|truth|`, factor 2 (forward, lse) / 3 (gradients); (atol, rtol): fp64 (1e-9, 1e-9), fp32 "
-        "(1e-5, 1e-5), fp16 (1e-5, 1e-4), bf16 (1e-4, 1e-3). Outputs are NaN-filled before each call. "
+        f"rtol * max|truth|`, factor {J.FWD_FACTOR:g} (forward, lse) / {J.GRAD_FACTOR:g} (gradients); (atol, rtol): "
+        + ", ".join(f"{d} ({f.atol:g}, {f.rtol:g})" for d, f in J.FLOORS.items())
+        + " (dcal.testing.judging). Outputs are NaN-filled before each call. "
         "`determinism`: two runs bit-identical where the backend promises it. `compile`: "
         "torch.compile(fullgraph=True), second call without recompiling.",
         "",
