@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from bench.spec import Case, Unavailable
+from dcal.testing.measure import cpu_peak, cuda_peak, is_oom, proc_status, time_ms
 
 
 def time_fn(fn: Callable[[], Any], warmup: int = 2, reps: int = 10, cuda: bool = False) -> Dict[str, float]:
@@ -37,54 +38,8 @@ def time_fn(fn: Callable[[], Any], warmup: int = 2, reps: int = 10, cuda: bool =
     (In-process helper; the runner interleaves providers instead.)"""
     for _ in range(warmup):
         fn()
-    times = [_timed(fn, cuda) for _ in range(reps)]
+    times = [time_ms(fn, cuda) for _ in range(reps)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
-
-
-def _proc_status(pid="self") -> Dict[str, int]:
-    """VmRSS, VmHWM, VmSize of a process in bytes (Linux)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
-        return out
-    for key in ("VmRSS", "VmHWM", "VmSize"):
-        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-        if m:
-            out[key] = int(m.group(1)) * 1024
-    return out
-
-
-def _release_freed_memory():
-    """Give freed heap memory back to the OS so the resident set holds live data only."""
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    msg = str(e)
-    return isinstance(e, RuntimeError) and (
-        "not enough memory" in msg or "can't allocate memory" in msg or "out of memory" in msg.lower()
-    )
 
 
 def _short(e: BaseException, limit: int = 160) -> str:
@@ -92,36 +47,9 @@ def _short(e: BaseException, limit: int = 160) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def _timed(fn: Callable[[], Any], cuda: bool) -> float:
-    """One call of ``fn``, in ms (bracketed by synchronisation on CUDA)."""
-    import torch
-
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def _measure_peak(fn: Callable[[], Any], cuda: bool):
     """Peak memory of one call beyond what is live before it, and the call's time in ms."""
-    import torch
-
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        ms = _timed(fn, True)
-        return int(torch.cuda.max_memory_allocated() - base), ms
-    _release_freed_memory()
-    base = _proc_status()["VmRSS"]
-    if not _reset_peak_rss():
-        raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs not writable)")
-    ms = _timed(fn, False)
-    return max(0, _proc_status()["VmHWM"] - base), ms
+    return cuda_peak(fn) if cuda else cpu_peak(fn)
 
 
 def _rounds(fns: Dict[str, Callable[[], Any]], spec: Dict[str, Any], cuda: bool, emit):
@@ -146,9 +74,9 @@ def _rounds(fns: Dict[str, Callable[[], Any]], spec: Dict[str, Any], cuda: bool,
         for name in live:
             emit(provider=name, event="start")
             try:
-                times[name].append(_timed(fns[name], cuda))
+                times[name].append(time_ms(fns[name], cuda))
             except BaseException as e:
-                failed[name] = "OOM" if _is_oom(e) else f"error: {_short(e)}"
+                failed[name] = "OOM" if is_oom(e) else f"error: {_short(e)}"
         done += 1
     return times, failed
 
@@ -173,7 +101,7 @@ MM_SIZES = (1024, 2048, 3072)
 def _median_gflops(fn: Callable[[], Any], flops: float, reps: int, cuda: bool) -> Dict[str, float]:
     for _ in range(2):
         fn()
-    times = [_timed(fn, cuda) for _ in range(reps)]
+    times = [time_ms(fn, cuda) for _ in range(reps)]
     med = statistics.median(times)
     return {"gflops": flops / (med * 1e-3) / 1e9, "median_ms": med}
 
@@ -292,7 +220,7 @@ def _worker(spec: Dict[str, Any]) -> None:
     inputs = mod.make_inputs(case)
     if spec["max_mem"] and not cuda:
         # The cap counts from here: address space of the interpreter, torch and the inputs + cap.
-        limit = _proc_status().get("VmSize", 0) + spec["max_mem"]
+        limit = proc_status().get("VmSize", 0) + spec["max_mem"]
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
     fns = {}
@@ -302,14 +230,14 @@ def _worker(spec: Dict[str, Any]) -> None:
         try:
             fn = mod.PROVIDERS[name](case, inputs)
             for i in range(spec["warmup"]):
-                ms = _timed(fn, cuda)
+                ms = time_ms(fn, cuda)
                 first_ms = ms if i == 0 else first_ms
             fns[name] = fn
         except Unavailable as e:
             emit(provider=name, event="done", status=f"skipped: {e}")
             continue
         except BaseException as e:  # a provider may fail any way; the run goes on
-            emit(provider=name, event="done", status="OOM" if _is_oom(e) else f"error: {_short(e)}")
+            emit(provider=name, event="done", status="OOM" if is_oom(e) else f"error: {_short(e)}")
             continue
         if spec["what"] == "memory":
             try:
@@ -323,7 +251,7 @@ def _worker(spec: Dict[str, Any]) -> None:
                     first_ms=first_ms if first_ms is not None else call_ms,
                 )
             except BaseException as e:
-                emit(provider=name, event="done", status="OOM" if _is_oom(e) else f"error: {_short(e)}")
+                emit(provider=name, event="done", status="OOM" if is_oom(e) else f"error: {_short(e)}")
             del fns[name], fn
         else:
             emit(provider=name, event="ready")

@@ -26,9 +26,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import Case, Unavailable, bench_main, floor_outputs, flops_attention
+from dcal.testing.providers import naive_pwca, sdpa_cat_pwca, step
 
 NAME = "pwca"
 BASELINE = "sdpa_cat"
@@ -91,33 +91,10 @@ def make_inputs(case: Case):
     return q, k1, v1, k2, v2, dout
 
 
-def naive_pwca(q, k1, v1, k2, v2):
-    k = torch.cat([k1, k2], dim=-2)
-    v = torch.cat([v1, v2], dim=-2)
-    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, N, 2N]
-    attn = attn.softmax(dim=-1)
-    return attn @ v
-
-
-def sdpa_cat_pwca(q, k1, v1, k2, v2):
-    return F.scaled_dot_product_attention(q, torch.cat([k1, k2], dim=-2), torch.cat([v1, v2], dim=-2))
-
-
 def _step(case: Case, inputs, fn):
     """The timed callable: forward only (no graph) or forward + backward to all five inputs."""
     q, k1, v1, k2, v2, dout = inputs
-    if case.mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return fn(q, k1, v1, k2, v2)
-    else:
-
-        def run():
-            out = fn(q, k1, v1, k2, v2)
-            return torch.autograd.grad(out, (q, k1, v1, k2, v2), dout)
-
-    return run
+    return step(fn, (q, k1, v1, k2, v2), None if case.mode == "fwd" else dout)
 
 
 def naive(case, inputs):

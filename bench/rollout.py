@@ -30,6 +30,7 @@ import sys
 import torch
 
 from bench.common import Case, Unavailable, bench_main, flops_rollout, nbytes
+from dcal.testing.providers import original_rollout
 
 NAME = "rollout"
 BASELINE = "reference"
@@ -89,20 +90,6 @@ def make_inputs(case: Case):
         )
         qs.append(q), ks.append(k), lses.append(lse)
     return qs, ks, lses
-
-
-def original_rollout(qs, ks, residual=0.5):
-    """GLCA as the original DCAL code writes it: keep every block's head-mean map, then multiply them."""
-    maps = []
-    for q, k in zip(qs, ks):
-        a = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1).mean(1)
-        maps.append(a)
-    eye = torch.eye(maps[0].shape[-1], device=maps[0].device)
-    prod = None
-    for a in maps:
-        s = (1 - residual) * a + residual * eye
-        prod = s if prod is None else s @ prod
-    return prod[:, 0]
 
 
 def _no_grad(fn):

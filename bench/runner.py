@@ -38,8 +38,9 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.measure import _child_main, _proc_status, peak_description
+from bench.measure import _child_main, peak_description
 from bench.spec import Case, Result
+from dcal.testing.measure import proc_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_REPS = 3  # interleaved rounds below which a median means little: fewer -> one call per provider
@@ -88,7 +89,7 @@ def _spawn(spec: Dict[str, Any], args, cuda: bool, timeout: Optional[float] = No
     while proc.is_alive():
         proc.join(0.05)
         if args.max_mem and not cuda:
-            rss = _proc_status(proc.pid).get("VmRSS", 0)
+            rss = proc_status(proc.pid).get("VmRSS", 0)
             if rss > args.max_mem + args.rss_slack:
                 killed = "OOM"
         if time.time() - t0 > timeout:

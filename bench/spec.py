@@ -1,4 +1,5 @@
-"""What a bench script declares: Case, Unavailable, Result, and the FLOP and memory-floor formulas.
+"""What a bench script declares: Case, Result and the memory-floor formulas; Unavailable and the
+FLOP formulas are the harness's (:mod:`dcal.testing`), re-exported here.
 
 Nothing here measures; :mod:`bench.runner` does, :mod:`bench.tables` and :mod:`bench.plots` show.
 """
@@ -8,6 +9,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
+
+from dcal.testing.flops import flops_attention, flops_neighborhood, flops_rollout
+from dcal.testing.measure import Unavailable
+
+__all__ = [
+    "MIB",
+    "Case",
+    "Result",
+    "Unavailable",
+    "floor_outputs",
+    "flops_attention",
+    "flops_neighborhood",
+    "flops_rollout",
+    "nbytes",
+]
 
 MIB = 1024 * 1024
 
@@ -49,10 +65,6 @@ class Case:
         import torch
 
         return getattr(torch, self.dtype)
-
-
-class Unavailable(Exception):
-    """Raised by a provider's setup when it cannot run here (reported as ``skipped: <why>``)."""
 
 
 @dataclass
@@ -105,32 +117,6 @@ class Result:
         """Achieved GFLOP/s as a fraction of the machine's measured matmul peak."""
         g = self.gflops
         return None if g is None or not self.peak_gflops else g / self.peak_gflops
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-def flops_attention(batch: int, heads: int, nq: int, nk: int, head_dim: int, mode: str = "fwd") -> float:
-    """FLOPs of exact attention of nq queries over nk keys: two matmuls (QK^T, PV) of
-    2*nq*nk*D each forward; the backward does five such matmuls (recomputed QK^T, dV, dP, dQ, dK),
-    so fwd+bwd counts 2 + 5 = 7 (the convention of FlashAttention's benchmarks: bwd = 2.5 x fwd)."""
-    fwd = 4.0 * batch * heads * nq * nk * head_dim
-    return fwd if mode == "fwd" else 3.5 * fwd
-
-
-def flops_neighborhood(
-    batch: int, heads: int, x: int, y: int, kernel_size: int, head_dim: int, mode: str = "fwd"
-) -> float:
-    """4*k*k*D per query and head forward (logits and weighted sum over the k x k window);
-    fwd+bwd 3.5x that. Border positions count as a full window (the useful work of the zero
-    border; the mask border does a little less)."""
-    return flops_attention(batch, heads, x * y, kernel_size * kernel_size, head_dim, mode)
-
-
-def flops_rollout(batch: int, heads: int, tokens: int, head_dim: int, layers: int) -> float:
-    """2*N*N*D per head and layer for the scores q k^T: the useful work, with or without the blocks'
-    logsumexps (the C++ kernel and the dense softmax both take them from the one score matrix)."""
-    return 2.0 * batch * heads * tokens * tokens * head_dim * layers
 
 
 # ----------------------------------------------------------------------------- memory floors

@@ -38,14 +38,6 @@ import time
 PROVIDERS = ("timm", "dcal")
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -70,6 +62,7 @@ def _child(args) -> dict:
     import torch
 
     import dcal.nn
+    from dcal.testing.measure import cpu_peak, cuda_peak
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -90,24 +83,19 @@ def _child(args) -> dict:
         return loss
 
     step()  # warm-up: optimiser state exists, kernels are loaded
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        if libc is not None:
-            libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        base = _status("VmRSS")
-    t0 = time.perf_counter()
-    loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")) - base
-    return {"seconds": seconds, "peak": peak, "loss": float(loss), "flops": _flops(model, args.batch, args.img_size)}
+    out = {}
+
+    def timed():
+        out["loss"] = step()
+
+    # peak beyond what is live before the step (max_memory_allocated; on CPU the resident set)
+    peak, ms = (cuda_peak if dev.type == "cuda" else cpu_peak)(timed)
+    return {
+        "seconds": ms / 1e3,
+        "peak": peak,
+        "loss": float(out["loss"]),
+        "flops": _flops(model, args.batch, args.img_size),
+    }
 
 
 def _sgemm(device: str) -> float:
@@ -123,7 +111,9 @@ def _sgemm(device: str) -> float:
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return 2 * 2048**3 / statistics.median(times[1:])
+    from dcal.testing.flops import flops_matmul
+
+    return flops_matmul(2048, 2048, 2048) / statistics.median(times[1:])
 
 
 def main(argv=None) -> dict:
