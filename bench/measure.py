@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from bench.spec import Case, Unavailable
+from dcal.testing.flops import flops_matmul
 from dcal.testing.measure import cpu_peak, cuda_peak, is_oom, proc_status, time_ms
 
 
@@ -128,7 +129,7 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
         a = torch.randn(n, n, generator=g).to(device=device, dtype=tdt)
         b = torch.randn(n, n, generator=g).to(device=device, dtype=tdt)
         c = torch.empty(n, n, device=device, dtype=tdt)
-        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * n**3, reps, True)
+        r = _median_gflops(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), flops_matmul(n, n, n), reps, True)
         name = f"torch.mm {n}^3"
         return dict(r, n=n, dtype=str(tdt).replace("torch.", ""), source=name, candidates={name: r["gflops"]})
     cands: Dict[str, float] = {}
@@ -138,7 +139,10 @@ def matmul_gflops(device: str, dtype: str, n: Optional[int] = None, reps: int = 
         b = torch.randn(size, size, generator=g)
         c = torch.empty(size, size)
         r = _median_gflops(
-            lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2.0 * size**3, reps if size <= 2048 else 3, False
+            lambda a=a, b=b, c=c: torch.mm(a, b, out=c),
+            flops_matmul(size, size, size),
+            reps if size <= 2048 else 3,
+            False,
         )
         cands[f"MKL sgemm (torch.mm {size}^3)"] = r["gflops"]
         detail[f"MKL sgemm (torch.mm {size}^3)"] = r["median_ms"]
