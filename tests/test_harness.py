@@ -374,7 +374,7 @@ def test_builder_rollout_layouts_hold_the_same_values_and_exact_lses():
     torch.testing.assert_close(base.lses[0], want, atol=0, rtol=0)
 
 
-def test_builder_case_ids_and_seeds_are_stable():
+def test_builder_case_ids_and_generator_seed_are_stable():
     """Run ids and input values of dcal.check derive from these: they must not move."""
     c = I.case("pwca_attention", dict(B=2, H=2, Nq=23, Nk=(23, 29), D=64), layout=I.PACKED)
     assert c.shape_str() == "packed B2 H2 Nq23 Nk23+29 D64"
