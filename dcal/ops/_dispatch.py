@@ -24,7 +24,6 @@ from dcal import _ext
 from dcal.kernels._common import TRITON_DTYPES
 
 BACKENDS = ("triton", "cpp", "sdpa", "reference")
-OPS = ("multi_kv_attention", "neighborhood_attention2d", "attention_rollout")
 
 
 @dataclass
