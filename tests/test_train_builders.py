@@ -96,3 +96,18 @@ def test_data_keys_and_defaults_come_from_the_entry():
     assert keys["map_size"] == [32, 32]
     B.build_data({"name": "bev_synthetic", "map_size": [8, 8], "train_size": 2, "val_size": 2}, seed=0)
     assert keys["map_size"] == [32, 32]
+
+
+def test_resume_reads_model_defaults_from_the_table():
+    """A model key written out at its default is no change on --resume, for every model whose
+    entry declares its keys; another value is refused (it changes the model)."""
+    from dcal.train.rundir import compare_configs
+
+    data = {"name": "synthetic"}
+    for name, key, default, other in (("mlp", "hidden", 64, 32), ("bev", "channels", 64, 32)):
+        assert B.MODEL_BUILDERS[name].keys()[key] == default
+        saved = {"model": {"name": name}, "data": data, "train": {}}
+        same = {"model": {"name": name, key: default}, "data": data, "train": {}}
+        assert compare_configs(saved, same) == ([], [])
+        refused, _ = compare_configs(saved, {"model": {"name": name, key: other}, "data": data, "train": {}})
+        assert refused == [f"model.{key}: {default} -> {other}"]
