@@ -111,3 +111,17 @@ def test_resume_reads_model_defaults_from_the_table():
         assert compare_configs(saved, same) == ([], [])
         refused, _ = compare_configs(saved, {"model": {"name": name, key: other}, "data": data, "train": {}})
         assert refused == [f"model.{key}: {default} -> {other}"]
+
+
+def test_fsdp_choices_have_one_home():
+    """The FSDP choices are config.py's tuples; distributed.py reads them (no second copy), and
+    the refusal lists every choice."""
+    import torch
+
+    from dcal.train import config as C
+    from dcal.train import distributed as DI
+
+    assert DI.CHECKPOINTING is C.CHECKPOINTING
+    assert tuple(DI.PARAM_DTYPES) == C.FSDP_PARAM_DTYPES and DI.PARAM_DTYPES["bf16"] is torch.bfloat16
+    with pytest.raises(ValueError, match=r"train.fsdp_param_dtype must be null or 'bf16', got 'fp16'"):
+        TrainConfig(fsdp_param_dtype="fp16").validate()
