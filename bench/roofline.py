@@ -170,11 +170,11 @@ def na2d_launches(dtype, s=BEV) -> List[Launch]:
     X, Y, D, KS = s["X"], s["Y"], s["D"], s["KS"]
     e, BH, n = _elt(dtype), s["B"] * s["H"], X * Y
     config = launch_config(D, dtype)
-    bd = config["BLOCK_D"]
+    bd = config.block_d
     mapbytes = n * D * e  # one [X, Y, D] map of one (b, h)
     out = []
     for part, kernels in (("fwd", ("na2d_fwd",)), ("bwd", ("na2d_bwd_dq", "na2d_bwd_dkdv"))):
-        c = config[part]
+        c = getattr(config, part)
         tx, ty, bn = c["TILE_X"], c["TILE_Y"], c["BLOCK_N"]
         tiles = math.ceil(X / tx) * math.ceil(Y / ty)
         halo = (tx + KS - 1) * (ty + KS - 1)

@@ -35,18 +35,18 @@ on exp2.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _common as C
 from ._aot import KernelSpec
+from ._common import BLOCK_DS, BORDERS, TRITON_DTYPES, Launch, block_d, border_code
+from ._constexpr import BORDER_CLAMP, BORDER_MASK, LN2, LOG2E
 from ._device import on_device_of
 from ._layout import empty_in_order_of
-
-BORDER_CODES = {"zero": 0, "mask": 1, "clamp": 2}
-_LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,8 +107,8 @@ def _win_start(i, n, border, KS: tl.constexpr):
     """First key coordinate of the window of query coordinate(s) i on an axis of length n."""
     # clamp shifts the window inside the axis (n >= KS is checked by the op); the other modes
     # get bounds that never bind, so no branch splits the vector code
-    lo = tl.where(border == 2, 0, -(1 << 30))
-    hi = tl.where(border == 2, n - KS, 1 << 30)
+    lo = tl.where(border == BORDER_CLAMP, 0, -(1 << 30))
+    hi = tl.where(border == BORDER_CLAMP, n - KS, 1 << 30)
     return tl.minimum(tl.maximum(i - KS // 2, lo), hi)
 
 
@@ -117,7 +117,7 @@ def _halo(a, b, n, border, KS: tl.constexpr):
     """[lo, hi) key coordinates that the windows of query coordinates a..b (inclusive) cover."""
     lo = _win_start(a, n, border, KS)
     hi = _win_start(b, n, border, KS) + KS
-    if border == 1:
+    if border == BORDER_MASK:
         # mask mode: off-map positions never enter the softmax, so they need not be visited
         lo = tl.maximum(lo, 0)
         hi = tl.minimum(hi, n)
@@ -130,7 +130,7 @@ def _inverse_halo(a, b, n, border, KS: tl.constexpr):
     r = KS // 2
     lo = a - r
     hi = b + r + 1
-    if border == 2:
+    if border == BORDER_CLAMP:
         # clamp: queries near the edge share the edge window, so the edge keys are seen by up
         # to k + r queries on that side
         lo = tl.where(a <= KS - 1, 0, a - r)
@@ -259,12 +259,12 @@ def _na2d_fwd_kernel(
         # [BQ, BD] @ [BD, BN] -> [BQ, BN], in log2 units
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         # mask mode leaves off-map keys out; zero mode keeps them as zero keys
-        key_ok = n_ok & (on_map | (border != 1))
+        key_ok = n_ok & (on_map | (border != BORDER_MASK))
         member = _member(kjx[None, :], kjy[None, :], sx[:, None], sy[:, None], KS) & key_ok[None, :]
         if HAS_RPB:
             # [BQ, BN] gather from the [P, P] table of this head
             bias = tl.load(RPB + (q_boff[:, None] + (kjx * P + kjy)[None, :]), mask=member, other=0.0).to(tl.float32)
-            s += bias * 1.4426950408889634
+            s += bias * LOG2E
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -283,7 +283,7 @@ def _na2d_fwd_kernel(
         out.to(O.dtype.element_ty),
         mask=qd_mask,
     )
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_safe)) * LN2
     q_row = tl.where(q_ok, qpx * Y + qpy, 0)
     tl.store(LSE + bh.to(tl.int64) * X * Y + q_row, lse, mask=q_ok)
 
@@ -401,7 +401,7 @@ def _na2d_bwd_dq_kernel(
     # [BQ]; lse and delta are contiguous
     q_row = tl.where(q_ok, qpx * Y + qpy, 0)
     sbase = bh.to(tl.int64) * X * Y
-    lse2 = tl.load(LSE + sbase + q_row, mask=q_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + sbase + q_row, mask=q_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + sbase + q_row, mask=q_ok, other=0.0)
 
     # [BQ] window starts, and the rpb offset of each query (its key's part is added per chunk)
@@ -421,12 +421,12 @@ def _na2d_bwd_dq_kernel(
         v = tl.load(_row_ptrs(Vb, kpx, kpy, sv_x, sv_y, sv_d, offs_d), mask=kv_mask, other=0.0)
         # [BQ, BD] @ [BD, BN] -> [BQ, BN]
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        key_ok = n_ok & (on_map | (border != 1))
+        key_ok = n_ok & (on_map | (border != BORDER_MASK))
         member = _member(kjx[None, :], kjy[None, :], sx[:, None], sy[:, None], KS) & key_ok[None, :] & q_ok[:, None]
         if HAS_RPB:
             b_off = q_boff[:, None] + (kjx * P + kjy)[None, :]
             bias = tl.load(RPB + b_off, mask=member, other=0.0).to(tl.float32)
-            s += bias * 1.4426950408889634
+            s += bias * LOG2E
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         # [BQ, BD] @ [BD, BN] -> [BQ, BN]
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -533,7 +533,7 @@ def _na2d_bwd_dkdv_kernel(
         do = tl.load(_row_ptrs(DOb, qpx, qpy, sdo_x, sdo_y, sdo_d, offs_d), mask=qd_mask, other=0.0)
         # [BN]
         q_row = qpx * Y + qpy
-        lse2 = tl.load(LSE + sbase + q_row, mask=n_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + sbase + q_row, mask=n_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + sbase + q_row, mask=n_ok, other=0.0)
         # [BK, BD] @ [BD, BN] -> [BK, BN]: transposed scores, one column per query
         st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
@@ -543,7 +543,7 @@ def _na2d_bwd_dkdv_kernel(
         member = _member(kjx[:, None], kjy[:, None], sx[None, :], sy[None, :], KS) & n_ok[None, :] & k_ok[:, None]
         if HAS_RPB:
             bias = tl.load(RPB + (k_boff[:, None] - (qjx * P + qjy)[None, :]), mask=member, other=0.0).to(tl.float32)
-            st += bias * 1.4426950408889634
+            st += bias * LOG2E
         pt = tl.where(member, tl.exp2(st - lse2[None, :]), 0.0)
         # [BK, BN] @ [BN, BD] -> [BK, BD]
         dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
@@ -569,12 +569,6 @@ def _na2d_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------- launch choices
 
 
-def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-_CFG_KEYS = ("TILE_X", "TILE_Y", "BLOCK_N", "num_warps", "num_stages")
-
 # (fp32?, BLOCK_D) -> (forward, backward) as (TILE_X, TILE_Y, BLOCK_N, num_warps, num_stages).
 # Chosen by compiling every entry for sm_80/sm_90 and reading ptxas: the largest tiles that do
 # not spill. The [rows, BLOCK_N] (query, key) tiles carry window tests and rpb gathers besides
@@ -596,41 +590,60 @@ _CONFIGS = {
 }
 
 
-def launch_config(head_dim: int, dtype: torch.dtype) -> Dict[str, Dict[str, int]]:
+class Na2dConfig(NamedTuple):
+    block_d: int
+    fwd: Launch  # forward: a tile_x x tile_y query tile, its halo in chunks of block_n positions
+    bwd: Launch  # dq (query tile) and dk/dv (key tile, inverse halo): the same tiles and chunks
+    delta: Launch  # delta pre-pass: block_m positions
+
+
+# the fields of the forward and backward launches in a packed configuration, in order
+_PACKED = ("tile_x", "tile_y", "block_n", "num_warps", "num_stages")
+
+
+def delta_block_m(bd: int) -> int:
+    """Rows per program of the delta pre-pass: 16 elements of O and of dO per thread (4 warps)."""
+    return max(16, 2048 // bd)
+
+
+def _delta_launch(bd: int) -> Launch:
+    return Launch(block_m=delta_block_m(bd), num_warps=4, num_stages=1)
+
+
+def launch_config(head_dim: int, dtype: torch.dtype) -> Na2dConfig:
     """Tile sizes, warps and stages of the forward and backward kernels for this head dim and
     dtype (a table by padded head dim, see ``_CONFIGS``). 8x8 query tiles with 32-position
     chunks put a 7x7 window's 14x14 halo in seven chunks."""
     bd = block_d(head_dim)
-    fwd, bwd = _CONFIGS[(dtype == torch.float32, bd)]
-    return {"fwd": dict(zip(_CFG_KEYS, fwd)), "bwd": dict(zip(_CFG_KEYS, bwd)), "BLOCK_D": bd}
+    fwd, bwd = (Launch(**dict(zip(_PACKED, t))) for t in _CONFIGS[(dtype == torch.float32, bd)])
+    return Na2dConfig(bd, fwd, bwd, _delta_launch(bd))
 
 
-def pack_config(config) -> List[int]:
+def pack_config(config: Na2dConfig) -> List[int]:
     """The launch configuration as a flat int list (a custom-op argument)."""
-    return [config["BLOCK_D"]] + [config[p][n] for p in ("fwd", "bwd") for n in _CFG_KEYS]
+    return [config.block_d] + [getattr(launch, n) for launch in (config.fwd, config.bwd) for n in _PACKED]
 
 
-def unpack_config(values) -> Dict[str, object]:
+def unpack_config(values) -> Na2dConfig:
+    """The inverse of :func:`pack_config` (the delta pre-pass follows from BLOCK_D)."""
     values = [int(x) for x in values]
-    n = len(_CFG_KEYS)
-    return {
-        "BLOCK_D": values[0],
-        "fwd": dict(zip(_CFG_KEYS, values[1 : 1 + n])),
-        "bwd": dict(zip(_CFG_KEYS, values[1 + n : 1 + 2 * n])),
-    }
+    n = len(_PACKED)
+    fwd = Launch(**dict(zip(_PACKED, values[1 : 1 + n])))
+    bwd = Launch(**dict(zip(_PACKED, values[1 + n : 1 + 2 * n])))
+    return Na2dConfig(values[0], fwd, bwd, _delta_launch(values[0]))
 
 
-def _launch(kernel, grid, args, consts, cfg):
+def _launch(kernel, grid, args, consts, launch: Launch):
     from torch.library import wrap_triton
 
     with on_device_of(args[0]):  # the tensors' GPU, not the current one
-        wrap_triton(kernel)[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        wrap_triton(kernel)[grid](*args, **consts, **launch.kwargs())
 
 
-def _tiles(X: int, Y: int, dilation: int, cfg: Dict[str, int]) -> int:
+def _tiles(X: int, Y: int, dilation: int, launch: Launch) -> int:
     """Programs per (batch, head): dilation**2 sub-grids, each tiled as the longest one."""
     nx, ny = triton.cdiv(X, dilation), triton.cdiv(Y, dilation)
-    return dilation * dilation * triton.cdiv(nx, cfg["TILE_X"]) * triton.cdiv(ny, cfg["TILE_Y"])
+    return dilation * dilation * triton.cdiv(nx, launch.tile_x) * triton.cdiv(ny, launch.tile_y)
 
 
 def _strides(*ts) -> List[int]:
@@ -642,8 +655,8 @@ def _check(q, kernel_size: int, border: str, dilation: int) -> None:
     D = q.shape[-1]
     if not (16 <= D <= 128 and D % 8 == 0):
         raise ValueError(f"the Triton neighborhood kernels take head dims 16..128 in steps of 8, got {D}")
-    if border not in BORDER_CODES:
-        raise ValueError(f"border must be one of {tuple(BORDER_CODES)}, got {border!r}")
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
     if kernel_size < 3 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
     if dilation < 1:
@@ -658,7 +671,7 @@ def na2d_fwd(
     _check(q, kernel_size, border, dilation)
     B, H, X, Y, D = q.shape
     config = config or launch_config(D, q.dtype)
-    cfg = config["fwd"]
+    cfg = config.fwd
     rpb_t = rpb.contiguous() if rpb is not None else q
     out = empty_in_order_of(q)
     lse = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
@@ -679,25 +692,13 @@ def na2d_fwd(
             H,
             D,
             dilation,
-            BORDER_CODES[border],
-            float(scale) * _LOG2E,
+            border_code(border),
+            float(scale) * C.LOG2E,
         ),
-        dict(
-            KS=kernel_size,
-            HAS_RPB=rpb is not None,
-            TILE_X=cfg["TILE_X"],
-            TILE_Y=cfg["TILE_Y"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=config["BLOCK_D"],
-        ),
+        dict(KS=kernel_size, HAS_RPB=rpb is not None, BLOCK_D=config.block_d),
         cfg,
     )
     return out, lse
-
-
-def delta_block_m(bd: int) -> int:
-    """Rows per program of the delta pre-pass: 16 elements of O and of dO per thread (4 warps)."""
-    return max(16, 2048 // bd)
 
 
 def na2d_bwd(
@@ -722,18 +723,17 @@ def na2d_bwd(
     _check(q, kernel_size, border, dilation)
     B, H, X, Y, D = q.shape
     config = config or launch_config(D, q.dtype)
-    cfg, bd = config["bwd"], config["BLOCK_D"]
+    cfg, bd = config.bwd, config.block_d
     lse = lse.contiguous()  # [B, H, X, Y] fp32 statistic, made by the forward (already contiguous)
     has_rpb = rpb is not None
     rpb_t = rpb.contiguous() if has_rpb else q
     delta = torch.empty((B, H, X, Y), device=q.device, dtype=torch.float32)
-    bm = delta_block_m(bd)
     _launch(
         _na2d_bwd_delta_kernel,
-        (triton.cdiv(X * Y, bm), B * H),
+        (triton.cdiv(X * Y, config.delta.block_m), B * H),
         (out, dout, delta, *_strides(out, dout), X, Y, H, D),
-        dict(BLOCK_M=bm, BLOCK_D=bd),
-        dict(num_warps=4, num_stages=1),
+        dict(BLOCK_D=bd),
+        config.delta,
     )
     if dlse is not None:
         # d lse / d logit = p, so a gradient on lse enters every ds exactly like -delta
@@ -744,22 +744,21 @@ def na2d_bwd(
     # computed (and dropped) so that no further kernel variant exists
     drpb = torch.zeros((H, P, P), device=q.device, dtype=torch.float32) if has_rpb else delta
     grid = (_tiles(X, Y, dilation, cfg), B * H)
-    bc, qk_scale = BORDER_CODES[border], float(scale) * _LOG2E
-    tiles = dict(TILE_X=cfg["TILE_X"], TILE_Y=cfg["TILE_Y"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd)
+    bc, qk_scale = border_code(border), float(scale) * C.LOG2E
     strides = _strides(q, k, v, dout)
     scalars = (X, Y, H, D, dilation, bc, qk_scale, float(scale))
     _launch(
         _na2d_bwd_dq_kernel,
         grid,
         (q, k, v, rpb_t, dout, lse, delta, dq, drpb, *strides, *_strides(dq), *scalars),
-        dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles),
+        dict(KS=kernel_size, HAS_RPB=has_rpb, BLOCK_D=bd),
         cfg,
     )
     _launch(
         _na2d_bwd_dkdv_kernel,
         grid,
         (q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, *_strides(dk, dv), *scalars),
-        dict(KS=kernel_size, HAS_RPB=has_rpb, **tiles),
+        dict(KS=kernel_size, HAS_RPB=has_rpb, BLOCK_D=bd),
         cfg,
     )
     return dq, dk, dv, (drpb.to(rpb.dtype) if has_rpb and need_drpb else None)
@@ -768,8 +767,6 @@ def na2d_bwd(
 # ----------------------------------------------------------------------------- AOT
 
 
-_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_TILE_KEYS = ("TILE_X", "TILE_Y", "BLOCK_N")
 _SCALARS = {
     "X": "i32",
     "Y": "i32",
@@ -783,12 +780,12 @@ _SCALARS = {
 _STATS = ("LSE", "DELTA", "DRPB")  # fp32 buffers
 
 
-def _spec(name, kernel, tt, consts, cfg, label, unit_d) -> KernelSpec:
+def _spec(name, kernel, tt, consts, launch: Launch, label, unit_d) -> KernelSpec:
     """One configuration in the kernel's argument order. Strides are i32; ``unit_d``: the head-dim
     strides are 1, which Triton's launcher turns into constants (the common layouts), otherwise
     every stride is a runtime value (channels-first views)."""
     sig = {}
-    consts = {n: c for n, c in consts.items() if n in kernel.arg_names}
+    consts = {n: c for n, c in {**consts, **launch.constexprs()}.items() if n in kernel.arg_names}
     for n in kernel.arg_names:
         if n in consts:
             sig[n] = "constexpr"
@@ -802,7 +799,7 @@ def _spec(name, kernel, tt, consts, cfg, label, unit_d) -> KernelSpec:
         else:
             sig[n] = "i32"
     label = dict(label, layout="unit-d" if unit_d else "strided")
-    return KernelSpec(name, kernel, sig, consts, cfg["num_warps"], cfg["num_stages"], label=label)
+    return KernelSpec(name, kernel, sig, consts, **launch.options(), label=label)
 
 
 def aot_specs(kernel_sizes=(7,)) -> List[KernelSpec]:
@@ -812,37 +809,27 @@ def aot_specs(kernel_sizes=(7,)) -> List[KernelSpec]:
     (channels-first views). Border mode and dilation are runtime arguments, so one compile
     covers all three modes and every dilation."""
     specs = []
-    for dtype, tt in _TT.items():
-        for bd in (16, 32, 64, 128):
+    for dtype, tt in TRITON_DTYPES.items():
+        for bd in BLOCK_DS:
             config = launch_config(bd, dtype)
+            delta, label = config.delta, {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": config.delta.block_m}
             for unit_d in (True, False):
-                specs.append(
-                    _spec(
-                        "na2d_bwd_delta",
-                        _na2d_bwd_delta_kernel,
-                        tt,
-                        {"BLOCK_M": delta_block_m(bd), "BLOCK_D": bd},
-                        {"num_warps": 4, "num_stages": 1},
-                        {"dtype": tt, "BLOCK_D": bd, "BLOCK_M": delta_block_m(bd)},
-                        unit_d,
-                    )
-                )
+                specs.append(_spec("na2d_bwd_delta", _na2d_bwd_delta_kernel, tt, {"BLOCK_D": bd}, delta, label, unit_d))
             for ks in kernel_sizes:
                 for has_rpb in (False, True):
-                    for name, kernel, part in (
-                        ("na2d_fwd", _na2d_fwd_kernel, "fwd"),
-                        ("na2d_bwd_dq", _na2d_bwd_dq_kernel, "bwd"),
-                        ("na2d_bwd_dkdv", _na2d_bwd_dkdv_kernel, "bwd"),
+                    for name, kernel, cfg in (
+                        ("na2d_fwd", _na2d_fwd_kernel, config.fwd),
+                        ("na2d_bwd_dq", _na2d_bwd_dq_kernel, config.bwd),
+                        ("na2d_bwd_dkdv", _na2d_bwd_dkdv_kernel, config.bwd),
                     ):
-                        cfg = config[part]
-                        consts = {"KS": ks, "HAS_RPB": has_rpb, "BLOCK_D": bd, **{n: cfg[n] for n in _TILE_KEYS}}
+                        consts = {"KS": ks, "HAS_RPB": has_rpb, "BLOCK_D": bd}
                         label = {
                             "dtype": tt,
                             "BLOCK_D": bd,
                             "KS": ks,
                             "rpb": has_rpb,
-                            "tile": f"{cfg['TILE_X']}x{cfg['TILE_Y']}",
-                            "BLOCK_N": cfg["BLOCK_N"],
+                            "tile": f"{cfg.tile_x}x{cfg.tile_y}",
+                            "BLOCK_N": cfg.block_n,
                         }
                         for unit_d in (True, False) if has_rpb else (True,):
                             specs.append(_spec(name, kernel, tt, consts, cfg, label, unit_d))

@@ -32,10 +32,11 @@ import triton.language as tl
 # launches go through wrap_triton so torch.compile can trace them (a no-op under the interpreter)
 from torch.library import wrap_triton
 
+from . import _common as C
 from ._aot import KernelSpec
+from ._common import BLOCK_DS, TRITON_DTYPES, Launch, block_d
+from ._constexpr import LN2, LOG2E
 from ._device import on_device_of
-
-LOG2E = 1.4426950408889634  # the kernels use exp2: logits are prescaled by log2(e)
 
 # ----------------------------------------------------------------------------- per-program setup
 
@@ -193,7 +194,7 @@ def _pwca_fwd_kernel(
         mask=m_mask[:, None] & d_mask[None, :],
     )
     # stored in natural log (the public statistic); the kernels work in log2
-    tl.store(LSE + bh * NQ + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+    tl.store(LSE + bh * NQ + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -274,7 +275,7 @@ def _pwca_bwd_dkdv_kernel(
     # segments, so each segment's dK/dV comes out exact without seeing the other segment.
     bh = tl.program_id(1)
     b, h, offs_n, offs_d, n_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NK, D, BLOCK_N, BLOCK_D)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     kv_mask = n_mask[:, None] & d_mask[None, :]
     # [BN, BD]
     k = tl.load(_row_ptrs(K, b, h, sk_b, sk_h, sk_n, offs_n, offs_d), mask=kv_mask, other=0.0)
@@ -292,7 +293,7 @@ def _pwca_bwd_dkdv_kernel(
             q_base + offs_m[None, :] * sq_n + offs_d[:, None], mask=m_mask[None, :] & d_mask[:, None], other=0.0
         )
         # [BM]
-        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * LOG2E
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
         # [BN, BD] @ [BD, BM] -> [BN, BM]
         sT = tl.dot(k, qT, input_precision=DOT_PREC)
@@ -400,13 +401,13 @@ def _pwca_bwd_dq_kernel(
 ):
     bh = tl.program_id(1)
     b, h, offs_m, offs_d, m_mask, d_mask = _program_rows(tl.program_id(0), bh, H, NQ, D, BLOCK_M, BLOCK_D)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     mask = m_mask[:, None] & d_mask[None, :]
     # [BM, BD]
     q = tl.load(_row_ptrs(Q, b, h, sq_b, sq_h, sq_n, offs_m, offs_d), mask=mask, other=0.0)
     do = tl.load(_row_ptrs(DO, b, h, sdo_b, sdo_h, sdo_n, offs_m, offs_d), mask=mask, other=0.0)
     # [BM]
-    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_segment(
@@ -451,19 +452,17 @@ def _pwca_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launch choices
 
 
-class Tile(NamedTuple):
-    block_m: int  # query rows per tile
-    block_n: int  # key rows per tile
-    num_warps: int
-    num_stages: int
+def _tile(block_m: int, block_n: int, num_warps: int, num_stages: int) -> Launch:
+    """A (query rows, key rows) tile with its warps and stages."""
+    return Launch(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 class PwcaConfig(NamedTuple):
     block_d: int
-    fwd: Tile  # program: one query block, loop over keys
-    dkdv: Tile  # program: one key block, loop over queries
-    dq: Tile  # program: one query block, loop over keys
-    pre: Tile  # delta pre-pass (block_n unused)
+    fwd: Launch  # program: one query block, loop over keys
+    dkdv: Launch  # program: one key block (block_n), loop over queries (block_m)
+    dq: Launch  # program: one query block, loop over keys
+    pre: Launch  # delta pre-pass: block_m rows
     dot_prec: str
 
 
@@ -479,25 +478,25 @@ def pwca_config(head_dim: int, dtype: torch.dtype, cc: int = 80) -> PwcaConfig:
     accumulators (dk, dv) per key block, hence 32-key blocks. Parts with ~100 KB of shared memory
     per SM (sm_86/89/120) get fewer pipeline stages in the forward than sm_80/sm_90 (164/228 KB).
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    bd = block_d(head_dim)
     stages = 3 if cc in (80, 90) else 2
     if dtype == torch.float32:
-        if block_d <= 32:
-            fwd, dkdv, dq = Tile(32, 32, 4, 2), Tile(32, 32, 4, 2), Tile(32, 32, 4, 2)
-        elif block_d == 64:
-            fwd, dkdv, dq = Tile(64, 32, 8, 2), Tile(32, 32, 4, 2), Tile(32, 32, 4, 2)
+        if bd <= 32:
+            fwd, dkdv, dq = _tile(32, 32, 4, 2), _tile(32, 32, 4, 2), _tile(32, 32, 4, 2)
+        elif bd == 64:
+            fwd, dkdv, dq = _tile(64, 32, 8, 2), _tile(32, 32, 4, 2), _tile(32, 32, 4, 2)
         else:
-            fwd, dkdv, dq = Tile(32, 16, 8, 2), Tile(16, 32, 4, 2), Tile(32, 32, 8, 2)
+            fwd, dkdv, dq = _tile(32, 16, 8, 2), _tile(16, 32, 4, 2), _tile(32, 32, 8, 2)
         prec = "ieee"
     else:
-        if block_d <= 64:
-            fwd, dkdv, dq = Tile(128, 64, 8, stages), Tile(64, 32, 4, 2), Tile(64, 32, 4, 2)
+        if bd <= 64:
+            fwd, dkdv, dq = _tile(128, 64, 8, stages), _tile(64, 32, 4, 2), _tile(64, 32, 4, 2)
         else:
-            fwd, dkdv, dq = Tile(128, 32, 8, stages), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)
+            fwd, dkdv, dq = _tile(128, 32, 8, stages), _tile(64, 32, 8, 2), _tile(32, 32, 4, 2)
         prec = "tf32"  # ignored for 16-bit operands; one value keeps the spec list short
     # the pre-pass streams O and dO once: 16 elements of each per thread keep it spill-free
-    pre = Tile(max(16, 2048 // block_d), 16, 4, 1)
-    return PwcaConfig(block_d, fwd, dkdv, dq, pre, prec)
+    pre = Launch(block_m=max(16, 2048 // bd), num_warps=4, num_stages=1)
+    return PwcaConfig(bd, fwd, dkdv, dq, pre, prec)
 
 
 def _cc(device: torch.device) -> int:
@@ -526,7 +525,7 @@ def _bhn(t: torch.Tensor) -> Tuple[int, int, int]:
 
 
 def _check(q, segs):
-    if q.dtype not in _TT:
+    if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; the Triton PWCA kernels take float16, bfloat16 or float32")
     for i, (k, v) in enumerate(segs, 1):
         if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -581,14 +580,11 @@ def _pwca_fwd(q, k1, v1, k2, v2, scale, config):
         k1.shape[2],
         k2_.shape[2] if two else 0,
         D,
-        scale * LOG2E,
-        BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n,
+        scale * C.LOG2E,
         BLOCK_D=cfg.block_d,
         HAS_SEG2=two,
         DOT_PREC=cfg.dot_prec,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        **t.kwargs(),
     )
     return out, lse
 
@@ -624,11 +620,9 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
         H,
         NQ,
         D,
-        BLOCK_M=t.block_m,
         BLOCK_D=cfg.block_d,
         HAS_DLSE=has_dlse,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        **t.kwargs(),
     )
 
     segs = [(k1, v1)] + ([(k2, v2)] if two else [])
@@ -658,12 +652,9 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
             NK,
             D,
             scale,
-            BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n,
             BLOCK_D=cfg.block_d,
             DOT_PREC=cfg.dot_prec,
-            num_warps=t.num_warps,
-            num_stages=t.num_stages,
+            **t.kwargs(),
         )
         grads += [dk, dv]
 
@@ -693,13 +684,10 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
         k2_.shape[2] if two else 0,
         D,
         scale,
-        BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n,
         BLOCK_D=cfg.block_d,
         HAS_SEG2=two,
         DOT_PREC=cfg.dot_prec,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        **t.kwargs(),
     )
     if not two:
         grads += [None, None]
@@ -707,9 +695,6 @@ def _pwca_bwd(dout, dlse, q, k1, v1, k2, v2, out, lse, scale, config):
 
 
 # ----------------------------------------------------------------------------- AOT specs
-
-_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
 
 _CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_SEG2", "HAS_DLSE", "DOT_PREC")
 
@@ -738,69 +723,31 @@ def aot_specs(ccs=(80, 90)):
     without an lse gradient in the pre-pass). Duplicates across architectures are listed once."""
     specs, seen = [], set()
 
-    def add(name, kernel, ptrs, consts, tile, label):
+    def add(name, kernel, ptrs, tile: Launch, base, **flags):
+        """One spec: the tile's block sizes, BLOCK_D and ``flags`` (HAS_SEG2, DOT_PREC...) as
+        constexprs; the label shows the dtype, the block sizes and the flags other than DOT_PREC."""
         sig = _signature(kernel, ptrs)
+        consts = dict(tile.constexprs(), **flags, BLOCK_D=base["BLOCK_D"])
         key = (name, tuple(sig.items()), tuple(sorted(consts.items())), tile.num_warps, tile.num_stages)
         if key in seen:
             return
         seen.add(key)
-        specs.append(
-            KernelSpec(
-                name=name,
-                kernel=kernel,
-                signature=sig,
-                constexprs=dict(consts),
-                num_warps=tile.num_warps,
-                num_stages=tile.num_stages,
-                label=dict(label),
-            )
-        )
+        label = dict(base, **tile.constexprs(), **{k: v for k, v in flags.items() if k != "DOT_PREC"})
+        specs.append(KernelSpec(name, kernel, sig, consts, **tile.options(), label=label))
 
     for cc in ccs:
-        for dtype, tt in _TT.items():
-            for block_d in (16, 32, 64, 128):
-                cfg = pwca_config(block_d, dtype, cc)
-                f32 = "fp32"
-                base = dict(dtype=tt, BLOCK_D=block_d)
+        for dtype, tt in TRITON_DTYPES.items():
+            for bd in BLOCK_DS:
+                cfg = pwca_config(bd, dtype, cc)
+                f32, prec = "fp32", cfg.dot_prec
+                base = dict(dtype=tt, BLOCK_D=bd)
                 for two in (False, True):
-                    t = cfg.fwd
-                    add(
-                        "pwca_fwd",
-                        _pwca_fwd_kernel,
-                        dict(Q=tt, K1=tt, V1=tt, K2=tt, V2=tt, O=tt, LSE=f32),
-                        dict(
-                            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, HAS_SEG2=two, DOT_PREC=cfg.dot_prec
-                        ),
-                        t,
-                        dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SEG2=two),
-                    )
-                    t = cfg.dq
-                    add(
-                        "pwca_bwd_dq",
-                        _pwca_bwd_dq_kernel,
-                        dict(Q=tt, K1=tt, V1=tt, K2=tt, V2=tt, DO=tt, LSE=f32, DELTA=f32, DQ=tt),
-                        dict(
-                            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, HAS_SEG2=two, DOT_PREC=cfg.dot_prec
-                        ),
-                        t,
-                        dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SEG2=two),
-                    )
-                    t = cfg.pre
-                    add(
-                        "pwca_bwd_preprocess",
-                        _pwca_bwd_preprocess,
-                        dict(O=tt, DO=tt, DLSE=f32, DELTA=f32),
-                        dict(BLOCK_M=t.block_m, BLOCK_D=block_d, HAS_DLSE=two),
-                        t,
-                        dict(base, BLOCK_M=t.block_m, HAS_DLSE=two),
-                    )
-                t = cfg.dkdv
-                add(
-                    "pwca_bwd_dkdv",
-                    _pwca_bwd_dkdv_kernel,
-                    dict(Q=tt, K=tt, V=tt, DO=tt, LSE=f32, DELTA=f32, DK=tt, DV=tt),
-                    dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, DOT_PREC=cfg.dot_prec),
-                    t,
-                    dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n),
-                )
+                    ptrs = dict(Q=tt, K1=tt, V1=tt, K2=tt, V2=tt, O=tt, LSE=f32)
+                    add("pwca_fwd", _pwca_fwd_kernel, ptrs, cfg.fwd, base, HAS_SEG2=two, DOT_PREC=prec)
+                    ptrs = dict(Q=tt, K1=tt, V1=tt, K2=tt, V2=tt, DO=tt, LSE=f32, DELTA=f32, DQ=tt)
+                    add("pwca_bwd_dq", _pwca_bwd_dq_kernel, ptrs, cfg.dq, base, HAS_SEG2=two, DOT_PREC=prec)
+                    ptrs = dict(O=tt, DO=tt, DLSE=f32, DELTA=f32)
+                    add("pwca_bwd_preprocess", _pwca_bwd_preprocess, ptrs, cfg.pre, base, HAS_DLSE=two)
+                ptrs = dict(Q=tt, K=tt, V=tt, DO=tt, LSE=f32, DELTA=f32, DK=tt, DV=tt)
+                add("pwca_bwd_dkdv", _pwca_bwd_dkdv_kernel, ptrs, cfg.dkdv, base, DOT_PREC=prec)
     return specs

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import BLOCK_DS, TRITON_DTYPES, Launch, block_d
 from ._device import on_device_of
 
 
@@ -151,14 +152,6 @@ def _rollout_vec_kernel(
 
 # ----------------------------------------------------------------------------- launch choices
 
-DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-BLOCK_DS = (16, 32, 64, 128)
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 # (BLOCK_M, BLOCK_N, num_warps) per (fp32?, BLOCK_D), chosen so that no configuration spills on
 # sm_80/sm_90 (ptxas -v). fp32 dots run on FMA units ("ieee"), with operands and the score tile in
 # registers, so fp32 takes smaller tiles than fp16/bf16, whose dots go through shared memory.
@@ -186,24 +179,19 @@ _VEC_TILES = {
 }
 
 
-def _tile(table, dtype: torch.dtype, bd: int) -> dict:
+def _tile(table, dtype: torch.dtype, bd: int) -> Launch:
     bm, bn, warps = table[(dtype == torch.float32, bd)]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2)
+    return Launch(block_m=bm, block_n=bn, num_warps=warps, num_stages=2)
 
 
-def lse_config(dtype: torch.dtype, bd: int) -> dict:
+def lse_config(dtype: torch.dtype, bd: int) -> Launch:
     """Launch choice of the logsumexp kernel."""
     return _tile(_LSE_TILES, dtype, bd)
 
 
-def vec_config(dtype: torch.dtype, bd: int) -> dict:
+def vec_config(dtype: torch.dtype, bd: int) -> Launch:
     """Launch choice of the vector-times-attention kernel."""
     return _tile(_VEC_TILES, dtype, bd)
-
-
-def _launch_args(cfg: dict):
-    meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N")}
-    return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _identity(kernel):
@@ -222,7 +210,7 @@ def rollout_fwd(
     inside the custom op (so torch.compile sees the kernels) and the identity otherwise."""
     q0 = qs[0]
     B, H, N, D = q0.shape
-    if q0.dtype not in DTYPES:
+    if q0.dtype not in TRITON_DTYPES:
         raise TypeError(f"qs[0] has dtype {q0.dtype}; the Triton rollout takes float16, bfloat16 or float32")
     if D > 128:
         raise ValueError(f"qs[0] has head dim {D}; the Triton rollout takes at most 128")
@@ -246,8 +234,7 @@ def rollout_fwd(
                 lse = lses[l].to(torch.float32).contiguous()
             else:
                 lse = lse_buf
-                meta, opts = _launch_args(lcfg)
-                grid = (triton.cdiv(nq, meta["BLOCK_M"]), B * H)
+                grid = (triton.cdiv(nq, lcfg.block_m), B * H)
                 wrap(_rollout_lse_kernel)[grid](
                     q,
                     k,
@@ -264,11 +251,9 @@ def rollout_fwd(
                     D,
                     float(scale),
                     BLOCK_D=bd,
-                    **meta,
-                    **opts,
+                    **lcfg.kwargs(),
                 )
-            meta, opts = _launch_args(vcfg)
-            grid = (triton.cdiv(N, meta["BLOCK_N"]), B)
+            grid = (triton.cdiv(N, vcfg.block_n), B)
             wrap(_rollout_vec_kernel)[grid](
                 q,
                 k,
@@ -289,8 +274,7 @@ def rollout_fwd(
                 float(mix),
                 float(keep),
                 BLOCK_D=bd,
-                **meta,
-                **opts,
+                **vcfg.kwargs(),
             )
             r, r_next = r_next, r
     return r
@@ -303,7 +287,7 @@ def aot_specs() -> List[KernelSpec]:
     """Every configuration the launcher can pick: 2 kernels x 3 dtypes x BLOCK_D 16..128."""
     specs = []
     strides = {n: "i32" for n in ("sqb", "sqh", "sqn", "skb", "skh", "skn")}
-    for dtype, ty in DTYPES.items():
+    for dtype, ty in TRITON_DTYPES.items():
         for bd in BLOCK_DS:
             cfg = lse_config(dtype, bd)
             sig = {
@@ -320,16 +304,10 @@ def aot_specs() -> List[KernelSpec]:
                 "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
             }
-            const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
+            const = {**cfg.constexprs(), "BLOCK_D": bd}
             specs.append(
                 KernelSpec(
-                    "rollout_lse",
-                    _rollout_lse_kernel,
-                    sig,
-                    const,
-                    cfg["num_warps"],
-                    cfg["num_stages"],
-                    label={"dtype": ty, **const},
+                    "rollout_lse", _rollout_lse_kernel, sig, const, **cfg.options(), label={"dtype": ty, **const}
                 )
             )
             cfg = vec_config(dtype, bd)
@@ -351,16 +329,10 @@ def aot_specs() -> List[KernelSpec]:
                 "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
             }
-            const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
+            const = {**cfg.constexprs(), "BLOCK_D": bd}
             specs.append(
                 KernelSpec(
-                    "rollout_vec",
-                    _rollout_vec_kernel,
-                    sig,
-                    const,
-                    cfg["num_warps"],
-                    cfg["num_stages"],
-                    label={"dtype": ty, **const},
+                    "rollout_vec", _rollout_vec_kernel, sig, const, **cfg.options(), label={"dtype": ty, **const}
                 )
             )
     return specs

@@ -237,9 +237,8 @@ def test_na2d_aot_specs_cover_launch_choices():
         for d in range(16, 129, 8):
             c = na2d.launch_config(d, dtype)
             for has_rpb in (False, True):
-                for name, part in (("na2d_fwd", "fwd"), ("na2d_bwd_dq", "bwd"), ("na2d_bwd_dkdv", "bwd")):
-                    p = c[part]
-                    key = (name, tt, c["BLOCK_D"], has_rpb, p["TILE_X"], p["TILE_Y"], p["BLOCK_N"], p["num_warps"])
+                for name, p in (("na2d_fwd", c.fwd), ("na2d_bwd_dq", c.bwd), ("na2d_bwd_dkdv", c.bwd)):
+                    key = (name, tt, c.block_d, has_rpb, p["TILE_X"], p["TILE_Y"], p["BLOCK_N"], p["num_warps"])
                     assert key in seen, f"launch choice {key} (head dim {d}) has no AOTSpec"
 
 

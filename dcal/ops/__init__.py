@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from dcal import _ext
+from dcal.kernels._common import BORDERS  # public: the border modes of neighborhood_attention2d
 from dcal.ops import _validate as V
 from dcal.ops import reference  # noqa: F401  (public: dcal.ops.reference)
 from dcal.ops import _dispatch
@@ -36,7 +37,6 @@ from dcal.ops import _results as R
 from dcal.ops._dispatch import BACKENDS, Call, choose, explain_call
 
 HAS_EXTENSION = _ext.HAS_EXTENSION
-BORDERS = ("zero", "mask", "clamp")
 
 __all__ = [
     "multi_kv_attention",

@@ -16,12 +16,11 @@ import torch
 from torch import Tensor
 
 from dcal import _ext
+from dcal.kernels._common import BORDER_CODES as BORDER_IDS  # name -> dcal::BorderMode value
 from dcal.kernels._layout import empty_in_order_of
 from dcal.ops._autograd import once_differentiable
 
 _ext.require()  # an ImportError with build instructions; the dispatcher reports it as the reason
-
-BORDER_IDS = {"zero": 0, "mask": 1, "clamp": 2}  # dcal::BorderMode (csrc/dcal.h)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:

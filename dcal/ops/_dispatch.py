@@ -21,9 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from dcal import _ext
+from dcal.kernels._common import TRITON_DTYPES
 
 BACKENDS = ("triton", "cpp", "sdpa", "reference")
-OPS = ("multi_kv_attention", "neighborhood_attention2d", "attention_rollout")
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Impl:
 
 # ----------------------------------------------------------------------------- checks
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_DTYPES = tuple(TRITON_DTYPES)
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # The C++ CPU kernels also take float16, computing in float32 (copies of the inputs, linear memory).
 _CPP_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

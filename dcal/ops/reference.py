@@ -15,8 +15,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-BORDERS = ("zero", "mask", "clamp")
-
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -17,8 +17,8 @@ Command line (runs unchanged under ``torchrun --nproc_per_node N -m dcal.train .
 Configs have three sections (see :mod:`dcal.train.config`): ``model`` (``name``: a key of
 :data:`dcal.train.build.MODEL_BUILDERS`; other keys go to the model; ``pretrained: PATH`` starts
 from timm, JAX ``.npz`` or Hugging Face ViT weights, :mod:`dcal.train.pretrained`), ``data``
-(``name``: ``synthetic``, ``folder``, ``cub``, ``cars``,
-``aircraft``, ``bev_synthetic``, ...) and ``train``
+(``name``: a key of :data:`dcal.train.build.DATA_BUILDERS`: ``synthetic``, ``folder``, ``cub``,
+``cars``, ``aircraft``, ``bev_synthetic``, ...) and ``train``
 (:class:`TrainConfig`). Unknown keys, bad values and keys that contradict each other stop the
 run before any work with one line naming the key (exit status 2). One run per ``--out`` folder
 (:mod:`dcal.train.rundir`).

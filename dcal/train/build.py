@@ -21,6 +21,7 @@ Data: ``synthetic`` (the embedded fine-grained set), ``folder`` = ``imagefolder`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import re
@@ -48,6 +49,25 @@ class Task:
 # ----------------------------------------------------------------------------- data
 
 
+@dataclasses.dataclass(frozen=True)
+class DataBuilder:
+    """One ``data.name``: its keys with their defaults, the kind of data it gives (``KINDS``) and
+    ``build(a, seed, tokenizer, name) -> (train set, val set, facts)``, where ``a`` holds every
+    key (the config's values over the defaults)."""
+
+    keys: Dict[str, Any]
+    kind: str
+    build: Callable[..., Tuple[Any, Any, Dict[str, Any]]]
+
+
+# what a kind of data holds (the models of each kind train on nothing else)
+KINDS = {
+    "samples": "labelled images",
+    "maps": "BEV maps labelled per cell",
+    "captions": "images with captions",
+    "episodes": "few-shot episodes",
+}
+
 EPISODE_KEYS = {"n_way": 5, "k_shot": 5, "q_query": 15, "episodes_per_epoch": 100, "val_episodes": 50}
 
 
@@ -64,13 +84,103 @@ def _episodes(train, val, a, seed, facts):
     return tr, va, {**facts, **ep}
 
 
-def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, Any, Dict[str, Any]]:
-    """(train set, val set, facts the model builder may default from). ``tokenizer``: the
-    model's, for caption data (None: the data's own word tokenizer)."""
-    kw = {k: v for k, v in spec.items() if k != "name"}
-    name = spec["name"]
-    if name == "synthetic_captions":
-        allowed = {
+def _synthetic_captions(a, seed, tokenizer, name):
+    common = dict(
+        img_size=a["img_size"],
+        num_colours=a["num_colours"],
+        num_shapes=a["num_shapes"],
+        seed=seed,
+        noise=a["noise"],
+        context_length=a["context_length"],
+        tokenizer=tokenizer,
+    )
+    train = D.SyntheticCaptions(a["train_size"], split="train", **common)
+    val = D.SyntheticCaptions(a["val_size"], split="val", **common)
+    facts = {
+        "num_classes": train.num_classes,
+        "img_size": a["img_size"],
+        "vocab_size": getattr(train.tokenizer, "vocab_size", None),
+        "context_length": a["context_length"],
+        "class_tokens": val.class_tokens(),
+    }
+    return train, val, facts
+
+
+def _synthetic_fewshot(a, seed, tokenizer, name):
+    common = dict(img_size=a["img_size"], cell=a["cell"], per_class=a["per_class"], noise=a["noise"], seed=seed)
+    train = D.SyntheticFewShot(a["train_classes"], first_class=0, **common)
+    val = D.SyntheticFewShot(a["val_classes"], first_class=a["train_classes"], **common)
+    return _episodes(train, val, a, seed, {"img_size": a["img_size"], "in_chans": 3})
+
+
+def _folder_episodes(a, seed, tokenizer, name):
+    import os
+
+    if not isinstance(a["root"], str):
+        raise ValueError("data.root is required for data.name='episodes' (root/train, root/val class folders)")
+    train = D.image_folder(os.path.join(a["root"], "train"), D.ImageTransform(True, a["resize"], a["crop"]), seed)
+    val = D.image_folder(os.path.join(a["root"], "val"), D.ImageTransform(False, a["resize"], a["crop"]), seed)
+    return _episodes(train, val, a, seed, {"img_size": a["crop"], "in_chans": 3})
+
+
+def _synthetic(a, seed, tokenizer, name):
+    common = dict(img_size=a["img_size"], num_classes=a["num_classes"], detail=a["detail"], seed=seed, noise=a["noise"])
+    train = D.SyntheticFineGrained(a["train_size"], split="train", **common)
+    val = D.SyntheticFineGrained(a["val_size"], split="val", **common)
+    facts = {"num_classes": a["num_classes"], "img_size": a["img_size"], "in_shape": (3, a["img_size"], a["img_size"])}
+    return train, val, facts
+
+
+SPLITS = ("train", "val", "trainval", "test")
+
+
+def _image_dataset(a, seed, tokenizer, name):
+    if not isinstance(a["root"], str):
+        raise ValueError(f"data.root is required for data.name={name!r} (the dataset's folder)")
+    tr = D.ImageTransform(True, a["resize"], a["crop"])
+    ev = D.ImageTransform(False, a["resize"], a["crop"])
+    options = {k: a[k] for k in ("annotation", "train_split", "val_split") if k in a}
+    for key in ("train_split", "val_split"):
+        if key in options and options[key] not in SPLITS:
+            raise ValueError(f"data.{key} must be {', '.join(SPLITS[:-1])} or {SPLITS[-1]}, got {options[key]!r}")
+    train, val = D.image_dataset_splits(name, a["root"], tr, ev, seed, **options)
+    facts = {"num_classes": train.num_classes, "img_size": a["crop"], "in_shape": (3, a["crop"], a["crop"])}
+    return train, val, facts
+
+
+def _bev_synthetic(a, seed, tokenizer, name):
+    if not (isinstance(a["map_size"], (list, tuple)) and len(a["map_size"]) == 2):
+        raise ValueError(f"data.map_size must be [X, Y], got {a['map_size']!r}")
+    common = dict(
+        map_size=a["map_size"], in_channels=a["in_channels"], window=a["window"], density=a["density"], seed=seed
+    )
+    train = D.SyntheticBEV(a["train_size"], split="train", **common)
+    val = D.SyntheticBEV(a["val_size"], split="val", **common)
+    facts = {"num_classes": 3, "in_channels": a["in_channels"], "in_shape": (a["in_channels"], *a["map_size"])}
+    return train, val, facts
+
+
+_IMAGE_KEYS = {"root": None, "resize": 550, "crop": 448}
+_AIRCRAFT_KEYS = {**_IMAGE_KEYS, **D.AIRCRAFT_OPTIONS}
+
+# data.name -> builder; every name and error message about data names comes from this table
+DATA_BUILDERS: Dict[str, DataBuilder] = {
+    "synthetic": DataBuilder(
+        {"img_size": 64, "num_classes": 10, "train_size": 2000, "val_size": 500, "detail": None, "noise": 0.08},
+        "samples",
+        _synthetic,
+    ),
+    **{
+        name: DataBuilder(_AIRCRAFT_KEYS if name == "aircraft" else _IMAGE_KEYS, "samples", _image_dataset)
+        for name in D.IMAGE_DATASETS
+    },
+    "bev_synthetic": DataBuilder(
+        {"map_size": [32, 32], "in_channels": 4, "window": 5, "density": 0.05, "train_size": 512, "val_size": 128},
+        "maps",
+        _bev_synthetic,
+    ),
+    "synthetic_captions": DataBuilder(
+        {
             "img_size": 32,
             "num_colours": 4,
             "num_shapes": 3,
@@ -78,33 +188,12 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
             "val_size": 600,
             "noise": 0.05,
             "context_length": 12,
-        }
-        check_kwargs("data", kw, allowed)
-        a = {**allowed, **kw}
-        common = dict(
-            img_size=a["img_size"],
-            num_colours=a["num_colours"],
-            num_shapes=a["num_shapes"],
-            seed=seed,
-            noise=a["noise"],
-            context_length=a["context_length"],
-            tokenizer=tokenizer,
-        )
-        train = D.SyntheticCaptions(a["train_size"], split="train", **common)
-        val = D.SyntheticCaptions(a["val_size"], split="val", **common)
-        return (
-            train,
-            val,
-            {
-                "num_classes": train.num_classes,
-                "img_size": a["img_size"],
-                "vocab_size": getattr(train.tokenizer, "vocab_size", None),
-                "context_length": a["context_length"],
-                "class_tokens": val.class_tokens(),
-            },
-        )
-    if name == "synthetic_fewshot":
-        allowed = {
+        },
+        "captions",
+        _synthetic_captions,
+    ),
+    "synthetic_fewshot": DataBuilder(
+        {
             "img_size": 20,
             "cell": 3,
             "train_classes": 64,
@@ -112,92 +201,29 @@ def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, An
             "per_class": 30,
             "noise": 0.08,
             **EPISODE_KEYS,
-        }
-        check_kwargs("data", kw, allowed)
-        a = {**allowed, **kw}
-        common = dict(img_size=a["img_size"], cell=a["cell"], per_class=a["per_class"], noise=a["noise"], seed=seed)
-        train = D.SyntheticFewShot(a["train_classes"], first_class=0, **common)
-        val = D.SyntheticFewShot(a["val_classes"], first_class=a["train_classes"], **common)
-        return _episodes(train, val, a, seed, {"img_size": a["img_size"], "in_chans": 3})
-    if name == "episodes":
-        allowed = {"root": None, "resize": 92, "crop": 84, **EPISODE_KEYS}
-        check_kwargs("data", kw, allowed)
-        a = {**allowed, **kw}
-        if not isinstance(a["root"], str):
-            raise ValueError("data.root is required for data.name='episodes' (root/train, root/val class folders)")
-        import os
+        },
+        "episodes",
+        _synthetic_fewshot,
+    ),
+    "episodes": DataBuilder({"root": None, "resize": 92, "crop": 84, **EPISODE_KEYS}, "episodes", _folder_episodes),
+}
 
-        train = D.image_folder(os.path.join(a["root"], "train"), D.ImageTransform(True, a["resize"], a["crop"]), seed)
-        val = D.image_folder(os.path.join(a["root"], "val"), D.ImageTransform(False, a["resize"], a["crop"]), seed)
-        return _episodes(train, val, a, seed, {"img_size": a["crop"], "in_chans": 3})
-    if name == "synthetic":
-        allowed = {
-            "img_size": 64,
-            "num_classes": 10,
-            "train_size": 2000,
-            "val_size": 500,
-            "detail": None,
-            "noise": 0.08,
-        }
-        check_kwargs("data", kw, allowed)
-        a = {**allowed, **kw}
-        common = dict(
-            img_size=a["img_size"], num_classes=a["num_classes"], detail=a["detail"], seed=seed, noise=a["noise"]
-        )
-        train = D.SyntheticFineGrained(a["train_size"], split="train", **common)
-        val = D.SyntheticFineGrained(a["val_size"], split="val", **common)
-        return (
-            train,
-            val,
-            {"num_classes": a["num_classes"], "img_size": a["img_size"], "in_shape": (3, a["img_size"], a["img_size"])},
-        )
-    if name in D.IMAGE_DATASETS:
-        allowed = {"root": None, "resize": 550, "crop": 448}
-        if name == "aircraft":
-            allowed.update(annotation="variant", train_split="trainval", val_split="test")
-        check_kwargs("data", kw, allowed)
-        a = {**allowed, **kw}
-        if not isinstance(a["root"], str):
-            raise ValueError(f"data.root is required for data.name={name!r} (the dataset's folder)")
-        tr = D.ImageTransform(True, a["resize"], a["crop"])
-        ev = D.ImageTransform(False, a["resize"], a["crop"])
-        options = {k: a[k] for k in ("annotation", "train_split", "val_split") if k in a}
-        for key in ("train_split", "val_split"):
-            if key in options and options[key] not in ("train", "val", "trainval", "test"):
-                raise ValueError(f"data.{key} must be train, val, trainval or test, got {options[key]!r}")
-        train, val = D.image_dataset_splits(name, a["root"], tr, ev, seed, **options)
-        return (
-            train,
-            val,
-            {"num_classes": train.num_classes, "img_size": a["crop"], "in_shape": (3, a["crop"], a["crop"])},
-        )
-    if name == "bev_synthetic":
-        allowed = {
-            "map_size": [32, 32],
-            "in_channels": 4,
-            "window": 5,
-            "density": 0.05,
-            "train_size": 512,
-            "val_size": 128,
-        }
-        check_kwargs("data", kw, allowed)
-        a = {**allowed, **kw}
-        if not (isinstance(a["map_size"], (list, tuple)) and len(a["map_size"]) == 2):
-            raise ValueError(f"data.map_size must be [X, Y], got {a['map_size']!r}")
-        common = dict(
-            map_size=a["map_size"], in_channels=a["in_channels"], window=a["window"], density=a["density"], seed=seed
-        )
-        train = D.SyntheticBEV(a["train_size"], split="train", **common)
-        val = D.SyntheticBEV(a["val_size"], split="val", **common)
-        return (
-            train,
-            val,
-            {"num_classes": 3, "in_channels": a["in_channels"], "in_shape": (a["in_channels"], *a["map_size"])},
-        )
-    raise ValueError(
-        f"unknown data.name {name!r}; expected synthetic, folder (= imagefolder), cub, cars, aircraft, "
-        "bev_synthetic, synthetic_captions, synthetic_fewshot or episodes"
-    )
+
+def data_builder(name) -> DataBuilder:
+    """The registry entry of ``data.name``; a ValueError listing every name when there is none."""
+    if name not in DATA_BUILDERS:
+        raise ValueError(f"unknown data.name {name!r}; expected one of {', '.join(sorted(DATA_BUILDERS))}")
+    return DATA_BUILDERS[name]
+
+
+def build_data(spec: Dict[str, Any], seed: int, tokenizer=None) -> Tuple[Any, Any, Dict[str, Any]]:
+    """(train set, val set, facts the model builder may default from). ``tokenizer``: the
+    model's, for caption data (None: the data's own word tokenizer)."""
+    kw = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    entry = data_builder(name)
+    check_kwargs("data", kw, entry.keys)
+    return entry.build({**copy.deepcopy(entry.keys), **kw}, seed, tokenizer, name)
 
 
 # ----------------------------------------------------------------------------- models
@@ -285,14 +311,59 @@ def _data_key(cfg, key: str) -> str:
     return f"data.{key}" if key in cfg.data else f"data.name {cfg.data['name']!r}"
 
 
+# ----------------------------------------------------------------------------- model keys
+#
+# The keys each model takes, with their defaults (None: anything), checked before any data is read.
+
+
+def _fields(config_class) -> Dict[str, Any]:
+    return {
+        f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(config_class)
+    }
+
+
+def _clip_keys():
+    from dcal.models import CLIPConfig
+
+    return _fields(CLIPConfig)
+
+
+def _dcal_vit_keys():
+    from dcal.models import DCALConfig
+
+    return _fields(DCALConfig)
+
+
+PROTONET_LOSS_KEYS = {"vic_weight": 0.1, "variance": 1.0, "invariance": 1.0, "covariance": 0.04}
+
+
+def _protonet_keys():
+    return {"hidden": None, "depth": None, "backbone": None, **PROTONET_LOSS_KEYS}
+
+
+def _bev_keys():
+    from dcal.models import BEVGraphModule
+
+    sig = inspect.signature(BEVGraphModule.__init__)
+    allowed = {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in sig.parameters.values()
+        if p.name not in ("self", "channels")
+    }
+    return {**allowed, "channels": 64, "in_channels": None, "num_classes": None}
+
+
+def _mlp_keys():
+    return {"hidden": 64, "num_classes": None}
+
+
+# ----------------------------------------------------------------------------- model builders
+
+
 def _build_clip(kw, facts, cfg, train_set, val_set) -> Task:
     from dcal.models import CLIP, CLIPConfig
     from dcal.train.coupled import ClipLoss, ZeroShotAccuracy
 
-    allowed = {
-        f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(CLIPConfig)
-    }
-    check_kwargs("model", kw, allowed)
     for key in ("img_size", "vocab_size", "context_length"):
         _set_default(kw, key, facts.get(key), _data_key(cfg, key))
     try:
@@ -300,6 +371,15 @@ def _build_clip(kw, facts, cfg, train_set, val_set) -> Task:
     except (TypeError, ValueError) as e:
         raise _model_error(e) from None
     return Task(lambda: CLIP(CLIPConfig(**kw)), ClipLoss(), train_set, val_set, ZeroShotAccuracy(facts["class_tokens"]))
+
+
+def _open_clip_tokenizer(kw):
+    open_clip = _open_clip()
+    arch = kw.get("arch", "ViT-B-32")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"model.arch {arch!r} is not an open_clip architecture")
+    ctx = (kw.get("text_cfg") or {}).get("context_length") if isinstance(kw.get("text_cfg"), dict) else None
+    return open_clip.get_tokenizer(arch, context_length=ctx)
 
 
 def _build_open_clip(kw, facts, cfg, train_set, val_set) -> Task:
@@ -318,9 +398,7 @@ def _build_protonet(kw, facts, cfg, train_set, val_set) -> Task:
     from dcal.models import ProtoNet
     from dcal.train.coupled import EpisodeAccuracy, PrototypicalLoss
 
-    loss_keys = {"vic_weight": 0.1, "variance": 1.0, "invariance": 1.0, "covariance": 0.04}
-    check_kwargs("model", kw, {"hidden": None, "depth": None, "backbone": None, **loss_keys})
-    lk = {k: kw.pop(k, v) for k, v in loss_keys.items()}
+    lk = {k: kw.pop(k, v) for k, v in PROTONET_LOSS_KEYS.items()}
     loss = PrototypicalLoss(facts["n_way"], facts["k_shot"], facts["q_query"], **lk)
     try:
         ProtoNet(in_chans=facts["in_chans"], **kw)
@@ -332,10 +410,6 @@ def _build_protonet(kw, facts, cfg, train_set, val_set) -> Task:
 def _build_dcal_vit(kw, facts, cfg, train_set, val_set) -> Task:
     from dcal.models import DCALConfig, DCALViT
 
-    allowed = {
-        f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(DCALConfig)
-    }
-    check_kwargs("model", kw, allowed)
     _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
     _set_default(
         kw, "img_size", facts.get("img_size"), _data_key(cfg, "img_size" if "img_size" in cfg.data else "crop")
@@ -371,7 +445,7 @@ def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
             f"model.timm_name {name!r} is not a timm model{'; close: ' + ', '.join(close) if close else ''}"
         )
     backend = kw.pop("backend", None)
-    if "pretrained" in kw or "pretrained_cfg_overlay" in kw:
+    if "pretrained_cfg_overlay" in kw:
         raise ValueError("model.pretrained_cfg_overlay: nothing is downloaded; use model.pretrained: PATH")
     user_keys = set(kw)
     _set_default(kw, "num_classes", facts.get("num_classes"), _data_key(cfg, "num_classes"))
@@ -413,21 +487,6 @@ def _build_timm(kw, facts, cfg, train_set, val_set) -> Task:
 
 
 def _build_bev(kw, facts, cfg, train_set, val_set) -> Task:
-    from dcal.models import BEVGraphModule
-
-    sig = inspect.signature(BEVGraphModule.__init__)
-    allowed = {
-        p.name: (None if p.default is inspect.Parameter.empty else p.default)
-        for p in sig.parameters.values()
-        if p.name not in ("self", "channels")
-    }
-    allowed.update({"channels": 64, "in_channels": None, "num_classes": None})
-    check_kwargs("model", kw, allowed)
-    if "in_channels" not in facts:
-        raise ValueError(
-            f"model.name 'bev' labels the cells of a map; it does not take data.name "
-            f"{cfg.data['name']!r} (expected bev_synthetic)"
-        )
     _set_default(kw, "in_channels", facts["in_channels"], _data_key(cfg, "in_channels"))
     _set_default(kw, "num_classes", facts["num_classes"], _data_key(cfg, "name"))
     try:
@@ -439,9 +498,6 @@ def _build_bev(kw, facts, cfg, train_set, val_set) -> Task:
 
 
 def _build_mlp(kw, facts, cfg, train_set, val_set) -> Task:
-    check_kwargs("model", kw, {"hidden": 64, "num_classes": None})
-    if "map_size" in cfg.data or cfg.data["name"] == "bev_synthetic":
-        raise ValueError("model.name 'mlp' classifies whole images; it does not take data.name 'bev_synthetic'")
     in_features = 1
     for s in facts["in_shape"]:
         in_features *= s
@@ -452,18 +508,50 @@ def _build_mlp(kw, facts, cfg, train_set, val_set) -> Task:
     return Task(lambda: MLP(in_features, nc, hidden), cross_entropy, train_set, val_set)
 
 
-# model.name -> builder(model keys, data facts, config, train set, val set) -> Task
-MODEL_BUILDERS: Dict[str, Callable[..., Task]] = {
-    "dcal_vit": _build_dcal_vit,
-    "timm": _build_timm,
-    "bev": _build_bev,
-    "mlp": _build_mlp,
-    "clip": _build_clip,
-    "open_clip": _build_open_clip,
-    "protonet": _build_protonet,
+@dataclasses.dataclass(frozen=True)
+class ModelBuilder:
+    """One ``model.name``: ``build(model keys, data facts, config, train set, val set) -> Task``,
+    the kind of data it trains on (a key of ``KINDS``) and ``keys() -> {key: default}``, the keys
+    it takes (None: any, handed on to another library's constructor, which judges them);
+    ``tokenizer(model keys)``: the model's own tokenizer for caption data (None: the data's)."""
+
+    build: Callable[..., Task]
+    data: str = "samples"
+    keys: Optional[Callable[[], Dict[str, Any]]] = None
+    tokenizer: Optional[Callable[[Dict[str, Any]], Any]] = None  # model keys -> the tokenizer its captions need
+
+
+# model.name -> builder; every name and error message about model names comes from this table.
+# Contrastive models train on captions, protonet on episodes, bev labels the cells of maps.
+MODEL_BUILDERS: Dict[str, ModelBuilder] = {
+    "dcal_vit": ModelBuilder(_build_dcal_vit, keys=_dcal_vit_keys),
+    "timm": ModelBuilder(_build_timm),
+    "bev": ModelBuilder(_build_bev, data="maps", keys=_bev_keys),
+    "mlp": ModelBuilder(_build_mlp, keys=_mlp_keys),
+    "clip": ModelBuilder(_build_clip, data="captions", keys=_clip_keys),
+    "open_clip": ModelBuilder(_build_open_clip, data="captions", tokenizer=_open_clip_tokenizer),
+    "protonet": ModelBuilder(_build_protonet, data="episodes", keys=_protonet_keys),
 }
-# what each model trains on (the kind of data): contrastive models take captions, protonet episodes
-MODEL_DATA = {"clip": "captions", "open_clip": "captions", "protonet": "episodes"}
+
+
+def model_builder(name) -> ModelBuilder:
+    """The registry entry of ``model.name``; a ValueError listing every name when there is none."""
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model.name {name!r}; expected one of {', '.join(sorted(MODEL_BUILDERS))}")
+    return MODEL_BUILDERS[name]
+
+
+def _check_pairing(model_name: str, data_name: str) -> None:
+    """The model trains on the kind of data that ``data.name`` gives (both read from the tables)."""
+    want, got = MODEL_BUILDERS[model_name].data, DATA_BUILDERS[data_name].kind
+    if want == got:
+        return
+    fits = [d for d, b in DATA_BUILDERS.items() if b.kind == want]
+    takers = [m for m, b in MODEL_BUILDERS.items() if b.data == got]
+    raise ValueError(
+        f"model.name {model_name!r} does not train on data.name {data_name!r}: it takes {KINDS[want]} "
+        f"(data.name {', '.join(fits)}); {data_name} gives {KINDS[got]} (for model.name {', '.join(takers)})"
+    )
 
 
 def build_task(cfg, seed: int = 0, weights_from_checkpoint: bool = False) -> Task:
@@ -472,32 +560,21 @@ def build_task(cfg, seed: int = 0, weights_from_checkpoint: bool = False) -> Tas
     (resume, evaluation): ``model.pretrained`` is not needed and not checked."""
     kw = {k: v for k, v in cfg.model.items() if k != "name"}
     name = cfg.model["name"]
-    if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model.name {name!r}; expected one of {', '.join(sorted(MODEL_BUILDERS))}")
+    entry = model_builder(name)
     pretrained = kw.pop("pretrained", None)
     if pretrained is not None and not weights_from_checkpoint:
         from dcal.train.pretrained import check_path
 
         pretrained = check_path(pretrained)
-    tokenizer = None
-    if name == "open_clip":
-        open_clip = _open_clip()
-        arch = kw.get("arch", "ViT-B-32")
-        if arch not in open_clip.list_models():
-            raise ValueError(f"model.arch {arch!r} is not an open_clip architecture")
-        ctx = (kw.get("text_cfg") or {}).get("context_length") if isinstance(kw.get("text_cfg"), dict) else None
-        tokenizer = open_clip.get_tokenizer(arch, context_length=ctx)
+    if entry.keys is not None:
+        check_kwargs("model", kw, entry.keys())
+    data_builder(cfg.data["name"])
+    _check_pairing(name, cfg.data["name"])
+    tokenizer = entry.tokenizer(kw) if entry.tokenizer is not None else None
     try:
         train_set, val_set, facts = build_data(cfg.data, seed, tokenizer=tokenizer)
     except (TypeError, ValueError) as e:
         raise _data_error(e, cfg.data) from None
-    kind = "captions" if "class_tokens" in facts else "episodes" if "n_way" in facts else "samples"
-    if kind != MODEL_DATA.get(name, "samples"):
-        raise ValueError(
-            f"model.name {name!r} does not train on data.name {cfg.data['name']!r}: contrastive models "
-            "(clip, open_clip) take synthetic_captions, protonet takes episodes (synthetic_fewshot, "
-            "episodes), the others samples"
-        )
-    task = MODEL_BUILDERS[name](kw, facts, cfg, train_set, val_set)
+    task = entry.build(kw, facts, cfg, train_set, val_set)
     task.pretrained, task.facts = pretrained, facts
     return task

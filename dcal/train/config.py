@@ -20,6 +20,7 @@ import yaml
 AMP_MODES = ("none", "fp16", "bf16")
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINTING = ("none", "full", "selective")
+FSDP_PARAM_DTYPES = (None, "bf16")  # null: parameters stay as they are
 DEVICES = ("auto", "cpu", "cuda")
 
 _UNITS = {
@@ -154,7 +155,11 @@ class TrainConfig:
         need("keep_last", self.keep_last >= 1, "an integer >= 1")
         need("eval_every", is_int(self.eval_every) and self.eval_every >= 1, "an integer >= 1")
         need("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}")
-        need("fsdp_param_dtype", self.fsdp_param_dtype in (None, "bf16"), "null or 'bf16'")
+        need(
+            "fsdp_param_dtype",
+            self.fsdp_param_dtype in FSDP_PARAM_DTYPES,
+            " or ".join("null" if v is None else repr(v) for v in FSDP_PARAM_DTYPES),
+        )
         need("fsdp_checkpointing", self.fsdp_checkpointing in CHECKPOINTING, f"one of {CHECKPOINTING}")
         if self.strategy == "fsdp":
             need(

@@ -275,7 +275,40 @@ def fgvc_aircraft(
     return ImageList(samples, classes, transform, seed)
 
 
-IMAGE_DATASETS = ("folder", "imagefolder", "cub", "cars", "aircraft")
+def _test_split(read):
+    """A dataset read by ``read(root, split, transform, seed)`` with its own train / test split."""
+
+    def splits(root, tr, ev, seed, **options):
+        return read(root, "train", tr, seed), read(root, "test", ev, seed)
+
+    return splits
+
+
+AIRCRAFT_OPTIONS = {"annotation": "variant", "train_split": "trainval", "val_split": "test"}  # the defaults
+
+
+def _aircraft_splits(root, tr, ev, seed, **options):
+    o = {**AIRCRAFT_OPTIONS, **options}
+    return (
+        fgvc_aircraft(root, o["train_split"], tr, seed, o["annotation"]),
+        fgvc_aircraft(root, o["val_split"], ev, seed, o["annotation"]),
+    )
+
+
+def _folder_splits(root, tr, ev, seed, **options):
+    return folder_splits(root, tr, ev, seed)
+
+
+# name -> reader of its (train, validation) splits: (root, train transform, val transform, seed,
+# **options) -> (ImageList, ImageList)
+IMAGE_SPLITS = {
+    "folder": _folder_splits,
+    "imagefolder": _folder_splits,
+    "cub": _test_split(cub200),
+    "cars": _test_split(stanford_cars),
+    "aircraft": _aircraft_splits,
+}
+IMAGE_DATASETS = tuple(IMAGE_SPLITS)
 
 
 def image_dataset_splits(
@@ -283,21 +316,11 @@ def image_dataset_splits(
 ) -> Tuple[ImageList, ImageList]:
     """(train, validation) of an image dataset on disk: ``folder`` (= ``imagefolder``: ``root/train``,
     ``root/val``), ``cub`` (train / test), ``cars`` (Stanford Cars, train / test), ``aircraft``
-    (FGVC-Aircraft; ``options``: ``annotation``, ``train_split`` (trainval), ``val_split`` (test)).
-    Each has ``num_classes``."""
-    if name in ("folder", "imagefolder"):
-        return folder_splits(root, train_transform, val_transform, seed)
-    if name == "cub":
-        return cub200(root, "train", train_transform, seed), cub200(root, "test", val_transform, seed)
-    if name == "cars":
-        return stanford_cars(root, "train", train_transform, seed), stanford_cars(root, "test", val_transform, seed)
-    if name == "aircraft":
-        level = options.get("annotation", "variant")
-        return (
-            fgvc_aircraft(root, options.get("train_split", "trainval"), train_transform, seed, level),
-            fgvc_aircraft(root, options.get("val_split", "test"), val_transform, seed, level),
-        )
-    raise ValueError(f"unknown image dataset {name!r}; expected one of {IMAGE_DATASETS}")
+    (FGVC-Aircraft; ``options``: ``annotation`` (variant), ``train_split`` (trainval), ``val_split``
+    (test)). Each has ``num_classes``."""
+    if name not in IMAGE_SPLITS:
+        raise ValueError(f"unknown image dataset {name!r}; expected one of {IMAGE_DATASETS}")
+    return IMAGE_SPLITS[name](root, train_transform, val_transform, seed, **options)
 
 
 # ----------------------------------------------------------------------------- synthetic images

@@ -46,9 +46,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
-CHECKPOINTING = ("none", "full", "selective")
-PARAM_DTYPES = {None: None, "bf16": torch.bfloat16}
+from dcal.train.config import CHECKPOINTING, FSDP_PARAM_DTYPES
+
+# train.fsdp_param_dtype -> the parameters' dtype under FSDP (None: as they are)
+PARAM_DTYPES = dict(zip(FSDP_PARAM_DTYPES, (None, torch.bfloat16), strict=True))
 
 SAVE_OPS = (
     torch.ops.aten.mm.default,

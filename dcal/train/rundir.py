@@ -109,19 +109,15 @@ def _train_defaults() -> Dict[str, Any]:
 
 
 def _model_defaults(model: Dict[str, Any]) -> Dict[str, Any]:
-    """The defaults of the model builder's keys, where the builder declares them (a key left out
-    of one config and set to its default in the other is no change)."""
-    if (model or {}).get("name") != "dcal_vit":
+    """The defaults of the model builder's keys, where the builder declares them (its
+    ``MODEL_BUILDERS`` entry; a key left out of one config and set to its default in the other is
+    no change)."""
+    from dcal.train.build import MODEL_BUILDERS
+
+    entry = MODEL_BUILDERS.get((model or {}).get("name"))
+    if entry is None or entry.keys is None:
         return {}
-    import dataclasses
-
-    from dcal.models import DCALConfig
-
-    return {
-        f"model.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
-        for f in dataclasses.fields(DCALConfig)
-        if f.default is not dataclasses.MISSING
-    }
+    return {f"model.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in entry.keys().items()}
 
 
 def compare_configs(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:

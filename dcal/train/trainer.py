@@ -163,8 +163,7 @@ class Trainer:
             raise ValueError("train.device is 'cuda' but CUDA is not available")
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
-        if cfg.amp == "fp16" and self.device.type == "cpu":
-            pass  # CPU autocast supports float16 since torch 2.3; GradScaler("cpu") as well
+        # fp16 needs no special case on CPU: autocast takes float16 there (torch >= 2.3), GradScaler("cpu") too
         self.amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]
 
         if cfg.threads:
