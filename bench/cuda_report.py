@@ -107,7 +107,7 @@ def compile_arch(arch: int, nvcc: str, workdir: str) -> List[dict]:
         "-cubin",
         f"-arch=sm_{arch}",
         "-O3",
-        "-std=c++17",
+        "-std=c++20",
         "--expt-relaxed-constexpr",
         "-Xptxas",
         "-v",

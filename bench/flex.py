@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-BORDERS = ("zero", "mask", "clamp")
+from dcal.kernels._common import BORDERS
+
 BLOCK = 128
 
 

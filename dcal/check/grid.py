@@ -340,8 +340,4 @@ def estimate_gpu_seconds(quick: bool, bench: bool = True) -> Tuple[float, Dict[s
     }
 
 
-def fmt_minutes(s: float) -> str:
-    return f"{s / 60:.1f} min"
-
-
 __all__ = ["Case", "GRID", "select", "tolerance", "determinism_promise", "estimate_gpu_seconds"]
