@@ -73,7 +73,7 @@
 namespace dcal {
 namespace {
 
-// The op name of the dtype switch's fallback (unreachable past checked_inputs).
+// The op name of the dtype switch's fallback (unreachable past check_cuda_args).
 constexpr OpName kNa2d{"na2d", ErrorClasses::kRuntimeErrors};
 
 using na2d_cuda::kItems;
@@ -99,9 +99,8 @@ int64_t token_blocks(const at::Tensor& q) { return (q.numel() / q.size(4) + kIte
 
 // Argument checks of both entry points: the ones shared with the CPU host (na2d_check_args) and
 // what the CUDA kernels add (device, dtype, head dim, grid limits).
-Inputs checked_inputs(const OpName& op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, double scale,
-                      int64_t dilation) {
+void check_cuda_args(const OpName& op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   DCAL_CHECK_DEVICE(op, q.is_cuda(), "q must be a CUDA tensor here, got ", q.device());
   const auto t = q.scalar_type();
@@ -118,6 +117,11 @@ Inputs checked_inputs(const OpName& op, const at::Tensor& q, const at::Tensor& k
   const int64_t R = 2 * kernel_size - 1;
   DCAL_CHECK_ARG(op, R * R <= std::numeric_limits<int>::max(), "kernel_size ", kernel_size,
                  " is too large for the CUDA kernels' bias index");
+}
+
+// The inputs of a checked call as the kernels read them (the bias contiguous: one small copy at most).
+Inputs inputs_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& rpb,
+                 int64_t kernel_size, int64_t border, double scale, int64_t dilation) {
   const bool has_rpb = rpb.has_value() && rpb->defined();
   return Inputs{q, k, v, has_rpb ? rpb->contiguous() : at::Tensor(), kernel_size, border, dilation, scale};
 }
@@ -126,7 +130,7 @@ Strides strides(const at::Tensor& t) {
   return Strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
-// The grid of the token kernels (checked_inputs bounds it).
+// The grid of the token kernels (check_cuda_args bounds it).
 dim3 token_grid(const at::Tensor& q) { return dim3(static_cast<unsigned>(token_blocks(q))); }
 
 // Runs launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p) with T the element type of q,
@@ -173,8 +177,9 @@ T* out_ptr(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
                                                  int64_t border, double scale, int64_t dilation) {
-  const Inputs in = checked_inputs(kFwd, q, k, v, rpb, kernel_size, border, scale, dilation);
+  check_cuda_args(kFwd, q, k, v, rpb, kernel_size, border, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
+  const Inputs in = inputs_of(q, k, v, rpb, kernel_size, border, scale, dilation);
   auto out = empty_in_order_of(q);  // [B, H, X, Y, D] in q's dim order
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -196,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(const a
                                                                          const at::Tensor& out, const at::Tensor& lse,
                                                                          int64_t kernel_size, int64_t border,
                                                                          double scale, int64_t dilation) {
-  const Inputs in = checked_inputs(kBwd, q, k, v, rpb, kernel_size, border, scale, dilation);
+  check_cuda_args(kBwd, q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
+  const Inputs in = inputs_of(q, k, v, rpb, kernel_size, border, scale, dilation);
   const auto lc = lse.contiguous();  // [B, H, X, Y] fp32: small, and contiguous when it comes from the forward
   auto dq = empty_in_order_of(q);    // the dim orders of q, k, v
   auto dk = empty_in_order_of(k);
