@@ -64,15 +64,41 @@ template <typename I, typename V>
   }
 }
 
+// The constants of exp_poly, named once per precision: log2(e); ln(2) split into a high part
+// with trailing zero bits (n * kLn2Hi is exact for the n that occur) and the rest; the
+// round-to-nearest shifter 1.5 * 2^(mantissa bits); the clamps of the argument; the exponent
+// bias and field position that build 2^n.
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693145751953125f;
+  static constexpr float kLn2Lo = 1.42860682030941723212e-6f;
+  static constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float kLo = -87.0f, kHi = 88.0f;
+  static constexpr int kBias = 127, kMantissa = 23;  // of the exponent field 2^n
+};
+template <>
+struct ExpConst<double> {
+  static constexpr double kLog2e = 1.4426950408889634074;
+  static constexpr double kLn2Hi = 6.93147180369123816490e-01;
+  static constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  static constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLo = -708.0, kHi = 709.0;
+  static constexpr int kBias = 1023, kMantissa = 52;
+};
+
 template <typename V, typename I>  // V float or a vector of float; I int32_t of its shape
 [[gnu::always_inline]] inline V exp_poly_f32(V x) {
-  const V lo = V{} + -87.0f, hi = V{} + 88.0f;
+  using C = ExpConst<float>;
+  const V lo = V{} + C::kLo, hi = V{} + C::kHi;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  // round to nearest by the 1.5 * 2^23 shifter (no floor call: it blocks vectorisation)
-  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  V r = x - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723212e-6f;
+  // round to nearest by the shifter (no floor call: it blocks vectorisation)
+  const V n = (x * C::kLog2e + C::kShifter) - C::kShifter;
+  V r = x - n * C::kLn2Hi;
+  r = r - n * C::kLn2Lo;
   V p = V{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -81,17 +107,18 @@ template <typename V, typename I>  // V float or a vector of float; I int32_t of
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * __builtin_bit_cast(V, (exp_int<I>(n) + 127) << 23);
+  return p * __builtin_bit_cast(V, (exp_int<I>(n) + C::kBias) << C::kMantissa);
 }
 
 template <typename V, typename I>  // V double or a vector of double; I int64_t of its shape
 [[gnu::always_inline]] inline V exp_poly_f64(V x) {
-  const V lo = V{} + -708.0, hi = V{} + 709.0;
+  using C = ExpConst<double>;
+  const V lo = V{} + C::kLo, hi = V{} + C::kHi;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const V n = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
-  V r = x - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
+  const V n = (x * C::kLog2e + C::kShifter) - C::kShifter;
+  V r = x - n * C::kLn2Hi;
+  r = r - n * C::kLn2Lo;
   V p = V{} + 1.0 / 6227020800.0;
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
@@ -106,7 +133,7 @@ template <typename V, typename I>  // V double or a vector of double; I int64_t 
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  return p * __builtin_bit_cast(V, (exp_int<I>(n) + 1023) << 52);
+  return p * __builtin_bit_cast(V, (exp_int<I>(n) + C::kBias) << C::kMantissa);
 }
 
 [[gnu::always_inline]] inline float exp_poly(float x) { return exp_poly_f32<float, int32_t>(x); }

@@ -2,13 +2,13 @@
 #include "cpu_peak.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_block.h"
 
 #if defined(__x86_64__)
@@ -65,9 +65,11 @@ int cpu_fma_lanes() {
 }
 
 double cpu_peak(const std::string& kind, int64_t M, int64_t N, int64_t K, double seconds) {
-  TORCH_CHECK_VALUE(kind == "brgemm" || kind == "sgemm" || kind == "fma", "cpu_peak: kind must be 'brgemm', ",
-                    "'sgemm' or 'fma', got '", kind, "'");
-  TORCH_CHECK_VALUE(seconds > 0, "cpu_peak: seconds must be positive, got ", seconds);
+  constexpr OpName op{"cpu_peak", ErrorClasses::kPythonErrors};
+  DCAL_CHECK_ARG(op, kind == "brgemm" || kind == "sgemm" || kind == "fma", "kind must be 'brgemm', ",
+                 "'sgemm' or 'fma', got '", kind, "'");
+  DCAL_CHECK_ARG(op, seconds > 0, "seconds must be positive, got ", seconds);
+  DCAL_CHECK_ARG(op, kind == "fma" || (M >= 1 && N >= 1 && K >= 1), "M, N, K must be >= 1, got ", M, ", ", N, ", ", K);
   const int threads = at::get_num_threads();
   std::atomic<int64_t> sink{0};
   if (kind == "fma") {
@@ -92,7 +94,6 @@ double cpu_peak(const std::string& kind, int64_t M, int64_t N, int64_t K, double
     const double wall = now() - t0;
     return static_cast<double>(threads) * static_cast<double>(iters) * 12.0 * lanes * 2.0 / wall / 1e9;
   }
-  TORCH_CHECK_VALUE(M >= 1 && N >= 1 && K >= 1, "cpu_peak: M, N, K must be >= 1, got ", M, ", ", N, ", ", K);
   const bool brg = kind == "brgemm";
   auto once = [&](const float* A, const float* B, float* C) {
     if (brg)

@@ -24,7 +24,8 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_block.h"
+#include "checks.h"
+#include "cpu_common.h"
 
 namespace dcal {
 namespace {
@@ -39,13 +40,19 @@ constexpr int64_t kBMf = 200;  // most query rows per forward tile
 constexpr int64_t kBMb = 256;  // most query rows per backward tile
 constexpr int64_t kBN = 1024;  // keys per tile
 
-inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
-
-// Rows per block when n rows are split into ceil(n / most) blocks of (nearly) equal size.
-inline int64_t block_rows(int64_t n, int64_t most) {
-  const int64_t nb = (n + most - 1) / most;
-  return (n + nb - 1) / nb;
-}
+using cpu::block_rows;
+using cpu::dot;
+using cpu::dsoftmax;
+using cpu::exp_scale;
+using cpu::exp_scale_sum;
+using cpu::HeadsView;
+using cpu::mm;
+using cpu::padded;
+using cpu::panel_ld;
+using cpu::row_extreme;
+using cpu::scale_row;
+using cpu::transpose;
+using cpu::view_of;
 
 // Row stride capacity of a tile: the longest key block of these segments, padded; the tiles
 // are no larger than the segments need.
@@ -53,84 +60,63 @@ inline int64_t tile_ld(const std::vector<int64_t>& nks) {
   return padded(std::min(kBN, *std::max_element(nks.begin(), nks.end())));
 }
 
-// Row stride of a transposed [D, keys] panel: padded, and off multiples of 1 KiB, which would map
-// every row of a column to the same cache sets.
-inline int64_t panel_ld(int64_t keys) {
-  const int64_t ld = padded(keys);
-  return ld % 256 == 0 ? ld + 16 : ld;
-}
-
-using cpu::mm;
-using cpu::transpose;
-
-DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
-DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
-DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) {
-  return cpu::exp_scale_sum_vec(s, n, a, c);
-}
-DCAL_CPU_CLONES double exp_scale_sum(double* s, int64_t n, double a, double c) {
-  return cpu::exp_scale_sum_vec(s, n, a, c);
-}
-DCAL_CPU_CLONES void exp_scale(float* s, int64_t n, float a, float c) { cpu::exp_scale_vec(s, n, a, c); }
-DCAL_CPU_CLONES void exp_scale(double* s, int64_t n, double a, double c) { cpu::exp_scale_vec(s, n, a, c); }
-DCAL_CPU_CLONES void dsoftmax(float* ds, const float* p, int64_t n, float d, float a) {
-  cpu::dsoftmax_vec(ds, p, n, d, a);
-}
-DCAL_CPU_CLONES void dsoftmax(double* ds, const double* p, int64_t n, double d, double a) {
-  cpu::dsoftmax_vec(ds, p, n, d, a);
-}
-DCAL_CPU_CLONES void scale_row(float* o, int64_t n, float c) { cpu::scale_vec(o, n, c); }
-DCAL_CPU_CLONES void scale_row(double* o, int64_t n, double c) { cpu::scale_vec(o, n, c); }
-DCAL_CPU_CLONES float dot(const float* a, const float* b, int64_t n) { return cpu::dot_impl(a, b, n); }
-DCAL_CPU_CLONES double dot(const double* a, const double* b, int64_t n) { return cpu::dot_impl(a, b, n); }
-
-// One [B, H, N, D] tensor with unit stride along D and a row stride >= D.
-template <typename T>
-struct HeadsView {
-  const T* data;
-  int64_t sb, sh, sn;
-  const T* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
-};
-
-at::Tensor blas_ready(const at::Tensor& t) {
-  const int64_t D = t.size(3);
-  if (t.stride(3) == 1 && (t.stride(2) >= D || t.size(2) == 1)) return t;
-  return t.contiguous();
-}
-
-template <typename T>
-HeadsView<T> view_of(const at::Tensor& t) {
-  // A single-token axis may carry any stride; the products want a row stride >= D.
-  const int64_t sn = t.size(2) == 1 ? t.size(3) : t.stride(2);
-  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), sn};
-}
-
 struct Seg {
   at::Tensor k, v;
 };
 
-void check_inputs(const char* op, const at::Tensor& q, const std::vector<Seg>& segs) {
-  TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
-              ": q must be float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, H, Nq, D], got ", q.sizes());
-  for (const auto& s : segs) {
-    for (const at::Tensor* t : {&s.k, &s.v}) {
-      TORCH_CHECK(t->dim() == 4 && t->size(0) == q.size(0) && t->size(1) == q.size(1) && t->size(3) == q.size(3), op,
-                  ": k/v must be [B, H, Nk, D] matching q ", q.sizes(), ", got ", t->sizes());
-      TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), op,
-                  ": k/v must have q's dtype and device");
+constexpr OpName kFwd{"mkv_fwd", ErrorClasses::kRuntimeErrors};
+constexpr OpName kBwd{"mkv_bwd", ErrorClasses::kRuntimeErrors};
+
+// What the products index with 32-bit BLAS integers (token counts, head dim, leading dims).
+constexpr int64_t kBlasMax = int64_t{1} << 30;
+
+// Checks of the inputs both entry points share: q and the one or two (k, v) segments.
+void check_inputs(const OpName& op, const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1,
+                  const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2) {
+  DCAL_CHECK_DEVICE(op, q.device().is_cpu(), "q must be a CPU tensor, got ", q.device());
+  DCAL_CHECK_DTYPE(op, q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                   "q must be float32 or float64, got ", q.scalar_type());
+  DCAL_CHECK_SHAPE(op, q.dim() == 4, "q must be [B, H, Nq, D], got ", q.sizes());
+  DCAL_CHECK_SHAPE(op, q.size(2) >= 1, "q needs at least one token, got shape ", q.sizes());
+  DCAL_CHECK_ARG(op, k2.has_value() == v2.has_value(), "k2 and v2 must be given together");
+  const char* names[] = {"k1", "v1", "k2", "v2"};
+  const at::Tensor* kv[] = {&k1, &v1, k2.has_value() ? &*k2 : nullptr, v2.has_value() ? &*v2 : nullptr};
+  int64_t keys = 0;
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor* t = kv[i];
+    if (t == nullptr) continue;
+    DCAL_CHECK_SHAPE(op, t->dim() == 4 && t->size(0) == q.size(0) && t->size(1) == q.size(1) && t->size(3) == q.size(3),
+                     names[i], " must be [B, H, Nk, D] matching q ", q.sizes(), ", got ", t->sizes());
+    DCAL_CHECK_DTYPE(op, t->scalar_type() == q.scalar_type(), names[i], " has dtype ", t->scalar_type(),
+                     "; k/v must have q's dtype (", q.scalar_type(), ")");
+    DCAL_CHECK_DEVICE(op, t->device() == q.device(), names[i], " is on ", t->device(), "; k/v must have q's device (",
+                      q.device(), ")");
+    if (i % 2 == 1) {
+      const at::Tensor& k = *kv[i - 1];
+      DCAL_CHECK_SHAPE(op, k.size(2) == t->size(2) && k.size(2) >= 1, names[i - 1], " and ", names[i],
+                       " need the same, nonzero length, got ", k.size(2), " and ", t->size(2));
+      keys += k.size(2);
     }
-    TORCH_CHECK(s.k.size(2) == s.v.size(2) && s.k.size(2) >= 1, op, ": k and v need the same, nonzero length");
   }
-  TORCH_CHECK(q.size(2) >= 1, op, ": q needs at least one token");
+  DCAL_CHECK_ARG(op, q.size(2) <= kBlasMax && q.size(3) <= kBlasMax && keys <= kBlasMax,
+                 "token counts and D must fit the BLAS integer type (at most 2^30), got q ", q.sizes(), " and ", keys,
+                 " keys");
 }
 
+// A floating [dims of q up to `rank`] tensor on the CPU: the checks of out, dout, lse and dlse.
+void check_like_q(const OpName& op, const char* name, const at::Tensor& t, const at::Tensor& q, int64_t rank,
+                  const char* shape) {
+  DCAL_CHECK_SHAPE(op, t.sizes() == q.sizes().slice(0, rank), name, " must be ", shape, " = ", q.sizes().slice(0, rank),
+                   ", got ", t.sizes());
+  DCAL_CHECK_DTYPE(op, at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
+  DCAL_CHECK_DEVICE(op, t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+// The segments as the kernels read them: in place where the products can, else one copy each.
 std::vector<Seg> segments(const at::Tensor& k1, const at::Tensor& v1, const std::optional<at::Tensor>& k2,
                           const std::optional<at::Tensor>& v2) {
-  std::vector<Seg> segs{{blas_ready(k1), blas_ready(v1)}};
-  TORCH_CHECK(k2.has_value() == v2.has_value(), "mkv: k2 and v2 must be given together");
-  if (k2.has_value()) segs.push_back({blas_ready(*k2), blas_ready(*v2)});
+  std::vector<Seg> segs{{cpu::blas_ready(k1), cpu::blas_ready(v1)}};
+  if (k2.has_value()) segs.push_back({cpu::blas_ready(*k2), cpu::blas_ready(*v2)});
   return segs;
 }
 
@@ -291,11 +277,14 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> mkv_fwd_cpu(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1,
                                                const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2,
                                                double scale) {
+  // checks
+  check_inputs(kFwd, q, k1, v1, k2, v2);
+  // allocate: the inputs as the products read them, then the outputs
+  const at::Tensor qc = cpu::blas_ready(q);
   const auto segs = segments(k1, v1, k2, v2);
-  check_inputs("mkv_fwd", q, segs);
-  const at::Tensor qc = blas_ready(q);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  // dispatch
   if (q.scalar_type() == at::kFloat)
     fwd_kernel<float>(qc, segs, static_cast<float>(scale), out, lse);
   else
@@ -307,22 +296,27 @@ std::vector<at::Tensor> mkv_bwd_cpu(const at::Tensor& dout, const std::optional<
                                     const at::Tensor& k1, const at::Tensor& v1, const std::optional<at::Tensor>& k2,
                                     const std::optional<at::Tensor>& v2, const at::Tensor& out, const at::Tensor& lse,
                                     double scale) {
-  const auto segs = segments(k1, v1, k2, v2);
-  check_inputs("mkv_bwd", q, segs);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "mkv_bwd: dout and out must be shaped as q");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "mkv_bwd: lse must be [B, H, Nq]");
+  // checks
+  check_inputs(kBwd, q, k1, v1, k2, v2);
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  check_like_q(kBwd, "dout", dout, q, 4, "[B, H, Nq, D]");
+  check_like_q(kBwd, "out", out, q, 4, "[B, H, Nq, D]");
+  check_like_q(kBwd, "lse", lse, q, 3, "[B, H, Nq]");
+  if (has_dlse) check_like_q(kBwd, "dlse", *dlse, q, 3, "[B, H, Nq]");
+  // allocate: the inputs as the kernel reads them (q's dtype; dout, out, lse, dlse contiguous),
+  // then the gradients
   const auto dt = q.scalar_type();
-  const at::Tensor qc = blas_ready(q);
+  const at::Tensor qc = cpu::blas_ready(q);
+  const auto segs = segments(k1, v1, k2, v2);
   const at::Tensor doc = dout.to(dt).contiguous(), oc = out.to(dt).contiguous(), lc = lse.to(dt).contiguous();
-  at::Tensor dl;
-  if (dlse.has_value() && dlse->defined()) dl = dlse->to(dt).contiguous();
-  std::vector<at::Tensor> grads{at::zeros(q.sizes(), q.options())};
+  const at::Tensor dl = has_dlse ? dlse->to(dt).contiguous() : at::Tensor();
+  std::vector<at::Tensor> grads{at::zeros(q.sizes(), q.options())};  // dq accumulates in place
   for (const auto& s : segs) {
-    // dk, dv: written whole from the transposed accumulators; dq accumulates in place
+    // dk, dv: written whole from the transposed accumulators
     grads.push_back(at::empty(s.k.sizes(), q.options()));
     grads.push_back(at::empty(s.v.sizes(), q.options()));
   }
+  // dispatch
   if (dt == at::kFloat)
     bwd_kernel<float>(doc, dl, qc, segs, oc, lc, static_cast<float>(scale), grads);
   else

@@ -10,6 +10,8 @@
 
 #include <math.h>
 
+#include "dcal.h"
+
 #ifndef DCAL_HD
 #ifdef __CUDACC__
 #define DCAL_HD __host__ __device__
@@ -21,10 +23,10 @@
 namespace dcal {
 namespace na2d {
 
-// Border modes, the ints of dcal::BorderMode (dcal.h) that the Python side passes.
-constexpr int kZero = 0;   // centred window, off-map keys are zeros that stay in the softmax
-constexpr int kMask = 1;   // centred window, off-map keys are left out
-constexpr int kClamp = 2;  // window shifted inside the map (NATTEN)
+// Border modes as the ints the kernels carry: the codes of dcal::BorderMode (dcal.h).
+constexpr int kZero = static_cast<int>(kBorderZero);
+constexpr int kMask = static_cast<int>(kBorderMask);
+constexpr int kClamp = static_cast<int>(kBorderClamp);
 
 // Dilation (docs/contract.md, Dilation): a window is kernel_size positions `start + dil * u`, u in [0, ks).
 // zero/mask: centred on the query like a dilated F.unfold (padding dil * (ks / 2)).

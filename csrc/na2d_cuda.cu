@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <limits>
 
+#include "checks.h"
 #include "dcal.h"
 #include "na2d.h"
 #include "na2d_kernels.cuh"
@@ -49,28 +50,31 @@
     }                                     \
   }()
 
-#define NA2D_DTYPE_SWITCH(DTYPE, NAME, ...)                                                               \
-  [&] {                                                                                                   \
-    switch (DTYPE) {                                                                                      \
-      case at::kFloat: {                                                                                  \
-        using NAME = float;                                                                               \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-      case at::kHalf: {                                                                                   \
-        using NAME = __half;                                                                              \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-      case at::kBFloat16: {                                                                               \
-        using NAME = __nv_bfloat16;                                                                       \
-        return __VA_ARGS__();                                                                             \
-      }                                                                                                   \
-      default:                                                                                            \
-        TORCH_CHECK(false, "na2d: dtype ", DTYPE, " not supported on CUDA (float32, float16, bfloat16)"); \
-    }                                                                                                     \
+#define NA2D_DTYPE_SWITCH(DTYPE, NAME, ...)                                                                     \
+  [&] {                                                                                                         \
+    switch (DTYPE) {                                                                                            \
+      case at::kFloat: {                                                                                        \
+        using NAME = float;                                                                                     \
+        return __VA_ARGS__();                                                                                   \
+      }                                                                                                         \
+      case at::kHalf: {                                                                                         \
+        using NAME = __half;                                                                                    \
+        return __VA_ARGS__();                                                                                   \
+      }                                                                                                         \
+      case at::kBFloat16: {                                                                                     \
+        using NAME = __nv_bfloat16;                                                                             \
+        return __VA_ARGS__();                                                                                   \
+      }                                                                                                         \
+      default:                                                                                                  \
+        DCAL_CHECK_DTYPE(kNa2d, false, "dtype ", DTYPE, " not supported on CUDA (float32, float16, bfloat16)"); \
+    }                                                                                                           \
   }()
 
 namespace dcal {
 namespace {
+
+// The op name of the dtype switch's fallback (unreachable past check_cuda_args).
+constexpr OpName kNa2d{"na2d", ErrorClasses::kRuntimeErrors};
 
 using na2d_cuda::kItems;
 using na2d_cuda::kThreads;
@@ -87,24 +91,37 @@ struct Inputs {
   double scale;
 };
 
-// Argument checks of both entry points: the shared ones (na2d_check_args) and what the CUDA
-// kernels add (device, dtype, head dim, grid limits).
-Inputs checked_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, double scale,
-                      int64_t dilation) {
+constexpr OpName kFwd{"na2d_fwd", ErrorClasses::kRuntimeErrors};
+constexpr OpName kBwd{"na2d_bwd", ErrorClasses::kRuntimeErrors};
+
+// Blocks of kItems queries (or keys) covering all B*H*X*Y tokens.
+int64_t token_blocks(const at::Tensor& q) { return (q.numel() / q.size(4) + kItems - 1) / kItems; }
+
+// Argument checks of both entry points: the ones shared with the CPU host (na2d_check_args) and
+// what the CUDA kernels add (device, dtype, head dim, grid limits).
+void check_cuda_args(const OpName& op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation) {
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
-  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor here, got ", q.device());
+  DCAL_CHECK_DEVICE(op, q.is_cuda(), "q must be a CUDA tensor here, got ", q.device());
   const auto t = q.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": q has dtype ", t,
-              "; the CUDA kernels take float32, float16 or bfloat16");
+  DCAL_CHECK_DTYPE(op, t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "q has dtype ", t,
+                   "; the CUDA kernels take float32, float16 or bfloat16");
   const int64_t D = q.size(4);
-  TORCH_CHECK(D >= 16 && D <= 128 && D % 8 == 0, op, ": head dim D = ", D,
-              " not supported by the CUDA kernels (16..128, a multiple of 8)");
-  TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int>::max(), op, ": B*H too large");
-  TORCH_CHECK(q.size(1) <= 65535, op, ": H = ", q.size(1), " heads is more than the bias-gradient grid takes (65535)");
+  DCAL_CHECK_SHAPE(op, D >= 16 && D <= 128 && D % 8 == 0, "head dim D = ", D,
+                   " not supported by the CUDA kernels (16..128, a multiple of 8)");
+  DCAL_CHECK_ARG(op, q.size(0) * q.size(1) <= std::numeric_limits<int>::max(), "B*H = ", q.size(0) * q.size(1),
+                 " is too large for the CUDA grid");
+  DCAL_CHECK_ARG(op, q.size(1) <= 65535, "H = ", q.size(1), " heads is more than the bias-gradient grid takes (65535)");
+  DCAL_CHECK_ARG(op, token_blocks(q) <= std::numeric_limits<int>::max(), "too many tokens (", q.numel() / D,
+                 ") for one launch");
   const int64_t R = 2 * kernel_size - 1;
-  TORCH_CHECK(R * R <= std::numeric_limits<int>::max(), op, ": kernel_size ", kernel_size,
-              " is too large for the CUDA kernels' bias index");
+  DCAL_CHECK_ARG(op, R * R <= std::numeric_limits<int>::max(), "kernel_size ", kernel_size,
+                 " is too large for the CUDA kernels' bias index");
+}
+
+// The inputs of a checked call as the kernels read them (the bias contiguous: one small copy at most).
+Inputs inputs_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& rpb,
+                 int64_t kernel_size, int64_t border, double scale, int64_t dilation) {
   const bool has_rpb = rpb.has_value() && rpb->defined();
   return Inputs{q, k, v, has_rpb ? rpb->contiguous() : at::Tensor(), kernel_size, border, dilation, scale};
 }
@@ -113,13 +130,8 @@ Strides strides(const at::Tensor& t) {
   return Strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
-// Blocks of kItems queries (or keys) covering all B*H*X*Y tokens.
-dim3 token_grid(const at::Tensor& q) {
-  const int64_t n = q.numel() / q.size(4);
-  const int64_t blocks = (n + kItems - 1) / kItems;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "na2d: too many tokens (", n, ") for one launch");
-  return dim3(static_cast<unsigned>(blocks));
-}
+// The grid of the token kernels (check_cuda_args bounds it).
+dim3 token_grid(const at::Tensor& q) { return dim3(static_cast<unsigned>(token_blocks(q))); }
 
 // Runs launch.template operator()<T, kHeadDim, kHasRpb, kUnitD>(p) with T the element type of q,
 // kHeadDim the head-dim bucket, kHasRpb whether a bias is given and kUnitD whether every tensor
@@ -165,8 +177,9 @@ T* out_ptr(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
                                                  int64_t border, double scale, int64_t dilation) {
-  const Inputs in = checked_inputs("na2d_fwd", q, k, v, rpb, kernel_size, border, scale, dilation);
+  check_cuda_args(kFwd, q, k, v, rpb, kernel_size, border, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
+  const Inputs in = inputs_of(q, k, v, rpb, kernel_size, border, scale, dilation);
   auto out = empty_in_order_of(q);  // [B, H, X, Y, D] in q's dim order
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -188,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cuda(const a
                                                                          const at::Tensor& out, const at::Tensor& lse,
                                                                          int64_t kernel_size, int64_t border,
                                                                          double scale, int64_t dilation) {
-  const Inputs in = checked_inputs("na2d_bwd", q, k, v, rpb, kernel_size, border, scale, dilation);
+  check_cuda_args(kBwd, q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
   const c10::cuda::CUDAGuard device_guard(q.device());
+  const Inputs in = inputs_of(q, k, v, rpb, kernel_size, border, scale, dilation);
   const auto lc = lse.contiguous();  // [B, H, X, Y] fp32: small, and contiguous when it comes from the forward
   auto dq = empty_in_order_of(q);    // the dim orders of q, k, v
   auto dk = empty_in_order_of(k);

@@ -31,7 +31,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_block.h"
+#include "checks.h"
+#include "cpu_common.h"
 
 namespace dcal {
 namespace {
@@ -55,52 +56,18 @@ struct AccOf<double> {
   using type = double;
 };
 
-DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
-DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return cpu::row_extreme_vec(s, n, lo); }
-DCAL_CPU_CLONES float exp_scale_sum(float* s, int64_t n, float a, float c) {
-  return cpu::exp_scale_sum_vec(s, n, a, c);
-}
-DCAL_CPU_CLONES double exp_scale_sum(double* s, int64_t n, double a, double c) {
-  return cpu::exp_scale_sum_vec(s, n, a, c);
-}
-DCAL_CPU_CLONES void exp_scale_axpy(float* acc, const float* s, int64_t n, float a, float c, float w) {
-  cpu::exp_scale_axpy_vec(acc, s, n, a, c, w);
-}
-// acc <- acc + w * p
-template <typename T>
-[[gnu::always_inline]] inline void axpy_impl(T* acc, const T* p, int64_t n, T w) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * p[j];
-}
-DCAL_CPU_CLONES void axpy(float* a, const float* p, int64_t n, float w) { axpy_impl(a, p, n, w); }
-DCAL_CPU_CLONES void axpy(double* a, const double* p, int64_t n, double w) { axpy_impl(a, p, n, w); }
-DCAL_CPU_CLONES void exp_scale_axpy(double* acc, const double* s, int64_t n, double a, double c, double w) {
-  cpu::exp_scale_axpy_vec(acc, s, n, a, c, w);
-}
+using cpu::axpy;
+using cpu::exp_scale_axpy;
+using cpu::exp_scale_sum;
+using cpu::HeadsView;
+using cpu::panel_ld;
+using cpu::row_extreme;
+using cpu::view_of;
 
-// One [B, H, N, D] tensor with unit stride along D and a row stride BLAS accepts (>= D).
-template <typename scalar_t>
-struct HeadsView {
-  const scalar_t* data;
-  int64_t sb, sh, sn;
-  const scalar_t* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
-};
+constexpr OpName kRollout{"rollout", ErrorClasses::kPythonErrors};
 
-// Read in place when BLAS can (unit stride along D, rows at least D apart: views of a fused qkv
-// projection qualify); otherwise one contiguous copy.
-at::Tensor blas_ready(const at::Tensor& t) {
-  const int64_t D = t.size(3);
-  if (t.stride(3) == 1 && (t.stride(2) >= D || t.size(2) == 1)) return t;
-  return t.contiguous();
-}
-
-template <typename scalar_t>
-HeadsView<scalar_t> view_of(const at::Tensor& t) {
-  // A single-token axis may carry any stride; BLAS wants a leading dimension >= D.
-  const int64_t sn = t.size(2) == 1 ? t.size(3) : t.stride(2);
-  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), sn};
-}
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// What the products index with 32-bit BLAS integers (N, D and leading dims).
+constexpr int64_t kBlasMax = int64_t{1} << 30;
 
 // rows [n, D] with row stride ld -> contiguous [n, D] in the accumulation type
 template <typename scalar_t, typename acc_t>
@@ -109,11 +76,8 @@ void widen(const scalar_t* src, int64_t ld, int64_t n, int64_t D, acc_t* dst) {
     for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<acc_t>(src[i * ld + d]);
 }
 
-// Rows per query block when n rows are split into ceil(n / kBQ) blocks of (nearly) equal size.
-inline int64_t block_rows(int64_t n) {
-  const int64_t nb = (n + kBQ - 1) / kBQ;
-  return (n + nb - 1) / nb;
-}
+// Rows per query block: n rows split into ceil(n / kBQ) blocks of (nearly) equal size.
+inline int64_t block_rows(int64_t n) { return cpu::block_rows(n, kBQ); }
 
 // part[task] = sum_i r[b, i] softmax_i(q_i k^T * scale) over the query rows of the task.
 template <typename scalar_t, typename acc_t>
@@ -123,9 +87,8 @@ void vec_attn_step(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, c
   const int64_t bq = block_rows(N), nqb = (N + bq - 1) / bq;
   const int64_t per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t tasks = B * H * chunks;
-  const int64_t ld = round_up(N, 16);  // row stride of the score tile: 64-byte aligned fp32 rows
-  // row stride of the [D, N] key panel: off multiples of 1 KiB (cache-set aliasing)
-  const int64_t ldk = ld % 256 == 0 ? ld + 16 : ld;
+  const int64_t ld = cpu::padded(N);     // row stride of the score tile: 64-byte aligned fp32 rows
+  const int64_t ldk = panel_ld(N);       // row stride of the [D, N] key panel
   const bool lowest = scale < acc_t(0);  // the maximum of scale * s is scale * min s
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -214,49 +177,51 @@ void rollout_kernel(const std::vector<at::Tensor>& qs, const std::vector<at::Ten
 }  // namespace
 
 at::Tensor rollout_cpu(at::TensorList qs, at::TensorList ks, at::TensorList lses, double scale, double residual) {
-  // Argument checks (the public op checks too; these guard direct calls of torch.ops.dcal.rollout).
-  TORCH_CHECK_VALUE(!qs.empty(), "rollout: qs must hold at least one [B, H, N, D] tensor");
-  TORCH_CHECK_VALUE(ks.size() == qs.size(), "rollout: qs has ", qs.size(), " tensors but ks has ", ks.size());
-  TORCH_CHECK_VALUE(lses.empty() || lses.size() == qs.size(), "rollout: lses has ", lses.size(),
-                    " tensors; expected none (recompute) or one per block (", qs.size(), ")");
-  TORCH_CHECK_VALUE(residual >= 0.0 && residual <= 1.0, "rollout: residual must be in [0, 1], got ", residual);
+  // checks (the public op checks too; these guard direct calls of torch.ops.dcal.rollout)
+  const OpName& op = kRollout;
+  DCAL_CHECK_SHAPE(op, !qs.empty(), "qs must hold at least one [B, H, N, D] tensor");
+  DCAL_CHECK_SHAPE(op, ks.size() == qs.size(), "qs has ", qs.size(), " tensors but ks has ", ks.size());
+  DCAL_CHECK_SHAPE(op, lses.empty() || lses.size() == qs.size(), "lses has ", lses.size(),
+                   " tensors; expected none (recompute) or one per block (", qs.size(), ")");
+  DCAL_CHECK_ARG(op, residual >= 0.0 && residual <= 1.0, "residual must be in [0, 1], got ", residual);
   const at::Tensor& ref = qs[0];
-  TORCH_CHECK_VALUE(ref.dim() == 4, "rollout: qs[0] must be [B, H, N, D], got shape ", ref.sizes());
+  DCAL_CHECK_SHAPE(op, ref.dim() == 4, "qs[0] must be [B, H, N, D], got shape ", ref.sizes());
   const auto dtype = ref.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-                   "rollout: CPU kernel takes float32, float64 or bfloat16, got ", dtype);
+  DCAL_CHECK_DTYPE(op, dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+                   "CPU kernel takes float32, float64 or bfloat16, got ", dtype);
   for (size_t i = 0; i < qs.size(); ++i) {
     for (const auto* t : {&qs[i], &ks[i]}) {
       const char* name = t == &qs[i] ? "qs" : "ks";
-      TORCH_CHECK_VALUE(t->device().is_cpu(), "rollout: ", name, "[", i, "] must be a CPU tensor, got ", t->device());
-      TORCH_CHECK_TYPE(t->scalar_type() == dtype, "rollout: ", name, "[", i, "] has dtype ", t->scalar_type(),
-                       " but qs[0] has ", dtype);
-      TORCH_CHECK_VALUE(t->sizes() == ref.sizes(), "rollout: ", name, "[", i, "] has shape ", t->sizes(), "; expected ",
-                        ref.sizes(), " like qs[0]");
+      DCAL_CHECK_DEVICE(op, t->device().is_cpu(), name, "[", i, "] must be a CPU tensor, got ", t->device());
+      DCAL_CHECK_DTYPE(op, t->scalar_type() == dtype, name, "[", i, "] has dtype ", t->scalar_type(), " but qs[0] has ",
+                       dtype);
+      DCAL_CHECK_SHAPE(op, t->sizes() == ref.sizes(), name, "[", i, "] has shape ", t->sizes(), "; expected ",
+                       ref.sizes(), " like qs[0]");
     }
   }
   const int64_t B = ref.size(0), H = ref.size(1), N = ref.size(2), D = ref.size(3);
-  TORCH_CHECK_VALUE(N <= (int64_t{1} << 30) && D <= (int64_t{1} << 30),
-                    "rollout: N and D must fit the BLAS integer type, got shape ", ref.sizes());
-  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<at::Tensor> lse_acc;
+  DCAL_CHECK_ARG(op, N <= kBlasMax && D <= kBlasMax, "N and D must fit the BLAS integer type, got shape ", ref.sizes());
   for (size_t i = 0; i < lses.size(); ++i) {
-    TORCH_CHECK_VALUE(lses[i].device().is_cpu(), "rollout: lses[", i, "] must be a CPU tensor");
-    TORCH_CHECK_VALUE(lses[i].sizes() == ref.sizes().slice(0, 3), "rollout: lses[", i, "] has shape ", lses[i].sizes(),
-                      "; expected [B, H, N] = ", ref.sizes().slice(0, 3));
-    TORCH_CHECK_TYPE(at::isFloatingType(lses[i].scalar_type()), "rollout: lses[", i, "] must be floating");
-    lse_acc.push_back(lses[i].to(acc_type).contiguous());  // O(B*H*N)
+    DCAL_CHECK_DEVICE(op, lses[i].device().is_cpu(), "lses[", i, "] must be a CPU tensor, got ", lses[i].device());
+    DCAL_CHECK_SHAPE(op, lses[i].sizes() == ref.sizes().slice(0, 3), "lses[", i, "] has shape ", lses[i].sizes(),
+                     "; expected [B, H, N] = ", ref.sizes().slice(0, 3));
+    DCAL_CHECK_DTYPE(op, at::isFloatingType(lses[i].scalar_type()), "lses[", i, "] must be floating, got ",
+                     lses[i].scalar_type());
   }
-  // Unit stride along D and rows >= D apart is all BLAS needs; other layouts (views of qkv) are
-  // read in place.
-  std::vector<at::Tensor> q_in, k_in;
-  for (size_t i = 0; i < qs.size(); ++i) {
-    q_in.push_back(blas_ready(qs[i]));
-    k_in.push_back(blas_ready(ks[i]));
-  }
+  DCAL_CHECK_SHAPE(op, H >= 1 || B == 0 || N == 0, "qs[0] has no heads (shape ", ref.sizes(), ")");
+  // allocate: the result, then the inputs as the products read them. Unit stride along D and rows
+  // >= D apart is all BLAS needs, so other layouts (views of qkv) are read in place; the given
+  // logsumexps are converted to the accumulation type (O(B*H*N)).
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor r = at::empty({B, N}, ref.options().dtype(acc_type));
   if (B == 0 || N == 0) return r;
-  TORCH_CHECK_VALUE(H >= 1, "rollout: qs[0] has no heads (shape ", ref.sizes(), ")");
+  std::vector<at::Tensor> q_in, k_in, lse_acc;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    q_in.push_back(cpu::blas_ready(qs[i]));
+    k_in.push_back(cpu::blas_ready(ks[i]));
+  }
+  for (const auto& lse : lses) lse_acc.push_back(lse.to(acc_type).contiguous());
+  // dispatch
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "dcal_rollout_cpu",
                                  [&] { rollout_kernel<scalar_t>(q_in, k_in, lse_acc, r, scale, residual); });
   return r;
