@@ -5,11 +5,14 @@ import contextlib
 import functools
 import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dcal.models import DCALConfig, DCALViT
 from dcal.models.dcal_vit import derangement
@@ -353,6 +356,46 @@ def test_pair_copies_are_not_kept_for_backward(monkeypatch):
     assert all(r.expired() for r in made), "a gathered pair copy is kept alive by the graph"
     loss.backward()
     assert all(p.grad is not None for p in m.blocks.parameters())
+
+
+class _LiveStorages(TorchDispatchMode):
+    """The storages of every tensor made under it that are still alive (by weak reference)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self.live:
+                    self.live[key] = (weakref.ref(st, lambda _, k=key: self.live.pop(k, None)), str(func), t.shape)
+        return out
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["default", "reference"])
+def test_nothing_outlives_the_step(backend):
+    """After forward and backward only the gradients remain: no node of the graph (e.g. the
+    logsumexp of a reference attention whose lse is dropped) is kept alive by the saved-tensor
+    hooks of the PWCA pass."""
+    m = tiny(backend=backend).train()
+    x, y = images(), torch.tensor([1, 2, 3])
+    tr = _LiveStorages()
+    with tr:
+        loss = m.loss(m(x, perm=torch.tensor([2, 0, 1])), y)[0]
+        loss.backward()
+    del loss
+    gc.collect()
+    kept = {t.untyped_storage().data_ptr() for p in m.parameters() for t in (p, p.grad) if t is not None}
+    left = [
+        (func, tuple(shape))
+        for ref, func, shape in tr.live.values()
+        if ref() is not None and ref().data_ptr() not in kept and len(shape) > 0
+    ]
+    assert not left, left
 
 
 def test_remake_saved_gives_the_same_gradients():

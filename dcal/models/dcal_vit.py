@@ -157,7 +157,9 @@ class _RemakeSaved(torch.autograd.graph.saved_tensors_hooks):
             st = t.untyped_storage()
             hit = recipes.get(st._cdata)
             if hit is None or hit[1] != st.nbytes():
-                return t
+                # detached: a saved output kept with its autograd history would form a cycle
+                # (node -> saved output -> node) that outlives a node backward never reaches
+                return t.detach()
             return (hit[0], t.shape, t.stride(), t.storage_offset())
 
         def unpack(p):
