@@ -44,7 +44,8 @@ BASELINE = "materialising"
 X_LABEL = "batch"
 FLOPS = (
     "matmuls of one step: per block 2*N*C*C*12 (qkv, proj, MLP) + 4*N*N*C (SA), the same with 2N keys for "
-    "PWCA, GLCA on 1 + 10% queries, the patch embedding; forward x3 for forward + backward"
+    "PWCA (the pair's keys/values are the SA pass's: not projected again), GLCA on 1 + 10% queries, the patch "
+    "embedding; forward x3 for forward + backward"
 )
 
 VIT_B = dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12)
@@ -60,7 +61,7 @@ def _flops(B: int, p: dict, glca_ratio: float = 0.1) -> float:
     N, R = P + 1, math.ceil(glca_ratio * P) + 1  # GLCA queries: CLS + top patches
     dense = lambda n: 2 * n * C * C * (3 + 1 + 8)  # qkv, proj, MLP 4x: 2 flops per MAC
     sa = dense(N) + 4 * N * N * C
-    pwca = dense(N) + 2 * N * C * 2 * C + 4 * N * 2 * N * C  # + keys/values of the pair
+    pwca = dense(N) + 4 * N * 2 * N * C  # the pair's keys/values come from the SA pass
     glca = 2 * N * C * 2 * C + 2 * R * C * C * 10 + 4 * R * N * C
     embed = 2 * P * C * 3 * p["patch_size"] ** 2
     return 3.0 * B * (L * (sa + pwca) + glca + embed)
