@@ -20,7 +20,10 @@ Providers (same model, same seed, only the attention backend differs):
   ([B, 12, 785, 785]) and PWCA ([B, 12, 785, 1570], with ``torch.cat`` of the keys/values) kept for
   backward in every block, and a dense rollout, as the original DCAL code does.
 * ``fused``: the default backend chain (``describe`` prints which backend runs here): no score
-  matrix, logsumexps saved instead, rollout from q, k and the saved logsumexps.
+  matrix, logsumexps saved instead, rollout from q, k and the saved logsumexps; PWCA takes the
+  pair's keys/values from the SA pass (as the model always does), and the model option
+  ``checkpoint_mlp=True`` (:data:`FUSED_CONFIG`; the case's shape text says so): each MLP keeps its
+  matmul outputs and recomputes LayerNorm and GELU in backward.
 
 Cases: CPU batch 2; GPU batches 8 and 16; 448 px (785 tokens). ``--quick``: a 2-block, width-64
 model at 64 px, batch 2.
@@ -41,10 +44,13 @@ BASELINE = "materialising"
 X_LABEL = "batch"
 FLOPS = (
     "matmuls of one step: per block 2*N*C*C*12 (qkv, proj, MLP) + 4*N*N*C (SA), the same with 2N keys for "
-    "PWCA, GLCA on 1 + 10% queries, the patch embedding; forward x3 for forward + backward"
+    "PWCA (the pair's keys/values are the SA pass's: not projected again), GLCA on 1 + 10% queries, the patch "
+    "embedding; forward x3 for forward + backward"
 )
 
 VIT_B = dict(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+# Model options of the fused provider only (the materialising one runs the model's defaults).
+FUSED_CONFIG = dict(checkpoint_mlp=True)
 QUICK = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
 
 
@@ -55,7 +61,7 @@ def _flops(B: int, p: dict, glca_ratio: float = 0.1) -> float:
     N, R = P + 1, math.ceil(glca_ratio * P) + 1  # GLCA queries: CLS + top patches
     dense = lambda n: 2 * n * C * C * (3 + 1 + 8)  # qkv, proj, MLP 4x: 2 flops per MAC
     sa = dense(N) + 4 * N * N * C
-    pwca = dense(N) + 2 * N * C * 2 * C + 4 * N * 2 * N * C  # + keys/values of the pair
+    pwca = dense(N) + 4 * N * 2 * N * C  # the pair's keys/values come from the SA pass
     glca = 2 * N * C * 2 * C + 2 * R * C * C * 10 + 4 * R * N * C
     embed = 2 * P * C * 3 * p["patch_size"] ** 2
     return 3.0 * B * (L * (sa + pwca) + glca + embed)
@@ -69,7 +75,7 @@ def cases(quick: bool, device: str):
     return [
         Case(
             name=f"B{b}-{p['img_size']}px",
-            params=dict(B=b, **p, tokens=n),
+            params=dict(B=b, **p, tokens=n, fused_config=_options(FUSED_CONFIG)),
             dtype="float32",
             device=device,
             mode="fwd+bwd",
@@ -104,6 +110,11 @@ def _param_count(p: dict) -> int:
     return _param_count_of(*(p[k] for k in VIT_B))
 
 
+def _options(cfg: dict) -> str:
+    """``checkpoint_mlp=True``: the fused provider's model options as the shape text shows them."""
+    return ",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
+
+
 def describe(device: str) -> str:
     """Which backends the ``fused`` provider runs here (attention and rollout)."""
     import dcal.ops
@@ -120,13 +131,13 @@ def make_inputs(case: Case):
     return x, y
 
 
-def _step(case: Case, inputs, backend):
+def _step(case: Case, inputs, backend, **options):
     from dcal.models import DCALConfig, DCALViT
 
     p = case.params
     if case.device.startswith("cuda") and not torch.cuda.is_available():
         raise Unavailable("CUDA is not available")
-    cfg = DCALConfig(**{k: p[k] for k in VIT_B}, num_classes=200, ablation="full", backend=backend)
+    cfg = DCALConfig(**{k: p[k] for k in VIT_B}, num_classes=200, ablation="full", backend=backend, **options)
     torch.manual_seed(0)
     model = DCALViT(cfg).to(case.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -153,7 +164,7 @@ def materialising(case, inputs):
 
 
 def fused(case, inputs):
-    return _step(case, inputs, None)
+    return _step(case, inputs, None, **FUSED_CONFIG)
 
 
 PROVIDERS = {"materialising": materialising, "fused": fused}

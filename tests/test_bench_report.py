@@ -21,7 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_repository_results_page_matches_its_csvs():
     r = subprocess.run(
-        [sys.executable, "-m", "bench.report", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "bench.report", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, f"docs/results.md or bench/results/summary.md is stale:\n{r.stdout}\n{r.stderr}"
     assert "up to date" in r.stdout
@@ -139,7 +143,10 @@ def test_headline_figures_of_the_guide(tmp_path, capsys):
             ("B2-448px", "fused", "32980", "2193", "ok"),
             ("B2-448px", "materialising", "48710", "5020", "ok"),
         ],
-        "rollout": [("N785-L12", "cpp", "966.2", "0.24", "ok"), ("N785-L12", "compiled", "1254.3", "70.7", "ok")],
+        "rollout": [
+            ("N785-L12", "cpp", "966.2", "0.24", "ok"),
+            ("N785-L12", "compiled", "1254.3", "70.7", "ok"),
+        ],
     }
     for name, rs in rows.items():
         _csv(
@@ -151,7 +158,15 @@ def test_headline_figures_of_the_guide(tmp_path, capsys):
         )
     page, guide = _page(tmp_path), tmp_path / "README.md"
     guide.write_text(f"# dcal\n\n## What it buys\n\n{report.HEAD_START}\nhand-written\n{report.HEAD_END}\n\n## Next\n")
-    args = ["--results", str(res), "--page", str(page), "--no-plot", "--guide", str(guide)]
+    args = [
+        "--results",
+        str(res),
+        "--page",
+        str(page),
+        "--no-plot",
+        "--guide",
+        str(guide),
+    ]
     assert report.main(args + ["--check"]) == 1
     assert str(guide) in capsys.readouterr().out
     assert report.main(args) == 0
@@ -173,3 +188,174 @@ def test_headline_figures_of_the_guide(tmp_path, capsys):
     guide.write_text(text.replace("0.77x", "0.5x"))
     assert report.main(args) == 0
     assert "0.5x" in guide.read_text() and "headline figures left as they are" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- targets and verdicts
+
+
+def _rows(**by_provider):
+    """CSV-like rows of one case: provider=(median ms, peak MiB, share of peak, status)."""
+    return [
+        dict(
+            provider=p,
+            median_ms=str(t),
+            peak_mib=str(m),
+            share_of_peak=str(s),
+            status=st,
+        )
+        for p, (t, m, s, st) in by_provider.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    "target,rows,want",
+    [
+        # time and memory ratios to another provider
+        (
+            report.Target("time", "<=", 0.5, "materialising", ("fused",)),
+            _rows(fused=(11000, 2200, 0.58, "ok"), materialising=(30000, 5000, 0.21, "ok")),
+            ("met", "met (0.37x time)"),
+        ),
+        (
+            report.Target("time", "<=", 0.3, "materialising", ("fused",)),
+            _rows(fused=(11000, 2200, 0.58, "ok"), materialising=(30000, 5000, 0.21, "ok")),
+            ("short", "short: 0.37x time, target <= 0.3x"),
+        ),
+        (
+            report.Target("memory", "<=", 0.4, "materialising", ("fused",)),
+            _rows(fused=(11000, 1900, 0.58, "ok"), materialising=(30000, 5000, 0.21, "ok")),
+            ("met", "met (0.38x memory)"),
+        ),
+        (
+            report.Target("memory", "<=", 0.4, "materialising", ("fused",)),
+            _rows(fused=(11000, 2200, 0.58, "ok"), materialising=(30000, 5000, 0.21, "ok")),
+            ("short", "short: 0.44x memory, target <= 0.4x"),
+        ),
+        # close to the bound: a third digit tells the figure from it
+        (
+            report.Target("memory", "<=", 0.4, "materialising", ("fused",)),
+            _rows(fused=(11000, 2002, 0.58, "ok"), materialising=(30000, 5000, 0.21, "ok")),
+            ("short", "short: 0.400x memory, target <= 0.4x"),
+        ),
+        # strictly faster
+        (
+            report.Target("time", "<", 1, "flex"),
+            _rows(dcal=(10, 9, 0.12, "ok"), flex=(400, 33, 0.003, "ok")),
+            ("met", "met (0.03x time)"),
+        ),
+        (
+            report.Target("time", "<", 1, "flex"),
+            _rows(dcal=(10, 9, 0.12, "ok"), flex=(10, 33, 0.003, "ok")),
+            ("short", "short: 1.000x time, target < 1x"),
+        ),
+        # share of the matmul peak
+        (
+            report.Target("peak", ">=", 0.35),
+            _rows(dcal=(10, 9, 0.41, "ok")),
+            ("met", "met (41% of peak)"),
+        ),
+        (
+            report.Target("peak", ">=", 0.35),
+            _rows(dcal=(10, 9, 0.12, "ok")),
+            ("short", "short: 12% of peak, target >= 35%"),
+        ),
+        # absolute memory: a run that does not complete falls short
+        (
+            report.Target("peak_mib", "<=", 2048),
+            _rows(dcal=(916, 565, 0.07, "ok")),
+            ("met", "met (565 MiB)"),
+        ),
+        (
+            report.Target("peak_mib", "<=", 2048),
+            _rows(dcal=(916, 2500, 0.07, "ok")),
+            ("short", "short: 2500 MiB, target <= 2 GiB"),
+        ),
+        (
+            report.Target("peak_mib", "<=", 2048),
+            _rows(dcal=("", "", "", "OOM")),
+            ("short", "short: OOM, target <= 2 GiB"),
+        ),
+        # no figure to judge: the other provider failed, or ours was skipped
+        (
+            report.Target("time", "<=", 0.5, "unfold"),
+            _rows(dcal=(10, 9, 0.12, "ok"), unfold=("", "", "", "OOM")),
+            ("n/a", "not measured (unfold OOM)"),
+        ),
+        (
+            report.Target("time", "<=", 1, "compiled", ("triton",)),
+            _rows(
+                triton=("", "", "", "skipped: needs CUDA"),
+                compiled=(400, 70, 0.16, "ok"),
+            ),
+            ("n/a", "not measured (skipped (needs CUDA))"),
+        ),
+    ],
+)
+def test_verdict_met_short_and_not_measured(target, rows, want):
+    got = report.verdicts(target, rows)
+    assert len(got) == 1 and got[0][1:] == want, got
+
+
+def test_verdicts_of_every_provider_of_ours_that_ran():
+    rows = _rows(
+        cpp=(120, 1.4, 0.5, "ok"),
+        cpp_lse=(300, 1.5, 0.57, "ok"),
+        triton=("", "", "", "skipped: no GPU"),
+        compiled=(200, 70, 0.16, "ok"),
+    )
+    got = report.verdicts(report.Target("time", "<=", 1, "compiled"), rows)
+    assert [(p, k) for p, k, _ in got] == [("cpp", "met"), ("cpp_lse", "short")]
+    cell = report.target_cell("rollout", "N785-L12", [dict(r, provider=r["provider"]) for r in rows])
+    assert "cpp: met (0.60x time); cpp_lse: short: 1.50x time, target <= 1x" in cell
+
+
+def test_targets_are_structured_and_checked():
+    for (bench, case), clauses in report.TARGETS.items():
+        assert bench in report.BENCHES and clauses
+        assert all(isinstance(t, report.Target) and t.text() for t in clauses)
+    assert report.Target("memory", "<=", 0.4, "materialising", ("fused",)).text() == (
+        "fused <= 0.4x memory of materialising"
+    )
+    assert report.Target("peak", ">=", 0.35).text() == ">= 35% of peak"
+    assert report.Target("peak_mib", "<=", 2048).text() == "completes in <= 2 GiB"
+    assert report.Target("time", "<", 1, "flex").text() == "faster than flex"
+    with pytest.raises(ValueError, match="metric"):
+        report.Target("speed", "<=", 1, "x")
+    with pytest.raises(ValueError, match="op"):
+        report.Target("time", "==", 1, "x")
+    with pytest.raises(ValueError, match="versus"):
+        report.Target("time", "<=", 1)
+    with pytest.raises(ValueError, match="versus"):
+        report.Target("peak", ">=", 0.3, "x")
+
+
+def test_verdicts_in_the_page_and_summary(tmp_path):
+    res = tmp_path / "results"
+    rows = [
+        dict(
+            case="B2-448px",
+            provider="materialising",
+            median_ms="30000",
+            peak_mib="5000",
+            status="ok",
+        ),
+        dict(
+            case="B2-448px",
+            provider="fused",
+            median_ms="11000",
+            peak_mib="2200",
+            status="ok",
+        ),
+    ]
+    _csv(res, "train_step", "0123456789ab", quick=False, rows=rows)
+    page = _page(tmp_path)
+    assert report.main(["--results", str(res), "--page", str(page), "--no-plot", "--guide", "none"]) == 0
+    want_time = "fused <= 0.5x time of materialising: **met (0.37x time)**"
+    want_mem = "fused <= 0.4x memory of materialising: **short: 0.44x memory, target <= 0.4x**"
+    assert want_time in page.read_text() and want_mem in page.read_text()
+    summary = (res / "summary.md").read_text()
+    assert "1 met, 1 short, 0 not measured here" in summary
+    assert (
+        "| train_step | B2-448px | fused <= 0.4x memory of materialising | short: 0.44x memory, target <= 0.4x |"
+        in (summary)
+    )

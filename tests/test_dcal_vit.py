@@ -1,12 +1,18 @@
 """DCAL ViT on a tiny config: against a plain, materialising ViT written here, across backends,
 with checkpointing, the loss, a short training run and the JAX npz loader."""
 
+import contextlib
+import functools
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dcal.models import DCALConfig, DCALViT
 from dcal.models.dcal_vit import derangement
@@ -254,6 +260,178 @@ def test_grad_checkpointing_matches():
         torch.testing.assert_close(res[1][0][k], res[0][0][k], atol=1e-12, rtol=1e-12)
     for a, b in zip(res[0][1], res[1][1]):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+def _forward_projecting_the_pair(m, x, perm):
+    """The model's training forward written the direct way: PWCA block l projects the pair's
+    tokens h_{l-1}[perm] again (norm1 and qkv) instead of taking the SA pass's keys/values."""
+    h = h0 = m.embed(x)
+    hidden, stats = [], []
+    for blk in m.blocks:
+        hidden.append(h)
+        h, st = blk(h, return_rollout=True)
+        stats.append(st)
+    out = {"sa": m.head(m.norm(h)[:, 0])}
+    g = m.glca_block(hidden[-1], query_index=m.glca_index(stats))
+    out["glca"] = m.glca_head(m.glca_norm(g).mean(dim=1))
+    p = h0
+    for blk, hs in zip(m.blocks, hidden):
+        p = blk(p, pair=hs[perm])
+    out["pwca"] = m.head(m.norm(p)[:, 0])
+    return out
+
+
+def _storage_ref(t):
+    """A weak reference to t's memory (alive while any view of it, e.g. a saved one, is)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(t.untyped_storage())
+
+
+def _loss_and_grads(m, forward, x, y):
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(11)  # the same drop-path masks
+    out = forward(x)
+    loss = m.loss(out, y)[0]
+    loss.backward()
+    return [loss] + [out[k] for k in sorted(out)] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("options", [{}, {"checkpoint_mlp": True}, {"grad_checkpointing": True}], ids=str)
+def test_pair_keys_values_from_the_sa_pass_match_projecting_the_pair(options):
+    """PWCA's pair keys/values taken from the SA pass (and re-gathered in backward) give the loss,
+    logits and gradients of projecting the pair's tokens again (fp64; the gradient sums differ in
+    order only)."""
+    x, y, perm = images(), torch.tensor([1, 2, 3]), torch.tensor([2, 0, 1])
+    m = tiny(drop_path_rate=0.2, **options).train()
+    ref = _loss_and_grads(m, lambda x: _forward_projecting_the_pair(m, x, perm), x, y)
+    got = _loss_and_grads(m, lambda x: m(x, perm=perm), x, y)
+    assert all(g is not None for g in got)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+def test_checkpoint_mlp_is_bitwise_the_same_step():
+    """checkpoint_mlp recomputes LayerNorm and GELU in backward: the same loss and gradients, bit
+    for bit (fp32), with the GELU's output no longer kept between forward and backward."""
+    x, y = images(dtype=torch.float32), torch.tensor([1, 2, 3])
+    res, kept = [], []
+    for ckpt in (False, True):
+        m = tiny(dtype=torch.float32, drop_path_rate=0.2, checkpoint_mlp=ckpt).train()
+        outs = []
+        m.blocks[0].mlp.act.register_forward_hook(lambda mod, a, o: outs.append(_storage_ref(o)))
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        out = m(x, perm=torch.tensor([1, 2, 0]))
+        loss = m.loss(out, y)[0]
+        gc.collect()
+        kept.append(sum(not r.expired() for r in outs))  # SA and PWCA pass of block 0
+        loss.backward()
+        res.append([loss] + [p.grad for p in m.parameters()])
+    assert kept == [2, 0], kept
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_pair_copies_are_not_kept_for_backward(monkeypatch):
+    """The pair's gathered keys/values live only during their PWCA block's forward."""
+    import dcal.models.dcal_vit as dv
+
+    made = []
+    gather = dv._gather_batch
+
+    def recording(t, index):
+        out = gather(t, index)
+        if torch.is_grad_enabled():  # the forward's copies, not backward's re-gathers
+            made.append(_storage_ref(out))
+        return out
+
+    monkeypatch.setattr(dv, "_gather_batch", recording)
+    m = tiny().train()
+    x, y = images(), torch.tensor([1, 2, 3])
+    loss = m.loss(m(x, perm=torch.tensor([2, 0, 1])), y)[0]
+    gc.collect()
+    assert len(made) == 2 * m.config.depth
+    assert all(r.expired() for r in made), "a gathered pair copy is kept alive by the graph"
+    loss.backward()
+    assert all(p.grad is not None for p in m.blocks.parameters())
+
+
+class _LiveStorages(TorchDispatchMode):
+    """The storages of every tensor made under it that are still alive (by weak reference)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self.live:
+                    self.live[key] = (weakref.ref(st, lambda _, k=key: self.live.pop(k, None)), str(func), t.shape)
+        return out
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["default", "reference"])
+def test_nothing_outlives_the_step(backend):
+    """After forward and backward only the gradients remain: no node of the graph (e.g. the
+    logsumexp of a reference attention whose lse is dropped) is kept alive by the saved-tensor
+    hooks of the PWCA pass."""
+    m = tiny(backend=backend).train()
+    x, y = images(), torch.tensor([1, 2, 3])
+    tr = _LiveStorages()
+    with tr:
+        loss = m.loss(m(x, perm=torch.tensor([2, 0, 1])), y)[0]
+        loss.backward()
+    del loss
+    gc.collect()
+    kept = {t.untyped_storage().data_ptr() for p in m.parameters() for t in (p, p.grad) if t is not None}
+    left = [
+        (func, tuple(shape))
+        for ref, func, shape in tr.live.values()
+        if ref() is not None and ref().data_ptr() not in kept and len(shape) > 0
+    ]
+    assert not left, left
+
+
+def test_remake_saved_gives_the_same_gradients():
+    """_RemakeSaved: a saved gathered tensor is dropped in forward and made again in backward."""
+    from dcal.models.dcal_vit import _gather_batch, _RemakeSaved
+
+    k = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([2, 0, 1])
+    grads = []
+    for remake in (False, True):
+        k.grad = None
+        g = _gather_batch(k, idx)
+        ref = _storage_ref(g)
+        hooks = _RemakeSaved([(g, functools.partial(_gather_batch, k.detach(), idx))]) if remake else None
+        with hooks or contextlib.nullcontext():
+            y = (g[:, :, 1:] * g[:, :, :-1]).exp().sum()  # saves views of g
+        del g
+        gc.collect()
+        assert ref.expired() == remake
+        y.backward()
+        grads.append(k.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "perm,match",
+    [
+        (torch.tensor([1, 0]), r"perm must be an int64 tensor \[B\] = \[3\]"),
+        (torch.tensor([1.0, 2.0, 0.0]), "perm must be an int64"),
+        ([1, 2, 0], "perm must be an int64"),
+        (torch.tensor([1, 2, 3]), r"perm values must lie in \[0, 3\)"),
+    ],
+    ids=["length", "dtype", "list", "range"],
+)
+def test_bad_pairing_raises(perm, match):
+    with pytest.raises(ValueError, match=match):
+        tiny().train()(images(), perm=perm)
 
 
 @pytest.mark.parametrize("ablation,total", [("sa", 1.0), ("sa_glca", 2.0), ("full", 2.0)])

@@ -157,6 +157,42 @@ def test_return_rollout_gives_views_and_lse():
     assert q._base is not None and q._base is k._base
 
 
+def test_pair_kv_equals_projecting_the_pair():
+    """pair_kv: the pair's keys/values as return_kv gives them for the pair's own self-attention;
+    the output and every gradient are those of passing the pair's tokens."""
+    torch.manual_seed(0)
+    m = PWCAAttention(32, 4, qkv_bias=True).double()
+    x0, p0 = torch.randn(3, 11, 32, dtype=torch.float64), torch.randn(3, 6, 32, dtype=torch.float64)
+    res = []
+    for use_kv in (False, True):
+        m.zero_grad(set_to_none=True)
+        x, p = x0.clone().requires_grad_(), p0.clone().requires_grad_()
+        if use_kv:
+            y_p, (k, v) = m(p, return_kv=True)
+            out = m(x, pair_kv=(k, v))
+        else:
+            y_p, out = m(p), m(x, pair=p)
+        (out * torch.cos(out)).sum().add((y_p * y_p).sum()).backward()
+        res.append([out, x.grad, p.grad] + [t.grad for t in m.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+def test_return_kv_gives_views_of_the_projection():
+    torch.manual_seed(0)
+    m = PWCAAttention(32, 2, qkv_bias=True).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    y, (q, k, lse), (k2, v) = m(x, return_rollout=True, return_kv=True)
+    _, _, k_ref, _ = plain_attention(dict(m.state_dict()), 2, x, x)
+    torch.testing.assert_close(y, m(x), atol=0, rtol=0)
+    assert k2 is k or torch.equal(k2, k)
+    torch.testing.assert_close(k2, k_ref, atol=1e-12, rtol=1e-12)
+    w, b = m.qkv.weight[64:], m.qkv.bias[64:]
+    v_ref = torch.nn.functional.linear(x, w, b).view(2, 9, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(v, v_ref, atol=1e-12, rtol=1e-12)
+    assert v._base is q._base, "v must be a view of the qkv projection, not a copy"
+
+
 def test_attn_dropout_is_applied_in_training():
     torch.manual_seed(0)
     m = PWCAAttention(32, 2, qkv_bias=True, attn_drop=0.5).double()
@@ -184,8 +220,42 @@ def test_attn_dropout_is_applied_in_training():
         (lambda m: m(torch.randn(2, 5, 32), query_index=torch.tensor([[0, 5], [1, 2]])), "query_index"),
         (lambda m: m(torch.randn(2, 5, 32), query_index=torch.zeros(2, 2)), "query_index"),
         (lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(2, 5, 32), return_rollout=True), "return_rollout"),
+        (lambda m: m(torch.randn(2, 5, 32), pair_kv=torch.randn(2, 2, 5, 16)), "pair_kv must be a pair"),
+        (lambda m: m(torch.randn(2, 5, 32), pair_kv=(torch.randn(2, 2, 5, 8),) * 2), r"pair_kv\[0\] \(k2\) must be"),
+        (lambda m: m(torch.randn(2, 5, 32), pair_kv=(torch.randn(3, 2, 5, 16),) * 2), r"pair_kv\[0\] \(k2\) must be"),
+        (
+            lambda m: m(torch.randn(2, 5, 32), pair_kv=(torch.randn(2, 2, 5, 16), torch.randn(2, 3, 5, 16))),
+            r"pair_kv\[1\] \(v2\) must be",
+        ),
+        (
+            lambda m: m(torch.randn(2, 5, 32), pair_kv=(torch.randn(2, 2, 5, 16), torch.randn(2, 2, 4, 16))),
+            "as many tokens",
+        ),
+        (
+            lambda m: m(torch.randn(2, 5, 32), pair=torch.randn(2, 5, 32), pair_kv=(torch.randn(2, 2, 5, 16),) * 2),
+            "not both",
+        ),
+        (
+            lambda m: m(torch.randn(2, 5, 32), pair_kv=(torch.randn(2, 2, 5, 16),) * 2, return_rollout=True),
+            "return_rollout",
+        ),
     ],
-    ids=["x-width", "x-rank", "pair-batch", "pair-width", "index-range", "index-dtype", "rollout-with-pair"],
+    ids=[
+        "x-width",
+        "x-rank",
+        "pair-batch",
+        "pair-width",
+        "index-range",
+        "index-dtype",
+        "rollout-with-pair",
+        "pair_kv-not-a-pair",
+        "pair_kv-head-dim",
+        "pair_kv-batch",
+        "pair_kv-heads",
+        "pair_kv-lengths",
+        "pair-and-pair_kv",
+        "rollout-with-pair_kv",
+    ],
 )
 def test_bad_input_raises(call, match):
     m = PWCAAttention(32, 2)

@@ -17,11 +17,16 @@ PWCA runs the same blocks (shared weights) on the target tokens; at block l the 
 those of the target and of the paired image's SA hidden state h_{l-1}[perm], i.e. the pair goes
 through the same SA blocks, as in the paper. The pair is another image of the batch (no image
 is paired with itself when B > 1); its hidden states are not detached, so the PWCA loss also
-reaches the SA stream of the paired image.
+reaches the SA stream of the paired image. The pair's keys/values at block l are therefore those
+the SA pass computed for h_{l-1} (same LayerNorm, same qkv weights): PWCA takes them from the SA
+pass (gathered by perm) instead of projecting h_{l-1}[perm] again, and backward re-gathers them
+instead of keeping the copies (docs/performance-cpu.md, the training step).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -30,7 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dcal import ops
 from dcal.nn.pwca import PWCAAttention
@@ -50,6 +55,12 @@ class DCALConfig:
     rollout_residual: the identity share of each rollout factor (0.5 in the paper).
     backend: passed to every dcal op (None: automatic); "sdpa" has no rollout, which then
       uses the automatic chain.
+    grad_checkpointing: recompute each whole block in backward (least memory, most time).
+    checkpoint_mlp: selective checkpointing of each block's MLP: its matmul outputs are kept, its
+      LayerNorm and GELU are recomputed in backward (two elementwise passes); saves the GELU's
+      output and the LayerNorm's, 18 MiB per block and pass at ViT-B/16, 448 px, batch 2 (fp32).
+      Same loss and gradients (bitwise); about 10% more CPU time per step. Ignored under
+      grad_checkpointing, which recomputes the whole block.
     """
 
     img_size: int = 448
@@ -66,6 +77,7 @@ class DCALConfig:
     drop_path_rate: float = 0.1
     backend: Optional[str] = None
     grad_checkpointing: bool = False
+    checkpoint_mlp: bool = False
     logvar_clamp: Tuple[float, float] = (-3.0, 3.0)
     rollout_residual: float = 0.5
 
@@ -124,8 +136,60 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _save_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy of the MLP: keep the matmul outputs, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+_MLP_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+
+
+class _RemakeSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Within the context, a tensor saved for backward that lives in the storage of one of the given
+    tensors is saved as the recipe that made it, and made again (bitwise the same: a gather of
+    tensors backward keeps anyway) when backward reads it. ``made``: (tensor, remake) pairs, remake()
+    returning a tensor of the same storage layout. The hooks hold no reference to the tensors."""
+
+    def __init__(self, made):
+        recipes = {t.untyped_storage()._cdata: (remake, t.untyped_storage().nbytes()) for t, remake in made}
+
+        def pack(t):
+            st = t.untyped_storage()
+            hit = recipes.get(st._cdata)
+            if hit is None or hit[1] != st.nbytes():
+                # detached: a saved output kept with its autograd history would form a cycle
+                # (node -> saved output -> node) that outlives a node backward never reaches
+                return t.detach()
+            return (hit[0], t.shape, t.stride(), t.storage_offset())
+
+        def unpack(p):
+            if isinstance(p, Tensor):
+                return p
+            remake, shape, stride, offset = p
+            return remake().as_strided(shape, stride, offset)
+
+        super().__init__(pack, unpack)
+
+
+def _gather_batch(t: Tensor, index: Tensor) -> Tensor:
+    """``t[index]`` for t [B, H, N, D]: gathered in [B, N, H, D] memory order (the order of the keys
+    and values of a qkv projection), returned as the [B, H, N, D] view."""
+    return t.transpose(1, 2).index_select(0, index).transpose(1, 2)
+
+
 class Block(nn.Module):
-    """timm's pre-norm ViT block (same parameter names); attention can be SA, PWCA or GLCA."""
+    """timm's pre-norm ViT block (same parameter names); attention can be SA, PWCA or GLCA.
+
+    ``forward(x, pair=None, return_rollout=False, query_index=None, *, pair_kv=None, pair_index=None,
+    return_kv=False, recompute=True)``: ``pair_kv`` (k, v) are keys/values of the SA pass (``return_kv``
+    gives them) and ``pair_index`` [B] picks the pair of each sample: PWCA over k[pair_index],
+    v[pair_index] without projecting the pair again. The gathered copies are not kept for backward
+    (made again from k and v, which the SA pass keeps anyway). With ``checkpoint_mlp`` the MLP keeps
+    only its matmul outputs and recomputes LayerNorm and GELU in backward. ``recompute=False``
+    (inside a whole-block checkpoint, which recomputes everything anyway) turns both off.
+    Returns x, or (x, rollout stats) / (x, (k, v)) / (x, stats, (k, v)) as asked.
+    """
 
     def __init__(self, c: DCALConfig, drop_path: float):
         super().__init__()
@@ -135,20 +199,50 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.mlp = Mlp(c.embed_dim, int(c.embed_dim * c.mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
+        self.checkpoint_mlp = c.checkpoint_mlp
 
-    def forward(self, x, pair=None, return_rollout=False, query_index=None):
-        y = self.attn(
-            self.norm1(x),
-            pair=None if pair is None else self.norm1(pair),
-            return_rollout=return_rollout,
-            query_index=query_index,
-        )
-        y, stats = y if return_rollout else (y, None)
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))
+
+    def forward(
+        self,
+        x,
+        pair=None,
+        return_rollout=False,
+        query_index=None,
+        *,
+        pair_kv=None,
+        pair_index=None,
+        return_kv=False,
+        recompute=True,
+    ):
+        saving = recompute and torch.is_grad_enabled()
+        hooks = contextlib.nullcontext()
+        if pair_kv is not None and pair_index is not None:
+            k, v = pair_kv
+            pair_kv = (_gather_batch(k, pair_index), _gather_batch(v, pair_index))
+            if saving:
+                remake = lambda t: functools.partial(_gather_batch, t.detach(), pair_index)  # noqa: E731
+                hooks = _RemakeSaved([(pair_kv[0], remake(k)), (pair_kv[1], remake(v))])
+        with hooks:
+            res = self.attn(
+                self.norm1(x),
+                pair=None if pair is None else self.norm1(pair),
+                pair_kv=pair_kv,
+                return_rollout=return_rollout,
+                return_kv=return_kv,
+                query_index=query_index,
+            )
+        y, extra = (res[0], res[1:]) if isinstance(res, tuple) else (res, ())
         if query_index is not None:
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         x = x + self.drop_path1(y)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return (x, stats) if return_rollout else x
+        if self.checkpoint_mlp and saving:
+            m = checkpoint(self._mlp_branch, x, use_reentrant=False, context_fn=_MLP_CONTEXT)
+        else:
+            m = self._mlp_branch(x)
+        x = x + self.drop_path2(m)
+        return (x,) + extra if extra else x
 
 
 class PatchEmbed(nn.Module):
@@ -255,7 +349,7 @@ class DCALViT(nn.Module):
 
     def _block(self, blk: Block, x, **kw):
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False, **kw)
+            return checkpoint(blk, x, use_reentrant=False, recompute=False, **kw)
         return blk(x, **kw)
 
     def embed(self, x: Tensor) -> Tensor:
@@ -281,23 +375,39 @@ class DCALViT(nn.Module):
         branches = self.config.branches
         h = h0 = self.embed(x)
         pwca = self.training and "pwca" in branches
-        hidden, stats = [], []  # tokens entering each SA block (kept for backward anyway)
+        glca = "glca" in branches
+        if pwca and perm is not None:
+            B = x.shape[0]
+            if not isinstance(perm, Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (B,):
+                got = f"{perm.dtype} {tuple(perm.shape)}" if isinstance(perm, Tensor) else type(perm).__name__
+                raise ValueError(f"perm must be an int64 tensor [B] = [{B}] (the pair of each sample), got {got}")
+            if B and (perm.min() < 0 or perm.max() >= B):
+                raise ValueError(f"perm values must lie in [0, {B})")
+        # The SA pass hands on the rollout statistics (GLCA) and its keys/values (PWCA pairs with
+        # them): views of the qkv projection it keeps for backward anyway.
+        stats, kvs = [], []
+        h_last = h  # the tokens entering the last SA block (GLCA's input)
         for blk in self.blocks:
-            hidden = hidden + [h] if pwca else [h]
-            if "glca" in branches:
-                h, st = self._block(blk, h, return_rollout=True)
-                stats.append(st)
-            else:
-                h = self._block(blk, h)
+            h_last = h
+            res = self._block(blk, h, return_rollout=glca, return_kv=pwca)
+            if not (glca or pwca):
+                h = res
+                continue
+            h, extra = res[0], list(res[1:])
+            if glca:
+                stats.append(extra.pop(0))
+            if pwca:
+                kvs.append(extra.pop(0))
         out = {"sa": self.head(self.norm(h)[:, 0])}
-        if "glca" in branches:
-            g = self._block(self.glca_block, hidden[-1], query_index=self.glca_index(stats))
+        if glca:
+            g = self._block(self.glca_block, h_last, query_index=self.glca_index(stats))
             out["glca"] = self.glca_head(self.glca_norm(g).mean(dim=1))
         if pwca:
             perm = derangement(x.shape[0], x.device) if perm is None else perm
             p = h0
-            for blk, hs in zip(self.blocks, hidden):
-                p = self._block(blk, p, pair=hs[perm])
+            for blk, kv in zip(self.blocks, kvs):
+                # PWCA at block l: keys/values of the pair's h_{l-1} = those of its SA pass
+                p = self._block(blk, p, pair_kv=kv, pair_index=perm)
             out["pwca"] = self.head(self.norm(p)[:, 0])
         if self.training:
             return out

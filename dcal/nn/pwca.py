@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,8 @@ class PWCAAttention(nn.Module):
     keyword, as timm's blocks pass them. A timm state dict loads strictly; :func:`dcal.nn.fuse_attention`
     swaps a whole model's attention, keeping its parameter tensors.
 
-    ``forward(x, attn_mask=None, is_causal=False, *, pair=None, return_rollout=False, query_index=None)``,
-    x [B, N, dim]:
+    ``forward(x, attn_mask=None, is_causal=False, *, pair=None, return_rollout=False, query_index=None,
+    pair_kv=None, return_kv=False)``, x [B, N, dim]:
 
     - ``pair=None``: self-attention of x (one key/value segment).
     - ``pair`` [B, Np, dim]: PWCA (DCAL): queries from x over the keys/values of x and of ``pair``,
@@ -50,6 +50,12 @@ class PWCAAttention(nn.Module):
     - ``return_rollout=True`` (self-attention only) also returns ``(q, k, lse)``: q, k [B, H, N, D]
       are views of the qkv projection that the attention keeps anyway, lse [B, H, N] fp32 comes
       with the fused output, so :func:`dcal.ops.attention_rollout` needs no extra memory.
+    - ``return_kv=True`` also returns ``(k, v)``, the keys and values of x, [B, H, N, D] (views of
+      the qkv projection), after the rollout statistics when both are asked for:
+      ``(y, (q, k, lse), (k, v))``.
+    - ``pair_kv=(k2, v2)``, each [B, H, Np, head_dim]: PWCA over keys/values of the pair that are
+      already projected (and k-normed) by this module, e.g. those ``return_kv`` gave for the pair's
+      own self-attention: the same result as ``pair`` without projecting the pair again.
 
     Masks, causal attention and attention dropout: the fused kernels never hold the probabilities
     and take no mask, so these calls run on PyTorch's ``F.scaled_dot_product_attention`` (SDPA)
@@ -112,10 +118,31 @@ class PWCAAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, self.dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _check(self, x, pair, query_index, return_rollout, attn_mask, is_causal):
+    def _check(self, x, pair, query_index, return_rollout, attn_mask, is_causal, pair_kv=None):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, N, {self.dim}] (dim={self.dim}), got {got}")
+        if pair_kv is not None:
+            if pair is not None:
+                raise ValueError(
+                    "pass the pair either as tokens (pair) or as projected keys/values (pair_kv), not both"
+                )
+            want = f"[{x.shape[0]}, {self.num_heads}, Np, {self.head_dim}]"
+            if not (isinstance(pair_kv, (tuple, list)) and len(pair_kv) == 2):
+                raise ValueError(f"pair_kv must be a pair (k2, v2) of tensors {want}, got {type(pair_kv).__name__}")
+            k2, v2 = pair_kv
+            for name, t in (("pair_kv[0] (k2)", k2), ("pair_kv[1] (v2)", v2)):
+                if (
+                    not isinstance(t, Tensor)
+                    or t.dim() != 4
+                    or t.shape[0] != x.shape[0]
+                    or t.shape[1] != self.num_heads
+                    or t.shape[3] != self.head_dim
+                ):
+                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"{name} must be {want} (the batch of x, num_heads, head_dim), got {got}")
+            if k2.shape[2] != v2.shape[2]:
+                raise ValueError(f"pair_kv: k2 and v2 must hold as many tokens, got {k2.shape[2]} and {v2.shape[2]}")
         if pair is not None:
             if (
                 not isinstance(pair, Tensor)
@@ -135,14 +162,17 @@ class PWCAAttention(nn.Module):
                 raise ValueError(f"query_index must be an int64 [B, R] tensor with B={x.shape[0]}")
             if query_index.numel() and (query_index.min() < 0 or query_index.max() >= x.shape[1]):
                 raise ValueError(f"query_index values must lie in [0, {x.shape[1]})")
-        if return_rollout and (pair is not None or query_index is not None):
-            raise ValueError("return_rollout=True needs plain self-attention (pair=None, query_index=None)")
+        n_pair = pair.shape[1] if pair is not None else pair_kv[0].shape[2] if pair_kv is not None else None
+        if return_rollout and (n_pair is not None or query_index is not None):
+            raise ValueError(
+                "return_rollout=True needs plain self-attention (pair=None, pair_kv=None, query_index=None)"
+            )
         if not isinstance(is_causal, bool):
             raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
         if attn_mask is not None:
             B, N = x.shape[:2]
-            _check_mask(attn_mask, (B, self.num_heads, N, N + (0 if pair is None else pair.shape[1])))
-        if is_causal and (pair is not None or query_index is not None or attn_mask is not None):
+            _check_mask(attn_mask, (B, self.num_heads, N, N + (n_pair or 0)))
+        if is_causal and (n_pair is not None or query_index is not None or attn_mask is not None):
             raise ValueError(
                 "is_causal=True needs plain self-attention without attn_mask (pair=None, "
                 "query_index=None, attn_mask=None); pass the mask you mean as attn_mask instead"
@@ -162,8 +192,10 @@ class PWCAAttention(nn.Module):
         pair: Optional[Tensor] = None,
         return_rollout: bool = False,
         query_index: Optional[Tensor] = None,
+        pair_kv: Optional[Tuple[Tensor, Tensor]] = None,
+        return_kv: bool = False,
     ):
-        self._check(x, pair, query_index, return_rollout, attn_mask, is_causal)
+        self._check(x, pair, query_index, return_rollout, attn_mask, is_causal, pair_kv)
         B, N, C = x.shape
         A = self.attn_dim
         w, b = self.qkv.weight, self.qkv.bias
@@ -181,6 +213,8 @@ class PWCAAttention(nn.Module):
             # The pair only contributes keys and values: the k/v rows of the shared weight.
             k2, v2 = _heads(F.linear(pair, w[A:], None if b is None else b[A:]), 2, self.num_heads)
             kv.append((self.k_norm(k2), v2))
+        elif pair_kv is not None:
+            kv.append(tuple(pair_kv))
         dropout = self.attn_drop.p if self.training else 0.0
         if attn_mask is not None or is_causal or dropout > 0:
             out, lse = self._sdpa(q, kv, attn_mask, is_causal, dropout, query_index), None
@@ -190,7 +224,9 @@ class PWCAAttention(nn.Module):
         if self.gate is not None:
             y = y * self.gate(xq).sigmoid()
         y = self.proj_drop(self.proj(y))
-        return (y, (q, k, lse)) if return_rollout else y
+        extra = ((q, k, lse),) if return_rollout else ()
+        extra += ((k, v),) if return_kv else ()
+        return (y,) + extra if extra else y
 
     def _sdpa(self, q, kv, attn_mask, is_causal, dropout, query_index):
         # See the class docstring: masks, causal and dropout run on SDPA over all keys at once.
