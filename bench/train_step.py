@@ -32,12 +32,12 @@ model at 64 px, batch 2.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 
 import torch
 
 from bench.common import Case, Unavailable, bench_main, nbytes
+from dcal.testing.flops import flops_vit_step
 
 NAME = "train_step"
 BASELINE = "materialising"
@@ -54,19 +54,6 @@ FUSED_CONFIG = dict(checkpoint_mlp=True)
 QUICK = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
 
 
-def _flops(B: int, p: dict, glca_ratio: float = 0.1) -> float:
-    """Matmul FLOPs of one step: forward of SA, PWCA and GLCA blocks, backward counted as 2x."""
-    C, L = p["embed_dim"], p["depth"]
-    P = (p["img_size"] // p["patch_size"]) ** 2
-    N, R = P + 1, math.ceil(glca_ratio * P) + 1  # GLCA queries: CLS + top patches
-    dense = lambda n: 2 * n * C * C * (3 + 1 + 8)  # qkv, proj, MLP 4x: 2 flops per MAC
-    sa = dense(N) + 4 * N * N * C
-    pwca = dense(N) + 4 * N * 2 * N * C  # the pair's keys/values come from the SA pass
-    glca = 2 * N * C * 2 * C + 2 * R * C * C * 10 + 4 * R * N * C
-    embed = 2 * P * C * 3 * p["patch_size"] ** 2
-    return 3.0 * B * (L * (sa + pwca) + glca + embed)
-
-
 def cases(quick: bool, device: str):
     cuda = device.startswith("cuda")
     p = QUICK if quick else VIT_B
@@ -79,7 +66,7 @@ def cases(quick: bool, device: str):
             dtype="float32",
             device=device,
             mode="fwd+bwd",
-            flops=_flops(b, p),
+            flops=flops_vit_step(b, p),
             x=b,
             group="train step",
             floor_bytes=nbytes((_param_count(p),), "float32"),

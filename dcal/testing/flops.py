@@ -48,7 +48,7 @@ def flops_vit_step(batch: int, p: dict, glca_ratio: float = 0.1) -> float:
     N, R = P + 1, math.ceil(glca_ratio * P) + 1  # GLCA queries: CLS + top patches
     dense = lambda n: 2 * n * C * C * (3 + 1 + 8)  # noqa: E731  (qkv, proj, MLP 4x: 2 flops per MAC)
     sa = dense(N) + 4 * N * N * C
-    pwca = dense(N) + 2 * N * C * 2 * C + 4 * N * 2 * N * C  # + keys/values of the pair
+    pwca = dense(N) + 4 * N * 2 * N * C  # the pair's keys/values come from the SA pass
     glca = 2 * N * C * 2 * C + 2 * R * C * C * 10 + 4 * R * N * C
     embed = 2 * P * C * 3 * p["patch_size"] ** 2
     return 3.0 * batch * (L * (sa + pwca) + glca + embed)
