@@ -579,10 +579,12 @@ struct Kern {
     std::vector<const T*> wp, bp;
     std::vector<int> slot, us;  // ring slot -> key row; [kPair][ks] window rows taken
     std::vector<KeyRow> keys;   // [ks + kPair - 1] key rows of a pair's windows
-    vec_t<T> probe{};           // finiteness probe of everything staged (probe_row)
+    vec_t<T> probe{};           // finiteness probe (probe_row): of v in the forward, of every input in the
+                                // backward (a non-finite q or k reaches only its own windows' logits)
+    bool backward;
     std::vector<int> klo, khi;  // [nb] column offsets reaching each key block (backward)
 
-    Work(const Geo& g, bool backward) {
+    Work(const Geo& g, bool backward_) : backward(backward_) {
       constexpr int L = Vec<T>::L;
       const int ks = g.ks, NC = 2 * ks - 1;
       PAD = pad_of(ks, L);
@@ -651,7 +653,8 @@ struct Kern {
         if (slot[sl] != INT_MIN) evict(sl);
         stage(k, g, s, r, W, PAD, K.data() + sl * row);
         stage(v, g, s, r, W, PAD, V.data() + sl * row);
-        probe += probe_row(K.data() + sl * row, W, g.D, PAD, s.ny) + probe_row(V.data() + sl * row, W, g.D, PAD, s.ny);
+        probe += probe_row(V.data() + sl * row, W, g.D, PAD, s.ny);
+        if (backward) probe += probe_row(K.data() + sl * row, W, g.D, PAD, s.ny);
         slot[sl] = r;
       }
     }
