@@ -49,14 +49,14 @@
 #include <utility>
 #include <vector>
 
+// Vectors only cross always-inline calls, inside one clone or entry, so the ABI note does not
+// apply (also to cpu_math.h's exp, instantiated here with this file's vector types).
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "cpu_math.h"
 #define DCAL_NA2D_MATH_ONLY
 #include "na2d.h"
 
 #define DCAL_AI [[gnu::always_inline]] inline
-
-// Vectors only cross always-inline calls, inside one clone, so the ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace dcal {
 namespace na2d_simd {
