@@ -7,9 +7,14 @@
 // its own layout without a copy. lse (and the backward's delta) are contiguous [B, H, X, Y].
 //
 // fp32 and fp64 run the register-blocked kernels of na2d_cpu_simd.cpp (the queries of a map row
-// in the SIMD lanes). bf16, and inputs holding a NaN or an inf (see all_finite), run the simple
-// kernels below: parallel over (batch, head, map row), the head dim the inner loop of every dot
-// and axpy, computed in fp32; each query one online-softmax pass over its window.
+// in the SIMD lanes). bf16, and inputs holding a NaN or an inf, run the simple kernels below (the
+// SIMD kernels weigh keys outside a lane's window by 0 where lanes' windows differ, at clamp
+// borders, and gather dK, dV over whole rows, where a key outside a query's window enters with
+// weight 0: 0 * NaN or 0 * inf would reach that query; they find such an input while staging it
+// and report it, and the call then runs the simple kernels, which touch only each query's own
+// window, so a NaN or inf reaches exactly the outputs it reaches in PyTorch's own computation).
+// The simple kernels: parallel over (batch, head, map row), the head dim the inner loop of every
+// dot and axpy, computed in fp32; each query one online-softmax pass over its window.
 // Nothing with a kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and
 // the logsumexp.
 //
@@ -23,7 +28,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -72,32 +76,6 @@ Strided<T> strided(const at::Tensor& t) {
 template <typename T>
 StridedOut<T> strided_out(at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
-// True when every element of a [B, H, X, Y, D] input is finite, read through its strides (no
-// allocation). The SIMD kernels weigh keys outside a lane's window by 0 where lanes' windows
-// differ (clamp borders) and gather dK, dV over whole rows, where a key outside a query's window
-// enters with weight 0; 0 * NaN or 0 * inf would reach that query. Inputs holding a non-finite
-// value therefore take the simple kernels, which touch only each query's own window, so a NaN or
-// inf reaches exactly the outputs it reaches in PyTorch's own computation (one read of the input,
-// a few per cent of the kernel's time).
-template <typename T>
-bool all_finite(const Strided<T>& t, const at::Tensor& ref) {
-  const int64_t H = ref.size(1), X = ref.size(2), Y = ref.size(3), D = ref.size(4);
-  const int64_t rows = ref.size(0) * H * X;
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end && ok.load(std::memory_order_relaxed); ++r) {
-      const int64_t bh = r / X, i = r % X;
-      bool row_ok = true;
-      for (int64_t j = 0; j < Y; ++j) {
-        const T* e = t.at(bh, H, i, j);
-        for (int64_t d = 0; d < D; ++d) row_ok &= std::isfinite(static_cast<double>(e[d * t.sd]));
-      }
-      if (!row_ok) ok.store(false, std::memory_order_relaxed);
-    }
-  });
-  return ok.load();
 }
 
 // [D] . [D] -> scalar (b read with stride sb)
@@ -392,18 +370,14 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   auto out = empty_in_order_of(q);
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(stat_type(q.scalar_type())));
   const Geometry g = geometry(q, kernel_size, border, dilation);
-  bool fast = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: the SIMD kernels
-  if (fast) {                                    // a non-finite v would reach queries outside its windows (all_finite)
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_finite",
-                               [&] { fast = all_finite(strided<scalar_t>(v), v); });
-  }
-  if (fast) {
+  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: the SIMD kernels, unless an input is not finite
+    bool done = false;
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
-      na2d_simd::fwd(simd_geo(g), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                     has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out), lse.data_ptr<scalar_t>(),
-                     static_cast<scalar_t>(scale));
+      done = na2d_simd::fwd(simd_geo(g), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                            has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
+                            lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
     });
-    return {out, lse};
+    if (done) return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -431,39 +405,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   const auto stat = opts.dtype(stat_type(q.scalar_type()));
   const int64_t R = 2 * kernel_size - 1;
-  bool fast = q.scalar_type() != at::kBFloat16;  // fp32 / fp64: the SIMD kernels
-  if (fast) {  // a non-finite input would reach gradients outside its windows (all_finite)
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_finite", [&] {
-      for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) fast = fast && all_finite(strided<scalar_t>(*t), *t);
-    });
-  }
-  if (fast) {
+  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: the SIMD kernels, unless an input is not finite
     const Geometry g = geometry(q, kernel_size, border, dilation);
     auto dq = empty_in_order_of(q);  // every element written by the kernel
     auto dk = empty_in_order_of(k);
     auto dv = empty_in_order_of(v);
     const int64_t slices = g.B * g.H * g.dil * g.dil;
     auto part = has_rpb ? at::empty({slices, R * R}, opts) : at::Tensor();
+    bool done = false;
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
-      na2d_simd::bwd(simd_geo(g), strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
-                     strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
-                     lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk),
-                     strided_out<scalar_t>(dv), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
-                     static_cast<scalar_t>(scale));
+      done = na2d_simd::bwd(simd_geo(g), strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
+                            strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
+                            lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk),
+                            strided_out<scalar_t>(dv), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
+                            static_cast<scalar_t>(scale));
     });
-    if (!has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
-    auto drpb = at::zeros({g.H, R, R}, opts);
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
-      const scalar_t* p = part.data_ptr<scalar_t>();
-      scalar_t* a = drpb.data_ptr<scalar_t>();
-      const int64_t n = R * R, dd = g.dil * g.dil;
-      for (int64_t sl = 0; sl < slices; ++sl) {
-        scalar_t* ah = a + ((sl / dd) % g.H) * n;
-        for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
-      }
-    });
-    return {dq, dk, dv, drpb};
+    if (done && !has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
+    if (done) {
+      auto drpb = at::zeros({g.H, R, R}, opts);
+      AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
+        const scalar_t* p = part.data_ptr<scalar_t>();
+        scalar_t* a = drpb.data_ptr<scalar_t>();
+        const int64_t n = R * R, dd = g.dil * g.dil;
+        for (int64_t sl = 0; sl < slices; ++sl) {
+          scalar_t* ah = a + ((sl / dd) % g.H) * n;
+          for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
+        }
+      });
+      return {dq, dk, dv, drpb};
+    }
   }
+  // bf16, or an input holding an inf or a NaN: the per-window kernels.
   auto dq = empty_in_order_of(q);
   auto dk = empty_in_order_of(k);
   auto dv = empty_in_order_of(v);

@@ -1,5 +1,6 @@
 // 2-D neighborhood attention on CPU, fp32 and fp64 (docs/contract.md): the register-blocked kernels
-// of na2d_cpu_simd.cpp, called by the host code in na2d_cpu.cpp for inputs that are all finite.
+// of na2d_cpu_simd.cpp, called by the host code in na2d_cpu.cpp; their results stand when the
+// inputs are all finite (the return value).
 // Plain C++ (no torch types): tensors arrive as a pointer and five strides.
 #pragma once
 
@@ -21,17 +22,23 @@ struct Geo {
   int ks, border, dil;
 };
 
-// out and lse [B, H, X, Y] (contiguous) of the forward.
-void fwd(const Geo& g, In<float> q, In<float> k, In<float> v, const float* rpb, Out<float> out, float* lse,
+// out and lse [B, H, X, Y] (contiguous) of the forward. Returns false when a staged input (k, v)
+// holds an inf or a NaN: the kernels weigh keys outside a lane's window by 0 where lanes' windows
+// differ (clamp borders), and 0 * NaN would reach that lane, so the results are then not to be
+// used and the caller runs the per-window kernel instead (na2d_cpu.cpp). The check costs nothing
+// extra: every input element is staged once anyway.
+bool fwd(const Geo& g, In<float> q, In<float> k, In<float> v, const float* rpb, Out<float> out, float* lse,
          float scale);
-void fwd(const Geo& g, In<double> q, In<double> k, In<double> v, const double* rpb, Out<double> out, double* lse,
+bool fwd(const Geo& g, In<double> q, In<double> k, In<double> v, const double* rpb, Out<double> out, double* lse,
          double scale);
 
 // dq, dk, dv written whole (no zeroing needed); bias_part [B * H * dil * dil, (2ks-1)^2] per-slice
 // bias-gradient sums (written whole), or null without rpb. lse contiguous [B, H, X, Y].
-void bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, const float* rpb, In<float> out,
+// Returns false when dout, q, k, v or out holds an inf or a NaN (then as for fwd): the dK, dV
+// gather runs over whole rows, where a key outside a query's window enters with weight 0.
+bool bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, const float* rpb, In<float> out,
          const float* lse, Out<float> dq, Out<float> dk, Out<float> dv, float* bias_part, float scale);
-void bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb, In<double> out,
+bool bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb, In<double> out,
          const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part, double scale);
 
 }  // namespace na2d_simd
