@@ -135,7 +135,12 @@ namespace dcal {
 // for the fake implementations.
 at::Tensor empty_in_order_of(const at::Tensor& t);
 
-// Argument checks shared by the CPU and CUDA host code (TORCH_CHECK, messages name the argument).
+// dtype of the logsumexp (and of the backward's statistics) for inputs of dtype t: float64 for
+// float64, float32 otherwise.
+at::ScalarType na2d_stat_type(at::ScalarType t);
+
+// Argument checks shared by the CPU and CUDA host code (na2d_host.cpp; checks.h's macros, op names
+// "na2d" and "na2d_bwd", RuntimeError), run before anything is allocated.
 void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation);
 void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse);

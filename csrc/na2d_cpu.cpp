@@ -35,6 +35,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "dcal.h"
 #include "na2d.h"
 #include "na2d_cpu_layout.h"
@@ -55,10 +56,10 @@ using na2d_cpu::StridedOut;
 // drpb does not depend on the number of threads.
 constexpr int64_t kBiasBlocks = 128;
 
-struct Geometry {
-  int64_t B, H, X, Y, D;
-  int ks, border, dil;
-};
+constexpr OpName kFwd{"na2d_fwd", ErrorClasses::kRuntimeErrors};
+constexpr OpName kBwd{"na2d_bwd", ErrorClasses::kRuntimeErrors};
+
+using Geometry = na2d_simd::Geo;
 
 // Rows per parallel task: enough work per task that a small call runs on one thread instead of
 // paying for a parallel region (a row costs about Y * ks^2 * D multiply-adds per pass).
@@ -273,10 +274,6 @@ void bwd_dkdv_kernel(const Geometry g, Strided<scalar_t> dout, Strided<scalar_t>
   });
 }
 
-na2d_simd::Geo simd_geo(const Geometry& g) { return {g.B, g.H, g.X, g.Y, g.D, g.ks, g.border, g.dil}; }
-
-at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border, int64_t dilation) {
   return Geometry{q.size(0),
                   q.size(1),
@@ -288,159 +285,61 @@ Geometry geometry(const at::Tensor& q, int64_t kernel_size, int64_t border, int6
                   static_cast<int>(dilation)};
 }
 
-void check_cpu(const at::Tensor& q, const char* op) {
-  TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device());
+// What the CPU kernels take beyond the shared checks (na2d_check_args): CPU tensors of fp32, fp64
+// or bf16.
+void check_cpu(const OpName& op, const at::Tensor& q) {
+  DCAL_CHECK_DEVICE(op, q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
   const auto t = q.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, op, ": q has dtype ", t,
-              "; the CPU kernels take float32, float64 or bfloat16");
+  DCAL_CHECK_DTYPE(op, t == at::kFloat || t == at::kDouble || t == at::kBFloat16, "q has dtype ", t,
+                   "; the CPU kernels take float32, float64 or bfloat16");
 }
 
-}  // namespace
-
-at::Tensor empty_in_order_of(const at::Tensor& t) {
-  // Dims outermost first: decreasing stride, ties in logical order (a stable sort), broadcast
-  // dims (stride 0) first. kernels/_layout.py is the same rule for the fake implementations.
-  std::vector<int64_t> order(t.dim());
-  for (int64_t d = 0; d < t.dim(); ++d) order[d] = d;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    const int64_t sa = t.stride(a), sb = t.stride(b);
-    if ((sa == 0) != (sb == 0)) return sa == 0;
-    return sa > sb;
-  });
-  return at::empty_permuted(t.sizes(), order, t.options());
-}
-
-void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border, int64_t dilation) {
-  TORCH_CHECK(q.dim() == 5, "na2d: q must have 5 dimensions [B, H, X, Y, D], got shape ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "na2d: k has shape ", k.sizes(), "; expected the shape of q ", q.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "na2d: v has shape ", v.sizes(), "; expected the shape of q ", q.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "na2d: k (", k.scalar_type(),
-              ") and v (", v.scalar_type(), ") must have the dtype of q (", q.scalar_type(), ")");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "na2d: k (", k.device(), ") and v (", v.device(),
-              ") must be on the device of q (", q.device(), ")");
-  TORCH_CHECK(kernel_size >= 3 && kernel_size % 2 == 1 && kernel_size < (1 << 15),
-              "na2d: kernel_size must be an odd int >= 3, got ", kernel_size);
-  TORCH_CHECK(border == kBorderZero || border == kBorderMask || border == kBorderClamp,
-              "na2d: border must be 0 (zero), 1 (mask) or 2 (clamp), got ", border);
-  const int64_t X = q.size(2), Y = q.size(3);
-  TORCH_CHECK(X >= 1 && Y >= 1 && q.size(4) >= 1, "na2d: q must have a non-empty map and head dim, got shape ",
-              q.sizes());
-  TORCH_CHECK(X < (1 << 30) && Y < (1 << 30), "na2d: q's map ", X, "x", Y, " is too large");
-  TORCH_CHECK(dilation >= 1 && dilation < (1 << 15), "na2d: dilation must be an int >= 1, got ", dilation);
-  TORCH_CHECK(border != kBorderClamp || (X >= kernel_size * dilation && Y >= kernel_size * dilation),
-              "na2d: border clamp needs a map of at least kernel_size*dilation x kernel_size*dilation (",
-              kernel_size * dilation, "x", kernel_size * dilation, "), got ", X, "x", Y);
-  if (rpb.has_value() && rpb->defined()) {
-    const int64_t R = 2 * kernel_size - 1;
-    TORCH_CHECK(rpb->dim() == 3 && rpb->size(0) == q.size(1) && rpb->size(1) == R && rpb->size(2) == R,
-                "na2d: rpb must have shape [H, 2*kernel_size-1, 2*kernel_size-1] = [", q.size(1), ", ", R, ", ", R,
-                "], got ", rpb->sizes());
-    TORCH_CHECK(rpb->scalar_type() == q.scalar_type(), "na2d: rpb has dtype ", rpb->scalar_type(),
-                "; expected the dtype of q (", q.scalar_type(), ")");
-    TORCH_CHECK(rpb->device() == q.device(), "na2d: rpb is on ", rpb->device(), "; expected the device of q (",
-                q.device(), ")");
-  }
-}
-
-void na2d_check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
-  TORCH_CHECK(dout.sizes() == q.sizes(), "na2d_bwd: dout has shape ", dout.sizes(), "; expected the shape of q ",
-              q.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "na2d_bwd: out has shape ", out.sizes(), "; expected the shape of q ",
-              q.sizes());
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), "na2d_bwd: dout (",
-              dout.scalar_type(), ") and out (", out.scalar_type(), ") must have the dtype of q (", q.scalar_type(),
-              ")");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4), "na2d_bwd: lse has shape ", lse.sizes(),
-              "; expected [B, H, X, Y] = ", q.sizes().slice(0, 4));
-  TORCH_CHECK(lse.scalar_type() == stat_type(q.scalar_type()), "na2d_bwd: lse has dtype ", lse.scalar_type(),
-              "; expected ", stat_type(q.scalar_type()), " (the forward's logsumexp)");
-  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
-              "na2d_bwd: dout, out and lse must be on the device of q (", q.device(), ")");
-}
-
-std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
-                                                int64_t border, double scale, int64_t dilation) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
-  check_cpu(q, "na2d_fwd");
-  // q, k, v are read through their strides (no copy); out takes q's dim order, lse is contiguous.
-  const bool has_rpb = rpb.has_value() && rpb->defined();
-  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
-  auto out = empty_in_order_of(q);
-  auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(stat_type(q.scalar_type())));
-  const Geometry g = geometry(q, kernel_size, border, dilation);
-  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: the SIMD kernels, unless an input is not finite
-    bool done = false;
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
-      done = na2d_simd::fwd(simd_geo(g), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                            has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
-                            lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
-    });
-    if (done) return {out, lse};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    fwd_kernel<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out), lse.data_ptr<A>(),
-                         static_cast<A>(scale));
-  });
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
-                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                        const c10::optional<at::Tensor>& rpb,
-                                                                        const at::Tensor& out, const at::Tensor& lse,
-                                                                        int64_t kernel_size, int64_t border,
-                                                                        double scale, int64_t dilation) {
-  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
-  na2d_check_bwd_args(dout, q, out, lse);
-  check_cpu(q, "na2d_bwd");
-  // dout, q, k, v and out are read through their strides (no copy); dq, dk, dv take the dim
-  // order of q, k, v; drpb is contiguous.
-  const auto lc = lse.contiguous();  // the forward's own (contiguous) statistic
-  const bool has_rpb = rpb.has_value() && rpb->defined();
-  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
+// The backward on the SIMD kernels (fp32, fp64): dq, dk, dv written whole, *drpb the bias gradient
+// (the per-slice sums reduced in slice order) or empty without rpb. False when an input holds an
+// inf or a NaN: the results are then not to be used (na2d_cpu_simd.h).
+bool bwd_simd(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& rc, const at::Tensor& out, const at::Tensor& lc, double scale, at::Tensor& dq,
+              at::Tensor& dk, at::Tensor& dv, at::Tensor* drpb) {
+  const bool has_rpb = rc.defined();
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  const auto stat = opts.dtype(stat_type(q.scalar_type()));
-  const int64_t R = 2 * kernel_size - 1;
-  if (q.scalar_type() != at::kBFloat16) {  // fp32 / fp64: the SIMD kernels, unless an input is not finite
-    const Geometry g = geometry(q, kernel_size, border, dilation);
-    auto dq = empty_in_order_of(q);  // every element written by the kernel
-    auto dk = empty_in_order_of(k);
-    auto dv = empty_in_order_of(v);
-    const int64_t slices = g.B * g.H * g.dil * g.dil;
-    auto part = has_rpb ? at::empty({slices, R * R}, opts) : at::Tensor();
-    bool done = false;
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
-      done = na2d_simd::bwd(simd_geo(g), strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k),
-                            strided<scalar_t>(v), has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out),
-                            lc.data_ptr<scalar_t>(), strided_out<scalar_t>(dq), strided_out<scalar_t>(dk),
-                            strided_out<scalar_t>(dv), has_rpb ? part.data_ptr<scalar_t>() : nullptr,
-                            static_cast<scalar_t>(scale));
-    });
-    if (done && !has_rpb) return {dq, dk, dv, at::empty({0}, opts)};
-    if (done) {
-      auto drpb = at::zeros({g.H, R, R}, opts);
-      AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
-        const scalar_t* p = part.data_ptr<scalar_t>();
-        scalar_t* a = drpb.data_ptr<scalar_t>();
-        const int64_t n = R * R, dd = g.dil * g.dil;
-        for (int64_t sl = 0; sl < slices; ++sl) {
-          scalar_t* ah = a + ((sl / dd) % g.H) * n;
-          for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
-        }
-      });
-      return {dq, dk, dv, drpb};
-    }
+  const int64_t R = 2 * g.ks - 1, slices = g.B * g.H * g.dil * g.dil;
+  auto part = has_rpb ? at::empty({slices, R * R}, opts) : at::Tensor();
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
+    done = na2d_simd::bwd(g, strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out), lc.data_ptr<scalar_t>(),
+                          strided_out<scalar_t>(dq), strided_out<scalar_t>(dk), strided_out<scalar_t>(dv),
+                          has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
+  });
+  if (!done) return false;
+  if (!has_rpb) {
+    *drpb = at::empty({0}, opts);
+    return true;
   }
-  // bf16, or an input holding an inf or a NaN: the per-window kernels.
-  auto dq = empty_in_order_of(q);
-  auto dk = empty_in_order_of(k);
-  auto dv = empty_in_order_of(v);
+  *drpb = at::zeros({g.H, R, R}, opts);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
+    const scalar_t* p = part.data_ptr<scalar_t>();
+    scalar_t* a = drpb->data_ptr<scalar_t>();
+    const int64_t n = R * R, dd = g.dil * g.dil;
+    for (int64_t sl = 0; sl < slices; ++sl) {
+      scalar_t* ah = a + ((sl / dd) % g.H) * n;
+      for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
+    }
+  });
+  return true;
+}
+
+// The backward on the per-window kernels (bf16, or an input holding an inf or a NaN): dq, dk, dv
+// written whole; returns the bias gradient (per-block sums reduced in block order), or an empty
+// tensor without rpb.
+at::Tensor bwd_simple(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& rc, const at::Tensor& out, const at::Tensor& lc,
+                      double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const bool has_rpb = rc.defined();
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto stat = opts.dtype(na2d_stat_type(q.scalar_type()));
+  const int64_t R = 2 * g.ks - 1;
   auto delta = at::empty(q.sizes().slice(0, 4), stat);
-  const Geometry g = geometry(q, kernel_size, border, dilation);
   const int64_t rows = g.B * g.H * g.X;
   const int64_t blocks = has_rpb ? std::min<int64_t>(rows, kBiasBlocks) : rows;
   // Per-block bias sums: [blocks, H, R, R], independent of the number of tokens.
@@ -456,21 +355,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at
     bwd_dkdv_kernel<scalar_t>(g, sdo, sq, sk, sv, rp, lc.data_ptr<A>(), delta.data_ptr<A>(), strided_out<scalar_t>(dk),
                               strided_out<scalar_t>(dv), static_cast<A>(scale));
   });
-  at::Tensor drpb;
-  if (has_rpb) {
-    // Reduced over blocks in block order (a plain sum over dim 0 may reorder by vector width).
-    auto acc = at::zeros({g.H * R * R}, stat);
-    AT_DISPATCH_FLOATING_TYPES(stat.dtype().toScalarType(), "na2d_bwd_cpu_bias", [&] {
-      const scalar_t* part = bias_part.data_ptr<scalar_t>();
-      scalar_t* a = acc.data_ptr<scalar_t>();
-      const int64_t n = g.H * R * R;
-      for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t e = 0; e < n; ++e) a[e] += part[b * n + e];
+  if (!has_rpb) return at::empty({0}, opts);
+  // Reduced over blocks in block order (a plain sum over dim 0 may reorder by vector width).
+  auto acc = at::zeros({g.H * R * R}, stat);
+  AT_DISPATCH_FLOATING_TYPES(stat.dtype().toScalarType(), "na2d_bwd_cpu_bias", [&] {
+    const scalar_t* part = bias_part.data_ptr<scalar_t>();
+    scalar_t* a = acc.data_ptr<scalar_t>();
+    const int64_t n = g.H * R * R;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t e = 0; e < n; ++e) a[e] += part[b * n + e];
+  });
+  return acc.view({g.H, R, R}).to(q.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                int64_t border, double scale, int64_t dilation) {
+  // Checks.
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
+  check_cpu(kFwd, q);
+  // Allocate: q, k, v are read through their strides (no copy); out takes q's dim order, lse is
+  // contiguous.
+  const Geometry g = geometry(q, kernel_size, border, dilation);
+  const bool has_rpb = rpb.has_value() && rpb->defined();
+  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
+  auto out = empty_in_order_of(q);
+  auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(na2d_stat_type(q.scalar_type())));
+  // Dispatch: fp32 / fp64 on the SIMD kernels, unless an input is not finite; otherwise (and for
+  // bf16) the per-window kernels, which write out and lse whole again.
+  bool done = false;
+  if (q.scalar_type() != at::kBFloat16) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
+      done = na2d_simd::fwd(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                            has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
+                            lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
     });
-    drpb = acc.view({g.H, R, R}).to(q.scalar_type());
-  } else {
-    drpb = at::empty({0}, opts);
   }
+  if (!done) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
+      using A = at::opmath_type<scalar_t>;
+      fwd_kernel<scalar_t>(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                           has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out), lse.data_ptr<A>(),
+                           static_cast<A>(scale));
+    });
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        const c10::optional<at::Tensor>& rpb,
+                                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                                        int64_t kernel_size, int64_t border,
+                                                                        double scale, int64_t dilation) {
+  // Checks.
+  na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
+  na2d_check_bwd_args(dout, q, out, lse);
+  check_cpu(kBwd, q);
+  // Allocate: dout, q, k, v and out are read through their strides (no copy); dq, dk, dv take the
+  // dim order of q, k, v and are written whole by either path; drpb is contiguous.
+  const Geometry g = geometry(q, kernel_size, border, dilation);
+  const auto lc = lse.contiguous();  // the forward's own (contiguous) statistic
+  const bool has_rpb = rpb.has_value() && rpb->defined();
+  const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
+  auto dq = empty_in_order_of(q);
+  auto dk = empty_in_order_of(k);
+  auto dv = empty_in_order_of(v);
+  // Dispatch: fp32 / fp64 on the SIMD kernels, unless an input is not finite; otherwise (and for
+  // bf16) the per-window kernels, which write dq, dk, dv whole again.
+  at::Tensor drpb;
+  const bool done =
+      q.scalar_type() != at::kBFloat16 && bwd_simd(g, dout, q, k, v, rc, out, lc, scale, dq, dk, dv, &drpb);
+  if (!done) drpb = bwd_simple(g, dout, q, k, v, rc, out, lc, scale, dq, dk, dv);
   return {dq, dk, dv, drpb};
 }
 

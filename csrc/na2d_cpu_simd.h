@@ -17,6 +17,8 @@ using In = na2d_cpu::Strided<T>;
 template <typename T>
 using Out = na2d_cpu::StridedOut<T>;
 
+// The geometry of a call, one struct for the host code (na2d_cpu.cpp) and both kernel families:
+// q's sizes [B, H, X, Y, D], kernel_size, the border code (na2d::kZero / kMask / kClamp), dilation.
 struct Geo {
   int64_t B, H, X, Y, D;
   int ks, border, dil;
