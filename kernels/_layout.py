@@ -5,7 +5,7 @@ Neighborhood attention writes ``out`` and ``dq`` in the order of q's strides, ``
 channels-first ``[B, C, X, Y]``, slices of a fused qkv projection) gets outputs that reshape back
 to that layout without a copy.
 
-The rule (:func:`empty_in_order_of`; ``dcal::empty_in_order_of`` in ``csrc/na2d_cpu.cpp`` is the
+The rule (:func:`empty_in_order_of`; ``dcal::empty_in_order_of`` in ``csrc/na2d_host.cpp`` is the
 same rule in C++, so the fake implementations give the real strides exactly): a dense tensor whose
 dims are laid out outermost-first by decreasing stride of ``t``, ties kept in logical dim order; a
 broadcast dim (stride 0) counts as outermost. For a dense ``t`` this is ``t``'s own layout (up to
