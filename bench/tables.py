@@ -39,7 +39,8 @@ def git_commit() -> str:
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # the bench's own CSVs (bench/results, tracked) are written during the run: not a change of the code measured
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
             cwd=ROOT,
             capture_output=True,
             text=True,
