@@ -30,9 +30,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import Case, Unavailable, bench_main, floor_outputs, flops_neighborhood
+from dcal.testing.providers import unfold_na
 
 NAME = "neighborhood"
 BASELINE = "unfold"
@@ -94,19 +94,6 @@ def make_inputs(case: Case):
     q, k, v = t(), t(), t()
     dout = torch.randn(shape, generator=g).to(device=case.device, dtype=case.torch_dtype()) if grad else None
     return q, k, v, dout
-
-
-def unfold_na(q, k, v, heads: int, ks: int):
-    """The original local attention: [B, C, X, Y] in and out, zero padding at the border."""
-    B, C, X, Y = q.shape
-    D = C // heads
-    kk = F.unfold(k, ks, padding=ks // 2).view(B, heads, D, ks * ks, X * Y)
-    vv = F.unfold(v, ks, padding=ks // 2).view(B, heads, D, ks * ks, X * Y)
-    qq = q.reshape(B, heads, D, 1, X * Y)
-    attn = (qq * kk).sum(dim=2, keepdim=True) * D**-0.5  # [B, heads, 1, ks*ks, X*Y]
-    attn = attn.softmax(dim=3)
-    out = (attn * vv).sum(dim=3)  # [B, heads, D, X*Y]
-    return out.reshape(B, C, X, Y)
 
 
 def _heads(t, heads):

@@ -13,22 +13,11 @@ import torch
 import yaml
 
 from dcal.train.__main__ import main
+from train_configs import TINY_MLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MLP = {
-    "model": {"name": "mlp", "hidden": 16},
-    "data": {"name": "synthetic", "img_size": 16, "num_classes": 4, "train_size": 44, "val_size": 20},
-    "train": {
-        "epochs": 1,
-        "effective_batch": 8,
-        "micro_batch": 2,
-        "base_lr": 0.05,
-        "progress": False,
-        "threads": 1,
-        "seed": 1,
-    },
-}
+MLP = TINY_MLP
 VIT = {
     "model": {
         "name": "dcal_vit",

@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import re
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Tuple
+
+from dcal._memory import proc_status, release_free_heap, reset_peak_rss
 
 
 class Unavailable(Exception):
@@ -74,38 +74,11 @@ def cuda_peak(fn: Callable[[], Any]) -> Tuple[int, float]:
     return int(torch.cuda.max_memory_allocated() - base), ms
 
 
-def proc_status(pid="self") -> Dict[str, int]:
-    """VmRSS, VmHWM, VmSize of a process in bytes (Linux; empty when unreadable)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
-        return out
-    for key in ("VmRSS", "VmHWM", "VmSize"):
-        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-        if m:
-            out[key] = int(m.group(1)) * 1024
-    return out
-
-
 def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS so the resident set holds live data only."""
+    """Collect garbage and give freed heap memory back to the OS, so the resident set holds live
+    data only."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current resident set (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    release_free_heap()
 
 
 def cpu_peak(fn: Callable[[], Any]) -> Tuple[int, float]:

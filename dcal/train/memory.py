@@ -1,55 +1,15 @@
 """Memory measurement of this process: peak resident set (reset and read) on CPU, heap release.
 
 The training loop reads the step's peak with :func:`cpu_peak_rss` after :func:`reset_cpu_peak`;
-:mod:`dcal.train.autobatch` measures real CPU steps with the same functions.
+:mod:`dcal.train.autobatch` measures real CPU steps with the same functions. They are the ones
+the benchmarks use (:mod:`dcal._memory`), under the names the training code has always used.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dcal._memory import peak_rss as cpu_peak_rss
+from dcal._memory import release_free_heap
+from dcal._memory import reset_peak_rss as reset_cpu_peak
+from dcal._memory import rss as cpu_rss
 
-
-def _proc_status(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_cpu_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_peak_rss() -> Optional[int]:
-    """Peak resident set of this process since the last :func:`reset_cpu_peak`, in bytes."""
-    peak = _proc_status("VmHWM")
-    if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak
-
-
-def cpu_rss() -> Optional[int]:
-    """Current resident set of this process, in bytes (None where /proc is missing)."""
-    return _proc_status("VmRSS")
-
-
-def release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so RSS counts memory in use."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+__all__ = ["cpu_peak_rss", "cpu_rss", "release_free_heap", "reset_cpu_peak"]
