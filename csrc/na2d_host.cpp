@@ -45,14 +45,15 @@ void na2d_check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   DCAL_CHECK_DEVICE(op, k.device() == q.device() && v.device() == q.device(), "k (", k.device(), ") and v (",
                     v.device(), ") must be on the device of q (", q.device(), ")");
   DCAL_CHECK_ARG(op, kernel_size >= 3 && kernel_size % 2 == 1 && kernel_size < (1 << 15),
-                 "kernel_size must be an odd int in [3, 32768), got ", kernel_size);
+                 "kernel_size must be an odd int >= 3 (and < 32768), got ", kernel_size);
   DCAL_CHECK_ARG(op, border == kBorderZero || border == kBorderMask || border == kBorderClamp,
                  "border must be 0 (zero), 1 (mask) or 2 (clamp), got ", border);
   const int64_t X = q.size(2), Y = q.size(3);
   DCAL_CHECK_SHAPE(op, X >= 1 && Y >= 1 && q.size(4) >= 1, "q must have a non-empty map and head dim, got shape ",
                    q.sizes());
   DCAL_CHECK_SHAPE(op, X < (1 << 30) && Y < (1 << 30), "q's map ", X, "x", Y, " is too large (each side < 2**30)");
-  DCAL_CHECK_ARG(op, dilation >= 1 && dilation < (1 << 15), "dilation must be an int in [1, 32768), got ", dilation);
+  DCAL_CHECK_ARG(op, dilation >= 1 && dilation < (1 << 15), "dilation must be an int >= 1 (and < 32768), got ",
+                 dilation);
   DCAL_CHECK_ARG(op, border != kBorderClamp || (X >= kernel_size * dilation && Y >= kernel_size * dilation),
                  "border clamp needs a map of at least kernel_size*dilation x kernel_size*dilation (",
                  kernel_size * dilation, "x", kernel_size * dilation, "), got ", X, "x", Y);
