@@ -54,36 +54,10 @@ def broken_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("check")
     inject = d / "inject.py"
     inject.write_text(INJECT)
-    out = d / "report"
-    env = dict(
-        os.environ,
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        DCAL_CHECK_COMPILE_BACKEND="aot_eager",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "dcal.check",
-        "--quick",
-        "--device",
-        "cpu",
-        "--no-bench",
-        "--out",
-        str(out),
-        "--ops",
-        "attention",
-        "--only",
-        "Nq37",
-        "--backends",
-        "cpp",
-        "sdpa",
-        "--dtypes",
-        "float32",
-        "float64",
-        "--inject",
-        str(inject),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(d))
+    args = ["--ops", "attention", "--only", "Nq37", "--backends", "cpp", "sdpa"]
+    args += ["--dtypes", "float32", "float64", "--inject", str(inject)]
+    res = _check(args, d)
+    out = d / "out"
     report = json.loads((out / "report.json").read_text())
     return res, report, (out / "report.md").read_text()
 
