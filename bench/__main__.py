@@ -17,7 +17,7 @@ import importlib
 import sys
 import time
 
-from bench.common import Progress, describe_timing, finish_args, make_parser, run_and_report, select_cases
+from bench.common import Progress, check_cases, describe_timing, finish_args, make_parser, run_and_report, select_cases
 
 BENCHES = ("pwca", "neighborhood", "rollout", "train_step")
 
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
             skipped.append(name)
         else:
             mods.append((name, mod))
+    check_cases(parser, [mod for _, mod in mods], args)
     total = 0
     for name, mod in mods:
         try:

@@ -18,7 +18,7 @@ import time
 from typing import List, Optional, Sequence
 
 from bench.plots import plot
-from bench.runner import MIN_REPS, Progress, _module_name, run_bench
+from bench.runner import MIN_REPS, Progress, _module_name, run_bench, select_cases
 from bench.spec import MIB, Result
 from bench.tables import environment, print_table, write_csv
 
@@ -127,9 +127,30 @@ def describe_timing(args) -> str:
     )
 
 
+def check_cases(parser: argparse.ArgumentParser, mods, args) -> None:
+    """``--cases`` patterns that select no case of any of ``mods`` (bench modules) end the command
+    with a usage error that lists the case names of this run (they depend on ``--quick``/``--full``),
+    before anything is measured."""
+    if not args.cases:
+        return
+    saved, args.cases = args.cases, None
+    try:
+        names = [c.name for mod in mods for c in select_cases(mod, args)]
+    finally:
+        args.cases = saved
+    missing = [s for s in args.cases if not any(s in n for n in names)]
+    if missing:
+        parser.error(
+            f"--cases {' '.join(missing)}: no case of this run matches (a case name, or part of one); "
+            f"the cases are: {', '.join(names)}"
+        )
+
+
 def bench_main(mod, argv: Optional[Sequence[str]] = None) -> List[Result]:
     """Command line of one bench script: measure, print, write CSV and PNG."""
-    args = finish_args(make_parser(f"python -m {_module_name(mod)}").parse_args(argv))
+    parser = make_parser(f"python -m {_module_name(mod)}")
+    args = finish_args(parser.parse_args(argv))
+    check_cases(parser, [mod], args)
     print(describe_timing(args), flush=True)
     return run_and_report(mod, args)
 

@@ -355,6 +355,21 @@ def test_full_selects_every_case_with_fixed_rounds(budget_module):
     assert [c.name for c in common.select_cases(budget_module, args)] == ["fits", "over"]
 
 
+def test_cases_that_match_nothing_are_a_usage_error_listing_the_cases(budget_module, capsys):
+    """A mistyped ``--cases`` ends the command before anything runs, naming the pattern and the
+    cases it could have been; a pattern that matches keeps the command going."""
+    with pytest.raises(SystemExit) as e:
+        common.bench_main(budget_module, ["--full", "--cases", "fits", "nope", "--out", "/nonexistent"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--cases nope: no case of this run matches" in err
+    assert "the cases are: fits, heavy, over, extra" in err and "fits:" not in err
+    parser = common.make_parser()
+    args = common.finish_args(parser.parse_args(["--full", "--cases", "fit", "xtr"]))
+    common.check_cases(parser, [budget_module], args)  # both match: no error
+    assert args.cases == ["fit", "xtr"]
+
+
 def test_flops_and_floors():
     assert common.flops_neighborhood(2, 4, 8, 9, 7, 32) == 4 * 2 * 4 * 8 * 9 * 49 * 32
     assert common.flops_neighborhood(1, 1, 2, 2, 3, 8, "fwd+bwd") == 3.5 * 4 * 4 * 9 * 8
