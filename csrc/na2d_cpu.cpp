@@ -14,6 +14,8 @@
 // weight 0: 0 * NaN or 0 * inf would reach that query; they find such an input while staging it
 // and report it, and the call then runs the simple kernels, which touch only each query's own
 // window, so a NaN or inf reaches exactly the outputs it reaches in PyTorch's own computation).
+// So does every call of the private ops _na2d_fwd_window / _na2d_bwd_window (the two paths compared
+// in one process: tests, bench).
 // The simple kernels: parallel over (batch, head, map row), the head dim the inner loop of every
 // dot and axpy, computed in fp32; each query one online-softmax pass over its window.
 // Nothing with a kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and
