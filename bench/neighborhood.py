@@ -129,7 +129,7 @@ def _zero_only(case):
 
 def _not_bf16(case):
     if case.dtype == "bfloat16":
-        raise Unavailable("the bf16 cases compare dcal's two CPU paths (and unfold)")
+        raise Unavailable("bf16 cases: dcal's two CPU paths and unfold only")
 
 
 def _step(case: Case, inputs, fn):
