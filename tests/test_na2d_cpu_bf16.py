@@ -37,6 +37,9 @@ CASES = [
     ("clamp", 5, 1, 7, 17, 16, "first"),
     ("clamp", 7, 1, 13, 40, 24, "last"),
     ("zero", 5, 2, 14, 18, 5, "last"),  # head dim off the vector width: the scalar tails
+    ("clamp", 13, 1, 15, 17, 3, "first"),  # offsets -12..12 at the borders, head dim 3
+    ("zero", 11, 1, 7, 9, 1, "last"),  # window larger than the map, head dim 1
+    ("mask", 3, 3, 10, 19, 13, "first"),  # dilation 3
 ]
 IDS = [f"{c[0]}-k{c[1]}-d{c[2]}-{c[3]}x{c[4]}-D{c[5]}-{c[6]}" for c in CASES]
 
