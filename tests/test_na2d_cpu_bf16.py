@@ -40,15 +40,19 @@ CASES = [
     ("clamp", 13, 1, 15, 17, 3, "first"),  # offsets -12..12 at the borders, head dim 3
     ("zero", 11, 1, 7, 9, 1, "last"),  # window larger than the map, head dim 1
     ("mask", 3, 3, 10, 19, 13, "first"),  # dilation 3
+    ("clamp", 5, 2, 12, 21, 16, "qkv"),  # strided token-major views
 ]
 IDS = [f"{c[0]}-k{c[1]}-d{c[2]}-{c[3]}x{c[4]}-D{c[5]}-{c[6]}" for c in CASES]
 
 
-def _map(B, H, X, Y, D, layout, g, scale=1.0):
-    """A bf16 [B, H, X, Y, D] tensor, channels-last (contiguous) or a channels-first view."""
+def _map(B, H, X, Y, D, layout, g):
+    """A bf16 [B, H, X, Y, D] tensor: contiguous ("last"), a channels-first view ("first") or the
+    view of one third of a fused qkv projection [B, X, Y, 3, H, D] ("qkv")."""
     if layout == "last":
-        return (torch.randn(B, H, X, Y, D, generator=g) * scale).bfloat16()
-    return (torch.randn(B, H, D, X, Y, generator=g) * scale).bfloat16().permute(0, 1, 3, 4, 2)
+        return torch.randn(B, H, X, Y, D, generator=g).bfloat16()
+    if layout == "qkv":
+        return torch.randn(B, X, Y, 3, H, D, generator=g).bfloat16()[:, :, :, 1].permute(0, 3, 1, 2, 4)
+    return torch.randn(B, H, D, X, Y, generator=g).bfloat16().permute(0, 1, 3, 4, 2)
 
 
 def _inputs(case, seed=0, B=1, H=2):
@@ -97,9 +101,13 @@ def test_bf16_is_the_fp32_kernels_rounded(case):
     assert [t.dtype for t in got] == [torch.bfloat16, torch.float32] + [torch.bfloat16] * 4
     for name, a, b in zip(("out", "lse", *NAMES), got, f):
         _same_bits(name, a, b.to(a.dtype))
-    # outputs and gradients keep their inputs' dim order (channels-first views stay views of it)
+
+    # outputs and gradients take their inputs' dim order
+    def order(t):
+        return sorted(range(5), key=lambda i: -t.stride(i))
+
     for a, like in zip((got[0], got[2], got[3], got[4]), (q, q, k, v)):
-        assert a.stride() == like.stride()
+        assert order(a) == order(like)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -233,6 +241,17 @@ def test_bf16_thread_count_does_not_change_a_bit():
     for other in results[1:]:
         for name, a, b in zip(("out", "lse", *NAMES), results[0], other):
             _same_bits(name, a, b)
+
+
+def test_bf16_refuses_mixed_dtypes_before_running():
+    q = torch.randn(1, 2, 6, 7, 8).bfloat16()
+    rpb = torch.randn(2, 5, 5)
+    with pytest.raises(RuntimeError, match="rpb has dtype Float"):
+        torch.ops.dcal.na2d_fwd(q, q, q, rpb, 3, 0, 0.3, 1)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.dcal.na2d_fwd(q, q.float(), q, None, 3, 0, 0.3, 1)
+    with pytest.raises(TypeError, match="rpb has dtype torch.float32"):
+        ops.neighborhood_attention2d(q, q, q, kernel_size=3, rpb=rpb, backend="cpp")
 
 
 def test_window_ops_check_their_arguments():
