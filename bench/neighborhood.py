@@ -16,10 +16,14 @@ C = heads * D. Providers:
 * ``dcal``: ``dcal.ops.neighborhood_attention2d(border=<the case's>, backend="cpp")`` (CPU C++, or
   CUDA C++ on a GPU), including the [B, C, X, Y] <-> [B, H, X, Y, D] layout changes (views: the
   op reads the maps in place and returns its output and gradients in their dim order).
+* ``dcal_window``: the same CPU op on its per-window kernels (the path bf16 took before it ran the
+  SIMD kernels); bf16 cases on CPU only, where it is the baseline.
 
 Cases (kernel 7, 4 heads, fp32 on CPU, fp16 on GPU): border ``zero`` at 128x128 with 128 channels
 and at the BEV models' B 2, 256 channels, 256x256, forward and forward+backward, and border ``clamp``
-(NATTEN's) forward at 64x64 with 128 channels, where NATTEN's CPU path finishes in seconds.
+(NATTEN's) forward at 64x64 with 128 channels, where NATTEN's CPU path finishes in seconds. On CPU
+also bf16 at 128x128 with 128 channels, zero border, forward and forward+backward: ``dcal`` (the
+SIMD kernels) against ``dcal_window`` (the per-window kernels) and ``unfold``.
 ``--full`` adds the sweep over maps 64 / 128 / 256 and channels 128 / 256 (batch 1), and clamp and
 mask at 128x128. ``--quick``: 2 heads, 32 channels, maps 16 and 24. Memory floor: the output (+ the
 three gradients for fwd+bwd).
@@ -44,7 +48,7 @@ HEAVY_ELEMENTS = 2 * 256 * 256 * 256  # fwd+bwd at the BEV models' size: tens of
 
 def _case(B, H, C, M, mode, device, dtype, border="zero"):
     shape = (B, C, M, M)
-    tag = "" if border == "zero" else f"-{border}"
+    tag = ("" if border == "zero" else f"-{border}") + ("-bf16" if dtype == "bfloat16" else "")
     return Case(
         name=f"B{B}-C{C}-{M}x{M}{tag}-{mode}",
         params=dict(B=B, H=H, C=C, X=M, Y=M, ks=KERNEL, border=border),
@@ -53,10 +57,10 @@ def _case(B, H, C, M, mode, device, dtype, border="zero"):
         mode=mode,
         flops=flops_neighborhood(B, H, M, M, KERNEL, C // H, mode),
         x=M,
-        group=f"C{C} B{B} {border} {mode}",
+        group=f"C{C} B{B} {border} {mode}" + (" bf16" if dtype == "bfloat16" else ""),
         floor_bytes=floor_outputs(shape, dtype, mode, [shape] * 3),
         heavy=(mode != "fwd" and B * C * M * M >= HEAVY_ELEMENTS and not device.startswith("cuda")),
-        baseline="" if border == "zero" else "natten",
+        baseline="dcal_window" if dtype == "bfloat16" else "" if border == "zero" else "natten",
     )
 
 
@@ -72,6 +76,8 @@ def cases(quick: bool, device: str, full: bool = False):
         grid, extra = [(1, 4, 128, 128), (2, 4, 256, 256)], [(1, 4, 128, 64, "clamp")]
     out = [_case(B, H, C, M, mode, device, dtype) for mode in ("fwd", "fwd+bwd") for B, H, C, M in grid]
     out += [_case(B, H, C, M, "fwd", device, dtype, border) for B, H, C, M, border in extra]
+    if not cuda and not quick:  # bf16 on the SIMD kernels against the per-window kernels
+        out += [_case(1, 4, 128, 128, mode, device, "bfloat16") for mode in ("fwd", "fwd+bwd")]
     return out
 
 
@@ -121,6 +127,11 @@ def _zero_only(case):
         raise Unavailable("the unfold code has zero-padding semantics only")
 
 
+def _not_bf16(case):
+    if case.dtype == "bfloat16":
+        raise Unavailable("bf16 cases: dcal's two CPU paths and unfold only")
+
+
 def _step(case: Case, inputs, fn):
     q, k, v, dout = inputs
     heads, ks = case.params["H"], case.params["ks"]
@@ -145,6 +156,7 @@ def unfold(case, inputs):
 
 def unfold_compiled(case, inputs):
     _zero_only(case)
+    _not_bf16(case)
     try:
         fn = torch.compile(unfold_na, dynamic=False)
     except Exception as e:
@@ -180,6 +192,7 @@ def flex(case, inputs):
     why = fx.unavailable_reason(case.device, case.mode)
     if why:
         raise Unavailable(why)
+    _not_bf16(case)
     p = case.params
     border = p.get("border", "zero")
     bmask = fx.na_block_mask(p["X"], p["Y"], p["ks"], border, device=case.device)
@@ -197,7 +210,28 @@ def dcal(case, inputs):
     return _step(case, inputs, lambda q, k, v, heads, ks: dcal_na(q, k, v, heads, ks, border))
 
 
-PROVIDERS = {"unfold": unfold, "unfold_compiled": unfold_compiled, "natten": natten, "flex": flex, "dcal": dcal}
+def dcal_window(case, inputs):
+    if case.dtype != "bfloat16" or case.device != "cpu":
+        raise Unavailable("the per-window kernels are the baseline of the bf16 cases on CPU only")
+    from dcal.ops._cpp_na2d import _na2d_window
+
+    border = case.params.get("border", "zero")
+
+    def window_na(q, k, v, heads, ks):
+        out = _na2d_window(_heads(q, heads), _heads(k, heads), _heads(v, heads), kernel_size=ks, border=border)
+        return _channels(out, q.shape)
+
+    return _step(case, inputs, window_na)
+
+
+PROVIDERS = {
+    "unfold": unfold,
+    "unfold_compiled": unfold_compiled,
+    "natten": natten,
+    "flex": flex,
+    "dcal": dcal,
+    "dcal_window": dcal_window,
+}
 
 
 if __name__ == "__main__":

@@ -160,6 +160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at
                                                                         const at::Tensor& out, const at::Tensor& lse,
                                                                         int64_t kernel_size, int64_t border,
                                                                         double scale, int64_t dilation);
+// The same, always on the per-window kernels (the SIMD kernels skipped): the private ops
+// dcal::_na2d_fwd_window, dcal::_na2d_bwd_window, for comparisons of the two paths in one process.
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_window_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                       int64_t border, double scale, int64_t dilation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_window_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
+    int64_t border, double scale, int64_t dilation);
 
 #ifdef DCAL_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> na2d_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -6,13 +6,16 @@
 // (empty_in_order_of: out and dq like q, dk like k, dv like v), so a caller reshapes them back to
 // its own layout without a copy. lse (and the backward's delta) are contiguous [B, H, X, Y].
 //
-// fp32 and fp64 run the register-blocked kernels of na2d_cpu_simd.cpp (the queries of a map row
-// in the SIMD lanes). bf16, and inputs holding a NaN or an inf, run the simple kernels below (the
+// fp32, fp64 and bf16 run the register-blocked kernels of na2d_cpu_simd.cpp (the queries of a map
+// row in the SIMD lanes; bf16 on the fp32 kernels, widened as it is staged and rounded as it is
+// written). Inputs holding a NaN or an inf run the simple kernels below (the
 // SIMD kernels weigh keys outside a lane's window by 0 where lanes' windows differ, at clamp
 // borders, and gather dK, dV over whole rows, where a key outside a query's window enters with
 // weight 0: 0 * NaN or 0 * inf would reach that query; they find such an input while staging it
 // and report it, and the call then runs the simple kernels, which touch only each query's own
 // window, so a NaN or inf reaches exactly the outputs it reaches in PyTorch's own computation).
+// So does every call of the private ops _na2d_fwd_window / _na2d_bwd_window (the two paths compared
+// in one process: tests, bench).
 // The simple kernels: parallel over (batch, head, map row), the head dim the inner loop of every
 // dot and axpy, computed in fp32; each query one online-softmax pass over its window.
 // Nothing with a kernel_size**2 factor is ever stored; the backward saves only q, k, v, out and
@@ -77,6 +80,24 @@ Strided<T> strided(const at::Tensor& t) {
 template <typename T>
 StridedOut<T> strided_out(at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// A bf16 tensor as its bits, for the SIMD kernels (plain C++, na2d_cpu_simd.h).
+Strided<na2d_simd::bf16> strided_bits(const at::Tensor& t) {
+  return {reinterpret_cast<const na2d_simd::bf16*>(t.const_data_ptr<at::BFloat16>()),
+          t.stride(0),
+          t.stride(1),
+          t.stride(2),
+          t.stride(3),
+          t.stride(4)};
+}
+StridedOut<na2d_simd::bf16> strided_out_bits(at::Tensor& t) {
+  return {reinterpret_cast<na2d_simd::bf16*>(t.data_ptr<at::BFloat16>()),
+          t.stride(0),
+          t.stride(1),
+          t.stride(2),
+          t.stride(3),
+          t.stride(4)};
 }
 
 // [D] . [D] -> scalar (b read with stride sb)
@@ -294,42 +315,75 @@ void check_cpu(const OpName& op, const at::Tensor& q) {
                    "; the CPU kernels take float32, float64 or bfloat16");
 }
 
-// The backward on the SIMD kernels (fp32, fp64): dq, dk, dv written whole, *drpb the bias gradient
-// (the per-slice sums reduced in slice order) or empty without rpb. False when an input holds an
-// inf or a NaN: the results are then not to be used (na2d_cpu_simd.h).
+// The forward on the SIMD kernels (fp32, fp64, and bf16 on the fp32 kernels with rpb widened to
+// fp32): out and lse written whole. False when an input holds an inf or a NaN: the results are
+// then not to be used (na2d_cpu_simd.h).
+bool fwd_simd(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rc,
+              double scale, at::Tensor& out, at::Tensor& lse) {
+  const bool has_rpb = rc.defined();
+  if (q.scalar_type() == at::kBFloat16) {
+    const at::Tensor rf = has_rpb ? rc.to(at::kFloat) : at::Tensor();
+    return na2d_simd::fwd(g, strided_bits(q), strided_bits(k), strided_bits(v),
+                          has_rpb ? rf.data_ptr<float>() : nullptr, strided_out_bits(out), lse.data_ptr<float>(),
+                          static_cast<float>(scale));
+  }
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
+    done = na2d_simd::fwd(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
+                          lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
+  });
+  return done;
+}
+
+// The backward on the SIMD kernels (fp32, fp64, bf16 as in fwd_simd): dq, dk, dv written whole,
+// *drpb the bias gradient (the per-slice sums, in the statistics' type, reduced in slice order,
+// then cast to q's dtype) or empty without rpb. False when an input holds an inf or a NaN: the
+// results are then not to be used (na2d_cpu_simd.h).
 bool bwd_simd(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& rc, const at::Tensor& out, const at::Tensor& lc, double scale, at::Tensor& dq,
               at::Tensor& dk, at::Tensor& dv, at::Tensor* drpb) {
   const bool has_rpb = rc.defined();
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto stat = opts.dtype(na2d_stat_type(q.scalar_type()));
   const int64_t R = 2 * g.ks - 1, slices = g.B * g.H * g.dil * g.dil;
-  auto part = has_rpb ? at::empty({slices, R * R}, opts) : at::Tensor();
+  auto part = has_rpb ? at::empty({slices, R * R}, stat) : at::Tensor();
   bool done = false;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
-    done = na2d_simd::bwd(g, strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                          has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out), lc.data_ptr<scalar_t>(),
-                          strided_out<scalar_t>(dq), strided_out<scalar_t>(dk), strided_out<scalar_t>(dv),
-                          has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
-  });
+  if (q.scalar_type() == at::kBFloat16) {
+    const at::Tensor rf = has_rpb ? rc.to(at::kFloat) : at::Tensor();
+    done = na2d_simd::bwd(g, strided_bits(dout), strided_bits(q), strided_bits(k), strided_bits(v),
+                          has_rpb ? rf.data_ptr<float>() : nullptr, strided_bits(out), lc.data_ptr<float>(),
+                          strided_out_bits(dq), strided_out_bits(dk), strided_out_bits(dv),
+                          has_rpb ? part.data_ptr<float>() : nullptr, static_cast<float>(scale));
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_simd", [&] {
+      done =
+          na2d_simd::bwd(g, strided<scalar_t>(dout), strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
+                         has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided<scalar_t>(out), lc.data_ptr<scalar_t>(),
+                         strided_out<scalar_t>(dq), strided_out<scalar_t>(dk), strided_out<scalar_t>(dv),
+                         has_rpb ? part.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale));
+    });
+  }
   if (!done) return false;
   if (!has_rpb) {
     *drpb = at::empty({0}, opts);
     return true;
   }
-  *drpb = at::zeros({g.H, R, R}, opts);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_bwd_cpu_bias", [&] {
+  auto acc = at::zeros({g.H, R, R}, stat);
+  AT_DISPATCH_FLOATING_TYPES(stat.dtype().toScalarType(), "na2d_bwd_cpu_bias", [&] {
     const scalar_t* p = part.data_ptr<scalar_t>();
-    scalar_t* a = drpb->data_ptr<scalar_t>();
+    scalar_t* a = acc.data_ptr<scalar_t>();
     const int64_t n = R * R, dd = g.dil * g.dil;
     for (int64_t sl = 0; sl < slices; ++sl) {
       scalar_t* ah = a + ((sl / dd) % g.H) * n;
       for (int64_t e = 0; e < n; ++e) ah[e] += p[sl * n + e];
     }
   });
+  *drpb = acc.to(q.scalar_type());  // the same tensor for fp32, fp64
   return true;
 }
 
-// The backward on the per-window kernels (bf16, or an input holding an inf or a NaN): dq, dk, dv
+// The backward on the per-window kernels (an input holding an inf or a NaN): dq, dk, dv
 // written whole; returns the bias gradient (per-block sums reduced in block order), or an empty
 // tensor without rpb.
 at::Tensor bwd_simple(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -368,11 +422,9 @@ at::Tensor bwd_simple(const Geometry& g, const at::Tensor& dout, const at::Tenso
   return acc.view({g.H, R, R}).to(q.scalar_type());
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
-                                                int64_t border, double scale, int64_t dilation) {
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const c10::optional<at::Tensor>& rpb, int64_t kernel_size, int64_t border,
+                                           double scale, int64_t dilation, bool simd) {
   // Checks.
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   check_cpu(kFwd, q);
@@ -383,16 +435,9 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
   auto out = empty_in_order_of(q);
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(na2d_stat_type(q.scalar_type())));
-  // Dispatch: fp32 / fp64 on the SIMD kernels, unless an input is not finite; otherwise (and for
-  // bf16) the per-window kernels, which write out and lse whole again.
-  bool done = false;
-  if (q.scalar_type() != at::kBFloat16) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_fwd_cpu_simd", [&] {
-      done = na2d_simd::fwd(g, strided<scalar_t>(q), strided<scalar_t>(k), strided<scalar_t>(v),
-                            has_rpb ? rc.data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
-                            lse.data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
-    });
-  }
+  // Dispatch: the SIMD kernels, unless an input is not finite (or the caller asks for the
+  // per-window kernels); otherwise the per-window kernels, which write out and lse whole again.
+  const bool done = simd && fwd_simd(g, q, k, v, rc, scale, out, lse);
   if (!done) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_fwd_cpu", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -404,12 +449,12 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
-                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                        const c10::optional<at::Tensor>& rpb,
-                                                                        const at::Tensor& out, const at::Tensor& lse,
-                                                                        int64_t kernel_size, int64_t border,
-                                                                        double scale, int64_t dilation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                                   const at::Tensor& k, const at::Tensor& v,
+                                                                   const c10::optional<at::Tensor>& rpb,
+                                                                   const at::Tensor& out, const at::Tensor& lse,
+                                                                   int64_t kernel_size, int64_t border, double scale,
+                                                                   int64_t dilation, bool simd) {
   // Checks.
   na2d_check_args(q, k, v, rpb, kernel_size, border, dilation);
   na2d_check_bwd_args(dout, q, out, lse);
@@ -423,13 +468,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at
   auto dq = empty_in_order_of(q);
   auto dk = empty_in_order_of(k);
   auto dv = empty_in_order_of(v);
-  // Dispatch: fp32 / fp64 on the SIMD kernels, unless an input is not finite; otherwise (and for
-  // bf16) the per-window kernels, which write dq, dk, dv whole again.
+  // Dispatch: the SIMD kernels, unless an input is not finite (or the caller asks for the
+  // per-window kernels); otherwise the per-window kernels, which write dq, dk, dv whole again.
   at::Tensor drpb;
-  const bool done =
-      q.scalar_type() != at::kBFloat16 && bwd_simd(g, dout, q, k, v, rc, out, lc, scale, dq, dk, dv, &drpb);
+  const bool done = simd && bwd_simd(g, dout, q, k, v, rc, out, lc, scale, dq, dk, dv, &drpb);
   if (!done) drpb = bwd_simple(g, dout, q, k, v, rc, out, lc, scale, dq, dk, dv);
   return {dq, dk, dv, drpb};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                int64_t border, double scale, int64_t dilation) {
+  return fwd_cpu(q, k, v, rpb, kernel_size, border, scale, dilation, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        const c10::optional<at::Tensor>& rpb,
+                                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                                        int64_t kernel_size, int64_t border,
+                                                                        double scale, int64_t dilation) {
+  return bwd_cpu(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dilation, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> na2d_fwd_window_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const c10::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                       int64_t border, double scale, int64_t dilation) {
+  return fwd_cpu(q, k, v, rpb, kernel_size, border, scale, dilation, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_window_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
+    int64_t border, double scale, int64_t dilation) {
+  return bwd_cpu(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dilation, false);
 }
 
 }  // namespace dcal

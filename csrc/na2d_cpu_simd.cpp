@@ -1,5 +1,5 @@
-// 2-D neighborhood attention on CPU, fp32 and fp64: register-blocked kernels with the queries of a
-// map row in the SIMD lanes.
+// 2-D neighborhood attention on CPU, fp32 and fp64 (and bf16 on the fp32 kernels): register-blocked
+// kernels with the queries of a map row in the SIMD lanes.
 //
 // Why this shape. A query's window is ks x ks keys; along a map row the window slides by one key
 // per query. With L consecutive queries (j0 .. j0 + L - 1) of one row in the lanes of a vector,
@@ -34,6 +34,13 @@
 // out when the key row leaves the window. Every write has one owner and a fixed order: the
 // results are deterministic, bit for bit, whatever the thread count.
 //
+// Storage types: every input element is read once, when its row is staged (and the backward's out,
+// dout once more for delta), and every output element written once, by unstage or the lane stores.
+// Those reads and writes are templated on the tensors' storage type S, everything between them
+// computes in T: bf16 tensors run the fp32 kernels (T = float), widened exactly on staging and
+// rounded to nearest even on the way out (na2d_simd_vec.h), so their results are the fp32
+// kernels' results on the widened inputs, rounded, bit for bit.
+//
 // The layers of struct Kern live in the na2d_simd_*.h sections included inside its body below
 // (vectors, dot blocks, staging, pair kernels, forward, backward), so that everything the clones
 // inline is in this translation unit; this file keeps the clone boundary and the host side.
@@ -43,6 +50,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -81,6 +89,14 @@ struct VecW {
   static constexpr int L = VB / static_cast<int>(sizeof(T));
 };
 
+// The integer vectors of the bf16 conversions (na2d_simd_vec.h): as many bf16 (h) or 32-bit (w)
+// lanes as a float vector of VB bytes has.
+template <int VB>
+struct Bf16W {
+  typedef uint16_t h __attribute__((vector_size(VB / 2)));
+  typedef uint32_t w __attribute__((vector_size(VB)));
+};
+
 // n vectors (or masks) on a 64-byte boundary, zero-initialised.
 template <typename E>
 class AlignedBuf {
@@ -107,25 +123,27 @@ class AlignedBuf {
   size_t n_ = 0;
 };
 
-template <typename T>
+// T: the compute type (of rpb, lse, scale and every kernel buffer); S: the storage type of the
+// tensors (T, or bf16 with T = float).
+template <typename T, typename S = T>
 struct FwdArgs {
   Geo g;
-  In<T> q, k, v;
+  In<S> q, k, v;
   const T* rpb;
-  Out<T> out;
+  Out<S> out;
   T* lse;
   T scale;
   int band;
   std::atomic<bool>* nonfinite;  // set when a staged input holds an inf or a NaN (see fwd in the header)
 };
 
-template <typename T>
+template <typename T, typename S = T>
 struct BwdArgs {
   Geo g;
-  In<T> dout, q, k, v, out;
+  In<S> dout, q, k, v, out;
   const T* rpb;
   const T* lse;
-  Out<T> dq, dk, dv;
+  Out<S> dq, dk, dv;
   T* bias_part;
   T scale;
   std::atomic<bool>* nonfinite;
@@ -165,8 +183,8 @@ struct Kern {
 #undef DCAL_NA2D_SIMD_KERN
 
 // The loops of a task at one vector width (always inline: compiled inside the entry below).
-template <int VB, typename T>
-DCAL_AI void fwd_run(const FwdArgs<T>& a, int64_t b, int64_t e) {
+template <int VB, typename T, typename S>
+DCAL_AI void fwd_run(const FwdArgs<T, S>& a, int64_t b, int64_t e) {
   using K = Kern<VB>;
   typename K::template Work<T> w(a.g, false);
   const int64_t bands = (na2d::subgrid_len(0, static_cast<int>(a.g.X), a.g.dil) + a.band - 1) / a.band;
@@ -177,8 +195,8 @@ DCAL_AI void fwd_run(const FwdArgs<T>& a, int64_t b, int64_t e) {
   }
   if (!K::template finite<T>(w.probe)) a.nonfinite->store(true, std::memory_order_relaxed);
 }
-template <int VB, typename T>
-DCAL_AI void bwd_run(const BwdArgs<T>& a, int64_t b, int64_t e) {
+template <int VB, typename T, typename S>
+DCAL_AI void bwd_run(const BwdArgs<T, S>& a, int64_t b, int64_t e) {
   using K = Kern<VB>;
   typename K::template Work<T> w(a.g, true);
   for (int64_t sl = b; sl < e; ++sl) K::bwd_slice(a, sl, w);
@@ -192,6 +210,8 @@ DCAL_CPU_CLONES void fwd_tasks(const FwdArgs<float>& a, int64_t b, int64_t e) { 
 DCAL_CPU_CLONES void fwd_tasks(const FwdArgs<double>& a, int64_t b, int64_t e) { fwd_run<32>(a, b, e); }
 DCAL_CPU_CLONES void bwd_tasks(const BwdArgs<float>& a, int64_t b, int64_t e) { bwd_run<32>(a, b, e); }
 DCAL_CPU_CLONES void bwd_tasks(const BwdArgs<double>& a, int64_t b, int64_t e) { bwd_run<32>(a, b, e); }
+DCAL_CPU_CLONES void fwd_tasks(const FwdArgs<float, bf16>& a, int64_t b, int64_t e) { fwd_run<32>(a, b, e); }
+DCAL_CPU_CLONES void bwd_tasks(const BwdArgs<float, bf16>& a, int64_t b, int64_t e) { bwd_run<32>(a, b, e); }
 
 #if defined(__x86_64__)
 #define DCAL_V4 __attribute__((target("arch=x86-64-v4")))
@@ -199,6 +219,8 @@ DCAL_V4 void fwd_tasks_512(const FwdArgs<float>& a, int64_t b, int64_t e) { fwd_
 DCAL_V4 void fwd_tasks_512(const FwdArgs<double>& a, int64_t b, int64_t e) { fwd_run<64>(a, b, e); }
 DCAL_V4 void bwd_tasks_512(const BwdArgs<float>& a, int64_t b, int64_t e) { bwd_run<64>(a, b, e); }
 DCAL_V4 void bwd_tasks_512(const BwdArgs<double>& a, int64_t b, int64_t e) { bwd_run<64>(a, b, e); }
+DCAL_V4 void fwd_tasks_512(const FwdArgs<float, bf16>& a, int64_t b, int64_t e) { fwd_run<64>(a, b, e); }
+DCAL_V4 void bwd_tasks_512(const BwdArgs<float, bf16>& a, int64_t b, int64_t e) { bwd_run<64>(a, b, e); }
 
 // The 64-byte kernels run when the CPU has the x86-64-v4 set (AVX-512 F, BW, DQ, VL) and
 // DCAL_CPU_VECTOR_BITS is not 256 (that setting runs the 32-byte kernels, for comparison and for
@@ -248,20 +270,20 @@ int band_rows(const Geo& g) {
   return static_cast<int>(band);
 }
 
-template <typename T>
-bool fwd_impl(const Geo& g, In<T> q, In<T> k, In<T> v, const T* rpb, Out<T> out, T* lse, T scale) {
+template <typename T, typename S>
+bool fwd_impl(const Geo& g, In<S> q, In<S> k, In<S> v, const T* rpb, Out<S> out, T* lse, T scale) {
   std::atomic<bool> nonfinite{false};
-  const FwdArgs<T> a{g, q, k, v, rpb, out, lse, scale, band_rows(g), &nonfinite};
+  const FwdArgs<T, S> a{g, q, k, v, rpb, out, lse, scale, band_rows(g), &nonfinite};
   const int64_t bands = (na2d::subgrid_len(0, static_cast<int>(g.X), g.dil) + a.band - 1) / a.band;
   at::parallel_for(0, g.B * g.H * g.dil * g.dil * bands, 1, [&](int64_t b, int64_t e) { fwd_dispatch(a, b, e); });
   return !nonfinite.load();
 }
 
-template <typename T>
-bool bwd_impl(const Geo& g, In<T> dout, In<T> q, In<T> k, In<T> v, const T* rpb, In<T> out, const T* lse, Out<T> dq,
-              Out<T> dk, Out<T> dv, T* bias_part, T scale) {
+template <typename T, typename S>
+bool bwd_impl(const Geo& g, In<S> dout, In<S> q, In<S> k, In<S> v, const T* rpb, In<S> out, const T* lse, Out<S> dq,
+              Out<S> dk, Out<S> dv, T* bias_part, T scale) {
   std::atomic<bool> nonfinite{false};
-  const BwdArgs<T> a{g, dout, q, k, v, out, rpb, lse, dq, dk, dv, bias_part, scale, &nonfinite};
+  const BwdArgs<T, S> a{g, dout, q, k, v, out, rpb, lse, dq, dk, dv, bias_part, scale, &nonfinite};
   at::parallel_for(0, g.B * g.H * g.dil * g.dil, 1, [&](int64_t b, int64_t e) { bwd_dispatch(a, b, e); });
   return !nonfinite.load();
 }
@@ -282,6 +304,13 @@ bool bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, co
 }
 bool bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb, In<double> out,
          const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part, double scale) {
+  return bwd_impl(g, dout, q, k, v, rpb, out, lse, dq, dk, dv, bias_part, scale);
+}
+bool fwd(const Geo& g, In<bf16> q, In<bf16> k, In<bf16> v, const float* rpb, Out<bf16> out, float* lse, float scale) {
+  return fwd_impl(g, q, k, v, rpb, out, lse, scale);
+}
+bool bwd(const Geo& g, In<bf16> dout, In<bf16> q, In<bf16> k, In<bf16> v, const float* rpb, In<bf16> out,
+         const float* lse, Out<bf16> dq, Out<bf16> dk, Out<bf16> dv, float* bias_part, float scale) {
   return bwd_impl(g, dout, q, k, v, rpb, out, lse, dq, dk, dv, bias_part, scale);
 }
 

@@ -1,4 +1,4 @@
-// 2-D neighborhood attention on CPU, fp32 and fp64 (docs/contract.md): the register-blocked kernels
+// 2-D neighborhood attention on CPU, fp32, fp64 and bf16 (docs/contract.md): the register-blocked kernels
 // of na2d_cpu_simd.cpp, called by the host code in na2d_cpu.cpp; their results stand when the
 // inputs are all finite (the return value).
 // Plain C++ (no torch types): tensors arrive as a pointer and five strides.
@@ -10,6 +10,9 @@
 
 namespace dcal {
 namespace na2d_simd {
+
+// The bits of a bfloat16: the storage type of bf16 tensors (the kernels compute in float).
+using bf16 = uint16_t;
 
 // A [B, H, X, Y, D] tensor read (In) or written (Out) through its strides, in elements.
 template <typename T>
@@ -42,6 +45,14 @@ bool bwd(const Geo& g, In<float> dout, In<float> q, In<float> k, In<float> v, co
          const float* lse, Out<float> dq, Out<float> dk, Out<float> dv, float* bias_part, float scale);
 bool bwd(const Geo& g, In<double> dout, In<double> q, In<double> k, In<double> v, const double* rpb, In<double> out,
          const double* lse, Out<double> dq, Out<double> dk, Out<double> dv, double* bias_part, double scale);
+
+// bf16 tensors on the float kernels: staged rows widened to float, outputs rounded to bf16
+// (to nearest even, as torch's conversion); rpb (widened by the caller), lse and bias_part are
+// float. The arithmetic is the float kernels' own, so the results are those of fwd / bwd on the
+// inputs converted to float, rounded to bf16 bit for bit.
+bool fwd(const Geo& g, In<bf16> q, In<bf16> k, In<bf16> v, const float* rpb, Out<bf16> out, float* lse, float scale);
+bool bwd(const Geo& g, In<bf16> dout, In<bf16> q, In<bf16> k, In<bf16> v, const float* rpb, In<bf16> out,
+         const float* lse, Out<bf16> dq, Out<bf16> dk, Out<bf16> dv, float* bias_part, float scale);
 
 }  // namespace na2d_simd
 }  // namespace dcal

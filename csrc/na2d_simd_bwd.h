@@ -11,8 +11,8 @@
 // row, dK/dV gather, dQ store; then it flushes the ring and sums the bias gradient.
 
 // A key row leaves the ring at slot sl_: its dK, dV are complete.
-template <typename T>
-DCAL_AI static void bwd_flush(const BwdArgs<T>& a, const Slice& s, Work<T>& w, int sl_) {
+template <typename T, typename St>
+DCAL_AI static void bwd_flush(const BwdArgs<T, St>& a, const Slice& s, Work<T>& w, int sl_) {
   const int r = w.slot[sl_];
   if (r >= 0 && r < s.nx) {  // an off-map row of zero mode: its gradients are dropped
     unstage(w.dK.data() + sl_ * w.row, a.g, s, r, w.W, w.PAD, a.dk);
@@ -23,8 +23,8 @@ DCAL_AI static void bwd_flush(const BwdArgs<T>& a, const Slice& s, Work<T>& w, i
 // Enter key rows (staging): the key rows [lo, hi) of the pair's windows take ring slots (a row
 // that leaves is flushed; an entering row's dK, dV accumulators are zeroed), K and V rows are
 // staged, and the pair's Q and dO rows are staged and probed for non-finite values.
-template <typename T>
-DCAL_AI static void bwd_enter_rows(const BwdArgs<T>& a, const Slice& s, Work<T>& w, const Rows& q, int i0, int lo,
+template <typename T, typename St>
+DCAL_AI static void bwd_enter_rows(const BwdArgs<T, St>& a, const Slice& s, Work<T>& w, const Rows& q, int i0, int lo,
                                    int hi) {
   const Geo& g = a.g;
   const int PAD = w.PAD;
@@ -48,29 +48,41 @@ DCAL_AI static void bwd_enter_rows(const BwdArgs<T>& a, const Slice& s, Work<T>&
 // Row statistics of query row i (slot p of the pair): the forward's logsumexp and delta =
 // rowsum(dO * O) per query column into w.lse, w.delta (at PAD); a non-finite out or dout makes its
 // query's delta non-finite, which the probe records.
-template <typename T>
-DCAL_AI static void bwd_row_stats(const BwdArgs<T>& a, const Slice& s, Work<T>& w, int p, int i) {
+template <typename T, typename St>
+DCAL_AI static void bwd_row_stats(const BwdArgs<T, St>& a, const Slice& s, Work<T>& w, int p, int i) {
   const Geo& g = a.g;
   const int PAD = w.PAD;
   const int64_t W = w.W, D = g.D, row = w.row;
-  const T* od = a.out.p + offset(a.out, g, s, i, 0);
-  const T* dd = a.dout.p + offset(a.dout, g, s, i, 0);
+  const St* od = a.out.p + offset(a.out, g, s, i, 0);
+  const St* dd = a.dout.p + offset(a.dout, g, s, i, 0);
   const int64_t co = int64_t{g.dil} * a.out.sy, cd = int64_t{g.dil} * a.dout.sy;
   const T* lr = a.lse + s.bh * g.X * g.Y + (s.gx + int64_t{g.dil} * i) * g.Y + s.gy;
   for (int j = 0; j < s.ny; ++j) w.lse[PAD + j] = lr[int64_t{j} * g.dil];
   T* dl = w.delta.data() + PAD;
   if (a.out.sd == 1 && a.dout.sd == 1) {  // token-major: one contiguous dot per query
-    for (int j = 0; j < s.ny; ++j) dl[j] = cpu::dot_impl(dd + j * cd, od + j * co, D);
+    if constexpr (std::is_same_v<St, T>) {
+      for (int j = 0; j < s.ny; ++j) dl[j] = cpu::dot_impl(dd + j * cd, od + j * co, D);
+    } else {  // the same dot on the query's two vectors widened
+      T* dw = w.wide.data();
+      T* ow = dw + D;
+      for (int j = 0; j < s.ny; ++j) {
+        for (int64_t d = 0; d < D; ++d) {
+          dw[d] = widen<T>(dd[j * cd + d]);
+          ow[d] = widen<T>(od[j * co + d]);
+        }
+        dl[j] = cpu::dot_impl(dw, ow, D);
+      }
+    }
   } else {  // head-dim-major (channels-first): sweep the map row once per head dim, dO staged
     std::fill(dl, dl + s.ny, T(0));
     const T* dos = w.dOt.data() + p * row + PAD;
     for (int64_t d = 0; d < D; ++d) {
       const T* a_ = dos + d * W;
-      const T* b_ = od + d * a.out.sd;
+      const St* b_ = od + d * a.out.sd;
       if (co == 1) {  // contiguous: the loop vectorises
-        for (int j = 0; j < s.ny; ++j) dl[j] += a_[j] * b_[j];
+        for (int j = 0; j < s.ny; ++j) dl[j] += a_[j] * widen<T>(b_[j]);
       } else {
-        for (int j = 0; j < s.ny; ++j) dl[j] += a_[j] * b_[j * co];
+        for (int j = 0; j < s.ny; ++j) dl[j] += a_[j] * widen<T>(b_[j * co]);
       }
     }
   }
@@ -82,8 +94,8 @@ DCAL_AI static void bwd_row_stats(const BwdArgs<T>& a, const Slice& s, Work<T>& 
 // Probabilities and score gradients of query row i (slot p of the pair, window start wsi): P from
 // the logits S and the logsumexp, dS = P * (dP - delta); P and scale * dS are kept as rows for the
 // dK, dV gather, scale * dS replaces S (for dQ), and dS is summed into the bias gradient.
-template <typename T>
-DCAL_AI static void bwd_scores(const BwdArgs<T>& a, Work<T>& w, const Rows& q, const T* bias, int nbr, int p, int i,
+template <typename T, typename St>
+DCAL_AI static void bwd_scores(const BwdArgs<T, St>& a, Work<T>& w, const Rows& q, const T* bias, int nbr, int p, int i,
                                int wsi, vec_t<T>* S, const vec_t<T>* dP) {
   using V = vec_t<T>;
   constexpr int L = Vec<T>::L;
@@ -150,8 +162,8 @@ DCAL_AI static void bwd_gather(const Slice& s, Work<T>& w, const Rows& q, int ks
 }
 
 // dQ store: dQ = scale * dS @ K of the pair's query rows (S holds scale * dS), written to a.dq.
-template <typename T>
-DCAL_AI static void bwd_store_dq(const BwdArgs<T>& a, const Slice& s, Work<T>& w, const Rows& q, int nbr, int i0,
+template <typename T, typename St>
+DCAL_AI static void bwd_store_dq(const BwdArgs<T, St>& a, const Slice& s, Work<T>& w, const Rows& q, int nbr, int i0,
                                  vec_t<T>* S) {
   constexpr int L = Vec<T>::L;
   const int ks = a.g.ks, NC = 2 * ks - 1;
@@ -162,8 +174,8 @@ DCAL_AI static void bwd_store_dq(const BwdArgs<T>& a, const Slice& s, Work<T>& w
       store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), a.g, s, i0 + p, b * L, a.dq);
 }
 
-template <typename T>
-DCAL_AI static void bwd_slice(const BwdArgs<T>& a, int64_t sl, Work<T>& w) {
+template <typename T, typename St>
+DCAL_AI static void bwd_slice(const BwdArgs<T, St>& a, int64_t sl, Work<T>& w) {
   using V = vec_t<T>;
   constexpr int L = Vec<T>::L;
   const Geo& g = a.g;

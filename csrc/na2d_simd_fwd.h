@@ -8,8 +8,8 @@
 
 // Forward: query rows [ia, ib) of one slice, two at a time.
 
-template <typename T>
-DCAL_AI static void fwd_rows(const FwdArgs<T>& a, int64_t sl, int ia, int ib, Work<T>& w) {
+template <typename T, typename St>
+DCAL_AI static void fwd_rows(const FwdArgs<T, St>& a, int64_t sl, int ia, int ib, Work<T>& w) {
   using V = vec_t<T>;
   constexpr int L = Vec<T>::L;
   const Geo& g = a.g;

@@ -37,9 +37,10 @@ DCAL_AI static int64_t offset(const S& t, const Geo& g, const Slice& s, int64_t 
 // whole number of cache lines and the rows start on 64-byte boundaries).
 DCAL_AI static int pad_of(int ks, int L) { return (ks - 1 + L + L - 1) / L * L; }
 
-// dst [D][W] <- row r of the slice, transposed, columns at dst[PAD + c]; zeros off the map.
-template <typename T>
-DCAL_AI static void stage(const In<T>& t, const Geo& g, const Slice& s, int r, int64_t W, int PAD, T* dst) {
+// dst [D][W] <- row r of the slice, transposed, columns at dst[PAD + c]; zeros off the map. The
+// tensor's storage type S is widened to the compute type T here (S = T: a copy).
+template <typename T, typename S>
+DCAL_AI static void stage(const In<S>& t, const Geo& g, const Slice& s, int r, int64_t W, int PAD, T* dst) {
   const int64_t D = g.D, ny = s.ny;
   if (r < 0 || r >= s.nx) {
     std::fill(dst, dst + D * W, T(0));
@@ -49,32 +50,38 @@ DCAL_AI static void stage(const In<T>& t, const Geo& g, const Slice& s, int r, i
     std::fill(dst + d * W, dst + d * W + PAD, T(0));
     std::fill(dst + d * W + PAD + ny, dst + (d + 1) * W, T(0));
   }
-  const T* src = t.p + offset(t, g, s, r, 0);
+  const S* src = t.p + offset(t, g, s, r, 0);
   const int64_t cs = int64_t{g.dil} * t.sy;
+  constexpr int L = Vec<T>::L;
   if (t.sd != 1 && (cs == 1 || std::abs(cs) < std::abs(t.sd))) {  // columns closer than head dims
     for (int64_t d = 0; d < D; ++d) {
-      const T* sd = src + d * t.sd;
+      const S* sd = src + d * t.sd;
       T* row = dst + d * W + PAD;
       if (cs == 1) {  // channels-first maps: each head dim's row is contiguous
-        std::copy(sd, sd + ny, row);
+        if constexpr (std::is_same_v<S, T>) {
+          std::copy(sd, sd + ny, row);
+        } else {
+          int64_t c = 0;
+          for (; c + L <= ny; c += L) storeu(row + c, loadw<T>(sd + c));
+          for (; c < ny; ++c) row[c] = widen<T>(sd[c]);
+        }
       } else {
-        for (int64_t c = 0; c < ny; ++c) row[c] = sd[c * cs];
+        for (int64_t c = 0; c < ny; ++c) row[c] = widen<T>(sd[c * cs]);
       }
     }
   } else {
-    constexpr int L = Vec<T>::L;
     int64_t c = 0;
     if (t.sd == 1)  // L tokens x L head dims at a time, transposed in registers
       for (; c + L <= ny; c += L) {
         int64_t d = 0;
         for (; d + L <= D; d += L) transpose_block(src + c * cs + d, cs, dst + d * W + PAD + c, W);
         for (; d < D; ++d)
-          for (int l = 0; l < L; ++l) dst[d * W + PAD + c + l] = src[(c + l) * cs + d];
+          for (int l = 0; l < L; ++l) dst[d * W + PAD + c + l] = widen<T>(src[(c + l) * cs + d]);
       }
     for (; c < ny; ++c) {
-      const T* e = src + c * cs;
+      const S* e = src + c * cs;
       T* col = dst + PAD + c;
-      for (int64_t d = 0; d < D; ++d) col[d * W] = e[d * t.sd];
+      for (int64_t d = 0; d < D; ++d) col[d * W] = widen<T>(e[d * t.sd]);
     }
   }
 }
@@ -100,48 +107,56 @@ DCAL_AI static vec_t<T> probe_row(const T* dst, int64_t W, int64_t D, int PAD, i
   return acc;
 }
 
-// Slice row r of dst <- a transposed [D][W] row (columns at src[PAD + c]).
-template <typename T>
-DCAL_AI static void unstage(const T* src, const Geo& g, const Slice& s, int r, int64_t W, int PAD, const Out<T>& dst) {
+// Slice row r of dst <- a transposed [D][W] row (columns at src[PAD + c]), narrowed to dst's
+// storage type S (S = T: a copy).
+template <typename T, typename S>
+DCAL_AI static void unstage(const T* src, const Geo& g, const Slice& s, int r, int64_t W, int PAD, const Out<S>& dst) {
   const int64_t D = g.D, ny = s.ny, cs = int64_t{g.dil} * dst.sy;
-  T* base = dst.p + offset(dst, g, s, r, 0);
+  constexpr int L = Vec<T>::L;
+  S* base = dst.p + offset(dst, g, s, r, 0);
   if (dst.sd != 1 && (cs == 1 || std::abs(cs) < std::abs(dst.sd))) {
     for (int64_t d = 0; d < D; ++d) {
       const T* row = src + d * W + PAD;
-      T* o = base + d * dst.sd;
+      S* o = base + d * dst.sd;
       if (cs == 1) {
-        std::copy(row, row + ny, o);
+        if constexpr (std::is_same_v<S, T>) {
+          std::copy(row, row + ny, o);
+        } else {
+          int64_t c = 0;
+          for (; c + L <= ny; c += L) storen<S, T>(o + c, loadu(row + c));
+          for (; c < ny; ++c) o[c] = narrow<S>(row[c]);
+        }
       } else {
-        for (int64_t c = 0; c < ny; ++c) o[c * cs] = row[c];
+        for (int64_t c = 0; c < ny; ++c) o[c * cs] = narrow<S>(row[c]);
       }
     }
   } else {
-    constexpr int L = Vec<T>::L;
     int64_t c = 0;
     if (dst.sd == 1)
       for (; c + L <= ny; c += L) {
         int64_t d = 0;
         for (; d + L <= D; d += L) transpose_block(src + d * W + PAD + c, W, base + c * cs + d, cs);
         for (; d < D; ++d)
-          for (int l = 0; l < L; ++l) base[(c + l) * cs + d] = src[d * W + PAD + c + l];
+          for (int l = 0; l < L; ++l) base[(c + l) * cs + d] = narrow<S>(src[d * W + PAD + c + l]);
       }
     for (; c < ny; ++c) {
       const T* col = src + PAD + c;
-      T* o = base + c * cs;
-      for (int64_t d = 0; d < D; ++d) o[d * dst.sd] = col[d * W];
+      S* o = base + c * cs;
+      for (int64_t d = 0; d < D; ++d) o[d * dst.sd] = narrow<S>(col[d * W]);
     }
   }
 }
 
-// Lanes l < nl of the vectors o[d] -> queries (i, j0 + l) of dst.
-template <typename T>
-DCAL_AI static void store_lanes(const vec_t<T>* o, int nl, const Geo& g, const Slice& s, int i, int j0,
-                                const Out<T>& dst) {
-  T* base = dst.p + offset(dst, g, s, i, j0);
+// Lanes l < nl of the vectors o[d] (of T) -> queries (i, j0 + l) of dst, narrowed to its storage
+// type S.
+template <typename V, typename S>
+DCAL_AI static void store_lanes(const V* o, int nl, const Geo& g, const Slice& s, int i, int j0, const Out<S>& dst) {
+  using T = std::remove_cvref_t<decltype(o[0][0])>;
+  S* base = dst.p + offset(dst, g, s, i, j0);
   const int64_t cs = int64_t{g.dil} * dst.sy;
   constexpr int L = Vec<T>::L;
   if (cs == 1 && nl == L) {
-    for (int64_t d = 0; d < g.D; ++d) storeu(base + d * dst.sd, o[d]);
+    for (int64_t d = 0; d < g.D; ++d) storen<S, T>(base + d * dst.sd, o[d]);
     return;
   }
   if (dst.sd == 1 && nl == L && g.D % L == 0) {
@@ -149,13 +164,13 @@ DCAL_AI static void store_lanes(const vec_t<T>* o, int nl, const Geo& g, const S
       vec_t<T> r[L];
       for (int l = 0; l < L; ++l) r[l] = o[d0 + l];
       transpose(r);
-      for (int l = 0; l < L; ++l) storeu(base + l * cs + d0, r[l]);
+      for (int l = 0; l < L; ++l) storen<S, T>(base + l * cs + d0, r[l]);
     }
     return;
   }
   for (int l = 0; l < nl; ++l) {
-    T* q = base + l * cs;
-    for (int64_t d = 0; d < g.D; ++d) q[d * dst.sd] = o[d][l];
+    S* q = base + l * cs;
+    for (int64_t d = 0; d < g.D; ++d) q[d * dst.sd] = narrow<S>(o[d][l]);
   }
 }
 
@@ -222,6 +237,7 @@ struct Work {
   std::vector<T> dK, dV;         // backward: ring of transposed key-row gradient accumulators
   std::vector<T> P, dS;          // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair
   std::vector<T> delta, lse;     // backward: [W] per query column, one query row
+  std::vector<T> wide;           // backward: [2D] a query's dO and out widened (narrower storage types)
   int coff, NCR;                 // column offsets -coff .. coff kept in the rows of P and dS
   AlignedBuf<vec_t<T>> S, dP;    // [kPair][nb][ks][2ks-1] logit-shaped vectors of the pair
   AlignedBuf<vec_t<T>> o, bias;  // o: [kPair][nb][D] output-shaped vectors; bias: [2ks-1]^2 sums
@@ -271,6 +287,7 @@ struct Work {
       P.resize(int64_t{kPair} * ks * NCR * W);
       dS.resize(int64_t{kPair} * ks * NCR * W);
       delta.resize(W);
+      wide.resize(2 * g.D);
       lse.resize(W);
       bias.resize(NC * NC);
       wp.resize(kPair * NC);
@@ -296,8 +313,8 @@ struct Work {
 
   // Stage key rows lo .. hi - 1 into the ring (those not already there); evict(slot) runs first
   // on a slot whose row is replaced.
-  template <typename Evict>
-  DCAL_AI void stage_rows(const Geo& g, const Slice& s, const In<T>& k, const In<T>& v, int lo, int hi, Evict evict) {
+  template <typename S, typename Evict>
+  DCAL_AI void stage_rows(const Geo& g, const Slice& s, const In<S>& k, const In<S>& v, int lo, int hi, Evict evict) {
     for (int r = lo; r < hi; ++r) {
       const int sl = slot_of(r);
       if (slot[sl] == r) continue;

@@ -58,12 +58,74 @@ DCAL_AI static void transpose(V* r) {
   transpose_stage<V, L, L / 2>(r);
 }
 
-// dst[e * ds + l] = src[l * ss + e] for an L x L block (token-major <-> head-dim-major).
-template <typename T>
-DCAL_AI static void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds) {
+// dst[e * ds + l] = src[l * ss + e] for an L x L block (token-major <-> head-dim-major), read as
+// storage type A and written as B (one of them the compute type; see widen / narrow below).
+template <typename A, typename B>
+DCAL_AI static void transpose_block(const A* src, int64_t ss, B* dst, int64_t ds) {
+  using T = std::conditional_t<std::is_same_v<A, bf16>, B, A>;
   constexpr int L = Vec<T>::L;
   vec_t<T> r[L];
-  for (int l = 0; l < L; ++l) r[l] = loadu(src + l * ss);
+  for (int l = 0; l < L; ++l) r[l] = loadw<T>(src + l * ss);
   transpose(r);
-  for (int l = 0; l < L; ++l) storeu(dst + l * ds, r[l]);
+  for (int l = 0; l < L; ++l) storen<B, T>(dst + l * ds, r[l]);
+}
+
+// Storage types. The kernels compute in T (fp32 or fp64) whatever the tensors hold; a tensor of
+// storage type S is read through widen / loadw (S -> T, where its rows are staged) and written
+// through narrow / storen (T -> S, where outputs leave). S = T is the identity; S = bf16 (the
+// bits of a bfloat16, compute type float) widens exactly (the bits shifted up) and narrows by
+// round-to-nearest-even on the integer bits, as torch's conversion does: inf, negative zero and
+// denormals are kept (AVX-512 BF16's vcvtneps2bf16 would flush denormals), every NaN becomes
+// 0xffff.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, bf16>, float, S>;
+
+template <typename T, typename S>
+DCAL_AI static T widen(S x) {
+  if constexpr (std::is_same_v<S, T>) {
+    return x;
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>);
+    return std::bit_cast<float>(static_cast<uint32_t>(x) << 16);
+  }
+}
+template <typename S, typename T>
+DCAL_AI static S narrow(T x) {
+  if constexpr (std::is_same_v<S, T>) {
+    return x;
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>);
+    const uint32_t u = std::bit_cast<uint32_t>(x);
+    return x != x ? bf16(0xffff) : static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+// L elements of S at p, widened to a vector of T.
+template <typename T, typename S>
+DCAL_AI static vec_t<T> loadw(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return loadu(p);
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>);
+    using h_t = typename Bf16W<VB>::h;
+    using w_t = typename Bf16W<VB>::w;
+    h_t h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_bit_cast(vec_t<float>, __builtin_convertvector(h, w_t) << 16);
+  }
+}
+// The lanes of x narrowed to S, stored at p (L elements).
+template <typename S, typename T>
+DCAL_AI static void storen(S* p, vec_t<T> x) {
+  if constexpr (std::is_same_v<S, T>) {
+    storeu(p, x);
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>);
+    using h_t = typename Bf16W<VB>::h;
+    using w_t = typename Bf16W<VB>::w;
+    const w_t u = __builtin_bit_cast(w_t, x);
+    w_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = x != x ? w_t{} + 0xffffu : r;
+    const h_t h = __builtin_convertvector(r, h_t);
+    std::memcpy(p, &h, sizeof h);
+  }
 }

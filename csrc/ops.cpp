@@ -33,6 +33,13 @@ TORCH_LIBRARY(dcal, m) {
       "na2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, int kernel_size, int "
       "border, float scale, int dilation=1) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drpb)");
   m.def("rollout(Tensor[] qs, Tensor[] ks, Tensor[] lses, float scale, float residual) -> Tensor");
+  // Private: na2d_fwd / na2d_bwd on CPU always on the per-window kernels (tests, bench).
+  m.def(
+      "_na2d_fwd_window(Tensor q, Tensor k, Tensor v, Tensor? rpb, int kernel_size, int border, float scale, int "
+      "dilation=1) -> (Tensor out, Tensor lse)");
+  m.def(
+      "_na2d_bwd_window(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, int "
+      "kernel_size, int border, float scale, int dilation=1) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drpb)");
 }
 
 TORCH_LIBRARY_IMPL(dcal, CPU, m) {
@@ -41,6 +48,8 @@ TORCH_LIBRARY_IMPL(dcal, CPU, m) {
   m.impl("mkv_bwd", &mkv_bwd_cpu);
   m.impl("na2d_fwd", &na2d_fwd_cpu);
   m.impl("na2d_bwd", &na2d_bwd_cpu);
+  m.impl("_na2d_fwd_window", &na2d_fwd_window_cpu);
+  m.impl("_na2d_bwd_window", &na2d_bwd_window_cpu);
   m.impl("rollout", &rollout_cpu);
 }
 

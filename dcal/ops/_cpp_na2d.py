@@ -40,6 +40,16 @@ def _na2d_bwd_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dil
     return empty_in_order_of(q), empty_in_order_of(k), empty_in_order_of(v), drpb
 
 
+@torch.library.register_fake("dcal::_na2d_fwd_window")
+def _na2d_fwd_window_fake(q, k, v, rpb, kernel_size, border, scale, dilation=1):
+    return _na2d_fwd_fake(q, k, v, rpb, kernel_size, border, scale, dilation)
+
+
+@torch.library.register_fake("dcal::_na2d_bwd_window")
+def _na2d_bwd_window_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dilation=1):
+    return _na2d_bwd_fake(dout, q, k, v, rpb, out, lse, kernel_size, border, scale, dilation)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, rpb, kernel_size, border, scale, dilation = inputs
     out, lse = output
@@ -77,3 +87,28 @@ def na2d_cpp(
         return out.half()
     out, _ = torch.ops.dcal.na2d_fwd(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale), int(dilation))
     return out
+
+
+class _Window(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel_size, border, scale, dilation):
+        out, lse = torch.ops.dcal._na2d_fwd_window(q, k, v, rpb, kernel_size, border, scale, dilation)
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.args = (kernel_size, border, scale, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        dq, dk, dv, drpb = torch.ops.dcal._na2d_bwd_window(dout, q, k, v, rpb, out, lse, *ctx.args)
+        return dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None
+
+
+def _na2d_window(
+    q: Tensor, k: Tensor, v: Tensor, rpb=None, kernel_size: int = 7, border: str = "zero", scale=None, dilation: int = 1
+) -> Tensor:
+    """Private: the CPU op on its per-window kernels only (the SIMD kernels skipped), forward and
+    backward, for comparisons of the two paths in one process (tests, ``bench.neighborhood``'s
+    ``dcal_window`` provider). No argument checks beyond the C++ ones; not a public API."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _Window.apply(q, k, v, rpb, int(kernel_size), BORDER_IDS[border], float(scale), int(dilation))
