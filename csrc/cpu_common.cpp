@@ -3,6 +3,10 @@
 // the CPU has without -march flags.
 #include "cpu_common.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace dcal {
 namespace cpu {
 namespace {
@@ -13,7 +17,52 @@ template <typename T>
   for (int64_t j = 0; j < n; ++j) acc[j] += w * p[j];
 }
 
+#if defined(__x86_64__)
+// The 16 x 16 tiles of transpose: 16 rows of src in, 16 rows of dst out (unpack, then 32-bit and
+// 128-bit lane shuffles); the edges that do not fill a tile go through the scalar template.
+__attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t lds, int64_t n, int64_t D,
+                                                         float* dst, int64_t ldd) {
+  const int64_t n16 = n / 16 * 16, D16 = D / 16 * 16;
+  for (int64_t i0 = 0; i0 < n16; i0 += 16) {
+    for (int64_t d0 = 0; d0 < D16; d0 += 16) {
+      __m512 r[16], t[16];
+      for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_ps(src + (i0 + l) * lds + d0);
+      for (int l = 0; l < 8; ++l) {
+        t[2 * l] = _mm512_unpacklo_ps(r[2 * l], r[2 * l + 1]);
+        t[2 * l + 1] = _mm512_unpackhi_ps(r[2 * l], r[2 * l + 1]);
+      }
+      for (int l = 0; l < 4; ++l) {
+        r[4 * l] = _mm512_shuffle_ps(t[4 * l], t[4 * l + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * l + 1] = _mm512_shuffle_ps(t[4 * l], t[4 * l + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * l + 2] = _mm512_shuffle_ps(t[4 * l + 1], t[4 * l + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * l + 3] = _mm512_shuffle_ps(t[4 * l + 1], t[4 * l + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int l = 0; l < 4; ++l) {
+          t[8 * h + l] = _mm512_shuffle_f32x4(r[8 * h + l], r[8 * h + l + 4], 0x88);
+          t[8 * h + l + 4] = _mm512_shuffle_f32x4(r[8 * h + l], r[8 * h + l + 4], 0xdd);
+        }
+      for (int l = 0; l < 8; ++l) {
+        r[l] = _mm512_shuffle_f32x4(t[l], t[l + 8], 0x88);
+        r[l + 8] = _mm512_shuffle_f32x4(t[l], t[l + 8], 0xdd);
+      }
+      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (d0 + l) * ldd + i0, r[l]);
+    }
+    if (D16 < D) transpose<float, float>(src + i0 * lds + D16, lds, 16, D - D16, dst + D16 * ldd + i0, ldd);
+  }
+  if (n16 < n) transpose<float, float>(src + n16 * lds, lds, n - n16, D, dst + n16, ldd);
+}
+#endif
+
 }  // namespace
+
+void transpose(const float* src, int64_t lds, int64_t n, int64_t D, float* dst, int64_t ldd) {
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return transpose_avx512(src, lds, n, D, dst, ldd);
+#endif
+  transpose<float, float>(src, lds, n, D, dst, ldd);
+}
 
 DCAL_CPU_CLONES float row_extreme(const float* s, int64_t n, bool lo) { return row_extreme_vec(s, n, lo); }
 DCAL_CPU_CLONES double row_extreme(const double* s, int64_t n, bool lo) { return row_extreme_vec(s, n, lo); }

@@ -54,6 +54,11 @@ inline int64_t block_rows(int64_t n, int64_t most) {
   return (n + nb - 1) / nb;
 }
 
+// dst[d * ldd + i] = src[i * lds + d] for i < n, d < D: 16 x 16 tiles through AVX-512 registers
+// where the CPU has them (the template in cpu_block.h elsewhere and for the edges). A copy: the
+// same bits on every path.
+void transpose(const float* src, int64_t lds, int64_t n, int64_t D, float* dst, int64_t ldd);
+
 // Row loops (cpu_common.cpp), fp32 and fp64.
 // max_j s[j], or min_j when lo (the maximum of scale * s for a negative scale)
 float row_extreme(const float* s, int64_t n, bool lo);
