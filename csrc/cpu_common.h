@@ -6,6 +6,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 
 #include "cpu_block.h"
 
@@ -36,6 +39,28 @@ HeadsView<T> view_of(const at::Tensor& t) {
   const int64_t sn = t.size(2) == 1 ? t.size(3) : t.stride(2);
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), sn};
 }
+
+// A per-thread work buffer (score tiles, transposed panels) of n zeroed elements starting on a
+// cache line: std::vector's storage is only 16-byte aligned, so every 64-byte row access of a tile
+// or panel (the products' loads and stores, the row loops) would span two lines.
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(int64_t n) : size_((std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64 * 64) {
+    p_ = static_cast<T*>(std::aligned_alloc(64, size_));
+    if (p_ == nullptr) throw std::bad_alloc();
+    std::memset(static_cast<void*>(p_), 0, size_);
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+
+ private:
+  size_t size_;
+  T* p_;
+};
 
 // n rounded up to 16 elements: the row stride of a score tile (64-byte fp32 rows).
 inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }

@@ -133,7 +133,7 @@ struct Segs {
       v.push_back(view_of<T>(s.v));
       n.push_back(s.k.size(2));
       off.push_back(total);
-      total += s.k.size(2);
+      total += padded(s.k.size(2));  // each segment's columns start on a cache line
     }
     ld = panel_ld(total);
     cap = tile_ld(n);
@@ -157,7 +157,8 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
   const bool lowest = scale < T(0);  // the maximum of scale * s is scale * min s
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<T> s(bm * sg.cap), m(bm), l(bm), kt(D * sg.ld);
+    cpu::Buffer<T> s(bm * sg.cap), kt(D * sg.ld);
+    std::vector<T> m(bm), l(bm);
     int64_t panel_of = -1;
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * bm, b = bh / H, h = bh % H;
@@ -223,8 +224,9 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     // panels of one segment at a time (segments are the outer loop); tmp: the in-place transposes
-    std::vector<T> p(bm * sg.cap), ds(bm * sg.cap), delta(Nq);
-    std::vector<T> kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm), tmp(D * nk_max);
+    cpu::Buffer<T> p(bm * sg.cap), ds(bm * sg.cap), kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm),
+        tmp(D * nk_max);
+    std::vector<T> delta(Nq);
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
