@@ -105,6 +105,62 @@ __attribute__((target("arch=x86-64-v4"))) void exp_scale_v4(float* s, int64_t n,
   for (; j < n; ++j) s[j] = exp_poly(s[j] * a - c);
 }
 
+// exp_scale_sum_v4 of row s, and the extreme (row_extreme) of the next row t of the tile in the
+// same loop: t streams in from L2 while the exponentials keep the vector units busy, instead of a
+// separate pass. vmaxps(x, acc) / vminps(x, acc) select as row_extreme_vec's ternaries do (a NaN x
+// is skipped, a tie keeps acc), lane by lane over the same vectors in the same order, and the
+// lanes and the tail are folded as there: the same bits as the two separate loops.
+template <bool kLowest>
+[[gnu::always_inline]] __attribute__((target("arch=x86-64-v4"))) inline __m512 fold_extreme(__m512 x, __m512 m) {
+  if constexpr (kLowest)
+    return _mm512_min_ps(x, m);
+  else
+    return _mm512_max_ps(x, m);
+}
+
+template <bool kLowest>
+[[gnu::always_inline]] __attribute__((target("arch=x86-64-v4"))) inline float exp_scale_sum_extreme_v4_impl(
+    float* s, int64_t n, float a, float c, const float* t, float* extreme) {
+  constexpr int W = Simd<float>::W;
+  const float inf = std::numeric_limits<float>::infinity();
+  V16 acc = V16{};
+  __m512 mx = _mm512_set1_ps(kLowest ? inf : -inf);
+  int64_t j = 0;
+  for (; j + kSteps * W <= n; j += kSteps * W) {
+    V16 e[kSteps];
+    for (int u = 0; u < kSteps; ++u) e[u] = exp_v4(vload<V16>(s + j + u * W) * a - c);
+    for (int u = 0; u < kSteps; ++u) {
+      vstore(s + j + u * W, e[u]);
+      acc += e[u];
+    }
+    for (int u = 0; u < kSteps; ++u) mx = fold_extreme<kLowest>(_mm512_loadu_ps(t + j + u * W), mx);
+  }
+  for (; j + W <= n; j += W) {
+    const V16 e = exp_v4(vload<V16>(s + j) * a - c);
+    vstore(s + j, e);
+    acc += e;
+    mx = fold_extreme<kLowest>(_mm512_loadu_ps(t + j), mx);
+  }
+  float sum = hsum<float>(acc);
+  for (int64_t k = j; k < n; ++k) {
+    s[k] = exp_poly(s[k] * a - c);
+    sum += s[k];
+  }
+  alignas(64) float lanes[W];
+  _mm512_store_ps(lanes, mx);
+  float m = kLowest ? inf : -inf;
+  for (int l = 0; l < W; ++l) m = kLowest ? std::min(m, lanes[l]) : std::max(m, lanes[l]);
+  for (int64_t k = j; k < n; ++k) m = kLowest ? std::min(m, t[k]) : std::max(m, t[k]);
+  *extreme = m;
+  return sum;
+}
+
+__attribute__((target("arch=x86-64-v4"))) float exp_scale_sum_extreme_v4(float* s, int64_t n, float a, float c,
+                                                                         const float* t, bool lowest, float* extreme) {
+  return lowest ? exp_scale_sum_extreme_v4_impl<true>(s, n, a, c, t, extreme)
+                : exp_scale_sum_extreme_v4_impl<false>(s, n, a, c, t, extreme);
+}
+
 bool has_v4() {
   static const bool v4 = __builtin_cpu_supports("x86-64-v4");
   return v4;
@@ -122,6 +178,19 @@ float exp_scale_sum(float* s, int64_t n, float a, float c) {
   if (has_v4()) return exp_scale_sum_v4(s, n, a, c);
 #endif
   return exp_scale_sum_any(s, n, a, c);
+}
+float exp_scale_sum_extreme(float* s, int64_t n, float a, float c, const float* t, bool lo, float* extreme) {
+#if defined(__x86_64__)
+  if (has_v4()) return exp_scale_sum_extreme_v4(s, n, a, c, t, lo, extreme);
+#endif
+  const float sum = exp_scale_sum_any(s, n, a, c);
+  *extreme = row_extreme(t, n, lo);
+  return sum;
+}
+double exp_scale_sum_extreme(double* s, int64_t n, double a, double c, const double* t, bool lo, double* extreme) {
+  const double sum = exp_scale_sum(s, n, a, c);
+  *extreme = row_extreme(t, n, lo);
+  return sum;
 }
 void exp_scale(float* s, int64_t n, float a, float c) {
 #if defined(__x86_64__)

@@ -91,6 +91,10 @@ double row_extreme(const double* s, int64_t n, bool lo);
 // s <- exp(a * s - c); returns the row sum
 float exp_scale_sum(float* s, int64_t n, float a, float c);
 double exp_scale_sum(double* s, int64_t n, double a, double c);
+// exp_scale_sum of row s, and *extreme = row_extreme(t, n, lo) of another row t (the next row of
+// a score tile) in the same pass where the CPU allows; the same results as the two calls
+float exp_scale_sum_extreme(float* s, int64_t n, float a, float c, const float* t, bool lo, float* extreme);
+double exp_scale_sum_extreme(double* s, int64_t n, double a, double c, const double* t, bool lo, double* extreme);
 // s <- exp(a * s - c)
 void exp_scale(float* s, int64_t n, float a, float c);
 void exp_scale(double* s, int64_t n, double a, double c);

@@ -45,6 +45,7 @@ using cpu::dot;
 using cpu::dsoftmax;
 using cpu::exp_scale;
 using cpu::exp_scale_sum;
+using cpu::exp_scale_sum_extreme;
 using cpu::HeadsView;
 using cpu::mm;
 using cpu::padded;
@@ -179,11 +180,15 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
           const int64_t n = std::min(kBN, sg.n[g] - j0), ld = padded(n);
           // s [mr, n] = q [mr, D] @ k^T [D, n]
           mm(mr, n, D, qp, q.sn, kt.data() + sg.off[g] + j0, sg.ld, s.data(), ld, false);
+          // the extreme of row i + 1 is taken in row i's exp pass
+          T ext = row_extreme(s.data(), n, lowest);
           for (int64_t i = 0; i < mr; ++i) {
             T* si = s.data() + i * ld;
-            const T mnew = std::max(m[i], scale * row_extreme(si, n, lowest));
+            const T mnew = std::max(m[i], scale * ext);
             const T corr = std::exp(m[i] - mnew);  // 0 on the first block (m = -inf)
-            l[i] = l[i] * corr + exp_scale_sum(si, n, scale, mnew);
+            const T sum = i + 1 < mr ? exp_scale_sum_extreme(si, n, scale, mnew, si + ld, lowest, &ext)
+                                     : exp_scale_sum(si, n, scale, mnew);
+            l[i] = l[i] * corr + sum;
             if (corr != T(1)) scale_row(op + i * D, D, corr);
             m[i] = mnew;
           }
