@@ -228,9 +228,11 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
   const int64_t nk_max = *std::max_element(sg.n.begin(), sg.n.end()), ldp = panel_ld(nk_max);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    // panels of one segment at a time (segments are the outer loop); tmp: the in-place transposes
-    cpu::Buffer<T> p(bm * sg.cap), ds(bm * sg.cap), kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm),
-        tmp(D * nk_max);
+    // panels of one segment at a time (segments are the outer loop); dkt: dK^T [D, nk] of the
+    // segment (row stride ldp), then the in-place transpose of dV^T; q and dO blocks transposed to
+    // [D, rows] with rows padded to whole cache lines (ldq)
+    const int64_t ldq = padded(bm);
+    cpu::Buffer<T> p(bm * sg.cap), ds(bm * sg.cap), kt(D * ldp), vt(D * ldp), qt(D * ldq), dot_t(D * ldq), dkt(D * ldp);
     std::vector<T> delta(Nq);
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
@@ -243,37 +245,37 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
         const T* kp = sg.k[g].at(b, h);
         transpose(kp, sg.k[g].sn, nk, D, kt.data(), ldp);
         transpose(sg.v[g].at(b, h), sg.v[g].sn, nk, D, vt.data(), ldp);
-        T* dkt = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;  // dk^T [D, nk], in dk's memory
-        T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
-        std::fill_n(dkt, nk * D, T(0));
+        T* dk = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;
+        T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;  // dv^T [D, nk], in dv's memory
+        std::fill_n(dkt.data(), D * ldp, T(0));
         std::fill_n(dvt, nk * D, T(0));
         for (int64_t i0 = 0; i0 < Nq; i0 += bm) {
           const int64_t mr = std::min(bm, Nq - i0);
           const T* qp = q.at(b, h) + i0 * q.sn;
           const T* doi = dop + i0 * D;
           T* dqi = dq_all + (bh * Nq + i0) * D;
-          transpose(qp, q.sn, mr, D, qt.data(), bm);
-          transpose(doi, D, mr, D, dot_t.data(), bm);
+          transpose(qp, q.sn, mr, D, qt.data(), ldq);
+          transpose(doi, D, mr, D, dot_t.data(), ldq);
           for (int64_t j0 = 0; j0 < nk; j0 += kBN) {
             const int64_t n = std::min(kBN, nk - j0), ld = padded(n);
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
             mm(mr, n, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
             // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
-            mm(D, n, mr, dot_t.data(), bm, p.data(), ld, dvt + j0, nk, true);
+            mm(D, n, mr, dot_t.data(), ldq, p.data(), ld, dvt + j0, nk, true);
             // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
             mm(mr, n, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
             // dq [mr, D] += ds [mr, n] @ k_j [n, D]
             mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
             // dk_j^T [D, n] += q^T [D, mr] @ ds [mr, n]
-            mm(D, n, mr, qt.data(), bm, ds.data(), ld, dkt + j0, nk, true);
+            mm(D, n, mr, qt.data(), ldq, ds.data(), ld, dkt.data() + j0, ldp, true);
           }
         }
-        for (T* x : {dkt, dvt}) {  // [D, nk] -> [nk, D] in place, through tmp
-          std::copy_n(x, nk * D, tmp.data());
-          transpose(tmp.data(), nk, D, nk, x, D);
-        }
+        // [D, nk] -> [nk, D]: dK^T into dk; dV^T in place, through the dkt buffer
+        transpose(dkt.data(), ldp, D, nk, dk, D);
+        for (int64_t d = 0; d < D; ++d) std::copy_n(dvt + d * nk, nk, dkt.data() + d * ldp);
+        transpose(dkt.data(), ldp, D, nk, dvt, D);
       }
     }
   });
