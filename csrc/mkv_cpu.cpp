@@ -206,9 +206,10 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
 }
 
 // Backward. One task per (b, h): the keys and values of the head are transposed once into
-// [D, keys] panels, and dK and dV accumulate transposed, as [D, keys] in their own output memory
-// (then transposed in place through one per-thread [D, keys] buffer), so that every product reads
-// its operands in place (only the [D, rows] transposes of a query block's q and dO are made):
+// [D, keys] panels, and dK and dV accumulate transposed, as [D, keys]: dK^T in a per-thread buffer
+// with cache-line rows (transposed into dk at the end of the segment), dV^T in dv's own memory
+// (transposed in place through that buffer), so that every product reads its operands in place
+// (only the [D, rows] transposes of a query block's q and dO are made):
 //   P = exp(scale * Q K^T - lse)       dV^T += dO^T P         dP = dO V^T
 //   dS = scale * P * (dP - delta)      dQ += dS K             dK^T += Q^T dS
 // Each (b, h) slice of the outputs has one owner, so there are no atomics and the result does
