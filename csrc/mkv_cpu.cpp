@@ -178,8 +178,9 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
         const T* vp = sg.v[g].at(b, h);
         for (int64_t j0 = 0; j0 < sg.n[g]; j0 += kBN) {
           const int64_t n = std::min(kBN, sg.n[g] - j0), ld = padded(n);
-          // s [mr, n] = q [mr, D] @ k^T [D, n]
-          mm(mr, n, D, qp, q.sn, kt.data() + sg.off[g] + j0, sg.ld, s.data(), ld, false);
+          // s [mr, n] = q [mr, D] @ k^T [D, n], over ld >= n columns: the panel's zero padding
+          // (brgemm runs a tail of whole vectors faster than a masked one; the extra columns are not read)
+          mm(mr, ld, D, qp, q.sn, kt.data() + sg.off[g] + j0, sg.ld, s.data(), ld, false);
           // the extreme of row i + 1 is taken in row i's exp pass
           T ext = row_extreme(s.data(), n, lowest);
           for (int64_t i = 0; i < mr; ++i) {
@@ -260,17 +261,19 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
           for (int64_t j0 = 0; j0 < nk; j0 += kBN) {
             const int64_t n = std::min(kBN, nk - j0), ld = padded(n);
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
-            mm(mr, n, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
+            // (the three products with n output columns run over ld >= n: the pad columns of the
+            // tiles and of dkt are never read)
+            mm(mr, ld, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
             // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
             mm(D, n, mr, dot_t.data(), ldq, p.data(), ld, dvt + j0, nk, true);
             // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
-            mm(mr, n, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
+            mm(mr, ld, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
             for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
             // dq [mr, D] += ds [mr, n] @ k_j [n, D]
             mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
             // dk_j^T [D, n] += q^T [D, mr] @ ds [mr, n]
-            mm(D, n, mr, qt.data(), ldq, ds.data(), ld, dkt.data() + j0, ldp, true);
+            mm(D, ld, mr, qt.data(), ldq, ds.data(), ld, dkt.data() + j0, ldp, true);
           }
         }
         // [D, nk] -> [nk, D]: dK^T into dk; dV^T in place, through the dkt buffer
