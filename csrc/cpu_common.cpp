@@ -161,6 +161,32 @@ __attribute__((target("arch=x86-64-v4"))) float exp_scale_sum_extreme_v4(float* 
                 : exp_scale_sum_extreme_v4_impl<false>(s, n, a, c, t, extreme);
 }
 
+// The backward's two row passes in one: p <- exp(a * p - c) (exp_scale_v4), then
+// ds <- a * p * (ds - delta) (dsoftmax) with the new p still in registers: the same operations
+// per element in the same order as the two loops.
+__attribute__((target("arch=x86-64-v4"))) void exp_scale_dsoftmax_v4(float* p, float* ds, int64_t n, float a, float c,
+                                                                     float delta) {
+  constexpr int W = Simd<float>::W;
+  int64_t j = 0;
+  for (; j + kSteps * W <= n; j += kSteps * W) {
+    V16 e[kSteps];
+    for (int u = 0; u < kSteps; ++u) e[u] = exp_v4(vload<V16>(p + j + u * W) * a - c);
+    for (int u = 0; u < kSteps; ++u) {
+      vstore(p + j + u * W, e[u]);
+      vstore(ds + j + u * W, a * e[u] * (vload<V16>(ds + j + u * W) - delta));
+    }
+  }
+  for (; j + W <= n; j += W) {
+    const V16 e = exp_v4(vload<V16>(p + j) * a - c);
+    vstore(p + j, e);
+    vstore(ds + j, a * e * (vload<V16>(ds + j) - delta));
+  }
+  for (; j < n; ++j) {
+    p[j] = exp_poly(p[j] * a - c);
+    ds[j] = a * p[j] * (ds[j] - delta);
+  }
+}
+
 bool has_v4() {
   static const bool v4 = __builtin_cpu_supports("x86-64-v4");
   return v4;
@@ -191,6 +217,17 @@ double exp_scale_sum_extreme(double* s, int64_t n, double a, double c, const dou
   const double sum = exp_scale_sum(s, n, a, c);
   *extreme = row_extreme(t, n, lo);
   return sum;
+}
+void exp_scale_dsoftmax(float* p, float* ds, int64_t n, float a, float c, float delta) {
+#if defined(__x86_64__)
+  if (has_v4()) return exp_scale_dsoftmax_v4(p, ds, n, a, c, delta);
+#endif
+  exp_scale_any(p, n, a, c);
+  dsoftmax(ds, p, n, delta, a);
+}
+void exp_scale_dsoftmax(double* p, double* ds, int64_t n, double a, double c, double delta) {
+  exp_scale(p, n, a, c);
+  dsoftmax(ds, p, n, delta, a);
 }
 void exp_scale(float* s, int64_t n, float a, float c) {
 #if defined(__x86_64__)

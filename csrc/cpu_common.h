@@ -104,6 +104,10 @@ void exp_scale_axpy(double* acc, const double* s, int64_t n, double a, double c,
 // acc <- acc + w * p
 void axpy(float* acc, const float* p, int64_t n, float w);
 void axpy(double* acc, const double* p, int64_t n, double w);
+// p <- exp(a * p - c), then ds <- a * p * (ds - delta), in one pass where the CPU allows; the same
+// results as exp_scale then dsoftmax
+void exp_scale_dsoftmax(float* p, float* ds, int64_t n, float a, float c, float delta);
+void exp_scale_dsoftmax(double* p, double* ds, int64_t n, double a, double c, double delta);
 // ds <- a * p * (ds - d)
 void dsoftmax(float* ds, const float* p, int64_t n, float d, float a);
 void dsoftmax(double* ds, const double* p, int64_t n, double d, double a);

@@ -42,8 +42,7 @@ constexpr int64_t kBN = 1024;  // keys per tile
 
 using cpu::block_rows;
 using cpu::dot;
-using cpu::dsoftmax;
-using cpu::exp_scale;
+using cpu::exp_scale_dsoftmax;
 using cpu::exp_scale_sum;
 using cpu::exp_scale_sum_extreme;
 using cpu::HeadsView;
@@ -264,12 +263,13 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
             // (the three products with n output columns run over ld >= n: the pad columns of the
             // tiles and of dkt are never read)
             mm(mr, ld, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
-            for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
+            // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then, in one pass over both tiles,
+            // p = exp(scale * s - lse) and ds = scale * p * (dp - delta)
+            mm(mr, ld, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
+            for (int64_t i = 0; i < mr; ++i)
+              exp_scale_dsoftmax(p.data() + i * ld, ds.data() + i * ld, n, scale, lsep[i0 + i], delta[i0 + i]);
             // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
             mm(D, n, mr, dot_t.data(), ldq, p.data(), ld, dvt + j0, nk, true);
-            // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
-            mm(mr, ld, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
-            for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
             // dq [mr, D] += ds [mr, n] @ k_j [n, D]
             mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
             // dk_j^T [D, n] += q^T [D, mr] @ ds [mr, n]
