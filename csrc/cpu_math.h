@@ -89,12 +89,16 @@ struct ExpConst<double> {
   static constexpr int kBias = 1023, kMantissa = 52;
 };
 
-template <typename V, typename I>  // V float or a vector of float; I int32_t of its shape
+// kClamp false: the caller has clamped x to [kLo, kHi] itself, selecting as the two ternaries do
+// (the AVX-512 row loops of cpu_common.cpp, with max/min instructions).
+template <typename V, typename I, bool kClamp = true>  // V float or a vector of float; I int32_t of its shape
 [[gnu::always_inline]] inline V exp_poly_f32(V x) {
   using C = ExpConst<float>;
-  const V lo = V{} + C::kLo, hi = V{} + C::kHi;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+  if constexpr (kClamp) {
+    const V lo = V{} + C::kLo, hi = V{} + C::kHi;
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+  }
   // round to nearest by the shifter (no floor call: it blocks vectorisation)
   const V n = (x * C::kLog2e + C::kShifter) - C::kShifter;
   V r = x - n * C::kLn2Hi;

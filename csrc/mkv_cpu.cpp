@@ -42,9 +42,9 @@ constexpr int64_t kBN = 1024;  // keys per tile
 
 using cpu::block_rows;
 using cpu::dot;
-using cpu::dsoftmax;
-using cpu::exp_scale;
+using cpu::exp_scale_dsoftmax;
 using cpu::exp_scale_sum;
+using cpu::exp_scale_sum_extreme;
 using cpu::HeadsView;
 using cpu::mm;
 using cpu::padded;
@@ -133,7 +133,7 @@ struct Segs {
       v.push_back(view_of<T>(s.v));
       n.push_back(s.k.size(2));
       off.push_back(total);
-      total += s.k.size(2);
+      total += padded(s.k.size(2));  // each segment's columns start on a cache line
     }
     ld = panel_ld(total);
     cap = tile_ld(n);
@@ -157,7 +157,8 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
   const bool lowest = scale < T(0);  // the maximum of scale * s is scale * min s
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<T> s(bm * sg.cap), m(bm), l(bm), kt(D * sg.ld);
+    cpu::Buffer<T> s(bm * sg.cap), kt(D * sg.ld);
+    std::vector<T> m(bm), l(bm);
     int64_t panel_of = -1;
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * bm, b = bh / H, h = bh % H;
@@ -176,13 +177,18 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
         const T* vp = sg.v[g].at(b, h);
         for (int64_t j0 = 0; j0 < sg.n[g]; j0 += kBN) {
           const int64_t n = std::min(kBN, sg.n[g] - j0), ld = padded(n);
-          // s [mr, n] = q [mr, D] @ k^T [D, n]
-          mm(mr, n, D, qp, q.sn, kt.data() + sg.off[g] + j0, sg.ld, s.data(), ld, false);
+          // s [mr, n] = q [mr, D] @ k^T [D, n], over ld >= n columns: the panel's zero padding
+          // (brgemm runs a tail of whole vectors faster than a masked one; the extra columns are not read)
+          mm(mr, ld, D, qp, q.sn, kt.data() + sg.off[g] + j0, sg.ld, s.data(), ld, false);
+          // the extreme of row i + 1 is taken in row i's exp pass
+          T ext = row_extreme(s.data(), n, lowest);
           for (int64_t i = 0; i < mr; ++i) {
             T* si = s.data() + i * ld;
-            const T mnew = std::max(m[i], scale * row_extreme(si, n, lowest));
+            const T mnew = std::max(m[i], scale * ext);
             const T corr = std::exp(m[i] - mnew);  // 0 on the first block (m = -inf)
-            l[i] = l[i] * corr + exp_scale_sum(si, n, scale, mnew);
+            const T sum = i + 1 < mr ? exp_scale_sum_extreme(si, n, scale, mnew, si + ld, lowest, &ext)
+                                     : exp_scale_sum(si, n, scale, mnew);
+            l[i] = l[i] * corr + sum;
             if (corr != T(1)) scale_row(op + i * D, D, corr);
             m[i] = mnew;
           }
@@ -200,9 +206,10 @@ void fwd_kernel(const at::Tensor& q_, const std::vector<Seg>& segs, T scale, at:
 }
 
 // Backward. One task per (b, h): the keys and values of the head are transposed once into
-// [D, keys] panels, and dK and dV accumulate transposed, as [D, keys] in their own output memory
-// (then transposed in place through one per-thread [D, keys] buffer), so that every product reads
-// its operands in place (only the [D, rows] transposes of a query block's q and dO are made):
+// [D, keys] panels, and dK and dV accumulate transposed, as [D, keys]: dK^T in a per-thread buffer
+// with cache-line rows (transposed into dk at the end of the segment), dV^T in dv's own memory
+// (transposed in place through that buffer), so that every product reads its operands in place
+// (only the [D, rows] transposes of a query block's q and dO are made):
 //   P = exp(scale * Q K^T - lse)       dV^T += dO^T P         dP = dO V^T
 //   dS = scale * P * (dP - delta)      dQ += dS K             dK^T += Q^T dS
 // Each (b, h) slice of the outputs has one owner, so there are no atomics and the result does
@@ -222,9 +229,12 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
   const int64_t nk_max = *std::max_element(sg.n.begin(), sg.n.end()), ldp = panel_ld(nk_max);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    // panels of one segment at a time (segments are the outer loop); tmp: the in-place transposes
-    std::vector<T> p(bm * sg.cap), ds(bm * sg.cap), delta(Nq);
-    std::vector<T> kt(D * ldp), vt(D * ldp), qt(D * bm), dot_t(D * bm), tmp(D * nk_max);
+    // panels of one segment at a time (segments are the outer loop); dkt: dK^T [D, nk] of the
+    // segment (row stride ldp), then the in-place transpose of dV^T; q and dO blocks transposed to
+    // [D, rows] with rows padded to whole cache lines (ldq)
+    const int64_t ldq = padded(bm);
+    cpu::Buffer<T> p(bm * sg.cap), ds(bm * sg.cap), kt(D * ldp), vt(D * ldp), qt(D * ldq), dot_t(D * ldq), dkt(D * ldp);
+    std::vector<T> delta(Nq);
     for (int64_t bh = next++; bh < B * H; bh = next++) {
       const int64_t b = bh / H, h = bh % H;
       const T* dop = do_all + bh * Nq * D;
@@ -236,37 +246,40 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor
         const T* kp = sg.k[g].at(b, h);
         transpose(kp, sg.k[g].sn, nk, D, kt.data(), ldp);
         transpose(sg.v[g].at(b, h), sg.v[g].sn, nk, D, vt.data(), ldp);
-        T* dkt = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;  // dk^T [D, nk], in dk's memory
-        T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;
-        std::fill_n(dkt, nk * D, T(0));
+        T* dk = grads[1 + 2 * g].data_ptr<T>() + bh * nk * D;
+        T* dvt = grads[2 + 2 * g].data_ptr<T>() + bh * nk * D;  // dv^T [D, nk], in dv's memory
+        std::fill_n(dkt.data(), D * ldp, T(0));
         std::fill_n(dvt, nk * D, T(0));
         for (int64_t i0 = 0; i0 < Nq; i0 += bm) {
           const int64_t mr = std::min(bm, Nq - i0);
           const T* qp = q.at(b, h) + i0 * q.sn;
           const T* doi = dop + i0 * D;
           T* dqi = dq_all + (bh * Nq + i0) * D;
-          transpose(qp, q.sn, mr, D, qt.data(), bm);
-          transpose(doi, D, mr, D, dot_t.data(), bm);
+          transpose(qp, q.sn, mr, D, qt.data(), ldq);
+          transpose(doi, D, mr, D, dot_t.data(), ldq);
           for (int64_t j0 = 0; j0 < nk; j0 += kBN) {
             const int64_t n = std::min(kBN, nk - j0), ld = padded(n);
             // p [mr, n] = exp(scale * q [mr, D] @ k_j^T [D, n] - lse)
-            mm(mr, n, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
-            for (int64_t i = 0; i < mr; ++i) exp_scale(p.data() + i * ld, n, scale, lsep[i0 + i]);
+            // (the three products with n output columns run over ld >= n: the pad columns of the
+            // tiles and of dkt are never read)
+            mm(mr, ld, D, qp, q.sn, kt.data() + j0, ldp, p.data(), ld, false);
+            // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then, in one pass over both tiles,
+            // p = exp(scale * s - lse) and ds = scale * p * (dp - delta)
+            mm(mr, ld, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
+            for (int64_t i = 0; i < mr; ++i)
+              exp_scale_dsoftmax(p.data() + i * ld, ds.data() + i * ld, n, scale, lsep[i0 + i], delta[i0 + i]);
             // dv_j^T [D, n] += dO^T [D, mr] @ p [mr, n]
-            mm(D, n, mr, dot_t.data(), bm, p.data(), ld, dvt + j0, nk, true);
-            // dp [mr, n] = dO [mr, D] @ v_j^T [D, n]; then ds = scale * p * (dp - delta)
-            mm(mr, n, D, doi, D, vt.data() + j0, ldp, ds.data(), ld, false);
-            for (int64_t i = 0; i < mr; ++i) dsoftmax(ds.data() + i * ld, p.data() + i * ld, n, delta[i0 + i], scale);
+            mm(D, n, mr, dot_t.data(), ldq, p.data(), ld, dvt + j0, nk, true);
             // dq [mr, D] += ds [mr, n] @ k_j [n, D]
             mm(mr, D, n, ds.data(), ld, kp + j0 * sg.k[g].sn, sg.k[g].sn, dqi, D, true);
             // dk_j^T [D, n] += q^T [D, mr] @ ds [mr, n]
-            mm(D, n, mr, qt.data(), bm, ds.data(), ld, dkt + j0, nk, true);
+            mm(D, ld, mr, qt.data(), ldq, ds.data(), ld, dkt.data() + j0, ldp, true);
           }
         }
-        for (T* x : {dkt, dvt}) {  // [D, nk] -> [nk, D] in place, through tmp
-          std::copy_n(x, nk * D, tmp.data());
-          transpose(tmp.data(), nk, D, nk, x, D);
-        }
+        // [D, nk] -> [nk, D]: dK^T into dk; dV^T in place, through the dkt buffer
+        transpose(dkt.data(), ldp, D, nk, dk, D);
+        for (int64_t d = 0; d < D; ++d) std::copy_n(dvt + d * nk, nk, dkt.data() + d * ldp);
+        transpose(dkt.data(), ldp, D, nk, dvt, D);
       }
     }
   });

@@ -92,7 +92,7 @@ void vec_attn_step(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, c
   const bool lowest = scale < acc_t(0);  // the maximum of scale * s is scale * min s
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<acc_t> s(bq * ld), kt(D * ldk), qbuf(kWiden ? bq * D : 0);
+    cpu::Buffer<acc_t> s(bq * ld), kt(D * ldk), qbuf(kWiden ? bq * D : 0);
     int64_t panel_of = -1;  // the (b, h) whose keys are in kt
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
@@ -107,7 +107,7 @@ void vec_attn_step(const HeadsView<scalar_t>& q, const HeadsView<scalar_t>& k, c
         while (hi > lo && rb[i0 + hi - 1] == acc_t(0)) --hi;
         if (lo == hi) continue;
         if (D == 0) {  // empty dot products: all scores 0
-          std::fill(s.begin(), s.begin() + (hi - lo) * ld, acc_t(0));
+          std::fill_n(s.data(), (hi - lo) * ld, acc_t(0));
         } else {
           if (panel_of != bh) {
             cpu::transpose(k.at(b, h), k.sn, N, D, kt.data(), ldk);
