@@ -153,13 +153,10 @@ DCAL_AI static void bwd_gather(const Slice& s, Work<T>& w, const Rows& q, int ks
 template <typename T>
 DCAL_AI static void bwd_store_dq(const BwdArgs<T>& a, const Slice& s, Work<T>& w, const Rows& q, int nbr, int i0,
                                  vec_t<T>* S) {
-  constexpr int L = Vec<T>::L;
   const int ks = a.g.ks, NC = 2 * ks - 1;
   const int64_t D = a.g.D, sblk = int64_t{w.nb} * ks * NC;
   pair_wsum(w, q, ks, nbr, D, S, S + sblk, &Work<T>::krow);  // dQ = scale * dS @ K
-  for (int p = 0; p < q.np; ++p)
-    for (int b = 0; b < nbr; ++b)
-      store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), a.g, s, i0 + p, b * L, a.dq);
+  for (int p = 0; p < q.np; ++p) store_row(w.o.data() + int64_t{p} * w.nb * D, nbr, a.g, s, i0 + p, a.dq);
 }
 
 template <typename T>
