@@ -219,8 +219,9 @@ struct Work {
   int64_t W, row;                // row: one staged [D][W] row
   int PAD, nb, RK;               // nb: lane blocks of the widest slice row; RK: ring slots
   AlignedBuf<T> K, V, Qt, dOt;   // K, V: ring of RK transposed rows; Qt, dOt: the pair's rows
-  std::vector<T> dK, dV;         // backward: ring of transposed key-row gradient accumulators
-  std::vector<T> P, dS;          // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair
+  AlignedBuf<T> dK, dV;          // backward: ring of transposed key-row gradient accumulators
+  AlignedBuf<T> P, dS;           // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair,
+                                 // each query's value at its KEY's column (query column + offset)
   std::vector<T> delta, lse;     // backward: [W] per query column, one query row
   int coff, NCR;                 // column offsets -coff .. coff kept in the rows of P and dS
   AlignedBuf<vec_t<T>> S, dP;    // [kPair][nb][ks][2ks-1] logit-shaped vectors of the pair
