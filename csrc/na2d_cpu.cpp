@@ -35,10 +35,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "checks.h"
 #include "dcal.h"
 #include "na2d.h"
@@ -59,22 +55,6 @@ using na2d_cpu::StridedOut;
 // Bias-gradient partial sums live in this many fixed blocks of rows, reduced in block order, so
 // drpb does not depend on the number of threads.
 constexpr int64_t kBiasBlocks = 128;
-
-// A large output the kernels are about to write: its fresh pages fault in 4 KB at a time (the
-// allocator maps large blocks anew per call), a fault per page with its zeroing; on Linux, asking
-// for transparent huge pages over its whole 2 MB pages cuts the faults 512-fold (the zeroing
-// stays). Only advice: where huge pages are off or unavailable nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t hi = lo + t.numel() * t.element_size();
-  const uintptr_t a = (lo + kHuge - 1) & ~(kHuge - 1), b = hi & ~(kHuge - 1);
-  if (b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 constexpr OpName kFwd{"na2d_fwd", ErrorClasses::kRuntimeErrors};
 constexpr OpName kBwd{"na2d_bwd", ErrorClasses::kRuntimeErrors};
@@ -402,7 +382,6 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd_cpu(const at::Tensor& q, const at::T
   const bool has_rpb = rpb.has_value() && rpb->defined();
   const at::Tensor rc = has_rpb ? rpb->contiguous() : at::Tensor();
   auto out = empty_in_order_of(q);
-  advise_huge_pages(out);
   auto lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(na2d_stat_type(q.scalar_type())));
   // Dispatch: fp32 / fp64 on the SIMD kernels, unless an input is not finite; otherwise (and for
   // bf16) the per-window kernels, which write out and lse whole again.
@@ -444,7 +423,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd_cpu(const at
   auto dq = empty_in_order_of(q);
   auto dk = empty_in_order_of(k);
   auto dv = empty_in_order_of(v);
-  for (const auto* t : {&dq, &dk, &dv}) advise_huge_pages(*t);
   // Dispatch: fp32 / fp64 on the SIMD kernels, unless an input is not finite; otherwise (and for
   // bf16) the per-window kernels, which write dq, dk, dv whole again.
   at::Tensor drpb;
