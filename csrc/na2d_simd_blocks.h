@@ -67,6 +67,121 @@ DCAL_AI static void wacc(int n, const vec_t<T>* w, const T* b, int64_t W, int64_
     with_block<8>(D - d0, [&](auto k) DCAL_LAMBDA_AI { wacc_n<T, decltype(k)::value>(n, w, b, W, d0, o); });
 }
 
+// Shifted vectors from aligned loads (64-byte kernels). A lane block's key (value) vector at column
+// offset O takes columns O .. O + L - 1 of the block: as an unaligned load it splits two cache lines
+// for every O that is not a multiple of L. For |O| <= L the same lanes come from the aligned
+// vectors before (a), at (b) and after (c) the block through one in-register shift (valign), so a
+// kernel's ks offsets cost three aligned loads and ks - 1 shifts. The lanes are the same elements
+// as the unaligned loads', so every result is the same bits.
+template <typename T, int O, size_t... J>
+DCAL_AI static vec_t<T> shifted_(vec_t<T> a, vec_t<T> b, vec_t<T> c, std::index_sequence<J...>) {
+  constexpr int L = Vec<T>::L;
+  static_assert(O >= -L && O <= L, "a shift reaches one vector on either side");
+  if constexpr (O == 0)
+    return b;
+  else if constexpr (O < 0)
+    return __builtin_shufflevector(a, b, (L + O + static_cast<int>(J))...);
+  else
+    return __builtin_shufflevector(b, c, (O + static_cast<int>(J))...);
+}
+template <typename T, int O>
+DCAL_AI static vec_t<T> shifted(vec_t<T> a, vec_t<T> b, vec_t<T> c) {
+  return shifted_<T, O>(a, b, c, std::make_index_sequence<Vec<T>::L>{});
+}
+
+// f(std::integral_constant<int, i>{}) for i = 0 .. N - 1, unrolled (compile-time offsets).
+template <typename F, int... I>
+DCAL_AI static void unroll_(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+DCAL_AI static void unroll(F&& f) {
+  unroll_(f, std::make_integer_sequence<int, N>{});
+}
+
+// Centred windows (zero and mask borders: every lane block's offsets are -nc/2 .. nc/2) with at
+// most 7 offsets take the shifted path on the 64-byte kernels: f(std::integral_constant<int, nc>{})
+// and true, or false (the caller's unaligned loads: clamp borders, wider kernels, 32-byte vectors).
+template <typename F>
+DCAL_AI static bool with_centred(int cmin, int nc, F&& f) {
+  if constexpr (VB != 64) {
+    return false;
+  } else {
+    if (cmin != -(nc / 2)) return false;
+    switch (nc) {
+      case 1:
+        f(std::integral_constant<int, 1>{});
+        return true;
+      case 3:
+        f(std::integral_constant<int, 3>{});
+        return true;
+      case 5:
+        f(std::integral_constant<int, 5>{});
+        return true;
+      case 7:
+        f(std::integral_constant<int, 7>{});
+        return true;
+      default:
+        return false;
+    }
+  }
+}
+
+// The three aligned vectors around column 0 of a lane block (b: aligned), as shifted() takes them;
+// the outer two only where an offset reaches them.
+template <typename T, int NC>
+DCAL_AI static void around(const T* b, vec_t<T>& lo, vec_t<T>& mid, vec_t<T>& hi) {
+  constexpr int L = Vec<T>::L;
+  mid = loadu(b);
+  if constexpr (NC > 1) {
+    lo = loadu(b - L);
+    hi = loadu(b + L);
+  } else {
+    lo = hi = vec_t<T>{};
+  }
+}
+
+// dots2_n / dots_n for a centred window of NC offsets: b is the key row at the lane block's column
+// 0 (aligned), offsets -NC/2 .. NC/2 by shifts.
+template <typename T, int NC>
+DCAL_AI static void dots2_c(const T* a0, const T* a1, const T* b, int64_t W, int64_t D, vec_t<T>* out0,
+                            vec_t<T>* out1) {
+  constexpr int H = NC / 2;
+  vec_t<T> acc0[NC], acc1[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) acc0[c] = acc1[c] = vec_t<T>{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vec_t<T> x0 = loadu(a0 + d * W), x1 = loadu(a1 + d * W);
+    vec_t<T> lo, mid, hi;
+    around<T, NC>(b + d * W, lo, mid, hi);
+    unroll<NC>([&](auto c) DCAL_LAMBDA_AI {
+      const vec_t<T> y = shifted<T, decltype(c)::value - H>(lo, mid, hi);
+      acc0[c] += x0 * y;
+      acc1[c] += x1 * y;
+    });
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) {
+    out0[c] = acc0[c];
+    out1[c] = acc1[c];
+  }
+}
+template <typename T, int NC>
+DCAL_AI static void dots_c(const T* a, const T* b, int64_t W, int64_t D, vec_t<T>* out) {
+  constexpr int H = NC / 2;
+  vec_t<T> acc[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) acc[c] = vec_t<T>{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vec_t<T> x = loadu(a + d * W);
+    vec_t<T> lo, mid, hi;
+    around<T, NC>(b + d * W, lo, mid, hi);
+    unroll<NC>([&](auto c) DCAL_LAMBDA_AI { acc[c] += x * shifted<T, decltype(c)::value - H>(lo, mid, hi); });
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) out[c] = acc[c];
+}
+
 // Two query rows against one key row (rows i and i + 1 share all but one key row of their
 // windows): each shifted key (value) vector loaded once serves both, which cuts the loads per FMA
 // from 8/7 to 11/14 for the logits and from 9/8 to 6/8 for the weighted sums.

@@ -112,8 +112,8 @@ DCAL_AI static void bwd_scores(const BwdArgs<T, St>& a, Work<T>& w, const Rows& 
       const T* br = bias ? bias + bi * R + (cmin + ks - 1) : nullptr;
       V* su = S + p * sblk + (int64_t{b} * ks + u) * NC;
       const V* pu = dP + p * sblk + (int64_t{b} * ks + u) * NC;
-      const int64_t ro = p * prow_n + (int64_t{u} * w.NCR + cmin + w.coff) * W + PAD + j0;
-      T* prow = w.P.data() + ro;
+      const int64_t ro = p * prow_n + (int64_t{u} * w.NCR + cmin + w.coff) * W + PAD + j0 + cmin;
+      T* prow = w.P.data() + ro;  // offset cmin + c's row, at the key columns j0 + cmin + c + lane
       T* srow = w.dS.data() + ro;
       for (int c = 0; c < nc; ++c) {
         V x = su[c] * a.scale;
@@ -122,12 +122,40 @@ DCAL_AI static void bwd_scores(const BwdArgs<T, St>& a, Work<T>& w, const Rows& 
         const V ds = valid[c] ? pr * (pu[c] - dlv) : V{};
         if (bias) w.bias[bi * R + cmin + c + ks - 1] += ds;
         const V dss = ds * a.scale;
-        storeu(prow + c * W, pr);
-        storeu(srow + c * W, dss);
+        storeu(prow + c * (W + 1), pr);
+        storeu(srow + c * (W + 1), dss);
         su[c] = dss;
       }
     }
   }
+}
+
+// The key-lane gather of one key block for a centred window of NC offsets (with_centred): dst
+// (aligned, the block's column 0 of the key row's accumulators) += sum over the np query rows p
+// taking the key row (window row us[p]) and offsets o of w_p[o] * rows_p shifted by -o, where w_p[o]
+// is the P or dS row of (us[p], o) at the block's key columns (aligned) and the rows' shifted
+// vectors come from aligned loads and shifts. Per accumulator the terms go in gather_n's order
+// (query row, then offset), so the same bits.
+template <typename T, int DB, int NC>
+DCAL_AI static void gather_c(int np, const T* const* w, const T* const* b, int64_t W, int64_t d0, T* dst) {
+  constexpr int H = NC / 2;
+  vec_t<T> acc[DB];
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) acc[e] = loadu(dst + (d0 + e) * W);
+  for (int p = 0; p < np; ++p) {
+    vec_t<T> x[NC];
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) x[c] = loadu(w[p] + c * W);
+    const T* bp = b[p] + d0 * W;
+#pragma GCC unroll 16
+    for (int e = 0; e < DB; ++e) {
+      vec_t<T> lo, mid, hi;
+      around<T, NC>(bp + e * W, lo, mid, hi);
+      unroll<NC>([&](auto c) DCAL_LAMBDA_AI { acc[e] += x[c] * shifted<T, H - decltype(c)::value>(lo, mid, hi); });
+    }
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < DB; ++e) storeu(dst + (d0 + e) * W, acc[e]);
 }
 
 // dK/dV gather: dK, dV of the pair's key rows [lo, hi), keys in the lanes, from both query rows in
@@ -146,16 +174,32 @@ DCAL_AI static void bwd_gather(const Slice& s, Work<T>& w, const Rows& q, int ks
       for (int which = 0; which < 2; ++which) {  // dK from dS and Q, dV from P and dO
         const T* src = which == 0 ? w.dS.data() : w.P.data();
         const T* rows = which == 0 ? w.Qt.data() : w.dOt.data();
+        T* dst = (which == 0 ? w.dK.data() : w.dV.data()) + ko + PAD + k0;
+        int np = 0;
+        for (int p = 0; p < q.np; ++p) {
+          const int u = r - q.wsi[p];
+          if (u < 0 || u >= ks) continue;
+          w.wp[np] = src + p * prow_n + (int64_t{u} * w.NCR + clo + w.coff) * W + PAD + k0;
+          w.bp[np++] = rows + p * row + PAD + k0;
+        }
+        if (with_centred(clo, chi - clo + 1, [&](auto m) DCAL_LAMBDA_AI {
+              constexpr int kDB = 8;
+              for (int64_t d0 = 0; d0 < D; d0 += kDB)
+                with_block<kDB>(D - d0, [&](auto k) DCAL_LAMBDA_AI {
+                  gather_c<T, decltype(k)::value, decltype(m)::value>(np, w.wp.data(), w.bp.data(), W, d0, dst);
+                });
+            }))
+          continue;
         int n = 0;
         for (int p = 0; p < q.np; ++p) {
           const int u = r - q.wsi[p];
           if (u < 0 || u >= ks) continue;
           for (int c = clo; c <= chi; ++c, ++n) {
-            w.wp[n] = src + p * prow_n + (int64_t{u} * w.NCR + c + w.coff) * W + PAD + k0 - c;
+            w.wp[n] = src + p * prow_n + (int64_t{u} * w.NCR + c + w.coff) * W + PAD + k0;
             w.bp[n] = rows + p * row + PAD + k0 - c;
           }
         }
-        gather(n, w.wp.data(), w.bp.data(), W, D, (which == 0 ? w.dK.data() : w.dV.data()) + ko + PAD + k0);
+        gather(n, w.wp.data(), w.bp.data(), W, D, dst);
       }
     }
   }
@@ -165,13 +209,10 @@ DCAL_AI static void bwd_gather(const Slice& s, Work<T>& w, const Rows& q, int ks
 template <typename T, typename St>
 DCAL_AI static void bwd_store_dq(const BwdArgs<T, St>& a, const Slice& s, Work<T>& w, const Rows& q, int nbr, int i0,
                                  vec_t<T>* S) {
-  constexpr int L = Vec<T>::L;
   const int ks = a.g.ks, NC = 2 * ks - 1;
   const int64_t D = a.g.D, sblk = int64_t{w.nb} * ks * NC;
   pair_wsum(w, q, ks, nbr, D, S, S + sblk, &Work<T>::krow);  // dQ = scale * dS @ K
-  for (int p = 0; p < q.np; ++p)
-    for (int b = 0; b < nbr; ++b)
-      store_lanes(w.o.data() + (int64_t{p} * w.nb + b) * D, std::min(L, s.ny - b * L), a.g, s, i0 + p, b * L, a.dq);
+  for (int p = 0; p < q.np; ++p) store_row(w.o.data() + int64_t{p} * w.nb * D, nbr, a.g, s, i0 + p, a.dq);
 }
 
 template <typename T, typename St>

@@ -234,8 +234,9 @@ struct Work {
   int64_t W, row;                // row: one staged [D][W] row
   int PAD, nb, RK;               // nb: lane blocks of the widest slice row; RK: ring slots
   AlignedBuf<T> K, V, Qt, dOt;   // K, V: ring of RK transposed rows; Qt, dOt: the pair's rows
-  std::vector<T> dK, dV;         // backward: ring of transposed key-row gradient accumulators
-  std::vector<T> P, dS;          // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair
+  AlignedBuf<T> dK, dV;          // backward: ring of transposed key-row gradient accumulators
+  AlignedBuf<T> P, dS;           // backward: [kPair][ks][NCR][W] rows of P and scale * dS of the pair,
+                                 // each query's value at its KEY's column (query column + offset)
   std::vector<T> delta, lse;     // backward: [W] per query column, one query row
   std::vector<T> wide;           // backward: [2D] a query's dO and out widened (narrower storage types)
   int coff, NCR;                 // column offsets -coff .. coff kept in the rows of P and dS

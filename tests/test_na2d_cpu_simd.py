@@ -30,6 +30,10 @@ CASES = [
     ("clamp", 7, 2, 17, 31, 5),  # dilated sub-grids of unequal size
     ("mask", 3, 3, 10, 19, 12),
     ("zero", 5, 2, 13, 12, 7),
+    # centred windows of 7 offsets (the shifted-vector path of the 64-byte kernels): two full lane
+    # blocks and a partial one, head dims off the register blocks
+    ("zero", 7, 1, 9, 37, 21),
+    ("mask", 7, 1, 8, 33, 6),
 ]
 
 
@@ -112,7 +116,8 @@ import sys, torch
 import dcal.ops as ops
 g = torch.Generator().manual_seed(5)
 res = []
-for border, ks, dil, X, Y, D in [("clamp", 7, 1, 11, 37, 20), ("zero", 5, 2, 13, 33, 16), ("mask", 3, 1, 6, 17, 8)]:
+for border, ks, dil, X, Y, D in [("clamp", 7, 1, 11, 37, 20), ("zero", 5, 2, 13, 33, 16), ("mask", 3, 1, 6, 17, 8),
+                                 ("zero", 7, 1, 7, 35, 12)]:
     for dtype in (torch.float32, torch.float64):
         q, k, v, do = (torch.randn(2, 2, X, Y, D, generator=g, dtype=dtype) for _ in range(4))
         rpb = torch.randn(2, 2 * ks - 1, 2 * ks - 1, generator=g, dtype=dtype)
