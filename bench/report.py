@@ -201,6 +201,11 @@ def _value(t: Target, r: dict, rs: Dict[str, dict]):
     a, b = _f(r.get(key)), _f(other.get(key))
     if a is None or not b:
         return None, f"no {t.metric} of {r['provider'] if a is None else t.versus}"
+    # Against the row's baseline the table prints the run's own ratio (time: the median of the
+    # per-round ratios of interleaved calls); the verdict judges that same figure.
+    paired = _f(r.get("time_vs_base" if t.metric == "time" else "mem_vs_base"))
+    if t.versus == r.get("baseline") and paired is not None:
+        return paired, None
     return a / b, None
 
 

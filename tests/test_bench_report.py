@@ -296,6 +296,22 @@ def test_verdict_met_short_and_not_measured(target, rows, want):
     assert len(got) == 1 and got[0][1:] == want, got
 
 
+def test_verdict_against_the_baseline_judges_the_ratio_the_table_prints():
+    """The table's t/base is the median of the per-round ratios of interleaved calls; a verdict
+    against the row's baseline judges that figure, not the ratio of the two medians (which can
+    round to another side of the bound); against another provider, the ratio of medians."""
+    rows = _rows(dcal=(98.6, 31.2, 0.8, "ok"), sdpa_cat=(121.5, 52.5, 0.65, "ok"), compiled=(98.0, 52.6, 0.6, "ok"))
+    for r in rows:
+        r["baseline"] = "sdpa_cat"
+    rows[0].update(time_vs_base="0.8165", mem_vs_base="0.5936")
+    got = report.verdicts(report.Target("time", "<=", 0.7, "sdpa_cat"), rows)
+    assert got == [("dcal", "short", "short: 0.82x time, target <= 0.7x")]
+    assert report.verdicts(report.Target("time", "<=", 0.817, "sdpa_cat"), rows)[0][1] == "met"
+    assert report.verdicts(report.Target("memory", "<=", 0.6, "sdpa_cat"), rows)[0][2] == "met (0.59x memory)"
+    # not the row's baseline: the ratio of medians (98.6 / 98.0)
+    assert report.verdicts(report.Target("time", "<=", 1, "compiled"), rows)[0][2] == "short: 1.01x time, target <= 1x"
+
+
 def test_verdicts_of_every_provider_of_ours_that_ran():
     rows = _rows(
         cpp=(120, 1.4, 0.5, "ok"),
