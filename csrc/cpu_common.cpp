@@ -68,31 +68,6 @@ using I16 = Simd<float>::I;
 }
 constexpr int kSteps = 4;  // vectors per step
 
-__attribute__((target("arch=x86-64-v4"))) float exp_scale_sum_v4(float* s, int64_t n, float a, float c) {
-  constexpr int W = Simd<float>::W;
-  V16 acc = V16{};
-  int64_t j = 0;
-  for (; j + kSteps * W <= n; j += kSteps * W) {
-    V16 e[kSteps];
-    for (int u = 0; u < kSteps; ++u) e[u] = exp_v4(vload<V16>(s + j + u * W) * a - c);
-    for (int u = 0; u < kSteps; ++u) {
-      vstore(s + j + u * W, e[u]);
-      acc += e[u];
-    }
-  }
-  for (; j + W <= n; j += W) {
-    const V16 e = exp_v4(vload<V16>(s + j) * a - c);
-    vstore(s + j, e);
-    acc += e;
-  }
-  float sum = hsum<float>(acc);
-  for (; j < n; ++j) {
-    s[j] = exp_poly(s[j] * a - c);
-    sum += s[j];
-  }
-  return sum;
-}
-
 __attribute__((target("arch=x86-64-v4"))) void exp_scale_v4(float* s, int64_t n, float a, float c) {
   constexpr int W = Simd<float>::W;
   int64_t j = 0;
@@ -105,10 +80,10 @@ __attribute__((target("arch=x86-64-v4"))) void exp_scale_v4(float* s, int64_t n,
   for (; j < n; ++j) s[j] = exp_poly(s[j] * a - c);
 }
 
-// exp_scale_sum_v4 of row s, and the extreme (row_extreme) of the next row t of the tile in the
-// same loop: t streams in from L2 while the exponentials keep the vector units busy, instead of a
-// separate pass. vmaxps(x, acc) / vminps(x, acc) select as row_extreme_vec's ternaries do (a NaN x
-// is skipped, a tie keeps acc), lane by lane over the same vectors in the same order, and the
+// exp(a * s - c) in place over row s and its sum (exp_scale_sum_vec's bits) and, with kNext, the
+// extreme (row_extreme) of the next row t of the tile in the same loop: t streams in from L2 while the exponentials
+// keep the vector units busy, instead of a separate pass. vmaxps(x, acc) / vminps(x, acc) select as row_extreme_vec's
+// ternaries do (a NaN x is skipped, a tie keeps acc), lane by lane over the same vectors in the same order, and the
 // lanes and the tail are folded as there: the same bits as the two separate loops.
 template <bool kLowest>
 [[gnu::always_inline]] __attribute__((target("arch=x86-64-v4"))) inline __m512 fold_extreme(__m512 x, __m512 m) {
@@ -118,9 +93,11 @@ template <bool kLowest>
     return _mm512_max_ps(x, m);
 }
 
-template <bool kLowest>
-[[gnu::always_inline]] __attribute__((target("arch=x86-64-v4"))) inline float exp_scale_sum_extreme_v4_impl(
-    float* s, int64_t n, float a, float c, const float* t, float* extreme) {
+template <bool kNext, bool kLowest>
+[[gnu::always_inline]] __attribute__((target("arch=x86-64-v4"))) inline float exp_scale_sum_v4_impl(float* s, int64_t n,
+                                                                                                    float a, float c,
+                                                                                                    const float* t,
+                                                                                                    float* extreme) {
   constexpr int W = Simd<float>::W;
   const float inf = std::numeric_limits<float>::infinity();
   V16 acc = V16{};
@@ -133,19 +110,21 @@ template <bool kLowest>
       vstore(s + j + u * W, e[u]);
       acc += e[u];
     }
-    for (int u = 0; u < kSteps; ++u) mx = fold_extreme<kLowest>(_mm512_loadu_ps(t + j + u * W), mx);
+    if constexpr (kNext)
+      for (int u = 0; u < kSteps; ++u) mx = fold_extreme<kLowest>(_mm512_loadu_ps(t + j + u * W), mx);
   }
   for (; j + W <= n; j += W) {
     const V16 e = exp_v4(vload<V16>(s + j) * a - c);
     vstore(s + j, e);
     acc += e;
-    mx = fold_extreme<kLowest>(_mm512_loadu_ps(t + j), mx);
+    if constexpr (kNext) mx = fold_extreme<kLowest>(_mm512_loadu_ps(t + j), mx);
   }
   float sum = hsum<float>(acc);
   for (int64_t k = j; k < n; ++k) {
     s[k] = exp_poly(s[k] * a - c);
     sum += s[k];
   }
+  if constexpr (!kNext) return sum;
   alignas(64) float lanes[W];
   _mm512_store_ps(lanes, mx);
   float m = kLowest ? inf : -inf;
@@ -157,8 +136,12 @@ template <bool kLowest>
 
 __attribute__((target("arch=x86-64-v4"))) float exp_scale_sum_extreme_v4(float* s, int64_t n, float a, float c,
                                                                          const float* t, bool lowest, float* extreme) {
-  return lowest ? exp_scale_sum_extreme_v4_impl<true>(s, n, a, c, t, extreme)
-                : exp_scale_sum_extreme_v4_impl<false>(s, n, a, c, t, extreme);
+  return lowest ? exp_scale_sum_v4_impl<true, true>(s, n, a, c, t, extreme)
+                : exp_scale_sum_v4_impl<true, false>(s, n, a, c, t, extreme);
+}
+
+__attribute__((target("arch=x86-64-v4"))) float exp_scale_sum_v4(float* s, int64_t n, float a, float c) {
+  return exp_scale_sum_v4_impl<false, false>(s, n, a, c, nullptr, nullptr);
 }
 
 // The backward's two row passes in one: p <- exp(a * p - c) (exp_scale_v4), then
