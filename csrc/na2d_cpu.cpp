@@ -71,34 +71,24 @@ int64_t row_grain(const Geometry& g) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / work);
 }
 
-// Inputs and outputs through their strides (na2d_cpu_layout.h).
-template <typename T>
-Strided<T> strided(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
-template <typename T>
-StridedOut<T> strided_out(at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
-// A bf16 tensor as its bits, for the SIMD kernels (plain C++, na2d_cpu_simd.h).
-Strided<na2d_simd::bf16> strided_bits(const at::Tensor& t) {
-  return {reinterpret_cast<const na2d_simd::bf16*>(t.const_data_ptr<at::BFloat16>()),
+// Inputs and outputs through their strides (na2d_cpu_layout.h), as elements of type S: torch's
+// type T itself, or for the SIMD kernels' bf16 (plain C++, na2d_cpu_simd.h) its bits.
+template <typename T, typename S = T>
+Strided<S> strided(const at::Tensor& t) {
+  return {reinterpret_cast<const S*>(t.const_data_ptr<T>()),
           t.stride(0),
           t.stride(1),
           t.stride(2),
           t.stride(3),
           t.stride(4)};
 }
-StridedOut<na2d_simd::bf16> strided_out_bits(at::Tensor& t) {
-  return {reinterpret_cast<na2d_simd::bf16*>(t.data_ptr<at::BFloat16>()),
-          t.stride(0),
-          t.stride(1),
-          t.stride(2),
-          t.stride(3),
-          t.stride(4)};
+
+template <typename T, typename S = T>
+StridedOut<S> strided_out(at::Tensor& t) {
+  return {reinterpret_cast<S*>(t.data_ptr<T>()), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
+Strided<na2d_simd::bf16> strided_bits(const at::Tensor& t) { return strided<at::BFloat16, na2d_simd::bf16>(t); }
+StridedOut<na2d_simd::bf16> strided_out_bits(at::Tensor& t) { return strided_out<at::BFloat16, na2d_simd::bf16>(t); }
 
 // [D] . [D] -> scalar (b read with stride sb)
 template <typename A, typename T>
