@@ -18,7 +18,7 @@ import time
 from typing import List, Optional, Sequence
 
 from bench.plots import plot
-from bench.runner import MIN_REPS, Progress, _module_name, run_bench, select_cases
+from bench.runner import MIN_REPS, Progress, _module_name, run_bench, run_cases
 from bench.spec import MIB, Result
 from bench.tables import environment, print_table, write_csv
 
@@ -133,11 +133,7 @@ def check_cases(parser: argparse.ArgumentParser, mods, args) -> None:
     before anything is measured."""
     if not args.cases:
         return
-    saved, args.cases = args.cases, None
-    try:
-        names = [c.name for mod in mods for c in select_cases(mod, args)]
-    finally:
-        args.cases = saved
+    names = [c.name for mod in mods for c in run_cases(mod, args)]
     missing = [s for s in args.cases if not any(s in n for n in names)]
     if missing:
         parser.error(

@@ -170,14 +170,20 @@ def _module_name(mod) -> str:
     return spec.name if spec is not None and spec.name else mod.__name__
 
 
-def select_cases(mod, args) -> List[Case]:
-    """The bench's cases for these options; ``cases(quick, device, full=...)`` when the bench
-    distinguishes the default run from ``--full``, else ``cases(quick, device)``. ``--cases``:
-    names, or parts of names."""
+def run_cases(mod, args) -> List[Case]:
+    """Every case of the bench for these options, before ``--cases``: ``cases(quick, device,
+    full=...)`` when the bench distinguishes the default run from ``--full``, else
+    ``cases(quick, device)``."""
     kw = {}
     if "full" in inspect.signature(mod.cases).parameters:
         kw["full"] = bool(getattr(args, "full", False))
-    out = mod.cases(args.quick, args.device, **kw)
+    return mod.cases(args.quick, args.device, **kw)
+
+
+def select_cases(mod, args) -> List[Case]:
+    """The bench's cases for these options (:func:`run_cases`) that ``--cases`` selects: names, or
+    parts of names."""
+    out = run_cases(mod, args)
     if not args.cases:
         return out
     names = {c.name for c in out}
